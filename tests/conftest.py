@@ -34,15 +34,19 @@ def tiny_tokenizer():
     return _tiny_tokenizer()
 
 
-def make_tiny_model(vocab_size: int, seed: int = 0, arch: str = "llama"):
-    """A 2-layer randomly initialised causal LM (Llama or Qwen2 config), fp32, eval mode."""
+def make_tiny_model(vocab_size: int, seed: int = 0, arch: str = "llama", init_std: float = 0.02):
+    """A 2-layer randomly initialised causal LM (Llama or Qwen2 config), fp32, eval mode.
+
+    init_std=0.2 gives outputs that vary from token to token (greedy does not loop at once).
+    """
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     kw = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=init_std == 0.02,
+        initializer_range=init_std,
     )
     if arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**kw))

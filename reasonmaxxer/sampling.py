@@ -1,0 +1,407 @@
+"""Batched sampling from Hugging Face causal LMs, recording what the method needs per token.
+
+For every generated token the sampler records its id, its log-prob under the model's
+UNTEMPERED distribution (nats; `logprob`), and the full-vocabulary entropy of that
+untempered distribution (nats; `entropy`), both computed from the logits the decode step
+already produced (no second pass).
+
+Why not ``model.generate``: HF generate keeps stepping finished sequences until the longest
+ends, re-encodes the same few-shot prefix for every prompt, and grows its KV cache by
+``torch.cat`` (a full copy per step). This sampler instead
+
+- encodes the longest token prefix shared by all prompts (the few-shot examples, the
+  system prompt) ONCE and copies its KV cache into each new row;
+- keeps a preallocated KV "slab" per layer that is written in place;
+- drops finished rows and admits waiting requests into the freed slots (continuous
+  batching): rows are compacted, right-aligned, whenever a quarter of the batch is done,
+  so dead rows cost at most ~25% of a step and the copy is amortised.
+
+Rows have different amounts of padding (left and between the shared prefix and each
+prompt's own suffix); attention masks and explicit position ids make this exact.
+
+Seeding. Each request draws its random numbers from its own generator seeded by
+``request_seed(seed, problem_id, sample_index)``: one uniform number per generated token,
+turned into a token by inverse-CDF sampling. So the random stream of a (seed, problem,
+sample) never depends on which other requests share its batch. What is guaranteed:
+re-running with the same requests, batch size and software gives identical completions;
+across different batch compositions the random draws are identical, and completions are
+identical unless float rounding in batched kernels (which differs with batch shape and
+padding) flips the choice of a token, which is rare but possible. Greedy decoding
+(temperature 0) matches HF ``generate`` token for token (tested).
+
+Models with sliding-window attention layers are not supported by this backend (error).
+A vLLM backend implements the same `Sampler` interface for GPUs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from .errors import ReasonMaxxerError
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How completions are drawn. temperature 0 = greedy (then top_p/top_k are ignored)."""
+
+    n: int = 4                    # samples per problem
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0                # 0 = no top-k filter
+    max_new_tokens: int = 256
+    seed: int = 0
+    batch_size: int = 32          # rows decoded together
+    stop: tuple[str, ...] = ()    # extra stop strings (EOS always stops)
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ReasonMaxxerError(f"sampling: n must be >= 1 (got {self.n})")
+        if self.temperature < 0:
+            raise ReasonMaxxerError(f"sampling: temperature must be >= 0 (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            raise ReasonMaxxerError(f"sampling: top_p must be in (0, 1] (got {self.top_p})")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ReasonMaxxerError("sampling: max_new_tokens and batch_size must be >= 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class Request:
+    """One completion to draw: `key` identifies it (problem_id, sample_index)."""
+
+    key: tuple[str, int]
+    prompt_ids: tuple[int, ...]
+
+
+@dataclass
+class Completion:
+    key: tuple[str, int]
+    token_ids: list[int]
+    logprobs: list[float]         # log p(token) under the untempered model distribution, nats
+    entropies: list[float]        # full-vocabulary entropy of that distribution, nats
+    finish_reason: str            # "eos" | "stop" | "length"
+    text: str = ""
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+class Sampler(Protocol):
+    """A sampling backend: HF (CPU/GPU, this module) or vLLM (GPUs)."""
+
+    def generate(self, requests: Sequence[Request], cfg: SamplingConfig,
+                 on_done: Callable[[Completion], None] | None = None) -> list[Completion]: ...
+
+
+def request_seed(seed: int, problem_id: str, sample_index: int) -> int:
+    """A 63-bit seed for one (seed, problem, sample), independent of everything else."""
+    h = hashlib.sha256(f"{seed}\x00{problem_id}\x00{sample_index}".encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
+
+
+def sample_from_logits(logits: torch.Tensor, u: torch.Tensor, temperature: float,
+                       top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """Inverse-CDF sampling. logits [B, V] fp32, u [B] uniform in [0, 1) -> token ids [B].
+
+    temperature 0 -> argmax. top_k keeps the k largest logits, top_p the smallest set of
+    tokens (in descending probability) whose tempered probability reaches top_p.
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    z = logits / temperature                                            # [B, V]
+    if top_k and top_k < z.shape[-1]:
+        kth = z.topk(top_k, dim=-1).values[:, -1:]                      # [B, 1]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if top_p < 1.0:
+        zs, idx = z.sort(dim=-1, descending=True)                       # [B, V]
+        ps = torch.softmax(zs, -1)
+        before = ps.cumsum(-1) - ps                                     # mass strictly before each token
+        zs = zs.masked_fill(before >= top_p, float("-inf"))
+        cdf = torch.softmax(zs, -1).cumsum(-1)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1).contiguous(), right=True).clamp_max(z.shape[-1] - 1)
+        return idx.gather(-1, pick).squeeze(-1)
+    cdf = torch.softmax(z, -1).cumsum(-1)                               # [B, V]
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1).contiguous(), right=True)
+    return pick.clamp_max(z.shape[-1] - 1).squeeze(-1)
+
+
+def entropy_and_logprob(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] (untempered), tokens [B] -> (entropy [B] nats, log p(token) [B]), fp32."""
+    logp = torch.log_softmax(logits.float(), -1)
+    ent = -(logp.exp() * logp).sum(-1)
+    return ent, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+class _SlabLayer(DynamicLayer):
+    """KV cache layer backed by a preallocated [B, heads, capacity, head_dim] buffer."""
+
+    headroom = 64
+
+    def lazy_initialization(self, key_states, value_states):
+        b, h, _, d = key_states.shape
+        self.kbuf = key_states.new_empty((b, h, self.headroom, d))
+        self.vbuf = value_states.new_empty((b, h, self.headroom, d))
+        self.n = 0
+        self.is_initialized = True
+
+    def set(self, kbuf, vbuf, n):
+        self.kbuf, self.vbuf, self.n, self.is_initialized = kbuf, vbuf, n, True
+        self.keys, self.values = kbuf[:, :, :n], vbuf[:, :, :n]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[-2]
+        if self.n + q > self.kbuf.shape[-2]:
+            cap = max(self.n + q + self.headroom, int(self.kbuf.shape[-2] * 1.5))
+            k2 = self.kbuf.new_empty(self.kbuf.shape[:2] + (cap,) + self.kbuf.shape[3:])
+            v2 = self.vbuf.new_empty(k2.shape)
+            k2[:, :, : self.n] = self.kbuf[:, :, : self.n]
+            v2[:, :, : self.n] = self.vbuf[:, :, : self.n]
+            self.kbuf, self.vbuf = k2, v2
+        self.kbuf[:, :, self.n : self.n + q] = key_states
+        self.vbuf[:, :, self.n : self.n + q] = value_states
+        self.n += q
+        self.keys, self.values = self.kbuf[:, :, : self.n], self.vbuf[:, :, : self.n]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.n if self.is_initialized else 0
+
+
+class _SlabCache(DynamicCache):
+    def __init__(self, num_layers: int):
+        Cache.__init__(self, layers=[_SlabLayer() for _ in range(num_layers)])
+
+
+@dataclass
+class _Row:
+    req: Request
+    gen: torch.Generator
+    tokens: list
+    logprobs: list
+    entropies: list
+    done: str | None = None
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+        if n == 0:
+            break
+    return n
+
+
+class HFSampler:
+    """The Hugging Face backend of `Sampler` (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, min_shared_prefix: int = 8):
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        if any(t == "sliding_attention" for t in (getattr(cfg, "layer_types", None) or [])) or getattr(cfg, "use_sliding_window", False):
+            raise ReasonMaxxerError("HF sampler: models with sliding-window attention are not supported; use the vLLM backend")
+        self.model = model
+        self.tok = tokenizer
+        self.num_layers = cfg.num_hidden_layers
+        self.min_shared_prefix = min_shared_prefix
+        self.device = next(model.parameters()).device
+        eos = set()
+        for src in (getattr(model, "generation_config", None), tokenizer):
+            e = getattr(src, "eos_token_id", None)
+            if e is not None:
+                eos.update(e if isinstance(e, (list, tuple)) else [e])
+        self.eos = eos
+        self.max_positions = getattr(cfg, "max_position_embeddings", None)
+        # transformers renamed `past_key_values` to `cache` in 5.x
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    # -- building blocks -------------------------------------------------------------
+    def _forward(self, ids, mask, pos, cache):
+        kw = {self._cache_kw: cache}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
+        return out.logits[:, -1, :].float()                            # [B, V]
+
+    def _prefix_kv(self, prefix: tuple[int, ...]):
+        cache = _SlabCache(self.num_layers)
+        if prefix:
+            ids = torch.tensor([prefix], device=self.device)
+            self._forward(ids, torch.ones_like(ids), torch.arange(len(prefix), device=self.device)[None], cache)
+        return [(l.kbuf[:, :, : l.n], l.vbuf[:, :, : l.n]) for l in cache.layers] if prefix else None
+
+    def _prefill(self, reqs: list[Request], prefix_len: int, prefix_kv):
+        """Encode new rows: [prefix][pad][suffix]. Returns (per-layer (k, v), mask [b, m], next_pos [b], logits [b, V])."""
+        b = len(reqs)
+        sufs = [r.prompt_ids[prefix_len:] for r in reqs]
+        s_max = max(len(s) for s in sufs)
+        ids = torch.full((b, s_max), self.tok.pad_token_id or 0, dtype=torch.long)
+        smask = torch.zeros((b, s_max), dtype=torch.long)
+        for i, s in enumerate(sufs):
+            ids[i, s_max - len(s):] = torch.tensor(s)
+            smask[i, s_max - len(s):] = 1
+        pos = (prefix_len + smask.cumsum(-1) - 1).clamp_min(0)
+        mask = torch.cat([torch.ones((b, prefix_len), dtype=torch.long), smask], 1)
+        cache = _SlabCache(self.num_layers)
+        if prefix_kv is not None:
+            for layer, (k, v) in zip(cache.layers, prefix_kv):
+                kb = k.new_empty((b, k.shape[1], prefix_len + s_max, k.shape[3]))
+                vb = v.new_empty(kb.shape)
+                kb[:, :, :prefix_len] = k
+                vb[:, :, :prefix_len] = v
+                layer.set(kb, vb, prefix_len)
+        dev = self.device
+        logits = self._forward(ids.to(dev), mask.to(dev), pos.to(dev), cache)
+        kv = [(l.kbuf[:, :, : l.n], l.vbuf[:, :, : l.n]) for l in cache.layers]
+        return kv, mask, (pos[:, -1] + 1), logits
+
+    # -- the loop --------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, requests: Sequence[Request], cfg: SamplingConfig,
+                 on_done: Callable[[Completion], None] | None = None,
+                 progress: Callable[[int], None] | None = None) -> list[Completion]:
+        """Draw one completion per request; returns them in request order.
+
+        `on_done(completion)` is called as each finishes; `progress(n_new_tokens)` after each step.
+        """
+        if not requests:
+            return []
+        for r in requests:
+            if not r.prompt_ids:
+                raise ReasonMaxxerError(f"sampling: request {r.key} has an empty prompt")
+        prompts = [r.prompt_ids for r in requests]
+        plen = _common_prefix(prompts)
+        plen = min(plen, min(len(p) for p in prompts) - 1)
+        if plen < self.min_shared_prefix:
+            plen = 0
+        prefix_kv = self._prefix_kv(tuple(prompts[0][:plen])) if plen else None
+
+        pending = deque(requests)
+        results: dict[tuple, Completion] = {}
+        rows: list[_Row] = []
+        cache = _SlabCache(self.num_layers)
+        mask = torch.zeros((0, 0), dtype=torch.long)                    # [B, n] over cache columns
+        next_pos = torch.zeros((0,), dtype=torch.long)                  # [B]
+        last = torch.zeros((0,), dtype=torch.long)                      # [B] token to feed next
+        B = cfg.batch_size
+
+        def finish(row: _Row):
+            text = self.tok.decode(row.tokens, skip_special_tokens=True)
+            if row.done == "stop":
+                cut = min((text.find(s) for s in cfg.stop if s in text), default=-1)
+                text = text[:cut] if cut >= 0 else text
+            c = Completion(row.req.key, row.tokens, row.logprobs, row.entropies, row.done, text)
+            results[row.req.key] = c
+            if on_done:
+                on_done(c)
+
+        def choose(logits, active: list[_Row]):
+            u = torch.stack([torch.rand((), generator=r.gen) for r in active]) if not cfg.greedy else torch.zeros(len(active))
+            tok = sample_from_logits(logits, u.to(logits.device), cfg.temperature, cfg.top_p, cfg.top_k)
+            ent, lp = entropy_and_logprob(logits, tok)
+            return tok.cpu(), ent.cpu(), lp.cpu()
+
+        def record(row: _Row, t: int, e: float, lp: float):
+            row.tokens.append(t)
+            row.entropies.append(e)
+            row.logprobs.append(lp)
+            if t in self.eos:
+                row.done = "eos"
+            elif cfg.stop and any(s in self.tok.decode(row.tokens[-12:], skip_special_tokens=True) for s in cfg.stop):
+                row.done = "stop"
+            elif len(row.tokens) >= cfg.max_new_tokens:
+                row.done = "length"
+            if row.done:
+                finish(row)
+
+        while pending or rows:
+            dead = [i for i, r in enumerate(rows) if r.done]
+            if not rows or (dead and len(dead) >= max(1, len(rows) // 4)) or (pending and len(rows) - len(dead) < B // 2):
+                keep = [i for i, r in enumerate(rows) if not r.done]
+                admit = [pending.popleft() for _ in range(min(len(pending), B - len(keep)))]
+                new_kv = new_mask = None
+                if admit:
+                    new_rows = [_Row(r, torch.Generator().manual_seed(request_seed(cfg.seed, r.key[0], r.key[1])), [], [], [])
+                                for r in admit]
+                    new_kv, new_mask, new_pos, logits = self._prefill(admit, plen, prefix_kv)
+                    tok, ent, lp = choose(logits, new_rows)
+                # compact the live rows (trim all-padding left columns) and append the new ones, right-aligned
+                n_old = mask.shape[1]
+                if keep:
+                    used = mask[keep].any(0).nonzero()
+                    first = int(used[0]) if len(used) else n_old
+                else:
+                    first = n_old
+                live_len = n_old - first
+                m = new_mask.shape[1] if admit else 0
+                L = max(live_len, m)
+                tot = len(keep) + len(admit)
+                if tot == 0:
+                    rows = []
+                    continue
+                keep_t = torch.tensor(keep, dtype=torch.long)
+                cap = L + max(_SlabLayer.headroom, cfg.max_new_tokens // 2)
+                for li, layer in enumerate(cache.layers):
+                    ref = new_kv[li][0] if admit else layer.kbuf
+                    kb = ref.new_zeros((tot, ref.shape[1], cap, ref.shape[3]))
+                    vb = ref.new_zeros(kb.shape)
+                    if keep:
+                        idx = keep_t.to(layer.kbuf.device)
+                        kb[: len(keep), :, L - live_len : L] = layer.kbuf[idx, :, first:n_old]
+                        vb[: len(keep), :, L - live_len : L] = layer.vbuf[idx, :, first:n_old]
+                    if admit:
+                        kb[len(keep):, :, L - m : L] = new_kv[li][0]
+                        vb[len(keep):, :, L - m : L] = new_kv[li][1]
+                    layer.set(kb, vb, L)
+                mask2 = torch.zeros((tot, L), dtype=torch.long)
+                if keep:
+                    mask2[: len(keep), L - live_len :] = mask[keep_t, first:]
+                if admit:
+                    mask2[len(keep):, L - m :] = new_mask
+                mask = mask2
+                next_pos = torch.cat([next_pos[keep_t] if keep else next_pos[:0], new_pos if admit else next_pos[:0]])
+                last = torch.cat([last[keep_t] if keep else last[:0], tok if admit else last[:0]])
+                rows = [rows[i] for i in keep] + (new_rows if admit else [])
+                if admit:
+                    for j, r in enumerate(new_rows):
+                        record(r, int(tok[j]), float(ent[j]), float(lp[j]))
+                    if progress:
+                        progress(len(new_rows))
+                continue
+
+            # one decode step for every row in the batch (dead rows ride along until compaction)
+            if self.max_positions and int(next_pos.max()) >= self.max_positions:
+                for r in rows:
+                    if not r.done:
+                        r.done = "length"
+                        finish(r)
+                continue
+            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], 1)
+            dev = self.device
+            logits = self._forward(last[:, None].to(dev), mask.to(dev), next_pos[:, None].to(dev), cache)
+            active = [i for i, r in enumerate(rows) if not r.done]
+            tok, ent, lp = choose(logits[active], [rows[i] for i in active])
+            new_last = last.clone()
+            new_last[active] = tok
+            last = new_last
+            next_pos = next_pos + 1
+            for j, i in enumerate(active):
+                record(rows[i], int(tok[j]), float(ent[j]), float(lp[j]))
+            if progress:
+                progress(len(active))
+        return [results[r.key] for r in requests]

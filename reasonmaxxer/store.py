@@ -1,0 +1,195 @@
+"""The rollout store: Parquet shards plus a self-describing manifest.
+
+Layout of a store directory::
+
+    manifest.json            what produced the rollouts: stage, config, model fingerprint,
+                             prompt template, sampling config, seed, package versions,
+                             data hash, and the config hash that decides resumption
+    shards/shard-00000.parquet
+    shards/shard-00001.parquet ...
+
+One row per rollout (see `ROLLOUT_SCHEMA`). Every file is written to a temporary name in
+the same directory, flushed, fsynced and renamed into place, so a killed process leaves
+either the old file or the new one, never a torn one. A shard that exists is complete;
+re-running a stage with the same config hash skips it. Opening a store whose manifest
+has a DIFFERENT config hash is an error (nothing is overwritten) unless `overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import ReasonMaxxerError
+
+ROLLOUT_SCHEMA = pa.schema([
+    ("problem_id", pa.string()),
+    ("sample_index", pa.int32()),        # -1 for the greedy completion
+    ("prompt", pa.string()),
+    ("prompt_ids", pa.list_(pa.int32())),
+    ("completion", pa.string()),
+    ("token_ids", pa.list_(pa.int32())),
+    ("logprobs", pa.list_(pa.float32())),     # log p(sampled token), untempered, nats
+    ("entropies", pa.list_(pa.float32())),    # full-vocabulary entropy, untempered, nats
+    ("finish_reason", pa.string()),           # eos | stop | length
+    ("truncated", pa.bool_()),
+    ("gold", pa.string()),
+    ("reward", pa.float32()),                 # 1.0 if strict_correct else 0.0
+    ("strict_correct", pa.bool_()),
+    ("strict_extracted", pa.string()),
+    ("lenient_correct", pa.bool_()),
+    ("lenient_extracted", pa.string()),
+    ("grade_reason", pa.string()),            # strict verdict's reason
+])
+
+_PACKAGES = ("reasonmaxxer", "torch", "transformers", "peft", "accelerate", "math-verify", "pyarrow", "trl", "vllm")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for p in _PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def config_hash(config: dict) -> str:
+    """sha256 of the canonical JSON of a config dict (the identity of a stage's inputs)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
+
+
+def atomic_write_table(path: Path, table: pa.Table) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class RolloutStore:
+    """A directory of rollout shards with a manifest (see module docstring)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    def shard_path(self, i: int) -> Path:
+        return self.root / "shards" / f"shard-{i:05d}.parquet"
+
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def manifest(self) -> dict:
+        if not self.exists():
+            raise ReasonMaxxerError(f"{self.root}: not a rollout store (no manifest.json); run `reasonmaxxer sample` first")
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ReasonMaxxerError(f"{self.manifest_path}:{e.lineno}: corrupt manifest ({e.msg})") from e
+
+    def open(self, config: dict, describe: dict | None = None, *, overwrite: bool = False) -> dict:
+        """Create the store, or reopen it for resumption if its config hash matches.
+
+        `config` is what identifies the inputs (hashed); `describe` is extra, non-identifying
+        information written beside it (versions, timings, human-readable notes).
+        """
+        h = config_hash(config)
+        if self.exists():
+            m = self.manifest()
+            if m.get("config_hash") == h:
+                return m
+            if not overwrite:
+                raise ReasonMaxxerError(
+                    f"{self.root}: holds rollouts made with different inputs (config hash {m.get('config_hash', '?')[:12]} "
+                    f"!= {h[:12]}); choose another --out or pass --overwrite")
+            shutil.rmtree(self.root / "shards", ignore_errors=True)
+        m = {"kind": "rollouts", "config_hash": h, "config": config, "versions": package_versions(),
+             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "shards": {}, "complete": False}
+        if describe:
+            m.update(describe)
+        atomic_write_json(self.manifest_path, m)
+        return m
+
+    def done_shards(self) -> set[int]:
+        d = self.root / "shards"
+        if not d.is_dir():
+            return set()
+        return {int(p.stem.split("-")[1]) for p in d.glob("shard-*.parquet")}
+
+    def write_shard(self, i: int, rows: Sequence[dict]) -> None:
+        table = pa.Table.from_pylist(list(rows), schema=ROLLOUT_SCHEMA)
+        atomic_write_table(self.shard_path(i), table)
+        m = self.manifest()
+        m["shards"][f"{i:05d}"] = {"rows": len(rows)}
+        atomic_write_json(self.manifest_path, m)
+
+    def update_manifest(self, **fields) -> None:
+        m = self.manifest()
+        m.update(fields)
+        atomic_write_json(self.manifest_path, m)
+
+    def read_table(self, columns: Sequence[str] | None = None) -> pa.Table:
+        shards = sorted(self.done_shards())
+        if not shards:
+            raise ReasonMaxxerError(f"{self.root}: the store has no shards yet")
+        tables = []
+        for i in shards:
+            p = self.shard_path(i)
+            try:
+                tables.append(pq.read_table(p, columns=list(columns) if columns else None))
+            except (pa.ArrowInvalid, OSError) as e:
+                raise ReasonMaxxerError(f"{p}: unreadable shard ({e}); delete it and re-run the stage to redo it") from e
+        return pa.concat_tables(tables)
+
+    def read_rows(self, columns: Sequence[str] | None = None) -> list[dict]:
+        return self.read_table(columns).to_pylist()
+
+    def rewrite_shards(self, fn) -> None:
+        """Apply `fn(rows) -> rows` to every shard, each rewritten atomically (e.g. re-grading)."""
+        for i in sorted(self.done_shards()):
+            rows = pq.read_table(self.shard_path(i)).to_pylist()
+            atomic_write_table(self.shard_path(i), pa.Table.from_pylist(fn(rows), schema=ROLLOUT_SCHEMA))
