@@ -1,0 +1,440 @@
+"""The ReasonMaxxer training loop: advantage-weighted log-likelihood at the forks, anchored
+to the base everywhere else (method.md section 3). Functions, not a trainer class.
+
+`train(examples, cfg, out_dir, model, tokenizer, ...)` takes already selected and scored
+rollouts (`TrainExample`s: the token ids of prompt + completion, the completion's base
+entropies, the rollout's advantage) and writes, under ``out_dir``::
+
+    train_config.json            the resolved TrainConfig (+ tau actually used, gated fraction)
+    metrics.jsonl                one line per optimizer step (loss terms, gated fraction,
+                                 grad norm, lr, tokens/s, validation accuracy when evaluated)
+    checkpoints/step-000010/     adapter (or full) weights + optimizer/scheduler/RNG state,
+                                 each written to a temp dir and renamed (atomic)
+    adapter/                     the PEFT adapter of the selected checkpoint
+    merged/                      base + adapter merged: a plain HF checkpoint
+    result.json                  which checkpoint was selected and why
+
+The base distribution for the anchor is the same model with its LoRA adapter disabled
+(no second copy in memory); a full fine-tune keeps a frozen copy (2x memory).
+
+Resumption: re-running with the same out_dir continues from the last checkpoint; the data
+order, gate and every random draw are functions of the config and seed, so a run killed
+and resumed ends with the same weights as an uninterrupted run (tested on CPU with SIGKILL).
+A non-finite loss stops the run (the step is not applied) with a clear error; the last good
+checkpoint stays on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import ReasonMaxxerError
+from .gating import check_gate_nonempty, entropy_gate, gated_fraction, random_gate_like, tau_for_fraction
+from .losses import loss_masks, reasonmaxxer_loss
+from .scoring import token_logprobs
+from .store import atomic_write_json, package_versions
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (defaults: the paper's recipe, method.md s.3)."""
+
+    variant: str = "reasonmaxxer"      # loss variant: reasonmaxxer | positive_only | no_anchor | all_tokens
+    gate: str = "entropy"              # entropy | random (same gated count as the entropy gate, random positions)
+    tau: float | None = None           # nats; None -> tau_fraction
+    tau_fraction: float = 0.05         # if tau is None: gate this fraction of completion tokens (quantile)
+    tau_correct: float | None = None   # optional separate thresholds (nats)
+    tau_incorrect: float | None = None
+    lam: float = 0.2                   # anchor weight
+    lora_rank: int = 32
+    lora_alpha: int = 64
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    full_finetune: bool = False
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 5
+    epochs: float = 1.0
+    max_steps: int | None = None
+    micro_batch: int = 1
+    grad_accum: int = 8
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 10
+    eval_every: int = 0                # 0: evaluate only at checkpoints (if a validation fn is given)
+
+    def __post_init__(self):
+        if self.gate not in ("entropy", "random"):
+            raise ReasonMaxxerError(f"train: gate must be 'entropy' or 'random' (got {self.gate!r})")
+        if self.micro_batch < 1 or self.grad_accum < 1:
+            raise ReasonMaxxerError("train: micro_batch and grad_accum must be >= 1")
+        if self.tau is None and not 0 < self.tau_fraction < 1:
+            raise ReasonMaxxerError(f"train: tau_fraction must be in (0, 1) (got {self.tau_fraction})")
+
+
+@dataclass(frozen=True)
+class TrainExample:
+    """One selected rollout. prompt_ids + completion_ids are the training sequence."""
+
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
+    entropies: tuple[float, ...]       # base entropy per completion token, nats
+    advantage: float
+    correct: bool
+    mask_decision: bool = False        # e.g. truncated rollouts under truncated="mask"
+    key: tuple = ()
+
+
+# -- pure helpers --------------------------------------------------------------------------
+def batch_tensors(examples: Sequence[TrainExample], pad_id: int):
+    """Right-pad a micro-batch. Returns ids, attention, completion mask, entropy [b, T]; adv, correct [b]."""
+    T = max(len(e.prompt_ids) + len(e.completion_ids) for e in examples)
+    b = len(examples)
+    ids = torch.full((b, T), pad_id, dtype=torch.long)
+    att = torch.zeros((b, T), dtype=torch.long)
+    comp = torch.zeros((b, T), dtype=torch.bool)
+    ent = torch.zeros((b, T), dtype=torch.float32)
+    for i, e in enumerate(examples):
+        p, c = len(e.prompt_ids), len(e.completion_ids)
+        ids[i, : p + c] = torch.tensor(e.prompt_ids + e.completion_ids)
+        att[i, : p + c] = 1
+        comp[i, p : p + c] = True
+        ent[i, p : p + c] = torch.tensor(e.entropies, dtype=torch.float32)
+    adv = torch.tensor([e.advantage for e in examples], dtype=torch.float32)
+    correct = torch.tensor([e.correct for e in examples])
+    return ids, att, comp, ent, adv, correct
+
+
+def resolve_tau(examples: Sequence[TrainExample], cfg: TrainConfig) -> tuple[float, str]:
+    """The entropy threshold (nats) and how it was chosen."""
+    if cfg.tau is not None:
+        return float(cfg.tau), "given"
+    ent = torch.tensor([h for e in examples for h in e.entropies], dtype=torch.float32)
+    if ent.numel() == 0:
+        raise ReasonMaxxerError("train: the selected rollouts have no completion tokens")
+    tau = tau_for_fraction(ent[None], torch.ones_like(ent[None], dtype=torch.bool), cfg.tau_fraction)
+    return float(tau), f"quantile: top {cfg.tau_fraction:.1%} of completion-token entropies"
+
+
+def example_gates(examples: Sequence[TrainExample], cfg: TrainConfig, tau: float) -> list[torch.Tensor]:
+    """Per-example bool gate over its completion tokens (entropy or random, seeded)."""
+    gates = []
+    for e in examples:
+        t = tau
+        if cfg.tau_correct is not None and e.correct:
+            t = cfg.tau_correct
+        elif cfg.tau_incorrect is not None and not e.correct:
+            t = cfg.tau_incorrect
+        h = torch.tensor(e.entropies, dtype=torch.float32)[None]
+        g = entropy_gate(h, torch.ones_like(h, dtype=torch.bool), t)[0]
+        if e.mask_decision:
+            g = torch.zeros_like(g)
+        gates.append(g)
+    if cfg.gate == "random":
+        gen = torch.Generator().manual_seed(cfg.seed + 7919)
+        # same number of gated tokens overall, uniformly random completion positions
+        flat = torch.cat(gates)[None]
+        rnd = random_gate_like(flat, torch.ones_like(flat), gen)[0]
+        out, i = [], 0
+        for g in gates:
+            out.append(rnd[i : i + len(g)])
+            i += len(g)
+        gates = out
+    return gates
+
+
+def training_order(n: int, cfg: TrainConfig, shuffle: bool) -> list[int]:
+    """Indices of examples for all epochs, concatenated (each epoch reshuffled with seed + epoch)."""
+    total = max(1, math.ceil(cfg.epochs * n))
+    order: list[int] = []
+    ep = 0
+    while len(order) < total:
+        idx = list(range(n))
+        if shuffle:
+            random.Random(cfg.seed * 1000 + ep).shuffle(idx)
+        order.extend(idx)
+        ep += 1
+    return order[:total]
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup over warmup_steps, then linear decay to 0 at `total` (step is 0-based)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    rest = max(1, total - cfg.warmup_steps)
+    return cfg.lr * max(0.0, 1 - (step - cfg.warmup_steps) / rest)
+
+
+# -- model set-up --------------------------------------------------------------------------
+def attach_adapter(model, cfg: TrainConfig):
+    """LoRA (default) or full fine-tune. Returns (trainable model, base_logits_fn context)."""
+    torch.manual_seed(cfg.seed)
+    if cfg.full_finetune:
+        import copy
+
+        frozen = copy.deepcopy(model).eval()
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+        model.train()
+        return model, frozen
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.split(".")[-1] for n, _ in model.named_modules()}
+    missing = [t for t in cfg.target_modules if t not in names]
+    if missing:
+        raise ReasonMaxxerError(f"train: LoRA target modules {missing} not found in the model (it has e.g. "
+                                f"{sorted(n for n in names if n.endswith('proj'))[:8]})")
+    lc = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                    target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+    pm = get_peft_model(model, lc)
+    pm.train()
+    return pm, None
+
+
+def _base_logits(model, frozen, ids, att):
+    with torch.no_grad():
+        if frozen is not None:
+            return frozen(input_ids=ids, attention_mask=att).logits
+        with model.disable_adapter():
+            return model(input_ids=ids, attention_mask=att).logits
+
+
+def _trainable_state(model, full: bool) -> dict:
+    if full:
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def _load_trainable_state(model, state: dict, full: bool) -> None:
+    if full:
+        model.load_state_dict(state)
+    else:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, state)
+
+
+def _save_checkpoint(ckdir: Path, step: int, model, opt, cfg: TrainConfig, extra: dict) -> Path:
+    final = ckdir / f"step-{step:06d}"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", dir=ckdir))
+    try:
+        torch.save({"model": _trainable_state(model, cfg.full_finetune), "optim": opt.state_dict(),
+                    "step": step, "extra": extra}, tmp / "state.pt")
+        with open(tmp / "state.pt", "rb") as f:
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_json(ckdir / "latest.json", {"step": step, "path": final.name})
+    return final
+
+
+def _latest_checkpoint(ckdir: Path) -> Path | None:
+    p = ckdir / "latest.json"
+    if not p.is_file():
+        return None
+    d = ckdir / json.loads(p.read_text())["path"]
+    return d if (d / "state.pt").is_file() else None
+
+
+# -- the loop ------------------------------------------------------------------------------
+def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Path, model, tokenizer, *,
+          base_spec: str = "", validate: Callable[[object], float] | None = None,
+          shuffle: bool = True, progress: bool = True, export: bool = True,
+          _stop_after_step: int | None = None) -> dict:
+    """Train on `examples` (already in training order if shuffle=False). Returns result.json's dict.
+
+    validate(model) -> held-out accuracy, called at each checkpoint; the final checkpoint is
+    the one with the best validation accuracy (ties: the later one). Without `validate`, the
+    last checkpoint is selected.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not examples:
+        raise ReasonMaxxerError("train: no training examples")
+    tau, tau_source = resolve_tau(examples, cfg)
+    gates = example_gates(examples, cfg, tau)
+    all_gate = torch.cat(gates)[None]
+    all_ent = torch.tensor([h for e in examples for h in e.entropies])
+    if cfg.variant != "all_tokens":
+        check_gate_nonempty(all_gate, tau, max_entropy=float(all_ent.max()) if all_ent.numel() else None)
+    gfrac = gated_fraction(all_gate, torch.ones_like(all_gate))
+
+    order = training_order(len(examples), cfg, shuffle)
+    per_step = cfg.micro_batch * cfg.grad_accum
+    total_steps = math.ceil(len(order) / per_step)
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    resolved = {"config": json.loads(json.dumps(asdict(cfg))), "tau": tau, "tau_source": tau_source, "gated_fraction": gfrac,
+                "n_examples": len(examples), "total_steps": total_steps, "base": base_spec,
+                "versions": package_versions()}
+    cfg_path = out / "train_config.json"
+    if cfg_path.is_file():
+        old = json.loads(cfg_path.read_text())
+        if old.get("config") != resolved["config"] or old.get("n_examples") != len(examples) or old.get("tau") != tau:
+            raise ReasonMaxxerError(f"{out}: holds a training run with a different config; choose another --out or delete it")
+    else:
+        atomic_write_json(cfg_path, resolved)
+    if (out / "result.json").is_file():
+        return json.loads((out / "result.json").read_text())
+
+    model, frozen = attach_adapter(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+    ckdir = out / "checkpoints"
+    start, history = 0, []
+    last = _latest_checkpoint(ckdir)
+    if last is not None:
+        st = torch.load(last / "state.pt", weights_only=False)
+        _load_trainable_state(model, st["model"], cfg.full_finetune)
+        opt.load_state_dict(st["optim"])
+        start, history = st["step"], st["extra"].get("history", [])
+        if progress:
+            print(f"[train] resuming from {last.name}", flush=True)
+    metrics_path = out / "metrics.jsonl"
+    if metrics_path.is_file():   # drop metric lines of steps after the checkpoint we resume from
+        lines = [l for l in metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= start]
+        metrics_path.write_text("".join(l + "\n" for l in lines))
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    t_run = time.time()
+    for step in range(start, total_steps):
+        t0 = time.time()
+        idx = order[step * per_step : (step + 1) * per_step]
+        micro = [idx[i : i + cfg.micro_batch] for i in range(0, len(idx), cfg.micro_batch)]
+        batches, masks = [], []
+        for mb in micro:
+            exs = [examples[i] for i in mb]
+            ids, att, comp, ent, adv, correct = batch_tensors(exs, pad)
+            gate = torch.zeros_like(comp)
+            for j, i in enumerate(mb):
+                gate[j, comp[j]] = gates[i]
+            m = loss_masks(cfg.variant, gate=gate, completion_mask=comp, attention_mask=att, advantages=adv, lam=cfg.lam)
+            batches.append((ids, att))
+            masks.append(m)
+        dec_denom = max(1, sum(int(m.decision.sum()) for m in masks))
+        anc_denom = max(1, sum(int(m.anchor.sum()) for m in masks))
+        lr = lr_at(step, total_steps, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        agg = {"loss": 0.0, "decision": 0.0, "anchor": 0.0, "gated_tokens": 0, "anchor_tokens": 0}
+        ntok = 0
+        for (ids, att), m in zip(batches, masks):
+            base = _base_logits(model, frozen, ids, att)[:, :-1]
+            logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
+            loss, stats = reasonmaxxer_loss(
+                token_logprob=token_logprobs(logits, ids[:, 1:]), logits_theta=logits, logits_base=base,
+                advantages=m.advantages, gate=m.decision[:, 1:], anchor_mask=m.anchor[:, 1:], lam=m.lam,
+                dec_denom=dec_denom, anc_denom=anc_denom)
+            if not torch.isfinite(loss):
+                bar.close()
+                good = _latest_checkpoint(ckdir)
+                raise ReasonMaxxerError(
+                    f"train: non-finite loss at step {step + 1} (decision {stats['decision']}, anchor {stats['anchor']}); "
+                    f"the step was not applied; last good checkpoint: {good or 'none'}. Lower --lr or check the data")
+            loss.backward()
+            for k in agg:
+                agg[k] += stats[k]
+            ntok += int(att.sum())
+        gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if not torch.isfinite(gn):
+            bar.close()
+            raise ReasonMaxxerError(f"train: non-finite gradient norm at step {step + 1}; the step was not applied; "
+                                    f"last good checkpoint: {_latest_checkpoint(ckdir) or 'none'}")
+        opt.step()
+        dt = time.time() - t0
+        comp_tokens = sum(len(examples[i].completion_ids) for i in idx)
+        rec = {"step": step + 1, **{k: round(v, 6) if isinstance(v, float) else v for k, v in agg.items()},
+               "gated_fraction": round(agg["gated_tokens"] / max(1, comp_tokens), 6),
+               "grad_norm": round(float(gn), 6), "lr": lr, "tokens_per_s": round(ntok / dt, 1), "seconds": round(dt, 3)}
+        is_ck = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total_steps
+        if validate is not None and (is_ck or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+            model.eval()
+            rec["val_accuracy"] = float(validate(model))
+            model.train()
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        bar.update(1)
+        bar.set_postfix_str(f"loss {agg['loss']:.3f} gated {rec['gated_fraction']:.1%} {rec['tokens_per_s']:.0f} tok/s", refresh=False)
+        if is_ck:
+            history.append({"step": step + 1, "val_accuracy": rec.get("val_accuracy")})
+            _save_checkpoint(ckdir, step + 1, model, opt, cfg, {"history": history})
+        if _stop_after_step is not None and step + 1 >= _stop_after_step:
+            bar.close()
+            return {"stopped_at": step + 1}
+    bar.close()
+
+    # select the checkpoint: best validation accuracy (ties -> later), else the last
+    scored = [h for h in history if h.get("val_accuracy") is not None]
+    chosen = max(scored, key=lambda h: (h["val_accuracy"], h["step"])) if scored else history[-1]
+    st = torch.load(ckdir / f"step-{chosen['step']:06d}" / "state.pt", weights_only=False)
+    _load_trainable_state(model, st["model"], cfg.full_finetune)
+    result = {"selected_step": chosen["step"], "selected_val_accuracy": chosen.get("val_accuracy"),
+              "history": history, "tau": tau, "tau_source": tau_source, "gated_fraction": gfrac,
+              "train_seconds": round(time.time() - t_run, 1), "total_steps": total_steps}
+    if export:
+        result.update(export_model(model, tokenizer, out, base_spec, cfg.full_finetune))
+    atomic_write_json(out / "result.json", result)
+    return result
+
+
+def export_model(model, tokenizer, out: Path, base_spec: str, full: bool) -> dict:
+    """Write adapter/ (PEFT) and merged/ (plain HF checkpoint), each atomically."""
+    out = Path(out)
+    paths = {}
+
+    def atomic_dir(name, fn):
+        final = out / name
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
+        try:
+            fn(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        paths[name] = str(final)
+
+    model.eval()
+    if not full:
+        def save_adapter(d):
+            model.save_pretrained(d)
+            cfgp = d / "adapter_config.json"
+            c = json.loads(cfgp.read_text())
+            c["base_model_name_or_path"] = base_spec or c.get("base_model_name_or_path")
+            cfgp.write_text(json.dumps(c, indent=2))
+            tokenizer.save_pretrained(d)
+        atomic_dir("adapter", save_adapter)
+        import copy
+
+        merged = copy.deepcopy(model).merge_and_unload()
+    else:
+        merged = model
+
+    def save_merged(d):
+        merged.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+    atomic_dir("merged", save_merged)
+    return {"adapter": paths.get("adapter"), "merged": paths["merged"]}

@@ -1,0 +1,162 @@
+"""Training loop: accumulation invariance, gates, resumption after SIGKILL, export, errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from reasonmaxxer.errors import ReasonMaxxerError
+from reasonmaxxer.train import TrainConfig, TrainExample, example_gates, lr_at, resolve_tau, train, training_order
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _examples(n=8, seed=0, vocab=100):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        p = torch.randint(4, vocab, (int(torch.randint(5, 12, (1,), generator=g)),), generator=g).tolist()
+        c = torch.randint(4, vocab, (int(torch.randint(4, 10, (1,), generator=g)),), generator=g).tolist()
+        ent = (torch.rand(len(c), generator=g) * 3).tolist()
+        out.append(TrainExample(tuple(p), tuple(c), tuple(ent), advantage=1.0 if i % 2 == 0 else -1.0,
+                                correct=i % 2 == 0, key=(f"p{i // 2}", i % 2)))
+    return out
+
+
+def _lora_state(model):
+    from peft import get_peft_model_state_dict
+
+    return {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def _train_once(tmp, tok, cfg, exs, **kw):
+    model = make_tiny_model(len(tok), seed=1)
+    res = train(exs, cfg, tmp, model, tok, shuffle=False, progress=False, export=False, **kw)
+    return res
+
+
+def test_loss_does_not_depend_on_micro_batch_split(tmp_path, tiny_tokenizer):
+    exs = _examples(8)
+    states = []
+    for mb, acc in ((1, 8), (4, 2), (8, 1)):
+        cfg = TrainConfig(tau=1.0, micro_batch=mb, grad_accum=acc, lora_rank=4, lora_alpha=8, lr=1e-2,
+                          warmup_steps=1, checkpoint_every=100, max_steps=1)
+        model = make_tiny_model(len(tiny_tokenizer), seed=1)
+        from reasonmaxxer.train import attach_adapter
+        train(exs, cfg, tmp_path / f"r{mb}", model, tiny_tokenizer, shuffle=False, progress=False, export=False)
+        states.append(_lora_state(model))
+        line = json.loads((tmp_path / f"r{mb}" / "metrics.jsonl").read_text().splitlines()[0])
+        states[-1]["_loss"] = torch.tensor(line["loss"])
+    for other in states[1:]:
+        for k in states[0]:
+            assert torch.allclose(states[0][k], other[k], atol=1e-5), k
+    # something was learned (B matrices start at zero)
+    assert any(v.abs().sum() > 0 for k, v in states[0].items() if "lora_B" in k)
+
+
+def test_tau_quantile_and_random_gate_have_the_same_count():
+    exs = _examples(10)
+    cfg = TrainConfig(tau_fraction=0.2)
+    tau, how = resolve_tau(exs, cfg)
+    gates = example_gates(exs, cfg, tau)
+    n = sum(len(e.entropies) for e in exs)
+    k = sum(int(g.sum()) for g in gates)
+    assert abs(k - 0.2 * n) <= 1 and "quantile" in how
+    rnd = example_gates(exs, TrainConfig(tau_fraction=0.2, gate="random"), tau)
+    assert sum(int(g.sum()) for g in rnd) == k
+    assert any(not torch.equal(a, b) for a, b in zip(gates, rnd))
+    # separate thresholds for correct / incorrect rollouts
+    g2 = example_gates(exs, TrainConfig(tau=0.0, tau_correct=10.0), 0.0)
+    for e, g in zip(exs, g2):
+        assert int(g.sum()) == (0 if e.correct else sum(h > 0 for h in e.entropies))
+
+
+def test_empty_gate_is_an_error(tmp_path, tiny_tokenizer):
+    with pytest.raises(ReasonMaxxerError, match="gate is empty"):
+        _train_once(tmp_path, tiny_tokenizer, TrainConfig(tau=50.0), _examples(4))
+
+
+def test_schedule_and_order():
+    cfg = TrainConfig(lr=1.0, warmup_steps=2)
+    assert [round(lr_at(s, 6, cfg), 4) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    o = training_order(4, TrainConfig(epochs=1.5, seed=3), shuffle=True)
+    assert len(o) == 6 and sorted(o[:4]) == [0, 1, 2, 3]
+    assert training_order(4, TrainConfig(epochs=1.5, seed=3), True) == o
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny_tokenizer):
+    exs = _examples(8)
+    bad = list(exs)
+    bad[5] = TrainExample(bad[5].prompt_ids, bad[5].completion_ids, bad[5].entropies, float("nan"), True)
+    cfg = TrainConfig(tau=1.0, micro_batch=1, grad_accum=2, lora_rank=4, checkpoint_every=1)
+    with pytest.raises(ReasonMaxxerError, match="non-finite loss at step 3.*step-000002"):
+        _train_once(tmp_path, tiny_tokenizer, cfg, bad)
+    assert (tmp_path / "checkpoints" / "step-000002" / "state.pt").is_file()
+
+
+def test_export_adapter_and_merged_load(tmp_path, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    base_dir = tmp_path / "base"
+    make_tiny_model(len(tiny_tokenizer), seed=1).save_pretrained(base_dir)
+    tiny_tokenizer.save_pretrained(base_dir)
+    from reasonmaxxer.models import load_model
+    model, tok = load_model(str(base_dir))
+    cfg = TrainConfig(tau=1.0, micro_batch=2, grad_accum=1, lora_rank=4, lr=1e-2, checkpoint_every=2)
+    calls = []
+    res = train(_examples(8), cfg, tmp_path / "run", model, tok, base_spec=str(base_dir), shuffle=False,
+                progress=False, validate=lambda m: calls.append(1) or [0.5, 0.75][len(calls) % 2])
+    assert res["selected_step"] == 2 and res["selected_val_accuracy"] == 0.75  # ties -> later
+    merged = AutoModelForCausalLM.from_pretrained(res["merged"])
+    adapted, _ = load_model(res["adapter"])
+    x = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.allclose(merged(x).logits, adapted(x).logits, atol=1e-4)
+        assert not torch.allclose(merged(x).logits, make_tiny_model(len(tok), seed=1)(x).logits, atol=1e-4)
+    # re-running a finished run is a no-op that returns the same result
+    again = train(_examples(8), cfg, tmp_path / "run", model, tok, base_spec=str(base_dir), shuffle=False, progress=False)
+    assert again["selected_step"] == res["selected_step"]
+
+
+_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, {tests!r})
+from conftest import _tiny_tokenizer, make_tiny_model
+from test_train import _examples
+from reasonmaxxer.train import TrainConfig, train
+torch.set_num_threads(1)
+tok = _tiny_tokenizer()
+cfg = TrainConfig(tau=1.0, micro_batch=1, grad_accum=2, lora_rank=4, lr=1e-2, checkpoint_every=1, epochs=3)
+train(_examples(8), cfg, sys.argv[1], make_tiny_model(len(tok), seed=1), tok, progress=False, export=False)
+"""
+
+
+def test_sigkill_and_resume_gives_the_same_adapter(tmp_path):
+    script = tmp_path / "t.py"
+    script.write_text(_SCRIPT.format(tests=str(ROOT / "tests")))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "ref")], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, str(script), str(run)], env=env, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 200
+    while time.time() < deadline and not (run / "checkpoints" / "step-000004").exists():
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    done = json.loads((run / "checkpoints" / "latest.json").read_text())["step"]
+    assert 4 <= done < 12, done
+    r = subprocess.run([sys.executable, str(script), str(run)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    a = torch.load(tmp_path / "ref" / "checkpoints" / "step-000012" / "state.pt", weights_only=False)["model"]
+    b = torch.load(run / "checkpoints" / "step-000012" / "state.pt", weights_only=False)["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
