@@ -181,9 +181,30 @@ def cmd_eval(a):
     run_eval(a)
 
 
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.toml"
+
+
+def _run_overrides(a) -> dict:
+    o = {"out": a.out, "model": a.model, "threads": a.threads or None}
+    for k in ("train.tau", "train.tau_fraction", "train.variant", "train.gate", "train.lam", "train.max_steps",
+              "sampling.n", "eval.n"):
+        v = getattr(a, k.replace(".", "_"), None)
+        if v is not None:
+            o[k] = v
+    return o
+
+
+def cmd_run(a, config=None):
+    from .pipeline import load_run_config, run_pipeline
+
+    cfg = load_run_config(config or a.config, **_run_overrides(a))
+    run_pipeline(cfg, overwrite=a.overwrite)
+
+
 def cmd_demo(a):
-    print("reasonmaxxer demo: evaluating the embedded default model (SmolLM2-135M-Instruct) on built-in arithmetic problems\n", flush=True)
-    run_eval(a, label="SmolLM2-135M-Instruct, built-in arithmetic (test split), few-shot")
+    print("reasonmaxxer demo: SmolLM2-135M-Instruct (embedded) on built-in arithmetic problems:\n"
+          "sample -> grade -> select -> score -> train (LoRA, entropy gate) -> evaluate base vs trained -> report", flush=True)
+    cmd_run(a, config=DEMO_CONFIG)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,8 +233,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grade-workers", type=int, default=None)
     p.set_defaults(fn=cmd_grade)
 
-    for name, fn, hlp in (("eval", cmd_eval, "accuracy of a model: avg@n pass@1, pass@k, maj@k, greedy"),
-                          ("demo", cmd_demo, "the main job on the embedded default model")):
+    for name, fn, hlp in (("run", cmd_run, "the whole pipeline from a TOML config (each stage resumable)"),
+                          ("demo", cmd_demo, "the main job: `run` with the embedded default model's presets")):
+        p = sub.add_parser(name, help=hlp)
+        if name == "run":
+            p.add_argument("config", help="TOML run config (see configs/demo.toml)")
+        p.add_argument("--out", default=None, help="run directory (default: the config's `out`)")
+        p.add_argument("--model", default=None, help="override the config's model")
+        p.add_argument("--threads", type=int, default=0)
+        p.add_argument("--train-tau", type=float, default=None, help="entropy threshold, nats")
+        p.add_argument("--train-tau-fraction", type=float, default=None, help="gate this fraction of completion tokens")
+        p.add_argument("--train-variant", default=None, help="reasonmaxxer | positive_only | no_anchor | all_tokens")
+        p.add_argument("--train-gate", default=None, help="entropy | random")
+        p.add_argument("--train-lam", type=float, default=None)
+        p.add_argument("--train-max-steps", type=int, default=None)
+        p.add_argument("--sampling-n", type=int, default=None, help="rollouts per training problem")
+        p.add_argument("--eval-n", type=int, default=None, help="samples per test problem (0 = greedy only)")
+        p.add_argument("--overwrite", action="store_true", help="replace stages whose inputs changed")
+        p.set_defaults(fn=fn)
+
+    for name, fn, hlp in (("eval", cmd_eval, "accuracy of a model: avg@n pass@1, pass@k, maj@k, greedy"),):
         p = sub.add_parser(name, help=hlp)
         _add_model(p)
         _add_problems(p, default="arith:test:100" if name == "eval" else "arith:test:64")

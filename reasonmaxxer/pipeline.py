@@ -99,3 +99,276 @@ def attach_scores(store: RolloutStore, rows: list[dict], out_path: Path, model_s
     atomic_write_table(out_path, table)
     info["score_seconds"] = round(time.time() - t0, 2)
     return rows, info
+
+
+# -- the run config ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalConfig:
+    n: int = 4                       # samples per problem for avg@n (0 = greedy only)
+    temperature: float = 0.7
+    greedy: bool = True
+    max_new_tokens: int = 256
+    batch_size: int = 32
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run, as read from a TOML file (see configs/demo.toml); flags override it."""
+
+    model: str = "smollm2-135m"
+    template: str = "fewshot"
+    out: str = "runs/run"
+    train_problems: str = "arith:train:64"
+    validation_problems: str = "arith:validation:24"
+    test_problems: str = "arith:test:64"
+    data_dir: str | None = None
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=8, max_new_tokens=256))
+    selection: dict = field(default_factory=dict)       # selection.SelectionConfig fields
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    rescore: bool = False
+    threads: int = 0
+
+
+def _build(cls, d: dict, where: str):
+    names = {f.name for f in fields(cls)}
+    bad = sorted(set(d) - names)
+    if bad:
+        raise ReasonMaxxerError(f"{where}: unknown key(s) {bad}; valid: {sorted(names)}")
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return cls(**d)
+
+
+def load_run_config(path: str | Path | None = None, **overrides) -> RunConfig:
+    """Read a TOML run config (sections [sampling], [selection], [train], [eval]); flags win."""
+    import tomllib
+
+    raw: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ReasonMaxxerError(f"{p}: no such config file")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ReasonMaxxerError(f"{p}: invalid TOML ({e})") from None
+    where = str(path or "config")
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        sec, _, key = k.partition(".")
+        if key:
+            raw.setdefault(sec, {})[key] = v
+        else:
+            raw[k] = v
+    sub = {"sampling": SamplingConfig, "train": TrainConfig, "eval": EvalConfig}
+    top = {}
+    for k, v in raw.items():
+        if k in sub:
+            if not isinstance(v, dict):
+                raise ReasonMaxxerError(f"{where}: [{k}] must be a table")
+            top[k] = _build(sub[k], v, f"{where} [{k}]")
+        elif k == "selection":
+            from .selection import SelectionConfig
+
+            _build(SelectionConfig, v, f"{where} [selection]")   # validate early
+            top[k] = dict(v)
+        else:
+            top[k] = v
+    return _build(RunConfig, top, where)
+
+
+def _greedy_accuracy_fn(problems, template, tokenizer, max_new_tokens: int, batch_size: int):
+    """validate(model) -> strict greedy accuracy on `problems` (used to pick the checkpoint)."""
+    from .prompts import render_prompt
+    from .sampling import HFSampler, Request
+    from .verify import grade_many
+
+    enc = [tuple(tokenizer(render_prompt(template, p.question, tokenizer), add_special_tokens=False)["input_ids"])
+           for p in problems]
+    cfg = SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+    def validate(model) -> float:
+        comps = HFSampler(model, tokenizer).generate([Request((p.id, -1), e) for p, e in zip(problems, enc)], cfg)
+        grades = grade_many([p.answer for p in problems], [c.text for c in comps], workers=0)
+        return sum(g.strict.correct for g in grades) / len(grades)
+
+    return validate
+
+
+def _per_problem(store: RolloutStore, col: str = "strict_correct") -> dict[str, float]:
+    acc: dict[str, list] = {}
+    for r in store.read_rows(["problem_id", col]):
+        acc.setdefault(r["problem_id"], []).append(float(r[col]))
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def _examples_for_report(model, tokenizer, examples: Sequence[TrainExample], gates, k: int = 4) -> list[dict]:
+    """A few training rollouts token by token, with the base top-5 at gated positions."""
+    picks, seen = [], set()
+    for i, e in enumerate(examples):
+        if e.key and e.key[0] in seen:
+            continue
+        if int(gates[i].sum()) == 0:
+            continue
+        picks.append(i)
+        seen.add(e.key[0] if e.key else i)
+        if len(picks) >= k:
+            break
+    out = []
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for i in picks:
+        e = examples[i]
+        ids = torch.tensor([list(e.prompt_ids) + list(e.completion_ids)])
+        with torch.no_grad():
+            logits = base(input_ids=ids).logits[0, len(e.prompt_ids) - 1 : -1].float()   # [C, V]
+        probs = logits.softmax(-1)
+        toks = []
+        for t, tid in enumerate(e.completion_ids):
+            item = {"text": tokenizer.decode([tid]), "entropy": round(float(e.entropies[t]), 4), "gated": bool(gates[i][t])}
+            if item["gated"]:
+                pv, pi = probs[t].topk(5)
+                item["top5"] = [[tokenizer.decode([int(j)]), round(float(p), 4)] for p, j in zip(pv, pi)]
+            toks.append(item)
+        out.append({"problem_id": e.key[0] if e.key else str(i), "correct": e.correct,
+                    "advantage": round(e.advantage, 4), "tokens": toks})
+    return out
+
+
+def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = False) -> dict:
+    """sample -> grade -> select -> score -> train -> eval (base, trained) -> report. Returns summary."""
+    from .data import load_problems
+    from .evaluate import paired_difference, save_report, to_markdown
+    from .models import load_model
+    from .prompts import get_template
+    from .selection import SelectionConfig, select
+    from .stages import evaluate_stores, sample_stage
+    from .train import example_gates, resolve_tau, train
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "run_config.json", json.loads(json.dumps(asdict(cfg), default=str)))
+    timings_path = out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+
+    def stage(name):
+        class _T:
+            def __enter__(s):
+                s.t = time.time()
+                if progress:
+                    print(f"\n== {name} ==", flush=True)
+
+            def __exit__(s, *exc):
+                if exc[0] is None:
+                    dt = round(time.time() - s.t, 1)
+                    if dt > 1.0 or name not in timings:   # keep the first real measurement of a skipped stage
+                        timings[name] = dt
+                    atomic_write_json(timings_path, timings)
+        return _T()
+
+    tmpl = get_template(cfg.template)
+    train_p = load_problems(cfg.train_problems, data_dir=cfg.data_dir)
+    val_p = load_problems(cfg.validation_problems, data_dir=cfg.data_dir) if cfg.validation_problems else []
+    test_p = load_problems(cfg.test_problems, data_dir=cfg.data_dir)
+    model, tok = load_model(cfg.model)
+
+    with stage("sample"):
+        store = sample_stage(out / "rollouts", cfg.model, train_p, tmpl, cfg.sampling, model=model, tokenizer=tok,
+                             overwrite=overwrite, progress=progress)
+    with stage("select"):
+        rows = [r for r in store.read_rows() if r["sample_index"] >= 0]
+        scfg = SelectionConfig(**cfg.selection)
+        order_later = scfg.order == "clarity"
+        sel = select(rows, SelectionConfig(**{**cfg.selection, "order": "none"}) if order_later else scfg)
+        if progress:
+            s = sel.stats
+            print(f"kept {s['problems_kept']} of {s['problems_total']} problems ({s['problems_mixed']} with mixed success), "
+                  f"{s['rollouts_kept']} rollouts", flush=True)
+    with stage("score"):
+        srows, score_info = attach_scores(store, list(sel.rows), out / "scores.parquet", cfg.model, model, tok,
+                                          rescore=cfg.rescore, progress=progress)
+        if order_later:
+            tau0, _ = resolve_tau(examples_from_selection(srows, scfg.truncated), cfg.train)
+            sel = select(srows, scfg, tau=tau0)
+            srows = sel.rows
+    examples = examples_from_selection(srows, scfg.truncated)
+    validate = _greedy_accuracy_fn(val_p, tmpl, tok, cfg.eval.max_new_tokens, cfg.eval.batch_size) if val_p else None
+
+    with stage("train"):
+        import copy
+
+        res = train(examples, cfg.train, out / "train", copy.deepcopy(model), tok, base_spec=cfg.model,
+                    validate=validate, shuffle=False, progress=progress)  # selection already ordered the rows
+    tau = res["tau"]
+    gates = example_gates(examples, cfg.train, tau)
+
+    ecfg = SamplingConfig(n=max(cfg.eval.n, 1), temperature=cfg.eval.temperature, max_new_tokens=cfg.eval.max_new_tokens,
+                          batch_size=cfg.eval.batch_size, seed=cfg.eval.seed)
+    reports, stores = {}, {}
+    trained_model = None
+    for name, spec in (("base", cfg.model), ("trained", str(out / "train" / "merged"))):
+        with stage(f"eval {name}"):
+            if name == "trained":
+                trained_model, _ = load_model(spec)
+            m = model if name == "base" else trained_model
+            d = out / "eval" / name
+            s_store = sample_stage(d / "samples", spec, test_p, tmpl, ecfg, model=m, tokenizer=tok,
+                                   overwrite=overwrite, progress=progress) if cfg.eval.n > 0 else None
+            g_store = sample_stage(d / "greedy", spec, test_p, tmpl, ecfg, greedy=True, model=m, tokenizer=tok,
+                                   overwrite=overwrite, progress=progress) if cfg.eval.greedy else None
+            rep = evaluate_stores(s_store, g_store, test_p, ks=tuple(k for k in (1, 2, 4, 8) if k <= max(cfg.eval.n, 1)),
+                                  label=f"{name}: {spec}")
+            save_report(rep, d / "eval.json", d / "eval.md")
+            reports[name], stores[name] = rep, (s_store, g_store)
+
+    paired = {}
+    for metric, idx in (("greedy", 1), ("avg_at_n", 0)):
+        a, b = stores["trained"][idx], stores["base"][idx]
+        if a is not None and b is not None:
+            paired[metric] = paired_difference(_per_problem(a), _per_problem(b))
+
+    def acc(rep, name):
+        return {"avg_at_n": rep.strict.avg_at_n.value if cfg.eval.n > 0 else None,
+             "greedy": rep.strict.greedy.value if rep.strict.greedy else None,
+             "n_problems": rep.n_problems, "n_samples": rep.n_samples}
+
+    metrics = [json.loads(l) for l in (out / "train" / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    key = "greedy" if "greedy" in paired else "avg_at_n"
+    summary = {
+        "title": f"ReasonMaxxer run: {cfg.model}",
+        "summary": {"model": cfg.model, "train problems": cfg.train_problems, "test problems": cfg.test_problems,
+                    "template": cfg.template, "method": cfg.train.variant, "gate": cfg.train.gate,
+                    "lam": cfg.train.lam, "tau": round(tau, 4), "tau_source": res["tau_source"],
+                    "steps": res["total_steps"], "selected step": res["selected_step"],
+                    "selected val accuracy": res["selected_val_accuracy"],
+                    "entropies": "reused from the sampler" if score_info.get("reused_sampler_entropies") else "scored"},
+        "accuracy": {"base": acc(reports["base"], "base"), "trained": acc(reports["trained"], "trained"),
+                     "paired": {"metric": key, **paired.get(key, {})}, "paired_all": paired},
+        "entropy": {"values": [h for e in examples for h in e.entropies], "tau": tau, "gated_fraction": res["gated_fraction"]},
+        "examples": _examples_for_report(model, tok, examples, gates),
+        "curves": metrics,
+        "timings": timings,
+        "selection": {k: v for k, v in sel.stats.items()},
+        "artifacts": {"adapter": "train/adapter", "merged": "train/merged", "rollouts": "rollouts",
+                      "eval base": "eval/base/eval.md", "eval trained": "eval/trained/eval.md",
+                      "metrics": "train/metrics.jsonl"},
+    }
+    from .report import write_train_report
+
+    md, html = write_train_report(out, summary)
+    small = {k: v for k, v in summary.items() if k not in ("entropy", "examples", "curves")}
+    small["entropy"] = {"tau": tau, "gated_fraction": res["gated_fraction"], "n_tokens": len(summary["entropy"]["values"])}
+    atomic_write_json(out / "summary.json", small)
+    if progress:
+        print("\n== result (held-out, same problems) ==")
+        b, t = small["accuracy"]["base"], small["accuracy"]["trained"]
+        for metric in ("greedy", "avg_at_n"):
+            if b.get(metric) is not None:
+                p = paired.get(metric, {})
+                ci = f" (paired diff {p['mean_diff']:+.3f}, 95% CI [{p['low']:+.3f}, {p['high']:+.3f}], n={p['n']})" if p else ""
+                print(f"{metric:9s} base {b[metric]:.3f} -> trained {t[metric]:.3f}{ci}")
+        print(f"tau {tau:.3f} nats, gated fraction {res['gated_fraction']:.2%}; report: {md} , {html}")
+    return small

@@ -229,7 +229,8 @@ class HFSampler:
         self.eos = eos
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         # transformers renamed `past_key_values` to `cache` in 5.x
-        params = inspect.signature(model.forward).parameters
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model   # PEFT passes kwargs through
+        params = inspect.signature(inner.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     # -- building blocks -------------------------------------------------------------

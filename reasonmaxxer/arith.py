@@ -1,0 +1,374 @@
+"""Seeded procedural arithmetic problems with exact integer answers, in five difficulty tiers.
+
+Tiers, easiest first (``TIERS``):
+- ``add1``: single-digit addition ("What is 3 + 5?") in 480 wordings (12 phrasings x 8
+  lead-ins x 5 closing remarks), since there are only 100 operand pairs;
+- ``addsub2``: two-digit addition or subtraction (never negative);
+- ``word1``: a one-step word problem (a change, equal groups, or a comparison);
+- ``expr``: a multi-step expression over single digits ("(4 + 3) * 2 - 5"), every
+  intermediate value non-negative;
+- ``word2``: a two-step word problem.
+Word problems draw names, objects, verbs (buys, finds, gives away, loses, eats, bakes,
+packs, ...) and sentence templates at random; all answers are integers >= 0.
+
+Splits are disjoint by construction: a question's split is a hash of its exact text
+(`split_of`: 80% train, 10% validation, 10% test), and a generator for split S only keeps
+candidates whose text hashes to S. So the same question can never appear in two splits, for
+any n, seed or tier mix. Problems are drawn from one seeded stream, so (split, n, seed,
+tiers) fixes the output and a smaller n gives a prefix of a larger one. Tiers are
+interleaved by smooth weighted round-robin, so every prefix follows the mix to within one
+problem per tier. A tier whose split runs out of new questions raises an error (add1 has
+about 4,800 test questions; the other tiers are practically unlimited).
+
+The default mix (``DEFAULT_MIX``) targets SmolLM2-135M-Instruct (3-shot, T=0.7), measured
+at about 34% on add1, 26% on one-step and ~1% on two-step word problems: it is weighted to
+the tiers where the model sometimes succeeds (mixed success is what the curation step keeps)
+with a little of the harder tiers. Limitation: the operand pairs of add1 (and many of
+addsub2) recur across splits in different wordings; only question texts are disjoint.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import random
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable, Sequence
+
+from .data import Problem
+from .errors import ReasonMaxxerError
+
+__all__ = ["TIERS", "SPLITS", "DEFAULT_MIX", "DEFAULT_TIERS", "DEFAULT_WEIGHTS", "generate",
+           "split_of", "evaluate_expression"]
+
+TIERS: tuple[str, ...] = ("add1", "addsub2", "word1", "expr", "word2")
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+DEFAULT_MIX: dict[str, float] = {"add1": 0.30, "addsub2": 0.25, "word1": 0.30, "expr": 0.10,
+                                 "word2": 0.05}
+DEFAULT_TIERS: tuple[str, ...] = tuple(DEFAULT_MIX)
+DEFAULT_WEIGHTS: tuple[float, ...] = tuple(DEFAULT_MIX.values())
+
+_MAX_MISSES = 50_000  # consecutive draws without a new question before a tier is "exhausted"
+
+
+def split_of(question: str) -> str:
+    """The split a question text belongs to: sha256 bucket 0-9 -> test, 10-19 -> validation."""
+    bucket = int.from_bytes(hashlib.sha256(question.encode("utf-8")).digest()[:8], "big") % 100
+    return "test" if bucket < 10 else "validation" if bucket < 20 else "train"
+
+
+def evaluate_expression(expression: str, nonnegative: bool = True) -> int | None:
+    """Integer value of an expression of ints, + - * and brackets; None if an intermediate
+    value is negative (with nonnegative) or the expression uses anything else."""
+
+    def ev(node: ast.AST) -> int | None:
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in (ast.Add, ast.Sub, ast.Mult):
+            left, right = ev(node.left), ev(node.right)
+            if left is None or right is None:
+                return None
+            value = {ast.Add: left + right, ast.Sub: left - right, ast.Mult: left * right}[type(node.op)]
+            return None if nonnegative and value < 0 else value
+        return None
+
+    try:
+        return ev(ast.parse(expression, mode="eval").body)
+    except SyntaxError:
+        return None
+
+
+@dataclass(frozen=True)
+class _Draw:
+    """One candidate problem: its text, the expression that computes its answer, metadata."""
+
+    question: str
+    expression: str
+    extra: dict
+
+
+# ----------------------------------------------------------------------------- bare arithmetic
+
+_LEADS = ("", "Quick question: ", "Mental math: ", "Try this one: ", "Here is a problem. ",
+          "Practice problem: ", "Math time! ", "Warm-up: ")
+_CLOSERS = ("", " Answer with a whole number.", " Give just the number.", " Show your steps.",
+            " Think carefully.")
+_ADD_CORES = ("What is {a} + {b}?", "What is {a} plus {b}?", "Compute {a} + {b}.",
+              "Calculate {a} + {b}.", "Find {a} + {b}.", "Evaluate {a} + {b}.",
+              "What is the sum of {a} and {b}?", "Find the sum of {a} and {b}.", "Add {a} and {b}.",
+              "What do you get if you add {a} and {b}?", "How much is {a} plus {b}?",
+              "What number is {a} more than {b}?")
+_SUB_CORES = ("What is {a} - {b}?", "What is {a} minus {b}?", "Compute {a} - {b}.",
+              "Calculate {a} - {b}.", "Evaluate {a} - {b}.", "Subtract {b} from {a}.",
+              "What is the difference between {a} and {b}?", "What do you get if you take {b} from {a}?")
+_EXPR_CORES = ("What is {e}?", "Compute {e}.", "Calculate {e}.", "Evaluate {e}.",
+               "What is the value of {e}?", "Work out {e}.")
+_EXPR_SHAPES = ("({a} + {b}) * {c}", "({a} + {b}) * {c} - {d}", "{a} * {b} + {c}", "{a} + {b} * {c}",
+                "{a} * {b} - {c}", "({a} - {b}) * {c}", "{a} * ({b} + {c})", "{a} + {b} - {c}",
+                "{a} * {b} + {c} * {d}", "{a} * {b} - {c} - {d}", "({a} + {b} + {c}) * {d}",
+                "{a} * ({b} - {c}) + {d}")
+
+
+def _wrap(rng: random.Random, core: str) -> str:
+    return rng.choice(_LEADS) + core + rng.choice(_CLOSERS)
+
+
+def _add1(rng: random.Random) -> _Draw:
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return _Draw(_wrap(rng, rng.choice(_ADD_CORES).format(a=a, b=b)), f"{a} + {b}", {})
+
+
+def _addsub2(rng: random.Random) -> _Draw:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    if rng.random() < 0.5:
+        return _Draw(_wrap(rng, rng.choice(_ADD_CORES).format(a=a, b=b)), f"{a} + {b}", {})
+    a, b = max(a, b), min(a, b)
+    return _Draw(_wrap(rng, rng.choice(_SUB_CORES).format(a=a, b=b)), f"{a} - {b}", {})
+
+
+def _expr(rng: random.Random) -> _Draw:
+    while True:
+        shape = rng.choice(_EXPR_SHAPES)
+        e = shape.format(**{k: rng.randint(1, 9) for k in "abcd"})
+        if evaluate_expression(e) is not None:
+            return _Draw(_wrap(rng, rng.choice(_EXPR_CORES).format(e=e)), e, {})
+
+
+# ----------------------------------------------------------------------------- word problems
+
+# (name, subject pronoun, object pronoun); Mia, Sam and Tom are reserved for prompt examples.
+_NAMES = (("Ava", "she", "her"), ("Ben", "he", "him"), ("Carlos", "he", "him"), ("Dana", "she", "her"),
+          ("Eli", "he", "him"), ("Fatima", "she", "her"), ("Grace", "she", "her"), ("Hiro", "he", "him"),
+          ("Ines", "she", "her"), ("Jack", "he", "him"), ("Kofi", "he", "him"), ("Lena", "she", "her"),
+          ("Maya", "she", "her"), ("Noah", "he", "him"), ("Omar", "he", "him"), ("Priya", "she", "her"),
+          ("Rosa", "she", "her"), ("Leo", "he", "him"), ("Sofia", "she", "her"), ("Tariq", "he", "him"),
+          ("Uma", "she", "her"), ("Victor", "he", "him"), ("Wen", "she", "her"), ("Yusuf", "he", "him"),
+          ("Zoe", "she", "her"), ("Aisha", "she", "her"), ("Diego", "he", "him"), ("Hannah", "she", "her"),
+          ("Ivan", "he", "him"), ("Julia", "she", "her"))
+# plural object -> tags (food: can be eaten; baked: can be baked; pick: can be picked;
+# thing: can be found, lost, won, used)
+_OBJECTS = {"apples": {"food", "pick"}, "oranges": {"food", "pick"}, "strawberries": {"food", "pick"},
+            "cookies": {"food", "baked"}, "cupcakes": {"food", "baked"}, "muffins": {"food", "baked"},
+            "candies": {"food"}, "carrots": {"food", "pick"}, "flowers": {"pick"},
+            "marbles": {"thing"}, "stickers": {"thing"}, "pencils": {"thing"}, "crayons": {"thing"},
+            "books": {"thing"}, "toy cars": {"thing"}, "seashells": {"thing"}, "stamps": {"thing"},
+            "coins": {"thing"}, "balloons": {"thing"}, "baseball cards": {"thing"}}
+_CONTAINERS = (("boxes", "box"), ("bags", "bag"), ("jars", "jar"), ("baskets", "basket"),
+               ("trays", "tray"), ("packs", "pack"))
+_PLACES = ("bag", "box", "room", "basket", "backpack", "drawer")
+
+# (template, required tag or None); {P}: capitalised subject pronoun, {o}: object pronoun
+_STARTS = (("{name} has {n} {obj}.", None), ("{name} starts the day with {n} {obj}.", None),
+           ("There are {n} {obj} in {name}'s {place}.", None), ("{name} buys {n} {obj}.", None),
+           ("{name} collects {n} {obj}.", "thing"), ("{name} bakes {n} {obj}.", "baked"),
+           ("{name} picks {n} {obj}.", "pick"))
+_GAINS = (("{P} buys {n} more {obj}.", None), ("{friend} gives {o} {n} more {obj}.", None),
+          ("{P} gets {n} more {obj} from {friend}.", None), ("{P} finds {n} more {obj}.", "thing"),
+          ("{P} wins {n} more {obj}.", "thing"), ("{P} bakes {n} more {obj}.", "baked"),
+          ("{P} picks {n} more {obj}.", "pick"))
+_LOSSES = (("{P} gives away {n} {obj}.", None), ("{P} gives {n} {obj} to {friend}.", None),
+           ("{P} sells {n} {obj}.", None), ("{P} shares {n} {obj} with {friend}.", None),
+           ("{P} loses {n} {obj}.", "thing"), ("{P} uses {n} {obj}.", "thing"),
+           ("{P} eats {n} {obj}.", "food"))
+_ASK_NOW = ("How many {obj} does {name} have now?", "How many {obj} does {p} have at the end?",
+            "What is the total number of {obj} {name} has now?")
+_ASK_LEFT = ("How many {obj} does {name} have left?", "How many {obj} are left?")
+
+
+@dataclass(frozen=True)
+class _Scene:
+    """The cast of one word problem and the str.format fields that describe it."""
+
+    fields: dict
+    tags: frozenset
+
+
+def _scene(rng: random.Random) -> _Scene:
+    name, p, o = rng.choice(_NAMES)
+    friend = rng.choice([n for n, _, _ in _NAMES if n != name])
+    obj = rng.choice(sorted(_OBJECTS))
+    cont, cont1 = rng.choice(_CONTAINERS)
+    fields = dict(name=name, p=p, P=p.capitalize(), o=o, friend=friend, obj=obj,
+                  place=rng.choice(_PLACES), cont=cont, cont1=cont1)
+    return _Scene(fields, frozenset(_OBJECTS[obj]))
+
+
+def _pick(rng: random.Random, options: tuple, scene: _Scene, **values) -> str:
+    usable = [t for t, tag in options if tag is None or tag in scene.tags]
+    return rng.choice(usable).format(**scene.fields, **values)
+
+
+def _change_steps(rng: random.Random, scene: _Scene, steps: int) -> _Draw:
+    """A start amount then `steps` gains/losses; the running total never drops below 1."""
+    total = rng.randint(5, 20)
+    sentences, expr = [_pick(rng, _STARTS, scene, n=total)], str(total)
+    last = "+"
+    for _ in range(steps):
+        if total > 2 and rng.random() < 0.5:
+            n = rng.randint(2, total - 1)
+            sentences.append(_pick(rng, _LOSSES, scene, n=n))
+            total, expr, last = total - n, f"{expr} - {n}", "-"
+        else:
+            n = rng.randint(2, 20)
+            sentences.append(_pick(rng, _GAINS, scene, n=n))
+            total, expr, last = total + n, f"{expr} + {n}", "+"
+    asks = _ASK_NOW + (_ASK_LEFT if last == "-" else ())
+    sentences.append(rng.choice(asks).format(**scene.fields))
+    return _Draw(" ".join(sentences), expr, {"family": "change"})
+
+
+_GROUPS = ("{name} packs {a} {cont} with {b} {obj} in each {cont1}.",
+           "{name} buys {a} {cont} of {obj}. Each {cont1} holds {b} {obj}.",
+           "There are {a} {cont} in {name}'s {place}, and each {cont1} has {b} {obj}.")
+_GROUPS_ASK = ("How many {obj} are there in all?", "How many {obj} does {name} have in total?")
+
+
+def _groups(rng: random.Random, scene: _Scene, then: bool) -> _Draw:
+    """Equal groups (a x b), optionally followed by one gain or loss."""
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    sentences, expr = [rng.choice(_GROUPS).format(**scene.fields, a=a, b=b)], f"{a} * {b}"
+    asks = _GROUPS_ASK
+    if then:
+        if rng.random() < 0.5:
+            n = rng.randint(2, a * b - 1)
+            sentences.append(_pick(rng, _LOSSES, scene, n=n))
+            expr, asks = f"{expr} - {n}", _ASK_LEFT + _ASK_NOW
+        else:
+            n = rng.randint(2, 20)
+            sentences.append(_pick(rng, _GAINS, scene, n=n))
+            expr, asks = f"{expr} + {n}", _ASK_NOW
+    sentences.append(rng.choice(asks).format(**scene.fields))
+    return _Draw(" ".join(sentences), expr, {"family": "groups"})
+
+
+def _compare(rng: random.Random, scene: _Scene, total: bool) -> _Draw:
+    """Two people: friend has b more/fewer than name; ask for friend's count or the total."""
+    f = scene.fields
+    a = rng.randint(5, 20)
+    more = rng.random() < 0.5
+    b = rng.randint(2, 15) if more else rng.randint(2, a - 1)
+    word, sign = ("more", "+") if more else ("fewer", "-")
+    if not total and rng.random() < 0.4:  # "How many more does name have than friend?"
+        c = rng.randint(2, a - 1)
+        q = (f"{f['name']} has {a} {f['obj']} and {f['friend']} has {c} {f['obj']}. "
+             f"How many more {f['obj']} does {f['name']} have than {f['friend']}?")
+        return _Draw(q, f"{a} - {c}", {"family": "compare"})
+    q = (f"{f['name']} has {a} {f['obj']}. {f['friend']} has {b} {word} {f['obj']} than "
+         f"{f['name']}. ")
+    if total:
+        q += f"How many {f['obj']} do {f['name']} and {f['friend']} have together?"
+        return _Draw(q, f"{a} + ({a} {sign} {b})", {"family": "compare"})
+    q += f"How many {f['obj']} does {f['friend']} have?"
+    return _Draw(q, f"{a} {sign} {b}", {"family": "compare"})
+
+
+def _combine_then(rng: random.Random, scene: _Scene) -> _Draw:
+    """Two people pool their objects, then give some away: (a + b) - c."""
+    f = scene.fields
+    a, b = rng.randint(2, 20), rng.randint(2, 20)
+    c = rng.randint(2, a + b - 1)
+    verb = rng.choice(("give away", "sell", "lose" if "thing" in scene.tags else "give away",
+                       "eat" if "food" in scene.tags else "sell"))
+    q = (f"{f['name']} has {a} {f['obj']} and {f['friend']} has {b} {f['obj']}. They put them "
+         f"together and {verb} {c} of them. How many {f['obj']} do they have left?")
+    return _Draw(q, f"{a} + {b} - {c}", {"family": "combine"})
+
+
+def _word1(rng: random.Random) -> _Draw:
+    scene = _scene(rng)
+    kind = rng.random()
+    if kind < 0.6:
+        return _change_steps(rng, scene, 1)
+    if kind < 0.8:
+        return _groups(rng, scene, then=False)
+    return _compare(rng, scene, total=False)
+
+
+def _word2(rng: random.Random) -> _Draw:
+    scene = _scene(rng)
+    kind = rng.random()
+    if kind < 0.5:
+        return _change_steps(rng, scene, 2)
+    if kind < 0.7:
+        return _groups(rng, scene, then=True)
+    if kind < 0.85:
+        return _compare(rng, scene, total=True)
+    return _combine_then(rng, scene)
+
+
+_GENERATORS: dict[str, Callable[[random.Random], _Draw]] = {
+    "add1": _add1, "addsub2": _addsub2, "word1": _word1, "expr": _expr, "word2": _word2}
+
+
+# ----------------------------------------------------------------------------- generate
+
+def _parse_tiers(tiers: Sequence[str] | None) -> list[tuple[str, Fraction]]:
+    """[(tier, weight)] from names or "name=weight" strings; None means DEFAULT_MIX."""
+    if tiers is None:
+        return [(t, Fraction(str(w))) for t, w in DEFAULT_MIX.items()]
+    if isinstance(tiers, str):
+        tiers = [t for t in tiers.split(",") if t.strip()]
+    out: dict[str, Fraction] = {}
+    for item in tiers:
+        name, _, weight = str(item).partition("=")
+        name = name.strip()
+        if name not in _GENERATORS:
+            raise ReasonMaxxerError(f"unknown arith tier {name!r}; valid tiers: {', '.join(TIERS)}")
+        try:
+            w = Fraction(weight.strip()) if weight.strip() else Fraction(1)
+        except (ValueError, ZeroDivisionError):
+            raise ReasonMaxxerError(f"bad weight {weight!r} for arith tier {name!r}") from None
+        if w < 0:
+            raise ReasonMaxxerError(f"negative weight {weight!r} for arith tier {name!r}")
+        out[name] = out.get(name, Fraction(0)) + w
+    if not out or sum(out.values()) == 0:
+        raise ReasonMaxxerError(f"no arith tiers with positive weight; valid tiers: {', '.join(TIERS)}")
+    return [(t, w) for t, w in out.items() if w > 0]
+
+
+def generate(split: str, n: int, seed: int = 0, tiers: Sequence[str] | None = None) -> list[Problem]:
+    """n arithmetic problems of one split, deterministic in (split, n, seed, tiers).
+
+    tiers: tier names (equal weights) or "name=weight" strings; None uses DEFAULT_MIX.
+    Ids are ``arith/<split>/<tier>/<12 hex of sha256(question)>``; metadata holds ``tier``,
+    ``expression`` (evaluates to the answer) and, for word problems, ``family``.
+    """
+    if split not in SPLITS:
+        raise ReasonMaxxerError(f"unknown arith split {split!r}; valid splits: {', '.join(SPLITS)}")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ReasonMaxxerError(f"arith: n must be a non-negative integer, got {n!r}")
+    mix = _parse_tiers(tiers)
+    mix_key = ",".join(f"{t}={w}" for t, w in mix)
+    rng = random.Random(f"reasonmaxxer.arith|{seed}|{split}|{mix_key}")
+    total = sum(w for _, w in mix)
+    current = [Fraction(0)] * len(mix)
+    seen: dict[str, str] = {}  # question -> tier
+    problems: list[Problem] = []
+    for _ in range(n):
+        # smooth weighted round-robin: every prefix follows the mix to within one per tier
+        for i, (_, w) in enumerate(mix):
+            current[i] += w
+        k = max(range(len(mix)), key=lambda i: current[i])
+        current[k] -= total
+        tier = mix[k][0]
+        problems.append(_next_problem(rng, tier, split, seen))
+    return problems
+
+
+def _next_problem(rng: random.Random, tier: str, split: str, seen: dict[str, str]) -> Problem:
+    """Draw candidates of one tier until one is new and hashes to split."""
+    gen = _GENERATORS[tier]
+    for _ in range(_MAX_MISSES):
+        draw = gen(rng)
+        if draw.question in seen or split_of(draw.question) != split:
+            continue
+        seen[draw.question] = tier
+        answer = evaluate_expression(draw.expression)
+        assert answer is not None and answer >= 0, draw  # generators only build valid problems
+        key = hashlib.sha256(draw.question.encode("utf-8")).hexdigest()[:12]
+        meta = {"source": "arith", "tier": tier, "expression": draw.expression, **draw.extra}
+        return Problem(f"arith/{split}/{tier}/{key}", draw.question, str(answer), meta)
+    count = sum(1 for t in seen.values() if t == tier)
+    raise ReasonMaxxerError(
+        f"arith tier {tier!r} ran out of new {split} questions after {count} of them; "
+        f"ask for fewer problems or mix in other tiers")

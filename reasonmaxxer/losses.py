@@ -1,0 +1,353 @@
+"""ReasonMaxxer's objective as pure tensor functions (method.md section 3).
+
+    L = L_dec + lam * L_anchor                                       (lam = 0.2)
+    L_dec    = - (1/|D|) sum_{(b,t) in D} A_b * log p_theta(x_t | x_<t)
+    L_anchor =   (1/|M|) sum_{(b,t) in M} KL( p_base(.|x_<t) || p_theta(.|x_<t) )
+
+D (the gate) holds the completion positions where the frozen base model's entropy is
+above tau; M (the anchor mask) holds every other real prediction, prompt included. A_b is
+the group-normalised advantage of rollout b among the G rollouts of its problem. Each
+term is averaged over its own mask. This is advantage-weighted log-likelihood at fixed,
+stored rollouts (no sampling, no importance ratio, no clipping): not RL.
+
+Column convention: every [B, T] tensor here is indexed like `score_sequences`'s output,
+column t = token t, described by the distribution that predicts it (the logits at t-1).
+The loop therefore passes ``logits[:, :-1]`` with masks sliced ``[:, 1:]``.
+
+Variants (the ablations of the paper, and ours) are entries of `LOSS_VARIANTS`. A
+variant does not change the arithmetic, only what goes into it: it maps the batch's raw
+masks to a `LossMasks` (decision mask, anchor mask, advantages, lam). Registered:
+
+- ``reasonmaxxer`` (default): decision = gate & completion; anchor = the other valid positions.
+- ``positive_only``: only rollouts with A > 0 (the correct ones) are trained on; rows with
+  A <= 0 drop out of BOTH terms and both denominators (paper: recovers about half the gain).
+- ``no_anchor``: lam = 0 (decision term alone).
+- ``all_tokens``: decision over every completion position, anchor over the prompt only.
+
+The random-gate control is not a variant: it is a different gate
+(`reasonmaxxer.gating.random_gate` / `random_gate_like`) fed to ``reasonmaxxer``.
+
+How a training loop composes them (gradient accumulation over micro-batches)::
+
+    adv = group_advantages(rewards, problem_ids)             # [N], once, over the data set
+    gate = entropy_gate(base_entropy, completion_mask, tau)   # [N, T]; or random_gate(...)
+    check_gate_nonempty(gate, tau)
+    for step in steps:                                        # micro-batches mbs of rows
+        masks = [loss_masks(variant, gate=gate[r], completion_mask=cm[r],
+                            attention_mask=am[r], advantages=adv[r]) for r in mbs]
+        dec_denom = sum(int(m.decision.sum()) for m in masks)  # over the WHOLE step, so the
+        anc_denom = sum(int(m.anchor.sum()) for m in masks)    # result ignores the split
+        for r, m in zip(mbs, masks):
+            logits = model(ids[r], attention_mask=am[r]).logits[:, :-1]       # [b, T-1, V]
+            with torch.no_grad(), model.disable_adapter():
+                base = model(ids[r], attention_mask=am[r]).logits[:, :-1]
+            loss, stats = reasonmaxxer_loss(
+                token_logprob=token_logprobs(logits, ids[r][:, 1:]),
+                logits_theta=logits, logits_base=base, advantages=m.advantages,
+                gate=m.decision[:, 1:], anchor_mask=m.anchor[:, 1:], lam=m.lam,
+                dec_denom=dec_denom, anc_denom=anc_denom)
+            loss.backward()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .errors import ReasonMaxxerError
+
+__all__ = [
+    "group_advantages",
+    "masked_sum_and_count",
+    "decision_loss",
+    "anchor_kl",
+    "LossMasks",
+    "LOSS_VARIANTS",
+    "register_loss",
+    "loss_masks",
+    "reasonmaxxer_loss",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Advantages
+# --------------------------------------------------------------------------------------
+
+
+def group_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6, clip: float = 2.5) -> Tensor:
+    """Per-group normalised advantages: [N] rewards, [N] int group ids -> [N] fp32.
+
+    A_i = (r_i - mean_g r) / (std_g r + eps), population std (divide by G), clipped to
+    [-clip, clip]. Groups whose rewards are all equal get exactly 0. Group ids need not
+    be contiguous or sorted; the math is done in float64.
+    """
+    if rewards.dim() != 1 or group_ids.shape != rewards.shape:
+        raise ValueError(f"rewards and group_ids must both be [N]; got {tuple(rewards.shape)} and {tuple(group_ids.shape)}")
+    r = rewards.double()  # [N]
+    if not torch.isfinite(r).all():
+        raise ReasonMaxxerError("group_advantages: rewards contain nan or inf")
+    _, inv = torch.unique(group_ids, return_inverse=True)  # inv: [N] in [0, G)
+    G = int(inv.max()) + 1 if r.numel() else 0
+    cnt = torch.zeros(G, dtype=r.dtype, device=r.device).index_add_(0, inv, torch.ones_like(r))  # [G]
+    mean = torch.zeros_like(cnt).index_add_(0, inv, r) / cnt  # [G]
+    dev = r - mean[inv]  # [N]
+    std = (torch.zeros_like(cnt).index_add_(0, inv, dev * dev) / cnt).sqrt()  # [G] population std
+    rmax = torch.full_like(cnt, -torch.inf).scatter_reduce_(0, inv, r, "amax")  # [G]
+    rmin = torch.full_like(cnt, torch.inf).scatter_reduce_(0, inv, r, "amin")  # [G]
+    adv = dev / (std[inv] + eps)  # [N]
+    adv = torch.where((rmax == rmin)[inv], torch.zeros_like(adv), adv)
+    return adv.clamp(-clip, clip).float()
+
+
+# --------------------------------------------------------------------------------------
+# The two terms
+# --------------------------------------------------------------------------------------
+
+
+def masked_sum_and_count(values: Tensor, mask: Tensor) -> tuple[Tensor, int]:
+    """(sum of values where mask, number of True in mask). values/mask broadcastable, e.g. [B, T].
+
+    Unmasked entries are replaced by 0 before summing, so nan/inf there never leak into
+    the sum or its gradient.
+    """
+    m = mask.bool()
+    return torch.where(m, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(), int(m.sum())
+
+
+def _resolve_denom(denom: float | None, count: int, name: str) -> float:
+    if denom is None:
+        return float(max(count, 1))  # an empty mask gives a loss of exactly 0
+    if float(denom) <= 0:
+        raise ValueError(f"{name} must be > 0, got {denom}")
+    return float(denom)
+
+
+def decision_loss(token_logprob: Tensor, advantages: Tensor, gate: Tensor, denom: float | None = None) -> Tensor:
+    """-(1/denom) * sum over gated (b, t) of A_b * log p_theta(x_t): scalar.
+
+    token_logprob: [B, T] (differentiable); advantages: [B]; gate: [B, T] bool.
+    denom defaults to the number of gated positions here (1 if none: the loss is then 0).
+    Under gradient accumulation pass the gated count of the whole optimizer step, so the
+    summed loss and its gradient do not depend on how the step is split.
+    """
+    if token_logprob.dim() != 2 or gate.shape != token_logprob.shape:
+        raise ValueError(f"token_logprob and gate must both be [B, T]; got {tuple(token_logprob.shape)} and {tuple(gate.shape)}")
+    if advantages.shape != (token_logprob.shape[0],):
+        raise ValueError(f"advantages must be [B]={token_logprob.shape[0]}, got {tuple(advantages.shape)}")
+    weighted = advantages.to(token_logprob.dtype)[:, None] * token_logprob  # [B, T]
+    total, count = masked_sum_and_count(weighted, gate)
+    return -total / _resolve_denom(denom, count, "denom")
+
+
+class _AnchorKL(torch.autograd.Function):
+    """sum over selected rows of KL(softmax(base) || softmax(theta)) / denom, chunked.
+
+    Backward uses d KL / d theta_logits = softmax(theta) - softmax(base) per row, so no
+    [N, V] activation is saved; base gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, base: Tensor, theta: Tensor, idx: Tensor, denom: float, chunk: int) -> Tensor:
+        # base, theta: [N, V]; idx: [M] selected rows
+        cdt = torch.promote_types(theta.dtype, torch.float32)
+        total = torch.zeros((), dtype=torch.float64, device=theta.device)
+        for s in range(0, idx.numel(), chunk):
+            rows = idx[s : s + chunk]  # [c]
+            lb = base[rows].to(cdt)  # [c, V], fresh copy (advanced indexing)
+            lt = theta[rows].to(cdt)  # [c, V], fresh copy
+            lb.sub_(torch.logsumexp(lb, -1, keepdim=True)).clamp_(min=torch.finfo(cdt).min)  # log p_base
+            lt.sub_(torch.logsumexp(lt, -1, keepdim=True)).clamp_(min=torch.finfo(cdt).min)  # log p_theta
+            p = lb.exp()  # [c, V]
+            total += p.mul_(lb.sub_(lt)).sum().double()  # sum_v p (log p - log q), all rows
+        ctx.save_for_backward(base, theta, idx)
+        ctx.denom, ctx.chunk = denom, chunk
+        return (total / denom).to(cdt)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        base, theta, idx = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[1]:
+            cdt = torch.promote_types(theta.dtype, torch.float32)
+            scale = grad_out.to(cdt) / ctx.denom
+            grad = torch.zeros_like(theta, memory_format=torch.contiguous_format)  # [N, V]
+            for s in range(0, idx.numel(), ctx.chunk):
+                rows = idx[s : s + ctx.chunk]
+                q = torch.softmax(theta[rows].to(cdt), -1)  # [c, V]
+                q.sub_(torch.softmax(base[rows].to(cdt), -1)).mul_(scale)  # (q - p) * g / denom
+                grad[rows] = q.to(grad.dtype)
+        return None, grad, None, None, None
+
+
+def anchor_kl(
+    logits_base: Tensor,
+    logits_theta: Tensor,
+    mask: Tensor,
+    denom: float | None = None,
+    chunk_size: int = 128,
+) -> Tensor:
+    """Mean over masked positions of KL(p_base || p_theta), nats: scalar (fp32).
+
+    logits_base, logits_theta: [B, T, V] (any float dtype; math in fp32, full vocabulary,
+    no temperature); mask: [B, T] bool. KL = sum_v p_b (log p_b - log p_theta) (forward
+    KL, base as the reference). Gradient flows into ``logits_theta`` only. denom defaults
+    to the number of masked positions (1 if none); pass the whole step's count under
+    gradient accumulation. Forward and backward work on ``chunk_size`` positions at a
+    time and save no [B, T, V] activation (the backward writes one gradient of
+    logits_theta's size). Non-contiguous inputs are copied by reshape; slice the masks,
+    not the logits, where possible.
+    """
+    if logits_base.shape != logits_theta.shape or logits_theta.dim() != 3:
+        raise ValueError(f"logits must both be [B, T, V]; got {tuple(logits_base.shape)} and {tuple(logits_theta.shape)}")
+    if mask.shape != logits_theta.shape[:2]:
+        raise ValueError(f"mask must be [B, T]={tuple(logits_theta.shape[:2])}, got {tuple(mask.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    V = logits_theta.shape[-1]
+    idx = mask.reshape(-1).bool().nonzero().squeeze(1)  # [M]
+    d = _resolve_denom(denom, idx.numel(), "denom")
+    return _AnchorKL.apply(logits_base.detach().reshape(-1, V), logits_theta.reshape(-1, V), idx, d, chunk_size)
+
+
+# --------------------------------------------------------------------------------------
+# Variants: which positions/rows feed each term
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LossMasks:
+    """What a variant feeds `reasonmaxxer_loss` (all in the column-t-is-token-t convention)."""
+
+    advantages: Tensor  # [B] fp32
+    decision: Tensor  # [B, T] bool, the gate D
+    anchor: Tensor  # [B, T] bool, M
+    lam: float
+
+
+LossVariant = Callable[..., LossMasks]
+LOSS_VARIANTS: dict[str, LossVariant] = {}
+
+
+def register_loss(name: str) -> Callable[[LossVariant], LossVariant]:
+    """Decorator: register ``fn(*, gate, completion_mask, attention_mask, advantages, lam) -> LossMasks``."""
+
+    def deco(fn: LossVariant) -> LossVariant:
+        if name in LOSS_VARIANTS:
+            raise ValueError(f"loss variant {name!r} is already registered")
+        LOSS_VARIANTS[name] = fn
+        return fn
+
+    return deco
+
+
+def _valid_predictions(attention_mask: Tensor) -> Tensor:
+    """[B, T] -> [B, T] bool: token t and its predecessor t-1 are both real (column 0 False)."""
+    m = attention_mask.bool()
+    valid = torch.zeros_like(m)
+    valid[:, 1:] = m[:, 1:] & m[:, :-1]
+    return valid
+
+
+@register_loss("reasonmaxxer")
+def _reasonmaxxer_masks(*, gate, completion_mask, attention_mask, advantages, lam) -> LossMasks:
+    valid = _valid_predictions(attention_mask)
+    decision = gate.bool() & completion_mask.bool() & valid
+    return LossMasks(advantages.float(), decision, valid & ~decision, float(lam))
+
+
+@register_loss("positive_only")
+def _positive_only_masks(*, gate, completion_mask, attention_mask, advantages, lam) -> LossMasks:
+    base = _reasonmaxxer_masks(
+        gate=gate, completion_mask=completion_mask, attention_mask=attention_mask, advantages=advantages, lam=lam
+    )
+    keep = (advantages > 0)[:, None]  # [B, 1]
+    adv = torch.where(advantages > 0, advantages, torch.zeros_like(advantages)).float()
+    return LossMasks(adv, base.decision & keep, base.anchor & keep, float(lam))
+
+
+@register_loss("no_anchor")
+def _no_anchor_masks(*, gate, completion_mask, attention_mask, advantages, lam) -> LossMasks:
+    base = _reasonmaxxer_masks(
+        gate=gate, completion_mask=completion_mask, attention_mask=attention_mask, advantages=advantages, lam=lam
+    )
+    return LossMasks(base.advantages, base.decision, torch.zeros_like(base.anchor), 0.0)
+
+
+@register_loss("all_tokens")
+def _all_tokens_masks(*, gate, completion_mask, attention_mask, advantages, lam) -> LossMasks:
+    valid = _valid_predictions(attention_mask)
+    completion = completion_mask.bool() & valid
+    return LossMasks(advantages.float(), completion, valid & ~completion_mask.bool(), float(lam))
+
+
+def loss_masks(
+    variant: str,
+    *,
+    gate: Tensor,
+    completion_mask: Tensor,
+    attention_mask: Tensor,
+    advantages: Tensor,
+    lam: float = 0.2,
+) -> LossMasks:
+    """Apply the named variant: gate/completion/attention [B, T], advantages [B] -> `LossMasks`."""
+    try:
+        fn = LOSS_VARIANTS[variant]
+    except KeyError:
+        raise ReasonMaxxerError(f"unknown loss variant {variant!r}; choose one of {sorted(LOSS_VARIANTS)}") from None
+    for name, x in (("gate", gate), ("completion_mask", completion_mask)):
+        if x.shape != attention_mask.shape:
+            raise ValueError(f"{name} shape {tuple(x.shape)} != attention_mask shape {tuple(attention_mask.shape)}")
+    if advantages.shape != (attention_mask.shape[0],):
+        raise ValueError(f"advantages must be [B]={attention_mask.shape[0]}, got {tuple(advantages.shape)}")
+    return fn(gate=gate, completion_mask=completion_mask, attention_mask=attention_mask, advantages=advantages, lam=lam)
+
+
+# --------------------------------------------------------------------------------------
+# Total
+# --------------------------------------------------------------------------------------
+
+
+def reasonmaxxer_loss(
+    *,
+    token_logprob: Tensor,
+    logits_theta: Tensor,
+    logits_base: Tensor,
+    advantages: Tensor,
+    gate: Tensor,
+    anchor_mask: Tensor,
+    lam: float = 0.2,
+    dec_denom: float | None = None,
+    anc_denom: float | None = None,
+    chunk_size: int = 128,
+) -> tuple[Tensor, dict[str, float]]:
+    """total = decision_loss + lam * anchor_kl, each averaged over its own mask.
+
+    token_logprob: [B, T] log p_theta of each token (`scoring.token_logprobs` of
+    logits_theta); logits_theta, logits_base: [B, T, V]; advantages: [B]; gate,
+    anchor_mask: [B, T] bool (normally from `loss_masks`; the anchor mask is every valid
+    non-gated position, prompt included). dec_denom/anc_denom: the whole optimizer step's
+    counts under gradient accumulation (default: this batch's counts). With lam == 0 the
+    anchor is not computed (reported as 0 over 0 tokens).
+    Returns (loss scalar, {"loss", "decision", "anchor", "gated_tokens", "anchor_tokens"});
+    with global denominators "decision"/"anchor" are this micro-batch's share, so they sum
+    over the step's micro-batches to the step's values.
+    """
+    dec = decision_loss(token_logprob, advantages, gate, dec_denom)
+    if lam != 0:
+        anc = anchor_kl(logits_base, logits_theta, anchor_mask, anc_denom, chunk_size)
+        n_anchor = int(anchor_mask.bool().sum())
+    else:
+        anc, n_anchor = torch.zeros((), dtype=dec.dtype, device=dec.device), 0
+    loss = dec + lam * anc
+    stats = {
+        "loss": float(loss.detach()),
+        "decision": float(dec.detach()),
+        "anchor": float(anc.detach()),
+        "gated_tokens": int(gate.bool().sum()),
+        "anchor_tokens": n_anchor,
+    }
+    return loss, stats
