@@ -201,6 +201,78 @@ def cmd_run(a, config=None):
     run_pipeline(cfg, overwrite=a.overwrite)
 
 
+def _train_config(a):
+    from .train import TrainConfig
+
+    kw = {k: getattr(a, k) for k in ("tau", "tau_fraction", "variant", "gate", "lam", "lr", "epochs", "max_steps",
+                                      "micro_batch", "grad_accum", "lora_rank", "lora_alpha", "seed",
+                                      "checkpoint_every", "warmup_steps") if getattr(a, k, None) is not None}
+    if getattr(a, "full_finetune", False):
+        kw["full_finetune"] = True
+    return TrainConfig(**kw)
+
+
+def _selection(a) -> dict:
+    return {k: getattr(a, k) for k in ("max_problems", "keep_shortest", "truncated", "order") if getattr(a, k, None) is not None}
+
+
+def _store_model(a, store):
+    m = store.manifest()
+    spec = a.model or m.get("model_spec")
+    if not spec:
+        raise ReasonMaxxerError(f"{store.root}/manifest.json: no model_spec recorded; pass --model")
+    return spec, m
+
+
+def cmd_train(a):
+    import copy
+
+    from .data import load_problems
+    from .models import load_model
+    from .pipeline import _greedy_accuracy_fn, examples_from_selection, prepare_training_data
+    from .prompts import get_template
+    from .selection import SelectionConfig
+    from .store import RolloutStore
+    from .train import train
+
+    _threads(a)
+    store = RolloutStore(a.rollouts)
+    spec, man = _store_model(a, store)
+    model, tok = load_model(spec)
+    cfg = _train_config(a)
+    out = Path(a.out)
+    sel_cfg = _selection(a)
+    sel, rows, info = prepare_training_data(store, spec, model, tok, sel_cfg, cfg, out / "scores.parquet", rescore=a.rescore)
+    examples = examples_from_selection(rows, SelectionConfig(**sel_cfg).truncated)
+    validate = None
+    if a.validation:
+        tmpl = get_template(a.template or man.get("config", {}).get("template", {}).get("name") or "fewshot")
+        validate = _greedy_accuracy_fn(load_problems(a.validation, data_dir=a.data_dir), tmpl, tok, a.max_new_tokens, 32)
+    res = train(examples, cfg, out, copy.deepcopy(model), tok, base_spec=spec, validate=validate, shuffle=False)
+    print(f"tau {res['tau']:.3f} nats ({res['tau_source']}), gated fraction {res['gated_fraction']:.2%}; "
+          f"selected step {res['selected_step']} (val accuracy {res['selected_val_accuracy']})\n"
+          f"adapter: {res.get('adapter')}\nmerged:  {res.get('merged')}")
+
+
+def cmd_calibrate(a):
+    from .data import load_problems
+    from .models import load_model
+    from .pipeline import calibrate
+    from .prompts import get_template
+    from .store import RolloutStore
+
+    _threads(a)
+    store = RolloutStore(a.rollouts)
+    spec, man = _store_model(a, store)
+    model, tok = load_model(spec)
+    tmpl = get_template(a.template or man.get("config", {}).get("template", {}).get("name") or "fewshot")
+    res = calibrate(store, spec, model, tok, tmpl, load_problems(a.validation, data_dir=a.data_dir),
+                    taus=a.taus, selection=_selection(a), train_cfg=_train_config(a), out=Path(a.out),
+                    max_steps=a.steps, max_new_tokens=a.max_new_tokens)
+    print(res["markdown"])
+    print(f"best tau: {res['best_tau']:g} nats (written: {a.out}/calibrate.json, calibrate.md)")
+
+
 def cmd_demo(a):
     print("reasonmaxxer demo: SmolLM2-135M-Instruct (embedded) on built-in arithmetic problems:\n"
           "sample -> grade -> select -> score -> train (LoRA, entropy gate) -> evaluate base vs trained -> report", flush=True)
@@ -250,6 +322,45 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--sampling-n", type=int, default=None, help="rollouts per training problem")
         p.add_argument("--eval-n", type=int, default=None, help="samples per test problem (0 = greedy only)")
         p.add_argument("--overwrite", action="store_true", help="replace stages whose inputs changed")
+        p.set_defaults(fn=fn)
+
+    for name, fn, hlp in (("train", cmd_train, "train an adapter from a rollout store (select, score, train, export)"),
+                          ("calibrate", cmd_calibrate, "sweep tau with short trainings on a validation split")):
+        p = sub.add_parser(name, help=hlp)
+        p.add_argument("--rollouts", required=True, help="rollout store (from `reasonmaxxer sample`)")
+        p.add_argument("--out", required=True, help="output dir")
+        p.add_argument("--model", default=None, help="base model (default: the one that sampled the rollouts)")
+        p.add_argument("--template", default=None, help="prompt template for validation (default: the rollouts')")
+        p.add_argument("--validation", default="arith:validation:32" if name == "calibrate" else None,
+                       help="held-out problems for checkpoint selection / calibration")
+        p.add_argument("--data-dir", default=None)
+        p.add_argument("--max-new-tokens", type=int, default=256, help="for validation decoding")
+        p.add_argument("--threads", type=int, default=0)
+        p.add_argument("--tau-fraction", type=float, default=None, help="gate this fraction of completion tokens (default 0.05)")
+        p.add_argument("--variant", default=None, help="reasonmaxxer | positive_only | no_anchor | all_tokens")
+        p.add_argument("--gate", default=None, help="entropy | random")
+        p.add_argument("--lam", type=float, default=None, help="anchor weight (default 0.2)")
+        p.add_argument("--lr", type=float, default=None)
+        p.add_argument("--epochs", type=float, default=None)
+        p.add_argument("--max-steps", type=int, default=None)
+        p.add_argument("--micro-batch", type=int, default=None)
+        p.add_argument("--grad-accum", type=int, default=None)
+        p.add_argument("--warmup-steps", type=int, default=None)
+        p.add_argument("--checkpoint-every", type=int, default=None)
+        p.add_argument("--lora-rank", type=int, default=None)
+        p.add_argument("--lora-alpha", type=int, default=None)
+        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--full-finetune", action="store_true")
+        p.add_argument("--max-problems", type=int, default=None)
+        p.add_argument("--keep-shortest", type=float, default=None)
+        p.add_argument("--truncated", default=None, help="drop | mask | keep")
+        p.add_argument("--order", default=None, help="shuffle | clarity | none")
+        if name == "train":
+            p.add_argument("--tau", type=float, default=None, help="entropy threshold in nats (default: --tau-fraction quantile)")
+            p.add_argument("--rescore", action="store_true", help="re-score base entropies even if the sampler's can be reused")
+        else:
+            p.add_argument("--taus", type=float, nargs="+", default=[0.8, 1.2, 1.6, 2.0, 2.4], help="candidate tau values, nats")
+            p.add_argument("--steps", type=int, default=8, help="optimizer steps per candidate")
         p.set_defaults(fn=fn)
 
     for name, fn, hlp in (("eval", cmd_eval, "accuracy of a model: avg@n pass@1, pass@k, maj@k, greedy"),):

@@ -101,6 +101,29 @@ def attach_scores(store: RolloutStore, rows: list[dict], out_path: Path, model_s
     return rows, info
 
 
+def prepare_training_data(store: RolloutStore, model_spec: str, model, tokenizer, selection: dict,
+                          train_cfg: TrainConfig, scores_path: Path, *, rescore: bool = False, progress: bool = True):
+    """select -> score (-> clarity order). Returns (Selection, rows with base_entropies, score info)."""
+    from .selection import SelectionConfig, select
+    from .train import resolve_tau
+
+    rows = [r for r in store.read_rows() if r["sample_index"] >= 0]
+    scfg = SelectionConfig(**selection)
+    clarity = scfg.order == "clarity"
+    sel = select(rows, SelectionConfig(**{**selection, "order": "none"}) if clarity else scfg)
+    if progress:
+        st = sel.stats
+        print(f"kept {st['problems_kept']} of {st['problems_total']} problems ({st['problems_mixed']} with mixed "
+              f"success), {st['rollouts_kept']} rollouts", flush=True)
+    srows, info = attach_scores(store, list(sel.rows), scores_path, model_spec, model, tokenizer,
+                                rescore=rescore, progress=progress)
+    if clarity:
+        tau0, _ = resolve_tau(examples_from_selection(srows, scfg.truncated), train_cfg)
+        sel = select(srows, scfg, tau=tau0)
+        srows = sel.rows
+    return sel, srows, info
+
+
 # -- the run config ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EvalConfig:
@@ -278,22 +301,10 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
     with stage("sample"):
         store = sample_stage(out / "rollouts", cfg.model, train_p, tmpl, cfg.sampling, model=model, tokenizer=tok,
                              overwrite=overwrite, progress=progress)
-    with stage("select"):
-        rows = [r for r in store.read_rows() if r["sample_index"] >= 0]
-        scfg = SelectionConfig(**cfg.selection)
-        order_later = scfg.order == "clarity"
-        sel = select(rows, SelectionConfig(**{**cfg.selection, "order": "none"}) if order_later else scfg)
-        if progress:
-            s = sel.stats
-            print(f"kept {s['problems_kept']} of {s['problems_total']} problems ({s['problems_mixed']} with mixed success), "
-                  f"{s['rollouts_kept']} rollouts", flush=True)
-    with stage("score"):
-        srows, score_info = attach_scores(store, list(sel.rows), out / "scores.parquet", cfg.model, model, tok,
-                                          rescore=cfg.rescore, progress=progress)
-        if order_later:
-            tau0, _ = resolve_tau(examples_from_selection(srows, scfg.truncated), cfg.train)
-            sel = select(srows, scfg, tau=tau0)
-            srows = sel.rows
+    with stage("select + score"):
+        sel, srows, score_info = prepare_training_data(store, cfg.model, model, tok, cfg.selection, cfg.train,
+                                                       out / "scores.parquet", rescore=cfg.rescore, progress=progress)
+    scfg = SelectionConfig(**cfg.selection)
     examples = examples_from_selection(srows, scfg.truncated)
     validate = _greedy_accuracy_fn(val_p, tmpl, tok, cfg.eval.max_new_tokens, cfg.eval.batch_size) if val_p else None
 
@@ -372,3 +383,57 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
                 print(f"{metric:9s} base {b[metric]:.3f} -> trained {t[metric]:.3f}{ci}")
         print(f"tau {tau:.3f} nats, gated fraction {res['gated_fraction']:.2%}; report: {md} , {html}")
     return small
+
+
+def calibrate(store: RolloutStore, model_spec: str, model, tokenizer, template, validation, *, taus: Sequence[float],
+              selection: dict, train_cfg: TrainConfig, out: Path, max_steps: int = 8, max_new_tokens: int = 256,
+              progress: bool = True) -> dict:
+    """Sweep tau (nats) with short trainings; pick the best held-out greedy accuracy.
+
+    Each candidate trains `max_steps` optimizer steps from the same data and is scored on the
+    validation problems; tau=None rows are never produced (the gate must be non-empty).
+    Writes out/calibrate.json and out/calibrate.md; returns the dict.
+    """
+    import copy
+    from dataclasses import replace
+
+    from .train import example_gates, train
+
+    from .selection import SelectionConfig
+
+    out = Path(out)
+    sel, srows, _ = prepare_training_data(store, model_spec, model, tokenizer, selection, train_cfg,
+                                          out / "scores.parquet", progress=progress)
+    examples = examples_from_selection(srows, SelectionConfig(**selection).truncated)
+    validate = _greedy_accuracy_fn(validation, template, tokenizer, max_new_tokens, 32)
+    base_acc = validate(model)
+    rows = []
+    for tau in taus:
+        tcfg = replace(train_cfg, tau=float(tau), max_steps=max_steps, checkpoint_every=max_steps)
+        gates = example_gates(examples, tcfg, float(tau))
+        n_comp = sum(len(e.completion_ids) for e in examples)
+        frac = sum(int(g.sum()) for g in gates) / max(1, n_comp)
+        if frac == 0:
+            rows.append({"tau": float(tau), "gated_fraction": 0.0, "val_accuracy": None, "note": "empty gate"})
+            continue
+        res = train(examples, tcfg, out / f"tau-{float(tau):g}", copy.deepcopy(model), tokenizer, base_spec=model_spec,
+                    validate=validate, shuffle=False, progress=progress, export=False)
+        rows.append({"tau": float(tau), "gated_fraction": round(frac, 5),
+                     "val_accuracy": res["history"][-1].get("val_accuracy"), "steps": res["total_steps"]})
+    scored = [r for r in rows if r["val_accuracy"] is not None]
+    if not scored:
+        raise ReasonMaxxerError("calibrate: every candidate tau gives an empty gate; try lower values")
+    best = max(scored, key=lambda r: (r["val_accuracy"], -abs(r["gated_fraction"] - 0.05)))
+    result = {"base_val_accuracy": base_acc, "n_validation": len(validation), "candidates": rows, "best_tau": best["tau"],
+              "max_steps": max_steps}
+    md = ["| tau (nats) | gated fraction | val greedy accuracy |", "|---|---|---|",
+          f"| (base, no training) | - | {base_acc:.3f} |"]
+    for r in rows:
+        acc = "-" if r["val_accuracy"] is None else f"{r['val_accuracy']:.3f}"
+        md.append(f"| {r['tau']:g} | {r['gated_fraction']:.2%} | {acc}{' (best)' if r is best else ''} |")
+    atomic_write_json(out / "calibrate.json", result)
+    from .store import atomic_write_bytes
+
+    atomic_write_bytes(out / "calibrate.md", ("\n".join(md) + "\n").encode())
+    result["markdown"] = "\n".join(md)
+    return result
