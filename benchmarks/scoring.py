@@ -12,11 +12,16 @@ random token ids; with batch 2 the second row is left-padded by 1/8 of its lengt
 - ours:    ``reasonmaxxer.scoring.score_sequences`` (decoder once + chunked head).
 
 Reported: max |naive - ours| over scored positions (entropy and log-prob), tokens/s of
-each (best of interleaved repeats after a warm-up, in one process, so background load
-hits all alike), and peak extra memory of each, measured in a fresh subprocess per variant
-as the peak resident set (VmHWM, reset through /proc/self/clear_refs) minus the resident set just
-before the call, with glibc's mmap threshold pinned so freed buffers really leave the
-process. Not part of the test suite; takes a few minutes on 2 CPU cores.
+each (best of interleaved, order-rotated rounds after a warm-up, in one process, so
+background load hits all alike; and the median over rounds of the paired time ratio to
+the plain forward pass, which cancels slow drifts in other processes' load), the error of
+naive and ours against a float64 computation from the same logits, and peak extra memory
+of each, measured in a fresh subprocess per variant as the peak resident set (VmHWM,
+reset through /proc/self/clear_refs) minus the resident set before the call, after a
+16-token warm-up, with glibc's mmap threshold pinned so freed buffers really leave the
+process. Not part of the test suite; about 5 minutes on 2 CPU cores. On shared cores the
+wall times swing several-fold with other processes' load: read the paired ratios, and
+rerun with more --repeats when the rounds disagree.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -154,8 +160,20 @@ def bench(model, tok, args, seq: int) -> dict:
     ids, mask = make_inputs(tok, model.config.vocab_size, args.batch, seq)
     valid = (mask[:, 1:] * mask[:, :-1]).bool()  # scored positions, column t+1 of `ours`
     n_tok = int(mask.sum())
-    ref_e, ref_l = run_naive(model, ids, mask, args.chunk)
-    our_e, our_l = run_ours(model, ids, mask, args.chunk)
+    names = list(VARIANTS)
+    wall = {k: [] for k in names}
+    outputs = {}
+    # Rounds of all three variants, the order rotated each round so that no variant always
+    # follows the same one; the first round's naive/ours outputs are the correctness check.
+    for r in range(max(1, args.repeats)):
+        for name in names[r % 3 :] + names[: r % 3]:
+            t0 = time.perf_counter()
+            out = VARIANTS[name](model, ids, mask, args.chunk)
+            wall[name].append(time.perf_counter() - t0)
+            if r == 0 and name != "forward":
+                outputs[name] = out
+            del out
+    (ref_e, ref_l), (our_e, our_l) = outputs["naive"], outputs["ours"]
     diff_e = (ref_e - our_e)[valid].abs().max().item()
     diff_l = (ref_l - our_l)[valid].abs().max().item()
     # float64 truth on row 0's first 256 predictions (causal: same logits as in the full run)
@@ -167,16 +185,15 @@ def bench(model, tok, args, seq: int) -> dict:
         "naive": ((ref_e[:1, :k] - e64).abs().max().item(), (ref_l[:1, :k] - l64).abs().max().item()),
         "ours": ((our_e[:1, :k] - e64).abs().max().item(), (our_l[:1, :k] - l64).abs().max().item()),
     }
-    times = {k: [] for k in VARIANTS}
-    for _ in range(args.repeats):  # interleaved, after the warm-up above
-        for name, fn in VARIANTS.items():
-            t0 = time.perf_counter()
-            fn(model, ids, mask, args.chunk)
-            times[name].append(time.perf_counter() - t0)
-    tps = {k: n_tok / min(v) for k, v in times.items()}  # best-of: least disturbed by other load
-    mem = {k: measure_memory(k, args, seq) for k in VARIANTS}
-    return {"seq": seq, "tokens": n_tok, "diff_entropy": diff_e, "acc64": acc, "diff_logprob": diff_l, "tps": tps, "mem_mb": mem,
-            "mean_entropy": ref_e[valid].mean().item()}
+    # best-of: the run least disturbed by other load; paired: per round, so slow drifts in
+    # background load cancel, the median over rounds of forward time / variant time
+    tps = {k: n_tok / min(v) for k, v in wall.items()}
+    paired = {k: statistics.median(f / t for f, t in zip(wall["forward"], wall[k])) for k in names}
+    mem = {k: measure_memory(k, args, seq) for k in names}
+    return {
+        "seq": seq, "tokens": n_tok, "diff_entropy": diff_e, "diff_logprob": diff_l, "acc64": acc,
+        "tps": tps, "paired": paired, "wall": wall, "mem_mb": mem, "mean_entropy": ref_e[valid].mean().item(),
+    }
 
 
 def main() -> None:
@@ -184,7 +201,7 @@ def main() -> None:
     p.add_argument("--seqs", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--chunk", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2, help="timed rounds per sequence length (>= 1)")
     p.add_argument("--random", action="store_true", help="random SmolLM2-135M-shaped weights")
     p.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--seq", type=int, help=argparse.SUPPRESS)
@@ -194,21 +211,32 @@ def main() -> None:
         memory_worker(args)
         return
 
+    t_start = time.perf_counter()
     model, tok, desc = load(args.random)
     print(f"model: {desc}; vocab {model.config.vocab_size}; batch {args.batch}; chunk_tokens {args.chunk}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; inputs: "
-          f"{'MATH-500 text' if tok is not None else 'random ids'}")
+          f"{'MATH-500 text' if tok is not None else 'random ids'}; load average {os.getloadavg()[0]:.1f}")
+    ids, mask = make_inputs(tok, model.config.vocab_size, 1, 16)
+    for fn in VARIANTS.values():  # warm-up: lazy library init, ours' once-per-model head check
+        fn(model, ids, mask, args.chunk)
     for seq in args.seqs:
         r = bench(model, tok, args, seq)
-        t, m = r["tps"], r["mem_mb"]
-        print(f"\nseq {seq} ({r['tokens']} real tokens; mean entropy {r['mean_entropy']:.3f} nats)")
-        print(f"  max |naive - ours|: entropy {r['diff_entropy']:.2e}, logprob {r['diff_logprob']:.2e}")
+        t, q, m = r["tps"], r["paired"], r["mem_mb"]
+        print(f"\nseq {seq} x batch {args.batch} ({r['tokens']} real tokens; mean entropy {r['mean_entropy']:.3f} nats)")
+        print(f"  max |naive - ours| over all scored positions: entropy {r['diff_entropy']:.2e}, "
+              f"logprob {r['diff_logprob']:.2e}")
         for k, (de, dl) in r["acc64"].items():
             print(f"  max |{k:5s} - float64| on 256 positions: entropy {de:.2e}, logprob {dl:.2e}")
-        print(f"  tokens/s : forward {t['forward']:8.1f}   naive {t['naive']:8.1f}   ours {t['ours']:8.1f}")
-        print(f"  peak extra memory (MB): forward {m['forward']:7.1f}   naive {m['naive']:7.1f}   ours {m['ours']:7.1f}")
-        print(f"  ratios: ours/naive memory {m['ours'] / m['naive']:.3f}; ours/forward throughput "
-              f"{t['ours'] / t['forward']:.3f}; naive/forward throughput {t['naive'] / t['forward']:.3f}")
+        print(f"  tokens/s (best of {len(r['wall']['forward'])}): forward {t['forward']:7.1f}   "
+              f"naive {t['naive']:7.1f}   ours {t['ours']:7.1f}")
+        rounds = "; ".join(f"{k} " + " ".join(f"{x:.2f}" for x in v) for k, v in r["wall"].items())
+        print(f"  seconds per round: {rounds}")
+        print(f"  peak extra memory (MB): forward {m['forward']:7.1f}   naive {m['naive']:7.1f}   "
+              f"ours {m['ours']:7.1f}")
+        print(f"  ratios: ours/naive memory {m['ours'] / m['naive']:.3f}; throughput vs forward (best-of, paired "
+              f"median): ours {t['ours'] / t['forward']:.3f}, {q['ours']:.3f}; naive {t['naive'] / t['forward']:.3f}, "
+              f"{q['naive']:.3f}")
+    print(f"\ntotal benchmark time {time.perf_counter() - t_start:.0f} s; load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

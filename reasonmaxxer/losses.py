@@ -85,7 +85,9 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6, clip
     be contiguous or sorted; the math is done in float64.
     """
     if rewards.dim() != 1 or group_ids.shape != rewards.shape:
-        raise ValueError(f"rewards and group_ids must both be [N]; got {tuple(rewards.shape)} and {tuple(group_ids.shape)}")
+        raise ValueError(
+            f"rewards and group_ids must both be [N]; got {tuple(rewards.shape)} and {tuple(group_ids.shape)}"
+        )
     r = rewards.double()  # [N]
     if not torch.isfinite(r).all():
         raise ReasonMaxxerError("group_advantages: rewards contain nan or inf")
@@ -134,7 +136,9 @@ def decision_loss(token_logprob: Tensor, advantages: Tensor, gate: Tensor, denom
     summed loss and its gradient do not depend on how the step is split.
     """
     if token_logprob.dim() != 2 or gate.shape != token_logprob.shape:
-        raise ValueError(f"token_logprob and gate must both be [B, T]; got {tuple(token_logprob.shape)} and {tuple(gate.shape)}")
+        raise ValueError(
+            f"token_logprob and gate must both be [B, T]; got {tuple(token_logprob.shape)} and {tuple(gate.shape)}"
+        )
     if advantages.shape != (token_logprob.shape[0],):
         raise ValueError(f"advantages must be [B]={token_logprob.shape[0]}, got {tuple(advantages.shape)}")
     weighted = advantages.to(token_logprob.dtype)[:, None] * token_logprob  # [B, T]
@@ -202,7 +206,9 @@ def anchor_kl(
     not the logits, where possible.
     """
     if logits_base.shape != logits_theta.shape or logits_theta.dim() != 3:
-        raise ValueError(f"logits must both be [B, T, V]; got {tuple(logits_base.shape)} and {tuple(logits_theta.shape)}")
+        raise ValueError(
+            f"logits must both be [B, T, V]; got {tuple(logits_base.shape)} and {tuple(logits_theta.shape)}"
+        )
     if mask.shape != logits_theta.shape[:2]:
         raise ValueError(f"mask must be [B, T]={tuple(logits_theta.shape[:2])}, got {tuple(mask.shape)}")
     if chunk_size < 1:

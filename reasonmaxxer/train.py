@@ -73,6 +73,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 10
     eval_every: int = 0                # 0: evaluate only at checkpoints (if a validation fn is given)
+    share_prefix: bool = True          # encode the prompt prefix shared by a micro-batch once (exact; faster)
 
     def __post_init__(self):
         if self.gate not in ("entropy", "random"):
@@ -202,12 +203,52 @@ def attach_adapter(model, cfg: TrainConfig):
     return pm, None
 
 
-def _base_logits(model, frozen, ids, att):
+def _cache_kw(model) -> str:
+    """transformers renamed `past_key_values` to `cache` in 5.x; PEFT passes either through."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+def shared_prefix_len(ids: torch.Tensor, att: torch.Tensor) -> int:
+    """Length of the token prefix shared by every row of a right-padded batch [B, T] (< shortest row)."""
+    lengths = att.sum(1)
+    same = (ids == ids[:1]).all(0) & att.bool().all(0)           # [T]
+    p = int(same.long().cumprod(0).sum())
+    return max(0, min(p, int(lengths.min()) - 1))
+
+
+def shared_prefix_logits(model, ids: torch.Tensor, att: torch.Tensor, prefix_len: int) -> torch.Tensor:
+    """Logits [B, T, V] of a right-padded batch, encoding the shared prefix ONCE.
+
+    The first `prefix_len` tokens are identical in every row (the few-shot examples, the system
+    prompt): they go through the model once (batch 1), their KV cache is broadcast to the B rows
+    and each row's remainder attends to it. The result equals ``model(ids, att).logits`` (up to
+    float rounding) and gradients flow through the shared part once, summed over rows, which is
+    what the per-row computation would give, at a fraction of the compute when the prefix is long.
+    """
+    B, T = ids.shape
+    if prefix_len <= 0:
+        return model(input_ids=ids, attention_mask=att).logits
+    kw = _cache_kw(model)
+    out = model(input_ids=ids[:1, :prefix_len], use_cache=True)
+    cache = out[kw] if kw in out else out["past_key_values"]
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(B, -1, -1, -1)
+        layer.values = layer.values.expand(B, -1, -1, -1)
+    mask = torch.cat([torch.ones((B, prefix_len), dtype=att.dtype), att[:, prefix_len:]], 1)
+    pos = (prefix_len + torch.arange(T - prefix_len)).expand(B, -1)
+    rest = model(input_ids=ids[:, prefix_len:], attention_mask=mask, position_ids=pos, use_cache=True, **{kw: cache}).logits
+    return torch.cat([out.logits.expand(B, -1, -1), rest], 1)
+
+
+def _base_logits(model, frozen, ids, att, prefix_len=0):
     with torch.no_grad():
         if frozen is not None:
-            return frozen(input_ids=ids, attention_mask=att).logits
+            return shared_prefix_logits(frozen, ids, att, prefix_len)
         with model.disable_adapter():
-            return model(input_ids=ids, attention_mask=att).logits
+            return shared_prefix_logits(model, ids, att, prefix_len)
 
 
 def _trainable_state(model, full: bool) -> dict:
@@ -341,8 +382,9 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
         agg = {"loss": 0.0, "decision": 0.0, "anchor": 0.0, "gated_tokens": 0, "anchor_tokens": 0}
         ntok = 0
         for (ids, att), m in zip(batches, masks):
-            base = _base_logits(model, frozen, ids, att)[:, :-1]
-            logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
+            P = shared_prefix_len(ids, att) if cfg.share_prefix else 0
+            base = _base_logits(model, frozen, ids, att, P)[:, :-1]
+            logits = shared_prefix_logits(model, ids, att, P)[:, :-1]
             loss, stats = reasonmaxxer_loss(
                 token_logprob=token_logprobs(logits, ids[:, 1:]), logits_theta=logits, logits_base=base,
                 advantages=m.advantages, gate=m.decision[:, 1:], anchor_mask=m.anchor[:, 1:], lam=m.lam,

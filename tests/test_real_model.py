@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def smol():
     from reasonmaxxer.models import load_model
 
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
     return load_model("smollm2-135m")
 
 

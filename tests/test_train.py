@@ -160,3 +160,32 @@ def test_sigkill_and_resume_gives_the_same_adapter(tmp_path):
         assert torch.equal(a[k], b[k]), k
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
+
+
+def test_shared_prefix_logits_and_grads_equal_the_plain_forward(tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    from reasonmaxxer.train import shared_prefix_len, shared_prefix_logits
+
+    torch.manual_seed(0)
+    prefix = torch.randint(4, 100, (12,)).tolist()
+    rows = [prefix + torch.randint(4, 100, (n,)).tolist() for n in (3, 7, 5)]
+    T = max(map(len, rows))
+    ids = torch.zeros((3, T), dtype=torch.long)
+    att = torch.zeros((3, T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        att[i, : len(r)] = 1
+    assert shared_prefix_len(ids, att) == 12
+    grads = []
+    for P in (0, 12):
+        model = get_peft_model(make_tiny_model(len(tiny_tokenizer), seed=1, init_std=0.2),
+                               LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        logits = shared_prefix_logits(model, ids, att, P)
+        (logits.log_softmax(-1)[att.bool()] * torch.linspace(-1, 1, 104)).sum().backward()
+        grads.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    m = att.bool()
+    assert torch.allclose(grads[0][0][m], grads[1][0][m], atol=1e-4)
+    for n in grads[0][1]:
+        a, b = grads[0][1][n], grads[1][1][n]
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max() + 1e-6, n   # same up to fp32 summation order
