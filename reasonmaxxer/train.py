@@ -41,7 +41,7 @@ import torch
 
 from .errors import ReasonMaxxerError
 from .gating import check_gate_nonempty, entropy_gate, gated_fraction, random_gate_like, tau_for_fraction
-from .losses import loss_masks, reasonmaxxer_loss
+from .losses import anchor_kl, loss_masks, reasonmaxxer_loss
 from .scoring import token_logprobs
 from .store import atomic_write_json, package_versions
 
@@ -211,26 +211,36 @@ def _cache_kw(model) -> str:
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
-def shared_prefix_len(ids: torch.Tensor, att: torch.Tensor) -> int:
-    """Length of the token prefix shared by every row of a right-padded batch [B, T] (< shortest row)."""
+def shared_prefix_len(ids: torch.Tensor, att: torch.Tensor, completion: torch.Tensor | None = None) -> int:
+    """Length P of the token prefix shared by every row of a right-padded batch [B, T].
+
+    P stays inside every row's prompt (P < first completion position, when `completion` [B, T]
+    is given) and below the shortest row; 0 for a single row (nothing to share).
+    """
+    if ids.shape[0] < 2:
+        return 0
     lengths = att.sum(1)
     same = (ids == ids[:1]).all(0) & att.bool().all(0)           # [T]
     p = int(same.long().cumprod(0).sum())
-    return max(0, min(p, int(lengths.min()) - 1))
+    p = min(p, int(lengths.min()) - 1)
+    if completion is not None and completion.any():
+        first = torch.where(completion.any(1), completion.float().argmax(1), lengths)   # [B]
+        p = min(p, int(first.min()) - 1)
+    return max(0, p)
 
 
-def shared_prefix_logits(model, ids: torch.Tensor, att: torch.Tensor, prefix_len: int) -> torch.Tensor:
-    """Logits [B, T, V] of a right-padded batch, encoding the shared prefix ONCE.
+def split_prefix_logits(model, ids: torch.Tensor, att: torch.Tensor, prefix_len: int):
+    """(prefix logits [1, P, V] or None, remainder logits [B, T - P, V]) of a right-padded batch.
 
     The first `prefix_len` tokens are identical in every row (the few-shot examples, the system
     prompt): they go through the model once (batch 1), their KV cache is broadcast to the B rows
-    and each row's remainder attends to it. The result equals ``model(ids, att).logits`` (up to
-    float rounding) and gradients flow through the shared part once, summed over rows, which is
-    what the per-row computation would give, at a fraction of the compute when the prefix is long.
+    and each row's remainder attends to it. Together the two parts equal ``model(ids, att).logits``
+    (up to float rounding); gradients flow through the shared part once, summed over the rows
+    that use it, which is what the per-row computation gives, at a fraction of the compute.
     """
     B, T = ids.shape
     if prefix_len <= 0:
-        return model(input_ids=ids, attention_mask=att).logits
+        return None, model(input_ids=ids, attention_mask=att).logits
     kw = _cache_kw(model)
     out = model(input_ids=ids[:1, :prefix_len], use_cache=True)
     cache = out[kw] if kw in out else out["past_key_values"]
@@ -240,15 +250,53 @@ def shared_prefix_logits(model, ids: torch.Tensor, att: torch.Tensor, prefix_len
     mask = torch.cat([torch.ones((B, prefix_len), dtype=att.dtype), att[:, prefix_len:]], 1)
     pos = (prefix_len + torch.arange(T - prefix_len)).expand(B, -1)
     rest = model(input_ids=ids[:, prefix_len:], attention_mask=mask, position_ids=pos, use_cache=True, **{kw: cache}).logits
-    return torch.cat([out.logits.expand(B, -1, -1), rest], 1)
+    return out.logits, rest
 
 
-def _base_logits(model, frozen, ids, att, prefix_len=0):
+def shared_prefix_logits(model, ids: torch.Tensor, att: torch.Tensor, prefix_len: int) -> torch.Tensor:
+    """The full logits [B, T, V] computed with `split_prefix_logits` (for checks and scoring)."""
+    pre, rest = split_prefix_logits(model, ids, att, prefix_len)
+    return rest if pre is None else torch.cat([pre.expand(ids.shape[0], -1, -1), rest], 1)
+
+
+def micro_batch_loss(model, frozen, ids, att, m, prefix_len: int, dec_denom: float, anc_denom: float):
+    """`reasonmaxxer_loss` of one micro-batch, its shared prefix encoded and anchored once.
+
+    ids/att [B, T] right-padded; m: the variant's `LossMasks` ([B, T], column t = token t).
+    Columns 1..P (P = prefix_len) are predicted by the shared prefix logits, identical in every
+    row and never gated (prompt tokens): their anchor KL is computed once and weighted by the
+    number of rows anchored there. Columns P+1.. come from each row's own logits. Equal, up to
+    float rounding, to the plain per-row computation (tested).
+    """
+    P = prefix_len
+    pre_t, rest_t = split_prefix_logits(model, ids, att, P)
     with torch.no_grad():
         if frozen is not None:
-            return shared_prefix_logits(frozen, ids, att, prefix_len)
-        with model.disable_adapter():
-            return shared_prefix_logits(model, ids, att, prefix_len)
+            pre_b, rest_b = split_prefix_logits(frozen, ids, att, P)
+        else:
+            with model.disable_adapter():
+                pre_b, rest_b = split_prefix_logits(model, ids, att, P)
+    logits, base = rest_t[:, :-1], rest_b[:, :-1]                       # predict columns P+1 .. T-1
+    loss, stats = reasonmaxxer_loss(
+        token_logprob=token_logprobs(logits, ids[:, P + 1:]), logits_theta=logits, logits_base=base,
+        advantages=m.advantages, gate=m.decision[:, P + 1:], anchor_mask=m.anchor[:, P + 1:], lam=m.lam,
+        dec_denom=dec_denom, anc_denom=anc_denom)
+    if P == 0:
+        return loss, stats
+    if m.decision[:, 1 : P + 1].any():
+        raise ValueError("shared prefix positions cannot be gated (they are prompt tokens)")
+    pre_anchor = m.anchor[:, 1 : P + 1]                                  # [B, P]
+    rows = pre_anchor.all(1)
+    if not torch.equal(rows, pre_anchor.any(1)):
+        raise ValueError("anchor mask must be uniform over the shared prefix")
+    w = int(rows.sum())
+    if w and m.lam:
+        kl = anchor_kl(pre_b, pre_t, torch.ones((1, P), dtype=torch.bool), denom=anc_denom / w)
+        loss = loss + m.lam * kl
+        stats["anchor"] += float(kl.detach())
+        stats["anchor_tokens"] += w * P
+        stats["loss"] = float(loss.detach())
+    return loss, stats
 
 
 def _trainable_state(model, full: bool) -> dict:
@@ -371,7 +419,7 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
             for j, i in enumerate(mb):
                 gate[j, comp[j]] = gates[i]
             m = loss_masks(cfg.variant, gate=gate, completion_mask=comp, attention_mask=att, advantages=adv, lam=cfg.lam)
-            batches.append((ids, att))
+            batches.append((ids, att, comp))
             masks.append(m)
         dec_denom = max(1, sum(int(m.decision.sum()) for m in masks))
         anc_denom = max(1, sum(int(m.anchor.sum()) for m in masks))
@@ -381,14 +429,9 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
         opt.zero_grad(set_to_none=True)
         agg = {"loss": 0.0, "decision": 0.0, "anchor": 0.0, "gated_tokens": 0, "anchor_tokens": 0}
         ntok = 0
-        for (ids, att), m in zip(batches, masks):
-            P = shared_prefix_len(ids, att) if cfg.share_prefix else 0
-            base = _base_logits(model, frozen, ids, att, P)[:, :-1]
-            logits = shared_prefix_logits(model, ids, att, P)[:, :-1]
-            loss, stats = reasonmaxxer_loss(
-                token_logprob=token_logprobs(logits, ids[:, 1:]), logits_theta=logits, logits_base=base,
-                advantages=m.advantages, gate=m.decision[:, 1:], anchor_mask=m.anchor[:, 1:], lam=m.lam,
-                dec_denom=dec_denom, anc_denom=anc_denom)
+        for (ids, att, comps), m in zip(batches, masks):
+            P = shared_prefix_len(ids, att, comps) if cfg.share_prefix else 0
+            loss, stats = micro_batch_loss(model, frozen, ids, att, m, P, dec_denom, anc_denom)
             if not torch.isfinite(loss):
                 bar.close()
                 good = _latest_checkpoint(ckdir)

@@ -189,3 +189,37 @@ def test_shared_prefix_logits_and_grads_equal_the_plain_forward(tiny_tokenizer):
     for n in grads[0][1]:
         a, b = grads[0][1][n], grads[1][1][n]
         assert (a - b).abs().max() <= 1e-5 * a.abs().max() + 1e-6, n   # same up to fp32 summation order
+
+
+@pytest.mark.parametrize("variant", ["reasonmaxxer", "positive_only"])
+def test_micro_batch_loss_with_shared_prefix_equals_plain(tiny_tokenizer, variant):
+    from peft import LoraConfig, get_peft_model
+
+    from reasonmaxxer.losses import loss_masks
+    from reasonmaxxer.train import batch_tensors, micro_batch_loss, shared_prefix_len
+
+    torch.manual_seed(1)
+    prefix = tuple(torch.randint(4, 100, (10,)).tolist())
+    exs = []
+    for i, n in enumerate((4, 6, 3)):
+        p = prefix + tuple(torch.randint(4, 100, (2 + i,)).tolist())
+        c = tuple(torch.randint(4, 100, (n,)).tolist())
+        exs.append(TrainExample(p, c, tuple((torch.rand(n) * 3).tolist()), advantage=[1.0, -0.5, 0.7][i], correct=i != 1))
+    ids, att, comp, ent, adv, _ = batch_tensors(exs, 0)
+    gate = comp & (ent > 1.0)
+    m = loss_masks(variant, gate=gate, completion_mask=comp, attention_mask=att, advantages=adv, lam=0.2)
+    dec, anc = max(1, int(m.decision.sum())), max(1, int(m.anchor.sum()))
+    P = shared_prefix_len(ids, att, comp)
+    assert P == 10 and shared_prefix_len(ids[:1], att[:1]) == 0
+    out = []
+    for p in (0, P):
+        model = get_peft_model(make_tiny_model(len(tiny_tokenizer), seed=2, init_std=0.2),
+                               LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        loss, stats = micro_batch_loss(model, None, ids, att, m, p, dec, anc)
+        loss.backward()
+        out.append((float(loss), stats, {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-5, abs=1e-6)
+    assert out[0][1]["anchor_tokens"] == out[1][1]["anchor_tokens"] == int(m.anchor.sum())
+    assert out[0][1]["gated_tokens"] == out[1][1]["gated_tokens"] == int(m.decision.sum())
+    for n, g in out[0][2].items():
+        assert (g - out[1][2][n]).abs().max() <= 1e-5 * g.abs().max() + 1e-6, n
