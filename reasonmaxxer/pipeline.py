@@ -119,7 +119,9 @@ def prepare_training_data(store: RolloutStore, model_spec: str, model, tokenizer
                                 rescore=rescore, progress=progress)
     if clarity:
         tau0, _ = resolve_tau(examples_from_selection(srows, scfg.truncated), train_cfg)
+        first = sel
         sel = select(srows, scfg, tau=tau0)
+        sel = type(sel)(rows=sel.rows, problems=first.problems, stats=first.stats)   # stats of the real selection
         srows = sel.rows
     return sel, srows, info
 
@@ -259,6 +261,85 @@ def _examples_for_report(model, tokenizer, examples: Sequence[TrainExample], gat
     return out
 
 
+def fork_changes(base, tuned, tokenizer, examples: Sequence[TrainExample], gates, *, limit: int = 32,
+                 batch: int = 8, top: int = 12) -> dict:
+    """Where the trained model's argmax differs from the base's, teacher-forced on training rollouts.
+
+    Over the completion tokens of up to `limit` rollouts: the % of positions whose argmax
+    changed, the % of those whose new token is in the base top-5, the mean base entropy
+    (nats) at changed vs unchanged positions, how many changes sit at gated positions, and
+    the most frequent (base token -> tuned token) changes with their counts.
+    """
+    from .train import batch_tensors, shared_prefix_len, split_prefix_logits
+
+    pad = tokenizer.pad_token_id or 0
+    n_pos = n_changed = n_top5 = n_gated_changed = 0
+    ent_changed, ent_same = [], []
+    pairs: dict[tuple[str, str], list] = {}
+    exs = list(examples[:limit])
+    for i in range(0, len(exs), batch):
+        chunk = exs[i : i + batch]
+        ids, att, comp, ent, _, _ = batch_tensors(chunk, pad)
+        P = shared_prefix_len(ids, att, comp)
+        with torch.no_grad():
+            outs = []
+            for mdl in (base, tuned):
+                pre, rest = split_prefix_logits(mdl, ids, att, P)
+                full = rest if pre is None else torch.cat([pre.expand(len(chunk), -1, -1), rest], 1)
+                outs.append(full[:, :-1])                                   # column t+1 predicted at t
+        b_log, t_log = outs
+        b_arg, t_arg = b_log.argmax(-1), t_log.argmax(-1)                  # [B, T-1]
+        top5 = b_log.topk(5, -1).indices                                   # [B, T-1, 5]
+        for j, e in enumerate(chunk):
+            p, c = len(e.prompt_ids), len(e.completion_ids)
+            for k in range(c):
+                col = p + k - 1                                            # logits index predicting completion token k
+                n_pos += 1
+                h = e.entropies[k]
+                if int(b_arg[j, col]) != int(t_arg[j, col]):
+                    n_changed += 1
+                    ent_changed.append(h)
+                    n_top5 += int((top5[j, col] == t_arg[j, col]).any())
+                    n_gated_changed += int(bool(gates[i + j][k]))
+                    key = (tokenizer.decode([int(b_arg[j, col])]), tokenizer.decode([int(t_arg[j, col])]))
+                    pairs.setdefault(key, []).append(h)
+                else:
+                    ent_same.append(h)
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+    common = sorted(pairs.items(), key=lambda kv: -len(kv[1]))[:top]
+    return {"positions": n_pos, "changed": n_changed, "changed_fraction": n_changed / max(1, n_pos),
+            "changed_in_base_top5": n_top5, "changed_at_gated": n_gated_changed,
+            "mean_entropy_changed": mean(ent_changed), "mean_entropy_unchanged": mean(ent_same),
+            "most_common": [{"base": a, "tuned": b, "count": len(v), "mean_base_entropy": mean(v)} for (a, b), v in common]}
+
+
+def tier_table(problems, stores: dict) -> dict | None:
+    """Per-tier (or subject) base vs trained accuracy and format-following, from the eval stores."""
+    key = next((k for k in ("tier", "subject", "source") if any(k in p.metadata for p in problems)), None)
+    if key is None:
+        return None
+    group = {p.id: str(p.metadata.get(key, "(missing)")) for p in problems}
+    rows_by = {}
+    for name, (s_store, g_store) in stores.items():
+        for label, st in (("greedy", g_store), ("avg", s_store)):
+            if st is None:
+                continue
+            for r in st.read_rows(["problem_id", "strict_correct", "strict_extracted"]):
+                d = rows_by.setdefault(group[r["problem_id"]], {}).setdefault((name, label), [0, 0, 0])
+                d[0] += int(r["strict_correct"]); d[1] += 1; d[2] += int(r["strict_extracted"] is not None)
+    rows = []
+    for g in sorted(rows_by):
+        d = rows_by[g]
+        f = lambda n, l, i=0: (f"{d[(n, l)][i] / d[(n, l)][1]:.3f}" if (n, l) in d else "-")
+        n_prob = sum(1 for v in group.values() if v == g)
+        rows.append([g, n_prob, f("base", "greedy"), f("trained", "greedy"), f("base", "avg"), f("trained", "avg"),
+                     f("base", "greedy", 2), f("trained", "greedy", 2)])
+    return {"title": f"Held-out accuracy by {key} (strict); 'answer given' = greedy completions with a \\boxed{{}} or "
+                     f"'The answer is' answer (format followed)",
+            "header": [key, "problems", "greedy base", "greedy trained", "avg@n base", "avg@n trained",
+                       "answer given base", "answer given trained"], "rows": rows}
+
+
 def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = False) -> dict:
     """sample -> grade -> select -> score -> train -> eval (base, trained) -> report. Returns summary."""
     from .data import load_problems
@@ -312,7 +393,8 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
         import copy
 
         res = train(examples, cfg.train, out / "train", copy.deepcopy(model), tok, base_spec=cfg.model,
-                    validate=validate, shuffle=False, progress=progress)  # selection already ordered the rows
+                    validate=validate, shuffle=False, progress=progress,  # selection already ordered the rows
+                    overwrite=overwrite)
     tau = res["tau"]
     gates = example_gates(examples, cfg.train, tau)
 
@@ -344,9 +426,23 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
     def acc(rep, name):
         return {"avg_at_n": rep.strict.avg_at_n.value if cfg.eval.n > 0 else None,
              "greedy": rep.strict.greedy.value if rep.strict.greedy else None,
-             "n_problems": rep.n_problems, "n_samples": rep.n_samples}
+             "n_problems": rep.n_problems, "n_samples": cfg.eval.n}
 
     metrics = [json.loads(l) for l in (out / "train" / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    tables = []
+    tt = tier_table(test_p, stores)
+    if tt:
+        tables.append(tt)
+    with stage("fork analysis"):
+        fc = fork_changes(model, trained_model, tok, examples, gates)
+    tables.append({
+        "title": (f"Most-changed forks: on {fc['positions']} completion tokens of training rollouts (teacher-forced), the "
+                  f"trained argmax differs from the base at {fc['changed_fraction']:.2%} of positions; "
+                  f"{fc['changed_in_base_top5']}/{fc['changed']} of the new tokens are in the base top-5; "
+                  f"{fc['changed_at_gated']}/{fc['changed']} sit at gated positions; mean base entropy "
+                  f"{fc['mean_entropy_changed']:.2f} nats at changed vs {fc['mean_entropy_unchanged']:.2f} at unchanged positions."),
+        "header": ["base argmax", "trained argmax", "count", "mean base entropy (nats)"],
+        "rows": [[repr(r["base"]), repr(r["tuned"]), r["count"], f"{r['mean_base_entropy']:.2f}"] for r in fc["most_common"]]})
     key = "greedy" if "greedy" in paired else "avg_at_n"
     summary = {
         "title": f"ReasonMaxxer run: {cfg.model}",
@@ -362,6 +458,8 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
         "examples": _examples_for_report(model, tok, examples, gates),
         "curves": metrics,
         "timings": timings,
+        "tables": tables,
+        "fork_changes": fc,
         "selection": {k: v for k, v in sel.stats.items()},
         "artifacts": {"adapter": "train/adapter", "merged": "train/merged", "rollouts": "rollouts",
                       "eval base": "eval/base/eval.md", "eval trained": "eval/trained/eval.md",
@@ -370,7 +468,7 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
     from .report import write_train_report
 
     md, html = write_train_report(out, summary)
-    small = {k: v for k, v in summary.items() if k not in ("entropy", "examples", "curves")}
+    small = {k: v for k, v in summary.items() if k not in ("entropy", "examples", "curves", "tables")}
     small["entropy"] = {"tau": tau, "gated_fraction": res["gated_fraction"], "n_tokens": len(summary["entropy"]["values"])}
     atomic_write_json(out / "summary.json", small)
     if progress:

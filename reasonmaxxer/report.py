@@ -105,6 +105,7 @@ def write_train_report(
                     val_accuracy | None}]
       timings     {stage: seconds};  selection {..., pass_rate_histogram: [counts]}
       artifacts   {name: path relative to out_dir}
+      tables      [{title, header: [str], rows: [[cell]], note?}]   -> extra tables (breakdowns)
     At most `max_examples` rollouts are shown, each cut after `max_example_tokens` tokens.
     Raises ReasonMaxxerError only when `data` is not a dict or has no title.
     """
@@ -122,6 +123,7 @@ def write_train_report(
         ("Held-out accuracy", "accuracy", _sec_accuracy),
         ("Base-model entropy and the gate", "entropy", _sec_entropy),
         ("Data selection", "selection", _sec_selection),
+        ("Breakdowns", "tables", _sec_tables),
         ("Gated tokens in context", "examples", _sec_examples),
         ("Training curves", "curves", _sec_curves),
         ("Stage timings", "timings", _sec_timings),
@@ -341,6 +343,17 @@ def _sec_entropy(ent: Mapping[str, Any], data, **_) -> list[Block]:
     else:
         blocks.append(("note", "Not available: no per-token entropy values for a histogram."))
     return blocks
+
+
+def _sec_tables(tables: Sequence[Mapping[str, Any]], data, **_) -> list[Block]:
+    out: list[Block] = []
+    for t in tables:
+        out.append(("p", str(t["title"])))
+        header = [str(h) for h in t["header"]]
+        out.append(("table", header, [[_value(c) for c in row] for row in t["rows"]], "l" + "r" * (len(header) - 1)))
+        if t.get("note"):
+            out.append(("note", str(t["note"])))
+    return out
 
 
 def _sec_selection(sel: Mapping[str, Any], data, **_) -> list[Block]:

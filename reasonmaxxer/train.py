@@ -74,6 +74,7 @@ class TrainConfig:
     checkpoint_every: int = 10
     eval_every: int = 0                # 0: evaluate only at checkpoints (if a validation fn is given)
     share_prefix: bool = True          # encode the prompt prefix shared by a micro-batch once (exact; faster)
+    skip_ungated: bool = True          # drop rollouts with no gated token: they would train the anchor only
 
     def __post_init__(self):
         if self.gate not in ("entropy", "random"):
@@ -346,7 +347,7 @@ def _latest_checkpoint(ckdir: Path) -> Path | None:
 # -- the loop ------------------------------------------------------------------------------
 def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Path, model, tokenizer, *,
           base_spec: str = "", validate: Callable[[object], float] | None = None,
-          shuffle: bool = True, progress: bool = True, export: bool = True,
+          shuffle: bool = True, progress: bool = True, export: bool = True, overwrite: bool = False,
           _stop_after_step: int | None = None) -> dict:
     """Train on `examples` (already in training order if shuffle=False). Returns result.json's dict.
 
@@ -367,6 +368,10 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
     if cfg.variant != "all_tokens":
         check_gate_nonempty(all_gate, tau, max_entropy=float(all_ent.max()) if all_ent.numel() else None)
     gfrac = gated_fraction(all_gate, torch.ones_like(all_gate))
+    n_selected = len(examples)
+    if cfg.skip_ungated and cfg.variant != "all_tokens":
+        keep = [i for i, g in enumerate(gates) if bool(g.any())]
+        examples, gates = [examples[i] for i in keep], [gates[i] for i in keep]
 
     order = training_order(len(examples), cfg, shuffle)
     per_step = cfg.micro_batch * cfg.grad_accum
@@ -374,13 +379,20 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     resolved = {"config": json.loads(json.dumps(asdict(cfg))), "tau": tau, "tau_source": tau_source, "gated_fraction": gfrac,
-                "n_examples": len(examples), "total_steps": total_steps, "base": base_spec,
+                "n_examples": len(examples), "n_selected": n_selected, "total_steps": total_steps, "base": base_spec,
                 "versions": package_versions()}
     cfg_path = out / "train_config.json"
     if cfg_path.is_file():
         old = json.loads(cfg_path.read_text())
         if old.get("config") != resolved["config"] or old.get("n_examples") != len(examples) or old.get("tau") != tau:
-            raise ReasonMaxxerError(f"{out}: holds a training run with a different config; choose another --out or delete it")
+            if not overwrite:
+                raise ReasonMaxxerError(f"{out}: holds a training run with a different config; choose another --out "
+                                        "or pass --overwrite")
+            for name in ("checkpoints", "adapter", "merged"):
+                shutil.rmtree(out / name, ignore_errors=True)
+            for name in ("metrics.jsonl", "result.json"):
+                (out / name).unlink(missing_ok=True)
+            atomic_write_json(cfg_path, resolved)
     else:
         atomic_write_json(cfg_path, resolved)
     if (out / "result.json").is_file():
