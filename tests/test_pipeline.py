@@ -1,0 +1,40 @@
+"""The run pipeline's config handling and its early stop when nothing can be selected."""
+import pytest
+
+from conftest import make_tiny_model
+from reasonmaxxer.errors import ReasonMaxxerError
+from reasonmaxxer.pipeline import load_run_config, run_pipeline
+
+
+def test_config_file_and_overrides(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('model = "m"\n[train]\nlr = 3e-4\ntarget_modules = ["q_proj"]\n[sampling]\nn = 3\n[selection]\nmax_problems = 5\n')
+    cfg = load_run_config(p, **{"train.tau": 1.5, "out": "x"})
+    assert cfg.model == "m" and cfg.out == "x" and cfg.sampling.n == 3
+    assert cfg.train.lr == 3e-4 and cfg.train.tau == 1.5 and cfg.train.target_modules == ("q_proj",)
+    assert cfg.selection == {"max_problems": 5}
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("[train]\nlrr = 1\n", "unknown key(s) ['lrr']"),
+    ("[selection]\norder = 'bogus'\n", "order"),
+    ("model = \n", "invalid TOML"),
+])
+def test_bad_config_is_a_clear_error(tmp_path, text, msg):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    with pytest.raises(ReasonMaxxerError, match=msg.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
+        load_run_config(p)
+
+
+def test_pipeline_stops_with_advice_when_no_problem_has_mixed_success(tmp_path, tiny_tokenizer):
+    ckpt = tmp_path / "tiny"
+    make_tiny_model(len(tiny_tokenizer), seed=3, init_std=0.2).save_pretrained(ckpt)
+    tiny_tokenizer.save_pretrained(ckpt)
+    p = tmp_path / "c.toml"
+    p.write_text(f'model = "{ckpt}"\ntemplate = "raw"\nout = "{tmp_path / "run"}"\ntrain_problems = "arith:train:3"\n'
+                 'validation_problems = ""\ntest_problems = "arith:test:2"\n[sampling]\nn = 2\nmax_new_tokens = 8\n')
+    with pytest.raises(ReasonMaxxerError, match="(?s)mixed success.*--n.*temperature"):
+        run_pipeline(load_run_config(p), progress=False)
+    # the sampled rollouts are kept for the next attempt
+    assert (tmp_path / "run" / "rollouts" / "manifest.json").is_file()
