@@ -96,7 +96,7 @@ def cmd_sample(a):
     store = sample_stage(a.out, a.model, problems, get_template(a.template), _sampling_config(a),
                          greedy=a.greedy, shard_size=a.shard_size, overwrite=a.overwrite, grade_workers=a.grade_workers)
     m = store.manifest()
-    print(f"rollouts: {store.root} ({len(store.done_shards())} shards, {m.get('generated_tokens', 0)} tokens generated this run)")
+    print(f"rollouts: {store.root} ({len(store.done_shards())} shards, {m.get('generated_tokens_last_run', 0)} tokens generated this run)")
 
 
 def cmd_grade(a):

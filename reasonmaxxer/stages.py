@@ -53,7 +53,7 @@ def sample_stage(out: str | Path, model_spec: str, problems: Sequence[Problem], 
     shards = [list(problems[i:i + shard_size]) for i in range(0, len(problems), shard_size)]
     todo = [i for i in range(len(shards)) if i not in store.done_shards()]
     if not todo:
-        store.update_manifest(complete=True)
+        store.update_manifest(complete=True, generated_tokens_last_run=0)
         return store
     if model is None:
         model, tokenizer = load_model(model_spec)
@@ -86,7 +86,8 @@ def sample_stage(out: str | Path, model_spec: str, problems: Sequence[Problem], 
             store.write_shard(i, rows)
     finally:
         bar.close()
-    store.update_manifest(complete=True, sample_seconds=round(time.time() - t0, 2), generated_tokens=state["ntok"])
+    store.update_manifest(complete=True, sample_seconds=round(time.time() - t0, 2), generated_tokens=state["ntok"],
+                          generated_tokens_last_run=state["ntok"])
     return store
 
 
