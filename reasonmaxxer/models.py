@@ -198,12 +198,27 @@ def base_dir_for(spec: str) -> str:
     return r.path
 
 
-def load_model(spec: str = DEFAULT_MODEL, *, base: str | None = None, dtype=None, device: str = "cpu", merge: bool = False):
+def default_device() -> str:
+    """"cuda" when a GPU is visible (then bf16 weights), else "cpu" (fp32). $REASONMAXXER_DEVICE overrides."""
+    import torch
+
+    return os.environ.get("REASONMAXXER_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(spec: str = DEFAULT_MODEL, *, base: str | None = None, dtype=None, device: str | None = None,
+               merge: bool = False):
     """Load (model, tokenizer) for a spec (see module docstring). Model is in eval mode.
+
+    device defaults to `default_device()`; dtype to bf16 on a GPU and fp32 on the CPU.
 
     `base` overrides the base model of a PEFT adapter dir. `merge=True` merges the adapter
     into the weights (returns a plain model) instead of returning a ``PeftModel``.
     """
+    import torch
+
+    device = device or default_device()
+    if dtype is None:
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     r = resolve_spec(spec)
     if r.kind != "adapter":
         return _hf_load(base_dir_for(spec), dtype, device)

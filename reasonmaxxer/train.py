@@ -248,8 +248,8 @@ def split_prefix_logits(model, ids: torch.Tensor, att: torch.Tensor, prefix_len:
     for layer in cache.layers:
         layer.keys = layer.keys.expand(B, -1, -1, -1)
         layer.values = layer.values.expand(B, -1, -1, -1)
-    mask = torch.cat([torch.ones((B, prefix_len), dtype=att.dtype), att[:, prefix_len:]], 1)
-    pos = (prefix_len + torch.arange(T - prefix_len)).expand(B, -1)
+    mask = torch.cat([torch.ones((B, prefix_len), dtype=att.dtype, device=att.device), att[:, prefix_len:]], 1)
+    pos = (prefix_len + torch.arange(T - prefix_len, device=ids.device)).expand(B, -1)
     rest = model(input_ids=ids[:, prefix_len:], attention_mask=mask, position_ids=pos, use_cache=True, **{kw: cache}).logits
     return out.logits, rest
 
@@ -292,7 +292,7 @@ def micro_batch_loss(model, frozen, ids, att, m, prefix_len: int, dec_denom: flo
         raise ValueError("anchor mask must be uniform over the shared prefix")
     w = int(rows.sum())
     if w and m.lam:
-        kl = anchor_kl(pre_b, pre_t, torch.ones((1, P), dtype=torch.bool), denom=anc_denom / w)
+        kl = anchor_kl(pre_b, pre_t, torch.ones((1, P), dtype=torch.bool, device=pre_t.device), denom=anc_denom / w)
         loss = loss + m.lam * kl
         stats["anchor"] += float(kl.detach())
         stats["anchor_tokens"] += w * P
@@ -431,8 +431,9 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
             for j, i in enumerate(mb):
                 gate[j, comp[j]] = gates[i]
             m = loss_masks(cfg.variant, gate=gate, completion_mask=comp, attention_mask=att, advantages=adv, lam=cfg.lam)
-            batches.append((ids, att, comp))
-            masks.append(m)
+            dev = next(model.parameters()).device
+            batches.append((ids.to(dev), att.to(dev), comp.to(dev)))
+            masks.append(type(m)(m.advantages.to(dev), m.decision.to(dev), m.anchor.to(dev), m.lam))
         dec_denom = max(1, sum(int(m.decision.sum()) for m in masks))
         anc_denom = max(1, sum(int(m.anchor.sum()) for m in masks))
         lr = lr_at(step, total_steps, cfg)
