@@ -343,12 +343,12 @@ def tier_table(problems, stores: dict) -> dict | None:
 def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = False) -> dict:
     """sample -> grade -> select -> score -> train -> eval (base, trained) -> report. Returns summary."""
     from .data import load_problems
-    from .evaluate import paired_difference, save_report, to_markdown
+    from .evaluate import paired_difference, save_report
     from .models import load_model
     from .prompts import get_template
-    from .selection import SelectionConfig, select
+    from .selection import SelectionConfig
     from .stages import evaluate_stores, sample_stage
-    from .train import example_gates, resolve_tau, train
+    from .train import example_gates, train
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

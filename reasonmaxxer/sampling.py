@@ -37,10 +37,9 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer

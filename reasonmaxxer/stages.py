@@ -60,7 +60,7 @@ def sample_stage(out: str | Path, model_spec: str, problems: Sequence[Problem], 
     sampler = HFSampler(model, tokenizer)
     total = sum(len(shards[i]) for i in todo) * cfg.n
     bar = tqdm(total=total, desc=f"sample {Path(out).name}", unit="seq", disable=not progress, dynamic_ncols=True)
-    t0, ntok = time.time(), 0
+    t0 = time.time()
     state = {"ntok": 0}
 
     def on_tokens(k):

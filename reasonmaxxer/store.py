@@ -26,7 +26,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -48,7 +48,6 @@ def test_loss_does_not_depend_on_micro_batch_split(tmp_path, tiny_tokenizer):
         cfg = TrainConfig(tau=1.0, micro_batch=mb, grad_accum=acc, lora_rank=4, lora_alpha=8, lr=1e-2,
                           warmup_steps=1, checkpoint_every=100, max_steps=1)
         model = make_tiny_model(len(tiny_tokenizer), seed=1)
-        from reasonmaxxer.train import attach_adapter
         train(exs, cfg, tmp_path / f"r{mb}", model, tiny_tokenizer, shuffle=False, progress=False, export=False)
         states.append(_lora_state(model))
         line = json.loads((tmp_path / f"r{mb}" / "metrics.jsonl").read_text().splitlines()[0])
