@@ -273,6 +273,17 @@ def cmd_calibrate(a):
     print(f"best tau: {res['best_tau']:g} nats (written: {a.out}/calibrate.json, calibrate.md)")
 
 
+def cmd_analyze(a):
+    from .analysis import run_analyze
+
+    _threads(a)
+    res = run_analyze(a.base, a.tuned, a.problems, a.out, template=a.template, limit=a.limit,
+                      max_new_tokens=a.max_new_tokens, data_dir=a.data_dir)
+    print((Path(a.out) / "analysis.md").read_text())
+    print(f"written: {a.out}/analysis.json, analysis.md, trajectories.jsonl")
+    return res
+
+
 def cmd_demo(a):
     print("reasonmaxxer demo: SmolLM2-135M-Instruct (embedded) on built-in arithmetic problems:\n"
           "sample -> grade -> select -> score -> train (LoRA, entropy gate) -> evaluate base vs trained -> report", flush=True)
@@ -362,6 +373,18 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--taus", type=float, nargs="+", default=[0.8, 1.2, 1.6, 2.0, 2.4], help="candidate tau values, nats")
             p.add_argument("--steps", type=int, default=8, help="optimizer steps per candidate")
         p.set_defaults(fn=fn)
+
+    p = sub.add_parser("analyze", help="token-level comparison of a tuned model with its base (reranked/shifted, entropy, KL/JS)")
+    p.add_argument("--base", default="smollm2-135m", help="base model spec")
+    p.add_argument("--tuned", required=True, help="tuned model: PEFT adapter dir, merged checkpoint or any HF model (same tokenizer)")
+    p.add_argument("--problems", default="arith:test:30")
+    p.add_argument("--template", default="fewshot")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_analyze)
 
     for name, fn, hlp in (("eval", cmd_eval, "accuracy of a model: avg@n pass@1, pass@k, maj@k, greedy"),):
         p = sub.add_parser(name, help=hlp)

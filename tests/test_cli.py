@@ -50,3 +50,7 @@ def test_grade_jsonl(tmp_path):
 def test_models_lists_the_embedded_default():
     r = run("models")
     assert r.returncode == 0 and "smollm2-135m" in r.stdout
+
+
+def test_analyze_rejects_a_missing_tuned_model(tmp_path):
+    _one_line_error(run("analyze", "--tuned", str(tmp_path / "nope"), "--out", str(tmp_path / "a")), "no such model")

@@ -1,0 +1,253 @@
+"""Token-level analysis (method.md section 2): hand-computed values and known-answer model pairs.
+
+The known-answer "tuned" model is the base wrapped by `EditedLogits`, which returns the base
+logits except at chosen absolute sequence positions, where it swaps the base argmax with the
+base's rank-r token: r <= 5 makes that position "reranked" (tuned rank r), r > 5 "shifted".
+"""
+import copy
+import json
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from torch import nn
+
+from reasonmaxxer.analysis import (
+    analyze,
+    auroc,
+    check_same_tokenizer,
+    compare_distributions,
+    run_analyze,
+    summarize,
+)
+from reasonmaxxer.errors import ReasonMaxxerError
+from reasonmaxxer.train import shared_prefix_logits
+
+LN2 = math.log(2)
+
+
+class EditedLogits(nn.Module):
+    """base model, except at absolute positions `edits` {pos: r}: swap argmax with base rank r.
+
+    Works with `split_prefix_logits` for any prefix length: the absolute position of each logits
+    row is taken from `position_ids` when given (the remainder call), else 0..T-1 (the prefix
+    call, or a plain full forward with right padding). `get_base_model` lets the cache-kwarg
+    probe inspect the real forward signature; all kwargs pass through unchanged.
+    """
+
+    def __init__(self, base, edits: dict[int, int]):
+        super().__init__()
+        self.base = base
+        self.edits = edits
+        self.config = base.config
+
+    def get_base_model(self):
+        return self.base
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kw):
+        out = self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
+        B, T = input_ids.shape
+        pos = position_ids if position_ids is not None else torch.arange(T).expand(B, -1)   # [B, T]
+        logits = out.logits.clone()                                                         # [B, T, V]
+        for b in range(B):
+            for t in range(T):
+                r = self.edits.get(int(pos[b, t]))
+                if r is None:
+                    continue
+                order = torch.argsort(logits[b, t], descending=True, stable=True)
+                a, o = order[0].item(), order[r - 1].item()
+                la, lo = logits[b, t, a].clone(), logits[b, t, o].clone()
+                logits[b, t, a], logits[b, t, o] = lo, la
+        out.logits = logits
+        return out
+
+
+# -- compare_distributions on hand-computed V=4 rows ----------------------------------------
+def test_compare_distributions_hand_values():
+    l = torch.log(torch.tensor([4.0, 2.0, 1.0, 1.0]))            # p = [.5, .25, .125, .125]
+    swapped = torch.log(torch.tensor([2.0, 4.0, 1.0, 1.0]))      # q = [.25, .5, .125, .125]
+    base = torch.stack([l, l, l])
+    tuned = torch.stack([swapped, l, torch.log(torch.tensor([1.0, 2.0, 4.0, 1.0]))])
+    d = compare_distributions(base, tuned, k=5)
+    # H(p) = .5 ln2 + .25 ln4 + 2 * .125 ln8 = 1.75 ln2
+    assert torch.allclose(d["base_entropy"], torch.full((3,), 1.75 * LN2), atol=1e-6)
+    assert d["base_argmax"].tolist() == [0, 0, 0]
+    assert d["tuned_argmax"].tolist() == [1, 0, 2]
+    assert d["tuned_rank_in_base"].tolist() == [2, 1, 3]
+    assert d["cls"].tolist() == [1, 0, 1]
+    # row 0: KL(p||q) = .5 ln(.5/.25) + .25 ln(.25/.5) = .25 ln2; symmetric here
+    assert d["kl_base_tuned"][0].item() == pytest.approx(0.25 * LN2, abs=1e-6)
+    assert d["kl_tuned_base"][0].item() == pytest.approx(0.25 * LN2, abs=1e-6)
+    # m = [.375, .375, .125, .125]: JS = .5 [.5 ln(.5/.375) + .25 ln(.25/.375)] * 2
+    assert d["js"][0].item() == pytest.approx(0.5 * math.log(4 / 3) + 0.25 * math.log(2 / 3), abs=1e-6)
+    # identical row: exactly zero
+    assert d["kl_base_tuned"][1].item() == 0 and d["kl_tuned_base"][1].item() == 0 and d["js"][1].item() == 0
+    # row 2 (q = [1,2,4,1]/8 -> tuned argmax = base rank 3): shifted when k = 2, reranked at k = 3
+    assert compare_distributions(base, tuned, k=2)["cls"].tolist() == [1, 0, 2]
+    assert compare_distributions(base, tuned, k=1)["cls"].tolist() == [2, 0, 2]
+
+
+def test_compare_distributions_ties_and_bounds():
+    base = torch.tensor([[1.0, 1.0, 0.0, 0.0]])     # tie: base argmax is index 0 (first)
+    tuned = torch.tensor([[0.0, 2.0, 0.0, 0.0]])
+    d = compare_distributions(base, tuned)
+    assert d["tuned_rank_in_base"].item() == 2 and d["cls"].item() == 1
+    # disjoint-ish distributions: JS approaches ln 2 from below
+    d = compare_distributions(torch.tensor([[50.0, 0, 0, 0]]), torch.tensor([[0, 50.0, 0, 0]]))
+    assert 0.69 < d["js"].item() <= LN2 + 1e-6
+    with pytest.raises(ReasonMaxxerError):
+        compare_distributions(torch.zeros(2, 4), torch.zeros(2, 5))
+
+
+# -- auroc -----------------------------------------------------------------------------------
+def test_auroc_with_ties_by_hand():
+    # pos {0.4, 0.8}, neg {0.1, 0.4, 0.4}: pairs won 1 + .5 + .5 (for 0.4) + 3 (for 0.8) = 5 of 6
+    # ranks: .1 -> 1, the three .4 -> 3 (avg of 2,3,4), .8 -> 5; U = (3 + 5) - 3 = 5
+    s = torch.tensor([0.1, 0.4, 0.4, 0.8, 0.4])
+    y = torch.tensor([0, 1, 0, 1, 0])
+    assert auroc(s, y) == pytest.approx(5 / 6)
+    assert auroc(-s, y) == pytest.approx(1 / 6)
+    assert auroc(torch.ones(4), torch.tensor([0, 1, 0, 1])) == 0.5
+    assert math.isnan(auroc(s, torch.zeros(5)))
+    assert math.isnan(auroc(s, torch.ones(5)))
+
+
+# -- summarize ---------------------------------------------------------------------------------
+def test_summarize_by_hand():
+    per = {
+        "cls": torch.tensor([0, 0, 1, 1, 2, 0]),
+        "base_entropy": torch.tensor([0.5, 1.0, 3.0, 6.0, 2.0, 1.5]),
+        "tuned_rank_in_base": torch.tensor([1, 1, 2, 3, 8, 1]),
+        "js": torch.tensor([0.0, 0.0, 0.2, 0.05, 0.3, 0.0]),
+        "kl_base_tuned": torch.zeros(6), "kl_tuned_base": torch.zeros(6),
+    }
+    frac = torch.tensor([0.0, 0.5, 0.55, 0.99, 0.05, 0.3])
+    s = summarize(per, frac, js_threshold=0.1, k=5)
+    assert (s["n_unshifted"], s["n_reranked"], s["n_shifted"]) == (3, 2, 1)
+    assert s["reranked_pct"] == pytest.approx(100 * 2 / 6)
+    assert s["shifted_pct"] == pytest.approx(100 / 6)
+    assert s["rank_hist"] == {"1": 3, "2": 1, "3": 1, "4": 0, "5": 0, ">5": 1}
+    assert s["mean_tuned_rank_changed"] == pytest.approx(13 / 3)
+    # reranked mean (3 + 6) / 2 = 4.5; unshifted mean (0.5 + 1 + 1.5) / 3 = 1.0; ratio 4.5
+    assert s["entropy_reranked"] == pytest.approx(4.5)
+    assert s["entropy_unshifted"] == pytest.approx(1.0)
+    assert s["entropy_ratio"] == pytest.approx(4.5)
+    # positives {3, 6} above every negative {0.5, 1, 2, 1.5}
+    assert s["auroc_entropy_reranked"] == 1.0
+    assert s["js_frac_above"] == pytest.approx(2 / 6)
+    assert s["js_quantiles"]["max"] == pytest.approx(0.3)
+    # changes at fractions .55, .99, .05 -> bins 5, 9, 0
+    assert s["change_position_hist"] == [1, 0, 0, 0, 0, 1, 0, 0, 0, 1]
+    assert sum(s["position_hist"]) == 6
+    empty = summarize({k: torch.zeros(0) for k in per}, torch.zeros(0))
+    assert empty["n_positions"] == 0 and math.isnan(empty["reranked_pct"])
+
+
+# -- tokenizer check -----------------------------------------------------------------------
+def _word_tokenizer(words):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+def test_check_same_tokenizer(tiny_tokenizer):
+    check_same_tokenizer(tiny_tokenizer, copy.deepcopy(tiny_tokenizer))
+    bigger = copy.deepcopy(tiny_tokenizer)
+    bigger.add_tokens(["<extra>"])
+    n = len(tiny_tokenizer)
+    with pytest.raises(ReasonMaxxerError, match=f"{n} vs {n + 1}"):
+        check_same_tokenizer(tiny_tokenizer, bigger)
+    a = _word_tokenizer(["<unk>", "a", "b", "c"])
+    b = _word_tokenizer(["<unk>", "a", "c", "b"])
+    with pytest.raises(ReasonMaxxerError, match=r"token id 2 \('b' vs 'c'\)"):
+        check_same_tokenizer(a, b)
+
+
+# -- known-answer model pairs ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def base_model(tiny_tokenizer):
+    return make_tiny_model(len(tiny_tokenizer), seed=3, init_std=0.2)
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_tokenizer):
+    shared = "Q: add the numbers. "                       # shared prefix -> split_prefix_logits path
+    qs = ["1+2=", "17+5=?", "3", "40+41+42="]
+    return [tiny_tokenizer(shared + q, add_special_tokens=False)["input_ids"] for q in qs]
+
+
+def test_wrapper_matches_split_prefix(base_model):
+    """The wrapper with edits gives the same logits through the shared-prefix path as in one pass."""
+    w = EditedLogits(base_model, {5: 2, 9: 8})
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [5, 6, 7, 8, 20, 21, 22, 23, 24, 25, 26, 27]])
+    att = torch.ones_like(ids)
+    full = w(input_ids=ids, attention_mask=att).logits
+    split = shared_prefix_logits(w, ids, att, 4)
+    assert torch.allclose(full, split, atol=1e-4)
+    base = base_model(input_ids=ids, attention_mask=att).logits
+    assert (full[:, 5].argmax(-1) != base[:, 5].argmax(-1)).all()
+    assert torch.equal(full[:, :5], base[:, :5])
+
+
+def _expected(records, edits):
+    """Count of edited positions of each rank that fall on generated positions (logits row p-1+j)."""
+    counts = {}
+    for r in records:
+        p, c = r["prompt_len"], len(r["token_ids"])
+        for pos, rank in edits.items():
+            if p - 1 <= pos <= p + c - 2:
+                counts[rank] = counts.get(rank, 0) + 1
+    return counts
+
+
+def test_analyze_known_answer(base_model, tiny_tokenizer, prompts):
+    lens = sorted(len(p) for p in prompts)
+    # positions inside every completion (all prompts + >= 1 token) and some only inside some
+    edits = {lens[-1] + 1: 2, lens[-1] + 3: 8, lens[0] + 2: 2, lens[-1] + 5: 3, lens[0]: 8}
+    tuned = EditedLogits(base_model, edits)
+    records, s = analyze(base_model, tuned, tiny_tokenizer, prompts, max_new_tokens=12, batch_size=3)
+    assert len(records) == len(prompts) and s["n_trajectories"] == 4
+    exp = _expected(records, edits)
+    n_rr = exp.get(2, 0) + exp.get(3, 0)
+    n_sh = exp.get(8, 0)
+    assert n_rr >= 3 and n_sh >= 2                      # the test exercises both classes
+    assert s["n_reranked"] == n_rr and s["n_shifted"] == n_sh
+    assert s["n_positions"] == sum(len(r["token_ids"]) for r in records)
+    assert s["rank_hist"]["2"] == exp.get(2, 0) and s["rank_hist"]["3"] == exp.get(3, 0)
+    assert s["rank_hist"][">5"] == n_sh
+    assert s["rank_hist"]["1"] == s["n_positions"] - n_rr - n_sh
+    for r in records:
+        p = r["prompt_len"]
+        assert len(r["cls"]) == len(r["token_ids"]) == len(r["tokens"]) == len(r["js"])
+        for j, c in enumerate(r["cls"]):
+            rank = edits.get(p - 1 + j)
+            if rank is None:
+                assert c == 0 and r["kl_base_tuned"][j] == 0 and r["kl_tuned_base"][j] == 0 and r["js"][j] == 0
+                assert r["tuned_argmax"][j] == r["base_argmax"][j]
+            else:
+                assert c == (1 if rank <= 5 else 2) and r["tuned_rank_in_base"][j] == rank
+                assert r["js"][j] > 0 and r["kl_base_tuned"][j] > 0
+    assert s["teacher_forced_argmax_mismatch"] <= 0.05
+    # no edits: everything unshifted, zero divergence
+    _, s0 = analyze(base_model, EditedLogits(base_model, {}), tiny_tokenizer, prompts[:2], max_new_tokens=6)
+    assert s0["n_unshifted"] == s0["n_positions"] > 0 and s0["js_quantiles"]["max"] == 0
+
+
+def test_run_analyze_writes_files(tmp_path, base_model, tiny_tokenizer, monkeypatch):
+    d = tmp_path / "m"
+    base_model.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    monkeypatch.setenv("REASONMAXXER_DEVICE", "cpu")
+    out = tmp_path / "out"
+    res = run_analyze(str(d), str(d), "arith:test:2", out, template="mistral", max_new_tokens=4)
+    js = json.loads((out / "analysis.json").read_text())
+    assert js["summary"]["n_reranked"] == 0 and js["summary"]["n_positions"] > 0
+    assert js["config"]["template"] == "mistral" and res["summary"]["n_trajectories"] == 2
+    md = (out / "analysis.md").read_text()
+    assert "| reranked |" in md and "1.0-4.1%" in md and "5-12x" in md
+    assert len((out / "trajectories.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(ReasonMaxxerError, match="empty"):
+        run_analyze(str(d), str(d), "arith:test:2", tmp_path / "o2", limit=0)
