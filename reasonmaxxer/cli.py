@@ -284,6 +284,17 @@ def cmd_analyze(a):
     return res
 
 
+def cmd_intervene(a):
+    from .intervene import run_intervene
+
+    _threads(a)
+    run_intervene(a.base, a.tuned, a.problems, a.out, template=a.template, limit=a.limit,
+                  max_new_tokens=a.max_new_tokens, taus=tuple(a.taus), random_seeds=tuple(range(a.random_seeds)),
+                  js_eps=a.js_eps, data_dir=a.data_dir)
+    print((Path(a.out) / "intervene.md").read_text())
+    print(f"written: {a.out}/intervene.json, intervene.md, tau_sweep.png")
+
+
 def cmd_demo(a):
     print("reasonmaxxer demo: SmolLM2-135M-Instruct (embedded) on built-in arithmetic problems:\n"
           "sample -> grade -> select -> score -> train (LoRA, entropy gate) -> evaluate base vs trained -> report", flush=True)
@@ -385,6 +396,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_analyze)
+
+    p = sub.add_parser("intervene", help="causal checks: oracle, random control, entropy-gated sweep, cross-sampling")
+    p.add_argument("--base", default="smollm2-135m", help="base model spec")
+    p.add_argument("--tuned", required=True, help="tuned model: PEFT adapter dir, merged checkpoint or any HF model")
+    p.add_argument("--problems", default="arith:test:30")
+    p.add_argument("--template", default="fewshot")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--taus", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0, 2.5], help="entropy thresholds, nats")
+    p.add_argument("--random-seeds", type=int, default=3, help="seeds of the random control")
+    p.add_argument("--js-eps", type=float, default=0.1, help="JS threshold (nats) for cross-sampling")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_intervene)
 
     for name, fn, hlp in (("eval", cmd_eval, "accuracy of a model: avg@n pass@1, pass@k, maj@k, greedy"),):
         p = sub.add_parser(name, help=hlp)
