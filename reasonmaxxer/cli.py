@@ -279,8 +279,17 @@ def cmd_analyze(a):
     _threads(a)
     res = run_analyze(a.base, a.tuned, a.problems, a.out, template=a.template, limit=a.limit,
                       max_new_tokens=a.max_new_tokens, data_dir=a.data_dir)
+    from .explorer import analysis_plots, write_explorer, write_fork_atlas
+
+    analysis_plots(a.out)
+    write_explorer(a.out)
+    try:
+        write_fork_atlas(a.out)
+        atlas = ", fork_atlas.html"
+    except ReasonMaxxerError as e:   # e.g. no reranked position at all: nothing to build an atlas from
+        atlas = f" (no fork atlas: {e})"
     print((Path(a.out) / "analysis.md").read_text())
-    print(f"written: {a.out}/analysis.json, analysis.md, trajectories.jsonl")
+    print(f"written: {a.out}/analysis.json, analysis.md, trajectories.jsonl, explorer.html, plots/{atlas}")
     return res
 
 
