@@ -138,6 +138,7 @@ class RolloutStore:
         information written beside it (versions, timings, human-readable notes).
         """
         h = config_hash(config)
+        self._remove_stale_temp_files()
         if self.exists():
             m = self.manifest()
             if m.get("config_hash") == h:
@@ -153,6 +154,14 @@ class RolloutStore:
             m.update(describe)
         atomic_write_json(self.manifest_path, m)
         return m
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files left by a process killed mid-write (the real files are intact: writes are
+        temp + rename). One writer per store is assumed, so any temp file here is stale."""
+        for d in (self.root, self.root / "shards"):
+            if d.is_dir():
+                for p in d.glob(".*.tmp"):
+                    p.unlink(missing_ok=True)
 
     def done_shards(self) -> set[int]:
         d = self.root / "shards"
