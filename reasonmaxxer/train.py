@@ -402,6 +402,9 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
     ckdir = out / "checkpoints"
+    for stale in list(ckdir.glob(".step-*")) + list(ckdir.glob(".*.tmp")) + list(out.glob(".*.tmp")):
+        # left by a process killed mid-write (checkpoints are temp + rename, so the real ones are intact)
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     start, history = 0, []
     last = _latest_checkpoint(ckdir)
     if last is not None:

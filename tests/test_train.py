@@ -159,6 +159,7 @@ def test_sigkill_and_resume_gives_the_same_adapter(tmp_path):
         assert torch.equal(a[k], b[k]), k
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
+    assert not list((run / "checkpoints").glob(".*"))   # no temp files or dirs left by the kill
 
 
 def test_shared_prefix_logits_and_grads_equal_the_plain_forward(tiny_tokenizer):
