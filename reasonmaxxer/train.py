@@ -43,7 +43,7 @@ from .errors import ReasonMaxxerError
 from .gating import check_gate_nonempty, entropy_gate, gated_fraction, random_gate_like, tau_for_fraction
 from .losses import anchor_kl, loss_masks, reasonmaxxer_loss
 from .scoring import token_logprobs
-from .store import atomic_write_json, package_versions
+from .store import atomic_write_bytes, atomic_write_json, package_versions
 
 
 @dataclass(frozen=True)
@@ -415,9 +415,14 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
         if progress:
             print(f"[train] resuming from {last.name}", flush=True)
     metrics_path = out / "metrics.jsonl"
-    if metrics_path.is_file():   # drop metric lines of steps after the checkpoint we resume from
-        lines = [l for l in metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= start]
-        metrics_path.write_text("".join(l + "\n" for l in lines))
+    if metrics_path.is_file():   # keep metric lines up to the checkpoint we resume from (a torn last line is dropped)
+        def _step(line):
+            try:
+                return json.loads(line)["step"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                return None
+        lines = [l for l in metrics_path.read_text().splitlines() if (_step(l) or start + 1) <= start]
+        atomic_write_bytes(metrics_path, "".join(l + "\n" for l in lines).encode())
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
