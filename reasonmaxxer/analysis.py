@@ -323,21 +323,18 @@ def render_markdown(summary: dict, config: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_analyze(base_spec: str, tuned_spec: str, problems_spec: str, out_dir, *, template: str = "fewshot",
-                limit: int | None = None, max_new_tokens: int = 256, data_dir=None, batch_size: int = 8) -> dict:
-    """Load both models, render prompts, run `analyze`, write analysis.json / analysis.md /
-    trajectories.jsonl under out_dir (atomically). Returns {"config", "summary", "paths"}.
+def load_pair(base_spec: str, tuned_spec: str, problems_spec: str, *, template: str, limit, data_dir, what: str):
+    """Problems, template, both models (same tokenizer checked) and the rendered prompt ids.
 
-    tuned_spec may be a PEFT adapter dir, a merged checkpoint or any HF model (`load_model`).
+    Returns (problems, template, base, tuned, tokenizer, prompts_ids). Shared by analyze and intervene.
     """
     from .data import load_problems
     from .models import load_model
     from .prompts import get_template, render_prompt
-    from .store import atomic_write_bytes, atomic_write_json
 
     problems = load_problems(problems_spec, data_dir=data_dir, limit=limit)
     if not problems:
-        raise ReasonMaxxerError(f"analysis: problem set {problems_spec!r} is empty (limit={limit})")
+        raise ReasonMaxxerError(f"{what}: problem set {problems_spec!r} is empty (limit={limit})")
     tmpl = get_template(template)
     base, btok = load_model(base_spec)
     tuned, ttok = load_model(tuned_spec)
@@ -346,8 +343,22 @@ def run_analyze(base_spec: str, tuned_spec: str, problems_spec: str, out_dir, *,
     for p in problems:
         ids = list(btok(render_prompt(tmpl, p.question, btok), add_special_tokens=False)["input_ids"])
         if not ids:
-            raise ReasonMaxxerError(f"analysis: problem {p.id} renders to an empty prompt")
+            raise ReasonMaxxerError(f"{what}: problem {p.id} renders to an empty prompt")
         prompts.append(ids)
+    return problems, tmpl, base, tuned, btok, prompts
+
+
+def run_analyze(base_spec: str, tuned_spec: str, problems_spec: str, out_dir, *, template: str = "fewshot",
+                limit: int | None = None, max_new_tokens: int = 256, data_dir=None, batch_size: int = 8) -> dict:
+    """Load both models, render prompts, run `analyze`, write analysis.json / analysis.md /
+    trajectories.jsonl under out_dir (atomically). Returns {"config", "summary", "paths"}.
+
+    tuned_spec may be a PEFT adapter dir, a merged checkpoint or any HF model (`load_model`).
+    """
+    from .store import atomic_write_bytes, atomic_write_json
+
+    problems, tmpl, base, tuned, btok, prompts = load_pair(base_spec, tuned_spec, problems_spec, template=template,
+                                                           limit=limit, data_dir=data_dir, what="analysis")
     records, summary = analyze(base, tuned, btok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     config = {"base": base_spec, "tuned": tuned_spec, "problems": problems_spec, "limit": limit,
               "template": tmpl.name, "max_new_tokens": max_new_tokens, "batch_size": batch_size,

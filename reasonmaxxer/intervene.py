@@ -331,28 +331,14 @@ def run_intervene(base_spec: str, tuned_spec: str, problems_spec: str, out_dir, 
                   random_seeds=(0, 1, 2), js_eps: float = 0.1, data_dir=None, batch_size: int = 8) -> dict:
     """Run every condition, grade strictly, write out_dir/intervene.json, intervene.md and
     tau_sweep.png (atomically). Returns {"config", "rows", "tau_sweep", "paths"}."""
-    from .analysis import _jsonable, check_same_tokenizer
-    from .data import load_problems
-    from .models import load_model
-    from .prompts import get_template, render_prompt
+    from .analysis import _jsonable, load_pair
     from .store import atomic_write_bytes, atomic_write_json
     from .verify import grade_many
 
     if not random_seeds:
         raise ReasonMaxxerError("intervene: random_seeds must name at least one seed")
-    problems = load_problems(problems_spec, data_dir=data_dir, limit=limit)
-    if not problems:
-        raise ReasonMaxxerError(f"intervene: problem set {problems_spec!r} is empty (limit={limit})")
-    tmpl = get_template(template)
-    base, btok = load_model(base_spec)
-    tuned, ttok = load_model(tuned_spec)
-    check_same_tokenizer(btok, ttok)
-    prompts = []
-    for p in problems:
-        ids = list(btok(render_prompt(tmpl, p.question, btok), add_special_tokens=False)["input_ids"])
-        if not ids:
-            raise ReasonMaxxerError(f"intervene: problem {p.id} renders to an empty prompt")
-        prompts.append(ids)
+    problems, tmpl, base, tuned, btok, prompts = load_pair(base_spec, tuned_spec, problems_spec, template=template,
+                                                           limit=limit, data_dir=data_dir, what="intervene")
     eos = _eos_ids(base, btok)
     pad = btok.pad_token_id if btok.pad_token_id is not None else (min(eos) if eos else 0)
     golds = [p.answer for p in problems]

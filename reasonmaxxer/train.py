@@ -31,7 +31,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from .errors import ReasonMaxxerError
 from .gating import check_gate_nonempty, entropy_gate, gated_fraction, random_gate_like, tau_for_fraction
 from .losses import anchor_kl, loss_masks, reasonmaxxer_loss
 from .scoring import token_logprobs
-from .store import atomic_write_bytes, atomic_write_json, package_versions
+from .store import atomic_dir, atomic_write_bytes, atomic_write_json, package_versions
 
 
 @dataclass(frozen=True)
@@ -318,20 +317,13 @@ def _load_trainable_state(model, state: dict, full: bool) -> None:
 
 
 def _save_checkpoint(ckdir: Path, step: int, model, opt, cfg: TrainConfig, extra: dict) -> Path:
-    final = ckdir / f"step-{step:06d}"
-    ckdir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", dir=ckdir))
-    try:
+    def fill(tmp: Path):
         torch.save({"model": _trainable_state(model, cfg.full_finetune), "optim": opt.state_dict(),
                     "step": step, "extra": extra}, tmp / "state.pt")
         with open(tmp / "state.pt", "rb") as f:
             os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    final = atomic_dir(ckdir / f"step-{step:06d}", fill)
     atomic_write_json(ckdir / "latest.json", {"step": step, "path": final.name})
     return final
 
@@ -510,18 +502,8 @@ def export_model(model, tokenizer, out: Path, base_spec: str, full: bool) -> dic
     out = Path(out)
     paths = {}
 
-    def atomic_dir(name, fn):
-        final = out / name
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
-        try:
-            fn(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        paths[name] = str(final)
+    def write(name, fill):
+        paths[name] = str(atomic_dir(out / name, fill))
 
     model.eval()
     if not full:
@@ -532,7 +514,7 @@ def export_model(model, tokenizer, out: Path, base_spec: str, full: bool) -> dic
             c["base_model_name_or_path"] = base_spec or c.get("base_model_name_or_path")
             cfgp.write_text(json.dumps(c, indent=2))
             tokenizer.save_pretrained(d)
-        atomic_dir("adapter", save_adapter)
+        write("adapter", save_adapter)
         import copy
 
         merged = copy.deepcopy(model).merge_and_unload()
@@ -542,5 +524,5 @@ def export_model(model, tokenizer, out: Path, base_spec: str, full: bool) -> dic
     def save_merged(d):
         merged.save_pretrained(d)
         tokenizer.save_pretrained(d)
-    atomic_dir("merged", save_merged)
+    write("merged", save_merged)
     return {"adapter": paths.get("adapter"), "merged": paths["merged"]}
