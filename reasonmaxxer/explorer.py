@@ -43,7 +43,8 @@ from typing import Any
 import numpy as np
 
 from .errors import ReasonMaxxerError
-from .report import _CSS, _figure, _g, _png, _visible, atomic_write_bytes
+from .report import _CSS, _figure, _g, _png, _visible
+from .store import atomic_write_bytes
 
 PLOT_NAMES = ("entropy_reranked_vs_unshifted.png", "rank_histogram.png", "roc.png")
 REQUIRED_KEYS = ("tokens", "token_ids", "base_entropy", "base_argmax", "tuned_argmax", "tuned_rank_in_base", "cls")

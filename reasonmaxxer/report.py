@@ -31,9 +31,7 @@ import base64
 import io
 import json
 import math
-import os
 import re
-import tempfile
 import unicodedata
 import warnings
 from dataclasses import dataclass
@@ -44,6 +42,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .errors import ReasonMaxxerError
+from .store import atomic_write_bytes
 
 PLOT_NAMES = ("accuracy.png", "entropy_hist.png", "curves.png")
 Z95 = 1.959963984540054
@@ -154,21 +153,6 @@ def write_train_report(
     atomic_write_bytes(md_path, _render_md(title, blocks, __version__).encode("utf-8"))
     atomic_write_bytes(html_path, _render_html(title, blocks, __version__).encode("utf-8"))
     return md_path, html_path
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write via a temporary file in the same directory + fsync + os.replace (readable: 0644)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)   # mkstemp creates 0600; a report is meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- formatting
