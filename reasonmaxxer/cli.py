@@ -44,6 +44,17 @@ def _add_sampling(p, n=4, temperature=0.7, max_new_tokens=256):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 
 
+def _add_pair(p):
+    """Flags shared by analyze and intervene: a base/tuned pair and the problems to decode."""
+    p.add_argument("--base", default="smollm2-135m", help="base model spec")
+    p.add_argument("--tuned", required=True, help="tuned model: PEFT adapter dir, merged checkpoint or any HF model (same tokenizer)")
+    p.add_argument("--problems", default="arith:test:30")
+    p.add_argument("--template", default="fewshot")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+
+
 def _sampling_config(a):
     from .sampling import SamplingConfig
 
@@ -395,25 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
 
     p = sub.add_parser("analyze", help="token-level comparison of a tuned model with its base (reranked/shifted, entropy, KL/JS)")
-    p.add_argument("--base", default="smollm2-135m", help="base model spec")
-    p.add_argument("--tuned", required=True, help="tuned model: PEFT adapter dir, merged checkpoint or any HF model (same tokenizer)")
-    p.add_argument("--problems", default="arith:test:30")
-    p.add_argument("--template", default="fewshot")
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    _add_pair(p)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_analyze)
 
     p = sub.add_parser("intervene", help="causal checks: oracle, random control, entropy-gated sweep, cross-sampling")
-    p.add_argument("--base", default="smollm2-135m", help="base model spec")
-    p.add_argument("--tuned", required=True, help="tuned model: PEFT adapter dir, merged checkpoint or any HF model")
-    p.add_argument("--problems", default="arith:test:30")
-    p.add_argument("--template", default="fewshot")
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    _add_pair(p)
     p.add_argument("--taus", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0, 2.5], help="entropy thresholds, nats")
     p.add_argument("--random-seeds", type=int, default=3, help="seeds of the random control")
     p.add_argument("--js-eps", type=float, default=0.1, help="JS threshold (nats) for cross-sampling")

@@ -47,9 +47,10 @@ class EditedLogits(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, **kw):
         out = self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
-        B, T = input_ids.shape
-        pos = position_ids if position_ids is not None else torch.arange(T).expand(B, -1)   # [B, T]
-        logits = out.logits.clone()                                                         # [B, T, V]
+        logits = out.logits.clone()                                                         # [B, T', V]
+        B, T = logits.shape[:2]
+        pos = position_ids if position_ids is not None else torch.arange(input_ids.shape[1]).expand(B, -1)
+        pos = pos[:, -T:]   # the returned rows (all, or the last `logits_to_keep` in a cached decode)
         for b in range(B):
             for t in range(T):
                 r = self.edits.get(int(pos[b, t]))

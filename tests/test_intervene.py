@@ -1,6 +1,6 @@
 """Oracle interventions (method.md section 2, causal checks): known-answer model pairs.
 
-The "tuned" model is the base wrapped by `CachedEditedLogits` (the `EditedLogits` idea of
+The "tuned" model is the base wrapped by `EditedLogits` (the `EditedLogits` idea of
 test_analysis.py): base logits, except at chosen absolute positions, where the base argmax is
 swapped with the base's rank-r token. So the tuned argmax differs from the base argmax exactly
 at the edited positions, whatever the prefix. The wrapper reads absolute positions from
@@ -30,27 +30,6 @@ from reasonmaxxer.intervene import (
 )
 
 N_NEW = 10
-
-
-class CachedEditedLogits(EditedLogits):
-    """EditedLogits for the cached decode: the logits rows returned (the last `logits_to_keep`)
-    take their absolute positions from the matching tail of `position_ids`."""
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, **kw):
-        out = self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
-        logits = out.logits.clone()                                          # [B, T', V]
-        B, T = logits.shape[:2]
-        pos = position_ids[:, -T:]                                           # [B, T']
-        for b in range(B):
-            for t in range(T):
-                r = self.edits.get(int(pos[b, t]))
-                if r is None:
-                    continue
-                order = torch.argsort(logits[b, t], descending=True, stable=True)
-                a, o = order[0].item(), order[r - 1].item()
-                logits[b, t, a], logits[b, t, o] = logits[b, t, o].clone(), logits[b, t, a].clone()
-        out.logits = logits
-        return out
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +66,7 @@ def _decode(base, tuned, prompts, rule, eos=frozenset(), **kw):
 
 @pytest.fixture(scope="module")
 def runs(base_model, prompts, edits, tiny_tokenizer):
-    tuned = CachedEditedLogits(base_model, edits)
+    tuned = EditedLogits(base_model, edits)
     out = {r.label: _decode(base_model, tuned, prompts, r, tokenizer=tiny_tokenizer)
            for r in (base_greedy(), tuned_greedy(), oracle(), random_control(0), random_control(1),
                      entropy_gated(math.inf), entropy_gated(-1.0), cross_forward(-1.0), cross_reverse(-1.0),
@@ -129,7 +108,7 @@ def test_oracle_reproduces_tuned_greedy(runs, prompts, edits):
 
 
 def test_base_greedy_matches_hf_generate(base_model, prompts, tiny_tokenizer):
-    tuned = CachedEditedLogits(base_model, {})
+    tuned = EditedLogits(base_model, {})
     eos = {tiny_tokenizer.eos_token_id}
     recs = mixed_decode(base_model, tuned, prompts, base_greedy(), max_new_tokens=N_NEW, eos_ids=eos, batch_size=3)
     assert not any(any(r["touched"]) for r in recs)
@@ -152,7 +131,7 @@ def test_random_control_touches_oracle_positions(runs, prompts, edits):
 
 
 def test_random_control_never_emits_base_argmax(base_model, prompts, edits):
-    tuned = CachedEditedLogits(base_model, edits)
+    tuned = EditedLogits(base_model, edits)
     recs = _decode(base_model, tuned, prompts, random_control(7))
     checked = 0
     for p, r in zip(prompts, recs):
