@@ -123,23 +123,14 @@ def cmd_grade(a):
         raise ReasonMaxxerError(f"{src}: no such file or rollout store")
     from .verify import grade_many, parse_failures
 
+    from .data import _read_jsonl   # the project's JSONL reader: path:line errors, empty-file check
+
     rows = []
-    with open(src) as f:
-        for ln, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ReasonMaxxerError(f"{src}:{ln}: invalid JSON ({e.msg})") from None
-            if not isinstance(r, dict):
-                raise ReasonMaxxerError(f"{src}:{ln}: expected a JSON object")
-            for fld in (a.answer_field, a.completion_field):
-                if fld not in r:
-                    raise ReasonMaxxerError(f"{src}:{ln}: missing field '{fld}' (has: {', '.join(sorted(r))})")
-            rows.append(r)
-    if not rows:
-        raise ReasonMaxxerError(f"{src}: empty file")
+    for where, r in _read_jsonl(src):
+        for fld in (a.answer_field, a.completion_field):
+            if fld not in r:
+                raise ReasonMaxxerError(f"{where}: missing field '{fld}' (has: {', '.join(sorted(r))})")
+        rows.append(r)
     grades = grade_many([str(r[a.answer_field]) for r in rows], [str(r[a.completion_field]) for r in rows],
                         workers=a.grade_workers, progress=True)
     out_lines = []
