@@ -306,6 +306,30 @@ def cmd_intervene(a):
     print(f"written: {a.out}/intervene.json, intervene.md, tau_sweep.png")
 
 
+def cmd_baseline(a):
+    from .baselines import load_baseline_config, run_baseline
+
+    keys = ("out", "model", "template", "train_problems", "test_problems", "data_dir", "loss_type", "beta", "lr",
+            "prompts_per_step", "num_generations", "max_new_tokens", "lora_rank", "full_finetune", "max_steps",
+            "max_train_seconds", "eval_every", "eval_at_start", "seed", "threads")
+    over = {k: getattr(a, k) for k in keys}
+    over["method"] = a.method
+    if over["out"] is None and not a.config:
+        over["out"] = f"runs/baseline-{a.method}"
+    res = run_baseline(load_baseline_config(a.config, **over))
+    f = res.get("final") or {}
+    acc = ", ".join(f"{k} {f[k]:.3f}" for k in ("greedy", "avg_at_n") if f.get(k) is not None)
+    print(f"{res['method']}: {res['steps']} steps, {res['train_seconds']:.0f} s of training, {res['flops']:.3g} FLOPs; "
+          f"held-out {acc}; curve: {Path(res['adapter' if 'adapter' in res else 'model']).parent / 'curve.jsonl'}")
+
+
+def cmd_compare(a):
+    from .compare import run_compare
+
+    md = run_compare(a.runs, a.out, reference=a.reference, metric=a.metric, gpu_hour_price=a.gpu_hour_price)
+    print(md)
+
+
 def cmd_demo(a):
     print("reasonmaxxer demo: SmolLM2-135M-Instruct (embedded) on built-in arithmetic problems:\n"
           "sample -> grade -> select -> score -> train (LoRA, entropy gate) -> evaluate base vs trained -> report", flush=True)
@@ -410,6 +434,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_intervene)
+
+    p = sub.add_parser("baseline", help="an RL baseline through TRL (grpo, grpo-entropy, dr-grpo, rloo), evaluated along the way")
+    p.add_argument("method", choices=["grpo", "grpo-entropy", "dr-grpo", "rloo"])
+    p.add_argument("--config", default=None, help="TOML file with BaselineConfig keys (+ an [eval] table); flags win")
+    p.add_argument("--out", default=None, help="run dir (default runs/baseline-<method>); re-run to resume")
+    p.add_argument("--model", default=None)
+    p.add_argument("--template", default=None)
+    p.add_argument("--train-problems", default=None)
+    p.add_argument("--test-problems", default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--loss-type", default=None, help="TRL loss_type (grpo default: TRL's, 'dapo')")
+    p.add_argument("--beta", type=float, default=None, help="KL coefficient (default: TRL's)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--prompts-per-step", type=int, default=None)
+    p.add_argument("--num-generations", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--lora-rank", type=int, default=None)
+    p.add_argument("--full-finetune", action="store_true", default=None)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--max-train-seconds", type=float, default=None, help="wall-clock cap on training (evals excluded)")
+    p.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every N steps (0: at the end)")
+    p.add_argument("--eval-at-start", action="store_true", default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(fn=cmd_baseline)
+
+    p = sub.add_parser("compare", help="one table of ReasonMaxxer and baseline runs: accuracy, cost, compute-to-match")
+    p.add_argument("runs", nargs="+", help="run dirs: a `run`/`demo` dir and/or `baseline` dirs")
+    p.add_argument("--reference", default=None, help="the ReasonMaxxer run to match (default: the first `run` dir)")
+    p.add_argument("--metric", default="avg_at_n", choices=["avg_at_n", "greedy"], help="held-out accuracy to match")
+    p.add_argument("--gpu-hour-price", type=float, default=2.0, help="$ per GPU-hour, for the cost column")
+    p.add_argument("--out", default="runs/compare")
+    p.set_defaults(fn=cmd_compare)
 
     for name, fn, hlp in (("eval", cmd_eval, "accuracy of a model: avg@n pass@1, pass@k, maj@k, greedy"),):
         p = sub.add_parser(name, help=hlp)

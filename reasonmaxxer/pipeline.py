@@ -165,19 +165,24 @@ def _build(cls, d: dict, where: str):
     return cls(**d)
 
 
-def load_run_config(path: str | Path | None = None, **overrides) -> RunConfig:
-    """Read a TOML run config (sections [sampling], [selection], [train], [eval]); flags win."""
+def read_toml(path: str | Path | None) -> dict:
+    """The tables of a TOML config file ({} for None); a missing or invalid file is a one-line error."""
     import tomllib
 
-    raw: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ReasonMaxxerError(f"{p}: no such config file")
-        try:
-            raw = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ReasonMaxxerError(f"{p}: invalid TOML ({e})") from None
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ReasonMaxxerError(f"{p}: no such config file")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ReasonMaxxerError(f"{p}: invalid TOML ({e})") from None
+
+
+def load_run_config(path: str | Path | None = None, **overrides) -> RunConfig:
+    """Read a TOML run config (sections [sampling], [selection], [train], [eval]); flags win."""
+    raw = read_toml(path)
     where = str(path or "config")
     for k, v in overrides.items():
         if v is None:
@@ -340,14 +345,38 @@ def tier_table(problems, stores: dict) -> dict | None:
                        "answer given base", "answer given trained"], "rows": rows}
 
 
+def evaluate_model(model, tokenizer, spec: str, problems, template, ecfg: EvalConfig, out_dir: str | Path, *,
+                   label: str = "", overwrite: bool = False, progress: bool = True):
+    """Held-out evaluation of one model: `ecfg.n` samples and/or one greedy completion per problem.
+
+    Writes ``out_dir/samples``, ``out_dir/greedy`` (rollout stores; a re-run with the same
+    weights is a no-op) and ``eval.json``/``eval.md``. `spec` names the weights for the
+    stores' manifests. Returns (EvalReport, (sampled store | None, greedy store | None)).
+    """
+    from .evaluate import save_report
+    from .stages import evaluate_stores, sample_stage
+
+    d = Path(out_dir)
+    scfg = SamplingConfig(n=max(ecfg.n, 1), temperature=ecfg.temperature, max_new_tokens=ecfg.max_new_tokens,
+                          batch_size=ecfg.batch_size, seed=ecfg.seed)
+    s_store = sample_stage(d / "samples", spec, problems, template, scfg, model=model, tokenizer=tokenizer,
+                           overwrite=overwrite, progress=progress) if ecfg.n > 0 else None
+    g_store = sample_stage(d / "greedy", spec, problems, template, scfg, greedy=True, model=model, tokenizer=tokenizer,
+                           overwrite=overwrite, progress=progress) if ecfg.greedy else None
+    rep = evaluate_stores(s_store, g_store, problems, ks=tuple(k for k in (1, 2, 4, 8) if k <= max(ecfg.n, 1)),
+                          label=label or spec)
+    save_report(rep, d / "eval.json", d / "eval.md")
+    return rep, (s_store, g_store)
+
+
 def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = False) -> dict:
     """sample -> grade -> select -> score -> train -> eval (base, trained) -> report. Returns summary."""
     from .data import load_problems
-    from .evaluate import paired_difference, save_report
+    from .evaluate import paired_difference
     from .models import load_model
     from .prompts import get_template
     from .selection import SelectionConfig
-    from .stages import evaluate_stores, sample_stage
+    from .stages import sample_stage
     from .train import example_gates, train
 
     if cfg.threads:
@@ -398,8 +427,6 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
     tau = res["tau"]
     gates = example_gates(examples, cfg.train, tau)
 
-    ecfg = SamplingConfig(n=max(cfg.eval.n, 1), temperature=cfg.eval.temperature, max_new_tokens=cfg.eval.max_new_tokens,
-                          batch_size=cfg.eval.batch_size, seed=cfg.eval.seed)
     reports, stores = {}, {}
     trained_model = None
     for name, spec in (("base", cfg.model), ("trained", str(out / "train" / "merged"))):
@@ -407,15 +434,9 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
             if name == "trained":
                 trained_model, _ = load_model(spec)
             m = model if name == "base" else trained_model
-            d = out / "eval" / name
-            s_store = sample_stage(d / "samples", spec, test_p, tmpl, ecfg, model=m, tokenizer=tok,
-                                   overwrite=overwrite, progress=progress) if cfg.eval.n > 0 else None
-            g_store = sample_stage(d / "greedy", spec, test_p, tmpl, ecfg, greedy=True, model=m, tokenizer=tok,
-                                   overwrite=overwrite, progress=progress) if cfg.eval.greedy else None
-            rep = evaluate_stores(s_store, g_store, test_p, ks=tuple(k for k in (1, 2, 4, 8) if k <= max(cfg.eval.n, 1)),
-                                  label=f"{name}: {spec}")
-            save_report(rep, d / "eval.json", d / "eval.md")
-            reports[name], stores[name] = rep, (s_store, g_store)
+            rep, stores[name] = evaluate_model(m, tok, spec, test_p, tmpl, cfg.eval, out / "eval" / name,
+                                               label=f"{name}: {spec}", overwrite=overwrite, progress=progress)
+            reports[name] = rep
 
     paired = {}
     for metric, idx in (("greedy", 1), ("avg_at_n", 0)):

@@ -497,6 +497,18 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
     return result
 
 
+def save_adapter(model, tokenizer, d: Path, base_spec: str | None) -> None:
+    """Save a PEFT model's adapter + tokenizer into dir `d`, recording `base_spec` (our alias,
+    a path or a Hub id) as base_model_name_or_path so `models.load_model(d)` finds the base."""
+    d = Path(d)
+    model.save_pretrained(d)
+    cfgp = d / "adapter_config.json"
+    c = json.loads(cfgp.read_text())
+    c["base_model_name_or_path"] = base_spec or c.get("base_model_name_or_path")
+    cfgp.write_text(json.dumps(c, indent=2))
+    tokenizer.save_pretrained(d)
+
+
 def export_model(model, tokenizer, out: Path, base_spec: str, full: bool) -> dict:
     """Write adapter/ (PEFT) and merged/ (plain HF checkpoint), each atomically."""
     out = Path(out)
@@ -507,14 +519,7 @@ def export_model(model, tokenizer, out: Path, base_spec: str, full: bool) -> dic
 
     model.eval()
     if not full:
-        def save_adapter(d):
-            model.save_pretrained(d)
-            cfgp = d / "adapter_config.json"
-            c = json.loads(cfgp.read_text())
-            c["base_model_name_or_path"] = base_spec or c.get("base_model_name_or_path")
-            cfgp.write_text(json.dumps(c, indent=2))
-            tokenizer.save_pretrained(d)
-        write("adapter", save_adapter)
+        write("adapter", lambda d: save_adapter(model, tokenizer, d, base_spec))
         import copy
 
         merged = copy.deepcopy(model).merge_and_unload()

@@ -1,0 +1,374 @@
+"""RL baselines through TRL (method.md s.4-5): GRPO, its 80/20 entropy-gated variant, Dr. GRPO, RLOO.
+
+We do not re-implement RL: `run_baseline` builds TRL's `GRPOTrainer` / `RLOOTrainer` with the
+same model, problems, prompt template and verifier as a ReasonMaxxer run (the reward is
+`verify.grade`, strict), LoRA of the same rank by default (full fine-tune as an option), and
+adds what a fair comparison needs:
+
+- held-out evaluation every `eval_every` steps with the project's own sampler and grader
+  (`pipeline.evaluate_model`, the same code that evaluates a ReasonMaxxer run), logged to
+  ``curve.jsonl`` against training wall-clock (evaluation time excluded), generated tokens,
+  trained tokens and estimated FLOPs (`flops`: 2N per forward token, 6N per trained token);
+- a wall-clock cap (`max_train_seconds`) besides `max_steps`;
+- stop/resume through TRL's checkpoints (our counters are saved inside each checkpoint).
+
+Artifacts in ``out``: ``baseline_config.json``, ``curve.jsonl``, ``trl/checkpoint-*``,
+``evals/step-N/`` (adapter + eval stores + eval.md), ``adapter/`` (final), ``result.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import ReasonMaxxerError
+from .pipeline import EvalConfig, read_toml
+from .store import atomic_dir, atomic_write_bytes, atomic_write_json, package_versions
+
+# method -> (trainer, TRL config overrides). Anything else is TRL's own default.
+METHODS: dict[str, tuple[str, dict]] = {
+    "grpo": ("grpo", {}),
+    "grpo-entropy": ("grpo", {"top_entropy_quantile": 0.2}),   # "Beyond the 80/20 rule"
+    "dr-grpo": ("grpo", {"loss_type": "dr_grpo", "scale_rewards": "none"}),
+    "rloo": ("rloo", {}),
+}
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """One RL baseline run. Defaults match the demo's ReasonMaxxer run (configs/demo.toml)."""
+
+    method: str = "grpo"
+    out: str = "runs/baseline-grpo"
+    model: str = "smollm2-135m"
+    template: str = "fewshot"
+    train_problems: str = "arith:train:80"
+    test_problems: str = "arith:test:96"
+    data_dir: str | None = None
+    loss_type: str | None = None        # None: the method's (TRL's default for grpo: "dapo")
+    prompts_per_step: int = 4
+    num_generations: int = 4
+    max_new_tokens: int = 96
+    temperature: float = 0.7
+    lr: float = 1e-4
+    beta: float | None = None           # KL coefficient; None: TRL's default (grpo 0.0, rloo 0.05)
+    lora_rank: int = 32
+    lora_alpha: int = 64
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    full_finetune: bool = False
+    max_steps: int = 200
+    max_train_seconds: float | None = None   # wall-clock cap on training (evaluation excluded)
+    eval_every: int = 10                # steps; 0 = only at the end
+    eval_at_start: bool = False         # also evaluate the untrained model (step 0)
+    eval: EvalConfig = EvalConfig(n=4, temperature=0.7, greedy=True, max_new_tokens=96, batch_size=32)
+    seed: int = 0
+    threads: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ReasonMaxxerError(f"baseline: unknown method {self.method!r}; choose one of {sorted(METHODS)}")
+        if self.num_generations < 2:
+            raise ReasonMaxxerError("baseline: num_generations must be >= 2 (group-relative advantages)")
+        if self.prompts_per_step < 1 or self.max_steps < 1:
+            raise ReasonMaxxerError("baseline: prompts_per_step and max_steps must be >= 1")
+
+
+def load_baseline_config(path: str | Path | None = None, **overrides) -> BaselineConfig:
+    """A `BaselineConfig` from a TOML file (top-level keys + an [eval] table); non-None overrides win."""
+    raw = read_toml(path)
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    names = {f.name for f in fields(BaselineConfig)}
+    bad = sorted(set(raw) - names)
+    if bad:
+        raise ReasonMaxxerError(f"{path or 'baseline config'}: unknown key(s) {bad}; valid: {sorted(names)}")
+    if isinstance(raw.get("eval"), dict):
+        enames = {f.name for f in fields(EvalConfig)}
+        ebad = sorted(set(raw["eval"]) - enames)
+        if ebad:
+            raise ReasonMaxxerError(f"{path or 'baseline config'} [eval]: unknown key(s) {ebad}; valid: {sorted(enames)}")
+        raw["eval"] = EvalConfig(**raw["eval"])
+    if "target_modules" in raw:
+        raw["target_modules"] = tuple(raw["target_modules"])
+    return BaselineConfig(**raw)
+
+
+# -- pure helpers ------------------------------------------------------------------------------
+def flops(n_params: int, forward_tokens: float, trained_tokens: float) -> float:
+    """Estimated FLOPs: 2*N per token through a forward pass only, 6*N per token trained
+    (forward + backward). N = parameter count of the model (not of the adapter: the
+    backward pass still runs through the frozen weights)."""
+    return 2.0 * n_params * forward_tokens + 6.0 * n_params * trained_tokens
+
+
+def make_reward(golds_by_prompt: dict[str, str], prompt_lengths: dict[str, int], counters: dict,
+                grade_fn: Callable | None = None) -> Callable:
+    """A TRL reward function: 1.0 when our strict grader accepts the completion, else 0.0.
+
+    TRL calls it with every generated completion (``prompts``, ``completions``,
+    ``completion_ids`` and the dataset's other columns). It also counts, into `counters`,
+    the tokens generated and the prompt tokens prefilled, which is how a baseline's
+    sampling compute is measured.
+    """
+    if grade_fn is None:
+        from .verify import grade_many
+
+        def grade_fn(golds, texts):
+            return [g.strict.correct for g in grade_many(golds, texts, workers=0)]
+
+    def reasonmaxxer_reward(prompts, completions, completion_ids=None, **kwargs):
+        golds = []
+        for p in prompts:
+            if p not in golds_by_prompt:
+                raise ReasonMaxxerError("baseline reward: TRL passed a prompt that is not in the training set")
+            golds.append(golds_by_prompt[p])
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        if completion_ids is not None:
+            n_gen = sum(len(c) for c in completion_ids)
+        else:
+            n_gen = 0
+        counters["generated_tokens"] = counters.get("generated_tokens", 0) + n_gen
+        counters["prompt_tokens"] = counters.get("prompt_tokens", 0) + sum(prompt_lengths[p] for p in prompts)
+        counters["completions"] = counters.get("completions", 0) + len(prompts)
+        ok = grade_fn(golds, texts)
+        counters["correct"] = counters.get("correct", 0) + sum(bool(x) for x in ok)
+        return [1.0 if x else 0.0 for x in ok]
+
+    return reasonmaxxer_reward
+
+
+def step_compute(counters: dict, n_params: int, *, beta: float) -> dict:
+    """Compute so far from the counters: every sequence (prompt + completion) is generated
+    (2N/token), then trained on (6N/token); with a KL term (beta > 0) the reference model
+    scores it once more (2N/token)."""
+    seq_tokens = counters.get("generated_tokens", 0) + counters.get("prompt_tokens", 0)
+    forward = seq_tokens * (2 if beta > 0 else 1)
+    return {"generated_tokens": counters.get("generated_tokens", 0), "forward_tokens": forward,
+            "trained_tokens": seq_tokens, "flops": flops(n_params, forward, seq_tokens)}
+
+
+# -- the run -------------------------------------------------------------------------------------
+def _trl_args(cfg: BaselineConfig, out: Path, n_problems: int):
+    from trl import GRPOConfig, RLOOConfig
+
+    kind, over = METHODS[cfg.method]
+    cls = GRPOConfig if kind == "grpo" else RLOOConfig
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    kw = dict(output_dir=str(out / "trl"), max_steps=cfg.max_steps,
+              per_device_train_batch_size=cfg.prompts_per_step * cfg.num_generations,
+              num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens,
+              temperature=cfg.temperature, learning_rate=cfg.lr, logging_steps=1,
+              save_strategy="steps", save_steps=max(1, cfg.eval_every or cfg.max_steps), save_total_limit=2,
+              report_to=[], seed=cfg.seed, bf16=on_gpu, use_cpu=not on_gpu, disable_tqdm=False,
+              gradient_accumulation_steps=1, lr_scheduler_type="constant", warmup_steps=0,
+              gradient_checkpointing=on_gpu)   # TRL turns it on by default; on CPU it only recomputes
+    kw.update(over)
+    if cfg.loss_type is not None:
+        kw["loss_type"] = cfg.loss_type
+    if cfg.beta is not None:
+        kw["beta"] = cfg.beta
+    known = {f.name for f in fields(cls)}
+    missing = sorted(set(kw) - known)
+    if missing:
+        raise ReasonMaxxerError(f"baseline {cfg.method}: this TRL's {cls.__name__} lacks {missing}; upgrade trl")
+    return cls(**kw)
+
+
+def _read_curve(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break    # a torn last line from a crash
+    return rows
+
+
+def _write_curve(path: Path, rows: Sequence[dict]) -> None:
+    atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+
+
+def run_baseline(cfg: BaselineConfig, *, progress: bool = True, model=None, tokenizer=None,
+                 grade_fn: Callable | None = None) -> dict:
+    """Train one RL baseline with TRL, evaluating on held-out problems along the way.
+
+    Resumes from the last TRL checkpoint in ``out/trl`` when the config is unchanged (a
+    changed config is an error: use a new `out`). Returns the contents of ``result.json``.
+    `model`/`tokenizer` may be passed in (tests); `grade_fn(golds, texts) -> list[bool]`
+    replaces the grader (tests only).
+    """
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import GRPOTrainer, RLOOTrainer
+
+    from .data import load_problems, problems_hash
+    from .models import load_model
+    from .pipeline import evaluate_model
+    from .prompts import get_template, render_prompt
+    from .train import save_adapter
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_p = load_problems(cfg.train_problems, data_dir=cfg.data_dir)
+    test_p = load_problems(cfg.test_problems, data_dir=cfg.data_dir)
+    if not train_p or not test_p:
+        raise ReasonMaxxerError("baseline: the training or test problem set is empty")
+    config = {"baseline": json.loads(json.dumps(asdict(cfg), default=str)), "train_data_hash": problems_hash(train_p),
+              "test_data_hash": problems_hash(test_p)}
+    cpath = out / "baseline_config.json"
+    if cpath.is_file():
+        old = json.loads(cpath.read_text())
+        keep = ("max_steps", "max_train_seconds", "threads")   # may be raised to continue a run
+        strip = lambda c: {**c, "baseline": {k: v for k, v in c["baseline"].items() if k not in keep}}
+        if strip(old).get("baseline") != strip(config)["baseline"] or old.get("train_data_hash") != config["train_data_hash"]:
+            raise ReasonMaxxerError(f"{cpath}: this directory holds a baseline run with a different config; "
+                                    f"use another --out")
+    atomic_write_json(cpath, {**config, "versions": package_versions()})
+    result_path = out / "result.json"
+    if result_path.is_file():
+        res = json.loads(result_path.read_text())
+        if res.get("max_steps") == cfg.max_steps and res.get("max_train_seconds") == cfg.max_train_seconds:
+            return res   # done with these limits: a no-op
+
+    if model is None:
+        model, tokenizer = load_model(cfg.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tmpl = get_template(cfg.template)
+    prompts = [render_prompt(tmpl, p.question, tokenizer) for p in train_p]
+    plen = {}
+    for p, text in zip(train_p, prompts):
+        ours = tokenizer(text, add_special_tokens=False)["input_ids"]
+        trls = tokenizer(text=text)["input_ids"]
+        if list(ours) != list(trls):
+            raise ReasonMaxxerError(f"baseline: problem {p.id}: TRL would tokenize the prompt differently from "
+                                    "reasonmaxxer (the tokenizer adds special tokens); not supported yet")
+        plen[text] = len(ours)
+    golds = {}
+    for p, text in zip(train_p, prompts):
+        golds.setdefault(text, p.answer)
+    ds = Dataset.from_list([{"prompt": t, "problem_id": p.id} for p, t in zip(train_p, prompts)])
+    n_params = sum(p.numel() for p in model.parameters())
+
+    counters: dict = {"train_seconds": 0.0, "eval_seconds": 0.0}
+    curve_path = out / "curve.jsonl"
+    last = get_last_checkpoint(str(out / "trl")) if (out / "trl").is_dir() else None
+    if last:
+        saved = Path(last) / "reasonmaxxer_counters.json"
+        if saved.is_file():
+            counters.update(json.loads(saved.read_text()))
+        step0 = int(Path(last).name.split("-")[-1])
+        _write_curve(curve_path, [r for r in _read_curve(curve_path) if r["step"] <= step0])
+    else:
+        _write_curve(curve_path, [])
+    reward = make_reward(golds, plen, counters, grade_fn)
+    kind, _ = METHODS[cfg.method]
+    args = _trl_args(cfg, out, len(train_p))
+    beta = float(args.beta)
+    peft_config = None if cfg.full_finetune else LoraConfig(
+        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules), lora_dropout=0.0,
+        task_type="CAUSAL_LM")
+
+    class Clock(TrainerCallback):
+        """Training wall-clock (evaluation excluded), held-out evals, counters in checkpoints."""
+
+        def __init__(self):
+            self.t = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t = time.time()
+            if cfg.eval_at_start and state.global_step == 0 and not any(r["step"] == 0 for r in _read_curve(curve_path)):
+                self._evaluate(state, kw["model"])
+
+        def _tick(self):
+            now = time.time()
+            counters["train_seconds"] += now - self.t
+            self.t = now
+
+        def _evaluate(self, state, m):
+            t0 = time.time()
+            step = state.global_step
+            d = out / "evals" / f"step-{step:05d}"
+            if cfg.full_finetune:
+                spec_dir = d / "model"
+                atomic_dir(spec_dir, lambda tmp: (m.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+            else:
+                spec_dir = d / "adapter"
+                atomic_dir(spec_dir, lambda tmp: save_adapter(m, tokenizer, tmp, cfg.model))
+            was_training = m.training
+            m.eval()
+            try:
+                with torch.no_grad():
+                    rep, _ = evaluate_model(m, tokenizer, str(spec_dir), test_p, tmpl, cfg.eval, d,
+                                            label=f"{cfg.method} step {step}", progress=progress)
+            finally:
+                m.train(was_training)
+            counters["eval_seconds"] += time.time() - t0
+            row = {"step": step, "train_seconds": round(counters["train_seconds"], 2),
+                   **step_compute(counters, n_params, beta=beta),
+                   "reward_mean": counters.get("correct", 0) / max(1, counters.get("completions", 0)),
+                   **_accuracy_fields(rep, cfg.eval)}
+            rows = [r for r in _read_curve(curve_path) if r["step"] != step] + [row]
+            _write_curve(curve_path, rows)
+            if progress:
+                acc = ", ".join(f"{k} {row[k]:.3f}" for k in ("greedy", "avg_at_n") if row.get(k) is not None)
+                print(f"[{cfg.method}] step {step}: {acc} after {row['train_seconds']:.0f} s of training", flush=True)
+            self.t = time.time()
+
+        def on_step_end(self, args, state, control, **kw):
+            self._tick()
+            capped = cfg.max_train_seconds is not None and counters["train_seconds"] >= cfg.max_train_seconds
+            if capped:
+                control.should_training_stop = True
+            last_step = capped or state.global_step >= state.max_steps
+            if last_step or (cfg.eval_every and state.global_step % cfg.eval_every == 0):
+                self._evaluate(state, kw["model"])
+                control.should_save = True
+            return control
+
+        def on_save(self, args, state, control, **kw):
+            ck = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ck.is_dir():
+                atomic_write_json(ck / "reasonmaxxer_counters.json", counters)
+
+    trainer_cls = GRPOTrainer if kind == "grpo" else RLOOTrainer
+    trainer = trainer_cls(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tokenizer,
+                          peft_config=peft_config, callbacks=[Clock()])
+    trainer.train(resume_from_checkpoint=last)
+    final = trainer.model
+    if cfg.full_finetune:
+        atomic_dir(out / "model", lambda tmp: (final.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    else:
+        atomic_dir(out / "adapter", lambda tmp: save_adapter(final, tokenizer, tmp, cfg.model))
+    curve = _read_curve(curve_path)
+    res = {"method": cfg.method, "model": cfg.model, "n_params": n_params, "steps": trainer.state.global_step,
+           "max_steps": cfg.max_steps, "max_train_seconds": cfg.max_train_seconds,
+           "train_seconds": round(counters["train_seconds"], 2), "eval_seconds": round(counters["eval_seconds"], 2),
+           "trl": {k: getattr(args, k) for k in ("loss_type", "beta", "top_entropy_quantile", "num_generations",
+                                                 "scale_rewards") if hasattr(args, k)},
+           **step_compute(counters, n_params, beta=beta), "final": curve[-1] if curve else None,
+           "adapter" if not cfg.full_finetune else "model": str(out / ("model" if cfg.full_finetune else "adapter"))}
+    atomic_write_json(result_path, res)
+    return res
+
+
+def _accuracy_fields(rep, ecfg: EvalConfig) -> dict:
+    out = {"n_problems": rep.n_problems}
+    if ecfg.n > 0:
+        a = rep.strict.avg_at_n
+        out.update(avg_at_n=a.value, avg_at_n_low=a.low, avg_at_n_high=a.high, n_samples=ecfg.n)
+    if rep.strict.greedy is not None:
+        g = rep.strict.greedy
+        out.update(greedy=g.value, greedy_low=g.low, greedy_high=g.high)
+    return out

@@ -1,0 +1,107 @@
+"""compare: synthetic run dirs with known numbers; compute-to-match exact, incl. "not reached"."""
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from reasonmaxxer.cli import main
+from reasonmaxxer.compare import compute_to_match, read_run, run_compare
+from reasonmaxxer.errors import ReasonMaxxerError
+
+CURVE = [
+    {"step": 10, "train_seconds": 100.0, "flops": 1e12, "avg_at_n": 0.30, "greedy": 0.40},
+    {"step": 20, "train_seconds": 200.0, "flops": 2e12, "avg_at_n": 0.45, "greedy": 0.50},
+    {"step": 30, "train_seconds": 300.0, "flops": 3e12, "avg_at_n": 0.52, "greedy": 0.48},
+]
+
+
+def test_compute_to_match_first_crossing():
+    m = compute_to_match(CURVE, 0.45, "avg_at_n", ref_flops=1e11, ref_seconds=50.0)
+    assert m == {"reached": True, "step": 20, "flops_ratio": 20.0, "wall_ratio": 4.0, "lower_bound": False}
+    # greedy crosses 0.5 at step 20 too, and a later dip does not matter
+    assert compute_to_match(CURVE, 0.5, "greedy", 1e11, 50.0)["step"] == 20
+
+
+def test_compute_to_match_not_reached_is_a_lower_bound_at_the_curve_end():
+    m = compute_to_match(CURVE, 0.6, "avg_at_n", ref_flops=1e11, ref_seconds=50.0)
+    assert m == {"reached": False, "step": 30, "flops_ratio": 30.0, "wall_ratio": 6.0, "lower_bound": True}
+    assert compute_to_match([], 0.6, "avg_at_n", 1e11, 50.0)["flops_ratio"] is None
+
+
+def _eval_json(path, avg, greedy):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"strict": {"avg_at_n": {"value": avg, "low": avg - 0.1, "high": avg + 0.1, "n": 10},
+                                           "greedy": {"value": greedy, "low": greedy - 0.1, "high": greedy + 0.1, "n": 10}}}))
+
+
+def make_rm_run(d, *, n_params=(10, 10), avg=0.45, greedy=0.5):
+    """A ReasonMaxxer run dir with known numbers: a 10x10 weight (N = 100), 2 rollouts with
+    prompts of 4 tokens and completions of 2 and 3 tokens (13 sampled tokens), 2 training
+    steps of 6 + 4 tokens, lam > 0 (reference forward on the 10 trained tokens), no validation."""
+    (d / "train" / "merged").mkdir(parents=True)
+    save_file({"w": torch.zeros(*n_params)}, str(d / "train" / "merged" / "model.safetensors"))
+    (d / "run_config.json").write_text(json.dumps({"train": {"lam": 0.2, "variant": "reasonmaxxer", "gate": "entropy"},
+                                                   "validation_problems": "", "eval": {"max_new_tokens": 8}}))
+    (d / "timings.json").write_text(json.dumps({"sample": 30.0, "select + score": 0.0, "train": 70.0,
+                                                "eval base": 20.0, "eval trained": 25.0}))
+    (d / "train" / "result.json").write_text(json.dumps({"total_steps": 2, "history": []}))
+    (d / "train" / "metrics.jsonl").write_text(json.dumps({"step": 1, "gated_tokens": 1, "anchor_tokens": 5}) + "\n"
+                                               + json.dumps({"step": 2, "gated_tokens": 1, "anchor_tokens": 3}) + "\n")
+    (d / "rollouts").mkdir()
+    (d / "rollouts" / "manifest.json").write_text(json.dumps({"generated_tokens": 5}))
+    pq.write_table(pa.table({"prompt_ids": [[1, 2, 3, 4], [1, 2, 3, 4]], "token_ids": [[5, 6], [7, 8, 9]]}),
+                   d / "rollouts" / "shard-00000.parquet")
+    _eval_json(d / "eval" / "trained" / "eval.json", avg, greedy)
+    _eval_json(d / "eval" / "base" / "eval.json", 0.3, 0.4)
+    return d
+
+
+def make_baseline_run(d, curve, method="grpo"):
+    d.mkdir(parents=True)
+    (d / "baseline_config.json").write_text("{}")
+    last = curve[-1]
+    (d / "result.json").write_text(json.dumps({
+        "method": method, "n_params": 100, "steps": last["step"], "train_seconds": last["train_seconds"],
+        "eval_seconds": 12.0, "generated_tokens": 1000, "trained_tokens": 3000, "forward_tokens": 3000,
+        "flops": last["flops"], "max_train_seconds": None}))
+    (d / "curve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
+    return d
+
+
+def test_reasonmaxxer_run_compute_is_counted_by_hand(tmp_path):
+    r = read_run(make_rm_run(tmp_path / "rm"))
+    assert r["n_params"] == 100
+    # forward: 13 sampled tokens + 10 reference tokens; trained: 10
+    assert r["forward_tokens"] == 23 and r["trained_tokens"] == 10
+    assert r["flops"] == 2 * 100 * 23 + 6 * 100 * 10
+    assert r["method_seconds"] == 100.0 and r["eval_seconds"] == 45.0
+
+
+def test_compare_table_and_ratios(tmp_path):
+    rm = make_rm_run(tmp_path / "rm")                      # flops 10600, 100 s
+    reached = make_baseline_run(tmp_path / "grpo", [
+        {"step": 5, "train_seconds": 500.0, "flops": 53000.0, "avg_at_n": 0.40},
+        {"step": 10, "train_seconds": 2500.0, "flops": 212000.0, "avg_at_n": 0.46}])
+    never = make_baseline_run(tmp_path / "rloo", [
+        {"step": 5, "train_seconds": 900.0, "flops": 106000.0, "avg_at_n": 0.40}], method="rloo")
+    md = run_compare([str(rm), str(reached), str(never)], tmp_path / "out", gpu_hour_price=3.6)
+    c = json.loads((tmp_path / "out" / "compare.json").read_text())
+    g, r = c["rows"][1], c["rows"][2]
+    assert g["compute_to_match"] == {"reached": True, "step": 10, "flops_ratio": 20.0, "wall_ratio": 25.0,
+                                     "lower_bound": False}
+    assert r["compute_to_match"]["lower_bound"] and r["compute_to_match"]["flops_ratio"] == 10.0
+    assert c["rows"][0]["cost_usd"] == pytest.approx(0.1)  # 100 s at $3.6/h
+    assert "| grpo |" in md and "20.0x" in md and ">= 10.0x (not reached)" in md
+    assert (tmp_path / "out" / "accuracy_vs_compute.png").stat().st_size > 1000
+
+
+def test_compare_errors(tmp_path, capsys):
+    b = make_baseline_run(tmp_path / "grpo", CURVE)
+    with pytest.raises(ReasonMaxxerError, match="no ReasonMaxxer run"):
+        run_compare([str(b)], tmp_path / "out")
+    assert main(["compare", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a run dir" in err[0]
