@@ -90,8 +90,20 @@ class Dist:
                                kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)]))
 
     # -- set-up --------------------------------------------------------------------------
-    def prepare(self, model, opt):
-        return (model, opt) if self.acc is None else self.acc.prepare(model, opt)
+    def prepare(self, model, opt, micro_batch: int):
+        """(model, optimizer) wrapped for the backend (DDP, FSDP, DeepSpeed); unchanged in one process."""
+        if self.acc is None:
+            return model, opt
+        if self.deepspeed:   # DeepSpeed wants a batch size; there is no DataLoader to read it from
+            ds = self.acc.state.deepspeed_plugin
+            if ds.is_auto("train_micro_batch_size_per_gpu"):
+                ds.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch
+        if self.sharded and not self.deepspeed and hasattr(model, "peft_config"):
+            # FSDP: the LoRA layers become their own units (fp32, trainable) apart from the frozen bf16 base
+            from peft.utils.other import fsdp_auto_wrap_policy
+
+            self.acc.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+        return self.acc.prepare(model, opt)
 
     def unwrap(self, model):
         return model if self.acc is None else self.acc.unwrap_model(model)

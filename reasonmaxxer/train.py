@@ -428,7 +428,7 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
         start, history = st["step"], st["extra"].get("history", [])
         if progress and dist.is_main:
             print(f"[train] resuming from {last.name}", flush=True)
-    model, opt = dist.prepare(model, opt)
+    model, opt = dist.prepare(model, opt, cfg.micro_batch)
     if dist.acc is not None:
         params = [p for p in model.parameters() if p.requires_grad]
         if frozen is not None:

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from test_train_cli import store_and_ckpt  # noqa: F401  (the module fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
+DDP_YAML = ROOT / "reasonmaxxer" / "configs" / "accelerate" / "ddp.yaml"
 TOL = 1e-5    # max |diff| of an adapter weight, 2 processes vs 1 (measured: see the README)
 ARGS = ["--micro-batch", "2", "--grad-accum", "3", "--epochs", "1.25", "--lora-rank", "4", "--lr", "1e-3",
         "--tau", "1.0", "--order", "none", "--checkpoint-every", "2", "--warmup-steps", "1"]
@@ -38,11 +39,12 @@ def _free_port() -> int:
 
 
 def _train(store, out, nproc: int):
+    """`python -m reasonmaxxer train` in one process, or under `accelerate launch` with nproc."""
     cmd = [sys.executable, "-m", "reasonmaxxer", "train", "--rollouts", str(store), "--out", str(out), *ARGS]
     if nproc > 1:
-        cmd[1:3] = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                    "--main_process_port", str(_free_port()), "-m", "reasonmaxxer"]
+        # the shipped DDP config; with no GPU visible the processes run on the CPU over gloo
+        cmd[1:3] = ["-m", "accelerate.commands.launch", "--config_file", str(DDP_YAML), "--num_processes", str(nproc),
+                    "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "reasonmaxxer"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
