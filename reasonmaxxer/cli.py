@@ -197,8 +197,12 @@ def _run_overrides(a) -> dict:
 
 
 def cmd_run(a, config=None):
+    from .distributed import launched
     from .pipeline import load_run_config, run_pipeline
 
+    if launched():
+        raise ReasonMaxxerError("run/demo is single-process; under `accelerate launch` run `-m reasonmaxxer train` "
+                                "(the README's 'Multi-process training')")
     cfg = load_run_config(config or a.config, **_run_overrides(a))
     run_pipeline(cfg, overwrite=a.overwrite)
 
@@ -230,6 +234,7 @@ def cmd_train(a):
     import copy
 
     from .data import load_problems
+    from .distributed import is_main_process, main_process_first
     from .models import load_model
     from .pipeline import _greedy_accuracy_fn, examples_from_selection, prepare_training_data
     from .prompts import get_template
@@ -240,17 +245,24 @@ def cmd_train(a):
     _threads(a)
     store = RolloutStore(a.rollouts)
     spec, man = _store_model(a, store)
-    model, tok = load_model(spec)
+    main = is_main_process()      # under `accelerate launch` every process runs this command
+    with main_process_first():    # the main process converts / scores and caches; the others read the caches
+        model, tok = load_model(spec)
     cfg = _train_config(a)
     out = Path(a.out)
     sel_cfg = _selection(a)
-    sel, rows, info = prepare_training_data(store, spec, model, tok, sel_cfg, cfg, out / "scores.parquet", rescore=a.rescore)
+    with main_process_first():
+        sel, rows, info = prepare_training_data(store, spec, model, tok, sel_cfg, cfg, out / "scores.parquet",
+                                                rescore=a.rescore, progress=main)
     examples = examples_from_selection(rows, SelectionConfig(**sel_cfg).truncated)
     validate = None
     if a.validation:
         tmpl = get_template(a.template or man.get("config", {}).get("template", {}).get("name") or "fewshot")
         validate = _greedy_accuracy_fn(load_problems(a.validation, data_dir=a.data_dir), tmpl, tok, a.max_new_tokens, 32)
-    res = train(examples, cfg, out, copy.deepcopy(model), tok, base_spec=spec, validate=validate, shuffle=False)
+    res = train(examples, cfg, out, copy.deepcopy(model), tok, base_spec=spec, validate=validate, shuffle=False,
+                progress=main)
+    if not main:
+        return
     print(f"tau {res['tau']:.3f} nats ({res['tau_source']}), gated fraction {res['gated_fraction']:.2%}; "
           f"selected step {res['selected_step']} (val accuracy {res['selected_val_accuracy']})\n"
           f"adapter: {res.get('adapter')}\nmerged:  {res.get('merged')}")

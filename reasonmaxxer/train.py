@@ -22,6 +22,10 @@ order, gate and every random draw are functions of the config and seed, so a run
 and resumed ends with the same weights as an uninterrupted run (tested on CPU with SIGKILL).
 A non-finite loss stops the run (the step is not applied) with a clear error; the last good
 checkpoint stays on disk.
+
+Multi-process (`accelerate launch`, N processes): the same steps with the same effective batch,
+each step's micro-batches split over the processes, gradients summed; one process writes the
+files above. See `distributed` for how, and what is tested.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .distributed import Dist
 from .errors import ReasonMaxxerError
 from .gating import check_gate_nonempty, entropy_gate, gated_fraction, random_gate_like, tau_for_fraction
 from .losses import anchor_kl, loss_masks, reasonmaxxer_loss
@@ -203,11 +208,19 @@ def attach_adapter(model, cfg: TrainConfig):
     return pm, None
 
 
+def _unwrapped(model):
+    """The model inside a DDP/FSDP/DeepSpeed wrapper (the model itself when not wrapped)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model)
+
+
 def _cache_kw(model) -> str:
     """transformers renamed `past_key_values` to `cache` in 5.x; PEFT passes either through."""
     import inspect
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = _unwrapped(model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
@@ -274,7 +287,7 @@ def micro_batch_loss(model, frozen, ids, att, m, prefix_len: int, dec_denom: flo
         if frozen is not None:
             pre_b, rest_b = split_prefix_logits(frozen, ids, att, P)
         else:
-            with model.disable_adapter():
+            with _unwrapped(model).disable_adapter():     # forward through the wrapper (FSDP gathers there)
                 pre_b, rest_b = split_prefix_logits(model, ids, att, P)
     logits, base = rest_t[:, :-1], rest_b[:, :-1]                       # predict columns P+1 .. T-1
     loss, stats = reasonmaxxer_loss(
@@ -299,14 +312,6 @@ def micro_batch_loss(model, frozen, ids, att, m, prefix_len: int, dec_denom: flo
     return loss, stats
 
 
-def _trainable_state(model, full: bool) -> dict:
-    if full:
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
-    from peft import get_peft_model_state_dict
-
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
-
-
 def _load_trainable_state(model, state: dict, full: bool) -> None:
     if full:
         model.load_state_dict(state)
@@ -316,10 +321,9 @@ def _load_trainable_state(model, state: dict, full: bool) -> None:
         set_peft_model_state_dict(model, state)
 
 
-def _save_checkpoint(ckdir: Path, step: int, model, opt, cfg: TrainConfig, extra: dict) -> Path:
+def _save_checkpoint(ckdir: Path, step: int, state: dict, optim: dict | None, extra: dict) -> Path:
     def fill(tmp: Path):
-        torch.save({"model": _trainable_state(model, cfg.full_finetune), "optim": opt.state_dict(),
-                    "step": step, "extra": extra}, tmp / "state.pt")
+        torch.save({"model": state, "optim": optim, "step": step, "extra": extra}, tmp / "state.pt")
         with open(tmp / "state.pt", "rb") as f:
             os.fsync(f.fileno())
 
@@ -337,6 +341,9 @@ def _latest_checkpoint(ckdir: Path) -> Path | None:
 
 
 # -- the loop ------------------------------------------------------------------------------
+LOSS_HINT = ". Lower --lr or check the data"
+
+
 def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Path, model, tokenizer, *,
           base_spec: str = "", validate: Callable[[object], float] | None = None,
           shuffle: bool = True, progress: bool = True, export: bool = True, overwrite: bool = False,
@@ -346,13 +353,22 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
     validate(model) -> held-out accuracy, called at each checkpoint; the final checkpoint is
     the one with the best validation accuracy (ties: the later one). Without `validate`, the
     last checkpoint is selected.
+
+    Under `accelerate launch` with N processes (see `distributed`), every process calls this with
+    the same arguments; the step's micro-batches are split over the processes, and only the main
+    process writes train_config.json, metrics, checkpoints and exports (and runs `validate`).
+    `out_dir` must be on a filesystem every process sees (for resumption and result.json).
     """
     from tqdm.auto import tqdm
 
+    dist = Dist.from_env()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not examples:
         raise ReasonMaxxerError("train: no training examples")
+    if validate is not None and dist.sharded:
+        raise ReasonMaxxerError("train: validation during training is not supported under FSDP/DeepSpeed; train "
+                                "without --validation and evaluate the checkpoints afterwards")
     tau, tau_source = resolve_tau(examples, cfg)
     gates = example_gates(examples, cfg, tau)
     all_gate = torch.cat(gates)[None]
@@ -380,13 +396,15 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
             if not overwrite:
                 raise ReasonMaxxerError(f"{out}: holds a training run with a different config; choose another --out "
                                         "or pass --overwrite")
-            for name in ("checkpoints", "adapter", "merged"):
-                shutil.rmtree(out / name, ignore_errors=True)
-            for name in ("metrics.jsonl", "result.json"):
-                (out / name).unlink(missing_ok=True)
-            atomic_write_json(cfg_path, resolved)
-    else:
+            if dist.is_main:
+                for name in ("checkpoints", "adapter", "merged"):
+                    shutil.rmtree(out / name, ignore_errors=True)
+                for name in ("metrics.jsonl", "result.json"):
+                    (out / name).unlink(missing_ok=True)
+                atomic_write_json(cfg_path, resolved)
+    elif dist.is_main:
         atomic_write_json(cfg_path, resolved)
+    dist.barrier()
     if (out / "result.json").is_file():
         return json.loads((out / "result.json").read_text())
 
@@ -394,20 +412,29 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
     ckdir = out / "checkpoints"
-    for stale in list(ckdir.glob(".step-*")) + list(ckdir.glob(".*.tmp")) + list(out.glob(".*.tmp")):
-        # left by a process killed mid-write (checkpoints are temp + rename, so the real ones are intact)
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    if dist.is_main:
+        for stale in list(ckdir.glob(".step-*")) + list(ckdir.glob(".*.tmp")) + list(out.glob(".*.tmp")):
+            # left by a process killed mid-write (checkpoints are temp + rename, so the real ones are intact)
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     start, history = 0, []
     last = _latest_checkpoint(ckdir)
     if last is not None:
         st = torch.load(last / "state.pt", weights_only=False)
         _load_trainable_state(model, st["model"], cfg.full_finetune)
-        opt.load_state_dict(st["optim"])
+        if st["optim"] is not None and not dist.sharded:
+            opt.load_state_dict(st["optim"])
+        elif progress and dist.is_main:
+            print("[train] the optimizer state is not restored (FSDP/DeepSpeed checkpoints hold weights only)", flush=True)
         start, history = st["step"], st["extra"].get("history", [])
-        if progress:
+        if progress and dist.is_main:
             print(f"[train] resuming from {last.name}", flush=True)
+    model, opt = dist.prepare(model, opt, cfg.micro_batch)
+    if dist.acc is not None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if frozen is not None:
+            frozen.to(dist.device)
     metrics_path = out / "metrics.jsonl"
-    if metrics_path.is_file():   # keep metric lines up to the checkpoint we resume from (a torn last line is dropped)
+    if metrics_path.is_file() and dist.is_main:   # keep metric lines up to the checkpoint we resume from (a torn last line is dropped)
         def _step(line):
             try:
                 return json.loads(line)["step"]
@@ -417,7 +444,15 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
         atomic_write_bytes(metrics_path, "".join(l + "\n" for l in lines).encode())
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    dev = dist.device if dist.acc is not None else next(model.parameters()).device
+    bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not (progress and dist.is_main),
+               dynamic_ncols=True)
+
+    def fail(what: str, detail: str = "", hint: str = ""):
+        bar.close()
+        raise ReasonMaxxerError(f"train: non-finite {what} at step {step + 1}{detail}; the step was not applied; "
+                                f"last good checkpoint: {_latest_checkpoint(ckdir) or 'none'}{hint}")
+
     t_run = time.time()
     for step in range(start, total_steps):
         t0 = time.time()
@@ -430,10 +465,9 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
             gate = torch.zeros_like(comp)
             for j, i in enumerate(mb):
                 gate[j, comp[j]] = gates[i]
-            m = loss_masks(cfg.variant, gate=gate, completion_mask=comp, attention_mask=att, advantages=adv, lam=cfg.lam)
-            dev = next(model.parameters()).device
-            batches.append((ids.to(dev), att.to(dev), comp.to(dev)))
-            masks.append(type(m)(m.advantages.to(dev), m.decision.to(dev), m.anchor.to(dev), m.lam))
+            batches.append((ids, att, comp))
+            masks.append(loss_masks(cfg.variant, gate=gate, completion_mask=comp, attention_mask=att, advantages=adv, lam=cfg.lam))
+        # denominators of the whole step (every process computes them from the step's full example list)
         dec_denom = max(1, sum(int(m.decision.sum()) for m in masks))
         anc_denom = max(1, sum(int(m.anchor.sum()) for m in masks))
         lr = lr_at(step, total_steps, cfg)
@@ -441,25 +475,33 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
         agg = {"loss": 0.0, "decision": 0.0, "anchor": 0.0, "gated_tokens": 0, "anchor_tokens": 0}
-        ntok = 0
-        for (ids, att, comps), m in zip(batches, masks):
-            P = shared_prefix_len(ids, att, comps) if cfg.share_prefix else 0
-            loss, stats = micro_batch_loss(model, frozen, ids, att, m, P, dec_denom, anc_denom)
-            if not torch.isfinite(loss):
-                bar.close()
-                good = _latest_checkpoint(ckdir)
-                raise ReasonMaxxerError(
-                    f"train: non-finite loss at step {step + 1} (decision {stats['decision']}, anchor {stats['anchor']}); "
-                    f"the step was not applied; last good checkpoint: {good or 'none'}. Lower --lr or check the data")
-            loss.backward()
-            for k in agg:
-                agg[k] += stats[k]
-            ntok += int(att.sum())
-        gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        ntok, bad = 0, False
+        passes = dist.passes(len(batches))
+        for j, (k, weight) in enumerate(passes):
+            ids, att, comps = (t.to(dev) for t in batches[k])
+            m = masks[k]
+            m = type(m)(m.advantages.to(dev), m.decision.to(dev), m.anchor.to(dev), m.lam)
+            P = shared_prefix_len(ids, att, comps) if cfg.share_prefix and not dist.sharded else 0
+            with dist.micro_pass(model, last=j == len(passes) - 1):
+                loss, stats = micro_batch_loss(model, frozen, ids, att, m, P, dec_denom, anc_denom)
+                if weight and not torch.isfinite(loss):
+                    if dist.acc is None:
+                        fail("loss", f" (decision {stats['decision']}, anchor {stats['anchor']})", LOSS_HINT)
+                    bad = True     # the other processes must finish the step's collectives first
+                dist.backward(loss, weight)
+            if weight:
+                for key in agg:
+                    agg[key] += stats[key]
+                ntok += int(att.sum())
+        if dist.acc is not None:   # the step's totals over the processes
+            tot = dist.sum([*agg.values(), ntok, float(bad)])
+            agg = {key: int(v) if key.endswith("_tokens") else v for key, v in zip(agg, tot)}
+            ntok = int(tot[-2])
+            if tot[-1]:
+                fail("loss", f" (decision {agg['decision']}, anchor {agg['anchor']}, summed over processes)", LOSS_HINT)
+        gn = dist.clip_grad_norm(model, params, cfg.max_grad_norm)
         if not torch.isfinite(gn):
-            bar.close()
-            raise ReasonMaxxerError(f"train: non-finite gradient norm at step {step + 1}; the step was not applied; "
-                                    f"last good checkpoint: {_latest_checkpoint(ckdir) or 'none'}")
+            fail("gradient norm")
         opt.step()
         dt = time.time() - t0
         comp_tokens = sum(len(examples[i].completion_ids) for i in idx)
@@ -467,41 +509,58 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
                "gated_fraction": round(agg["gated_tokens"] / max(1, comp_tokens), 6),
                "grad_norm": round(float(gn), 6), "lr": lr, "tokens_per_s": round(ntok / dt, 1), "seconds": round(dt, 3)}
         is_ck = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total_steps
-        if validate is not None and (is_ck or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-            model.eval()
-            rec["val_accuracy"] = float(validate(model))
-            model.train()
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if dist.is_main and validate is not None and (is_ck or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+            inner = dist.unwrap(model)
+            inner.eval()
+            rec["val_accuracy"] = float(validate(inner))
+            inner.train()
+        if dist.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
         bar.update(1)
         bar.set_postfix_str(f"loss {agg['loss']:.3f} gated {rec['gated_fraction']:.1%} {rec['tokens_per_s']:.0f} tok/s", refresh=False)
         if is_ck:
             history.append({"step": step + 1, "val_accuracy": rec.get("val_accuracy")})
-            _save_checkpoint(ckdir, step + 1, model, opt, cfg, {"history": history})
+            if dist.is_main or dist.sharded:   # gathering FSDP/DeepSpeed shards takes every process
+                state = dist.trainable_state(model, cfg.full_finetune)
+            if dist.is_main:
+                _save_checkpoint(ckdir, step + 1, state, None if dist.sharded else opt.state_dict(), {"history": history})
         if _stop_after_step is not None and step + 1 >= _stop_after_step:
             bar.close()
             return {"stopped_at": step + 1}
     bar.close()
 
-    # select the checkpoint: best validation accuracy (ties -> later), else the last
-    scored = [h for h in history if h.get("val_accuracy") is not None]
-    chosen = max(scored, key=lambda h: (h["val_accuracy"], h["step"])) if scored else history[-1]
-    st = torch.load(ckdir / f"step-{chosen['step']:06d}" / "state.pt", weights_only=False)
-    _load_trainable_state(model, st["model"], cfg.full_finetune)
-    result = {"selected_step": chosen["step"], "selected_val_accuracy": chosen.get("val_accuracy"),
-              "history": history, "tau": tau, "tau_source": tau_source, "gated_fraction": gfrac,
-              "train_seconds": round(time.time() - t_run, 1), "total_steps": total_steps}
-    if export:
-        result.update(export_model(model, tokenizer, out, base_spec, cfg.full_finetune))
-    atomic_write_json(out / "result.json", result)
-    return result
+    if dist.is_main:
+        # select the checkpoint: best validation accuracy (ties -> later), else the last
+        scored = [h for h in history if h.get("val_accuracy") is not None]
+        chosen = max(scored, key=lambda h: (h["val_accuracy"], h["step"])) if scored else history[-1]
+        st = torch.load(ckdir / f"step-{chosen['step']:06d}" / "state.pt", weights_only=False)
+        inner = dist.unwrap(model)
+        if not dist.sharded:
+            _load_trainable_state(inner, st["model"], cfg.full_finetune)
+        result = {"selected_step": chosen["step"], "selected_val_accuracy": chosen.get("val_accuracy"),
+                  "history": history, "tau": tau, "tau_source": tau_source, "gated_fraction": gfrac,
+                  "train_seconds": round(time.time() - t_run, 1), "total_steps": total_steps}
+        if export:
+            result.update(export_model(inner, tokenizer, out, base_spec, cfg.full_finetune,
+                                       trained_state=st["model"] if dist.sharded else None))
+        atomic_write_json(out / "result.json", result)
+    dist.barrier()
+    return result if dist.is_main else json.loads((out / "result.json").read_text())
 
 
-def save_adapter(model, tokenizer, d: Path, base_spec: str | None) -> None:
+def save_adapter(model, tokenizer, d: Path, base_spec: str | None, trained_state: dict | None = None) -> None:
     """Save a PEFT model's adapter + tokenizer into dir `d`, recording `base_spec` (our alias,
-    a path or a Hub id) as base_model_name_or_path so `models.load_model(d)` finds the base."""
+    a path or a Hub id) as base_model_name_or_path so `models.load_model(d)` finds the base.
+    trained_state: the gathered adapter state (PEFT names) of a model sharded by FSDP/ZeRO-3."""
     d = Path(d)
-    model.save_pretrained(d)
+    if trained_state is None:
+        model.save_pretrained(d)
+    else:
+        from safetensors.torch import save_file
+
+        model.peft_config["default"].save_pretrained(d)
+        save_file({k: v.contiguous() for k, v in trained_state.items()}, str(d / "adapter_model.safetensors"))
     cfgp = d / "adapter_config.json"
     c = json.loads(cfgp.read_text())
     c["base_model_name_or_path"] = base_spec or c.get("base_model_name_or_path")
@@ -509,8 +568,13 @@ def save_adapter(model, tokenizer, d: Path, base_spec: str | None) -> None:
     tokenizer.save_pretrained(d)
 
 
-def export_model(model, tokenizer, out: Path, base_spec: str, full: bool) -> dict:
-    """Write adapter/ (PEFT) and merged/ (plain HF checkpoint), each atomically."""
+def export_model(model, tokenizer, out: Path, base_spec: str, full: bool, *, trained_state: dict | None = None) -> dict:
+    """Write adapter/ (PEFT) and merged/ (plain HF checkpoint), each atomically.
+
+    trained_state: the trained weights (the adapter state with PEFT names, or the full state dict),
+    gathered, for a model that holds FSDP/ZeRO-3 shards. With LoRA, only adapter/ is written then
+    (merge later: `models.load_model(adapter dir)` and `merge_and_unload()`).
+    """
     out = Path(out)
     paths = {}
 
@@ -519,7 +583,9 @@ def export_model(model, tokenizer, out: Path, base_spec: str, full: bool) -> dic
 
     model.eval()
     if not full:
-        write("adapter", lambda d: save_adapter(model, tokenizer, d, base_spec))
+        write("adapter", lambda d: save_adapter(model, tokenizer, d, base_spec, trained_state))
+        if trained_state is not None:
+            return {"adapter": paths["adapter"], "merged": None}
         import copy
 
         merged = copy.deepcopy(model).merge_and_unload()
@@ -527,7 +593,7 @@ def export_model(model, tokenizer, out: Path, base_spec: str, full: bool) -> dic
         merged = model
 
     def save_merged(d):
-        merged.save_pretrained(d)
+        merged.save_pretrained(d, **({} if trained_state is None else {"state_dict": trained_state}))
         tokenizer.save_pretrained(d)
     write("merged", save_merged)
     return {"adapter": paths.get("adapter"), "merged": paths["merged"]}
