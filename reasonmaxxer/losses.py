@@ -290,6 +290,16 @@ def _all_tokens_masks(*, gate, completion_mask, attention_mask, advantages, lam)
     return LossMasks(advantages.float(), completion, valid & ~completion_mask.bool(), float(lam))
 
 
+@register_loss("rft")
+def _rft_masks(*, gate, completion_mask, attention_mask, advantages, lam) -> LossMasks:
+    """Rejection-sampling fine-tune: plain SFT (weight 1) on every completion token of the
+    rollouts with A > 0 (the correct ones of a mixed-success group); no gate, no anchor."""
+    valid = _valid_predictions(attention_mask)
+    keep = (advantages > 0)[:, None]
+    decision = completion_mask.bool() & valid & keep
+    return LossMasks((advantages > 0).float(), decision, torch.zeros_like(decision), 0.0)
+
+
 def loss_masks(
     variant: str,
     *,

@@ -154,6 +154,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     rescore: bool = False
     threads: int = 0
+    reuse: str | None = None   # a run dir whose base rollouts and base eval to reuse when their inputs match
 
 
 def _build(cls, d: dict, where: str):
@@ -180,9 +181,24 @@ def read_toml(path: str | Path | None) -> dict:
         raise ReasonMaxxerError(f"{p}: invalid TOML ({e})") from None
 
 
+def _with_extends(raw: dict, path, depth: int = 0) -> dict:
+    """Resolve ``extends = "other.toml"`` (relative to the file): the other file's keys, then
+    this file's on top (tables merged key by key)."""
+    parent = raw.pop("extends", None)
+    if not parent:
+        return raw
+    if depth > 8:
+        raise ReasonMaxxerError(f"{path}: 'extends' nests too deep (a cycle?)")
+    ppath = Path(path).parent / parent
+    base = _with_extends(read_toml(ppath), ppath, depth + 1)
+    for k, v in raw.items():
+        base[k] = {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return base
+
+
 def load_run_config(path: str | Path | None = None, **overrides) -> RunConfig:
     """Read a TOML run config (sections [sampling], [selection], [train], [eval]); flags win."""
-    raw = read_toml(path)
+    raw = _with_extends(read_toml(path), path)
     where = str(path or "config")
     for k, v in overrides.items():
         if v is None:
@@ -369,6 +385,22 @@ def evaluate_model(model, tokenizer, spec: str, problems, template, ecfg: EvalCo
     return rep, (s_store, g_store)
 
 
+def _reuse_base_stores(src: Path, out: Path) -> None:
+    """Copy another run's base rollouts and base evaluation stores into `out` (when `out` has
+    none yet). The stages then reopen them: identical inputs make them no-ops, different
+    inputs are refused by the store's config hash, so reuse can never change a result."""
+    import shutil
+
+    if not src.is_dir():
+        raise ReasonMaxxerError(f"reuse: {src} is not a run dir")
+    for sub in ("rollouts", "eval/base/samples", "eval/base/greedy"):
+        s, d = src / sub, out / sub
+        if (s / "manifest.json").is_file() and not d.exists():
+            d.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(s, d.with_name(d.name + ".reuse-tmp"), dirs_exist_ok=True)
+            (d.with_name(d.name + ".reuse-tmp")).rename(d)
+
+
 def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = False) -> dict:
     """sample -> grade -> select -> score -> train -> eval (base, trained) -> report. Returns summary."""
     from .data import load_problems
@@ -407,6 +439,8 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
     val_p = load_problems(cfg.validation_problems, data_dir=cfg.data_dir) if cfg.validation_problems else []
     test_p = load_problems(cfg.test_problems, data_dir=cfg.data_dir)
     model, tok = load_model(cfg.model)
+    if cfg.reuse:
+        _reuse_base_stores(Path(cfg.reuse), out)
 
     with stage("sample"):
         store = sample_stage(out / "rollouts", cfg.model, train_p, tmpl, cfg.sampling, model=model, tokenizer=tok,

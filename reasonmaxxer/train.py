@@ -54,7 +54,7 @@ from .store import atomic_dir, atomic_write_bytes, atomic_write_json, package_ve
 class TrainConfig:
     """Everything that defines a training run (defaults: the paper's recipe, method.md s.3)."""
 
-    variant: str = "reasonmaxxer"      # loss variant: reasonmaxxer | positive_only | no_anchor | all_tokens
+    variant: str = "reasonmaxxer"      # loss variant: reasonmaxxer | positive_only | no_anchor | all_tokens | rft
     gate: str = "entropy"              # entropy | random (same gated count as the entropy gate, random positions)
     tau: float | None = None           # nats; None -> tau_fraction
     tau_fraction: float = 0.05         # if tau is None: gate this fraction of completion tokens (quantile)
@@ -377,8 +377,11 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
         check_gate_nonempty(all_gate, tau, max_entropy=float(all_ent.max()) if all_ent.numel() else None)
     gfrac = gated_fraction(all_gate, torch.ones_like(all_gate))
     n_selected = len(examples)
-    if cfg.skip_ungated and cfg.variant != "all_tokens":
+    if cfg.skip_ungated and cfg.variant not in ("all_tokens", "rft"):
         keep = [i for i, g in enumerate(gates) if bool(g.any())]
+        examples, gates = [examples[i] for i in keep], [gates[i] for i in keep]
+    if cfg.variant == "rft":   # SFT on the correct rollouts: the others contribute nothing
+        keep = [i for i, e in enumerate(examples) if e.advantage > 0]
         examples, gates = [examples[i] for i in keep], [gates[i] for i in keep]
 
     order = training_order(len(examples), cfg, shuffle)

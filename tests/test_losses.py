@@ -213,6 +213,11 @@ def test_variant_masks_by_hand():
     assert torch.equal(a.decision, _m([[0, 0, 1, 1, 1], [0, 0, 1, 1, 1]]))
     assert torch.equal(a.anchor, _m([[0, 1, 0, 0, 0], [0, 0, 0, 0, 0]]))
 
+    r = loss_masks("rft", gate=G5, completion_mask=COMP, attention_mask=ATTN, advantages=A5)
+    # SFT on the correct row only: every valid completion position of row 0, weight 1, no anchor
+    assert torch.equal(r.decision, _m([[0, 0, 1, 1, 1], [0, 0, 0, 0, 0]]))
+    assert not r.anchor.any() and r.lam == 0.0 and r.advantages.tolist() == [1.0, 0.0]
+
     with pytest.raises(ReasonMaxxerError, match="all_tokens"):
         loss_masks("grpo", gate=G5, completion_mask=COMP, attention_mask=ATTN, advantages=A5)
     assert set(LOSS_VARIANTS) >= {"reasonmaxxer", "positive_only", "no_anchor", "all_tokens"}

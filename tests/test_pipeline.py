@@ -38,3 +38,43 @@ def test_pipeline_stops_with_advice_when_no_problem_has_mixed_success(tmp_path, 
         run_pipeline(load_run_config(p), progress=False)
     # the sampled rollouts are kept for the next attempt
     assert (tmp_path / "run" / "rollouts" / "manifest.json").is_file()
+
+
+def test_extends_merges_tables_and_ships_the_ablations(tmp_path):
+    (tmp_path / "base.toml").write_text('out = "a"\nmodel = "m"\n[train]\nlr = 1e-3\nlam = 0.5\n')
+    (tmp_path / "child.toml").write_text('extends = "base.toml"\nout = "b"\n[train]\nvariant = "rft"\n')
+    c = load_run_config(tmp_path / "child.toml")
+    assert (c.out, c.model, c.train.lr, c.train.lam, c.train.variant) == ("b", "m", 1e-3, 0.5, "rft")
+    (tmp_path / "loop.toml").write_text('extends = "loop.toml"\n')
+    with pytest.raises(ReasonMaxxerError, match="too deep"):
+        load_run_config(tmp_path / "loop.toml")
+    from pathlib import Path
+
+    import reasonmaxxer
+    shipped = Path(reasonmaxxer.__file__).parent / "configs" / "ablations"
+    demo = load_run_config(shipped.parent / "demo.toml")
+    for f in sorted(shipped.glob("*.toml")):
+        a = load_run_config(f)
+        assert a.reuse == "runs/demo" and a.out == f"runs/ablation-{f.stem}"
+        # the same data, sampling and budget as the demo; only the loss variant or the gate differs
+        assert (a.sampling, a.selection, a.eval, a.train_problems) == (demo.sampling, demo.selection, demo.eval, demo.train_problems)
+        diff = {k for k in a.train.__dataclass_fields__ if getattr(a.train, k) != getattr(demo.train, k)}
+        assert diff in ({"variant"}, {"gate"})
+
+
+def test_reuse_copies_only_complete_base_stores(tmp_path):
+    from reasonmaxxer.pipeline import _reuse_base_stores
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    (src / "rollouts").mkdir(parents=True)
+    (src / "rollouts" / "manifest.json").write_text("{}")
+    (src / "rollouts" / "shard-00000.parquet").write_bytes(b"x")
+    (src / "eval" / "base" / "greedy").mkdir(parents=True)     # no manifest: not a store, not copied
+    _reuse_base_stores(src, out)
+    assert (out / "rollouts" / "shard-00000.parquet").read_bytes() == b"x"
+    assert not (out / "eval").exists()
+    (out / "rollouts" / "shard-00000.parquet").write_bytes(b"mine")
+    _reuse_base_stores(src, out)                                # an existing store is never replaced
+    assert (out / "rollouts" / "shard-00000.parquet").read_bytes() == b"mine"
+    with pytest.raises(ReasonMaxxerError, match="not a run dir"):
+        _reuse_base_stores(tmp_path / "nope", out)
