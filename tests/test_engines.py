@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from conftest import make_tiny_model
+from conftest import save_tiny_checkpoint
 from reasonmaxxer.data import Problem
 from reasonmaxxer.engines import EngineConfig, Progress, map_shards
 from reasonmaxxer.errors import ReasonMaxxerError
@@ -39,10 +39,7 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, tiny_tokenizer):
-    d = tmp_path_factory.mktemp("tiny-ckpt")
-    make_tiny_model(len(tiny_tokenizer), seed=3, init_std=0.2).save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return str(d)
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-ckpt"), tiny_tokenizer)
 
 
 def _sample(out, ckpt, engine=None, **kw):
