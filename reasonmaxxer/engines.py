@@ -10,10 +10,12 @@ a `ShardTask` over shard payloads and hands each result to `on_result` on the dr
 - ``ray``: `workers` actors, each sets its torch thread count (`threads`, default 1), loads
   the model once (from the task's picklable `model_spec`) and computes one shard at a time.
   The actors stay up between maps in the same process (the next map on the same model
-  reuses the loaded model; `release_workers()` frees them). The rows come back to the driver, which writes the store shard atomically
-  and updates the manifest (`on_result`). Workers never touch the store, so a cluster needs
-  no shared filesystem; it needs the model spec to resolve on every node (a Hub id, the
-  embedded alias, or a path that exists everywhere) and the same reasonmaxxer installed.
+  reuses the loaded model; `release_workers()` frees them). The rows come back to the
+  driver, which grades them, writes the store shard atomically and updates the manifest
+  (`on_result`). Workers never touch the store, so a cluster needs no shared filesystem; it
+  needs the model spec to resolve on every node (a Hub id, the embedded alias, or a path
+  that exists everywhere) and the same reasonmaxxer installed. The driver's
+  ``REASONMAXXER_*`` and ``HF_HUB_OFFLINE`` variables are set in the workers.
 
 Failures: when a worker process dies mid-shard (`RayActorError`, `WorkerCrashedError`: a
 crash, an OOM kill, a lost node), only that shard is lost; the actor is killed and replaced
@@ -22,9 +24,8 @@ with a one-line error (finished shards stay on disk; re-running resumes). An exc
 raised by the task itself (bad input) is not retried: it would fail again.
 
 Identity: a shard is computed by the same code on the same inputs in both engines, so the
-rows are identical when the torch thread count is the same (the tiny test models match
-across thread counts too; large matrix products on other thread counts can round
-differently). Which engine and how many workers ran are recorded in the store manifest,
+rows are identical when the torch thread count is the same (a different thread count can
+split a matrix product's reductions differently and round differently). Which engine and how many workers ran are recorded in the store manifest,
 outside its config hash: a local run and a ray run of the same inputs are the same artifact
 (either can resume the other).
 

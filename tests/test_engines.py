@@ -153,3 +153,14 @@ def test_cli_sample_and_score_with_ray(tmp_path, ckpt, local_ref, ray_local):
     for s, r in zip(_rows(local_ref), a):
         assert r["entropies"] == pytest.approx(s["entropies"], abs=1e-4)
         assert r["logprobs"] == pytest.approx(s["logprobs"], abs=1e-4)
+
+
+def test_run_config_engine_keys(tmp_path):
+    from reasonmaxxer.pipeline import load_run_config
+
+    p = tmp_path / "run.toml"
+    p.write_text('engine = "ray"\nworkers = 3\nthreads = 2\n')
+    eng = load_run_config(p, ray_address="auto").engine_config()
+    assert (eng.engine, eng.workers, eng.worker_threads, eng.ray_address) == ("ray", 3, 2, "auto")
+    assert eng.describe() == {"engine": "ray", "workers": 3}
+    assert load_run_config(p, engine="local").engine_config().describe() == {"engine": "local", "workers": 1}
