@@ -164,3 +164,28 @@ def test_run_config_engine_keys(tmp_path):
     assert (eng.engine, eng.workers, eng.worker_threads, eng.ray_address) == ("ray", 3, 2, "auto")
     assert eng.describe() == {"engine": "ray", "workers": 3}
     assert load_run_config(p, engine="local").engine_config().describe() == {"engine": "local", "workers": 1}
+
+
+def test_eval_cli_and_pipeline_scoring_with_ray(tmp_path, ckpt, local_ref, ray_local):
+    from reasonmaxxer.cli import main
+    from reasonmaxxer.models import load_model
+    from reasonmaxxer.pipeline import attach_scores, score_rows
+    from reasonmaxxer.stages import score_rows_on
+
+    probs = tmp_path / "p.jsonl"
+    probs.write_text("".join(json.dumps({"question": p.question, "answer": p.answer}) + "\n" for p in PROBLEMS))
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", ckpt, "--problems", str(probs), "--template", "raw", "--n", "2",
+                 "--max-new-tokens", "12", "--shard-size", "4", "--grade-workers", "0", "--out", str(out),
+                 "--engine", "ray"]) == 0
+    assert (out / "eval.json").is_file()
+    for d in ("samples", "greedy"):
+        assert RolloutStore(out / d).manifest()["engine"] == "ray"
+    # the run's scoring stage (attach_scores with rescore) on Ray: chunks of 8 rows, batches of 4 = one pass
+    model, tok = load_model(ckpt)
+    rows = _rows(local_ref)
+    ref = score_rows(rows, model, tok, progress=False)
+    assert [r["entropies"] for r in score_rows_on(rows, ckpt, RAY2, chunk=8, progress=False)] == ref
+    got, info = attach_scores(local_ref, [dict(r) for r in rows], tmp_path / "scores.parquet", ckpt, model, tok,
+                              rescore=True, progress=False, engine=RAY2)
+    assert [r["base_entropies"] for r in got] == ref and not info["reused_sampler_entropies"]
