@@ -44,6 +44,24 @@ def _add_sampling(p, n=4, temperature=0.7, max_new_tokens=256):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 
 
+def _add_engine(p, from_config: bool = False):
+    """--engine/--workers/--ray-address; for `run` they default to the config's values."""
+    cfg = " (default: the config's, else %s)" if from_config else " (default: %s)"
+    p.add_argument("--engine", choices=("local", "ray"), default=None if from_config else "local",
+                   help="local: this process; ray: shards spread over Ray workers, same results" + cfg % "local")
+    p.add_argument("--workers", type=int, default=None if from_config else 2,
+                   help="Ray workers (actors), each loads the model once" + cfg % 2)
+    p.add_argument("--ray-address", default=None,
+                   help="an existing Ray cluster ('auto' or host:port); default: start a local Ray instance")
+
+
+def _engine(a):
+    from .engines import EngineConfig
+
+    return EngineConfig(engine=a.engine, workers=a.workers, threads=getattr(a, "threads", 0) or 0,
+                        ray_address=a.ray_address)
+
+
 def _add_pair(p):
     """Flags shared by analyze and intervene: a base/tuned pair and the problems to decode."""
     p.add_argument("--base", default="smollm2-135m", help="base model spec")
@@ -105,9 +123,25 @@ def cmd_sample(a):
     _threads(a)
     problems = _problems(a)
     store = sample_stage(a.out, a.model, problems, get_template(a.template), _sampling_config(a),
-                         greedy=a.greedy, shard_size=a.shard_size, overwrite=a.overwrite, grade_workers=a.grade_workers)
+                         greedy=a.greedy, shard_size=a.shard_size, overwrite=a.overwrite, grade_workers=a.grade_workers,
+                         engine=_engine(a))
     m = store.manifest()
     print(f"rollouts: {store.root} ({len(store.done_shards())} shards, {m.get('generated_tokens_last_run', 0)} tokens generated this run)")
+
+
+def cmd_score(a):
+    from .stages import score_stage
+    from .store import RolloutStore
+
+    _threads(a)
+    rollouts = RolloutStore(a.rollouts)
+    spec, _ = _store_model(a, rollouts)
+    store = score_stage(rollouts, a.out, spec, batch_size=a.batch_size, overwrite=a.overwrite, engine=_engine(a))
+    t = store.read_table(["entropies"])
+    ents = [h for row in t.column("entropies").to_pylist() for h in row]
+    mean = sum(ents) / len(ents) if ents else float("nan")
+    print(f"scores: {store.root} ({len(store.done_shards())} shards, {t.num_rows} rollouts, {len(ents)} tokens, "
+          f"mean entropy {mean:.3f} nats under {spec})")
 
 
 def cmd_grade(a):
@@ -161,16 +195,19 @@ def run_eval(a, label=None):
     tmpl = get_template(a.template)
     cfg = _sampling_config(a)
     out = Path(a.out or Path("runs") / "eval" / f"{Path(a.model).name}-{_slug(a.model, a.problems, a.limit, a.template, vars(a).get('n'), a.temperature, a.top_p, a.top_k, a.max_new_tokens, a.seed)}")
+    engine = _engine(a)
     model = tok = None
-    if a.n > 0 or a.greedy:
+    if (a.n > 0 or a.greedy) and engine.engine == "local":
         model, tok = load_model(a.model)
     sampled = greedy = None
     if a.n > 0:
         sampled = sample_stage(out / "samples", a.model, problems, tmpl, cfg, shard_size=a.shard_size,
-                               overwrite=a.overwrite, model=model, tokenizer=tok, grade_workers=a.grade_workers)
+                               overwrite=a.overwrite, model=model, tokenizer=tok, grade_workers=a.grade_workers,
+                               engine=engine)
     if a.greedy:
         greedy = sample_stage(out / "greedy", a.model, problems, tmpl, cfg, greedy=True, shard_size=a.shard_size,
-                              overwrite=a.overwrite, model=model, tokenizer=tok, grade_workers=a.grade_workers)
+                              overwrite=a.overwrite, model=model, tokenizer=tok, grade_workers=a.grade_workers,
+                              engine=engine)
     ks = tuple(k for k in (1, 2, 4, 8, 16, 32, 64) if k <= max(a.n, 1))
     report = evaluate_stores(sampled, greedy, problems, ks=ks, label=label or f"{a.model} on {a.problems}")
     save_report(report, out / "eval.json", out / "eval.md")
@@ -187,7 +224,8 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.toml"
 
 
 def _run_overrides(a) -> dict:
-    o = {"out": a.out, "model": a.model, "threads": a.threads or None}
+    o = {"out": a.out, "model": a.model, "threads": a.threads or None, "engine": a.engine, "workers": a.workers,
+         "ray_address": a.ray_address}
     for k in ("train.tau", "train.tau_fraction", "train.variant", "train.gate", "train.lam", "train.max_steps",
               "sampling.n", "eval.n"):
         v = getattr(a, k.replace(".", "_"), None)
@@ -364,7 +402,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="rollout store directory")
     p.add_argument("--overwrite", action="store_true", help="replace a store made with different inputs")
     p.add_argument("--grade-workers", type=int, default=None, help="grading processes (0 = in-process)")
+    _add_engine(p)
     p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("score", help="teacher-forced entropies and log-probs of every rollout in a store (a score store)")
+    p.add_argument("--rollouts", required=True, help="rollout store (from `reasonmaxxer sample`)")
+    p.add_argument("--out", required=True, help="score store directory")
+    p.add_argument("--model", default=None, help="scoring model (default: the one that sampled the rollouts)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default; Ray workers: 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace a score store made with different inputs")
+    _add_engine(p)
+    p.set_defaults(fn=cmd_score)
 
     p = sub.add_parser("grade", help="grade completions: a rollout store dir (in place) or a JSONL file")
     p.add_argument("input", help="rollout store dir, or a .jsonl with answer and completion fields")
@@ -391,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--sampling-n", type=int, default=None, help="rollouts per training problem")
         p.add_argument("--eval-n", type=int, default=None, help="samples per test problem (0 = greedy only)")
         p.add_argument("--overwrite", action="store_true", help="replace stages whose inputs changed")
+        _add_engine(p, from_config=True)
         p.set_defaults(fn=fn)
 
     for name, fn, hlp in (("train", cmd_train, "train an adapter from a rollout store (select, score, train, export)"),
@@ -489,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", default=None, help="output dir (default: runs/eval/<model>-<hash of the inputs>)")
         p.add_argument("--overwrite", action="store_true")
         p.add_argument("--grade-workers", type=int, default=None)
+        _add_engine(p)
         p.set_defaults(fn=fn)
     return ap
 

@@ -35,15 +35,15 @@ from .store import RolloutStore, atomic_write_json, atomic_write_table, config_h
 from .train import TrainConfig, TrainExample
 
 
-def score_rows(rows: list[dict], model, tokenizer, *, batch_size: int = 4, progress: bool = True) -> list[list[float]]:
-    """Teacher-forced base entropies (nats) of each row's completion tokens."""
-    from tqdm.auto import tqdm
-
+def score_tokens(rows: Sequence[dict], model, tokenizer, *, batch_size: int = 4,
+                 on_batch=None) -> list[tuple[list[float], list[float]]]:
+    """Teacher-forced (entropies, logprobs) in nats of each row's completion tokens (`token_ids`
+    after `prompt_ids`), `batch_size` rows a forward pass; `on_batch(k)` after each batch."""
     from .scoring import score_sequences
 
-    out: list[list[float]] = []
+    out = []
     pad = tokenizer.pad_token_id or 0
-    for i in tqdm(range(0, len(rows), batch_size), desc="score", disable=not progress, dynamic_ncols=True):
+    for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         seqs = [list(r["prompt_ids"]) + list(r["token_ids"]) for r in chunk]
         T = max(map(len, seqs))
@@ -52,11 +52,21 @@ def score_rows(rows: list[dict], model, tokenizer, *, batch_size: int = 4, progr
         for j, s in enumerate(seqs):
             ids[j, : len(s)] = torch.tensor(s)
             att[j, : len(s)] = 1
-        ent, _ = score_sequences(model, ids, att)
+        ent, lp = score_sequences(model, ids, att)
         for j, r in enumerate(chunk):
             p, c = len(r["prompt_ids"]), len(r["token_ids"])
-            out.append(ent[j, p : p + c].tolist())
+            out.append((ent[j, p : p + c].tolist(), lp[j, p : p + c].tolist()))
+        if on_batch:
+            on_batch(len(chunk))
     return out
+
+
+def score_rows(rows: list[dict], model, tokenizer, *, batch_size: int = 4, progress: bool = True) -> list[list[float]]:
+    """Teacher-forced base entropies (nats) of each row's completion tokens."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(rows), desc="score", unit="row", disable=not progress, dynamic_ncols=True) as bar:
+        return [e for e, _ in score_tokens(rows, model, tokenizer, batch_size=batch_size, on_batch=bar.update)]
 
 
 def examples_from_selection(rows: Sequence[dict], truncated_policy: str) -> list[TrainExample]:
@@ -69,8 +79,9 @@ def examples_from_selection(rows: Sequence[dict], truncated_policy: str) -> list
 
 
 def attach_scores(store: RolloutStore, rows: list[dict], out_path: Path, model_spec: str, model, tokenizer,
-                  *, rescore: bool = False, progress: bool = True) -> tuple[list[dict], dict]:
-    """Add `base_entropies` to rows (scored or reused, see module docstring); cache in out_path."""
+                  *, rescore: bool = False, progress: bool = True, engine=None) -> tuple[list[dict], dict]:
+    """Add `base_entropies` to rows (scored or reused, see module docstring); cache in out_path.
+    `engine` (`engines.EngineConfig`) scores on Ray workers when it says so (same numbers)."""
     from .models import model_fingerprint
 
     man = store.manifest()
@@ -91,7 +102,12 @@ def attach_scores(store: RolloutStore, rows: list[dict], out_path: Path, model_s
             info["cached"] = True
             return rows, info
     t0 = time.time()
-    ents = score_rows(rows, model, tokenizer, progress=progress)
+    if engine is None or engine.engine == "local":
+        ents = score_rows(rows, model, tokenizer, progress=progress)
+    else:
+        from .stages import score_rows_on
+
+        ents = [r["entropies"] for r in score_rows_on(rows, model_spec, engine, progress=progress)]
     for r, e in zip(rows, ents):
         r["base_entropies"] = e
     table = pa.table({"problem_id": [k[0] for k in keys], "sample_index": [k[1] for k in keys],
@@ -102,7 +118,8 @@ def attach_scores(store: RolloutStore, rows: list[dict], out_path: Path, model_s
 
 
 def prepare_training_data(store: RolloutStore, model_spec: str, model, tokenizer, selection: dict,
-                          train_cfg: TrainConfig, scores_path: Path, *, rescore: bool = False, progress: bool = True):
+                          train_cfg: TrainConfig, scores_path: Path, *, rescore: bool = False, progress: bool = True,
+                          engine=None):
     """select -> score (-> clarity order). Returns (Selection, rows with base_entropies, score info)."""
     from .selection import SelectionConfig, select
     from .train import resolve_tau
@@ -116,7 +133,7 @@ def prepare_training_data(store: RolloutStore, model_spec: str, model, tokenizer
         print(f"kept {st['problems_kept']} of {st['problems_total']} problems ({st['problems_mixed']} with mixed "
               f"success), {st['rollouts_kept']} rollouts", flush=True)
     srows, info = attach_scores(store, list(sel.rows), scores_path, model_spec, model, tokenizer,
-                                rescore=rescore, progress=progress)
+                                rescore=rescore, progress=progress, engine=engine)
     if clarity:
         tau0, _ = resolve_tau(examples_from_selection(srows, scfg.truncated), train_cfg)
         first = sel
@@ -153,7 +170,15 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     rescore: bool = False
-    threads: int = 0
+    threads: int = 0                 # torch threads (0 = torch's default); per Ray worker: this or 1
+    engine: str = "local"            # where sample, score and eval run: "local" | "ray" (see engines.py)
+    workers: int = 2                 # Ray workers
+    ray_address: str | None = None   # None: a local Ray instance; "auto"/host:port: a running cluster
+
+    def engine_config(self):
+        from .engines import EngineConfig
+
+        return EngineConfig(engine=self.engine, workers=self.workers, threads=self.threads, ray_address=self.ray_address)
     reuse: str | None = None   # a run dir whose base rollouts and base eval to reuse when their inputs match
 
 
@@ -362,7 +387,7 @@ def tier_table(problems, stores: dict) -> dict | None:
 
 
 def evaluate_model(model, tokenizer, spec: str, problems, template, ecfg: EvalConfig, out_dir: str | Path, *,
-                   label: str = "", overwrite: bool = False, progress: bool = True):
+                   label: str = "", overwrite: bool = False, progress: bool = True, engine=None):
     """Held-out evaluation of one model: `ecfg.n` samples and/or one greedy completion per problem.
 
     Writes ``out_dir/samples``, ``out_dir/greedy`` (rollout stores; a re-run with the same
@@ -376,9 +401,9 @@ def evaluate_model(model, tokenizer, spec: str, problems, template, ecfg: EvalCo
     scfg = SamplingConfig(n=max(ecfg.n, 1), temperature=ecfg.temperature, max_new_tokens=ecfg.max_new_tokens,
                           batch_size=ecfg.batch_size, seed=ecfg.seed)
     s_store = sample_stage(d / "samples", spec, problems, template, scfg, model=model, tokenizer=tokenizer,
-                           overwrite=overwrite, progress=progress) if ecfg.n > 0 else None
+                           overwrite=overwrite, progress=progress, engine=engine) if ecfg.n > 0 else None
     g_store = sample_stage(d / "greedy", spec, problems, template, scfg, greedy=True, model=model, tokenizer=tokenizer,
-                           overwrite=overwrite, progress=progress) if ecfg.greedy else None
+                           overwrite=overwrite, progress=progress, engine=engine) if ecfg.greedy else None
     rep = evaluate_stores(s_store, g_store, problems, ks=tuple(k for k in (1, 2, 4, 8) if k <= max(ecfg.n, 1)),
                           label=label or spec)
     save_report(rep, d / "eval.json", d / "eval.md")
@@ -441,19 +466,25 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
     model, tok = load_model(cfg.model)
     if cfg.reuse:
         _reuse_base_stores(Path(cfg.reuse), out)
+    engine = cfg.engine_config()
 
     with stage("sample"):
         store = sample_stage(out / "rollouts", cfg.model, train_p, tmpl, cfg.sampling, model=model, tokenizer=tok,
-                             overwrite=overwrite, progress=progress)
+                             overwrite=overwrite, progress=progress, engine=engine)
     with stage("select + score"):
         sel, srows, score_info = prepare_training_data(store, cfg.model, model, tok, cfg.selection, cfg.train,
-                                                       out / "scores.parquet", rescore=cfg.rescore, progress=progress)
+                                                       out / "scores.parquet", rescore=cfg.rescore, progress=progress,
+                                                       engine=engine)
     scfg = SelectionConfig(**cfg.selection)
     examples = examples_from_selection(srows, scfg.truncated)
     validate = _greedy_accuracy_fn(val_p, tmpl, tok, cfg.eval.max_new_tokens, cfg.eval.batch_size) if val_p else None
 
     with stage("train"):
         import copy
+
+        from .engines import release_workers
+
+        release_workers()   # free the Ray workers' models while this process trains
 
         res = train(examples, cfg.train, out / "train", copy.deepcopy(model), tok, base_spec=cfg.model,
                     validate=validate, shuffle=False, progress=progress,  # selection already ordered the rows
@@ -469,7 +500,8 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
                 trained_model, _ = load_model(spec)
             m = model if name == "base" else trained_model
             rep, stores[name] = evaluate_model(m, tok, spec, test_p, tmpl, cfg.eval, out / "eval" / name,
-                                               label=f"{name}: {spec}", overwrite=overwrite, progress=progress)
+                                               label=f"{name}: {spec}", overwrite=overwrite, progress=progress,
+                                               engine=engine)
             reports[name] = rep
 
     paired = {}

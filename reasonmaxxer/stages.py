@@ -1,19 +1,20 @@
-"""Pipeline stages as library functions: sample (+grade) into a store, evaluate a store.
+"""Pipeline stages as library functions: sample (+grade) into a store, score a store,
+evaluate a store.
 
 Each stage writes a self-describing artifact and is a no-op when re-run with the same
-inputs (see `store.RolloutStore`). The CLI is a thin layer over these functions.
+inputs (see `store.RolloutStore`). The CLI is a thin layer over these functions. Sampling
+and scoring are maps over shards (`engines.map_shards`): in this process, or on Ray workers
+with identical results.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from tqdm.auto import tqdm
-
 from .data import Problem, problems_hash
+from .engines import EngineConfig, MapStats, Progress, map_shards
 from .errors import ReasonMaxxerError
 from .prompts import PromptTemplate, render_prompt, template_fingerprint
 from .sampling import Completion, HFSampler, Request, SamplingConfig
@@ -30,15 +31,57 @@ def _grade_rows(rows: list[dict], workers: int | None) -> None:
                  lenient_extracted=g.lenient.extracted, grade_reason=g.strict.reason)
 
 
+@dataclass
+class SampleTask:
+    """Sample (ungraded) rows for one shard of problems; picklable, so a Ray worker can load
+    the model itself from `model_spec` (see `engines`). Grading runs on the driver."""
+
+    model_spec: str
+    template: PromptTemplate
+    cfg: SamplingConfig
+    greedy: bool = False
+
+    def setup(self, model=None, tokenizer=None) -> None:
+        if model is None:
+            from .models import load_model
+
+            model, tokenizer = load_model(self.model_spec)
+        self._tok, self._sampler = tokenizer, HFSampler(model, tokenizer)
+
+    def run(self, shard: int, chunk: Sequence[Problem], progress: Progress) -> list[dict]:
+        tok = self._tok
+        prompts = {p.id: render_prompt(self.template, p.question, tok) for p in chunk}
+        enc = {pid: tuple(tok(t, add_special_tokens=False)["input_ids"]) for pid, t in prompts.items()}
+        for pid, ids in enc.items():
+            if not ids:
+                raise ReasonMaxxerError(f"sample: problem {pid} renders to an empty prompt")
+        idxs = [-1] if self.greedy else list(range(self.cfg.n))
+        reqs = [Request((p.id, s), enc[p.id]) for p in chunk for s in idxs]
+        comps = self._sampler.generate(reqs, self.cfg, on_done=lambda c: progress.units(1), progress=progress.tokens)
+        gold = {p.id: p.answer for p in chunk}
+        return [_row(c, prompts[c.key[0]], enc[c.key[0]], gold[c.key[0]]) for c in comps]
+
+
+def record_engine(store: RolloutStore, stats: MapStats, **fields) -> None:
+    """Note in the manifest which engine ran and how many workers (outside the config hash)."""
+    runs = store.manifest().get("engine_runs", [])
+    runs.append({"engine": stats.engine, "workers": stats.workers, "shards": stats.shards, "retries": stats.retries,
+                 "seconds": stats.seconds})
+    store.update_manifest(**{"complete": True, **fields, "engine": stats.engine, "workers": stats.workers,
+                             "engine_runs": runs})
+
+
 def sample_stage(out: str | Path, model_spec: str, problems: Sequence[Problem], template: PromptTemplate,
                  cfg: SamplingConfig, *, greedy: bool = False, shard_size: int = 64, overwrite: bool = False,
-                 model=None, tokenizer=None, grade_workers: int | None = None, progress: bool = True) -> RolloutStore:
+                 model=None, tokenizer=None, grade_workers: int | None = None, progress: bool = True,
+                 engine: EngineConfig | None = None) -> RolloutStore:
     """Sample `cfg.n` completions per problem (or one greedy completion), grade them, store them.
 
     Resumable: shards already on disk are skipped. `model`/`tokenizer` may be passed to
-    reuse a loaded model (they must be what `model_spec` names). Returns the store.
+    reuse a loaded model (they must be what `model_spec` names; Ray workers load their own).
+    `engine` spreads the shards over Ray workers (`engines`); the rows are the same. Returns the store.
     """
-    from .models import load_model, model_fingerprint
+    from .models import model_fingerprint
 
     if not problems:
         raise ReasonMaxxerError("sample: the problem set is empty")
@@ -51,43 +94,21 @@ def sample_stage(out: str | Path, model_spec: str, problems: Sequence[Problem], 
               "n_problems": len(problems), "shard_size": shard_size}
     store.open(config, {"model_spec": model_spec, "template_text": template.template}, overwrite=overwrite)
     shards = [list(problems[i:i + shard_size]) for i in range(0, len(problems), shard_size)]
-    todo = [i for i in range(len(shards)) if i not in store.done_shards()]
+    done = store.done_shards()
+    todo = {i: shards[i] for i in range(len(shards)) if i not in done}
     if not todo:
         store.update_manifest(complete=True, generated_tokens_last_run=0)
         return store
-    if model is None:
-        model, tokenizer = load_model(model_spec)
-    sampler = HFSampler(model, tokenizer)
-    total = sum(len(shards[i]) for i in todo) * cfg.n
-    bar = tqdm(total=total, desc=f"sample {Path(out).name}", unit="seq", disable=not progress, dynamic_ncols=True)
-    t0 = time.time()
-    state = {"ntok": 0}
 
-    def on_tokens(k):
-        state["ntok"] += k
-        el = time.time() - t0
-        if el > 0:
-            bar.set_postfix_str(f"{state['ntok'] / el:.0f} tok/s", refresh=False)
+    def write(i, rows):
+        _grade_rows(rows, grade_workers)
+        store.write_shard(i, rows)
 
-    try:
-        for i in todo:
-            chunk = shards[i]
-            prompts = {p.id: render_prompt(template, p.question, tokenizer) for p in chunk}
-            enc = {pid: tuple(tokenizer(t, add_special_tokens=False)["input_ids"]) for pid, t in prompts.items()}
-            for pid, ids in enc.items():
-                if not ids:
-                    raise ReasonMaxxerError(f"sample: problem {pid} renders to an empty prompt")
-            idxs = [-1] if greedy else list(range(cfg.n))
-            reqs = [Request((p.id, s), enc[p.id]) for p in chunk for s in idxs]
-            comps = sampler.generate(reqs, cfg, on_done=lambda c: bar.update(1), progress=on_tokens)
-            gold = {p.id: p.answer for p in chunk}
-            rows = [_row(c, prompts[c.key[0]], enc[c.key[0]], gold[c.key[0]]) for c in comps]
-            _grade_rows(rows, grade_workers)
-            store.write_shard(i, rows)
-    finally:
-        bar.close()
-    store.update_manifest(complete=True, sample_seconds=round(time.time() - t0, 2), generated_tokens=state["ntok"],
-                          generated_tokens_last_run=state["ntok"])
+    stats = map_shards(SampleTask(model_spec, template, cfg, greedy), todo, engine, write,
+                       total=sum(len(c) for c in todo.values()) * cfg.n, desc=f"sample {Path(out).name}",
+                       progress=progress, model=model, tokenizer=tokenizer)
+    record_engine(store, stats, sample_seconds=stats.seconds, generated_tokens=stats.tokens,
+                  generated_tokens_last_run=stats.tokens)
     return store
 
 
@@ -95,6 +116,76 @@ def _row(c: Completion, prompt: str, prompt_ids, gold: str) -> dict:
     return {"problem_id": c.key[0], "sample_index": c.key[1], "prompt": prompt, "prompt_ids": list(prompt_ids),
             "completion": c.text, "token_ids": c.token_ids, "logprobs": c.logprobs, "entropies": c.entropies,
             "finish_reason": c.finish_reason, "truncated": c.truncated, "gold": gold}
+
+
+@dataclass
+class ScoreTask:
+    """Teacher-forced entropies and log-probs of one shard of rows (picklable, like `SampleTask`).
+    Rows are scored `batch_size` at a time in order, so a shard whose size is a multiple of
+    `batch_size` is batched exactly as in one pass over all rows: the numbers are identical."""
+
+    model_spec: str
+    batch_size: int = 4
+
+    def setup(self, model=None, tokenizer=None) -> None:
+        if model is None:
+            from .models import load_model
+
+            model, tokenizer = load_model(self.model_spec)
+        self._model, self._tok = model, tokenizer
+
+    def run(self, shard: int, rows: Sequence[dict], progress: Progress) -> list[dict]:
+        from .pipeline import score_tokens
+
+        scores = score_tokens(rows, self._model, self._tok, batch_size=self.batch_size, on_batch=progress.units)
+        return [{"problem_id": r["problem_id"], "sample_index": r["sample_index"], "entropies": e, "logprobs": lp}
+                for r, (e, lp) in zip(rows, scores)]
+
+
+_SCORE_COLUMNS = ("problem_id", "sample_index", "prompt_ids", "token_ids")
+
+
+def score_rows_on(rows: Sequence[dict], model_spec: str, engine: EngineConfig | None, *, batch_size: int = 4,
+                  chunk: int = 256, progress: bool = True, model=None, tokenizer=None) -> list[dict]:
+    """Score `rows` in chunks of `chunk` rows (a multiple of `batch_size`) on `engine`; returns,
+    in row order, {problem_id, sample_index, entropies, logprobs}. Nothing is written."""
+    rows = [{k: r[k] for k in _SCORE_COLUMNS} for r in rows]
+    chunks = {k: rows[a:a + chunk] for k, a in enumerate(range(0, len(rows), chunk))}
+    got: dict[int, list] = {}
+    map_shards(ScoreTask(model_spec, batch_size), chunks, engine, got.__setitem__, total=len(rows), desc="score",
+               unit="row", progress=progress, model=model, tokenizer=tokenizer)
+    return [r for k in sorted(got) for r in got[k]]
+
+
+def score_stage(rollouts: RolloutStore, out: str | Path, model_spec: str, *, batch_size: int = 4,
+                overwrite: bool = False, model=None, tokenizer=None, progress: bool = True,
+                engine: EngineConfig | None = None) -> RolloutStore:
+    """Teacher-forced scores of every rollout under `model_spec` into a score store at `out`
+    (`store.SCORE_SCHEMA`; shard i scores rollout shard i). Resumable like `sample_stage`."""
+    import pyarrow.parquet as pq
+
+    from .models import model_fingerprint
+    from .store import SCORE_SCHEMA
+
+    src = rollouts.manifest()
+    store = RolloutStore(out, schema=SCORE_SCHEMA)
+    config = {"stage": "score", "rollouts": src.get("config_hash"), "model": model_fingerprint(model_spec),
+              "batch_size": batch_size}
+    store.open(config, {"kind": "scores", "model_spec": model_spec, "rollouts_dir": str(rollouts.root)},
+               overwrite=overwrite)
+    if not rollouts.done_shards():
+        raise ReasonMaxxerError(f"{rollouts.root}: the store has no shards yet")
+    todo = {i: pq.read_table(rollouts.shard_path(i), columns=list(_SCORE_COLUMNS)).to_pylist()
+            for i in sorted(rollouts.done_shards() - store.done_shards())}
+    complete = bool(src.get("complete"))   # scoring a store still being sampled scores what is there
+    if not todo:
+        store.update_manifest(complete=complete)
+        return store
+    stats = map_shards(ScoreTask(model_spec, batch_size), todo, engine, store.write_shard,
+                       total=sum(len(r) for r in todo.values()), desc=f"score {Path(out).name}", unit="row",
+                       progress=progress, model=model, tokenizer=tokenizer)
+    record_engine(store, stats, score_seconds=stats.seconds, complete=complete)
+    return store
 
 
 def regrade_store(store: RolloutStore, grade_workers: int | None = None) -> int:

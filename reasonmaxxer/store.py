@@ -53,6 +53,13 @@ ROLLOUT_SCHEMA = pa.schema([
     ("grade_reason", pa.string()),            # strict verdict's reason
 ])
 
+SCORE_SCHEMA = pa.schema([                    # a score store (`reasonmaxxer score`): teacher-forced, nats
+    ("problem_id", pa.string()),
+    ("sample_index", pa.int32()),
+    ("entropies", pa.list_(pa.float32())),    # full-vocabulary entropy at each completion token
+    ("logprobs", pa.list_(pa.float32())),     # log p(completion token | prefix)
+])
+
 _PACKAGES = ("reasonmaxxer", "torch", "transformers", "peft", "accelerate", "math-verify", "pyarrow", "trl", "vllm")
 
 
@@ -119,10 +126,12 @@ def atomic_write_table(path: Path, table: pa.Table) -> None:
 
 
 class RolloutStore:
-    """A directory of rollout shards with a manifest (see module docstring)."""
+    """A directory of rollout shards with a manifest (see module docstring); `schema` is
+    ROLLOUT_SCHEMA, or SCORE_SCHEMA for a store of teacher-forced scores."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, schema: pa.Schema = ROLLOUT_SCHEMA):
         self.root = Path(root)
+        self.schema = schema
 
     @property
     def manifest_path(self) -> Path:
@@ -181,7 +190,7 @@ class RolloutStore:
         return {int(p.stem.split("-")[1]) for p in d.glob("shard-*.parquet")}
 
     def write_shard(self, i: int, rows: Sequence[dict]) -> None:
-        table = pa.Table.from_pylist(list(rows), schema=ROLLOUT_SCHEMA)
+        table = pa.Table.from_pylist(list(rows), schema=self.schema)
         atomic_write_table(self.shard_path(i), table)
         m = self.manifest()
         m["shards"][f"{i:05d}"] = {"rows": len(rows)}
@@ -212,4 +221,4 @@ class RolloutStore:
         """Apply `fn(rows) -> rows` to every shard, each rewritten atomically (e.g. re-grading)."""
         for i in sorted(self.done_shards()):
             rows = pq.read_table(self.shard_path(i)).to_pylist()
-            atomic_write_table(self.shard_path(i), pa.Table.from_pylist(fn(rows), schema=ROLLOUT_SCHEMA))
+            atomic_write_table(self.shard_path(i), pa.Table.from_pylist(fn(rows), schema=self.schema))

@@ -58,6 +58,14 @@ def make_tiny_model(vocab_size: int, seed: int = 0, arch: str = "llama", init_st
     return model.eval()
 
 
+def save_tiny_checkpoint(d, tokenizer, seed: int = 3, init_std: float = 0.2) -> str:
+    """A tiny model + tokenizer saved as an HF checkpoint dir `d` (loadable by path, e.g. by a
+    subprocess or a Ray worker); returns str(d)."""
+    make_tiny_model(len(tokenizer), seed=seed, init_std=init_std).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return str(d)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tiny_tokenizer):
     return make_tiny_model(len(tiny_tokenizer))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_tiny_model
+from conftest import save_tiny_checkpoint
 from reasonmaxxer.errors import ReasonMaxxerError
 from reasonmaxxer.store import RolloutStore, config_hash
 
@@ -56,8 +56,7 @@ def test_no_temp_files_left_and_corrupt_manifest_is_named(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory, tiny_tokenizer):
     d = tmp_path_factory.mktemp("tiny-ckpt")
-    make_tiny_model(len(tiny_tokenizer), seed=3, init_std=0.2).save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
+    save_tiny_checkpoint(d, tiny_tokenizer)
     return d
 
 
