@@ -116,7 +116,7 @@ def read_reasonmaxxer_run(d: Path) -> dict:
     n_params = _n_params_from_checkpoint(d / "train" / "merged")
     man = _json(d / "rollouts" / "manifest.json")
     sample_tokens = 0
-    for f in sorted((d / "rollouts").glob("*.parquet")):
+    for f in sorted((d / "rollouts" / "shards").glob("*.parquet")):
         t = pq.read_table(f, columns=["prompt_ids", "token_ids"])
         sample_tokens += sum(len(x) for x in t.column("prompt_ids").to_pylist())
         sample_tokens += sum(len(x) for x in t.column("token_ids").to_pylist())
@@ -154,7 +154,7 @@ def _mean_prompt_len(store_dir: Path) -> float:
     import pyarrow.parquet as pq
 
     n = tot = 0
-    for f in sorted(store_dir.glob("*.parquet")):
+    for f in sorted((store_dir / "shards").glob("*.parquet")):
         for x in pq.read_table(f, columns=["prompt_ids"]).column("prompt_ids").to_pylist():
             n += 1
             tot += len(x)

@@ -50,10 +50,10 @@ def make_rm_run(d, *, n_params=(10, 10), avg=0.45, greedy=0.5):
     (d / "train" / "result.json").write_text(json.dumps({"total_steps": 2, "history": []}))
     (d / "train" / "metrics.jsonl").write_text(json.dumps({"step": 1, "gated_tokens": 1, "anchor_tokens": 5}) + "\n"
                                                + json.dumps({"step": 2, "gated_tokens": 1, "anchor_tokens": 3}) + "\n")
-    (d / "rollouts").mkdir()
+    (d / "rollouts" / "shards").mkdir(parents=True)
     (d / "rollouts" / "manifest.json").write_text(json.dumps({"generated_tokens": 5}))
     pq.write_table(pa.table({"prompt_ids": [[1, 2, 3, 4], [1, 2, 3, 4]], "token_ids": [[5, 6], [7, 8, 9]]}),
-                   d / "rollouts" / "shard-00000.parquet")
+                   d / "rollouts" / "shards" / "shard-00000.parquet")
     _eval_json(d / "eval" / "trained" / "eval.json", avg, greedy)
     _eval_json(d / "eval" / "base" / "eval.json", 0.3, 0.4)
     return d
