@@ -315,7 +315,8 @@ def run_baseline(cfg: BaselineConfig, *, progress: bool = True, model=None, toke
             finally:
                 m.train(was_training)
             counters["eval_seconds"] += time.time() - t0
-            row = {"step": step, "train_seconds": round(counters["train_seconds"], 2),
+            row = {"step": step, "train_seconds": round(counters["train_seconds"], 2), "n_params": n_params,
+                   "eval_seconds": round(counters["eval_seconds"], 2),
                    **step_compute(counters, n_params, beta=beta),
                    "reward_mean": counters.get("correct", 0) / max(1, counters.get("completions", 0)),
                    **_accuracy_fields(rep, cfg.eval)}

@@ -163,9 +163,19 @@ def _mean_prompt_len(store_dir: Path) -> float:
 
 def read_baseline_run(d: Path) -> dict:
     """A baseline dir -> one comparison row (final held-out accuracy = the curve's last point)."""
-    res = _json(d / "result.json")
-    curve = _jsonl(d / "curve.jsonl")
+    curve = _jsonl(d / "curve.jsonl") if (d / "curve.jsonl").is_file() else []
     last = curve[-1] if curve else {}
+    if (d / "result.json").is_file():
+        res = _json(d / "result.json")
+    elif curve:   # still running (or stopped): the last evaluated point stands for the run so far
+        bcfg = _json(d / "baseline_config.json")["baseline"]
+        res = {"method": f"{bcfg['method']} (partial)", "n_params": last.get("n_params", 0), "steps": last["step"],
+               "train_seconds": last["train_seconds"], "eval_seconds": last.get("eval_seconds", 0.0),
+               "generated_tokens": last["generated_tokens"], "trained_tokens": last["trained_tokens"],
+               "forward_tokens": last["forward_tokens"], "flops": last["flops"],
+               "max_train_seconds": bcfg.get("max_train_seconds")}
+    else:
+        raise ReasonMaxxerError(f"{d}: a baseline with no evaluated step yet (no curve.jsonl rows)")
     acc = {k: last[k] for k in ("avg_at_n", "avg_at_n_low", "avg_at_n_high", "greedy", "greedy_low", "greedy_high")
            if last.get(k) is not None}
     return {"kind": "baseline", "dir": str(d), "method": res["method"], "n_params": res["n_params"],

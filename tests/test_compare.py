@@ -105,3 +105,21 @@ def test_compare_errors(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a run dir" in err[0]
+
+
+def test_a_running_baseline_is_read_from_its_curve(tmp_path):
+    rm = make_rm_run(tmp_path / "rm")
+    d = tmp_path / "grpo"
+    d.mkdir()
+    (d / "baseline_config.json").write_text(json.dumps({"baseline": {"method": "grpo", "max_train_seconds": 5000.0}}))
+    row = {"step": 6, "train_seconds": 300.0, "eval_seconds": 40.0, "n_params": 100, "generated_tokens": 10,
+           "trained_tokens": 30, "forward_tokens": 30, "flops": 21200.0, "avg_at_n": 0.3}
+    (d / "curve.jsonl").write_text(json.dumps(row) + "\n")
+    md = run_compare([str(rm), str(d)], tmp_path / "out")
+    c = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert c["rows"][1]["method"] == "grpo (partial)" and c["rows"][1]["steps"] == 6
+    assert c["rows"][1]["compute_to_match"]["flops_ratio"] == 2.0 and c["rows"][1]["compute_to_match"]["lower_bound"]
+    assert ">= 2.0x (not reached)" in md
+    (d / "curve.jsonl").write_text("")
+    with pytest.raises(ReasonMaxxerError, match="no evaluated step"):
+        run_compare([str(rm), str(d)], tmp_path / "out")
