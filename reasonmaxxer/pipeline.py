@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -33,6 +33,7 @@ from .errors import ReasonMaxxerError
 from .sampling import SamplingConfig
 from .store import RolloutStore, atomic_write_json, atomic_write_table, config_hash
 from .train import TrainConfig, TrainExample
+from .vllm_backend import VLLMOptions
 
 
 def score_rows(rows: list[dict], model, tokenizer, *, batch_size: int = 4, progress: bool = True) -> list[list[float]]:
@@ -74,7 +75,9 @@ def attach_scores(store: RolloutStore, rows: list[dict], out_path: Path, model_s
     from .models import model_fingerprint
 
     man = store.manifest()
-    same = man.get("config", {}).get("model") == model_fingerprint(model_spec)
+    conf = man.get("config", {})
+    same = (conf.get("model") == model_fingerprint(model_spec) and conf.get("backend", "hf") == "hf"
+            and all(r.get("entropies") is not None for r in rows))   # vLLM records no entropies
     info = {"rows": len(rows), "reused_sampler_entropies": bool(same and not rescore)}
     if same and not rescore:
         for r in rows:
@@ -154,6 +157,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     rescore: bool = False
     threads: int = 0
+    backend: str = "hf"                 # sampling + eval backend: hf | vllm (training and scoring are HF)
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)   # [vllm] engine options (backend = "vllm")
 
 
 def _build(cls, d: dict, where: str):
@@ -187,7 +192,7 @@ def load_run_config(path: str | Path | None = None, **overrides) -> RunConfig:
             raw.setdefault(sec, {})[key] = v
         else:
             raw[k] = v
-    sub = {"sampling": SamplingConfig, "train": TrainConfig, "eval": EvalConfig}
+    sub = {"sampling": SamplingConfig, "train": TrainConfig, "eval": EvalConfig, "vllm": VLLMOptions}
     top = {}
     for k, v in raw.items():
         if k in sub:
@@ -349,6 +354,7 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
     from .selection import SelectionConfig
     from .stages import evaluate_stores, sample_stage
     from .train import example_gates, train
+    from .vllm_backend import make_sampler
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -378,10 +384,14 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
     val_p = load_problems(cfg.validation_problems, data_dir=cfg.data_dir) if cfg.validation_problems else []
     test_p = load_problems(cfg.test_problems, data_dir=cfg.data_dir)
     model, tok = load_model(cfg.model)
+    # vLLM: one engine for sampling and both evals; it serves the trained adapter as a LoRA
+    vopts = cfg.vllm if cfg.train.full_finetune else replace(cfg.vllm, enable_lora=True,
+                                                              max_lora_rank=cfg.vllm.max_lora_rank or cfg.train.lora_rank)
+    sampler = make_sampler(cfg.backend, cfg.model, vopts, tokenizer=tok)
 
     with stage("sample"):
         store = sample_stage(out / "rollouts", cfg.model, train_p, tmpl, cfg.sampling, model=model, tokenizer=tok,
-                             overwrite=overwrite, progress=progress)
+                             overwrite=overwrite, progress=progress, sampler=sampler)
     with stage("select + score"):
         sel, srows, score_info = prepare_training_data(store, cfg.model, model, tok, cfg.selection, cfg.train,
                                                        out / "scores.parquet", rescore=cfg.rescore, progress=progress)
@@ -407,16 +417,26 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
             if name == "trained":
                 trained_model, _ = load_model(spec)
             m = model if name == "base" else trained_model
+            esampler = sampler
+            if sampler is not None and name == "trained":
+                if cfg.train.full_finetune:    # no adapter to serve: a new engine on the merged weights
+                    sampler.close()
+                    sampler = esampler = make_sampler(cfg.backend, spec, cfg.vllm, tokenizer=tok)
+                else:                          # the trained adapter, as a LoRA on the same engine
+                    spec = str(out / "train" / "adapter")
+                    esampler = sampler.for_model(spec)
             d = out / "eval" / name
-            s_store = sample_stage(d / "samples", spec, test_p, tmpl, ecfg, model=m, tokenizer=tok,
-                                   overwrite=overwrite, progress=progress) if cfg.eval.n > 0 else None
+            s_store = sample_stage(d / "samples", spec, test_p, tmpl, ecfg, model=m, tokenizer=tok, overwrite=overwrite,
+                                   progress=progress, sampler=esampler) if cfg.eval.n > 0 else None
             g_store = sample_stage(d / "greedy", spec, test_p, tmpl, ecfg, greedy=True, model=m, tokenizer=tok,
-                                   overwrite=overwrite, progress=progress) if cfg.eval.greedy else None
+                                   overwrite=overwrite, progress=progress, sampler=esampler) if cfg.eval.greedy else None
             rep = evaluate_stores(s_store, g_store, test_p, ks=tuple(k for k in (1, 2, 4, 8) if k <= max(cfg.eval.n, 1)),
                                   label=f"{name}: {spec}")
             save_report(rep, d / "eval.json", d / "eval.md")
             reports[name], stores[name] = rep, (s_store, g_store)
 
+    if sampler is not None:
+        sampler.close()
     paired = {}
     for metric, idx in (("greedy", 1), ("avg_at_n", 0)):
         a, b = stores["trained"][idx], stores["base"][idx]

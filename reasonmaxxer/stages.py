@@ -32,11 +32,14 @@ def _grade_rows(rows: list[dict], workers: int | None) -> None:
 
 def sample_stage(out: str | Path, model_spec: str, problems: Sequence[Problem], template: PromptTemplate,
                  cfg: SamplingConfig, *, greedy: bool = False, shard_size: int = 64, overwrite: bool = False,
-                 model=None, tokenizer=None, grade_workers: int | None = None, progress: bool = True) -> RolloutStore:
+                 model=None, tokenizer=None, grade_workers: int | None = None, progress: bool = True,
+                 sampler=None) -> RolloutStore:
     """Sample `cfg.n` completions per problem (or one greedy completion), grade them, store them.
 
     Resumable: shards already on disk are skipped. `model`/`tokenizer` may be passed to
-    reuse a loaded model (they must be what `model_spec` names). Returns the store.
+    reuse a loaded model (they must be what `model_spec` names). `sampler`: another backend
+    (e.g. `vllm_backend.VLLMSampler` for `model_spec`; default: an `HFSampler` on `model`);
+    its name is part of the config hash and its options are recorded. Returns the store.
     """
     from .models import load_model, model_fingerprint
 
@@ -49,15 +52,25 @@ def sample_stage(out: str | Path, model_spec: str, problems: Sequence[Problem], 
               "template": {"name": template.name, "fingerprint": template_fingerprint(template)},
               "sampling": asdict(cfg), "greedy": greedy, "data_hash": problems_hash(problems),
               "n_problems": len(problems), "shard_size": shard_size}
-    store.open(config, {"model_spec": model_spec, "template_text": template.template}, overwrite=overwrite)
+    describe = {"model_spec": model_spec, "template_text": template.template}
+    backend = getattr(sampler, "name", "hf")
+    if backend != "hf":   # the HF backend stays implicit, so existing stores keep their hash
+        if sampler.spec != model_spec:
+            raise ReasonMaxxerError(f"sample: the {backend} sampler serves {sampler.spec}, not {model_spec}")
+        config["backend"] = backend
+        describe["backend"] = sampler.describe()
+    store.open(config, describe, overwrite=overwrite)
     shards = [list(problems[i:i + shard_size]) for i in range(0, len(problems), shard_size)]
     todo = [i for i in range(len(shards)) if i not in store.done_shards()]
     if not todo:
         store.update_manifest(complete=True, generated_tokens_last_run=0)
         return store
-    if model is None:
-        model, tokenizer = load_model(model_spec)
-    sampler = HFSampler(model, tokenizer)
+    if sampler is not None:
+        tokenizer = tokenizer or sampler.tokenizer
+    else:
+        if model is None:
+            model, tokenizer = load_model(model_spec)
+        sampler = HFSampler(model, tokenizer)
     total = sum(len(shards[i]) for i in todo) * cfg.n
     bar = tqdm(total=total, desc=f"sample {Path(out).name}", unit="seq", disable=not progress, dynamic_ncols=True)
     t0 = time.time()

@@ -61,3 +61,12 @@ def make_tiny_model(vocab_size: int, seed: int = 0, arch: str = "llama", init_st
 @pytest.fixture(scope="session")
 def tiny_model(tiny_tokenizer):
     return make_tiny_model(len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, tiny_tokenizer):
+    """A tiny peaky model saved as a HF checkpoint dir (model + tokenizer): a model spec."""
+    d = tmp_path_factory.mktemp("tiny-ckpt")
+    make_tiny_model(len(tiny_tokenizer), seed=3, init_std=0.2).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d

@@ -54,14 +54,6 @@ def test_no_temp_files_left_and_corrupt_manifest_is_named(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory, tiny_tokenizer):
-    d = tmp_path_factory.mktemp("tiny-ckpt")
-    make_tiny_model(len(tiny_tokenizer), seed=3, init_std=0.2).save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def problem_file(tmp_path_factory):
     d = tmp_path_factory.mktemp("probs")
     p = d / "probs.jsonl"
