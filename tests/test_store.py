@@ -10,7 +10,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_tiny_model
 from reasonmaxxer.errors import ReasonMaxxerError
 from reasonmaxxer.store import RolloutStore, config_hash
 
