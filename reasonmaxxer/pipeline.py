@@ -53,7 +53,8 @@ def score_rows(rows: list[dict], model, tokenizer, *, batch_size: int = 4, progr
         for j, s in enumerate(seqs):
             ids[j, : len(s)] = torch.tensor(s)
             att[j, : len(s)] = 1
-        ent, _ = score_sequences(model, ids, att)
+        dev = next(model.parameters()).device
+        ent, _ = score_sequences(model, ids.to(dev), att.to(dev))
         for j, r in enumerate(chunk):
             p, c = len(r["prompt_ids"]), len(r["token_ids"])
             out.append(ent[j, p : p + c].tolist())
