@@ -62,6 +62,32 @@ def _engine(a):
                         ray_address=a.ray_address)
 
 
+def _add_backend(p):
+    """--backend and the vLLM engine options (None = the config's or the default)."""
+    p.add_argument("--backend", choices=("hf", "vllm"), default=None,
+                   help="sampling backend: hf (default; CPU or GPU) or vllm (GPUs; pip install 'reasonmaxxer[vllm]')")
+    p.add_argument("--tensor-parallel-size", type=int, default=None, help="vllm: GPUs per engine (default 1)")
+    p.add_argument("--data-parallel-size", type=int, default=None,
+                   help="vllm: independent engines, each on its own --tensor-parallel-size GPUs (default 1)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="vllm: fraction of each GPU's memory the engine may take (default 0.9)")
+
+
+_VLLM_FLAGS = ("tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization")
+
+
+def _sampler(a, spec: str):
+    """The sampler the flags ask for: None (HF, built by the stage) or a `VLLMSampler` for `spec`."""
+    from .stages import check_backend
+    from .vllm_backend import VLLMOptions, make_sampler
+
+    check_backend(a.backend, getattr(a, "engine", None))
+    opts = {k: getattr(a, k) for k in _VLLM_FLAGS if getattr(a, k, None) is not None}
+    if opts and a.backend != "vllm":
+        raise ReasonMaxxerError(f"--{next(iter(opts)).replace('_', '-')} applies to --backend vllm only")
+    return make_sampler(a.backend, spec, VLLMOptions(**opts))
+
+
 def _add_pair(p):
     """Flags shared by analyze and intervene: a base/tuned pair and the problems to decode."""
     p.add_argument("--base", default="smollm2-135m", help="base model spec")
@@ -122,9 +148,14 @@ def cmd_sample(a):
 
     _threads(a)
     problems = _problems(a)
-    store = sample_stage(a.out, a.model, problems, get_template(a.template), _sampling_config(a),
-                         greedy=a.greedy, shard_size=a.shard_size, overwrite=a.overwrite, grade_workers=a.grade_workers,
-                         engine=_engine(a))
+    sampler = _sampler(a, a.model)
+    try:
+        store = sample_stage(a.out, a.model, problems, get_template(a.template), _sampling_config(a), greedy=a.greedy,
+                             shard_size=a.shard_size, overwrite=a.overwrite, grade_workers=a.grade_workers,
+                             engine=_engine(a), sampler=sampler)
+    finally:
+        if sampler is not None:
+            sampler.close()
     m = store.manifest()
     print(f"rollouts: {store.root} ({len(store.done_shards())} shards, {m.get('generated_tokens_last_run', 0)} tokens generated this run)")
 
@@ -194,20 +225,23 @@ def run_eval(a, label=None):
     problems = _problems(a)
     tmpl = get_template(a.template)
     cfg = _sampling_config(a)
-    out = Path(a.out or Path("runs") / "eval" / f"{Path(a.model).name}-{_slug(a.model, a.problems, a.limit, a.template, vars(a).get('n'), a.temperature, a.top_p, a.top_k, a.max_new_tokens, a.seed)}")
+    out = Path(a.out or Path("runs") / "eval" / f"{Path(a.model).name}-{_slug(a.model, a.problems, a.limit, a.template, vars(a).get('n'), a.temperature, a.top_p, a.top_k, a.max_new_tokens, a.seed, *(['vllm'] if a.backend == 'vllm' else []))}")
     engine = _engine(a)
     model = tok = None
-    if (a.n > 0 or a.greedy) and engine.engine == "local":
+    sampler = _sampler(a, a.model)
+    if sampler is None and (a.n > 0 or a.greedy) and engine.engine == "local":
         model, tok = load_model(a.model)
     sampled = greedy = None
-    if a.n > 0:
-        sampled = sample_stage(out / "samples", a.model, problems, tmpl, cfg, shard_size=a.shard_size,
-                               overwrite=a.overwrite, model=model, tokenizer=tok, grade_workers=a.grade_workers,
-                               engine=engine)
-    if a.greedy:
-        greedy = sample_stage(out / "greedy", a.model, problems, tmpl, cfg, greedy=True, shard_size=a.shard_size,
-                              overwrite=a.overwrite, model=model, tokenizer=tok, grade_workers=a.grade_workers,
-                              engine=engine)
+    kw = dict(shard_size=a.shard_size, overwrite=a.overwrite, model=model, tokenizer=tok, grade_workers=a.grade_workers,
+              engine=engine, sampler=sampler)
+    try:
+        if a.n > 0:
+            sampled = sample_stage(out / "samples", a.model, problems, tmpl, cfg, **kw)
+        if a.greedy:
+            greedy = sample_stage(out / "greedy", a.model, problems, tmpl, cfg, greedy=True, **kw)
+    finally:
+        if sampler is not None:
+            sampler.close()
     ks = tuple(k for k in (1, 2, 4, 8, 16, 32, 64) if k <= max(a.n, 1))
     report = evaluate_stores(sampled, greedy, problems, ks=ks, label=label or f"{a.model} on {a.problems}")
     save_report(report, out / "eval.json", out / "eval.md")
@@ -225,7 +259,8 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.toml"
 
 def _run_overrides(a) -> dict:
     o = {"out": a.out, "model": a.model, "threads": a.threads or None, "engine": a.engine, "workers": a.workers,
-         "ray_address": a.ray_address}
+         "ray_address": a.ray_address, "backend": a.backend}
+    o.update({f"vllm.{k}": getattr(a, k) for k in _VLLM_FLAGS if getattr(a, k) is not None})
     for k in ("train.tau", "train.tau_fraction", "train.variant", "train.gate", "train.lam", "train.max_steps",
               "sampling.n", "eval.n"):
         v = getattr(a, k.replace(".", "_"), None)
@@ -399,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_problems(p, default="arith:train:200")
     _add_sampling(p)
     p.add_argument("--greedy", action="store_true", help="one greedy completion per problem instead of --n samples")
+    _add_backend(p)
     p.add_argument("--out", required=True, help="rollout store directory")
     p.add_argument("--overwrite", action="store_true", help="replace a store made with different inputs")
     p.add_argument("--grade-workers", type=int, default=None, help="grading processes (0 = in-process)")
@@ -439,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--train-max-steps", type=int, default=None)
         p.add_argument("--sampling-n", type=int, default=None, help="rollouts per training problem")
         p.add_argument("--eval-n", type=int, default=None, help="samples per test problem (0 = greedy only)")
+        _add_backend(p)
         p.add_argument("--overwrite", action="store_true", help="replace stages whose inputs changed")
         _add_engine(p, from_config=True)
         p.set_defaults(fn=fn)
@@ -536,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_problems(p, default="arith:test:100" if name == "eval" else "arith:test:64")
         _add_sampling(p, n=4)
         p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=True, help="also decode greedily")
+        _add_backend(p)
         p.add_argument("--out", default=None, help="output dir (default: runs/eval/<model>-<hash of the inputs>)")
         p.add_argument("--overwrite", action="store_true")
         p.add_argument("--grade-workers", type=int, default=None)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -33,6 +33,7 @@ from .errors import ReasonMaxxerError
 from .sampling import SamplingConfig
 from .store import RolloutStore, atomic_write_json, atomic_write_table, config_hash
 from .train import TrainConfig, TrainExample
+from .vllm_backend import VLLMOptions
 
 
 def score_tokens(rows: Sequence[dict], model, tokenizer, *, batch_size: int = 4,
@@ -52,7 +53,8 @@ def score_tokens(rows: Sequence[dict], model, tokenizer, *, batch_size: int = 4,
         for j, s in enumerate(seqs):
             ids[j, : len(s)] = torch.tensor(s)
             att[j, : len(s)] = 1
-        ent, lp = score_sequences(model, ids, att)
+        dev = next(model.parameters()).device
+        ent, lp = score_sequences(model, ids.to(dev), att.to(dev))
         for j, r in enumerate(chunk):
             p, c = len(r["prompt_ids"]), len(r["token_ids"])
             out.append((ent[j, p : p + c].tolist(), lp[j, p : p + c].tolist()))
@@ -85,7 +87,9 @@ def attach_scores(store: RolloutStore, rows: list[dict], out_path: Path, model_s
     from .models import model_fingerprint
 
     man = store.manifest()
-    same = man.get("config", {}).get("model") == model_fingerprint(model_spec)
+    conf = man.get("config", {})
+    same = (conf.get("model") == model_fingerprint(model_spec) and conf.get("backend", "hf") == "hf"
+            and all(r.get("entropies") is not None for r in rows))   # vLLM records no entropies
     info = {"rows": len(rows), "reused_sampler_entropies": bool(same and not rescore)}
     if same and not rescore:
         for r in rows:
@@ -174,12 +178,14 @@ class RunConfig:
     engine: str = "local"            # where sample, score and eval run: "local" | "ray" (see engines.py)
     workers: int = 2                 # Ray workers
     ray_address: str | None = None   # None: a local Ray instance; "auto"/host:port: a running cluster
+    reuse: str | None = None         # a run dir whose base rollouts and base eval to reuse when their inputs match
+    backend: str = "hf"              # sampling + eval backend: hf | vllm (training and scoring are HF)
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)   # [vllm] engine options (backend = "vllm")
 
     def engine_config(self):
         from .engines import EngineConfig
 
         return EngineConfig(engine=self.engine, workers=self.workers, threads=self.threads, ray_address=self.ray_address)
-    reuse: str | None = None   # a run dir whose base rollouts and base eval to reuse when their inputs match
 
 
 def _build(cls, d: dict, where: str):
@@ -233,7 +239,7 @@ def load_run_config(path: str | Path | None = None, **overrides) -> RunConfig:
             raw.setdefault(sec, {})[key] = v
         else:
             raw[k] = v
-    sub = {"sampling": SamplingConfig, "train": TrainConfig, "eval": EvalConfig}
+    sub = {"sampling": SamplingConfig, "train": TrainConfig, "eval": EvalConfig, "vllm": VLLMOptions}
     top = {}
     for k, v in raw.items():
         if k in sub:
@@ -387,12 +393,14 @@ def tier_table(problems, stores: dict) -> dict | None:
 
 
 def evaluate_model(model, tokenizer, spec: str, problems, template, ecfg: EvalConfig, out_dir: str | Path, *,
-                   label: str = "", overwrite: bool = False, progress: bool = True, engine=None):
+                   label: str = "", overwrite: bool = False, progress: bool = True, engine=None, sampler=None):
     """Held-out evaluation of one model: `ecfg.n` samples and/or one greedy completion per problem.
 
     Writes ``out_dir/samples``, ``out_dir/greedy`` (rollout stores; a re-run with the same
     weights is a no-op) and ``eval.json``/``eval.md``. `spec` names the weights for the
-    stores' manifests. Returns (EvalReport, (sampled store | None, greedy store | None)).
+    stores' manifests. `engine` (Ray) or `sampler` (another backend serving `spec`, e.g. a
+    `vllm_backend.VLLMSampler`; then `model` may be None): see `stages.sample_stage`.
+    Returns (EvalReport, (sampled store | None, greedy store | None)).
     """
     from .evaluate import save_report
     from .stages import evaluate_stores, sample_stage
@@ -400,10 +408,9 @@ def evaluate_model(model, tokenizer, spec: str, problems, template, ecfg: EvalCo
     d = Path(out_dir)
     scfg = SamplingConfig(n=max(ecfg.n, 1), temperature=ecfg.temperature, max_new_tokens=ecfg.max_new_tokens,
                           batch_size=ecfg.batch_size, seed=ecfg.seed)
-    s_store = sample_stage(d / "samples", spec, problems, template, scfg, model=model, tokenizer=tokenizer,
-                           overwrite=overwrite, progress=progress, engine=engine) if ecfg.n > 0 else None
-    g_store = sample_stage(d / "greedy", spec, problems, template, scfg, greedy=True, model=model, tokenizer=tokenizer,
-                           overwrite=overwrite, progress=progress, engine=engine) if ecfg.greedy else None
+    kw = dict(model=model, tokenizer=tokenizer, overwrite=overwrite, progress=progress, engine=engine, sampler=sampler)
+    s_store = sample_stage(d / "samples", spec, problems, template, scfg, **kw) if ecfg.n > 0 else None
+    g_store = sample_stage(d / "greedy", spec, problems, template, scfg, greedy=True, **kw) if ecfg.greedy else None
     rep = evaluate_stores(s_store, g_store, problems, ks=tuple(k for k in (1, 2, 4, 8) if k <= max(ecfg.n, 1)),
                           label=label or spec)
     save_report(rep, d / "eval.json", d / "eval.md")
@@ -433,9 +440,11 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
     from .models import load_model
     from .prompts import get_template
     from .selection import SelectionConfig
-    from .stages import sample_stage
+    from .stages import check_backend, sample_stage
     from .train import example_gates, train
+    from .vllm_backend import make_sampler
 
+    check_backend(cfg.backend, cfg.engine)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -467,10 +476,14 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
     if cfg.reuse:
         _reuse_base_stores(Path(cfg.reuse), out)
     engine = cfg.engine_config()
+    # vLLM: one engine for sampling and both evals; it serves the trained adapter as a LoRA
+    vopts = cfg.vllm if cfg.train.full_finetune else replace(cfg.vllm, enable_lora=True,
+                                                              max_lora_rank=cfg.vllm.max_lora_rank or cfg.train.lora_rank)
+    sampler = make_sampler(cfg.backend, cfg.model, vopts, tokenizer=tok)
 
     with stage("sample"):
         store = sample_stage(out / "rollouts", cfg.model, train_p, tmpl, cfg.sampling, model=model, tokenizer=tok,
-                             overwrite=overwrite, progress=progress, engine=engine)
+                             overwrite=overwrite, progress=progress, engine=engine, sampler=sampler)
     with stage("select + score"):
         sel, srows, score_info = prepare_training_data(store, cfg.model, model, tok, cfg.selection, cfg.train,
                                                        out / "scores.parquet", rescore=cfg.rescore, progress=progress,
@@ -499,11 +512,21 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
             if name == "trained":
                 trained_model, _ = load_model(spec)
             m = model if name == "base" else trained_model
+            esampler = sampler
+            if sampler is not None and name == "trained":
+                if cfg.train.full_finetune:    # no adapter to serve: a new engine on the merged weights
+                    sampler.close()
+                    sampler = esampler = make_sampler(cfg.backend, spec, cfg.vllm, tokenizer=tok)
+                else:                          # the trained adapter, as a LoRA on the same engine
+                    spec = str(out / "train" / "adapter")
+                    esampler = sampler.for_model(spec)
             rep, stores[name] = evaluate_model(m, tok, spec, test_p, tmpl, cfg.eval, out / "eval" / name,
                                                label=f"{name}: {spec}", overwrite=overwrite, progress=progress,
-                                               engine=engine)
+                                               engine=engine, sampler=esampler)
             reports[name] = rep
 
+    if sampler is not None:
+        sampler.close()
     paired = {}
     for metric, idx in (("greedy", 1), ("avg_at_n", 0)):
         a, b = stores["trained"][idx], stores["base"][idx]

@@ -30,7 +30,7 @@ padding) flips the choice of a token, which is rare but possible. Greedy decodin
 (temperature 0) matches HF ``generate`` token for token (tested).
 
 Models with sliding-window attention layers are not supported by this backend (error).
-A vLLM backend implements the same `Sampler` interface for GPUs.
+The vLLM backend (`reasonmaxxer.vllm_backend`) implements the same `Sampler` interface for GPUs.
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ class Completion:
     key: tuple[str, int]
     token_ids: list[int]
     logprobs: list[float]         # log p(token) under the untempered model distribution, nats
-    entropies: list[float]        # full-vocabulary entropy of that distribution, nats
+    entropies: list[float] | None  # full-vocabulary entropy of that distribution, nats (None: the
+                                   # backend cannot compute it, e.g. vLLM; the scoring stage does)
     finish_reason: str            # "eos" | "stop" | "length"
     text: str = ""
 
@@ -101,13 +102,33 @@ class Sampler(Protocol):
     """A sampling backend: HF (CPU/GPU, this module) or vLLM (GPUs)."""
 
     def generate(self, requests: Sequence[Request], cfg: SamplingConfig,
-                 on_done: Callable[[Completion], None] | None = None) -> list[Completion]: ...
+                 on_done: Callable[[Completion], None] | None = None,
+                 progress: Callable[[int], None] | None = None) -> list[Completion]: ...
 
 
 def request_seed(seed: int, problem_id: str, sample_index: int) -> int:
     """A 63-bit seed for one (seed, problem, sample), independent of everything else."""
     h = hashlib.sha256(f"{seed}\x00{problem_id}\x00{sample_index}".encode()).digest()
     return int.from_bytes(h[:8], "little") >> 1
+
+
+def eos_token_ids(*sources) -> set[int]:
+    """The union of `eos_token_id` (an int or a list) over sources (generation configs, tokenizers)."""
+    eos = set()
+    for src in sources:
+        e = getattr(src, "eos_token_id", None)
+        if e is not None:
+            eos.update(e if isinstance(e, (list, tuple)) else [e])
+    return eos
+
+
+def decode_completion(tokenizer, token_ids: Sequence[int], finish_reason: str, stop: Sequence[str] = ()) -> str:
+    """The completion's text: special tokens skipped; cut before the first stop string if it stopped on one."""
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    if finish_reason == "stop":
+        cut = min((text.find(s) for s in stop if s in text), default=-1)
+        text = text[:cut] if cut >= 0 else text
+    return text
 
 
 def sample_from_logits(logits: torch.Tensor, u: torch.Tensor, temperature: float,
@@ -220,12 +241,7 @@ class HFSampler:
         self.num_layers = cfg.num_hidden_layers
         self.min_shared_prefix = min_shared_prefix
         self.device = next(model.parameters()).device
-        eos = set()
-        for src in (getattr(model, "generation_config", None), tokenizer):
-            e = getattr(src, "eos_token_id", None)
-            if e is not None:
-                eos.update(e if isinstance(e, (list, tuple)) else [e])
-        self.eos = eos
+        self.eos = eos_token_ids(getattr(model, "generation_config", None), tokenizer)
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         # transformers renamed `past_key_values` to `cache` in 5.x
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model   # PEFT passes kwargs through
@@ -301,10 +317,7 @@ class HFSampler:
         B = cfg.batch_size
 
         def finish(row: _Row):
-            text = self.tok.decode(row.tokens, skip_special_tokens=True)
-            if row.done == "stop":
-                cut = min((text.find(s) for s in cfg.stop if s in text), default=-1)
-                text = text[:cut] if cut >= 0 else text
+            text = decode_completion(self.tok, row.tokens, row.done, cfg.stop)
             c = Completion(row.req.key, row.tokens, row.logprobs, row.entropies, row.done, text)
             results[row.req.key] = c
             if on_done:

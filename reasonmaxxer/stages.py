@@ -9,9 +9,9 @@ with identical results.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from .data import Problem, problems_hash
 from .engines import EngineConfig, MapStats, Progress, map_shards
@@ -40,8 +40,12 @@ class SampleTask:
     template: PromptTemplate
     cfg: SamplingConfig
     greedy: bool = False
+    sampler: Any = field(default=None, repr=False)   # another backend (vLLM), in-process only: not picklable
 
     def setup(self, model=None, tokenizer=None) -> None:
+        if self.sampler is not None:
+            self._tok, self._sampler = tokenizer or self.sampler.tokenizer, self.sampler
+            return
         if model is None:
             from .models import load_model
 
@@ -62,6 +66,15 @@ class SampleTask:
         return [_row(c, prompts[c.key[0]], enc[c.key[0]], gold[c.key[0]]) for c in comps]
 
 
+def check_backend(backend: str | None, engine: EngineConfig | str | None) -> None:
+    """Refuse the Ray engine with a non-HF sampling backend: a vLLM sampler is an engine of its
+    own in this process (it parallelises with tensor_parallel_size / data_parallel_size)."""
+    name = getattr(engine, "engine", engine) or "local"
+    if (backend or "hf") != "hf" and name == "ray":
+        raise ReasonMaxxerError(f"--engine ray does not apply to --backend {backend}: vLLM runs its own engines "
+                                "(--tensor-parallel-size, --data-parallel-size); use --engine local")
+
+
 def record_engine(store: RolloutStore, stats: MapStats, **fields) -> None:
     """Note in the manifest which engine ran and how many workers (outside the config hash)."""
     runs = store.manifest().get("engine_runs", [])
@@ -74,17 +87,22 @@ def record_engine(store: RolloutStore, stats: MapStats, **fields) -> None:
 def sample_stage(out: str | Path, model_spec: str, problems: Sequence[Problem], template: PromptTemplate,
                  cfg: SamplingConfig, *, greedy: bool = False, shard_size: int = 64, overwrite: bool = False,
                  model=None, tokenizer=None, grade_workers: int | None = None, progress: bool = True,
-                 engine: EngineConfig | None = None) -> RolloutStore:
+                 engine: EngineConfig | None = None, sampler=None) -> RolloutStore:
     """Sample `cfg.n` completions per problem (or one greedy completion), grade them, store them.
 
     Resumable: shards already on disk are skipped. `model`/`tokenizer` may be passed to
     reuse a loaded model (they must be what `model_spec` names; Ray workers load their own).
-    `engine` spreads the shards over Ray workers (`engines`); the rows are the same. Returns the store.
+    `engine` spreads the shards over Ray workers (`engines`); the rows are the same.
+    `sampler`: another backend (e.g. `vllm_backend.VLLMSampler` for `model_spec`; default: an
+    `HFSampler` on `model`), run in this process (not with the Ray engine); its name is part of
+    the config hash and its options are recorded. Returns the store.
     """
     from .models import model_fingerprint
 
     if not problems:
         raise ReasonMaxxerError("sample: the problem set is empty")
+    backend = getattr(sampler, "name", "hf")
+    check_backend(backend, engine)
     if greedy:
         cfg = SamplingConfig(**{**asdict(cfg), "n": 1, "temperature": 0.0})
     store = RolloutStore(out)
@@ -92,7 +110,13 @@ def sample_stage(out: str | Path, model_spec: str, problems: Sequence[Problem], 
               "template": {"name": template.name, "fingerprint": template_fingerprint(template)},
               "sampling": asdict(cfg), "greedy": greedy, "data_hash": problems_hash(problems),
               "n_problems": len(problems), "shard_size": shard_size}
-    store.open(config, {"model_spec": model_spec, "template_text": template.template}, overwrite=overwrite)
+    describe = {"model_spec": model_spec, "template_text": template.template}
+    if backend != "hf":   # the HF backend stays implicit, so existing stores keep their hash
+        if sampler.spec != model_spec:
+            raise ReasonMaxxerError(f"sample: the {backend} sampler serves {sampler.spec}, not {model_spec}")
+        config["backend"] = backend
+        describe["backend"] = sampler.describe()
+    store.open(config, describe, overwrite=overwrite)
     shards = [list(problems[i:i + shard_size]) for i in range(0, len(problems), shard_size)]
     done = store.done_shards()
     todo = {i: shards[i] for i in range(len(shards)) if i not in done}
@@ -104,7 +128,7 @@ def sample_stage(out: str | Path, model_spec: str, problems: Sequence[Problem], 
         _grade_rows(rows, grade_workers)
         store.write_shard(i, rows)
 
-    stats = map_shards(SampleTask(model_spec, template, cfg, greedy), todo, engine, write,
+    stats = map_shards(SampleTask(model_spec, template, cfg, greedy, sampler), todo, engine, write,
                        total=sum(len(c) for c in todo.values()) * cfg.n, desc=f"sample {Path(out).name}",
                        progress=progress, model=model, tokenizer=tokenizer)
     record_engine(store, stats, sample_seconds=stats.seconds, generated_tokens=stats.tokens,

@@ -69,3 +69,11 @@ def save_tiny_checkpoint(d, tokenizer, seed: int = 3, init_std: float = 0.2) -> 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_tokenizer):
     return make_tiny_model(len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, tiny_tokenizer):
+    """A tiny peaky model saved as a HF checkpoint dir (model + tokenizer): a model spec."""
+    d = tmp_path_factory.mktemp("tiny-ckpt")
+    save_tiny_checkpoint(d, tiny_tokenizer)
+    return d

@@ -9,11 +9,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args, cwd=None):
+def run(*args, cwd=None, module="reasonmaxxer.cli"):
     env = dict(os.environ, TQDM_DISABLE="1")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("REASONMAXXER_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "reasonmaxxer.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=120)
 
 
@@ -28,6 +28,10 @@ def test_bad_problem_file(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "1+1?", "answer": "2"}\n{oops\n')
     _one_line_error(run("sample", "--problems", str(bad), "--out", str(tmp_path / "o")), f"{bad}:2:")
+
+
+def test_python_m_reasonmaxxer_exits_with_the_cli_status(tmp_path):
+    _one_line_error(run("grade", str(tmp_path / "missing"), module="reasonmaxxer"), "no such file")
 
 
 def test_missing_model_dir(tmp_path):

@@ -10,7 +10,6 @@ import json
 
 import pytest
 
-from conftest import save_tiny_checkpoint
 from reasonmaxxer.data import Problem
 from reasonmaxxer.engines import EngineConfig, Progress, map_shards
 from reasonmaxxer.errors import ReasonMaxxerError
@@ -38,8 +37,8 @@ def ray_local():
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, tiny_tokenizer):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-ckpt"), tiny_tokenizer)
+def ckpt(tiny_ckpt):
+    return str(tiny_ckpt)
 
 
 def _sample(out, ckpt, engine=None, **kw):

@@ -10,7 +10,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import save_tiny_checkpoint
 from reasonmaxxer.errors import ReasonMaxxerError
 from reasonmaxxer.store import RolloutStore, config_hash
 
@@ -51,13 +50,6 @@ def test_no_temp_files_left_and_corrupt_manifest_is_named(tmp_path):
     (tmp_path / "s" / "manifest.json").write_text("{not json")
     with pytest.raises(ReasonMaxxerError, match=r"manifest.json:1: corrupt manifest"):
         st.manifest()
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory, tiny_tokenizer):
-    d = tmp_path_factory.mktemp("tiny-ckpt")
-    save_tiny_checkpoint(d, tiny_tokenizer)
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,416 @@
+"""The vLLM backend of the `Sampler` interface: sampling and evaluation on GPUs.
+
+`VLLMSampler(model_spec, VLLMOptions(...))` draws the same completions the HF backend
+describes (one request per (problem, sample), each with its own seed
+``request_seed(seed, problem_id, sample_index)``), with vLLM's paged attention and
+continuous batching. What it records per token differs in one way that matters:
+
+- token ids and the sampled token's log-prob (``SamplingParams(logprobs=0)``: vLLM returns
+  the sampled token's log-prob and no alternatives). vLLM's V1 engine (the default from
+  0.8 on) computes these from the raw logits, before temperature and top-p/top-k, which is
+  the untempered log-prob the HF backend records (``logprobs_mode="raw_logprobs"`` is the
+  default where that option exists, >= 0.10.2; the old V0 engine returned processed ones);
+- NO entropies (``Completion.entropies`` is None): vLLM returns at most the top-k
+  log-probs of each step, never the full distribution, so the full-vocabulary entropy the
+  gate needs is computed afterwards by the teacher-forced scoring stage
+  (`pipeline.attach_scores` always rescores a store whose manifest says ``backend: vllm``).
+
+Model specs: a HF checkpoint dir or Hub id is served as is; the embedded alias or a
+``.gguf`` file is served from its converted safetensors checkpoint (`models.base_dir_for`);
+a PEFT adapter dir is served as its base model plus the adapter as a LoRA
+(``LLM(enable_lora=True, max_lora_rank=...)`` and a ``LoRARequest`` per generate call), so
+a trained adapter is evaluated without merging, and `for_model` serves another adapter of
+the same base from the same engine.
+
+Parallelism: ``tensor_parallel_size`` is vLLM's own (one engine over that many GPUs).
+``data_parallel_size`` > 1 starts that many independent engines, one process each, pinned
+to disjoint groups of ``tensor_parallel_size`` GPUs (``CUDA_VISIBLE_DEVICES``), and splits
+each batch of requests between them in contiguous blocks (a problem's samples stay together,
+for prefix caching). Per-request seeds make the samples independent of which engine drew
+them. This does not use vLLM's own ``data_parallel_size`` engine argument, whose offline use
+needs one launcher process per rank with ``VLLM_DP_*`` environment variables and whose
+behaviour has changed between releases.
+
+vLLM is imported lazily; without it every entry point raises one `ReasonMaxxerError`
+naming the install command. It is not installable on the CPU machines this project is
+developed on: this module is tested against a fake ``vllm`` module (what is passed in, how
+what comes back is converted), never against vLLM itself. Written against vLLM >= 0.8
+(``LLM``, ``SamplingParams(seed=, logprobs=, stop_token_ids=)``, ``vllm.inputs.TokensPrompt``,
+``vllm.lora.request.LoRARequest(name, int_id, path)``, ``RequestOutput.outputs[0]`` with
+``token_ids``, ``logprobs`` (a list of {token_id: Logprob}), ``finish_reason``, ``stop_reason``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import gc
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import ReasonMaxxerError
+from .sampling import Completion, Request, SamplingConfig, decode_completion, eos_token_ids, request_seed
+
+INSTALL = "pip install 'reasonmaxxer[vllm]'"
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)   # max_lora_rank values vLLM accepts
+
+
+@dataclass(frozen=True)
+class VLLMOptions:
+    """How the vLLM engine(s) run. These do not change what is sampled (not in the config hash)."""
+
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1          # independent engines, one process each (see module docstring)
+    gpu_memory_utilization: float = 0.9  # fraction of each GPU vLLM may take (weights + KV cache)
+    dtype: str = "bfloat16"              # "auto" = the checkpoint's dtype
+    max_model_len: int | None = None     # None: the model's
+    enforce_eager: bool = False          # True: no CUDA graphs / compilation (faster start, slower decode)
+    enable_lora: bool = False            # serve adapters even when the model spec is a base model
+    max_lora_rank: int | None = None     # None: the adapter's rank (or 64 with enable_lora and no adapter)
+    seed: int = 0                        # engine seed; each request also has its own seed
+
+    def __post_init__(self):
+        if self.tensor_parallel_size < 1 or self.data_parallel_size < 1:
+            raise ReasonMaxxerError("vllm: tensor_parallel_size and data_parallel_size must be >= 1")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ReasonMaxxerError(f"vllm: gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})")
+
+
+def require_vllm():
+    """Import vllm, or raise one clear error saying how to install it."""
+    try:
+        import vllm
+    except ImportError as e:
+        raise ReasonMaxxerError(f"the vLLM backend needs the vllm package ({e}): run `{INSTALL}` on a CUDA machine") from None
+    return vllm
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What vLLM loads for a model spec: a base checkpoint (dir or Hub id) and an optional LoRA adapter dir."""
+
+    base: str
+    adapter: str | None = None
+    lora_rank: int | None = None
+
+
+def served_model(spec: str) -> ServedModel:
+    from .models import base_dir_for, resolve_spec
+
+    r = resolve_spec(spec)
+    if r.kind != "adapter":
+        return ServedModel(base_dir_for(spec))
+    cfg = json.loads((Path(r.path) / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise ReasonMaxxerError(f"{r.path}/adapter_config.json: no base_model_name_or_path to serve the adapter on")
+    return ServedModel(base_dir_for(base), r.path, int(cfg.get("r") or 8))
+
+
+def lora_rank_bucket(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds `rank`."""
+    for b in LORA_RANKS:
+        if rank <= b:
+            return b
+    raise ReasonMaxxerError(f"vllm: LoRA rank {rank} is above vLLM's maximum {LORA_RANKS[-1]}")
+
+
+def sampling_params_kwargs(req: Request, cfg: SamplingConfig, eos: Sequence[int]) -> dict:
+    """The `vllm.SamplingParams` keyword arguments of one request (n=1, its own seed)."""
+    kw = {"n": 1, "seed": request_seed(cfg.seed, req.key[0], req.key[1]), "max_tokens": cfg.max_new_tokens,
+          "logprobs": 0, "stop_token_ids": sorted(eos), "skip_special_tokens": True}
+    if cfg.greedy:
+        kw.update(temperature=0.0, top_p=1.0, top_k=-1)
+    else:   # top_k -1 = off (accepted by every release; newer ones also take 0, 0.8 rejects 0)
+        kw.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k if cfg.top_k > 0 else -1)
+    if cfg.stop:
+        kw["stop"] = list(cfg.stop)
+    return kw
+
+
+def plain_output(out) -> dict:
+    """A vLLM RequestOutput -> {token_ids, logprobs (sampled tokens, nats), finish_reason, stop_reason}."""
+    c = out.outputs[0]
+    ids = [int(t) for t in c.token_ids]
+    lps = []
+    for i, t in enumerate(ids):
+        step = c.logprobs[i] if c.logprobs is not None and i < len(c.logprobs) else None
+        lp = step.get(t) if step is not None else None
+        lps.append(float(getattr(lp, "logprob", lp)) if lp is not None else math.nan)
+    return {"token_ids": ids, "logprobs": lps, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+
+def finish_reason(plain: dict, key) -> str:
+    """vLLM's finish reason -> ours: "length"; "stop" on a stop string -> "stop"; on EOS / a stop token -> "eos"."""
+    fr = plain["finish_reason"]
+    if fr == "length":
+        return "length"
+    if fr == "stop":
+        return "stop" if isinstance(plain["stop_reason"], str) else "eos"
+    raise ReasonMaxxerError(f"vllm: request {key} ended with finish_reason={fr!r}")
+
+
+def _generate(llm, prompts: Sequence[Sequence[int]], params: Sequence[dict], lora: tuple | None) -> list[dict]:
+    """One `LLM.generate` call on token-id prompts; returns `plain_output`s in prompt order."""
+    vllm = require_vllm()
+    try:
+        from vllm.inputs import TokensPrompt
+    except ImportError:      # a TypedDict: a plain dict is the same thing
+        TokensPrompt = dict
+    kw = {}
+    if lora:
+        from vllm.lora.request import LoRARequest
+
+        kw["lora_request"] = LoRARequest(*lora)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+                        sampling_params=[vllm.SamplingParams(**p) for p in params], use_tqdm=False, **kw)
+    return [plain_output(o) for o in outs]
+
+
+class _LocalEngine:
+    """One vLLM engine in this process."""
+
+    def __init__(self, llm_kwargs: dict):
+        self.llm = require_vllm().LLM(**llm_kwargs)
+        self._out = None
+
+    def submit(self, prompts, params, lora):
+        self._out = _generate(self.llm, prompts, params, lora)
+
+    def result(self) -> list[dict]:
+        out, self._out = self._out, None
+        return out
+
+    def close(self):
+        self.llm = None
+        gc.collect()
+
+
+def _replica_main(conn, env: dict, llm_kwargs: dict) -> None:
+    """A data-parallel replica process: its own GPUs, its own engine, requests over a pipe."""
+    os.environ.update(env)
+    try:
+        eng = _LocalEngine(llm_kwargs)
+        conn.send(("ready", None))
+        while (msg := conn.recv()) is not None:
+            eng.submit(*msg)
+            conn.send(("ok", eng.result()))
+    except BaseException as e:   # reported to the parent, which raises it as a ReasonMaxxerError
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+class _ProcessEngine:
+    """One vLLM engine in a child process pinned to `gpus` (spawned: CUDA must not be initialised here)."""
+
+    def __init__(self, llm_kwargs: dict, gpus: Sequence[str]):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.gpus = ",".join(gpus)
+        self.proc = ctx.Process(target=_replica_main, args=(child, {"CUDA_VISIBLE_DEVICES": self.gpus}, llm_kwargs))
+        self.proc.start()   # not a daemon: vLLM starts its own worker processes for tensor parallelism
+        atexit.register(self.close)   # runs before multiprocessing joins its non-daemon children at exit
+        self._recv()
+
+    def _recv(self):
+        try:
+            kind, payload = self.conn.recv()
+        except EOFError:
+            raise ReasonMaxxerError(f"vllm: the replica on GPUs {self.gpus} died (exit code {self.proc.exitcode})") from None
+        if kind == "error":
+            raise ReasonMaxxerError(f"vllm: the replica on GPUs {self.gpus} failed: {payload}")
+        return payload
+
+    def submit(self, prompts, params, lora):
+        self.conn.send((list(prompts), list(params), lora))
+
+    def result(self) -> list[dict]:
+        return self._recv()
+
+    def close(self):
+        if self.proc.is_alive():
+            try:
+                self.conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            self.proc.join(timeout=60)
+            if self.proc.is_alive():
+                self.proc.terminate()
+
+
+def _gpu_groups(dp: int, tp: int) -> list[list[str]]:
+    """Disjoint groups of `tp` visible GPU ids, one per data-parallel replica."""
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if vis:
+        ids = [g.strip() for g in vis.split(",") if g.strip()]
+    else:
+        import torch
+
+        ids = [str(i) for i in range(torch.cuda.device_count())]
+    if len(ids) < dp * tp:
+        raise ReasonMaxxerError(f"vllm: data_parallel_size {dp} x tensor_parallel_size {tp} needs {dp * tp} GPUs; "
+                                f"{len(ids)} visible")
+    return [ids[r * tp:(r + 1) * tp] for r in range(dp)]
+
+
+def _blocks(n: int, k: int) -> list[tuple[int, int]]:
+    """Split range(n) into k contiguous blocks of near-equal size: [(start, end), ...]."""
+    q, r = divmod(n, k)
+    out, a = [], 0
+    for i in range(k):
+        b = a + q + (i < r)
+        out.append((a, b))
+        a = b
+    return out
+
+
+def load_tokenizer(path: str):
+    """The HF tokenizer of a checkpoint (left padding, a pad token), without loading the weights."""
+    from transformers import AutoTokenizer
+
+    from .models import _prepare_tokenizer
+
+    try:
+        return _prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+    except OSError as e:
+        raise ReasonMaxxerError(f"{path}: could not load the tokenizer ({str(e).strip().splitlines()[0] if str(e).strip() else e})") from e
+
+
+def _generation_config(path: str):
+    try:
+        from transformers import GenerationConfig
+
+        return GenerationConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+
+
+class VLLMSampler:
+    """The vLLM backend of `Sampler` (see the module docstring). Engines start on first use."""
+
+    name = "vllm"
+
+    def __init__(self, model_spec: str, options: VLLMOptions | None = None, *, tokenizer=None):
+        require_vllm()
+        self.spec = model_spec
+        self.options = options or VLLMOptions()
+        self.served = served_model(model_spec)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.served.base)
+        self.eos = eos_token_ids(_generation_config(self.served.base), self.tokenizer)
+        o = self.options
+        kw = {"model": self.served.base, "tokenizer": self.served.base, "dtype": o.dtype, "seed": o.seed,
+              "tensor_parallel_size": o.tensor_parallel_size, "gpu_memory_utilization": o.gpu_memory_utilization,
+              "enforce_eager": o.enforce_eager}
+        if o.max_model_len:
+            kw["max_model_len"] = o.max_model_len
+        if o.enable_lora or self.served.adapter:
+            rank = o.max_lora_rank or self.served.lora_rank or 64
+            kw.update(enable_lora=True, max_lora_rank=lora_rank_bucket(rank), max_loras=1)
+        self.llm_kwargs = kw
+        self._shared = {"engines": None, "lora_ids": {}}   # shared with the samplers `for_model` returns
+
+    def describe(self) -> dict:
+        """For the store manifest: the backend, its options and what it serves."""
+        return {"name": self.name, "options": asdict(self.options), "base": self.served.base,
+                "adapter": self.served.adapter}
+
+    def for_model(self, model_spec: str) -> "VLLMSampler":
+        """A sampler for another adapter of the same base (or the base itself), on the same engine(s)."""
+        served = served_model(model_spec)
+        if served.base != self.served.base:
+            raise ReasonMaxxerError(f"vllm: {model_spec} is served from {served.base}, not from this engine's {self.served.base}")
+        if served.adapter:
+            if not self.llm_kwargs.get("enable_lora"):
+                raise ReasonMaxxerError(f"vllm: {model_spec} is a LoRA adapter but the engine was started without enable_lora")
+            if served.lora_rank > self.llm_kwargs["max_lora_rank"]:
+                raise ReasonMaxxerError(f"vllm: adapter rank {served.lora_rank} > the engine's max_lora_rank "
+                                        f"{self.llm_kwargs['max_lora_rank']}")
+        other = copy.copy(self)
+        other.spec, other.served = model_spec, served
+        return other
+
+    def _engines(self) -> list:
+        if self._shared["engines"] is None:
+            o = self.options
+            if o.data_parallel_size == 1:
+                self._shared["engines"] = [_LocalEngine(self.llm_kwargs)]
+            else:
+                groups = _gpu_groups(o.data_parallel_size, o.tensor_parallel_size)
+                engines = []
+                try:
+                    for g in groups:
+                        engines.append(_ProcessEngine(self.llm_kwargs, g))
+                except BaseException:
+                    for e in engines:
+                        e.close()
+                    raise
+                self._shared["engines"] = engines
+        return self._shared["engines"]
+
+    def _lora(self) -> tuple | None:
+        """(name, int id, path) of the adapter served, or None for the base. A rewritten adapter dir gets a new id."""
+        a = self.served.adapter
+        if not a:
+            return None
+        key = (a, os.stat(a).st_mtime_ns)
+        ids = self._shared["lora_ids"]
+        if key not in ids:
+            ids[key] = len(ids) + 1
+        return (f"adapter-{ids[key]}", ids[key], a)
+
+    def generate(self, requests: Sequence[Request], cfg: SamplingConfig,
+                 on_done: Callable[[Completion], None] | None = None,
+                 progress: Callable[[int], None] | None = None) -> list[Completion]:
+        """Draw one completion per request (request order). `cfg.batch_size` is not used: vLLM schedules itself.
+
+        `on_done` is called for each completion and `progress(n_tokens)` once, after the batch.
+        """
+        if not requests:
+            return []
+        for r in requests:
+            if not r.prompt_ids:
+                raise ReasonMaxxerError(f"sampling: request {r.key} has an empty prompt")
+        params = [sampling_params_kwargs(r, cfg, self.eos) for r in requests]
+        prompts = [r.prompt_ids for r in requests]
+        lora = self._lora()
+        engines = self._engines()
+        blocks = _blocks(len(requests), len(engines))
+        for eng, (a, b) in zip(engines, blocks):
+            if b > a:
+                eng.submit(prompts[a:b], params[a:b], lora)
+        plain = []
+        for eng, (a, b) in zip(engines, blocks):
+            if b > a:
+                plain.extend(eng.result())
+        comps = []
+        for r, p in zip(requests, plain):
+            reason = finish_reason(p, r.key)
+            comps.append(Completion(r.key, p["token_ids"], p["logprobs"], None, reason,
+                                    decode_completion(self.tokenizer, p["token_ids"], reason, cfg.stop)))
+        for c in comps:
+            if on_done:
+                on_done(c)
+        if progress:
+            progress(sum(len(c.token_ids) for c in comps))
+        return comps
+
+    def close(self) -> None:
+        """Stop the engine(s) (replica processes exit; an in-process engine is dropped, best effort)."""
+        engines, self._shared["engines"] = self._shared["engines"], None
+        for e in engines or []:
+            e.close()
+
+
+def make_sampler(backend: str | None, model_spec: str, options: VLLMOptions | None = None, *, tokenizer=None):
+    """None for the HF backend (the stage builds it from the loaded model), a `VLLMSampler` for "vllm"."""
+    backend = backend or "hf"
+    if backend == "hf":
+        return None
+    if backend == "vllm":
+        return VLLMSampler(model_spec, options, tokenizer=tokenizer)
+    raise ReasonMaxxerError(f"unknown sampling backend {backend!r} (hf | vllm)")
