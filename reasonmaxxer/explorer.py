@@ -214,7 +214,7 @@ def _plot_ranks(rank: np.ndarray, k: int, source: str = "base"):
     ax.bar_label(bars, labels=[str(c) for c in counts])
     ax.set_xlabel("base rank of the tuned model's argmax (1 = base argmax)")
     ax.set_ylabel("changed positions")
-    ax.set_title(f"Base rank of the tuned argmax ({rank.size:,} changed positions, {source} trajectories)")
+    ax.set_title(f"Base rank of the tuned argmax\n({rank.size:,} changed positions, {source} trajectories)")
     return fig
 
 
