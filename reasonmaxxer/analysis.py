@@ -2,8 +2,10 @@
 
 What it does, exactly:
 
-1. Decode each prompt greedily (T=0) with the BASE model (`HFSampler`).
-2. Teacher-force BOTH models over prompt + base completion, in right-padded batches; the prompt
+1. Decode each prompt greedily (T=0) with the BASE model (`HFSampler`); with ``source="tuned"``
+   along the TUNED model's own greedy trajectories instead (`run_analyze(trajectories="both")`
+   does both and reports each source separately).
+2. Teacher-force BOTH models over prompt + completion, in right-padded batches; the prompt
    prefix shared by a batch (few-shot examples) is encoded once (`split_prefix_logits`).
 3. At every generated position t (the logits that predicted completion token t, i.e. under the
    same prefix for both models) compare the two next-token distributions
@@ -20,11 +22,16 @@ raw (untempered) logits. Ranks are 1-based: rank 1 is the base argmax.
 Limitations, honestly:
 - Ranks under exact logit ties follow ``torch.argmax`` (first index wins): a tuned argmax tied
   with the base argmax but at a later index counts as rank 2 / reranked.
-- The greedy completion comes from the sampler's KV-cached decode; the teacher-forced base
-  logits can, rarely, have a different argmax (float rounding at near ties). The summary
-  reports that rate (``teacher_forced_argmax_mismatch``); it should be ~0.
+- The greedy completion comes from the sampler's KV-cached decode; the teacher-forced logits of
+  the decoding model can, rarely, have a different argmax (float rounding at near ties). The
+  summary reports that rate (``teacher_forced_argmax_mismatch``); it should be ~0.
+- Along tuned trajectories the prefixes are the tuned model's, so the two sources' statistics
+  are not over the same positions; each is reported on its own, never pooled.
 - Only the oracle-free measurements are here; the causal interventions of section 2
-  (oracle / random / entropy-gated / cross-sampling) are not.
+  (oracle / random / entropy-gated / cross-sampling) are in `intervene`.
+
+Per position the records also keep both models' top-5 (ids and probabilities, for the explorer)
+and each record the last `PROMPT_TAIL` prompt tokens (fork contexts at the start of a completion).
 """
 
 from __future__ import annotations
@@ -43,6 +50,10 @@ CLS_NAMES = ("unshifted", "reranked", "shifted")
 PER_POSITION_KEYS = ("base_entropy", "base_argmax", "tuned_argmax", "tuned_rank_in_base",
                      "kl_base_tuned", "kl_tuned_base", "js", "cls")
 PAPER = {"reranked_pct": "1.0-4.1%", "shifted_pct": "0%", "entropy_ratio": "5-12x"}
+SOURCES = ("base", "tuned")                   # which model's greedy trajectories are analysed
+TRAJECTORIES = {"base": ("base",), "tuned": ("tuned",), "both": ("base", "tuned")}
+TOP_N = 5                                     # top tokens (with probabilities) stored per position
+PROMPT_TAIL = 8                               # prompt tokens stored per record (fork-atlas context)
 _LN2 = math.log(2.0)
 
 
@@ -93,6 +104,22 @@ def compare_distributions(base_logits: Tensor, tuned_logits: Tensor, k: int = 5,
     for name in ("base_argmax", "tuned_argmax", "tuned_rank_in_base", "cls"):
         res[name] = res[name].long()
     return {name: res[name] for name in PER_POSITION_KEYS}
+
+
+@torch.no_grad()
+def top_probs(logits: Tensor, n: int = TOP_N, chunk_size: int = 64) -> tuple[Tensor, Tensor]:
+    """The n most probable tokens of each row of raw logits [N, V]: (ids [N, n] long, probs [N, n] fp32),
+    descending (softmax over the full vocabulary, no temperature)."""
+    n = min(n, logits.shape[-1])
+    ids, probs = [], []
+    for s in range(0, logits.shape[0], chunk_size):
+        p = torch.softmax(logits[s : s + chunk_size].float(), -1)    # [c, V]
+        v, i = torch.topk(p, n, dim=-1)                               # [c, n]
+        ids.append(i)
+        probs.append(v)
+    if not ids:
+        return torch.zeros(0, n, dtype=torch.long), torch.zeros(0, n)
+    return torch.cat(ids), torch.cat(probs)
 
 
 def auroc(scores: Tensor, labels: Tensor) -> float:
@@ -207,19 +234,25 @@ def _completion_logits(model, ids: Tensor, att: Tensor, prefix_len: int, spans: 
     return [rest[i, p - 1 - prefix_len : p + c - 1 - prefix_len] for i, (p, c) in enumerate(spans)]
 
 
-def analyze(base_model, tuned_model, tokenizer, prompts_ids: list[list[int]], *, max_new_tokens: int = 256,
-            batch_size: int = 8, k: int = 5, js_threshold: float = 0.1) -> tuple[list[dict], dict]:
-    """Greedy-decode each prompt with the base, teacher-force both models, compare per position.
+def analyze(base_model, tuned_model, tokenizer, prompts_ids: list[list[int]], *, source: str = "base",
+            max_new_tokens: int = 256, batch_size: int = 8, k: int = 5, js_threshold: float = 0.1,
+            top_n: int = TOP_N) -> tuple[list[dict], dict]:
+    """Greedy-decode each prompt with the `source` model ("base" or "tuned"), teacher-force both
+    models over the same prefixes (prompt + that completion), compare per position.
 
-    Returns (records, summary). One record per prompt: index, prompt_len, token_ids (completion),
-    tokens (decoded text piece per token), text, finish_reason, and the `compare_distributions`
-    arrays as lists (length = completion length; entry t is about completion token t).
-    The summary is `summarize` over all positions, plus counts and the greedy/teacher-forced
-    argmax mismatch rate.
+    Returns (records, summary). One record per prompt: index, source, prompt_len, prompt_tail_ids
+    (the last `PROMPT_TAIL` prompt ids), token_ids (completion), tokens (decoded text piece per
+    token), text, finish_reason, the `compare_distributions` arrays as lists (length = completion
+    length; entry t is about completion token t) and base_top_ids / base_top_p / tuned_top_ids /
+    tuned_top_p (top_n per position, probabilities rounded to 5 decimals). The summary is
+    `summarize` over all positions, plus source, counts and the rate at which the decoding model's
+    teacher-forced argmax differs from the token it emitted (``teacher_forced_argmax_mismatch``).
     """
     from .sampling import HFSampler, Request, SamplingConfig
     from .train import TrainExample, batch_tensors, shared_prefix_len
 
+    if source not in SOURCES:
+        raise ReasonMaxxerError(f"analysis: unknown trajectory source {source!r}; valid: {', '.join(SOURCES)}")
     if not prompts_ids:
         raise ReasonMaxxerError("analysis: no prompts")
     for i, p in enumerate(prompts_ids):
@@ -227,8 +260,9 @@ def analyze(base_model, tuned_model, tokenizer, prompts_ids: list[list[int]], *,
             raise ReasonMaxxerError(f"analysis: prompt {i} is empty")
     cfg = SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
     reqs = [Request((str(i), 0), tuple(int(t) for t in p)) for i, p in enumerate(prompts_ids)]
-    comps = HFSampler(base_model, tokenizer).generate(reqs, cfg)
+    comps = HFSampler(base_model if source == "base" else tuned_model, tokenizer).generate(reqs, cfg)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    own_argmax = f"{source}_argmax"          # what the decoding model's teacher-forced argmax is called
 
     records: list[dict] = []
     per_pos: dict[str, list[Tensor]] = {name: [] for name in PER_POSITION_KEYS}
@@ -246,30 +280,50 @@ def analyze(base_model, tuned_model, tokenizer, prompts_ids: list[list[int]], *,
             spans = [(len(e.prompt_ids), len(e.completion_ids)) for e in live]
             lb = _completion_logits(base_model, ids, att, P, spans)            # [c_i, V] each
             lt = _completion_logits(tuned_model, ids, att, P, spans)
-            cmp = [{name: v.cpu() for name, v in compare_distributions(b, t.to(b.device), k=k).items()}
-                   for b, t in zip(lb, lt)]
+            for b, t in zip(lb, lt):
+                d = {name: v.cpu() for name, v in compare_distributions(b, t.to(b.device), k=k).items()}
+                for who, x in (("base", b), ("tuned", t)):
+                    top_i, top_p = top_probs(x, top_n)                         # [c_i, top_n] each
+                    d[f"{who}_top_ids"], d[f"{who}_top_p"] = top_i.cpu(), top_p.cpu()
+                cmp.append(d)
         it = iter(cmp)
         for (r, c), e in zip(chunk, ex):
             n = len(c.token_ids)
             d = next(it) if n else {name: torch.zeros(0) for name in PER_POSITION_KEYS}
             toks = torch.tensor(c.token_ids, dtype=torch.long)
             if n:
-                mismatch += int((d["base_argmax"] != toks).sum())
+                mismatch += int((d[own_argmax] != toks).sum())
                 for name in PER_POSITION_KEYS:
                     per_pos[name].append(d[name])
                 fracs.append(torch.arange(n, dtype=torch.float64) / n)
-            rec = {"index": int(r.key[0]), "prompt_len": len(r.prompt_ids), "token_ids": list(c.token_ids),
+            rec = {"index": int(r.key[0]), "source": source, "prompt_len": len(r.prompt_ids),
+                   "prompt_tail_ids": list(r.prompt_ids[-PROMPT_TAIL:]), "token_ids": list(c.token_ids),
                    "tokens": [tokenizer.decode([t]) for t in c.token_ids], "text": c.text,
                    "finish_reason": c.finish_reason}
             rec.update({name: d[name].tolist() for name in PER_POSITION_KEYS})
+            for who in ("base", "tuned"):
+                rec[f"{who}_top_ids"] = d[f"{who}_top_ids"].tolist() if n else []
+                rec[f"{who}_top_p"] = [[round(float(v), 5) for v in row] for row in d[f"{who}_top_p"]] if n else []
             records.append(rec)
     cat = {name: torch.cat(v) if v else torch.zeros(0) for name, v in per_pos.items()}
     summary = summarize(cat, torch.cat(fracs) if fracs else torch.zeros(0), js_threshold=js_threshold, k=k)
     n_pos = summary["n_positions"]
-    summary.update(n_trajectories=len(records),
+    summary.update(source=source, n_trajectories=len(records),
                    n_truncated=sum(r["finish_reason"] == "length" for r in records),
                    teacher_forced_argmax_mismatch=mismatch / n_pos if n_pos else float("nan"))
     return records, summary
+
+
+def token_text(tokenizer, records: list[dict]) -> dict[str, str]:
+    """{str(id): decoded text} for every token id the records refer to (completion tokens, both
+    argmaxes, both top-n lists, the prompt tails): the explorer's vocabulary (it loads no tokenizer)."""
+    ids: set[int] = set()
+    for r in records:
+        ids.update(r["token_ids"], r.get("prompt_tail_ids", ()), r["base_argmax"], r["tuned_argmax"])
+        for key in ("base_top_ids", "tuned_top_ids"):
+            for row in r.get(key, ()):
+                ids.update(row)
+    return {str(i): tokenizer.decode([i]) for i in sorted(int(i) for i in ids)}
 
 
 # -- entry point --------------------------------------------------------------------------------
@@ -292,9 +346,8 @@ def _fmt(x, unit: str = "") -> str:
     return f"{x}{unit}"
 
 
-def render_markdown(summary: dict, config: dict) -> str:
-    """The summary as a Markdown table, with the paper's figures beside ours."""
-    s = summary
+def _summary_rows(s: dict) -> list[tuple[str, str, str]]:
+    """(metric, our value, paper's figure) rows of one summary."""
     k = s.get("k", 5)
     nats_bits = lambda v: "n/a" if v is None or not math.isfinite(v) else f"{v:.3g} nats ({v * 1.4427:.3g} bits)"
     rows = [
@@ -315,12 +368,40 @@ def render_markdown(summary: dict, config: dict) -> str:
     ]
     if "change_position_hist" in s:
         rows.append(("changes by relative position (10 bins)", " ".join(str(c) for c in s["change_position_hist"]), ""))
+    return rows
+
+
+def render_markdown(summaries: dict[str, dict], config: dict) -> str:
+    """The summaries ({trajectory source: summary}) as one Markdown table, a column per source,
+    with the paper's figures beside ours."""
+    cols = list(summaries)
+    tables = [_summary_rows(summaries[c]) for c in cols]
+    k = summaries[cols[0]].get("k", 5)
     lines = [f"# Token-level analysis: {config.get('tuned', 'tuned')} vs {config.get('base', 'base')}", "",
-             (f"Problems: `{config.get('problems')}`, template `{config.get('template')}`, greedy base decoding "
-              f"(max {config.get('max_new_tokens')} new tokens), top-k = {k}."), "",
-             "| metric | ours | paper |", "|---|---|---|"]
-    lines += [f"| {m} | {o.replace('|', '/')} | {p} |" for m, o, p in rows]
+             (f"Problems: `{config.get('problems')}`, template `{config.get('template')}`, greedy decoding "
+              f"(max {config.get('max_new_tokens')} new tokens) along the {' and the '.join(cols)} model's "
+              f"trajectories, both models teacher-forced on the same prefixes, top-k = {k}."), "",
+             "| metric | " + " | ".join(f"{c} trajectories" for c in cols) + " | paper |",
+             "|---|" + "---|" * len(cols) + "---|"]
+    for i, (m, _, paper) in enumerate(tables[0]):
+        lines.append(f"| {m} | " + " | ".join(t[i][1].replace("|", "/") for t in tables) + f" | {paper} |")
     return "\n".join(lines) + "\n"
+
+
+def _load(spec: str, role: str, what: str):
+    """`load_model(spec)`, any failure as one ReasonMaxxerError line naming the role (base/tuned).
+
+    Every exception counts as "fails to load" (a corrupt config, unknown architecture, truncated
+    weights each raise a different type); REASONMAXXER_DEBUG=1 shows the chained traceback."""
+    from .models import load_model
+
+    try:
+        return load_model(spec)
+    except ReasonMaxxerError as e:
+        raise ReasonMaxxerError(f"{what}: {role} model: {e}") from e
+    except Exception as e:   # noqa: BLE001 -- transformers, peft and safetensors raise many types for bad files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ReasonMaxxerError(f"{what}: could not load the {role} model {spec!r} ({type(e).__name__}: {first})") from e
 
 
 def load_pair(base_spec: str, tuned_spec: str, problems_spec: str, *, template: str, limit, data_dir, what: str):
@@ -329,16 +410,25 @@ def load_pair(base_spec: str, tuned_spec: str, problems_spec: str, *, template: 
     Returns (problems, template, base, tuned, tokenizer, prompts_ids). Shared by analyze and intervene.
     """
     from .data import load_problems
-    from .models import load_model
+    from .models import resolve_spec
     from .prompts import get_template, render_prompt
 
     problems = load_problems(problems_spec, data_dir=data_dir, limit=limit)
     if not problems:
         raise ReasonMaxxerError(f"{what}: problem set {problems_spec!r} is empty (limit={limit})")
     tmpl = get_template(template)
-    base, btok = load_model(base_spec)
-    tuned, ttok = load_model(tuned_spec)
+    for spec, role in ((base_spec, "base"), (tuned_spec, "tuned")):   # missing files: fail before loading anything
+        try:
+            resolve_spec(spec)
+        except ReasonMaxxerError as e:
+            raise ReasonMaxxerError(f"{what}: {role} model: {e}") from e
+    base, btok = _load(base_spec, "base", what)
+    tuned, ttok = _load(tuned_spec, "tuned", what)
     check_same_tokenizer(btok, ttok)
+    vb, vt = base.get_output_embeddings().weight.shape[0], tuned.get_output_embeddings().weight.shape[0]
+    if vb != vt:
+        raise ReasonMaxxerError(f"{what}: the base and tuned models have different output vocabularies "
+                                f"({vb} vs {vt} logits); token-level comparison needs the same vocabulary")
     prompts = []
     for p in problems:
         ids = list(btok(render_prompt(tmpl, p.question, btok), add_special_tokens=False)["input_ids"])
@@ -349,26 +439,41 @@ def load_pair(base_spec: str, tuned_spec: str, problems_spec: str, *, template: 
 
 
 def run_analyze(base_spec: str, tuned_spec: str, problems_spec: str, out_dir, *, template: str = "fewshot",
-                limit: int | None = None, max_new_tokens: int = 256, data_dir=None, batch_size: int = 8) -> dict:
-    """Load both models, render prompts, run `analyze`, write analysis.json / analysis.md /
-    trajectories.jsonl under out_dir (atomically). Returns {"config", "summary", "paths"}.
+                limit: int | None = None, max_new_tokens: int = 256, data_dir=None, batch_size: int = 8,
+                trajectories: str = "base") -> dict:
+    """Load both models, render prompts, run `analyze` along the `trajectories` source(s)
+    ("base", "tuned" or "both"), write analysis.json / analysis.md / trajectories.jsonl under
+    out_dir (atomically). Returns {"config", "summaries" {source: summary}, "summary" (the first
+    source's), "paths"}.
 
-    tuned_spec may be a PEFT adapter dir, a merged checkpoint or any HF model (`load_model`).
+    analysis.json holds config, summaries, summary (= the first source's, kept for readers of one
+    source), paper and token_text (id -> text for the explorer). Each trajectories.jsonl record
+    carries its "source". tuned_spec may be a PEFT adapter dir, a merged checkpoint or any HF
+    model (`load_model`).
     """
     from .store import atomic_write_bytes, atomic_write_json
 
+    if trajectories not in TRAJECTORIES:
+        raise ReasonMaxxerError(f"analysis: --trajectories must be one of {', '.join(TRAJECTORIES)} (got {trajectories!r})")
     problems, tmpl, base, tuned, btok, prompts = load_pair(base_spec, tuned_spec, problems_spec, template=template,
                                                            limit=limit, data_dir=data_dir, what="analysis")
-    records, summary = analyze(base, tuned, btok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    records, summaries = [], {}
+    for source in TRAJECTORIES[trajectories]:
+        recs, summaries[source] = analyze(base, tuned, btok, prompts, source=source, max_new_tokens=max_new_tokens,
+                                          batch_size=batch_size)
+        for r, p in zip(recs, problems):
+            r["problem_id"] = p.id
+        records += recs
+    first = summaries[TRAJECTORIES[trajectories][0]]
     config = {"base": base_spec, "tuned": tuned_spec, "problems": problems_spec, "limit": limit,
               "template": tmpl.name, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-              "k": summary["k"], "js_threshold": summary["js_threshold"], "decoding": "greedy (base)"}
-    for r, p in zip(records, problems):
-        r["problem_id"] = p.id
+              "k": first["k"], "js_threshold": first["js_threshold"], "trajectories": trajectories,
+              "decoding": ", ".join(f"greedy ({s})" for s in summaries)}
     out = Path(out_dir)
     paths = {"json": out / "analysis.json", "md": out / "analysis.md", "trajectories": out / "trajectories.jsonl"}
-    atomic_write_json(paths["json"], _jsonable({"config": config, "summary": summary, "paper": PAPER}))
+    atomic_write_json(paths["json"], _jsonable({"config": config, "summaries": summaries, "summary": first,
+                                                "paper": PAPER, "token_text": token_text(btok, records)}))
     atomic_write_bytes(paths["trajectories"],
                        "".join(json.dumps(_jsonable(r)) + "\n" for r in records).encode())
-    atomic_write_bytes(paths["md"], render_markdown(_jsonable(summary), config).encode())
-    return {"config": config, "summary": summary, "paths": {k: str(v) for k, v in paths.items()}}
+    atomic_write_bytes(paths["md"], render_markdown(_jsonable(summaries), config).encode())
+    return {"config": config, "summaries": summaries, "summary": first, "paths": {k: str(v) for k, v in paths.items()}}

@@ -365,7 +365,7 @@ def cmd_analyze(a):
 
     _threads(a)
     res = run_analyze(a.base, a.tuned, a.problems, a.out, template=a.template, limit=a.limit,
-                      max_new_tokens=a.max_new_tokens, data_dir=a.data_dir)
+                      max_new_tokens=a.max_new_tokens, data_dir=a.data_dir, trajectories=a.trajectories)
     from .explorer import analysis_plots, write_explorer, write_fork_atlas
 
     analysis_plots(a.out)
@@ -388,7 +388,7 @@ def cmd_intervene(a):
                   max_new_tokens=a.max_new_tokens, taus=tuple(a.taus), random_seeds=tuple(range(a.random_seeds)),
                   js_eps=a.js_eps, data_dir=a.data_dir)
     print((Path(a.out) / "intervene.md").read_text())
-    print(f"written: {a.out}/intervene.json, intervene.md, tau_sweep.png")
+    print(f"written: {a.out}/intervene.json, intervene.md, intervene_bars.png, tau_sweep.png")
 
 
 def cmd_baseline(a):
@@ -521,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("analyze", help="token-level comparison of a tuned model with its base (reranked/shifted, entropy, KL/JS)")
     _add_pair(p)
+    p.add_argument("--trajectories", choices=("base", "tuned", "both"), default="base",
+                   help="whose greedy trajectories to analyse (both models are teacher-forced on them); "
+                        "both: each reported separately")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_analyze)

@@ -21,7 +21,9 @@ and the random control that is exactly "the tuned argmax differs"; for cross_rev
 the positions where the tuned model's own token survived and differs from the base's.
 
 `run_intervene` runs every condition on a problem set, grades the greedy completions strictly
-(`verify.grade_many(workers=0)`) and writes intervene.json / intervene.md / tau_sweep.png.
+(`verify.grade_many(workers=0)`) and writes intervene.json / intervene.md and two plots:
+tau_sweep.png (touched % vs pass@1 over tau) and intervene_bars.png (pass@1 per condition, the
+random control as mean ± std over seeds, each bar annotated with the % of positions touched).
 
 Limitations, honestly:
 - All decoding is greedy. Under greedy decoding the oracle emits argmax tuned at EVERY step
@@ -289,15 +291,10 @@ def render_markdown(rows: list[dict], config: dict) -> str:
 
 def plot_tau_sweep(sweep: list[dict], base_pass: float, tuned_pass: float, path: Path) -> None:
     """touched % (x) vs pass@1 % (y) for each tau, base / tuned as horizontal lines (PNG, atomic)."""
-    import io
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    from .report import _figure, _png
     from .store import atomic_write_bytes
 
-    fig = Figure(figsize=(5.5, 4))
-    FigureCanvasAgg(fig)
+    fig = _figure(5.5, 4)
     ax = fig.add_subplot(1, 1, 1)
     xs = [r["touched_pct"] for r in sweep]
     ys = [100 * r["pass_at_1"] for r in sweep]
@@ -311,10 +308,41 @@ def plot_tau_sweep(sweep: list[dict], base_pass: float, tuned_pass: float, path:
     ax.set_ylim(-2, 102)
     ax.set_title("Entropy-gated intervention: tau sweep")
     ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    atomic_write_bytes(Path(path), buf.getvalue())
+    atomic_write_bytes(Path(path), _png(fig))
+
+
+_BAR_COLOURS = {"base": "C0", "tuned": "C1", "oracle": "C3", "random": "C7", "entropy": "C2", "cross": "C4"}
+
+
+def plot_intervention_bars(rows: list[dict], path: Path) -> None:
+    """One bar per condition (the `run_intervene` rows, in order): greedy pass@1 %, the random
+    control as its mean with a ± sample-std error bar, each bar annotated with the % of positions
+    touched. The base's pass@1 is a dashed line. PNG, written atomically."""
+    from .report import _figure, _png
+    from .store import atomic_write_bytes
+
+    labels, ys, errs, colours, notes = [], [], [], [], []
+    for r in rows:
+        p, t = r["pass_at_1"], r["touched_pct"]
+        spread = isinstance(p, dict)
+        labels.append(r["condition"].replace(" (greedy)", "").replace("entropy-gated ", "gated ").replace(" (", "\n("))
+        ys.append(100 * (p["mean"] if spread else p))
+        errs.append(100 * p["std"] if spread else math.nan)       # nan: no error bar
+        tt = t["mean"] if isinstance(t, dict) else t
+        notes.append("n/a" if tt is None or math.isnan(tt) else f"{tt:.2f}%")
+        colours.append(next(c for k, c in _BAR_COLOURS.items() if r["condition"].startswith(k)))
+    fig = _figure(max(6.0, 0.75 * len(rows) + 1.5), 4.4)
+    ax = fig.add_subplot(1, 1, 1)
+    x = list(range(len(rows)))
+    bars = ax.bar(x, ys, yerr=errs, capsize=4, color=colours)
+    ax.bar_label(bars, labels=[f"{y:.1f}" + ("" if math.isnan(e) else f" ± {e:.1f}") + f"\n{n}"
+                               for y, e, n in zip(ys, errs, notes)], fontsize=7, padding=2)
+    ax.axhline(ys[0], color="C0", ls="--", lw=1)
+    ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("greedy pass@1 (%)")
+    ax.set_ylim(0, min(105.0, max(y + (0 if math.isnan(e) else e) for y, e in zip(ys, errs)) + 15))
+    ax.set_title("Interventions: pass@1 (bar labels: pass@1 %, then % of positions touched)", fontsize=10)
+    atomic_write_bytes(Path(path), _png(fig))
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -329,8 +357,8 @@ def _eos_ids(model, tokenizer) -> set[int]:
 def run_intervene(base_spec: str, tuned_spec: str, problems_spec: str, out_dir, *, template: str = "fewshot",
                   limit: int | None = None, max_new_tokens: int = 256, taus=(0.5, 1.0, 1.5, 2.0, 2.5),
                   random_seeds=(0, 1, 2), js_eps: float = 0.1, data_dir=None, batch_size: int = 8) -> dict:
-    """Run every condition, grade strictly, write out_dir/intervene.json, intervene.md and
-    tau_sweep.png (atomically). Returns {"config", "rows", "tau_sweep", "paths"}."""
+    """Run every condition, grade strictly, write out_dir/intervene.json, intervene.md,
+    tau_sweep.png and intervene_bars.png (atomically). Returns {"config", "rows", "tau_sweep", "paths"}."""
     from .analysis import _jsonable, load_pair
     from .store import atomic_write_bytes, atomic_write_json
     from .verify import grade_many
@@ -374,8 +402,10 @@ def run_intervene(base_spec: str, tuned_spec: str, problems_spec: str, out_dir, 
               "decoding": "greedy, two models, rule per step", "grading": "strict",
               "touched": "emitted token != base argmax", "problem_ids": [p.id for p in problems]}
     out = Path(out_dir)
-    paths = {"json": out / "intervene.json", "md": out / "intervene.md", "plot": out / "tau_sweep.png"}
+    paths = {"json": out / "intervene.json", "md": out / "intervene.md", "plot": out / "tau_sweep.png",
+             "bars": out / "intervene_bars.png"}
     atomic_write_json(paths["json"], _jsonable({"config": config, "rows": rows, "tau_sweep": sweep, "paper": PAPER}))
     atomic_write_bytes(paths["md"], render_markdown(rows, config).encode())
     plot_tau_sweep(sweep, res["base"]["pass_at_1"], res["tuned"]["pass_at_1"], paths["plot"])
+    plot_intervention_bars(rows, paths["bars"])
     return {"config": config, "rows": rows, "tau_sweep": sweep, "paths": {k: str(v) for k, v in paths.items()}}

@@ -14,6 +14,8 @@ from conftest import make_tiny_model
 from torch import nn
 
 from reasonmaxxer.analysis import (
+    PROMPT_TAIL,
+    TOP_N,
     analyze,
     auroc,
     check_same_tokenizer,
@@ -237,10 +239,8 @@ def test_analyze_known_answer(base_model, tiny_tokenizer, prompts):
     assert s0["n_unshifted"] == s0["n_positions"] > 0 and s0["js_quantiles"]["max"] == 0
 
 
-def test_run_analyze_writes_files(tmp_path, base_model, tiny_tokenizer, monkeypatch):
-    d = tmp_path / "m"
-    base_model.save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
+def test_run_analyze_writes_files(tmp_path, model_dirs, monkeypatch):
+    d = model_dirs["good"]
     monkeypatch.setenv("REASONMAXXER_DEVICE", "cpu")
     out = tmp_path / "out"
     res = run_analyze(str(d), str(d), "arith:test:2", out, template="mistral", max_new_tokens=4)
@@ -252,3 +252,145 @@ def test_run_analyze_writes_files(tmp_path, base_model, tiny_tokenizer, monkeypa
     assert len((out / "trajectories.jsonl").read_text().splitlines()) == 2
     with pytest.raises(ReasonMaxxerError, match="empty"):
         run_analyze(str(d), str(d), "arith:test:2", tmp_path / "o2", limit=0)
+
+
+# -- along the tuned model's own trajectories ------------------------------------------------
+def test_analyze_tuned_trajectories_known_answer(base_model, tiny_tokenizer, prompts):
+    """The tuned model decodes; at an edited position it emits the base's rank-r token, so there
+    (and only there) the base argmax differs from the emitted token, with tuned rank r."""
+    lens = sorted(len(p) for p in prompts)
+    edits = {lens[-1] + 1: 2, lens[-1] + 3: 8, lens[0] + 2: 3, lens[0]: 2}
+    tuned = EditedLogits(base_model, edits)
+    recs_b, _ = analyze(base_model, tuned, tiny_tokenizer, prompts, max_new_tokens=10, batch_size=3)
+    recs, s = analyze(base_model, tuned, tiny_tokenizer, prompts, source="tuned", max_new_tokens=10, batch_size=3)
+    assert s["source"] == "tuned" and all(r["source"] == "tuned" for r in recs)
+    assert [r["token_ids"] for r in recs] != [r["token_ids"] for r in recs_b]       # other trajectories
+    exp = _expected(recs, edits)
+    assert s["n_reranked"] == exp.get(2, 0) + exp.get(3, 0) >= 3 and s["n_shifted"] == exp.get(8, 0) >= 2
+    assert s["teacher_forced_argmax_mismatch"] == 0
+    for rb, r in zip(recs_b, recs):
+        p = r["prompt_len"]
+        assert r["tuned_argmax"] == r["token_ids"]               # the tuned model's own greedy tokens
+        first = min([pos - (p - 1) for pos in edits if pos >= p - 1] + [len(r["token_ids"])])
+        assert r["token_ids"][:first] == rb["token_ids"][:first]  # identical up to the first edit
+        for j, c in enumerate(r["cls"]):
+            rank = edits.get(p - 1 + j)
+            assert c == (0 if rank is None else 1 if rank <= 5 else 2)
+            assert (r["base_argmax"][j] != r["token_ids"][j]) == (rank is not None)
+            if rank is not None:
+                assert r["tuned_rank_in_base"][j] == rank
+
+
+def test_top5_and_prompt_tail(base_model, tiny_tokenizer, prompts):
+    """Stored top-5: the tuned list is the base list with ranks 1 and r swapped at an edit (r <= 5),
+    the same list elsewhere; probabilities descend; the prompt tail is the prompt's last tokens."""
+    p0 = len(prompts[0])
+    edits = {p0 + 1: 3, p0 + 2: 8}
+    recs, _ = analyze(base_model, EditedLogits(base_model, edits), tiny_tokenizer, prompts[:2], max_new_tokens=6)
+    seen = []
+    for prompt, r in zip(prompts, recs):
+        assert r["prompt_tail_ids"] == prompt[-PROMPT_TAIL:]
+        assert len(r["base_top_ids"]) == len(r["tuned_top_p"]) == len(r["token_ids"])
+        for j in range(len(r["token_ids"])):
+            b, t = r["base_top_ids"][j], r["tuned_top_ids"][j]
+            bp, tp = r["base_top_p"][j], r["tuned_top_p"][j]
+            assert len(b) == TOP_N and b[0] == r["base_argmax"][j] and t[0] == r["tuned_argmax"][j]
+            assert bp == sorted(bp, reverse=True) and 0 < sum(bp) <= 1 + 1e-4
+            rank = edits.get(r["prompt_len"] - 1 + j)
+            if rank is None:
+                assert t == b and tp == bp
+            elif rank <= TOP_N:                                # swap of ranks 1 and r
+                sw = list(b)
+                sw[0], sw[rank - 1] = sw[rank - 1], sw[0]
+                assert t == sw and tp == bp
+                seen.append("swap")
+            else:                                              # the rank-8 token jumps to the top
+                assert t[0] not in b and t[1:] == b[1:]
+                seen.append("shift")
+    assert "swap" in seen and "shift" in seen
+    with pytest.raises(ReasonMaxxerError, match="trajectory source"):
+        analyze(base_model, base_model, tiny_tokenizer, prompts, source="both")
+
+
+def test_run_analyze_both_sources(tmp_path, model_dirs, monkeypatch):
+    d = model_dirs["good"]
+    monkeypatch.setenv("REASONMAXXER_DEVICE", "cpu")
+    out = tmp_path / "out"
+    res = run_analyze(str(d), str(d), "arith:test:2", out, template="mistral", max_new_tokens=4, trajectories="both")
+    js = json.loads((out / "analysis.json").read_text())
+    assert list(js["summaries"]) == ["base", "tuned"] and js["summary"] == js["summaries"]["base"]
+    assert js["summaries"]["tuned"]["source"] == "tuned" and js["config"]["trajectories"] == "both"
+    recs = [json.loads(l) for l in (out / "trajectories.jsonl").read_text().splitlines()]
+    assert [r["source"] for r in recs] == ["base", "base", "tuned", "tuned"]
+    assert [r["token_ids"] for r in recs[:2]] == [r["token_ids"] for r in recs[2:]]   # same model twice
+    ids = {str(i) for r in recs for k in ("token_ids", "prompt_tail_ids") for i in r[k]}
+    ids |= {str(i) for r in recs for row in r["tuned_top_ids"] for i in row}
+    assert ids <= set(js["token_text"]) and js["token_text"][str(recs[0]["token_ids"][0])] == recs[0]["tokens"][0]
+    md = (out / "analysis.md").read_text()
+    assert "| metric | base trajectories | tuned trajectories | paper |" in md
+    assert res["summaries"]["tuned"]["n_positions"] == res["summary"]["n_positions"]
+    with pytest.raises(ReasonMaxxerError, match="--trajectories"):
+        run_analyze(str(d), str(d), "arith:test:2", tmp_path / "o3", trajectories="mine")
+
+
+# -- CLI: bad input is one line on stderr and exit status 2 (analyze and intervene) ------------
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, base_model, tiny_tokenizer):
+    """good: the tiny pair; bigtok: a tokenizer with one more token (and a model to match);
+    wide: the same tokenizer, 8 more logits; corrupt: truncated weights."""
+    root = tmp_path_factory.mktemp("models")
+    good = root / "good"
+    base_model.save_pretrained(good)
+    tiny_tokenizer.save_pretrained(good)
+    bigtok = copy.deepcopy(tiny_tokenizer)
+    bigtok.add_tokens(["<extra>"])
+    for name, tok, extra in (("bigtok", bigtok, 1), ("wide", tiny_tokenizer, 8)):
+        m = make_tiny_model(len(tiny_tokenizer) + extra, seed=1)
+        m.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    corrupt = root / "corrupt"
+    base_model.save_pretrained(corrupt)
+    tiny_tokenizer.save_pretrained(corrupt)
+    weights = list(corrupt.glob("*.safetensors"))
+    assert weights
+    for f in weights:
+        f.write_bytes(b"not a safetensors file")
+    return {k: str(root / k) for k in ("good", "bigtok", "wide", "corrupt")}
+
+
+@pytest.mark.parametrize("cmd", ["analyze", "intervene"])
+@pytest.mark.parametrize("case, expected", [
+    ("bigtok", "tokenizers differ in size"),
+    ("wide", "different output vocabularies"),
+    ("corrupt_tuned", "could not load the tuned model"),
+    ("corrupt_base", "could not load the base model"),
+    ("missing", "no such model"),
+    ("empty", "is empty"),
+])
+def test_cli_bad_input_one_line(cmd, case, expected, model_dirs, tmp_path, monkeypatch, capsys):
+    from reasonmaxxer.cli import main
+
+    monkeypatch.setenv("REASONMAXXER_DEVICE", "cpu")
+    monkeypatch.delenv("REASONMAXXER_DEBUG", raising=False)
+    base, tuned, extra = model_dirs["good"], model_dirs["good"], []
+    if case in ("bigtok", "wide"):
+        tuned = model_dirs[case]
+    elif case == "corrupt_tuned":
+        tuned = model_dirs["corrupt"]
+    elif case == "corrupt_base":
+        base = model_dirs["corrupt"]
+    elif case == "missing":
+        tuned = str(tmp_path / "nope")
+    else:
+        extra = ["--limit", "0"]
+    argv = [cmd, "--base", base, "--tuned", tuned, "--problems", "arith:test:2", "--max-new-tokens", "2",
+            "--out", str(tmp_path / "out"), *extra]
+    assert main(argv) == 2
+    err = [l for l in capsys.readouterr().err.strip().splitlines() if l.strip()]
+    # one error line, the last; anything before it is transformers' "Loading weights" progress bar
+    assert [l for l in err if "error" in l.lower() or "Traceback" in l] == err[-1:], err
+    assert err[-1].startswith("reasonmaxxer: error: ") and expected in err[-1], err
+    assert all(l.startswith("Loading weights") for l in err[:-1]), err
+    if case in ("missing", "empty", "corrupt_base"):
+        assert len(err) == 1                                  # failed before any model was loaded
+    assert not (tmp_path / "out").exists()                    # nothing written

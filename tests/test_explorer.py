@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -16,9 +17,11 @@ import pytest
 from reasonmaxxer.errors import ReasonMaxxerError
 from reasonmaxxer.explorer import (
     PLOT_NAMES,
+    TOP5_NOTE,
     analysis_plots,
     fork_atlas,
     load_analysis,
+    plot_names,
     roc_curve,
     write_explorer,
     write_fork_atlas,
@@ -62,6 +65,32 @@ NASTY = [
 @pytest.fixture(scope="module")
 def nasty_dir(tmp_path_factory):
     return _write(tmp_path_factory.mktemp("nasty"), NASTY)
+
+
+TOP_P = [0.6, 0.2, 0.1, 0.05, 0.03]
+TOKEN_TEXT = {"11": "alt11", "12": "alt12", "13": "alt13", "14": "alt14", "200": "User: Q?", "201": " A:"}
+
+
+def _rich(r, source):
+    """A NASTY record as run_analyze writes it now: source, prompt tail, both models' top-5."""
+    base_top = [[a, 11, 12, 13, 14] for a in r["base_argmax"]]
+    tuned_top = [[t, a, 12, 13, 14] if t != a else [a, 11, 12, 13, 14] for a, t in zip(r["base_argmax"], r["tuned_argmax"])]
+    return dict(r, source=source, prompt_tail_ids=[200, 201], base_top_ids=base_top, tuned_top_ids=tuned_top,
+                base_top_p=[TOP_P] * len(base_top), tuned_top_p=[TOP_P] * len(base_top))
+
+
+def _write_rich(out: Path):
+    _write(out, [_rich(r, "base") for r in NASTY] + [_rich(r, "tuned") for r in NASTY])
+    meta = json.loads((out / "analysis.json").read_text())
+    meta.update(token_text=TOKEN_TEXT, summaries={"base": dict(meta["summary"], source="base"),
+                                                  "tuned": dict(meta["summary"], reranked_pct=12.5, source="tuned")})
+    (out / "analysis.json").write_text(json.dumps(meta))
+    return out
+
+
+@pytest.fixture(scope="module")
+def rich_dir(tmp_path_factory):
+    return _write_rich(tmp_path_factory.mktemp("rich"))
 
 
 class _Spans(HTMLParser):
@@ -149,6 +178,31 @@ def test_explorer_counts_marks_and_escaping(nasty_dir):
     assert "top-5" in html   # the note that top-5 is not stored
 
 
+def test_explorer_top5_sources_and_prompt_tail(rich_dir):
+    html = write_explorer(rich_dir).read_text(encoding="utf-8")
+    p = _parse(html)
+    assert len(p.spans) == 20 and [s["t"] for s in p.spans[:6]] == ["0"] * 6 and p.spans[10]["t"] == "2"
+    assert "Along the base model" in html and "Along the tuned model" in html
+    assert "12.50%" in html and "30.00%" in html                     # one summary column per source
+    assert html.count('<span class="ctx" title="end of the prompt">…User: Q? A:</span>') == 4
+    assert f'<p class="note">{TOP5_NOTE}' not in html                 # the top-5 are stored
+    data = json.loads(p.json)
+    assert [t["source"] for t in data["traj"]] == ["base", "base", "tuned", "tuned"]
+    t0 = data["traj"][0]
+    assert t0["bt"][3] == [4, 11, 12, 13, 14] and t0["tt"][3] == [104, 4, 12, 13, 14] and t0["bp"][3] == TOP_P
+    assert data["vocab"]["11"] == "alt11" and data["vocab"]["200"] == "User: Q?"
+    # without the top-5 fields: the note says what is missing
+    assert f'<p class="note">{TOP5_NOTE}' in write_explorer(_write(rich_dir.parent / "old", NASTY)).read_text(encoding="utf-8")
+
+
+def test_plots_per_source(rich_dir):
+    paths = analysis_plots(rich_dir)
+    assert [p.name for p in paths] == list(PLOT_NAMES) + list(plot_names("tuned"))
+    assert plot_names("tuned")[0] == "entropy_reranked_vs_unshifted_tuned.png"
+    assert all(p.read_bytes().startswith(PNG_SIG) for p in paths)
+    assert write_explorer(rich_dir).read_text(encoding="utf-8").count('src="data:image/png;base64,') == 6
+
+
 def test_explorer_max_trajectories(nasty_dir, tmp_path):
     out = _write(tmp_path / "a", NASTY)
     p = _parse(write_explorer(out, max_trajectories=1).read_text(encoding="utf-8"))
@@ -189,30 +243,90 @@ def test_fork_atlas_counts(tmp_path):
         fork_atlas(load_analysis(_write(tmp_path / "none", [FORK_RECS[1]])))
 
 
+PROMPT_FORKS = [
+    # prompt tail (7, 8) before every completion; high entropy (> 1) at the first completion token
+    # and again after "7 8" inside a completion (traj 1): the same tokens, but not the same fork
+    dict(_rec(0, [1, 2], ["a", "b"], [2.0, 0.1], [1, 0]), prompt_tail_ids=[6, 7, 8]),
+    dict(_rec(1, [1, 7, 8, 1], ["a", "x", "y", "a"], [1.5, 0.1, 0.1, 3.0], [0, 0, 0, 2]), prompt_tail_ids=[6, 7, 8]),
+]
+
+
+def test_fork_atlas_reaches_into_the_prompt(tmp_path):
+    out = _write(tmp_path, PROMPT_FORKS)
+    meta = json.loads((out / "analysis.json").read_text())
+    (out / "analysis.json").write_text(json.dumps(dict(meta, token_text={"6": "Q", "7": "x", "8": "y"})))
+    forks, _ = fork_atlas(load_analysis(out), context_tokens=2, tau=1.0)
+    got = [(f.context, f.prompt_context, f.base_token, f.count, f.n_reranked, f.n_shifted) for f in forks]
+    assert got == [(("x", "y"), 2, "a", 2, 1, 0),       # first completion token, both trajectories
+                   (("x", "y"), 0, "a", 1, 0, 1)]       # the same tokens inside traj 1's completion
+    forks3, _ = fork_atlas(load_analysis(out), context_tokens=3, tau=1.0)
+    assert forks3[0].context == ("Q", "x", "y") and forks3[0].prompt_context == 3
+    write_fork_atlas(out, context_tokens=2, tau=1.0)
+    md = (out / "fork_atlas.md").read_text(encoding="utf-8")
+    assert "| 1 | `x` `y` ‖ | `a` | 2 |" in md and "| 2 | `x` `y` | `a` | 1 |" in md
+    assert "(start)" not in md
+
+
 def test_fork_atlas_files(tmp_path):
     out = _write(tmp_path, FORK_RECS + [_rec(3, [50, 51], ["<b>", "|`x"], [0.1, 5.0], [0, 1])])
     html = write_fork_atlas(out, context_tokens=3, top=2, tau=1.0).read_text(encoding="utf-8")
     md = (out / "fork_atlas.md").read_text(encoding="utf-8")
     assert not re.search(r"https?://", html, re.IGNORECASE)
-    assert html.count("<tr>") == 1 + 2 and len([l for l in md.splitlines() if l.startswith("| ")]) == 1 + 2
+    # two tables (most frequent; most changed), each a header row + the top 2
+    assert html.count("<tr>") == 2 * (1 + 2) and len([l for l in md.splitlines() if l.startswith("| ")]) == 2 * (1 + 2)
     assert "0.50" in html and "0.50" in md
+    changed = md.split("### Where the tuned model changes")[1]
+    # 3 forks with a change, 1 each; ties go by count (("a","b","c") has 2 positions), then context
+    assert "top 2 of 3 forks" in changed and "| 1 | `a` `b` `c` | `D` | 2 |" in changed
     html_all = write_fork_atlas(out, context_tokens=3, top=50, tau=1.0).read_text(encoding="utf-8")
     assert "&lt;b&gt;" in html_all and "<b>" not in html_all
     md_all = (out / "fork_atlas.md").read_text(encoding="utf-8")
     assert "`<b>`" in md_all and "`\\|ˋx`" in md_all   # inline code: pipe escaped, backtick replaced
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (not installed here)")
-def test_explorer_in_headless_chromium(nasty_dir, tmp_path):
-    path = write_explorer(nasty_dir)
-    r = subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu",
-                        "--disable-background-networking", f"--user-data-dir={tmp_path / 'profile'}",
-                        "--dump-dom", path.resolve().as_uri()], capture_output=True, text=True, timeout=60, check=False)
-    dom = r.stdout
-    assert 'data-ready="1"' in dom, r.stderr[-2000:]
+# Injected into a copy of the page for the browser test only: record uncaught errors (before the
+# page's script runs), then hover the first shifted token and copy the panel text into the DOM.
+_ERR_HOOK = "<script>window.__errs=[];addEventListener('error',function(e){__errs.push(String(e.message))});</script>"
+_HOVER = ("<script>var el=document.querySelector('span.tok.shifted');"
+          "el.dispatchEvent(new MouseEvent('mouseover',{bubbles:true}));"
+          "document.body.setAttribute('data-panel',document.getElementById('panel').textContent);"
+          "document.body.setAttribute('data-errors',JSON.stringify(window.__errs));</script>")
+
+
+def _chromium(page: Path, tmp_path: Path) -> tuple[str, list[str]]:
+    """(DOM after load, console lines) of `page` in headless Chromium: no network, throwaway profile."""
+    r = subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                        "--disable-component-update", "--disable-sync", "--no-first-run",
+                        f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+                        "--dump-dom", page.resolve().as_uri()], capture_output=True, text=True, timeout=90, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout, [l for l in r.stderr.splitlines() if "CONSOLE" in l]
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (Debian package `chromium`; .ci/run "
+                                                   "installs it with apt-get where it can)")
+def test_explorer_in_headless_chromium(rich_dir, tmp_path):
+    # the console capture works: a page with an uncaught error logs it
+    bad = tmp_path / "bad.html"
+    bad.write_text("<!DOCTYPE html><html><body><script>noSuchFunction();</script></body></html>")
+    assert any("noSuchFunction" in l for l in _chromium(bad, tmp_path)[1])
+
+    html = write_explorer(rich_dir).read_text(encoding="utf-8")
+    dom, console = _chromium(write_explorer(rich_dir), tmp_path)
+    assert console == [] and 'data-ready="1"' in dom
     p = _parse(dom)
-    assert len(p.spans) == 10
-    assert sum("reranked" in s["cls"] for s in p.spans) == 3 and sum("shifted" in s["cls"] for s in p.spans) == 1
+    assert len(p.spans) == 2 * 10                                  # base and tuned trajectories, 10 tokens each
+    assert sum("reranked" in s["cls"] for s in p.spans) == 2 * 3 and sum("shifted" in s["cls"] for s in p.spans) == 2
+    assert dom.count('class="ctx"') == 4                           # the end of each prompt, greyed
+
+    page = tmp_path / "hover.html"                                 # hover in the browser: the panel's text
+    page.write_text(html.replace("<head>", "<head>" + _ERR_HOOK, 1).replace("</body>", _HOVER + "</body>", 1))
+    dom, console = _chromium(page, tmp_path)
+    body = re.search(r"<body([^>]*)>", dom).group(1)
+    assert 'data-errors="[]"' in body and console == []
+    panel = unescape(re.search(r'data-panel="([^"]*)"', body).group(1))
+    assert "position 3: shifted" in panel and "base top-5 (p)" in panel and "tuned top-5 (p)" in panel
+    assert "*1 &amp;" in panel and "0.600" in panel and "alt11" in panel   # emitted token starred, probabilities
 
 
 NODE_STUB = """
@@ -231,7 +345,7 @@ console.log(JSON.stringify({ready:body.dataset.ready, hover, pinned:panel.textCo
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page's script against a DOM stub")
-def test_explorer_script_runs_in_node(nasty_dir, tmp_path):
+def test_explorer_script_runs_in_node(nasty_dir, rich_dir, tmp_path):
     path = write_explorer(nasty_dir)
     stub = tmp_path / "stub.js"
     stub.write_text(NODE_STUB)
@@ -243,3 +357,13 @@ def test_explorer_script_runs_in_node(nasty_dir, tmp_path):
     assert "position 3: shifted" in out["hover"] and "&amp;" in out["hover"] and "3.00 nats" in out["hover"]
     assert "\u27e8id=104\u27e9" in out["hover"] and "base rank 9" in out["hover"]
     assert out["pinned"] == out["hover"]   # after a click, hovering another token does not replace the panel
+    assert "re-run `reasonmaxxer analyze`" in out["hover"]   # an old file: no top-5, the note says so
+    r = subprocess.run(["node", str(stub), str(write_explorer(rich_dir))], capture_output=True, text=True, timeout=30,
+                       check=False)
+    hover = json.loads(r.stdout)["hover"]
+    # base top-5 [&amp; alt11 alt12 ...], tuned top-5 [id 104, &amp;, alt12 ...]; the emitted token starred
+    lines = hover.splitlines()
+    i = lines.index(next(l for l in lines if l.startswith("base top-5 (p)")))
+    assert lines[i + 1].startswith("*1 &amp;") and "0.600" in lines[i + 1] and "2 \u27e8id=104\u27e9" not in lines[i + 1]
+    assert lines[i + 1][24:].startswith(" 1 \u27e8id=104\u27e9") and lines[i + 2][24:].startswith("*2 &amp;")
+    assert lines[i + 2].startswith(" 2 alt11") and lines[-1] == "* = the token emitted here"

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 from conftest import make_tiny_model
-from test_analysis import EditedLogits
+from test_analysis import EditedLogits, model_dirs  # noqa: F401 (model_dirs: a fixture)
 
 from reasonmaxxer.errors import ReasonMaxxerError
 from reasonmaxxer.intervene import (
@@ -170,10 +170,8 @@ def test_eos_stops_rows(base_model, prompts):
         mixed_decode(base_model, base_model, [[5] * 600], base_greedy(), eos_ids=set())
 
 
-def test_run_intervene_writes_files(tmp_path, base_model, tiny_tokenizer, monkeypatch):
-    d = tmp_path / "m"
-    base_model.save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
+def test_run_intervene_writes_files(tmp_path, model_dirs, monkeypatch):
+    d = model_dirs["good"]
     monkeypatch.setenv("REASONMAXXER_DEVICE", "cpu")
     out = tmp_path / "out"
     res = run_intervene(str(d), str(d), "arith:test:2", out, template="mistral", max_new_tokens=4,
@@ -187,8 +185,9 @@ def test_run_intervene_writes_files(tmp_path, base_model, tiny_tokenizer, monkey
     assert js["rows"][3]["pass_at_1"]["mean"] == js["rows"][0]["pass_at_1"]
     md = (out / "intervene.md").read_text()
     assert "| oracle |" in md and "= tuned" in md and "<= base" in md
-    assert (out / "tau_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert res["paths"]["plot"].endswith("tau_sweep.png")
+    for name in ("tau_sweep.png", "intervene_bars.png"):      # both plots, beside each other
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert res["paths"]["plot"].endswith("tau_sweep.png") and res["paths"]["bars"].endswith("intervene_bars.png")
     with pytest.raises(ReasonMaxxerError, match="empty") as e:
         run_intervene(str(d), str(d), "arith:test:2", tmp_path / "o2", limit=0)
     assert "\n" not in str(e.value)
