@@ -120,10 +120,12 @@ def read_reasonmaxxer_run(d: Path) -> dict:
         t = pq.read_table(f, columns=["prompt_ids", "token_ids"])
         sample_tokens += sum(len(x) for x in t.column("prompt_ids").to_pylist())
         sample_tokens += sum(len(x) for x in t.column("token_ids").to_pylist())
-    trained = sum(m.get("gated_tokens", 0) + m.get("anchor_tokens", 0) for m in metrics)
+    # every token of every trained sequence goes through the forward and backward pass (runs
+    # written before "tokens" was logged: tokens/s x seconds, the same count rounded)
+    trained = sum(m["tokens"] if "tokens" in m else round(m["tokens_per_s"] * m["seconds"]) for m in metrics)
     lam = cfg.get("train", {}).get("lam", 0.2)
     variant = cfg.get("train", {}).get("variant", "reasonmaxxer")
-    reference_fwd = trained if lam and variant != "no_anchor" else 0
+    reference_fwd = trained if lam and variant not in ("no_anchor", "rft") else 0
     val_tokens = 0
     if cfg.get("validation_problems") and tres.get("history"):
         from .data import load_problems
@@ -136,7 +138,15 @@ def read_reasonmaxxer_run(d: Path) -> dict:
         val_tokens = round(len(tres["history"]) * n_val * (_mean_prompt_len(d / "rollouts") + max_new))
     forward = sample_tokens + reference_fwd + val_tokens
     seconds = {k: v for k, v in timings.items()}
-    method_seconds = sum(v for k, v in timings.items() if k in ("sample", "select + score", "train"))
+    reuse = Path(cfg["reuse"]) if cfg.get("reuse") else None
+    if reuse is not None and not reuse.is_absolute():
+        reuse = d.parent / reuse if (d.parent / reuse).is_dir() else Path.cwd() / reuse
+    if reuse is not None and (reuse / "timings.json").is_file() and \
+            _json(reuse / "rollouts" / "manifest.json").get("config_hash") == man.get("config_hash"):
+        # the base rollouts were copied from `reuse`: charge their sampling time as measured there
+        seconds["sample"] = _json(reuse / "timings.json").get("sample", seconds.get("sample", 0.0))
+        seconds = {("sample (in " + str(reuse) + ")" if k == "sample" else k): v for k, v in seconds.items()}
+    method_seconds = sum(v for k, v in seconds.items() if k.split(" (in ")[0] in ("sample", "select + score", "train"))
     label = variant if cfg.get("train", {}).get("gate", "entropy") == "entropy" else f"{variant} (random gate)"
     row = {"kind": "reasonmaxxer", "dir": str(d), "method": label if label != "reasonmaxxer" else "ReasonMaxxer",
            "n_params": n_params, "seconds": seconds, "method_seconds": round(method_seconds, 1),

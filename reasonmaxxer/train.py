@@ -510,7 +510,7 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
         comp_tokens = sum(len(examples[i].completion_ids) for i in idx)
         rec = {"step": step + 1, **{k: round(v, 6) if isinstance(v, float) else v for k, v in agg.items()},
                "gated_fraction": round(agg["gated_tokens"] / max(1, comp_tokens), 6),
-               "grad_norm": round(float(gn), 6), "lr": lr, "tokens_per_s": round(ntok / dt, 1), "seconds": round(dt, 3)}
+               "grad_norm": round(float(gn), 6), "lr": lr, "tokens_per_s": round(ntok / dt, 1), "tokens": ntok, "seconds": round(dt, 3)}
         is_ck = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total_steps
         if dist.is_main and validate is not None and (is_ck or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
             inner = dist.unwrap(model)

@@ -37,21 +37,23 @@ def _eval_json(path, avg, greedy):
                                            "greedy": {"value": greedy, "low": greedy - 0.1, "high": greedy + 0.1, "n": 10}}}))
 
 
-def make_rm_run(d, *, n_params=(10, 10), avg=0.45, greedy=0.5):
+def make_rm_run(d, *, n_params=(10, 10), avg=0.45, greedy=0.5, variant="reasonmaxxer", reuse=None):
     """A ReasonMaxxer run dir with known numbers: a 10x10 weight (N = 100), 2 rollouts with
     prompts of 4 tokens and completions of 2 and 3 tokens (13 sampled tokens), 2 training
     steps of 6 + 4 tokens, lam > 0 (reference forward on the 10 trained tokens), no validation."""
     (d / "train" / "merged").mkdir(parents=True)
     save_file({"w": torch.zeros(*n_params)}, str(d / "train" / "merged" / "model.safetensors"))
-    (d / "run_config.json").write_text(json.dumps({"train": {"lam": 0.2, "variant": "reasonmaxxer", "gate": "entropy"},
-                                                   "validation_problems": "", "eval": {"max_new_tokens": 8}}))
+    (d / "run_config.json").write_text(json.dumps({"train": {"lam": 0.2, "variant": variant, "gate": "entropy"},
+                                                   "validation_problems": "", "eval": {"max_new_tokens": 8},
+                                                   "reuse": reuse}))
     (d / "timings.json").write_text(json.dumps({"sample": 30.0, "select + score": 0.0, "train": 70.0,
                                                 "eval base": 20.0, "eval trained": 25.0}))
     (d / "train" / "result.json").write_text(json.dumps({"total_steps": 2, "history": []}))
-    (d / "train" / "metrics.jsonl").write_text(json.dumps({"step": 1, "gated_tokens": 1, "anchor_tokens": 5}) + "\n"
-                                               + json.dumps({"step": 2, "gated_tokens": 1, "anchor_tokens": 3}) + "\n")
+    # step 2 is an older log line without "tokens": 40 tok/s x 0.1 s = 4 tokens
+    (d / "train" / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 6, "tokens_per_s": 60.0, "seconds": 0.1}) + "\n"
+                                               + json.dumps({"step": 2, "tokens_per_s": 40.0, "seconds": 0.1}) + "\n")
     (d / "rollouts" / "shards").mkdir(parents=True)
-    (d / "rollouts" / "manifest.json").write_text(json.dumps({"generated_tokens": 5}))
+    (d / "rollouts" / "manifest.json").write_text(json.dumps({"generated_tokens": 5, "config_hash": "h1"}))
     pq.write_table(pa.table({"prompt_ids": [[1, 2, 3, 4], [1, 2, 3, 4]], "token_ids": [[5, 6], [7, 8, 9]]}),
                    d / "rollouts" / "shards" / "shard-00000.parquet")
     _eval_json(d / "eval" / "trained" / "eval.json", avg, greedy)
@@ -123,3 +125,14 @@ def test_a_running_baseline_is_read_from_its_curve(tmp_path):
     (d / "curve.jsonl").write_text("")
     with pytest.raises(ReasonMaxxerError, match="no evaluated step"):
         run_compare([str(rm), str(d)], tmp_path / "out")
+
+
+def test_an_ablation_with_reused_rollouts_is_charged_their_sampling_time(tmp_path):
+    src = make_rm_run(tmp_path / "demo")
+    abl = make_rm_run(tmp_path / "abl", variant="rft", reuse=str(tmp_path / "demo"))
+    t = json.loads((abl / "timings.json").read_text())
+    (abl / "timings.json").write_text(json.dumps({**t, "sample": 0.1}))   # copied, not sampled
+    r = read_run(abl)
+    assert r["seconds"][f"sample (in {src})"] == 30.0 and r["method_seconds"] == 100.0
+    # rft has no anchor: no reference forward; 13 sampled + 0 reference tokens
+    assert r["forward_tokens"] == 13 and r["method"] == "rft"
