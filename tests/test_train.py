@@ -150,7 +150,9 @@ def test_sigkill_and_resume_gives_the_same_adapter(tmp_path):
     p.send_signal(signal.SIGKILL)
     p.wait()
     done = json.loads((run / "checkpoints" / "latest.json").read_text())["step"]
-    assert 4 <= done < 12, done
+    # killed mid-run; latest.json may still name the checkpoint before step-000004 when the kill
+    # lands between that dir's rename and latest.json's update
+    assert 1 <= done < 12, done
     r = subprocess.run([sys.executable, str(script), str(run)], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     a = torch.load(tmp_path / "ref" / "checkpoints" / "step-000012" / "state.pt", weights_only=False)["model"]
