@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from .errors import ReasonMaxxerError
+from .models import model_device
 from .scoring import token_entropy
 
 CLS_NAMES = ("unshifted", "reranked", "shifted")
@@ -220,16 +221,13 @@ def check_same_tokenizer(tok_a, tok_b) -> None:
 
 
 # -- models -------------------------------------------------------------------------------------
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
 
 @torch.no_grad()
 def _completion_logits(model, ids: Tensor, att: Tensor, prefix_len: int, spans: list[tuple[int, int]]) -> list[Tensor]:
     """Teacher-forced logits predicting each completion token: [c_i, V] per row (model dtype and device)."""
     from .train import split_prefix_logits
 
-    dev = _device(model)
+    dev = model_device(model)
     _, rest = split_prefix_logits(model, ids.to(dev), att.to(dev), prefix_len)   # [B, T - P, V]
     return [rest[i, p - 1 - prefix_len : p + c - 1 - prefix_len] for i, (p, c) in enumerate(spans)]
 

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from .errors import ReasonMaxxerError
+from .models import model_device
 from .scoring import token_entropy
 
 RANDOM_TOP_K = 20
@@ -161,9 +162,6 @@ def _cache_kw(model) -> str:
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
 
 def _row_generator(seed: int, row: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(row))
@@ -197,7 +195,7 @@ def mixed_decode(base, tuned, prompts_ids: list[list[int]], rule: Callable, *, m
                     raise ReasonMaxxerError(f"intervene: prompt {i} has {len(p)} tokens; the {name} model "
                                             f"has only {maxpos} positions")
                 limits[i] = min(limits[i], maxpos - len(p))
-    dev_b, dev_t = _device(base), _device(tuned)
+    dev_b, dev_t = model_device(base), model_device(tuned)
     kw_b, kw_t = _cache_kw(base), _cache_kw(tuned)
     seed = getattr(rule, "seed", 0)
     records: list[dict] = [None] * len(prompts_ids)                    # type: ignore[list-item]

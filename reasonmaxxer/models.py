@@ -205,6 +205,11 @@ def default_device() -> str:
     return os.environ.get("REASONMAXXER_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def model_device(model):
+    """The torch device of a model's (first) parameters."""
+    return next(model.parameters()).device
+
+
 def load_model(spec: str = DEFAULT_MODEL, *, base: str | None = None, dtype=None, device: str | None = None,
                merge: bool = False):
     """Load (model, tokenizer) for a spec (see module docstring). Model is in eval mode.

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .errors import ReasonMaxxerError
+from .models import model_device
 from .sampling import SamplingConfig
 from .store import RolloutStore, atomic_write_json, atomic_write_table, config_hash
 from .train import TrainConfig, TrainExample
@@ -297,9 +298,9 @@ def _examples_for_report(model, tokenizer, examples: Sequence[TrainExample], gat
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for i in picks:
         e = examples[i]
-        ids = torch.tensor([list(e.prompt_ids) + list(e.completion_ids)])
+        ids = torch.tensor([list(e.prompt_ids) + list(e.completion_ids)], device=model_device(base))
         with torch.no_grad():
-            logits = base(input_ids=ids).logits[0, len(e.prompt_ids) - 1 : -1].float()   # [C, V]
+            logits = base(input_ids=ids).logits[0, len(e.prompt_ids) - 1 : -1].float().cpu()   # [C, V]
         probs = logits.softmax(-1)
         toks = []
         for t, tid in enumerate(e.completion_ids):
@@ -311,6 +312,7 @@ def _examples_for_report(model, tokenizer, examples: Sequence[TrainExample], gat
         out.append({"problem_id": e.key[0] if e.key else str(i), "correct": e.correct,
                     "advantage": round(e.advantage, 4), "tokens": toks})
     return out
+
 
 
 def fork_changes(base, tuned, tokenizer, examples: Sequence[TrainExample], gates, *, limit: int = 32,
@@ -336,9 +338,10 @@ def fork_changes(base, tuned, tokenizer, examples: Sequence[TrainExample], gates
         with torch.no_grad():
             outs = []
             for mdl in (base, tuned):
-                pre, rest = split_prefix_logits(mdl, ids, att, P)
+                dev = model_device(mdl)
+                pre, rest = split_prefix_logits(mdl, ids.to(dev), att.to(dev), P)
                 full = rest if pre is None else torch.cat([pre.expand(len(chunk), -1, -1), rest], 1)
-                outs.append(full[:, :-1])                                   # column t+1 predicted at t
+                outs.append(full[:, :-1].float().cpu())                     # column t+1 predicted at t
         b_log, t_log = outs
         b_arg, t_arg = b_log.argmax(-1), t_log.argmax(-1)                  # [B, T-1]
         top5 = b_log.topk(5, -1).indices                                   # [B, T-1, 5]

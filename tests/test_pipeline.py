@@ -78,3 +78,37 @@ def test_reuse_copies_only_complete_base_stores(tmp_path):
     assert (out / "rollouts" / "shard-00000.parquet").read_bytes() == b"mine"
     with pytest.raises(ReasonMaxxerError, match="not a run dir"):
         _reuse_base_stores(tmp_path / "nope", out)
+
+
+def test_fork_changes_counts_argmax_differences_exactly(tiny_tokenizer):
+    """fork_changes against a plain per-example forward: the same changed positions, top-5 hits
+    and gated hits; a model against itself changes nothing."""
+    import torch
+
+    from reasonmaxxer.pipeline import _examples_for_report, fork_changes
+    from test_train import _examples
+
+    vocab = len(tiny_tokenizer)
+    base, tuned = make_tiny_model(vocab, seed=0, init_std=0.2), make_tiny_model(vocab, seed=1, init_std=0.2)
+    exs = _examples(6, vocab=vocab)
+    gates = [torch.arange(len(e.completion_ids)) % 2 == 0 for e in exs]
+    same = fork_changes(base, base, tiny_tokenizer, exs, gates, batch=4)
+    n_pos = sum(len(e.completion_ids) for e in exs)
+    assert same["positions"] == n_pos and same["changed"] == 0
+    want = top5 = gated = 0
+    with torch.no_grad():
+        for e, g in zip(exs, gates):
+            ids = torch.tensor([list(e.prompt_ids) + list(e.completion_ids)])
+            p = len(e.prompt_ids)
+            bl = base(input_ids=ids).logits[0, p - 1:-1]
+            tl = tuned(input_ids=ids).logits[0, p - 1:-1]
+            diff = bl.argmax(-1) != tl.argmax(-1)
+            want += int(diff.sum())
+            top5 += int(((bl.topk(5, -1).indices == tl.argmax(-1)[:, None]).any(-1) & diff).sum())
+            gated += int((diff & g).sum())
+    got = fork_changes(base, tuned, tiny_tokenizer, exs, gates, batch=4)
+    assert want > 0
+    assert (got["changed"], got["changed_in_base_top5"], got["changed_at_gated"]) == (want, top5, gated)
+    rep = _examples_for_report(base, tiny_tokenizer, exs, gates, k=2)
+    assert len(rep) == 2 and all(len(r["tokens"]) > 0 for r in rep)
+    assert all(("top5" in t) == t["gated"] for r in rep for t in r["tokens"])
