@@ -150,7 +150,7 @@ def step_compute(counters: dict, n_params: int, *, beta: float) -> dict:
 
 
 # -- the run -------------------------------------------------------------------------------------
-def _trl_args(cfg: BaselineConfig, out: Path, n_problems: int):
+def _trl_args(cfg: BaselineConfig, out: Path):
     from trl import GRPOConfig, RLOOConfig
 
     kind, over = METHODS[cfg.method]
@@ -165,7 +165,9 @@ def _trl_args(cfg: BaselineConfig, out: Path, n_problems: int):
               save_strategy="steps", save_steps=max(1, cfg.eval_every or cfg.max_steps), save_total_limit=2,
               report_to=[], seed=cfg.seed, bf16=on_gpu, use_cpu=not on_gpu, disable_tqdm=False,
               gradient_accumulation_steps=1, lr_scheduler_type="constant", warmup_steps=0,
-              gradient_checkpointing=on_gpu)   # TRL turns it on by default; on CPU it only recomputes
+              # TRL turns it on by default, which also turns off the KV cache in generation: on
+              # the CPU, where memory is not short, that made each step minutes slower
+              gradient_checkpointing=on_gpu)
     kw.update(over)
     if cfg.loss_type is not None:
         kw["loss_type"] = cfg.loss_type
@@ -247,7 +249,7 @@ def run_baseline(cfg: BaselineConfig, *, progress: bool = True, model=None, toke
         tokenizer.pad_token = tokenizer.eos_token
     tmpl = get_template(cfg.template)
     prompts = [render_prompt(tmpl, p.question, tokenizer) for p in train_p]
-    plen = {}
+    plen, golds = {}, {}
     for p, text in zip(train_p, prompts):
         ours = tokenizer(text, add_special_tokens=False)["input_ids"]
         trls = tokenizer(text=text)["input_ids"]
@@ -255,8 +257,6 @@ def run_baseline(cfg: BaselineConfig, *, progress: bool = True, model=None, toke
             raise ReasonMaxxerError(f"baseline: problem {p.id}: TRL would tokenize the prompt differently from "
                                     "reasonmaxxer (the tokenizer adds special tokens); not supported yet")
         plen[text] = len(ours)
-    golds = {}
-    for p, text in zip(train_p, prompts):
         golds.setdefault(text, p.answer)
     ds = Dataset.from_list([{"prompt": t, "problem_id": p.id} for p, t in zip(train_p, prompts)])
     n_params = sum(p.numel() for p in model.parameters())
@@ -274,7 +274,7 @@ def run_baseline(cfg: BaselineConfig, *, progress: bool = True, model=None, toke
         _write_curve(curve_path, [])
     reward = make_reward(golds, plen, counters, grade_fn)
     kind, _ = METHODS[cfg.method]
-    args = _trl_args(cfg, out, len(train_p))
+    args = _trl_args(cfg, out)
     beta = float(args.beta)
     peft_config = None if cfg.full_finetune else LoraConfig(
         r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules), lora_dropout=0.0,

@@ -71,14 +71,10 @@ def _json(p: Path) -> dict:
 
 
 def _jsonl(p: Path) -> list[dict]:
-    rows = []
-    for i, line in enumerate(p.read_text().splitlines()):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise ReasonMaxxerError(f"{p}:{i + 1}: invalid JSON line") from None
-    return rows
+    """The rows of a JSON Lines file ([] for an empty one); a bad line is a one-line error."""
+    from .data import _read_jsonl
+
+    return [r for _, r in _read_jsonl(p)] if p.read_text().strip() else []
 
 
 def _n_params_from_checkpoint(d: Path) -> int:
@@ -107,19 +103,20 @@ def _eval_fields(path: Path) -> dict:
 
 def read_reasonmaxxer_run(d: Path) -> dict:
     """A ReasonMaxxer run dir -> one comparison row (see module docstring for what is counted)."""
-    import pyarrow.parquet as pq
+    import pyarrow.compute as pc
+
+    from .store import RolloutStore
 
     cfg = _json(d / "run_config.json")
     timings = _json(d / "timings.json")
     tres = _json(d / "train" / "result.json")
     metrics = _jsonl(d / "train" / "metrics.jsonl")
     n_params = _n_params_from_checkpoint(d / "train" / "merged")
-    man = _json(d / "rollouts" / "manifest.json")
-    sample_tokens = 0
-    for f in sorted((d / "rollouts" / "shards").glob("*.parquet")):
-        t = pq.read_table(f, columns=["prompt_ids", "token_ids"])
-        sample_tokens += sum(len(x) for x in t.column("prompt_ids").to_pylist())
-        sample_tokens += sum(len(x) for x in t.column("token_ids").to_pylist())
+    store = RolloutStore(d / "rollouts")
+    man = store.manifest()
+    rollouts = store.read_table(["prompt_ids", "token_ids"])
+    prompt_tokens = pc.sum(pc.list_value_length(rollouts.column("prompt_ids"))).as_py() or 0
+    sample_tokens = prompt_tokens + (pc.sum(pc.list_value_length(rollouts.column("token_ids"))).as_py() or 0)
     # every token of every trained sequence goes through the forward and backward pass (runs
     # written before "tokens" was logged: tokens/s x seconds, the same count rounded)
     trained = sum(m["tokens"] if "tokens" in m else round(m["tokens_per_s"] * m["seconds"]) for m in metrics)
@@ -135,18 +132,19 @@ def read_reasonmaxxer_run(d: Path) -> dict:
         except ReasonMaxxerError:
             n_val = 0
         max_new = cfg.get("eval", {}).get("max_new_tokens", 256)
-        val_tokens = round(len(tres["history"]) * n_val * (_mean_prompt_len(d / "rollouts") + max_new))
+        mean_prompt = prompt_tokens / rollouts.num_rows if rollouts.num_rows else 0.0
+        val_tokens = round(len(tres["history"]) * n_val * (mean_prompt + max_new))
     forward = sample_tokens + reference_fwd + val_tokens
-    seconds = {k: v for k, v in timings.items()}
+    sample_key, sample_s = "sample", timings.get("sample", 0.0)
     reuse = Path(cfg["reuse"]) if cfg.get("reuse") else None
     if reuse is not None and not reuse.is_absolute():
         reuse = d.parent / reuse if (d.parent / reuse).is_dir() else Path.cwd() / reuse
     if reuse is not None and (reuse / "timings.json").is_file() and \
             _json(reuse / "rollouts" / "manifest.json").get("config_hash") == man.get("config_hash"):
         # the base rollouts were copied from `reuse`: charge their sampling time as measured there
-        seconds["sample"] = _json(reuse / "timings.json").get("sample", seconds.get("sample", 0.0))
-        seconds = {("sample (in " + str(reuse) + ")" if k == "sample" else k): v for k, v in seconds.items()}
-    method_seconds = sum(v for k, v in seconds.items() if k.split(" (in ")[0] in ("sample", "select + score", "train"))
+        sample_key, sample_s = f"sample (in {reuse})", _json(reuse / "timings.json").get("sample", sample_s)
+    seconds = {sample_key: sample_s, **{k: v for k, v in timings.items() if k != "sample"}}
+    method_seconds = sample_s + timings.get("select + score", 0.0) + timings.get("train", 0.0)
     label = variant if cfg.get("train", {}).get("gate", "entropy") == "entropy" else f"{variant} (random gate)"
     row = {"kind": "reasonmaxxer", "dir": str(d), "method": label if label != "reasonmaxxer" else "ReasonMaxxer",
            "n_params": n_params, "seconds": seconds, "method_seconds": round(method_seconds, 1),
@@ -158,17 +156,6 @@ def read_reasonmaxxer_run(d: Path) -> dict:
     if base_eval.is_file():
         row["base"] = _eval_fields(base_eval)
     return row
-
-
-def _mean_prompt_len(store_dir: Path) -> float:
-    import pyarrow.parquet as pq
-
-    n = tot = 0
-    for f in sorted((store_dir / "shards").glob("*.parquet")):
-        for x in pq.read_table(f, columns=["prompt_ids"]).column("prompt_ids").to_pylist():
-            n += 1
-            tot += len(x)
-    return tot / n if n else 0.0
 
 
 def read_baseline_run(d: Path) -> dict:
