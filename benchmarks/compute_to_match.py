@@ -25,9 +25,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from reasonmaxxer.baselines import BaselineConfig, run_baseline
-from reasonmaxxer.compare import run_compare
-from reasonmaxxer.pipeline import load_run_config, run_pipeline
+from reasonmaxxer.recipes.baselines import BaselineConfig, run_baseline
+from reasonmaxxer.recipes.compare import run_compare
+from reasonmaxxer.config import load_run_config
+from reasonmaxxer.recipes.run import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 

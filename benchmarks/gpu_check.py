@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
 
-from reasonmaxxer.sampling import HFSampler, Request, SamplingConfig  # noqa: E402
+from reasonmaxxer.backends.hf import HFSampler, Request, SamplingConfig
 
 QWEN2_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                  intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True)
@@ -126,7 +126,7 @@ def bench_sample(model, tok, reqs, a, device) -> tuple[dict, list]:
 
 
 def bench_score(model, tok, reqs, comps, a, device) -> tuple[dict, list]:
-    from reasonmaxxer.pipeline import score_rows
+    from reasonmaxxer.stages.score import score_rows
 
     rows = [{"prompt_ids": list(r.prompt_ids), "token_ids": c.token_ids} for r, c in zip(reqs, comps)]
     score_rows(rows[:1], model, tok, batch_size=1, progress=False)                      # warm-up
@@ -141,7 +141,7 @@ def bench_score(model, tok, reqs, comps, a, device) -> tuple[dict, list]:
 
 
 def bench_train(model, tok, reqs, comps, ents, a, device, workdir: Path) -> dict:
-    from reasonmaxxer.train import TrainConfig, TrainExample, train
+    from reasonmaxxer.stages.train import TrainConfig, TrainExample, train
 
     rng = random.Random(1)
     examples = [TrainExample(prompt_ids=r.prompt_ids, completion_ids=tuple(c.token_ids), entropies=tuple(e),
@@ -172,7 +172,7 @@ def vllm_missing() -> str | None:
 def bench_vllm(d: Path, reqs, a) -> dict:
     import vllm
 
-    from reasonmaxxer.vllm_backend import VLLMOptions, VLLMSampler
+    from reasonmaxxer.backends.vllm import VLLMOptions, VLLMSampler
 
     cfg = SamplingConfig(n=a.samples, temperature=0.7, max_new_tokens=a.max_new_tokens)
     t0 = time.perf_counter()

@@ -23,10 +23,10 @@ import time
 
 import torch
 
-from reasonmaxxer.arith import generate as arith_problems
+from reasonmaxxer.data.arith import generate as arith_problems
 from reasonmaxxer.models import load_model
-from reasonmaxxer.prompts import get_template, render_prompt
-from reasonmaxxer.sampling import HFSampler, Request, SamplingConfig
+from reasonmaxxer.data.prompts import get_template, render_prompt
+from reasonmaxxer.backends.hf import HFSampler, Request, SamplingConfig
 
 
 def main():

@@ -41,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from reasonmaxxer.scoring import position_ids_from_mask, score_sequences  # noqa: E402
+from reasonmaxxer.stages.score import position_ids_from_mask, score_sequences
 
 
 # ------------------------------------------------------------------------------ setup

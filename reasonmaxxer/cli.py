@@ -56,7 +56,7 @@ def _add_engine(p, from_config: bool = False):
 
 
 def _engine(a):
-    from .engines import EngineConfig
+    from .backends.engines import EngineConfig
 
     return EngineConfig(engine=a.engine, workers=a.workers, threads=getattr(a, "threads", 0) or 0,
                         ray_address=a.ray_address)
@@ -78,8 +78,8 @@ _VLLM_FLAGS = ("tensor_parallel_size", "data_parallel_size", "gpu_memory_utiliza
 
 def _sampler(a, spec: str):
     """The sampler the flags ask for: None (HF, built by the stage) or a `VLLMSampler` for `spec`."""
-    from .stages import check_backend
-    from .vllm_backend import VLLMOptions, make_sampler
+    from .stages.sample import check_backend
+    from .backends.vllm import VLLMOptions, make_sampler
 
     check_backend(a.backend, getattr(a, "engine", None))
     opts = {k: getattr(a, k) for k in _VLLM_FLAGS if getattr(a, k, None) is not None}
@@ -100,14 +100,14 @@ def _add_pair(p):
 
 
 def _sampling_config(a):
-    from .sampling import SamplingConfig
+    from .backends.hf import SamplingConfig
 
     return SamplingConfig(n=a.n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                           max_new_tokens=a.max_new_tokens, seed=a.seed, batch_size=a.batch_size)
 
 
 def _problems(a):
-    from .data import load_problems
+    from .data.benchmarks import load_problems
 
     return load_problems(a.problems, data_dir=a.data_dir, question_field=a.question_field,
                          answer_field=a.answer_field, limit=a.limit)
@@ -143,8 +143,8 @@ def cmd_models(a):
 
 
 def cmd_sample(a):
-    from .prompts import get_template
-    from .stages import sample_stage
+    from .data.prompts import get_template
+    from .stages.sample import sample_stage
 
     _threads(a)
     problems = _problems(a)
@@ -161,7 +161,7 @@ def cmd_sample(a):
 
 
 def cmd_score(a):
-    from .stages import score_stage
+    from .stages.score import score_stage
     from .store import RolloutStore
 
     _threads(a)
@@ -176,8 +176,9 @@ def cmd_score(a):
 
 
 def cmd_grade(a):
-    from .stages import regrade_store
-    from .store import RolloutStore, atomic_write_bytes
+    from .stages.sample import regrade_store
+    from .store import RolloutStore
+    from .io import atomic_write_bytes
 
     src = Path(a.input)
     if src.is_dir():
@@ -188,10 +189,10 @@ def cmd_grade(a):
         raise ReasonMaxxerError(f"{src}: no such file or rollout store")
     from .verify import grade_many, parse_failures
 
-    from .data import _read_jsonl   # the project's JSONL reader: path:line errors, empty-file check
+    from .io import read_jsonl
 
     rows = []
-    for where, r in _read_jsonl(src):
+    for where, r in read_jsonl(src):
         for fld in (a.answer_field, a.completion_field):
             if fld not in r:
                 raise ReasonMaxxerError(f"{where}: missing field '{fld}' (has: {', '.join(sorted(r))})")
@@ -216,10 +217,11 @@ def cmd_grade(a):
 
 def run_eval(a, label=None):
     """Sample (n samples + greedy) and evaluate; returns (report, out_dir)."""
-    from .evaluate import save_report, to_markdown
+    from .stages.evaluate import save_report, to_markdown
     from .models import load_model
-    from .prompts import get_template
-    from .stages import evaluate_stores, sample_stage
+    from .data.prompts import get_template
+    from .stages.evaluate import evaluate_stores
+    from .stages.sample import sample_stage
 
     _threads(a)
     problems = _problems(a)
@@ -270,8 +272,9 @@ def _run_overrides(a) -> dict:
 
 
 def cmd_run(a, config=None):
-    from .distributed import launched
-    from .pipeline import load_run_config, run_pipeline
+    from .backends.distributed import launched
+    from .config import load_run_config
+    from .recipes.run import run_pipeline
 
     if launched():
         raise ReasonMaxxerError("run/demo is single-process; under `accelerate launch` run `-m reasonmaxxer train` "
@@ -281,7 +284,7 @@ def cmd_run(a, config=None):
 
 
 def _train_config(a):
-    from .train import TrainConfig
+    from .stages.train import TrainConfig
 
     kw = {k: getattr(a, k) for k in ("tau", "tau_fraction", "variant", "gate", "lam", "lr", "epochs", "max_steps",
                                       "micro_batch", "grad_accum", "lora_rank", "lora_alpha", "seed",
@@ -306,14 +309,16 @@ def _store_model(a, store):
 def cmd_train(a):
     import copy
 
-    from .data import load_problems
-    from .distributed import is_main_process, main_process_first
+    from .data.benchmarks import load_problems
+    from .backends.distributed import is_main_process, main_process_first
     from .models import load_model
-    from .pipeline import _greedy_accuracy_fn, examples_from_selection, prepare_training_data
-    from .prompts import get_template
-    from .selection import SelectionConfig
+    from .stages.evaluate import greedy_accuracy_fn
+    from .stages.train import examples_from_selection
+    from .recipes.run import prepare_training_data
+    from .data.prompts import get_template
+    from .stages.select import SelectionConfig
     from .store import RolloutStore
-    from .train import train
+    from .stages.train import train
 
     _threads(a)
     store = RolloutStore(a.rollouts)
@@ -331,7 +336,7 @@ def cmd_train(a):
     validate = None
     if a.validation:
         tmpl = get_template(a.template or man.get("config", {}).get("template", {}).get("name") or "fewshot")
-        validate = _greedy_accuracy_fn(load_problems(a.validation, data_dir=a.data_dir), tmpl, tok, a.max_new_tokens, 32)
+        validate = greedy_accuracy_fn(load_problems(a.validation, data_dir=a.data_dir), tmpl, tok, a.max_new_tokens, 32)
     res = train(examples, cfg, out, copy.deepcopy(model), tok, base_spec=spec, validate=validate, shuffle=False,
                 progress=main)
     if not main:
@@ -342,10 +347,10 @@ def cmd_train(a):
 
 
 def cmd_calibrate(a):
-    from .data import load_problems
+    from .data.benchmarks import load_problems
     from .models import load_model
-    from .pipeline import calibrate
-    from .prompts import get_template
+    from .recipes.calibrate import calibrate
+    from .data.prompts import get_template
     from .store import RolloutStore
 
     _threads(a)
@@ -361,12 +366,12 @@ def cmd_calibrate(a):
 
 
 def cmd_analyze(a):
-    from .analysis import run_analyze
+    from .analysis.tokens import run_analyze
 
     _threads(a)
     res = run_analyze(a.base, a.tuned, a.problems, a.out, template=a.template, limit=a.limit,
                       max_new_tokens=a.max_new_tokens, data_dir=a.data_dir, trajectories=a.trajectories)
-    from .explorer import analysis_plots, write_explorer, write_fork_atlas
+    from .reports.explorer import analysis_plots, write_explorer, write_fork_atlas
 
     analysis_plots(a.out)
     write_explorer(a.out)
@@ -381,7 +386,7 @@ def cmd_analyze(a):
 
 
 def cmd_intervene(a):
-    from .intervene import run_intervene
+    from .analysis.intervene import run_intervene
 
     _threads(a)
     run_intervene(a.base, a.tuned, a.problems, a.out, template=a.template, limit=a.limit,
@@ -392,7 +397,7 @@ def cmd_intervene(a):
 
 
 def cmd_baseline(a):
-    from .baselines import load_baseline_config, run_baseline
+    from .recipes.baselines import load_baseline_config, run_baseline
 
     keys = ("out", "model", "template", "train_problems", "test_problems", "data_dir", "loss_type", "beta", "lr",
             "prompts_per_step", "num_generations", "max_new_tokens", "lora_rank", "full_finetune", "max_steps",
@@ -409,7 +414,7 @@ def cmd_baseline(a):
 
 
 def cmd_compare(a):
-    from .compare import run_compare
+    from .recipes.compare import run_compare
 
     md = run_compare(a.runs, a.out, reference=a.reference, metric=a.metric, gpu_hour_price=a.gpu_hour_price)
     print(md)

@@ -168,7 +168,7 @@ def convert_gguf(gguf: Path, progress: bool = True) -> Path:
     return out
 
 
-def _prepare_tokenizer(tok):
+def prepare_tokenizer(tok):
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -185,7 +185,7 @@ def _hf_load(path_or_id: str, dtype, device):
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ReasonMaxxerError(f"{path_or_id}: could not load model ({first})") from e
-    return model.to(device).eval(), _prepare_tokenizer(tok)
+    return model.to(device).eval(), prepare_tokenizer(tok)
 
 
 def base_dir_for(spec: str) -> str:

@@ -17,21 +17,19 @@ has a DIFFERENT config hash is an error (nothing is overwritten) unless `overwri
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import platform
 import shutil
-import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Sequence
-
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from .errors import ReasonMaxxerError
+from .io import atomic_write_json
+from .io import atomic_write_table
+from .io import config_hash
+from .io import package_versions
+
 
 ROLLOUT_SCHEMA = pa.schema([
     ("problem_id", pa.string()),
@@ -53,76 +51,13 @@ ROLLOUT_SCHEMA = pa.schema([
     ("grade_reason", pa.string()),            # strict verdict's reason
 ])
 
+
 SCORE_SCHEMA = pa.schema([                    # a score store (`reasonmaxxer score`): teacher-forced, nats
     ("problem_id", pa.string()),
     ("sample_index", pa.int32()),
     ("entropies", pa.list_(pa.float32())),    # full-vocabulary entropy at each completion token
     ("logprobs", pa.list_(pa.float32())),     # log p(completion token | prefix)
 ])
-
-_PACKAGES = ("reasonmaxxer", "torch", "transformers", "peft", "accelerate", "math-verify", "pyarrow", "trl", "vllm")
-
-
-def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for p in _PACKAGES:
-        try:
-            out[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def config_hash(config: dict) -> str:
-    """sha256 of the canonical JSON of a config dict (the identity of a stage's inputs)."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _atomic_file(path: Path, write) -> None:
-    """`write(tmp_path)` fills a temp file beside `path`; it is fsynced, made readable (0644:
-    mkstemp creates 0600) and renamed over `path`. On error the temp file is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic_file(path, lambda tmp: Path(tmp).write_bytes(data))
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
-
-
-def atomic_dir(final: Path, fill) -> Path:
-    """Create directory `final` atomically: `fill(tmp_dir)` writes into a temp dir beside it,
-    which then replaces `final` (an existing `final` is removed first). On error nothing changes."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        fill(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
-def atomic_write_table(path: Path, table: pa.Table) -> None:
-    _atomic_file(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
 class RolloutStore:

@@ -70,7 +70,7 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from reasonmaxxer.errors import ReasonMaxxerError
+from .errors import ReasonMaxxerError
 
 MAX_ANSWER_CHARS = 512
 """Longest extracted answer or gold (characters) that is handed to math-verify."""

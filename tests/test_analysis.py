@@ -13,18 +13,9 @@ import torch
 from conftest import make_tiny_model
 from torch import nn
 
-from reasonmaxxer.analysis import (
-    PROMPT_TAIL,
-    TOP_N,
-    analyze,
-    auroc,
-    check_same_tokenizer,
-    compare_distributions,
-    run_analyze,
-    summarize,
-)
+from reasonmaxxer.analysis.tokens import PROMPT_TAIL, TOP_N, analyze, auroc, check_same_tokenizer, compare_distributions, run_analyze, summarize
 from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.train import shared_prefix_logits
+from reasonmaxxer.stages.train import shared_prefix_logits
 
 LN2 = math.log(2)
 

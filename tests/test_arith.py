@@ -5,8 +5,8 @@ from collections import Counter
 
 import pytest
 
-from reasonmaxxer import arith
-from reasonmaxxer.arith import DEFAULT_MIX, SPLITS, TIERS, evaluate_expression, generate, split_of
+from reasonmaxxer.data import arith
+from reasonmaxxer.data.arith import DEFAULT_MIX, SPLITS, TIERS, evaluate_expression, generate, split_of
 from reasonmaxxer.errors import ReasonMaxxerError
 
 N_DISJOINT = 2000

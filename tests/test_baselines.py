@@ -7,10 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from reasonmaxxer.baselines import (METHODS, BaselineConfig, flops, load_baseline_config, make_reward, run_baseline,
-                                    step_compute)
+from reasonmaxxer.recipes.baselines import METHODS, BaselineConfig, flops, load_baseline_config, make_reward, run_baseline, step_compute
 from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.pipeline import EvalConfig
+from reasonmaxxer.stages.evaluate import EvalConfig
 
 from conftest import make_tiny_model
 

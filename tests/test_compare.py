@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from reasonmaxxer.cli import main
-from reasonmaxxer.compare import compute_to_match, read_run, run_compare
+from reasonmaxxer.recipes.compare import compute_to_match, read_run, run_compare
 from reasonmaxxer.errors import ReasonMaxxerError
 
 CURVE = [

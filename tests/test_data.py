@@ -8,17 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from reasonmaxxer.data import (
-    BENCHMARKS,
-    Problem,
-    default_data_dir,
-    last_boxed,
-    load_benchmark,
-    load_problem_file,
-    load_problems,
-    normalise_answer,
-    problems_hash,
-)
+from reasonmaxxer.data.problems import Problem, last_boxed, load_problem_file, normalise_answer, problems_hash
+from reasonmaxxer.data.benchmarks import BENCHMARKS, default_data_dir, load_benchmark, load_problems
 from reasonmaxxer.errors import ReasonMaxxerError
 
 # ../shared/data beside the checkout (or $REASONMAXXER_DATA_DIR); tests that need it skip without it

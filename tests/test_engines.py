@@ -10,12 +10,13 @@ import json
 
 import pytest
 
-from reasonmaxxer.data import Problem
-from reasonmaxxer.engines import EngineConfig, Progress, map_shards
+from reasonmaxxer.data.problems import Problem
+from reasonmaxxer.backends.engines import EngineConfig, Progress, map_shards
 from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.prompts import get_template
-from reasonmaxxer.sampling import SamplingConfig
-from reasonmaxxer.stages import sample_stage, score_stage
+from reasonmaxxer.data.prompts import get_template
+from reasonmaxxer.backends.hf import SamplingConfig
+from reasonmaxxer.stages.sample import sample_stage
+from reasonmaxxer.stages.score import score_stage
 from reasonmaxxer.store import RolloutStore
 
 ray = pytest.importorskip("ray")
@@ -28,7 +29,7 @@ TMPL = get_template("raw")
 
 @pytest.fixture(scope="module")
 def ray_local():
-    from reasonmaxxer.engines import init_ray, release_workers
+    from reasonmaxxer.backends.engines import init_ray, release_workers
 
     init_ray(RAY2)
     yield
@@ -155,7 +156,7 @@ def test_cli_sample_and_score_with_ray(tmp_path, ckpt, local_ref, ray_local):
 
 
 def test_run_config_engine_keys(tmp_path):
-    from reasonmaxxer.pipeline import load_run_config
+    from reasonmaxxer.config import load_run_config
 
     p = tmp_path / "run.toml"
     p.write_text('engine = "ray"\nworkers = 3\nthreads = 2\n')
@@ -168,8 +169,8 @@ def test_run_config_engine_keys(tmp_path):
 def test_eval_cli_and_pipeline_scoring_with_ray(tmp_path, ckpt, local_ref, ray_local):
     from reasonmaxxer.cli import main
     from reasonmaxxer.models import load_model
-    from reasonmaxxer.pipeline import attach_scores, score_rows
-    from reasonmaxxer.stages import score_rows_on
+    from reasonmaxxer.stages.score import attach_scores, score_rows
+    from reasonmaxxer.stages.score import score_rows_on
 
     probs = tmp_path / "p.jsonl"
     probs.write_text("".join(json.dumps({"question": p.question, "answer": p.answer}) + "\n" for p in PROBLEMS))

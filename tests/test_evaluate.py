@@ -7,18 +7,8 @@ import os
 import pytest
 
 from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.evaluate import (
-    EvalReport,
-    evaluate,
-    maj_at_k,
-    mean_ci95,
-    normalize_answer,
-    paired_difference,
-    pass_at_k,
-    save_report,
-    to_markdown,
-    wilson_ci95,
-)
+from reasonmaxxer.stages.evaluate import EvalReport, evaluate, maj_at_k, normalize_answer, save_report, to_markdown
+from reasonmaxxer.core.stats import mean_ci95, paired_difference, pass_at_k, wilson_ci95
 
 Z = 1.959963984540054
 approx = pytest.approx

@@ -15,17 +15,7 @@ import numpy as np
 import pytest
 
 from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.explorer import (
-    PLOT_NAMES,
-    TOP5_NOTE,
-    analysis_plots,
-    fork_atlas,
-    load_analysis,
-    plot_names,
-    roc_curve,
-    write_explorer,
-    write_fork_atlas,
-)
+from reasonmaxxer.reports.explorer import PLOT_NAMES, TOP5_NOTE, analysis_plots, fork_atlas, load_analysis, plot_names, roc_curve, write_explorer, write_fork_atlas
 
 PNG_SIG = b"\x89PNG\r\n\x1a\n"
 CHROMIUM = Path("/usr/bin/chromium")

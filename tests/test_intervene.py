@@ -13,21 +13,10 @@ import math
 import pytest
 import torch
 from conftest import make_tiny_model
-from test_analysis import EditedLogits, model_dirs  # noqa: F401 (model_dirs: a fixture)
+from test_analysis import EditedLogits, model_dirs  # noqa: F401, F811 (model_dirs: a fixture)
 
 from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.intervene import (
-    Rule,
-    base_greedy,
-    cross_forward,
-    cross_reverse,
-    entropy_gated,
-    mixed_decode,
-    oracle,
-    random_control,
-    run_intervene,
-    tuned_greedy,
-)
+from reasonmaxxer.analysis.intervene import Rule, base_greedy, cross_forward, cross_reverse, entropy_gated, mixed_decode, oracle, random_control, run_intervene, tuned_greedy
 
 N_NEW = 10
 
@@ -170,7 +159,7 @@ def test_eos_stops_rows(base_model, prompts):
         mixed_decode(base_model, base_model, [[5] * 600], base_greedy(), eos_ids=set())
 
 
-def test_run_intervene_writes_files(tmp_path, model_dirs, monkeypatch):
+def test_run_intervene_writes_files(tmp_path, model_dirs, monkeypatch):  # noqa: F811
     d = model_dirs["good"]
     monkeypatch.setenv("REASONMAXXER_DEVICE", "cpu")
     out = tmp_path / "out"

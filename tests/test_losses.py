@@ -5,17 +5,8 @@ import pytest
 import torch
 
 from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.losses import (
-    LOSS_VARIANTS,
-    anchor_kl,
-    decision_loss,
-    group_advantages,
-    loss_masks,
-    masked_sum_and_count,
-    reasonmaxxer_loss,
-    register_loss,
-)
-from reasonmaxxer.scoring import token_logprobs
+from reasonmaxxer.core.losses import LOSS_VARIANTS, anchor_kl, decision_loss, group_advantages, loss_masks, masked_sum_and_count, reasonmaxxer_loss, register_loss
+from reasonmaxxer.core.entropy import token_logprobs
 
 EPS = 1e-6
 

@@ -3,7 +3,8 @@ import pytest
 
 from conftest import make_tiny_model
 from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.pipeline import load_run_config, run_pipeline
+from reasonmaxxer.config import load_run_config
+from reasonmaxxer.recipes.run import run_pipeline
 
 
 def test_config_file_and_overrides(tmp_path):
@@ -63,7 +64,7 @@ def test_extends_merges_tables_and_ships_the_ablations(tmp_path):
 
 
 def test_reuse_copies_only_complete_base_stores(tmp_path):
-    from reasonmaxxer.pipeline import _reuse_base_stores
+    from reasonmaxxer.recipes.run import _reuse_base_stores
 
     src, out = tmp_path / "src", tmp_path / "out"
     (src / "rollouts").mkdir(parents=True)
@@ -85,7 +86,7 @@ def test_fork_changes_counts_argmax_differences_exactly(tiny_tokenizer):
     and gated hits; a model against itself changes nothing."""
     import torch
 
-    from reasonmaxxer.pipeline import _examples_for_report, fork_changes
+    from reasonmaxxer.analysis.forks import report_examples, fork_changes
     from test_train import _examples
 
     vocab = len(tiny_tokenizer)
@@ -109,6 +110,6 @@ def test_fork_changes_counts_argmax_differences_exactly(tiny_tokenizer):
     got = fork_changes(base, tuned, tiny_tokenizer, exs, gates, batch=4)
     assert want > 0
     assert (got["changed"], got["changed_in_base_top5"], got["changed_at_gated"]) == (want, top5, gated)
-    rep = _examples_for_report(base, tiny_tokenizer, exs, gates, k=2)
+    rep = report_examples(base, tiny_tokenizer, exs, gates, k=2)
     assert len(rep) == 2 and all(len(r["tokens"]) > 0 for r in rep)
     assert all(("top5" in t) == t["gated"] for r in rep for t in r["tokens"])

@@ -5,17 +5,9 @@ import re
 
 import pytest
 
-from reasonmaxxer import arith
+from reasonmaxxer.data import arith
 from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.prompts import (
-    FEWSHOT_EXAMPLES,
-    TEMPLATES,
-    PromptTemplate,
-    build_messages,
-    get_template,
-    render_prompt,
-    template_fingerprint,
-)
+from reasonmaxxer.data.prompts import FEWSHOT_EXAMPLES, TEMPLATES, PromptTemplate, build_messages, get_template, render_prompt, template_fingerprint
 
 INSTR = "Please reason step by step, and put your final answer within \\boxed{}."
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -37,9 +37,9 @@ def test_alias_loads_a_converted_checkpoint(smol):
 
 
 def test_sampler_greedy_equals_hf_generate_on_fewshot_prompts(smol):
-    from reasonmaxxer.arith import generate
-    from reasonmaxxer.prompts import get_template, render_prompt
-    from reasonmaxxer.sampling import HFSampler, Request, SamplingConfig
+    from reasonmaxxer.data.arith import generate
+    from reasonmaxxer.data.prompts import get_template, render_prompt
+    from reasonmaxxer.backends.hf import HFSampler, Request, SamplingConfig
 
     model, tok = smol
     probs = generate("test", 3, seed=5)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.report import PLOT_NAMES, write_train_report
+from reasonmaxxer.reports.run_report import PLOT_NAMES, write_train_report
 
 PNG_SIG = b"\x89PNG\r\n\x1a\n"
 

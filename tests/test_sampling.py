@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from reasonmaxxer.sampling import (HFSampler, Request, SamplingConfig, entropy_and_logprob, request_seed,
-                                   sample_from_logits)
+from reasonmaxxer.backends.hf import HFSampler, Request, SamplingConfig, entropy_and_logprob, request_seed, sample_from_logits
 
 PREFIX = "Solve the following problem. Problem: "
 QUESTIONS = ["1+2?", "what is 33 + 4?", "abc", "x" * 30, "9*9=", "Tom has 3 apples."]

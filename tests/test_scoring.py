@@ -6,12 +6,8 @@ import torch
 
 from conftest import make_tiny_model
 from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.scoring import (
-    position_ids_from_mask,
-    score_sequences,
-    token_entropy,
-    token_logprobs,
-)
+from reasonmaxxer.stages.score import position_ids_from_mask, score_sequences
+from reasonmaxxer.core.entropy import token_entropy, token_logprobs
 
 
 # ---------------------------------------------------------------- token_entropy: hand values

@@ -6,15 +6,7 @@ import random
 import pytest
 
 from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.selection import (
-    ProblemStats,
-    SelectionConfig,
-    format_histogram,
-    pass_rate_histogram,
-    problem_stats,
-    select,
-    signal_clarity,
-)
+from reasonmaxxer.stages.select import ProblemStats, SelectionConfig, format_histogram, pass_rate_histogram, problem_stats, select, signal_clarity
 
 SQRT3 = math.sqrt(3)  # 1.7320...
 INV_SQRT3 = 1 / math.sqrt(3)  # 0.5774...

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.store import RolloutStore, config_hash
+from reasonmaxxer.store import RolloutStore
+from reasonmaxxer.io import config_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 

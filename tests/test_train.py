@@ -12,7 +12,7 @@ import torch
 
 from conftest import make_tiny_model
 from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.train import TrainConfig, TrainExample, example_gates, lr_at, resolve_tau, train, training_order
+from reasonmaxxer.stages.train import TrainConfig, TrainExample, example_gates, lr_at, resolve_tau, train, training_order
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,7 +128,7 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 from conftest import _tiny_tokenizer, make_tiny_model
 from test_train import _examples
-from reasonmaxxer.train import TrainConfig, train
+from reasonmaxxer.stages.train import TrainConfig, train
 torch.set_num_threads(1)
 tok = _tiny_tokenizer()
 cfg = TrainConfig(tau=1.0, micro_batch=1, grad_accum=2, lora_rank=4, lr=1e-2, checkpoint_every=1, epochs=3)
@@ -167,7 +167,7 @@ def test_sigkill_and_resume_gives_the_same_adapter(tmp_path):
 def test_shared_prefix_logits_and_grads_equal_the_plain_forward(tiny_tokenizer):
     from peft import LoraConfig, get_peft_model
 
-    from reasonmaxxer.train import shared_prefix_len, shared_prefix_logits
+    from reasonmaxxer.stages.train import shared_prefix_len, shared_prefix_logits
 
     torch.manual_seed(0)
     prefix = torch.randint(4, 100, (12,)).tolist()
@@ -197,8 +197,8 @@ def test_shared_prefix_logits_and_grads_equal_the_plain_forward(tiny_tokenizer):
 def test_micro_batch_loss_with_shared_prefix_equals_plain(tiny_tokenizer, variant):
     from peft import LoraConfig, get_peft_model
 
-    from reasonmaxxer.losses import loss_masks
-    from reasonmaxxer.train import batch_tensors, micro_batch_loss, shared_prefix_len
+    from reasonmaxxer.core.losses import loss_masks
+    from reasonmaxxer.stages.train import batch_tensors, micro_batch_loss, shared_prefix_len
 
     torch.manual_seed(1)
     prefix = tuple(torch.randint(4, 100, (10,)).tolist())

@@ -8,16 +8,7 @@ import time
 import pytest
 
 from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.verify import (
-    _TEST_SLEEP_MARKER,
-    MAX_ANSWER_CHARS,
-    Grade,
-    Verdict,
-    extract_answer,
-    grade,
-    grade_many,
-    parse_failures,
-)
+from reasonmaxxer.verify import _TEST_SLEEP_MARKER, MAX_ANSWER_CHARS, Grade, Verdict, extract_answer, grade, grade_many, parse_failures
 
 M, X, N = "match", "mismatch", "no_answer"
 

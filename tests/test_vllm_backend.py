@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from conftest import make_tiny_model
-from reasonmaxxer import vllm_backend
-from reasonmaxxer.data import Problem
+from reasonmaxxer.backends import vllm as vllm_backend
+from reasonmaxxer.data.problems import Problem
 from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.prompts import get_template
-from reasonmaxxer.sampling import Request, SamplingConfig, request_seed
-from reasonmaxxer.vllm_backend import VLLMOptions, VLLMSampler
+from reasonmaxxer.data.prompts import get_template
+from reasonmaxxer.backends.hf import Request, SamplingConfig, request_seed
+from reasonmaxxer.backends.vllm import VLLMOptions, VLLMSampler
 
 EOS = 2
 STOP_PROMPT_TOKEN = 99    # a prompt ending in this token makes the fake engine emit "...###..." and stop on "###"
@@ -222,8 +222,8 @@ def test_abort_is_an_error():
 
 # -- the pipeline: a vLLM store is rescored, never reused ---------------------------------------
 def test_vllm_store_is_rescored(fake_vllm, ckpt, tiny_tokenizer, tmp_path):
-    from reasonmaxxer.pipeline import attach_scores
-    from reasonmaxxer.stages import sample_stage
+    from reasonmaxxer.stages.score import attach_scores
+    from reasonmaxxer.stages.sample import sample_stage
 
     problems = [Problem(id=f"q{i}", question=f"{i}+1", answer=str(i + 1)) for i in range(2)]
     cfg = SamplingConfig(n=2, max_new_tokens=6)
@@ -252,7 +252,8 @@ def test_vllm_store_is_rescored(fake_vllm, ckpt, tiny_tokenizer, tmp_path):
 
 
 def test_evaluate_model_with_a_vllm_sampler(fake_vllm, ckpt, tmp_path):
-    from reasonmaxxer.pipeline import EvalConfig, evaluate_model
+    from reasonmaxxer.stages.evaluate import EvalConfig
+    from reasonmaxxer.stages.evaluate import evaluate_model
 
     problems = [Problem(id=f"q{i}", question=f"{i}+1", answer=str(i + 1)) for i in range(2)]
     spec = str(ckpt)
@@ -282,9 +283,10 @@ def test_missing_vllm_is_one_clear_error(monkeypatch, ckpt, tmp_path, capsys):
 
 def test_ray_engine_with_vllm_backend_is_refused(fake_vllm, ckpt, tmp_path, capsys):
     from reasonmaxxer.cli import main
-    from reasonmaxxer.engines import EngineConfig
-    from reasonmaxxer.pipeline import RunConfig, run_pipeline
-    from reasonmaxxer.stages import sample_stage
+    from reasonmaxxer.backends.engines import EngineConfig
+    from reasonmaxxer.config import RunConfig
+    from reasonmaxxer.recipes.run import run_pipeline
+    from reasonmaxxer.stages.sample import sample_stage
 
     for cmd in (["sample", "--out", str(tmp_path / "s")], ["eval", "--out", str(tmp_path / "e")]):
         rc = main(cmd + ["--model", str(ckpt), "--problems", "arith:train:2", "--backend", "vllm", "--engine", "ray"])
@@ -301,7 +303,7 @@ def test_ray_engine_with_vllm_backend_is_refused(fake_vllm, ckpt, tmp_path, caps
 
 
 def test_run_config_backend_section(tmp_path):
-    from reasonmaxxer.pipeline import load_run_config
+    from reasonmaxxer.config import load_run_config
 
     p = tmp_path / "c.toml"
     p.write_text('backend = "vllm"\n[vllm]\ntensor_parallel_size = 2\ngpu_memory_utilization = 0.5\n')

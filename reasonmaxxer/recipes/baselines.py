@@ -23,10 +23,11 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
+from ..errors import ReasonMaxxerError
+from ..stages.evaluate import EvalConfig
+from ..io import read_toml
+from ..io import atomic_dir, atomic_write_bytes, atomic_write_json, package_versions
 
-from .errors import ReasonMaxxerError
-from .pipeline import EvalConfig, read_toml
-from .store import atomic_dir, atomic_write_bytes, atomic_write_json, package_versions
 
 # method -> (trainer, TRL config overrides). Anything else is TRL's own default.
 METHODS: dict[str, tuple[str, dict]] = {
@@ -113,7 +114,7 @@ def make_reward(golds_by_prompt: dict[str, str], prompt_lengths: dict[str, int],
     sampling compute is measured.
     """
     if grade_fn is None:
-        from .verify import grade_many
+        from ..verify import grade_many
 
         def grade_fn(golds, texts):
             return [g.strict.correct for g in grade_many(golds, texts, workers=0)]
@@ -212,11 +213,12 @@ def run_baseline(cfg: BaselineConfig, *, progress: bool = True, model=None, toke
     from transformers.trainer_utils import get_last_checkpoint
     from trl import GRPOTrainer, RLOOTrainer
 
-    from .data import load_problems, problems_hash
-    from .models import load_model
-    from .pipeline import evaluate_model
-    from .prompts import get_template, render_prompt
-    from .train import save_adapter
+    from ..data.problems import problems_hash
+    from ..data.benchmarks import load_problems
+    from ..models import load_model
+    from ..stages.evaluate import evaluate_model
+    from ..data.prompts import get_template, render_prompt
+    from ..stages.checkpoint import save_adapter
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

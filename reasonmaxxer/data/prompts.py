@@ -18,19 +18,23 @@ two-step arithmetic example made SmolLM2-135M-Instruct append a spurious second 
 one-step sums. The example names (Mia, Sam) are not used by `reasonmaxxer.arith` and it
 never writes a three-digit operand, so an example is never also a generated problem.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from ..errors import ReasonMaxxerError
 
-from .errors import ReasonMaxxerError
 
 __all__ = ["PromptTemplate", "TEMPLATES", "KINDS", "get_template", "render_prompt",
            "build_messages", "template_fingerprint"]
 
+
 KINDS = ("raw", "chat", "fewshot", "custom")
+
+
 PLACEHOLDER = "{question}"
 
 
@@ -62,6 +66,7 @@ class PromptTemplate:
 
 _CHAT_INSTRUCTION = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
 
+
 FEWSHOT_EXAMPLES: tuple[tuple[str, str], ...] = (
     ("Mia has 15 stickers. She gives 8 stickers to her brother. How many stickers does Mia have left?",
      "Mia has 15 - 8 = 7 stickers left. The answer is \\boxed{7}."),
@@ -70,6 +75,7 @@ FEWSHOT_EXAMPLES: tuple[tuple[str, str], ...] = (
     ("Sam packs 4 boxes with 6 apples in each box. How many apples does Sam pack?",
      "Sam packs 4 * 6 = 24 apples. The answer is \\boxed{24}."),
 )
+
 
 TEMPLATES: dict[str, PromptTemplate] = {
     "raw": PromptTemplate(

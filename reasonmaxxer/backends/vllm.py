@@ -51,11 +51,13 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
+from ..errors import ReasonMaxxerError
+from .hf import Completion, Request, SamplingConfig, decode_completion, eos_token_ids, request_seed
 
-from .errors import ReasonMaxxerError
-from .sampling import Completion, Request, SamplingConfig, decode_completion, eos_token_ids, request_seed
 
 INSTALL = "pip install 'reasonmaxxer[vllm]'"
+
+
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)   # max_lora_rank values vLLM accepts
 
 
@@ -99,7 +101,7 @@ class ServedModel:
 
 
 def served_model(spec: str) -> ServedModel:
-    from .models import base_dir_for, resolve_spec
+    from ..models import base_dir_for, resolve_spec
 
     r = resolve_spec(spec)
     if r.kind != "adapter":
@@ -273,10 +275,10 @@ def load_tokenizer(path: str):
     """The HF tokenizer of a checkpoint (left padding, a pad token), without loading the weights."""
     from transformers import AutoTokenizer
 
-    from .models import _prepare_tokenizer
+    from ..models import prepare_tokenizer
 
     try:
-        return _prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(path))
     except OSError as e:
         raise ReasonMaxxerError(f"{path}: could not load the tokenizer ({str(e).strip().splitlines()[0] if str(e).strip() else e})") from e
 

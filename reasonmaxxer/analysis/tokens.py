@@ -39,22 +39,35 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-
 import torch
 from torch import Tensor
+from ..errors import ReasonMaxxerError
+from ..models import model_device
+from ..core.entropy import token_entropy
 
-from .errors import ReasonMaxxerError
-from .models import model_device
-from .scoring import token_entropy
 
 CLS_NAMES = ("unshifted", "reranked", "shifted")
+
+
 PER_POSITION_KEYS = ("base_entropy", "base_argmax", "tuned_argmax", "tuned_rank_in_base",
                      "kl_base_tuned", "kl_tuned_base", "js", "cls")
+
+
 PAPER = {"reranked_pct": "1.0-4.1%", "shifted_pct": "0%", "entropy_ratio": "5-12x"}
+
+
 SOURCES = ("base", "tuned")                   # which model's greedy trajectories are analysed
+
+
 TRAJECTORIES = {"base": ("base",), "tuned": ("tuned",), "both": ("base", "tuned")}
+
+
 TOP_N = 5                                     # top tokens (with probabilities) stored per position
+
+
 PROMPT_TAIL = 8                               # prompt tokens stored per record (fork-atlas context)
+
+
 _LN2 = math.log(2.0)
 
 
@@ -220,12 +233,10 @@ def check_same_tokenizer(tok_a, tok_b) -> None:
                                     f"({ia.get(i)!r} vs {ib.get(i)!r}); token-level comparison needs the same vocabulary")
 
 
-# -- models -------------------------------------------------------------------------------------
-
 @torch.no_grad()
 def _completion_logits(model, ids: Tensor, att: Tensor, prefix_len: int, spans: list[tuple[int, int]]) -> list[Tensor]:
     """Teacher-forced logits predicting each completion token: [c_i, V] per row (model dtype and device)."""
-    from .train import split_prefix_logits
+    from ..stages.train import split_prefix_logits
 
     dev = model_device(model)
     _, rest = split_prefix_logits(model, ids.to(dev), att.to(dev), prefix_len)   # [B, T - P, V]
@@ -246,8 +257,8 @@ def analyze(base_model, tuned_model, tokenizer, prompts_ids: list[list[int]], *,
     `summarize` over all positions, plus source, counts and the rate at which the decoding model's
     teacher-forced argmax differs from the token it emitted (``teacher_forced_argmax_mismatch``).
     """
-    from .sampling import HFSampler, Request, SamplingConfig
-    from .train import TrainExample, batch_tensors, shared_prefix_len
+    from ..backends.hf import HFSampler, Request, SamplingConfig
+    from ..stages.train import TrainExample, batch_tensors, shared_prefix_len
 
     if source not in SOURCES:
         raise ReasonMaxxerError(f"analysis: unknown trajectory source {source!r}; valid: {', '.join(SOURCES)}")
@@ -325,14 +336,14 @@ def token_text(tokenizer, records: list[dict]) -> dict[str, str]:
 
 
 # -- entry point --------------------------------------------------------------------------------
-def _jsonable(x):
+def jsonable(x):
     """nan/inf -> None (strict JSON), recursively."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     return x
 
 
@@ -391,7 +402,7 @@ def _load(spec: str, role: str, what: str):
 
     Every exception counts as "fails to load" (a corrupt config, unknown architecture, truncated
     weights each raise a different type); REASONMAXXER_DEBUG=1 shows the chained traceback."""
-    from .models import load_model
+    from ..models import load_model
 
     try:
         return load_model(spec)
@@ -407,9 +418,9 @@ def load_pair(base_spec: str, tuned_spec: str, problems_spec: str, *, template: 
 
     Returns (problems, template, base, tuned, tokenizer, prompts_ids). Shared by analyze and intervene.
     """
-    from .data import load_problems
-    from .models import resolve_spec
-    from .prompts import get_template, render_prompt
+    from ..data.benchmarks import load_problems
+    from ..models import resolve_spec
+    from ..data.prompts import get_template, render_prompt
 
     problems = load_problems(problems_spec, data_dir=data_dir, limit=limit)
     if not problems:
@@ -449,7 +460,7 @@ def run_analyze(base_spec: str, tuned_spec: str, problems_spec: str, out_dir, *,
     carries its "source". tuned_spec may be a PEFT adapter dir, a merged checkpoint or any HF
     model (`load_model`).
     """
-    from .store import atomic_write_bytes, atomic_write_json
+    from ..io import atomic_write_bytes, atomic_write_json
 
     if trajectories not in TRAJECTORIES:
         raise ReasonMaxxerError(f"analysis: --trajectories must be one of {', '.join(TRAJECTORIES)} (got {trajectories!r})")
@@ -469,9 +480,9 @@ def run_analyze(base_spec: str, tuned_spec: str, problems_spec: str, out_dir, *,
               "decoding": ", ".join(f"greedy ({s})" for s in summaries)}
     out = Path(out_dir)
     paths = {"json": out / "analysis.json", "md": out / "analysis.md", "trajectories": out / "trajectories.jsonl"}
-    atomic_write_json(paths["json"], _jsonable({"config": config, "summaries": summaries, "summary": first,
+    atomic_write_json(paths["json"], jsonable({"config": config, "summaries": summaries, "summary": first,
                                                 "paper": PAPER, "token_text": token_text(btok, records)}))
     atomic_write_bytes(paths["trajectories"],
-                       "".join(json.dumps(_jsonable(r)) + "\n" for r in records).encode())
-    atomic_write_bytes(paths["md"], render_markdown(_jsonable(summaries), config).encode())
+                       "".join(json.dumps(jsonable(r)) + "\n" for r in records).encode())
+    atomic_write_bytes(paths["md"], render_markdown(jsonable(summaries), config).encode())
     return {"config": config, "summaries": summaries, "summary": first, "paths": {k: str(v) for k, v in paths.items()}}

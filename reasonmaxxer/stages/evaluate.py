@@ -27,50 +27,76 @@ What each number is:
 A k larger than some problem's number of samples is skipped for the whole report (with
 a note), so every reported pass@k / maj@k is over the same set of problems.
 """
+
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+from ..data.problems import Problem
+from ..errors import ReasonMaxxerError
+from ..data.prompts import render_prompt
+from ..backends.hf import HFSampler, Request, SamplingConfig
+from ..store import RolloutStore
 import json
-import math
 import operator
 import os
 import re
 import tempfile
 from collections import Counter
-from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping
+from ..core.stats import mean_ci95
+from ..core.stats import pass_at_k
+from ..core.stats import wilson_ci95
 
-from reasonmaxxer.errors import ReasonMaxxerError
 
-Z95 = 1.959963984540054  # two-sided 95% standard normal quantile
+@dataclass(frozen=True)
+class EvalConfig:
+    n: int = 4                       # samples per problem for avg@n (0 = greedy only)
+    temperature: float = 0.7
+    greedy: bool = True
+    max_new_tokens: int = 256
+    batch_size: int = 32
+    seed: int = 1234
+
+
+def evaluate_stores(sampled: RolloutStore | None, greedy: RolloutStore | None, problems: Sequence[Problem],
+                    *, ks=(1, 4, 8, 16), label: str = ""):
+    """An `evaluate.EvalReport` over a sampled store and/or a greedy store."""
+
+    cols = ["problem_id", "sample_index", "strict_correct", "lenient_correct", "strict_extracted",
+            "lenient_extracted", "truncated"]
+    meta = {p.id: p.metadata for p in problems}
+    rows = sampled.read_rows(cols) if sampled else None
+    grows = greedy.read_rows(cols) if greedy else None
+    if rows is None:
+        rows = grows  # greedy-only evaluation: the greedy completions are the samples
+    return evaluate(rows, meta, ks=ks, greedy_rows=grows, label=label)
+
+
+
+
 MODES = ("strict", "lenient")
+
+
 BREAKDOWN_KEYS = ("tier", "subject", "level", "source")
+
+
 MISSING_GROUP = "(missing)"
+
+
 ROW_FIELDS = (
     "problem_id", "sample_index", "strict_correct", "lenient_correct",
     "strict_extracted", "lenient_extracted", "truncated",
 )
 
 
-# ----------------------------------------------------------------------------- estimators
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k for one problem with n samples of which c are correct.
-
-    1 - C(n-c, k) / C(n, k) (Chen et al. 2021), computed as the product
-    1 - prod_{i=n-c+1}^{n} (1 - k/i), which never forms large binomials.
-    """
-    n, c, k = operator.index(n), operator.index(c), operator.index(k)
-    if n < 1 or not 0 <= c <= n:
-        raise ReasonMaxxerError(f"pass_at_k: need n >= 1 and 0 <= c <= n, got n={n}, c={c}")
-    if not 1 <= k <= n:
-        raise ReasonMaxxerError(f"pass_at_k: need 1 <= k <= n, got k={k}, n={n}; sample more or use a smaller k")
-    if n - c < k:  # every k-subset contains a correct sample
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
-
-
 _LATEX_SPACES = re.compile(r"\\[!,;:]|\\q?quad")
+
+
 _THOUSANDS = re.compile(r"^[+-]?\d{1,3}(,\d{3})+(\.\d+)?$")
+
+
 _INT_TRAILING_ZEROS = re.compile(r"^([+-]?\d+)\.0+$")
 
 
@@ -126,64 +152,6 @@ def maj_at_k(answers: Sequence[str | None], correct: Sequence[bool], k: int) -> 
     winner = max(votes, key=lambda a: (votes[a], -first[a]))
     return 1.0 if correct[first[winner]] else 0.0
 
-
-def _mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
-    """Mean and unclipped normal-approximation 95% interval (sample std, ddof=1)."""
-    v = [float(x) for x in values]
-    if not v:
-        raise ReasonMaxxerError("cannot compute a mean over zero values")
-    m = math.fsum(v) / len(v)
-    if len(v) == 1:
-        return m, m, m
-    sd = math.sqrt(math.fsum((x - m) ** 2 for x in v) / (len(v) - 1))
-    half = Z95 * sd / math.sqrt(len(v))
-    return m, m - half, m + half
-
-
-def mean_ci95(values: Sequence[float]) -> tuple[float, float, float]:
-    """(mean, low, high) for per-problem scores in [0, 1].
-
-    Normal approximation over problems: mean +- 1.96 * s / sqrt(n), with s the sample
-    standard deviation (ddof=1), the bounds clipped to [0, 1]. One value -> (m, m, m).
-    """
-    m, lo, hi = _mean_ci(values)
-    return m, max(0.0, lo), min(1.0, hi)
-
-
-def wilson_ci95(successes: int, n: int) -> tuple[float, float]:
-    """Wilson score 95% interval (low, high) for a binomial proportion successes/n."""
-    successes, n = operator.index(successes), operator.index(n)
-    if n < 1 or not 0 <= successes <= n:
-        raise ReasonMaxxerError(f"wilson_ci95: need n >= 1 and 0 <= successes <= n, got {successes}/{n}")
-    p, z2 = successes / n, Z95 * Z95
-    denom = 1.0 + z2 / n
-    center = (p + z2 / (2 * n)) / denom
-    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-def paired_difference(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, Any]:
-    """Per-problem paired difference a - b over the problem ids both contain.
-
-    E.g. a = trained per-problem avg@n, b = base per-problem avg@n on the same problems.
-    Returns {"n", "mean_diff", "low", "high" (normal-approximation 95% interval over
-    problems, not clipped), "wins" (a > b), "losses" (a < b), "ties", "only_in_a",
-    "only_in_b"}.
-    """
-    common = sorted(set(a) & set(b))
-    if not common:
-        raise ReasonMaxxerError("paired_difference: the two results share no problem ids; evaluate both on the same problems")
-    diffs = [float(a[p]) - float(b[p]) for p in common]
-    m, lo, hi = _mean_ci(diffs)
-    return {
-        "n": len(common), "mean_diff": m, "low": lo, "high": hi,
-        "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs),
-        "ties": sum(d == 0 for d in diffs),
-        "only_in_a": len(set(a) - set(b)), "only_in_b": len(set(b) - set(a)),
-    }
-
-
-# ----------------------------------------------------------------------------- report
 
 @dataclass(frozen=True)
 class Estimate:
@@ -400,8 +368,6 @@ def evaluate(
     )
 
 
-# ----------------------------------------------------------------------------- output
-
 def _fmt(e: Estimate | None) -> str:
     return "-" if e is None else f"{e.value:.3f} [{e.low:.3f}, {e.high:.3f}]"
 
@@ -453,3 +419,43 @@ def save_report(report: EvalReport, path_json: str | os.PathLike, path_md: str |
     _atomic_write(path_json, json.dumps(report.to_dict(), indent=2) + "\n")
     if path_md is not None:
         _atomic_write(path_md, to_markdown(report))
+
+
+def greedy_accuracy_fn(problems, template, tokenizer, max_new_tokens: int, batch_size: int):
+    """validate(model) -> strict greedy accuracy on `problems` (used to pick the checkpoint)."""
+    from ..verify import grade_many
+
+    enc = [tuple(tokenizer(render_prompt(template, p.question, tokenizer), add_special_tokens=False)["input_ids"])
+           for p in problems]
+    cfg = SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+    def validate(model) -> float:
+        comps = HFSampler(model, tokenizer).generate([Request((p.id, -1), e) for p, e in zip(problems, enc)], cfg)
+        grades = grade_many([p.answer for p in problems], [c.text for c in comps], workers=0)
+        return sum(g.strict.correct for g in grades) / len(grades)
+
+    return validate
+
+
+def evaluate_model(model, tokenizer, spec: str, problems, template, ecfg: EvalConfig, out_dir: str | Path, *,
+                   label: str = "", overwrite: bool = False, progress: bool = True, engine=None, sampler=None):
+    """Held-out evaluation of one model: `ecfg.n` samples and/or one greedy completion per problem.
+
+    Writes ``out_dir/samples``, ``out_dir/greedy`` (rollout stores; a re-run with the same
+    weights is a no-op) and ``eval.json``/``eval.md``. `spec` names the weights for the
+    stores' manifests. `engine` (Ray) or `sampler` (another backend serving `spec`, e.g. a
+    `vllm_backend.VLLMSampler`; then `model` may be None): see `stages.sample_stage`.
+    Returns (EvalReport, (sampled store | None, greedy store | None)).
+    """
+    from .sample import sample_stage
+
+    d = Path(out_dir)
+    scfg = SamplingConfig(n=max(ecfg.n, 1), temperature=ecfg.temperature, max_new_tokens=ecfg.max_new_tokens,
+                          batch_size=ecfg.batch_size, seed=ecfg.seed)
+    kw = dict(model=model, tokenizer=tokenizer, overwrite=overwrite, progress=progress, engine=engine, sampler=sampler)
+    s_store = sample_stage(d / "samples", spec, problems, template, scfg, **kw) if ecfg.n > 0 else None
+    g_store = sample_stage(d / "greedy", spec, problems, template, scfg, greedy=True, **kw) if ecfg.greedy else None
+    rep = evaluate_stores(s_store, g_store, problems, ks=tuple(k for k in (1, 2, 4, 8) if k <= max(ecfg.n, 1)),
+                          label=label or spec)
+    save_report(rep, d / "eval.json", d / "eval.md")
+    return rep, (s_store, g_store)

@@ -26,6 +26,7 @@ the tiers where the model sometimes succeeds (mixed success is what the curation
 with a little of the harder tiers. Limitation: the operand pairs of add1 (and many of
 addsub2) recur across splits in different wordings; only question texts are disjoint.
 """
+
 from __future__ import annotations
 
 import ast
@@ -34,19 +35,29 @@ import random
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Sequence
+from .problems import Problem
+from ..errors import ReasonMaxxerError
 
-from .data import Problem
-from .errors import ReasonMaxxerError
 
 __all__ = ["TIERS", "SPLITS", "DEFAULT_MIX", "DEFAULT_TIERS", "DEFAULT_WEIGHTS", "generate",
            "split_of", "evaluate_expression"]
 
+
 TIERS: tuple[str, ...] = ("add1", "addsub2", "word1", "expr", "word2")
+
+
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
+
+
 DEFAULT_MIX: dict[str, float] = {"add1": 0.30, "addsub2": 0.25, "word1": 0.30, "expr": 0.10,
                                  "word2": 0.05}
+
+
 DEFAULT_TIERS: tuple[str, ...] = tuple(DEFAULT_MIX)
+
+
 DEFAULT_WEIGHTS: tuple[float, ...] = tuple(DEFAULT_MIX.values())
+
 
 _MAX_MISSES = 50_000  # consecutive draws without a new question before a tier is "exhausted"
 
@@ -87,22 +98,30 @@ class _Draw:
     extra: dict
 
 
-# ----------------------------------------------------------------------------- bare arithmetic
-
 _LEADS = ("", "Quick question: ", "Mental math: ", "Try this one: ", "Here is a problem. ",
           "Practice problem: ", "Math time! ", "Warm-up: ")
+
+
 _CLOSERS = ("", " Answer with a whole number.", " Give just the number.", " Show your steps.",
             " Think carefully.")
+
+
 _ADD_CORES = ("What is {a} + {b}?", "What is {a} plus {b}?", "Compute {a} + {b}.",
               "Calculate {a} + {b}.", "Find {a} + {b}.", "Evaluate {a} + {b}.",
               "What is the sum of {a} and {b}?", "Find the sum of {a} and {b}.", "Add {a} and {b}.",
               "What do you get if you add {a} and {b}?", "How much is {a} plus {b}?",
               "What number is {a} more than {b}?")
+
+
 _SUB_CORES = ("What is {a} - {b}?", "What is {a} minus {b}?", "Compute {a} - {b}.",
               "Calculate {a} - {b}.", "Evaluate {a} - {b}.", "Subtract {b} from {a}.",
               "What is the difference between {a} and {b}?", "What do you get if you take {b} from {a}?")
+
+
 _EXPR_CORES = ("What is {e}?", "Compute {e}.", "Calculate {e}.", "Evaluate {e}.",
                "What is the value of {e}?", "Work out {e}.")
+
+
 _EXPR_SHAPES = ("({a} + {b}) * {c}", "({a} + {b}) * {c} - {d}", "{a} * {b} + {c}", "{a} + {b} * {c}",
                 "{a} * {b} - {c}", "({a} - {b}) * {c}", "{a} * ({b} + {c})", "{a} + {b} - {c}",
                 "{a} * {b} + {c} * {d}", "{a} * {b} - {c} - {d}", "({a} + {b} + {c}) * {d}",
@@ -134,8 +153,6 @@ def _expr(rng: random.Random) -> _Draw:
             return _Draw(_wrap(rng, rng.choice(_EXPR_CORES).format(e=e)), e, {})
 
 
-# ----------------------------------------------------------------------------- word problems
-
 # (name, subject pronoun, object pronoun); Mia, Sam and Tom are reserved for prompt examples.
 _NAMES = (("Ava", "she", "her"), ("Ben", "he", "him"), ("Carlos", "he", "him"), ("Dana", "she", "her"),
           ("Eli", "he", "him"), ("Fatima", "she", "her"), ("Grace", "she", "her"), ("Hiro", "he", "him"),
@@ -145,6 +162,8 @@ _NAMES = (("Ava", "she", "her"), ("Ben", "he", "him"), ("Carlos", "he", "him"), 
           ("Uma", "she", "her"), ("Victor", "he", "him"), ("Wen", "she", "her"), ("Yusuf", "he", "him"),
           ("Zoe", "she", "her"), ("Aisha", "she", "her"), ("Diego", "he", "him"), ("Hannah", "she", "her"),
           ("Ivan", "he", "him"), ("Julia", "she", "her"))
+
+
 # plural object -> tags (food: can be eaten; baked: can be baked; pick: can be picked;
 # thing: can be found, lost, won, used)
 _OBJECTS = {"apples": {"food", "pick"}, "oranges": {"food", "pick"}, "strawberries": {"food", "pick"},
@@ -153,25 +172,38 @@ _OBJECTS = {"apples": {"food", "pick"}, "oranges": {"food", "pick"}, "strawberri
             "marbles": {"thing"}, "stickers": {"thing"}, "pencils": {"thing"}, "crayons": {"thing"},
             "books": {"thing"}, "toy cars": {"thing"}, "seashells": {"thing"}, "stamps": {"thing"},
             "coins": {"thing"}, "balloons": {"thing"}, "baseball cards": {"thing"}}
+
+
 _CONTAINERS = (("boxes", "box"), ("bags", "bag"), ("jars", "jar"), ("baskets", "basket"),
                ("trays", "tray"), ("packs", "pack"))
+
+
 _PLACES = ("bag", "box", "room", "basket", "backpack", "drawer")
+
 
 # (template, required tag or None); {P}: capitalised subject pronoun, {o}: object pronoun
 _STARTS = (("{name} has {n} {obj}.", None), ("{name} starts the day with {n} {obj}.", None),
            ("There are {n} {obj} in {name}'s {place}.", None), ("{name} buys {n} {obj}.", None),
            ("{name} collects {n} {obj}.", "thing"), ("{name} bakes {n} {obj}.", "baked"),
            ("{name} picks {n} {obj}.", "pick"))
+
+
 _GAINS = (("{P} buys {n} more {obj}.", None), ("{friend} gives {o} {n} more {obj}.", None),
           ("{P} gets {n} more {obj} from {friend}.", None), ("{P} finds {n} more {obj}.", "thing"),
           ("{P} wins {n} more {obj}.", "thing"), ("{P} bakes {n} more {obj}.", "baked"),
           ("{P} picks {n} more {obj}.", "pick"))
+
+
 _LOSSES = (("{P} gives away {n} {obj}.", None), ("{P} gives {n} {obj} to {friend}.", None),
            ("{P} sells {n} {obj}.", None), ("{P} shares {n} {obj} with {friend}.", None),
            ("{P} loses {n} {obj}.", "thing"), ("{P} uses {n} {obj}.", "thing"),
            ("{P} eats {n} {obj}.", "food"))
+
+
 _ASK_NOW = ("How many {obj} does {name} have now?", "How many {obj} does {p} have at the end?",
             "What is the total number of {obj} {name} has now?")
+
+
 _ASK_LEFT = ("How many {obj} does {name} have left?", "How many {obj} are left?")
 
 
@@ -220,6 +252,8 @@ def _change_steps(rng: random.Random, scene: _Scene, steps: int) -> _Draw:
 _GROUPS = ("{name} packs {a} {cont} with {b} {obj} in each {cont1}.",
            "{name} buys {a} {cont} of {obj}. Each {cont1} holds {b} {obj}.",
            "There are {a} {cont} in {name}'s {place}, and each {cont1} has {b} {obj}.")
+
+
 _GROUPS_ASK = ("How many {obj} are there in all?", "How many {obj} does {name} have in total?")
 
 
@@ -299,8 +333,6 @@ def _word2(rng: random.Random) -> _Draw:
 _GENERATORS: dict[str, Callable[[random.Random], _Draw]] = {
     "add1": _add1, "addsub2": _addsub2, "word1": _word1, "expr": _expr, "word2": _word2}
 
-
-# ----------------------------------------------------------------------------- generate
 
 def _parse_tiers(tiers: Sequence[str] | None) -> list[tuple[str, Fraction]]:
     """[(tier, weight)] from names or "name=weight" strings; None means DEFAULT_MIX."""

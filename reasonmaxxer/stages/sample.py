@@ -1,28 +1,20 @@
-"""Pipeline stages as library functions: sample (+grade) into a store, score a store,
-evaluate a store.
-
-Each stage writes a self-describing artifact and is a no-op when re-run with the same
-inputs (see `store.RolloutStore`). The CLI is a thin layer over these functions. Sampling
-and scoring are maps over shards (`engines.map_shards`): in this process, or on Ray workers
-with identical results.
-"""
+"""stages.sample."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
-
-from .data import Problem, problems_hash
-from .engines import EngineConfig, MapStats, Progress, map_shards
-from .errors import ReasonMaxxerError
-from .prompts import PromptTemplate, render_prompt, template_fingerprint
-from .sampling import Completion, HFSampler, Request, SamplingConfig
-from .store import RolloutStore
+from ..data.problems import Problem, problems_hash
+from ..backends.engines import EngineConfig, MapStats, Progress, map_shards
+from ..errors import ReasonMaxxerError
+from ..data.prompts import PromptTemplate, render_prompt, template_fingerprint
+from ..backends.hf import Completion, HFSampler, Request, SamplingConfig
+from ..store import RolloutStore
 
 
 def _grade_rows(rows: list[dict], workers: int | None) -> None:
-    from .verify import grade_many
+    from ..verify import grade_many
 
     grades = grade_many([r["gold"] for r in rows], [r["completion"] for r in rows], workers=workers)
     for r, g in zip(rows, grades):
@@ -47,7 +39,7 @@ class SampleTask:
             self._tok, self._sampler = tokenizer or self.sampler.tokenizer, self.sampler
             return
         if model is None:
-            from .models import load_model
+            from ..models import load_model
 
             model, tokenizer = load_model(self.model_spec)
         self._tok, self._sampler = tokenizer, HFSampler(model, tokenizer)
@@ -97,7 +89,7 @@ def sample_stage(out: str | Path, model_spec: str, problems: Sequence[Problem], 
     `HFSampler` on `model`), run in this process (not with the Ray engine); its name is part of
     the config hash and its options are recorded. Returns the store.
     """
-    from .models import model_fingerprint
+    from ..models import model_fingerprint
 
     if not problems:
         raise ReasonMaxxerError("sample: the problem set is empty")
@@ -142,76 +134,6 @@ def _row(c: Completion, prompt: str, prompt_ids, gold: str) -> dict:
             "finish_reason": c.finish_reason, "truncated": c.truncated, "gold": gold}
 
 
-@dataclass
-class ScoreTask:
-    """Teacher-forced entropies and log-probs of one shard of rows (picklable, like `SampleTask`).
-    Rows are scored `batch_size` at a time in order, so a shard whose size is a multiple of
-    `batch_size` is batched exactly as in one pass over all rows: the numbers are identical."""
-
-    model_spec: str
-    batch_size: int = 4
-
-    def setup(self, model=None, tokenizer=None) -> None:
-        if model is None:
-            from .models import load_model
-
-            model, tokenizer = load_model(self.model_spec)
-        self._model, self._tok = model, tokenizer
-
-    def run(self, shard: int, rows: Sequence[dict], progress: Progress) -> list[dict]:
-        from .pipeline import score_tokens
-
-        scores = score_tokens(rows, self._model, self._tok, batch_size=self.batch_size, on_batch=progress.units)
-        return [{"problem_id": r["problem_id"], "sample_index": r["sample_index"], "entropies": e, "logprobs": lp}
-                for r, (e, lp) in zip(rows, scores)]
-
-
-_SCORE_COLUMNS = ("problem_id", "sample_index", "prompt_ids", "token_ids")
-
-
-def score_rows_on(rows: Sequence[dict], model_spec: str, engine: EngineConfig | None, *, batch_size: int = 4,
-                  chunk: int = 256, progress: bool = True, model=None, tokenizer=None) -> list[dict]:
-    """Score `rows` in chunks of `chunk` rows (a multiple of `batch_size`) on `engine`; returns,
-    in row order, {problem_id, sample_index, entropies, logprobs}. Nothing is written."""
-    rows = [{k: r[k] for k in _SCORE_COLUMNS} for r in rows]
-    chunks = {k: rows[a:a + chunk] for k, a in enumerate(range(0, len(rows), chunk))}
-    got: dict[int, list] = {}
-    map_shards(ScoreTask(model_spec, batch_size), chunks, engine, got.__setitem__, total=len(rows), desc="score",
-               unit="row", progress=progress, model=model, tokenizer=tokenizer)
-    return [r for k in sorted(got) for r in got[k]]
-
-
-def score_stage(rollouts: RolloutStore, out: str | Path, model_spec: str, *, batch_size: int = 4,
-                overwrite: bool = False, model=None, tokenizer=None, progress: bool = True,
-                engine: EngineConfig | None = None) -> RolloutStore:
-    """Teacher-forced scores of every rollout under `model_spec` into a score store at `out`
-    (`store.SCORE_SCHEMA`; shard i scores rollout shard i). Resumable like `sample_stage`."""
-    import pyarrow.parquet as pq
-
-    from .models import model_fingerprint
-    from .store import SCORE_SCHEMA
-
-    src = rollouts.manifest()
-    store = RolloutStore(out, schema=SCORE_SCHEMA)
-    config = {"stage": "score", "rollouts": src.get("config_hash"), "model": model_fingerprint(model_spec),
-              "batch_size": batch_size}
-    store.open(config, {"kind": "scores", "model_spec": model_spec, "rollouts_dir": str(rollouts.root)},
-               overwrite=overwrite)
-    if not rollouts.done_shards():
-        raise ReasonMaxxerError(f"{rollouts.root}: the store has no shards yet")
-    todo = {i: pq.read_table(rollouts.shard_path(i), columns=list(_SCORE_COLUMNS)).to_pylist()
-            for i in sorted(rollouts.done_shards() - store.done_shards())}
-    complete = bool(src.get("complete"))   # scoring a store still being sampled scores what is there
-    if not todo:
-        store.update_manifest(complete=complete)
-        return store
-    stats = map_shards(ScoreTask(model_spec, batch_size), todo, engine, store.write_shard,
-                       total=sum(len(r) for r in todo.values()), desc=f"score {Path(out).name}", unit="row",
-                       progress=progress, model=model, tokenizer=tokenizer)
-    record_engine(store, stats, score_seconds=stats.seconds, complete=complete)
-    return store
-
-
 def regrade_store(store: RolloutStore, grade_workers: int | None = None) -> int:
     """Grade (again) every rollout in a store, rewriting shards atomically. Returns rows graded."""
     n = 0
@@ -225,18 +147,3 @@ def regrade_store(store: RolloutStore, grade_workers: int | None = None) -> int:
     store.manifest()
     store.rewrite_shards(fn)
     return n
-
-
-def evaluate_stores(sampled: RolloutStore | None, greedy: RolloutStore | None, problems: Sequence[Problem],
-                    *, ks=(1, 4, 8, 16), label: str = ""):
-    """An `evaluate.EvalReport` over a sampled store and/or a greedy store."""
-    from .evaluate import evaluate
-
-    cols = ["problem_id", "sample_index", "strict_correct", "lenient_correct", "strict_extracted",
-            "lenient_extracted", "truncated"]
-    meta = {p.id: p.metadata for p in problems}
-    rows = sampled.read_rows(cols) if sampled else None
-    grows = greedy.read_rows(cols) if greedy else None
-    if rows is None:
-        rows = grows  # greedy-only evaluation: the greedy completions are the samples
-    return evaluate(rows, meta, ks=ks, greedy_rows=grows, label=label)

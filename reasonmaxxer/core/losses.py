@@ -53,11 +53,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
-
 import torch
 from torch import Tensor
+from ..errors import ReasonMaxxerError
 
-from .errors import ReasonMaxxerError
 
 __all__ = [
     "group_advantages",
@@ -70,11 +69,6 @@ __all__ = [
     "loss_masks",
     "reasonmaxxer_loss",
 ]
-
-
-# --------------------------------------------------------------------------------------
-# Advantages
-# --------------------------------------------------------------------------------------
 
 
 def group_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6, clip: float = 2.5) -> Tensor:
@@ -102,11 +96,6 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6, clip
     adv = dev / (std[inv] + eps)  # [N]
     adv = torch.where((rmax == rmin)[inv], torch.zeros_like(adv), adv)
     return adv.clamp(-clip, clip).float()
-
-
-# --------------------------------------------------------------------------------------
-# The two terms
-# --------------------------------------------------------------------------------------
 
 
 def masked_sum_and_count(values: Tensor, mask: Tensor) -> tuple[Tensor, int]:
@@ -219,11 +208,6 @@ def anchor_kl(
     return _AnchorKL.apply(logits_base.detach().reshape(-1, V), logits_theta.reshape(-1, V), idx, d, chunk_size)
 
 
-# --------------------------------------------------------------------------------------
-# Variants: which positions/rows feed each term
-# --------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class LossMasks:
     """What a variant feeds `reasonmaxxer_loss` (all in the column-t-is-token-t convention)."""
@@ -235,6 +219,8 @@ class LossMasks:
 
 
 LossVariant = Callable[..., LossMasks]
+
+
 LOSS_VARIANTS: dict[str, LossVariant] = {}
 
 
@@ -320,11 +306,6 @@ def loss_masks(
     if advantages.shape != (attention_mask.shape[0],):
         raise ValueError(f"advantages must be [B]={attention_mask.shape[0]}, got {tuple(advantages.shape)}")
     return fn(gate=gate, completion_mask=completion_mask, attention_mask=attention_mask, advantages=advantages, lam=lam)
-
-
-# --------------------------------------------------------------------------------------
-# Total
-# --------------------------------------------------------------------------------------
 
 
 def reasonmaxxer_loss(

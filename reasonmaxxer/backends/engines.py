@@ -41,8 +41,8 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
+from ..errors import ReasonMaxxerError
 
-from .errors import ReasonMaxxerError
 
 ENGINES = ("local", "ray")
 
@@ -206,7 +206,7 @@ class _Worker:
                 os._exit(1)
         if key != self.task_key:
             if task.model_spec != self.model_spec:
-                from .models import load_model
+                from ..models import load_model
 
                 self.model = self.tokenizer = None   # free the old model first
                 self.model, self.tokenizer = load_model(task.model_spec)

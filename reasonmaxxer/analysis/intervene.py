@@ -46,15 +46,16 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
 import torch
 from torch import Tensor
+from ..errors import ReasonMaxxerError
+from ..models import model_device
+from ..core.entropy import token_entropy
 
-from .errors import ReasonMaxxerError
-from .models import model_device
-from .scoring import token_entropy
 
 RANDOM_TOP_K = 20
+
+
 PAPER = {"oracle": "= tuned pass@1 on every pair", "random_control": "<= base (often worse)",
          "entropy_gated": "tau = 1.2 nats: matches or approaches tuned, touching 1.2-8.3% of tokens"}
 
@@ -160,7 +161,6 @@ def _cache_kw(model) -> str:
     # transformers renamed `past_key_values` to `cache` in 5.x (as sampling.py does)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
-
 
 
 def _row_generator(seed: int, row: int) -> torch.Generator:
@@ -289,10 +289,10 @@ def render_markdown(rows: list[dict], config: dict) -> str:
 
 def plot_tau_sweep(sweep: list[dict], base_pass: float, tuned_pass: float, path: Path) -> None:
     """touched % (x) vs pass@1 % (y) for each tau, base / tuned as horizontal lines (PNG, atomic)."""
-    from .report import _figure, _png
-    from .store import atomic_write_bytes
+    from ..reports.run_report import new_figure, png_bytes
+    from ..io import atomic_write_bytes
 
-    fig = _figure(5.5, 4)
+    fig = new_figure(5.5, 4)
     ax = fig.add_subplot(1, 1, 1)
     xs = [r["touched_pct"] for r in sweep]
     ys = [100 * r["pass_at_1"] for r in sweep]
@@ -306,7 +306,7 @@ def plot_tau_sweep(sweep: list[dict], base_pass: float, tuned_pass: float, path:
     ax.set_ylim(-2, 102)
     ax.set_title("Entropy-gated intervention: tau sweep")
     ax.legend(loc="best", fontsize=8)
-    atomic_write_bytes(Path(path), _png(fig))
+    atomic_write_bytes(Path(path), png_bytes(fig))
 
 
 _BAR_COLOURS = {"base": "C0", "tuned": "C1", "oracle": "C3", "random": "C7", "entropy": "C2", "cross": "C4"}
@@ -316,8 +316,8 @@ def plot_intervention_bars(rows: list[dict], path: Path) -> None:
     """One bar per condition (the `run_intervene` rows, in order): greedy pass@1 %, the random
     control as its mean with a ± sample-std error bar, each bar annotated with the % of positions
     touched. The base's pass@1 is a dashed line. PNG, written atomically."""
-    from .report import _figure, _png
-    from .store import atomic_write_bytes
+    from ..reports.run_report import new_figure, png_bytes
+    from ..io import atomic_write_bytes
 
     labels, ys, errs, colours, notes = [], [], [], [], []
     for r in rows:
@@ -329,7 +329,7 @@ def plot_intervention_bars(rows: list[dict], path: Path) -> None:
         tt = t["mean"] if isinstance(t, dict) else t
         notes.append("n/a" if tt is None or math.isnan(tt) else f"{tt:.2f}%")
         colours.append(next(c for k, c in _BAR_COLOURS.items() if r["condition"].startswith(k)))
-    fig = _figure(max(6.0, 0.75 * len(rows) + 1.5), 4.4)
+    fig = new_figure(max(6.0, 0.75 * len(rows) + 1.5), 4.4)
     ax = fig.add_subplot(1, 1, 1)
     x = list(range(len(rows)))
     bars = ax.bar(x, ys, yerr=errs, capsize=4, color=colours)
@@ -340,7 +340,7 @@ def plot_intervention_bars(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("greedy pass@1 (%)")
     ax.set_ylim(0, min(105.0, max(y + (0 if math.isnan(e) else e) for y, e in zip(ys, errs)) + 15))
     ax.set_title("Interventions: pass@1 (bar labels: pass@1 %, then % of positions touched)", fontsize=10)
-    atomic_write_bytes(Path(path), _png(fig))
+    atomic_write_bytes(Path(path), png_bytes(fig))
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -357,9 +357,9 @@ def run_intervene(base_spec: str, tuned_spec: str, problems_spec: str, out_dir, 
                   random_seeds=(0, 1, 2), js_eps: float = 0.1, data_dir=None, batch_size: int = 8) -> dict:
     """Run every condition, grade strictly, write out_dir/intervene.json, intervene.md,
     tau_sweep.png and intervene_bars.png (atomically). Returns {"config", "rows", "tau_sweep", "paths"}."""
-    from .analysis import _jsonable, load_pair
-    from .store import atomic_write_bytes, atomic_write_json
-    from .verify import grade_many
+    from .tokens import jsonable, load_pair
+    from ..io import atomic_write_bytes, atomic_write_json
+    from ..verify import grade_many
 
     if not random_seeds:
         raise ReasonMaxxerError("intervene: random_seeds must name at least one seed")
@@ -402,7 +402,7 @@ def run_intervene(base_spec: str, tuned_spec: str, problems_spec: str, out_dir, 
     out = Path(out_dir)
     paths = {"json": out / "intervene.json", "md": out / "intervene.md", "plot": out / "tau_sweep.png",
              "bars": out / "intervene_bars.png"}
-    atomic_write_json(paths["json"], _jsonable({"config": config, "rows": rows, "tau_sweep": sweep, "paper": PAPER}))
+    atomic_write_json(paths["json"], jsonable({"config": config, "rows": rows, "tau_sweep": sweep, "paper": PAPER}))
     atomic_write_bytes(paths["md"], render_markdown(rows, config).encode())
     plot_tau_sweep(sweep, res["base"]["pass_at_1"], res["tuned"]["pass_at_1"], paths["plot"])
     plot_intervention_bars(rows, paths["bars"])

@@ -28,7 +28,7 @@ Limitations, honestly:
 
 Token text is hostile: it is always HTML-escaped, the JSON block is escaped so it cannot close
 its <script>, whitespace-only tokens are shown with visible markers. Plots use an explicit Agg
-canvas (`report._figure`); files are written atomically.
+canvas (`report.new_figure`); files are written atomically.
 """
 
 from __future__ import annotations
@@ -43,22 +43,26 @@ from html import escape as _h
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
-
 import numpy as np
+from ..errors import ReasonMaxxerError
+from .run_report import BASE_CSS, new_figure, fmt_number, png_bytes, visible_whitespace
+from ..io import atomic_write_bytes
 
-from .errors import ReasonMaxxerError
-from .report import _CSS, _figure, _g, _png, _visible
-from .store import atomic_write_bytes
 
 PLOT_NAMES = ("entropy_reranked_vs_unshifted.png", "rank_histogram.png", "roc.png")
+
+
 REQUIRED_KEYS = ("tokens", "token_ids", "base_entropy", "base_argmax", "tuned_argmax", "tuned_rank_in_base", "cls")
+
+
 # base-entropy colour bins (nats): h0 < 0.1 <= h1 < 0.5 <= h2 < 1 <= h3 < 2 <= h4
 ENTROPY_EDGES = (0.1, 0.5, 1.0, 2.0)
+
+
 ENTROPY_COLOURS = ("transparent", "#fff3b0", "#ffd966", "#ffab40", "#ff6e6e")
+
+
 NATS_TO_BITS = 1.4426950408889634
-
-
-# ----------------------------------------------------------------------------- loading
 
 
 @dataclass(frozen=True)
@@ -142,9 +146,6 @@ def _tok_text(vocab: dict[int, str], i: Any) -> str:
     return vocab[int(i)] if i is not None and int(i) in vocab else f"⟨id={i}⟩"
 
 
-# ----------------------------------------------------------------------------- plots
-
-
 def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """ROC of `scores` [N] for boolean `labels` [N]: (fpr, tpr, auroc). Ties are one threshold
     step (a diagonal segment), so the trapezoid area equals the Mann-Whitney AUROC. nan if a class is empty."""
@@ -181,13 +182,13 @@ def analysis_plots(out_dir) -> list[Path]:
         figs = (_plot_entropy(ent, cls, source), _plot_ranks(rank[cls != 0], a.k, source), _plot_roc(ent, cls, source))
         for name, fig in zip(plot_names(source), figs):
             p = plots / name
-            atomic_write_bytes(p, _png(fig))
+            atomic_write_bytes(p, png_bytes(fig))
             paths.append(p)
     return paths
 
 
 def _plot_entropy(ent: np.ndarray, cls: np.ndarray, source: str = "base"):
-    fig = _figure(7, 3.8)
+    fig = new_figure(7, 3.8)
     ax = fig.add_subplot()
     ok = ~np.isnan(ent)
     hi = max(float(ent[ok].max()) if ok.any() else 1.0, 1e-6) * 1.02
@@ -208,7 +209,7 @@ def _plot_entropy(ent: np.ndarray, cls: np.ndarray, source: str = "base"):
 def _plot_ranks(rank: np.ndarray, k: int, source: str = "base"):
     labels = [str(r) for r in range(1, k + 1)] + [f">{k}"]
     counts = [int((rank == r).sum()) for r in range(1, k + 1)] + [int((rank > k).sum())]
-    fig = _figure(6, 3.6)
+    fig = new_figure(6, 3.6)
     ax = fig.add_subplot()
     bars = ax.bar(labels, counts, color=["#4878a8"] * k + ["#c0392b"])
     ax.bar_label(bars, labels=[str(c) for c in counts])
@@ -220,9 +221,9 @@ def _plot_ranks(rank: np.ndarray, k: int, source: str = "base"):
 
 def _plot_roc(ent: np.ndarray, cls: np.ndarray, source: str = "base"):
     fpr, tpr, auc = roc_curve(ent, cls == 1)
-    fig = _figure(4.8, 4.6)
+    fig = new_figure(4.8, 4.6)
     ax = fig.add_subplot()
-    ax.plot(fpr, tpr, color="#e07b00", label=f"base entropy (AUROC = {_g(auc, 3) if math.isfinite(auc) else 'n/a'})")
+    ax.plot(fpr, tpr, color="#e07b00", label=f"base entropy (AUROC = {fmt_number(auc, 3) if math.isfinite(auc) else 'n/a'})")
     ax.plot([0, 1], [0, 1], color="#999", linestyle="--", label="chance (0.5)")
     ax.set_xlabel("false positive rate (non-reranked positions)")
     ax.set_ylabel("true positive rate (reranked positions)")
@@ -231,9 +232,6 @@ def _plot_roc(ent: np.ndarray, cls: np.ndarray, source: str = "base"):
     ax.set_ylim(0, 1.01)
     ax.legend(loc="lower right")
     return fig
-
-
-# ----------------------------------------------------------------------------- explorer
 
 
 def _entropy_bin(h: Any) -> int:
@@ -247,7 +245,7 @@ def _pct(x: Any) -> str:
 
 
 def _num(x: Any, digits: int = 3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else _g(x, digits)
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt_number(x, digits)
 
 
 def _script_json(obj: Any) -> str:
@@ -272,6 +270,7 @@ padding:.6em .8em;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12
 box-shadow:0 2px 8px rgba(0,0,0,.25)}
 #panel:empty{display:none}
 """
+
 
 # Reads the JSON block, then shows one position's numbers and both top-5 lists on hover; a click
 # pins the panel (a second click on the same token unpins). Sets body[data-ready] = "1" when wired up.
@@ -312,8 +311,11 @@ document.body.dataset.ready='1';
 })();
 """
 
+
 TOP5_NOTE = ("this analysis was written without the base and tuned top-5 (re-run `reasonmaxxer analyze` "
              "to store them); shown: the tuned argmax and its base rank.")
+
+
 SOURCE_TITLES = {"base": "Along the base model's greedy trajectories",
                  "tuned": "Along the tuned model's greedy trajectories"}
 
@@ -323,7 +325,7 @@ def _token_span(t: int, j: int, text: str, h: Any, c: int) -> str:
     if text.strip():
         return f'<span class="{cls}" data-t="{t}" data-p="{j}">{_h(text, quote=False)}</span>'
     # whitespace-only: visible markers inside the span, the newlines themselves after it
-    span = f'<span class="{cls}" data-t="{t}" data-p="{j}">{_h(_visible(text), quote=False)}</span>'
+    span = f'<span class="{cls}" data-t="{t}" data-p="{j}">{_h(visible_whitespace(text), quote=False)}</span>'
     return span + "\n" * text.count("\n")
 
 
@@ -423,7 +425,7 @@ def write_explorer(out_dir, *, max_trajectories: int = 200) -> Path:
     html = "\n".join([
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_h(title)}</title><style>{_CSS}{_EXPLORER_CSS}</style></head><body>",
+        f"<title>{_h(title)}</title><style>{BASE_CSS}{_EXPLORER_CSS}</style></head><body>",
         f"<h1>{_h(title)}</h1>",
         (f'<p>Problems <code>{_h(str(cfg.get("problems")))}</code>, greedy decoding; both models are teacher-forced '
          f"on the same prefixes, and each completion token is coloured by the base entropy of the distribution "
@@ -437,9 +439,6 @@ def write_explorer(out_dir, *, max_trajectories: int = 200) -> Path:
     path = Path(out_dir) / "explorer.html"
     atomic_write_bytes(path, html.encode("utf-8"))
     return path
-
-
-# ----------------------------------------------------------------------------- fork atlas
 
 
 @dataclass(frozen=True)
@@ -512,12 +511,12 @@ def fork_atlas(analysis: Analysis, *, context_tokens: int = 3, tau: float | None
 
 def _md_code(text: str) -> str:
     """Visible-whitespace token text for a Markdown table cell (inline code, pipes escaped)."""
-    s = _visible(text).replace("|", "\\|").replace("`", "ˋ")
+    s = visible_whitespace(text).replace("|", "\\|").replace("`", "ˋ")
     return f"`{s}`"
 
 
 def _html_code(text: str) -> str:
-    return f'<code class="t">{_h(_visible(text), quote=False)}</code>'
+    return f'<code class="t">{_h(visible_whitespace(text), quote=False)}</code>'
 
 
 def _context(f: Fork, code) -> str:
@@ -581,7 +580,7 @@ def write_fork_atlas(out_dir, *, context_tokens: int = 3, top: int = 50, tau: fl
     title = f"Fork atlas: {name}"
     html = "\n".join([
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        (f"<title>{_h(title)}</title><style>{_CSS}"
+        (f"<title>{_h(title)}</title><style>{BASE_CSS}"
          "code.t{background:#f3f3f3;border:1px solid #ddd;border-radius:2px;padding:0 .2em;margin-right:1px}</style>"),
         "</head><body>", f"<h1>{_h(title)}</h1>", *html_parts,
         "<footer>Generated by reasonmaxxer.explorer. Self-contained: no external resources.</footer>",

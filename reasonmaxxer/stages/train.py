@@ -29,25 +29,35 @@ files above. See `distributed` for how, and what is tested.
 """
 
 from __future__ import annotations
+from .checkpoint import latest_checkpoint, load_trainable_state, save_checkpoint
 
 import json
-import math
-import os
-import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
-
+from typing import Sequence
 import torch
+from ..errors import ReasonMaxxerError
+from ..io import atomic_write_json
+import math
+import random
+import shutil
+from typing import Callable
+from ..backends.distributed import Dist
+from ..core.gating import check_gate_nonempty, entropy_gate, gated_fraction, random_gate_like, tau_for_fraction
+from ..core.losses import anchor_kl, loss_masks, reasonmaxxer_loss
+from ..core.entropy import token_logprobs
+from ..io import atomic_write_bytes, package_versions
+from .checkpoint import export_model
 
-from .distributed import Dist
-from .errors import ReasonMaxxerError
-from .gating import check_gate_nonempty, entropy_gate, gated_fraction, random_gate_like, tau_for_fraction
-from .losses import anchor_kl, loss_masks, reasonmaxxer_loss
-from .scoring import token_logprobs
-from .store import atomic_dir, atomic_write_bytes, atomic_write_json, package_versions
+
+def examples_from_selection(rows: Sequence[dict], truncated_policy: str) -> list[TrainExample]:
+    return [TrainExample(prompt_ids=tuple(r["prompt_ids"]), completion_ids=tuple(r["token_ids"]),
+                         entropies=tuple(r["base_entropies"]), advantage=float(r["advantage"]),
+                         correct=bool(r["strict_correct"]),
+                         mask_decision=bool(truncated_policy == "mask" and r["truncated"]),
+                         key=(r["problem_id"], r["sample_index"]))
+            for r in rows]
 
 
 @dataclass(frozen=True)
@@ -312,34 +322,6 @@ def micro_batch_loss(model, frozen, ids, att, m, prefix_len: int, dec_denom: flo
     return loss, stats
 
 
-def _load_trainable_state(model, state: dict, full: bool) -> None:
-    if full:
-        model.load_state_dict(state)
-    else:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, state)
-
-
-def _save_checkpoint(ckdir: Path, step: int, state: dict, optim: dict | None, extra: dict) -> Path:
-    def fill(tmp: Path):
-        torch.save({"model": state, "optim": optim, "step": step, "extra": extra}, tmp / "state.pt")
-        with open(tmp / "state.pt", "rb") as f:
-            os.fsync(f.fileno())
-
-    final = atomic_dir(ckdir / f"step-{step:06d}", fill)
-    atomic_write_json(ckdir / "latest.json", {"step": step, "path": final.name})
-    return final
-
-
-def _latest_checkpoint(ckdir: Path) -> Path | None:
-    p = ckdir / "latest.json"
-    if not p.is_file():
-        return None
-    d = ckdir / json.loads(p.read_text())["path"]
-    return d if (d / "state.pt").is_file() else None
-
-
 # -- the loop ------------------------------------------------------------------------------
 LOSS_HINT = ". Lower --lr or check the data"
 
@@ -420,10 +402,10 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
             # left by a process killed mid-write (checkpoints are temp + rename, so the real ones are intact)
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     start, history = 0, []
-    last = _latest_checkpoint(ckdir)
+    last = latest_checkpoint(ckdir)
     if last is not None:
         st = torch.load(last / "state.pt", weights_only=False)
-        _load_trainable_state(model, st["model"], cfg.full_finetune)
+        load_trainable_state(model, st["model"], cfg.full_finetune)
         if st["optim"] is not None and not dist.sharded:
             opt.load_state_dict(st["optim"])
         elif progress and dist.is_main:
@@ -454,7 +436,7 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
     def fail(what: str, detail: str = "", hint: str = ""):
         bar.close()
         raise ReasonMaxxerError(f"train: non-finite {what} at step {step + 1}{detail}; the step was not applied; "
-                                f"last good checkpoint: {_latest_checkpoint(ckdir) or 'none'}{hint}")
+                                f"last good checkpoint: {latest_checkpoint(ckdir) or 'none'}{hint}")
 
     t_run = time.time()
     for step in range(start, total_steps):
@@ -527,7 +509,7 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
             if dist.is_main or dist.sharded:   # gathering FSDP/DeepSpeed shards takes every process
                 state = dist.trainable_state(model, cfg.full_finetune)
             if dist.is_main:
-                _save_checkpoint(ckdir, step + 1, state, None if dist.sharded else opt.state_dict(), {"history": history})
+                save_checkpoint(ckdir, step + 1, state, None if dist.sharded else opt.state_dict(), {"history": history})
         if _stop_after_step is not None and step + 1 >= _stop_after_step:
             bar.close()
             return {"stopped_at": step + 1}
@@ -540,7 +522,7 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
         st = torch.load(ckdir / f"step-{chosen['step']:06d}" / "state.pt", weights_only=False)
         inner = dist.unwrap(model)
         if not dist.sharded:
-            _load_trainable_state(inner, st["model"], cfg.full_finetune)
+            load_trainable_state(inner, st["model"], cfg.full_finetune)
         result = {"selected_step": chosen["step"], "selected_val_accuracy": chosen.get("val_accuracy"),
                   "history": history, "tau": tau, "tau_source": tau_source, "gated_fraction": gfrac,
                   "train_seconds": round(time.time() - t_run, 1), "total_steps": total_steps}
@@ -550,53 +532,3 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
         atomic_write_json(out / "result.json", result)
     dist.barrier()
     return result if dist.is_main else json.loads((out / "result.json").read_text())
-
-
-def save_adapter(model, tokenizer, d: Path, base_spec: str | None, trained_state: dict | None = None) -> None:
-    """Save a PEFT model's adapter + tokenizer into dir `d`, recording `base_spec` (our alias,
-    a path or a Hub id) as base_model_name_or_path so `models.load_model(d)` finds the base.
-    trained_state: the gathered adapter state (PEFT names) of a model sharded by FSDP/ZeRO-3."""
-    d = Path(d)
-    if trained_state is None:
-        model.save_pretrained(d)
-    else:
-        from safetensors.torch import save_file
-
-        model.peft_config["default"].save_pretrained(d)
-        save_file({k: v.contiguous() for k, v in trained_state.items()}, str(d / "adapter_model.safetensors"))
-    cfgp = d / "adapter_config.json"
-    c = json.loads(cfgp.read_text())
-    c["base_model_name_or_path"] = base_spec or c.get("base_model_name_or_path")
-    cfgp.write_text(json.dumps(c, indent=2))
-    tokenizer.save_pretrained(d)
-
-
-def export_model(model, tokenizer, out: Path, base_spec: str, full: bool, *, trained_state: dict | None = None) -> dict:
-    """Write adapter/ (PEFT) and merged/ (plain HF checkpoint), each atomically.
-
-    trained_state: the trained weights (the adapter state with PEFT names, or the full state dict),
-    gathered, for a model that holds FSDP/ZeRO-3 shards. With LoRA, only adapter/ is written then
-    (merge later: `models.load_model(adapter dir)` and `merge_and_unload()`).
-    """
-    out = Path(out)
-    paths = {}
-
-    def write(name, fill):
-        paths[name] = str(atomic_dir(out / name, fill))
-
-    model.eval()
-    if not full:
-        write("adapter", lambda d: save_adapter(model, tokenizer, d, base_spec, trained_state))
-        if trained_state is not None:
-            return {"adapter": paths["adapter"], "merged": None}
-        import copy
-
-        merged = copy.deepcopy(model).merge_and_unload()
-    else:
-        merged = model
-
-    def save_merged(d):
-        merged.save_pretrained(d, **({} if trained_state is None else {"state_dict": trained_state}))
-        tokenizer.save_pretrained(d)
-    write("merged", save_merged)
-    return {"adapter": paths.get("adapter"), "merged": paths["merged"]}

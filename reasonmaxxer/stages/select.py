@@ -43,8 +43,8 @@ import random
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Sequence
+from ..errors import ReasonMaxxerError
 
-from .errors import ReasonMaxxerError
 
 __all__ = [
     "SelectionConfig",
@@ -57,9 +57,15 @@ __all__ = [
     "signal_clarity",
 ]
 
+
 TRUNCATION_POLICIES = ("drop", "mask", "keep")
+
+
 ORDERS = ("shuffle", "clarity", "none")
+
+
 REQUIRED_KEYS = ("problem_id", "sample_index", "token_ids", "truncated", "reward")
+
 
 _ADVICE = "sample more completions per problem (--n), raise the temperature, or use problems closer to the model's level"
 
@@ -129,11 +135,6 @@ class Selection:
     rows: list[dict]
     problems: list[ProblemStats]
     stats: dict[str, Any] = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------------------
-# Validation and per-problem statistics
-# --------------------------------------------------------------------------------------
 
 
 def _validate(rows: Sequence[dict], extra_keys: Sequence[str] = ()) -> None:
@@ -253,18 +254,13 @@ def signal_clarity(advantage: float, entropies: Sequence[float], tau: float) -> 
     return abs(float(advantage)) * gated / n
 
 
-# --------------------------------------------------------------------------------------
-# Selection
-# --------------------------------------------------------------------------------------
-
-
 def _advantages(rewards: list[float], groups: list[int]) -> list[float]:
     """Group-normalised advantages via `reasonmaxxer.losses.group_advantages` (float32 values)."""
     if not rewards:
         return []
     import torch
 
-    from .losses import group_advantages
+    from ..core.losses import group_advantages
 
     adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), torch.tensor(groups, dtype=torch.long))
     return [float(a) for a in adv.tolist()]

@@ -30,126 +30,93 @@ probe and raises `ReasonMaxxerError` on a mismatch. Dropout is not disabled here
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+from ..backends.engines import EngineConfig, Progress, map_shards
+from ..errors import ReasonMaxxerError
+from ..store import RolloutStore
 import weakref
 from typing import NamedTuple
-
 import torch
 from torch import Tensor
-
-from .errors import ReasonMaxxerError
-
-__all__ = ["SequenceScores", "token_entropy", "token_logprobs", "score_sequences", "position_ids_from_mask"]
-
-
-# --------------------------------------------------------------------------------------
-# Per-row statistics of a [N, V] logits block
-# --------------------------------------------------------------------------------------
+import time
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ..io import atomic_write_table, config_hash
+from ..core.entropy import entropy_logprob_inplace
+from .sample import record_engine
 
 
-def _rows(x: Tensor) -> Tensor:
-    """[..., V] -> [N, V] (a view when the layout allows it, else a copy)."""
-    return x.reshape(-1, x.shape[-1])
+@dataclass
+class ScoreTask:
+    """Teacher-forced entropies and log-probs of one shard of rows (picklable, like `SampleTask`).
+    Rows are scored `batch_size` at a time in order, so a shard whose size is a multiple of
+    `batch_size` is batched exactly as in one pass over all rows: the numbers are identical."""
+
+    model_spec: str
+    batch_size: int = 4
+
+    def setup(self, model=None, tokenizer=None) -> None:
+        if model is None:
+            from ..models import load_model
+
+            model, tokenizer = load_model(self.model_spec)
+        self._model, self._tok = model, tokenizer
+
+    def run(self, shard: int, rows: Sequence[dict], progress: Progress) -> list[dict]:
+
+        scores = score_tokens(rows, self._model, self._tok, batch_size=self.batch_size, on_batch=progress.units)
+        return [{"problem_id": r["problem_id"], "sample_index": r["sample_index"], "entropies": e, "logprobs": lp}
+                for r, (e, lp) in zip(rows, scores)]
 
 
-def _entropy_logprob_(
-    logits: Tensor, tokens: Tensor | None, work: Tensor | None = None
-) -> tuple[Tensor, Tensor | None]:
-    """Entropy and token log-prob of each row of an fp32 [c, V] block, OVERWRITING it.
-
-    logits: [c, V] fp32, owned by the caller and clobbered (reused as logits - max).
-    tokens: [c] int64 or None. work: None or an fp32 [c, V] scratch buffer to reuse (saves
-    allocating and page-faulting a fresh one per chunk, ~half the cost of the exp on CPU).
-    Returns (entropy [c] fp32 nats, logprob [c] fp32 or None). Peak extra memory: one more
-    [c, V] fp32 buffer. One exp pass: with x = logits - max, e = exp(x), Z = sum e,
-    H = log Z - sum(e * x) / Z (both terms >= 0, no cancellation) and
-    log p(token) = x[token] - log Z, the same arithmetic as ``log_softmax``.
-    """
-    x = logits.sub_(logits.amax(-1, keepdim=True))  # [c, V] logits - max, <= 0
-    e = x.exp() if work is None else torch.exp(x, out=work)  # [c, V]
-    z = e.sum(-1)  # [c] >= 1
-    logprob_num = None if tokens is None else x.gather(-1, tokens[:, None]).squeeze(-1)  # [c]
-    # sum_v e*x in place (no third buffer). Not bmm/einsum: on CPU their fp32 row-dot over
-    # V = 49k entries was measured ~3e-4 relative off, this ~4e-7.
-    ex = e.mul_(x).sum(-1)  # [c]
-    bad = ex.isnan()  # rows with -inf logits (masked vocabulary): 0 * -inf = nan, should be 0
-    if bad.any():
-        rows = bad.nonzero().squeeze(1)
-        ex[rows] = e[rows].nan_to_num_(nan=0.0).sum(-1)
-    log_z = z.log()  # [c]
-    entropy = log_z - ex / z  # [c] nats
-    logprob = None if logprob_num is None else logprob_num - log_z  # [c]
-    return entropy, logprob
+_SCORE_COLUMNS = ("problem_id", "sample_index", "prompt_ids", "token_ids")
 
 
-@torch.no_grad()
-def token_entropy(logits: Tensor, chunk_size: int = 128) -> Tensor:
-    """Full-vocabulary entropy of softmax(logits), in nats: [..., V] -> [...] fp32.
-
-    Untempered (the raw logits define the distribution). Computed in fp32, ``chunk_size``
-    rows of the flattened leading dims at a time, so peak extra memory is about
-    2 * chunk_size * V * 4 bytes whatever the input dtype. The input is never modified.
-    The result is detached: entropy is a measurement here, not a loss term.
-    """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    rows = _rows(logits)  # [N, V]
-    out = torch.empty(rows.shape[0], dtype=torch.float32, device=logits.device)  # [N]
-    for s in range(0, rows.shape[0], chunk_size):
-        block = rows[s : s + chunk_size].to(torch.float32, copy=True)  # [c, V], our copy
-        out[s : s + chunk_size], _ = _entropy_logprob_(block, None)
-    return out.reshape(logits.shape[:-1])
+def score_rows_on(rows: Sequence[dict], model_spec: str, engine: EngineConfig | None, *, batch_size: int = 4,
+                  chunk: int = 256, progress: bool = True, model=None, tokenizer=None) -> list[dict]:
+    """Score `rows` in chunks of `chunk` rows (a multiple of `batch_size`) on `engine`; returns,
+    in row order, {problem_id, sample_index, entropies, logprobs}. Nothing is written."""
+    rows = [{k: r[k] for k in _SCORE_COLUMNS} for r in rows]
+    chunks = {k: rows[a:a + chunk] for k, a in enumerate(range(0, len(rows), chunk))}
+    got: dict[int, list] = {}
+    map_shards(ScoreTask(model_spec, batch_size), chunks, engine, got.__setitem__, total=len(rows), desc="score",
+               unit="row", progress=progress, model=model, tokenizer=tokenizer)
+    return [r for k in sorted(got) for r in got[k]]
 
 
-class _TokenLogprob(torch.autograd.Function):
-    """log softmax(logits)[token] per row, chunked in both directions.
+def score_stage(rollouts: RolloutStore, out: str | Path, model_spec: str, *, batch_size: int = 4,
+                overwrite: bool = False, model=None, tokenizer=None, progress: bool = True,
+                engine: EngineConfig | None = None) -> RolloutStore:
+    """Teacher-forced scores of every rollout under `model_spec` into a score store at `out`
+    (`store.SCORE_SCHEMA`; shard i scores rollout shard i). Resumable like `sample_stage`."""
+    import pyarrow.parquet as pq
 
-    Backward uses the closed form d/dlogits = g * (onehot(token) - softmax(logits)), so
-    nothing [N, V]-sized is saved for backward beyond the input itself.
-    """
+    from ..models import model_fingerprint
+    from ..store import SCORE_SCHEMA
 
-    @staticmethod
-    def forward(ctx, rows: Tensor, tokens: Tensor, chunk_size: int) -> Tensor:  # [N,V],[N] -> [N]
-        out = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)  # [N]
-        for s in range(0, rows.shape[0], chunk_size):
-            block = rows[s : s + chunk_size].float()  # [c, V] (not modified)
-            tok = tokens[s : s + chunk_size, None]  # [c, 1]
-            out[s : s + chunk_size] = block.gather(-1, tok).squeeze(-1) - torch.logsumexp(block, -1)
-        ctx.save_for_backward(rows, tokens)
-        ctx.chunk_size = chunk_size
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor):  # [N] -> [N, V]
-        rows, tokens = ctx.saved_tensors
-        grad = torch.empty_like(rows, memory_format=torch.contiguous_format)  # [N, V]
-        for s in range(0, rows.shape[0], ctx.chunk_size):
-            g = grad_out[s : s + ctx.chunk_size, None].float()  # [c, 1]
-            q = torch.softmax(rows[s : s + ctx.chunk_size].float(), dim=-1)  # [c, V]
-            q.mul_(-g).scatter_add_(-1, tokens[s : s + ctx.chunk_size, None], g)  # g*(onehot - q)
-            grad[s : s + ctx.chunk_size] = q
-        return grad, None, None
-
-
-def token_logprobs(logits: Tensor, tokens: Tensor, chunk_size: int = 128) -> Tensor:
-    """log p(token) under softmax(logits): logits [..., V], tokens [...] int64 -> [...] fp32.
-
-    Differentiable with respect to ``logits`` (used for the decision term's
-    log p_theta). fp32 math, chunked over the flattened leading dims; backward is chunked
-    too and saves no [N, V] activations. ``tokens`` must be valid ids in [0, V): mask
-    padding afterwards rather than passing -100.
-    """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if tokens.shape != logits.shape[:-1]:
-        raise ValueError(f"tokens shape {tuple(tokens.shape)} != logits leading shape {tuple(logits.shape[:-1])}")
-    flat = _TokenLogprob.apply(_rows(logits), tokens.reshape(-1).long(), chunk_size)  # [N]
-    return flat.reshape(tokens.shape)
+    src = rollouts.manifest()
+    store = RolloutStore(out, schema=SCORE_SCHEMA)
+    config = {"stage": "score", "rollouts": src.get("config_hash"), "model": model_fingerprint(model_spec),
+              "batch_size": batch_size}
+    store.open(config, {"kind": "scores", "model_spec": model_spec, "rollouts_dir": str(rollouts.root)},
+               overwrite=overwrite)
+    if not rollouts.done_shards():
+        raise ReasonMaxxerError(f"{rollouts.root}: the store has no shards yet")
+    todo = {i: pq.read_table(rollouts.shard_path(i), columns=list(_SCORE_COLUMNS)).to_pylist()
+            for i in sorted(rollouts.done_shards() - store.done_shards())}
+    complete = bool(src.get("complete"))   # scoring a store still being sampled scores what is there
+    if not todo:
+        store.update_manifest(complete=complete)
+        return store
+    stats = map_shards(ScoreTask(model_spec, batch_size), todo, engine, store.write_shard,
+                       total=sum(len(r) for r in todo.values()), desc=f"score {Path(out).name}", unit="row",
+                       progress=progress, model=model, tokenizer=tokenizer)
+    record_engine(store, stats, score_seconds=stats.seconds, complete=complete)
+    return store
 
 
-# --------------------------------------------------------------------------------------
-# Sequence scoring with a Hugging Face causal LM
-# --------------------------------------------------------------------------------------
 
 
 class SequenceScores(NamedTuple):
@@ -323,7 +290,81 @@ def score_sequences(
             buf_logits = torch.empty(c_max, V, dtype=torch.float32, device=hidden.device)
             buf_work = torch.empty_like(buf_logits)
         block = _apply_head(head, post, hidden[b, t], buf_logits[:c])  # [c, V] fp32
-        ent_flat[s : s + c], lp_flat[s : s + c] = _entropy_logprob_(block, input_ids[b, t + 1], buf_work[:c])
+        ent_flat[s : s + c], lp_flat[s : s + c] = entropy_logprob_inplace(block, input_ids[b, t + 1], buf_work[:c])
     entropy[:, 1:][valid] = ent_flat
     logprob[:, 1:][valid] = lp_flat
     return SequenceScores(entropy, logprob)
+
+
+def score_tokens(rows: Sequence[dict], model, tokenizer, *, batch_size: int = 4,
+                 on_batch=None) -> list[tuple[list[float], list[float]]]:
+    """Teacher-forced (entropies, logprobs) in nats of each row's completion tokens (`token_ids`
+    after `prompt_ids`), `batch_size` rows a forward pass; `on_batch(k)` after each batch."""
+
+    out = []
+    pad = tokenizer.pad_token_id or 0
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        seqs = [list(r["prompt_ids"]) + list(r["token_ids"]) for r in chunk]
+        T = max(map(len, seqs))
+        ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+        att = torch.zeros((len(seqs), T), dtype=torch.long)
+        for j, s in enumerate(seqs):
+            ids[j, : len(s)] = torch.tensor(s)
+            att[j, : len(s)] = 1
+        dev = next(model.parameters()).device
+        ent, lp = score_sequences(model, ids.to(dev), att.to(dev))
+        for j, r in enumerate(chunk):
+            p, c = len(r["prompt_ids"]), len(r["token_ids"])
+            out.append((ent[j, p : p + c].tolist(), lp[j, p : p + c].tolist()))
+        if on_batch:
+            on_batch(len(chunk))
+    return out
+
+
+def score_rows(rows: list[dict], model, tokenizer, *, batch_size: int = 4, progress: bool = True) -> list[list[float]]:
+    """Teacher-forced base entropies (nats) of each row's completion tokens."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(rows), desc="score", unit="row", disable=not progress, dynamic_ncols=True) as bar:
+        return [e for e, _ in score_tokens(rows, model, tokenizer, batch_size=batch_size, on_batch=bar.update)]
+
+
+def attach_scores(store: RolloutStore, rows: list[dict], out_path: Path, model_spec: str, model, tokenizer,
+                  *, rescore: bool = False, progress: bool = True, engine=None) -> tuple[list[dict], dict]:
+    """Add `base_entropies` to rows (scored or reused, see module docstring); cache in out_path.
+    `engine` (`engines.EngineConfig`) scores on Ray workers when it says so (same numbers)."""
+    from ..models import model_fingerprint
+
+    man = store.manifest()
+    conf = man.get("config", {})
+    same = (conf.get("model") == model_fingerprint(model_spec) and conf.get("backend", "hf") == "hf"
+            and all(r.get("entropies") is not None for r in rows))   # vLLM records no entropies
+    info = {"rows": len(rows), "reused_sampler_entropies": bool(same and not rescore)}
+    if same and not rescore:
+        for r in rows:
+            r["base_entropies"] = list(r["entropies"])
+        return rows, info
+    keys = [(r["problem_id"], r["sample_index"]) for r in rows]
+    h = config_hash({"store": man.get("config_hash"), "model": model_fingerprint(model_spec), "keys": keys})
+    if out_path.is_file():
+        t = pq.read_table(out_path)
+        if t.schema.metadata and t.schema.metadata.get(b"config_hash", b"").decode() == h:
+            ents = t.column("base_entropies").to_pylist()
+            for r, e in zip(rows, ents):
+                r["base_entropies"] = e
+            info["cached"] = True
+            return rows, info
+    t0 = time.time()
+    if engine is None or engine.engine == "local":
+        ents = score_rows(rows, model, tokenizer, progress=progress)
+    else:
+
+        ents = [r["entropies"] for r in score_rows_on(rows, model_spec, engine, progress=progress)]
+    for r, e in zip(rows, ents):
+        r["base_entropies"] = e
+    table = pa.table({"problem_id": [k[0] for k in keys], "sample_index": [k[1] for k in keys],
+                      "base_entropies": ents}).replace_schema_metadata({"config_hash": h})
+    atomic_write_table(out_path, table)
+    info["score_seconds"] = round(time.time() - t0, 2)
+    return rows, info

@@ -26,10 +26,9 @@ import json
 import math
 from pathlib import Path
 from typing import Sequence
-
 from .baselines import flops
-from .errors import ReasonMaxxerError
-from .store import atomic_write_bytes, atomic_write_json
+from ..errors import ReasonMaxxerError
+from ..io import atomic_write_bytes, atomic_write_json
 
 
 # -- pure ----------------------------------------------------------------------------------
@@ -72,9 +71,9 @@ def _json(p: Path) -> dict:
 
 def _jsonl(p: Path) -> list[dict]:
     """The rows of a JSON Lines file ([] for an empty one); a bad line is a one-line error."""
-    from .data import _read_jsonl
+    from ..io import read_jsonl
 
-    return [r for _, r in _read_jsonl(p)] if p.read_text().strip() else []
+    return [r for _, r in read_jsonl(p)] if p.read_text().strip() else []
 
 
 def _n_params_from_checkpoint(d: Path) -> int:
@@ -105,7 +104,7 @@ def read_reasonmaxxer_run(d: Path) -> dict:
     """A ReasonMaxxer run dir -> one comparison row (see module docstring for what is counted)."""
     import pyarrow.compute as pc
 
-    from .store import RolloutStore
+    from ..store import RolloutStore
 
     cfg = _json(d / "run_config.json")
     timings = _json(d / "timings.json")
@@ -125,7 +124,7 @@ def read_reasonmaxxer_run(d: Path) -> dict:
     reference_fwd = trained if lam and variant not in ("no_anchor", "rft") else 0
     val_tokens = 0
     if cfg.get("validation_problems") and tres.get("history"):
-        from .data import load_problems
+        from ..data.benchmarks import load_problems
 
         try:
             n_val = len(load_problems(cfg["validation_problems"], data_dir=cfg.get("data_dir")))

@@ -40,11 +40,9 @@ import inspect
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
-
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
-
-from .errors import ReasonMaxxerError
+from ..errors import ReasonMaxxerError
 
 
 @dataclass(frozen=True)

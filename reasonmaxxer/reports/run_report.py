@@ -38,16 +38,15 @@ from dataclasses import dataclass
 from html import escape as _h
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
-
 import numpy as np
+from ..errors import ReasonMaxxerError
+from ..io import atomic_write_bytes
 
-from .errors import ReasonMaxxerError
-from .store import atomic_write_bytes
 
 PLOT_NAMES = ("accuracy.png", "entropy_hist.png", "curves.png")
-Z95 = 1.959963984540054
 
-# ----------------------------------------------------------------------------- blocks
+
+Z95 = 1.959963984540054
 
 
 @dataclass(frozen=True)
@@ -80,9 +79,6 @@ class _Example:
 #                  | ("table", header: list[str], rows: list[list[str | _Link]], align: str)
 #                  | ("example", _Example)
 Block = tuple
-
-
-# ----------------------------------------------------------------------------- public API
 
 
 def write_train_report(
@@ -148,14 +144,11 @@ def write_train_report(
     for stale in set(PLOT_NAMES) - {p.name for p in plots}:   # from an earlier run into the same dir
         (plots_dir / stale).unlink(missing_ok=True)
 
-    from . import __version__
+    from .. import __version__
     md_path, html_path = out / "report.md", out / "report.html"
     atomic_write_bytes(md_path, _render_md(title, blocks, __version__).encode("utf-8"))
     atomic_write_bytes(html_path, _render_html(title, blocks, __version__).encode("utf-8"))
     return md_path, html_path
-
-
-# ----------------------------------------------------------------------------- formatting
 
 
 def _num(x: Any) -> float | None:
@@ -165,7 +158,7 @@ def _num(x: Any) -> float | None:
     return float(x)
 
 
-def _g(x: Any, digits: int = 4) -> str:
+def fmt_number(x: Any, digits: int = 4) -> str:
     """A number to `digits` significant digits ('1.4', '0.0001', '149'); '—' when missing."""
     v = _num(x)
     if v is None:
@@ -209,13 +202,13 @@ def _value(x: Any) -> str:
     if isinstance(x, (Mapping, list, tuple)):
         s = json.dumps(x, default=str, ensure_ascii=False)
         return s if len(s) <= 300 else s[:297] + "..."
-    return _g(x)
+    return fmt_number(x)
 
 
 _VISIBLE = str.maketrans({" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"})
 
 
-def _visible(text: str) -> str:
+def visible_whitespace(text: str) -> str:
     """Token text with whitespace made visible ('␣the', '↵↵'); '∅' for the empty string."""
     return text.translate(_VISIBLE) if text else "∅"
 
@@ -247,9 +240,6 @@ def _wilson(p: float, n: int) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-# ----------------------------------------------------------------------------- sections
-
-
 def _sec_summary(summary: Mapping[str, Any], data, **_) -> list[Block]:
     rows = [[str(k), _value(v)] for k, v in summary.items()]
     return [("table", ["field", "value"], rows, "ll")]
@@ -269,7 +259,7 @@ def _sec_accuracy(acc: Mapping[str, Any], data, **_) -> list[Block]:
         for name, m in (("base", base), ("trained", trained)):
             if m:
                 rows.append([name, _acc(m.get("greedy")), _acc(m.get("avg_at_n")),
-                             _g(m.get("n_problems")), _g(m.get("n_samples"))])
+                             fmt_number(m.get("n_problems")), fmt_number(m.get("n_samples"))])
         if base and trained:
             diff = [_signed(trained[k] - base[k]) if _num(trained.get(k)) is not None
                     and _num(base.get(k)) is not None else "—" for k in ("greedy", "avg_at_n")]
@@ -283,11 +273,11 @@ def _sec_accuracy(acc: Mapping[str, Any], data, **_) -> list[Block]:
         metric = label.get(paired.get("metric"), str(paired.get("metric", "?")))
         lo, hi = _num(paired.get("low")), _num(paired.get("high"))
         blocks.append(("p", f"Paired difference, trained − base, per problem on the same "
-                            f"{_g(paired.get('n'))} held-out problems ({metric}); 95% interval over problems:"))
+                            f"{fmt_number(paired.get('n'))} held-out problems ({metric}); 95% interval over problems:"))
         blocks.append(("table", ["metric", "problems", "mean difference", "95% interval", "wins", "losses", "ties"],
-                       [[metric, _g(paired.get("n")), _signed(paired.get("mean_diff")),
-                         _Raw(f"[{_signed(lo)}, {_signed(hi)}]"), _g(paired.get("wins")),
-                         _g(paired.get("losses")), _g(paired.get("ties"))]], "lrrrrrr"))
+                       [[metric, fmt_number(paired.get("n")), _signed(paired.get("mean_diff")),
+                         _Raw(f"[{_signed(lo)}, {_signed(hi)}]"), fmt_number(paired.get("wins")),
+                         fmt_number(paired.get("losses")), fmt_number(paired.get("ties"))]], "lrrrrrr"))
         if lo is not None and hi is not None:
             if lo > 0:
                 verdict = "The interval excludes zero: the trained model is better on this metric."
@@ -312,7 +302,7 @@ def _sec_entropy(ent: Mapping[str, Any], data, **_) -> list[Block]:
     tau_source = (data.get("summary") or {}).get("tau_source") if isinstance(data.get("summary"), Mapping) else None
     values = np.asarray([v for v in ent.get("values") or [] if _num(v) is not None], dtype=np.float64)
     values = values[np.isfinite(values)]
-    rows = [["tau (nats)", _g(tau) + (f" ({tau_source})" if tau_source else "")],
+    rows = [["tau (nats)", fmt_number(tau) + (f" ({tau_source})" if tau_source else "")],
             ["gated fraction (training gate)", _pct(ent.get("gated_fraction"))]]
     if values.size:
         q = np.quantile(values, [0.5, 0.9, 0.99])
@@ -348,7 +338,7 @@ def _sec_selection(sel: Mapping[str, Any], data, **_) -> list[Block]:
         k = len(hist)
         bins = [f"[{i / k:.1f}, {(i + 1) / k:.1f}{']' if i == k - 1 else ')'}" for i in range(k)]
         blocks.append(("p", "Problems by base-model pass rate over their rollouts:"))
-        blocks.append(("table", ["pass rate", *bins], [["problems", *[_g(c) for c in hist]]], "l" + "r" * k))
+        blocks.append(("table", ["pass rate", *bins], [["problems", *[fmt_number(c) for c in hist]]], "l" + "r" * k))
     return blocks
 
 
@@ -362,7 +352,7 @@ def _sec_examples(examples: Sequence[Mapping[str, Any]], data, *, max_examples: 
                if _gated(t, tau) and _num(t.get("entropy")) is not None]
     lo = tau if tau is not None else (min(gated_h) if gated_h else 0.0)
     hi = max(gated_h + [lo + 1.0])
-    tau_txt = f" (base entropy above tau = {_g(tau)} nats)" if tau is not None else ""
+    tau_txt = f" (base entropy above tau = {fmt_number(tau)} nats)" if tau is not None else ""
     blocks: list[Block] = [("p", f"Gated tokens{tau_txt} are marked in their rollout and numbered; the table "
                                  f"under each rollout gives the token's base entropy and the base model's top-5 "
                                  f"next tokens with probabilities (the sampled token in bold). Whitespace is "
@@ -380,8 +370,8 @@ def _series(curves: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
 def _sec_curves(curves: Sequence[Mapping[str, Any]], data, **_) -> list[Block]:
     steps = np.array([float(r["step"]) if _num(r.get("step")) is not None else float(i)
                       for i, r in enumerate(curves)])
-    parts = [f"{len(curves)} logged steps (step {_g(steps[0])} to {_g(steps[-1])})"]
-    for key, name, fmt in (("loss", "final loss", _g), ("gated_fraction", "final gated fraction", _pct)):
+    parts = [f"{len(curves)} logged steps (step {fmt_number(steps[0])} to {fmt_number(steps[-1])})"]
+    for key, name, fmt in (("loss", "final loss", fmt_number), ("gated_fraction", "final gated fraction", _pct)):
         s = _series(curves, key)
         ok = np.flatnonzero(np.isfinite(s))
         if ok.size:
@@ -392,7 +382,7 @@ def _sec_curves(curves: Sequence[Mapping[str, Any]], data, **_) -> list[Block]:
     val = _series(curves, "val_accuracy")
     if np.isfinite(val).any():
         b = int(np.nanargmax(val))
-        parts.append(f"best validation accuracy {_acc(val[b])} at step {_g(steps[b])}")
+        parts.append(f"best validation accuracy {_acc(val[b])} at step {fmt_number(steps[b])}")
     return [("p", "; ".join(parts) + "."), _try_plot(_plot_curves, steps, curves)]
 
 
@@ -411,9 +401,6 @@ def _sec_artifacts(artifacts: Mapping[str, Any], data, **_) -> list[Block]:
             ("table", ["artifact", "path"], rows, "ll")]
 
 
-# ----------------------------------------------------------------------------- plots
-
-
 def _try_plot(fn: Callable[..., _Plot | None], *args) -> Block:
     """Run a plot function; a failure becomes a note (and a warning), never a lost report."""
     try:
@@ -424,7 +411,7 @@ def _try_plot(fn: Callable[..., _Plot | None], *args) -> Block:
     return ("img", p) if p is not None else ("note", "Plot not available: nothing to plot.")
 
 
-def _figure(w: float, h: float):
+def new_figure(w: float, h: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -433,7 +420,7 @@ def _figure(w: float, h: float):
     return fig
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})   # no version string: reproducible bytes
     return buf.getvalue()
@@ -444,7 +431,7 @@ def _plot_entropy(values: np.ndarray, tau: float | None, gated_fraction: float |
     edges = np.linspace(lo, hi, 81)
     if tau is not None and lo < tau < hi:
         edges = np.unique(np.append(edges, tau))
-    fig = _figure(7, 3.8)
+    fig = new_figure(7, 3.8)
     ax = fig.add_subplot()
     if tau is None:
         ax.hist(values, bins=edges, log=True, color="#4878a8", label="completion tokens")
@@ -458,7 +445,7 @@ def _plot_entropy(values: np.ndarray, tau: float | None, gated_fraction: float |
     ax.set_ylabel("tokens (log scale)")
     ax.set_title(f"Completion-token entropy under the base model ({values.size:,} tokens)")
     ax.legend(loc="upper right")
-    return _Plot("entropy_hist.png", _png(fig), "Histogram of base-model token entropy with the gate threshold")
+    return _Plot("entropy_hist.png", png_bytes(fig), "Histogram of base-model token entropy with the gate threshold")
 
 
 def _plot_accuracy(base: Mapping, trained: Mapping, paired: Mapping, label: Mapping[str, str]) -> _Plot | None:
@@ -466,7 +453,7 @@ def _plot_accuracy(base: Mapping, trained: Mapping, paired: Mapping, label: Mapp
     has_paired = _num(paired.get("mean_diff")) is not None
     if not metrics and not has_paired:
         return None
-    fig = _figure(8 if has_paired and metrics else 5, 3.6)
+    fig = new_figure(8 if has_paired and metrics else 5, 3.6)
     axes = fig.subplots(1, 2, width_ratios=[2, 1]) if metrics and has_paired else [fig.add_subplot()]
     if metrics:
         ax = axes[0]
@@ -499,11 +486,11 @@ def _plot_accuracy(base: Mapping, trained: Mapping, paired: Mapping, label: Mapp
         ax.set_xlim(-1, 1)
         ax.set_ylabel("trained − base (95% interval)")
         ax.set_title(f"Paired difference (n = {paired.get('n', '?')})")
-    return _Plot("accuracy.png", _png(fig), "Held-out accuracy of the base and trained models")
+    return _Plot("accuracy.png", png_bytes(fig), "Held-out accuracy of the base and trained models")
 
 
 def _plot_curves(steps: np.ndarray, curves: Sequence[Mapping[str, Any]]) -> _Plot:
-    fig = _figure(10, 6.5)
+    fig = new_figure(10, 6.5)
     (a_loss, a_gate), (a_val, a_opt) = fig.subplots(2, 2, sharex=True)
 
     def line(ax, key, lab, scale=1.0, **kw):
@@ -535,14 +522,13 @@ def _plot_curves(steps: np.ndarray, curves: Sequence[Mapping[str, Any]]) -> _Plo
     handles = a_opt.get_legend_handles_labels()[0] + a_lr.get_legend_handles_labels()[0]
     if handles:
         a_opt.legend(handles=handles, fontsize=8, loc="best")
-    return _Plot("curves.png", _png(fig), "Training curves: loss terms, gated fraction, validation accuracy, "
+    return _Plot("curves.png", png_bytes(fig), "Training curves: loss terms, gated fraction, validation accuracy, "
                                           "gradient norm and learning rate against optimizer step")
 
 
-# ----------------------------------------------------------------------------- markdown
-
-
 _MD_ESCAPE = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+
+
 _MD_PUNCT = set("\\`*_[]|~$")
 
 
@@ -622,9 +608,9 @@ def _gated_rows(gated: Sequence[Mapping[str, Any]], bold: Callable[[str], str], 
     for k, tok in enumerate(gated, 1):
         text = str(tok.get("text", ""))
         alts = _top5(tok)
-        top = " · ".join((bold(esc(_visible(t))) if t == text else esc(_visible(t))) + f" {_prob(p)}"
+        top = " · ".join((bold(esc(visible_whitespace(t))) if t == text else esc(visible_whitespace(t))) + f" {_prob(p)}"
                          for t, p in alts) if alts else "not recorded"
-        rows.append([str(k), esc(_visible(text)), _g(tok.get("entropy"), 3), top])
+        rows.append([str(k), esc(visible_whitespace(text)), fmt_number(tok.get("entropy"), 3), top])
     return rows
 
 
@@ -645,7 +631,7 @@ def _md_example(e: _Example) -> list[str]:
                 lead, trail = text[: len(text) - len(text.lstrip())], text[len(text.rstrip()):]
                 core_md = _md(core.replace("\r", "").replace("\n", "↵"))
             else:   # whitespace-only token: a visible marker, then its newlines as line breaks
-                lead, trail, core_md = "", text.replace(" ", ""), _visible(text)
+                lead, trail, core_md = "", text.replace(" ", ""), visible_whitespace(text)
             piece = lead + _md_bold(core_md, (lead or prev)[-1:]) + f"<sup>{len(gated)}</sup>" + trail
         out.append(piece)
         prev = piece[-1:] or prev
@@ -684,9 +670,7 @@ def _render_md(title: str, blocks: Sequence[Block], version: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------- html
-
-_CSS = """
+BASE_CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1100px;margin:2em auto;
 padding:0 1em;color:#222;line-height:1.45}
 h1{font-size:1.6em;border-bottom:2px solid #ddd;padding-bottom:.2em}
@@ -734,7 +718,7 @@ def _tooltip(k: int, tok: Mapping[str, Any], tau: float | None) -> str:
     alts = _top5(tok)
     if alts:
         lines.append("base top-5:")
-        lines += [f"  {_prob(p):>7}  {_visible(t)}" for t, p in alts]
+        lines += [f"  {_prob(p):>7}  {visible_whitespace(t)}" for t, p in alts]
     else:
         lines.append("top-5 not recorded")
     return "\n".join(lines)
@@ -755,7 +739,7 @@ def _html_example(e: _Example) -> str:
         h = _num(tok.get("entropy"))
         frac = 0.5 if h is None or hi <= lo else min(max((h - lo) / (hi - lo), 0.0), 1.0)
         style = f"background:rgba(255,{int(200 - 110 * frac)},0,{0.25 + 0.6 * frac:.2f})"
-        shown_text = _h(text, quote=False) if text.strip() else _h(_visible(text), quote=False)
+        shown_text = _h(text, quote=False) if text.strip() else _h(visible_whitespace(text), quote=False)
         out.append(f'<span class="g" style="{style}" title="{_h(_tooltip(len(gated), tok, e.tau))}">'
                    f'{shown_text}</span><sup class="k">{len(gated)}</sup>')
         if not text.strip():
@@ -776,7 +760,7 @@ def _html_example(e: _Example) -> str:
 def _render_html(title: str, blocks: Sequence[Block], version: str) -> str:
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
-             f"<title>{_h(title)}</title><style>{_CSS}</style></head><body>", f"<h1>{_h(title)}</h1>"]
+             f"<title>{_h(title)}</title><style>{BASE_CSS}</style></head><body>", f"<h1>{_h(title)}</h1>"]
     for b in blocks:
         kind = b[0]
         if kind == "h2":

@@ -1,0 +1,82 @@
+"""core.stats."""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Mapping, Sequence
+from ..errors import ReasonMaxxerError
+
+Z95 = 1.959963984540054  # two-sided 95% standard normal quantile
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k for one problem with n samples of which c are correct.
+
+    1 - C(n-c, k) / C(n, k) (Chen et al. 2021), computed as the product
+    1 - prod_{i=n-c+1}^{n} (1 - k/i), which never forms large binomials.
+    """
+    n, c, k = operator.index(n), operator.index(c), operator.index(k)
+    if n < 1 or not 0 <= c <= n:
+        raise ReasonMaxxerError(f"pass_at_k: need n >= 1 and 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ReasonMaxxerError(f"pass_at_k: need 1 <= k <= n, got k={k}, n={n}; sample more or use a smaller k")
+    if n - c < k:  # every k-subset contains a correct sample
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def normal_mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean and unclipped normal-approximation 95% interval (sample std, ddof=1)."""
+    v = [float(x) for x in values]
+    if not v:
+        raise ReasonMaxxerError("cannot compute a mean over zero values")
+    m = math.fsum(v) / len(v)
+    if len(v) == 1:
+        return m, m, m
+    sd = math.sqrt(math.fsum((x - m) ** 2 for x in v) / (len(v) - 1))
+    half = Z95 * sd / math.sqrt(len(v))
+    return m, m - half, m + half
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, float, float]:
+    """(mean, low, high) for per-problem scores in [0, 1].
+
+    Normal approximation over problems: mean +- 1.96 * s / sqrt(n), with s the sample
+    standard deviation (ddof=1), the bounds clipped to [0, 1]. One value -> (m, m, m).
+    """
+    m, lo, hi = normal_mean_ci(values)
+    return m, max(0.0, lo), min(1.0, hi)
+
+
+def wilson_ci95(successes: int, n: int) -> tuple[float, float]:
+    """Wilson score 95% interval (low, high) for a binomial proportion successes/n."""
+    successes, n = operator.index(successes), operator.index(n)
+    if n < 1 or not 0 <= successes <= n:
+        raise ReasonMaxxerError(f"wilson_ci95: need n >= 1 and 0 <= successes <= n, got {successes}/{n}")
+    p, z2 = successes / n, Z95 * Z95
+    denom = 1.0 + z2 / n
+    center = (p + z2 / (2 * n)) / denom
+    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def paired_difference(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, Any]:
+    """Per-problem paired difference a - b over the problem ids both contain.
+
+    E.g. a = trained per-problem avg@n, b = base per-problem avg@n on the same problems.
+    Returns {"n", "mean_diff", "low", "high" (normal-approximation 95% interval over
+    problems, not clipped), "wins" (a > b), "losses" (a < b), "ties", "only_in_a",
+    "only_in_b"}.
+    """
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise ReasonMaxxerError("paired_difference: the two results share no problem ids; evaluate both on the same problems")
+    diffs = [float(a[p]) - float(b[p]) for p in common]
+    m, lo, hi = normal_mean_ci(diffs)
+    return {
+        "n": len(common), "mean_diff": m, "low": lo, "high": hi,
+        "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs),
+        "ties": sum(d == 0 for d in diffs),
+        "only_in_a": len(set(a) - set(b)), "only_in_b": len(set(b) - set(a)),
+    }

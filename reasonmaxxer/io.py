@@ -1,0 +1,121 @@
+"""io."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+from .errors import ReasonMaxxerError
+import platform
+import shutil
+import tempfile
+from importlib import metadata
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    """Rows of a JSON Lines file located as ``path:line``; blank lines are skipped."""
+    try:
+        fh = open(path, encoding="utf-8")
+    except OSError as exc:
+        raise ReasonMaxxerError(f"{path}: cannot open: {exc.strerror or exc}") from None
+    seen = 0
+    with fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                hint = " (a JSON array file? use one object per line)" if line.lstrip()[:1] == "[" else ""
+                raise ReasonMaxxerError(f"{where}: invalid JSON: {exc.msg}{hint}") from None
+            if not isinstance(row, dict):
+                raise ReasonMaxxerError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            seen += 1
+            yield where, row
+    if not seen:
+        raise ReasonMaxxerError(f"{path}:1: empty file (no records)")
+
+
+_PACKAGES = ("reasonmaxxer", "torch", "transformers", "peft", "accelerate", "math-verify", "pyarrow", "trl", "vllm")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for p in _PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def config_hash(config: dict) -> str:
+    """sha256 of the canonical JSON of a config dict (the identity of a stage's inputs)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _atomic_file(path: Path, write) -> None:
+    """`write(tmp_path)` fills a temp file beside `path`; it is fsynced, made readable (0644:
+    mkstemp creates 0600) and renamed over `path`. On error the temp file is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic_file(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
+
+
+def atomic_dir(final: Path, fill) -> Path:
+    """Create directory `final` atomically: `fill(tmp_dir)` writes into a temp dir beside it,
+    which then replaces `final` (an existing `final` is removed first). On error nothing changes."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        fill(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def atomic_write_table(path: Path, table: pa.Table) -> None:
+    _atomic_file(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+
+
+def read_toml(path: str | Path | None) -> dict:
+    """The tables of a TOML config file ({} for None); a missing or invalid file is a one-line error."""
+    import tomllib
+
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ReasonMaxxerError(f"{p}: no such config file")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ReasonMaxxerError(f"{p}: invalid TOML ({e})") from None

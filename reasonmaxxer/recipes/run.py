@@ -1,0 +1,273 @@
+"""The one-command pipeline: sample -> grade -> select -> score -> train -> evaluate -> report.
+
+Each stage writes its artifact under the run directory and is skipped when re-run with
+the same inputs (the stage's config hash matches), so `reasonmaxxer run` after a crash
+resumes where it stopped:
+
+    run_dir/rollouts/        rollout store of the training problems (sample + grade)
+    run_dir/scores.parquet   base entropies of the selected rollouts (score)
+    run_dir/train/           adapter/, merged/, checkpoints/, metrics.jsonl (train)
+    run_dir/eval/base/, run_dir/eval/trained/   held-out evaluation (eval)
+    run_dir/report.md, report.html, summary.json
+
+Scoring. The gate needs the frozen base model's full-vocabulary entropy at each completion
+token. When the rollouts were sampled by the HF backend from the same base weights (the
+store's manifest says so), those entropies were already computed from the very logits the
+sampler drew from, so the scoring pass is skipped (`rescore=True` forces it; it agrees to
+~1e-5). Rollouts from another model or from vLLM (top-k log-probs only) are always scored.
+"""
+
+from __future__ import annotations
+from ..stages.evaluate import greedy_accuracy_fn
+from ..analysis.forks import report_examples
+
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+import torch
+from ..errors import ReasonMaxxerError
+from ..store import RolloutStore
+from ..io import atomic_write_json
+from ..stages.train import TrainConfig
+from ..config import RunConfig
+from ..stages.score import attach_scores
+from ..stages.evaluate import evaluate_model
+from ..stages.train import examples_from_selection
+from ..analysis.forks import fork_changes
+
+
+def prepare_training_data(store: RolloutStore, model_spec: str, model, tokenizer, selection: dict,
+                          train_cfg: TrainConfig, scores_path: Path, *, rescore: bool = False, progress: bool = True,
+                          engine=None):
+    """select -> score (-> clarity order). Returns (Selection, rows with base_entropies, score info)."""
+    from ..stages.select import SelectionConfig, select
+    from ..stages.train import resolve_tau
+
+    rows = [r for r in store.read_rows() if r["sample_index"] >= 0]
+    scfg = SelectionConfig(**selection)
+    clarity = scfg.order == "clarity"
+    sel = select(rows, SelectionConfig(**{**selection, "order": "none"}) if clarity else scfg)
+    if progress:
+        st = sel.stats
+        print(f"kept {st['problems_kept']} of {st['problems_total']} problems ({st['problems_mixed']} with mixed "
+              f"success), {st['rollouts_kept']} rollouts", flush=True)
+    srows, info = attach_scores(store, list(sel.rows), scores_path, model_spec, model, tokenizer,
+                                rescore=rescore, progress=progress, engine=engine)
+    if clarity:
+        tau0, _ = resolve_tau(examples_from_selection(srows, scfg.truncated), train_cfg)
+        first = sel
+        sel = select(srows, scfg, tau=tau0)
+        sel = type(sel)(rows=sel.rows, problems=first.problems, stats=first.stats)   # stats of the real selection
+        srows = sel.rows
+    return sel, srows, info
+
+
+def per_problem_accuracy(store: RolloutStore, col: str = "strict_correct") -> dict[str, float]:
+    acc: dict[str, list] = {}
+    for r in store.read_rows(["problem_id", col]):
+        acc.setdefault(r["problem_id"], []).append(float(r[col]))
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def tier_table(problems, stores: dict) -> dict | None:
+    """Per-tier (or subject) base vs trained accuracy and format-following, from the eval stores."""
+    key = next((k for k in ("tier", "subject", "source") if any(k in p.metadata for p in problems)), None)
+    if key is None:
+        return None
+    group = {p.id: str(p.metadata.get(key, "(missing)")) for p in problems}
+    rows_by = {}
+    for name, (s_store, g_store) in stores.items():
+        for label, st in (("greedy", g_store), ("avg", s_store)):
+            if st is None:
+                continue
+            for r in st.read_rows(["problem_id", "strict_correct", "strict_extracted"]):
+                d = rows_by.setdefault(group[r["problem_id"]], {}).setdefault((name, label), [0, 0, 0])
+                d[0] += int(r["strict_correct"]); d[1] += 1; d[2] += int(r["strict_extracted"] is not None)
+    rows = []
+    for g in sorted(rows_by):
+        d = rows_by[g]
+        f = lambda n, l, i=0: (f"{d[(n, l)][i] / d[(n, l)][1]:.3f}" if (n, l) in d else "-")
+        n_prob = sum(1 for v in group.values() if v == g)
+        rows.append([g, n_prob, f("base", "greedy"), f("trained", "greedy"), f("base", "avg"), f("trained", "avg"),
+                     f("base", "greedy", 2), f("trained", "greedy", 2)])
+    return {"title": f"Held-out accuracy by {key} (strict); 'answer given' = greedy completions with a \\boxed{{}} or "
+                     f"'The answer is' answer (format followed)",
+            "header": [key, "problems", "greedy base", "greedy trained", "avg@n base", "avg@n trained",
+                       "answer given base", "answer given trained"], "rows": rows}
+
+
+def _reuse_base_stores(src: Path, out: Path) -> None:
+    """Copy another run's base rollouts and base evaluation stores into `out` (when `out` has
+    none yet). The stages then reopen them: identical inputs make them no-ops, different
+    inputs are refused by the store's config hash, so reuse can never change a result."""
+    import shutil
+
+    if not src.is_dir():
+        raise ReasonMaxxerError(f"reuse: {src} is not a run dir")
+    for sub in ("rollouts", "eval/base/samples", "eval/base/greedy"):
+        s, d = src / sub, out / sub
+        if (s / "manifest.json").is_file() and not d.exists():
+            d.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(s, d.with_name(d.name + ".reuse-tmp"), dirs_exist_ok=True)
+            (d.with_name(d.name + ".reuse-tmp")).rename(d)
+
+
+def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = False) -> dict:
+    """sample -> grade -> select -> score -> train -> eval (base, trained) -> report. Returns summary."""
+    from ..data.benchmarks import load_problems
+    from ..core.stats import paired_difference
+    from ..models import load_model
+    from ..data.prompts import get_template
+    from ..stages.select import SelectionConfig
+    from ..stages.sample import check_backend, sample_stage
+    from ..stages.train import example_gates, train
+    from ..backends.vllm import make_sampler
+
+    check_backend(cfg.backend, cfg.engine)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "run_config.json", json.loads(json.dumps(asdict(cfg), default=str)))
+    timings_path = out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+
+    def stage(name):
+        class _T:
+            def __enter__(s):
+                s.t = time.time()
+                if progress:
+                    print(f"\n== {name} ==", flush=True)
+
+            def __exit__(s, *exc):
+                if exc[0] is None:
+                    dt = round(time.time() - s.t, 1)
+                    if dt > 1.0 or name not in timings:   # keep the first real measurement of a skipped stage
+                        timings[name] = dt
+                    atomic_write_json(timings_path, timings)
+        return _T()
+
+    tmpl = get_template(cfg.template)
+    train_p = load_problems(cfg.train_problems, data_dir=cfg.data_dir)
+    val_p = load_problems(cfg.validation_problems, data_dir=cfg.data_dir) if cfg.validation_problems else []
+    test_p = load_problems(cfg.test_problems, data_dir=cfg.data_dir)
+    model, tok = load_model(cfg.model)
+    if cfg.reuse:
+        _reuse_base_stores(Path(cfg.reuse), out)
+    engine = cfg.engine_config()
+    # vLLM: one engine for sampling and both evals; it serves the trained adapter as a LoRA
+    vopts = cfg.vllm if cfg.train.full_finetune else replace(cfg.vllm, enable_lora=True,
+                                                              max_lora_rank=cfg.vllm.max_lora_rank or cfg.train.lora_rank)
+    sampler = make_sampler(cfg.backend, cfg.model, vopts, tokenizer=tok)
+
+    with stage("sample"):
+        store = sample_stage(out / "rollouts", cfg.model, train_p, tmpl, cfg.sampling, model=model, tokenizer=tok,
+                             overwrite=overwrite, progress=progress, engine=engine, sampler=sampler)
+    with stage("select + score"):
+        sel, srows, score_info = prepare_training_data(store, cfg.model, model, tok, cfg.selection, cfg.train,
+                                                       out / "scores.parquet", rescore=cfg.rescore, progress=progress,
+                                                       engine=engine)
+    scfg = SelectionConfig(**cfg.selection)
+    examples = examples_from_selection(srows, scfg.truncated)
+    validate = greedy_accuracy_fn(val_p, tmpl, tok, cfg.eval.max_new_tokens, cfg.eval.batch_size) if val_p else None
+
+    with stage("train"):
+        import copy
+
+        from ..backends.engines import release_workers
+
+        release_workers()   # free the Ray workers' models while this process trains
+
+        res = train(examples, cfg.train, out / "train", copy.deepcopy(model), tok, base_spec=cfg.model,
+                    validate=validate, shuffle=False, progress=progress,  # selection already ordered the rows
+                    overwrite=overwrite)
+    tau = res["tau"]
+    gates = example_gates(examples, cfg.train, tau)
+
+    reports, stores = {}, {}
+    trained_model = None
+    for name, spec in (("base", cfg.model), ("trained", str(out / "train" / "merged"))):
+        with stage(f"eval {name}"):
+            if name == "trained":
+                trained_model, _ = load_model(spec)
+            m = model if name == "base" else trained_model
+            esampler = sampler
+            if sampler is not None and name == "trained":
+                if cfg.train.full_finetune:    # no adapter to serve: a new engine on the merged weights
+                    sampler.close()
+                    sampler = esampler = make_sampler(cfg.backend, spec, cfg.vllm, tokenizer=tok)
+                else:                          # the trained adapter, as a LoRA on the same engine
+                    spec = str(out / "train" / "adapter")
+                    esampler = sampler.for_model(spec)
+            rep, stores[name] = evaluate_model(m, tok, spec, test_p, tmpl, cfg.eval, out / "eval" / name,
+                                               label=f"{name}: {spec}", overwrite=overwrite, progress=progress,
+                                               engine=engine, sampler=esampler)
+            reports[name] = rep
+
+    if sampler is not None:
+        sampler.close()
+    paired = {}
+    for metric, idx in (("greedy", 1), ("avg_at_n", 0)):
+        a, b = stores["trained"][idx], stores["base"][idx]
+        if a is not None and b is not None:
+            paired[metric] = paired_difference(per_problem_accuracy(a), per_problem_accuracy(b))
+
+    def acc(rep, name):
+        return {"avg_at_n": rep.strict.avg_at_n.value if cfg.eval.n > 0 else None,
+             "greedy": rep.strict.greedy.value if rep.strict.greedy else None,
+             "n_problems": rep.n_problems, "n_samples": cfg.eval.n}
+
+    metrics = [json.loads(l) for l in (out / "train" / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    tables = []
+    tt = tier_table(test_p, stores)
+    if tt:
+        tables.append(tt)
+    with stage("fork analysis"):
+        fc = fork_changes(model, trained_model, tok, examples, gates)
+    tables.append({
+        "title": (f"Most-changed forks: on {fc['positions']} completion tokens of training rollouts (teacher-forced), the "
+                  f"trained argmax differs from the base at {fc['changed_fraction']:.2%} of positions; "
+                  f"{fc['changed_in_base_top5']}/{fc['changed']} of the new tokens are in the base top-5; "
+                  f"{fc['changed_at_gated']}/{fc['changed']} sit at gated positions; mean base entropy "
+                  f"{fc['mean_entropy_changed']:.2f} nats at changed vs {fc['mean_entropy_unchanged']:.2f} at unchanged positions."),
+        "header": ["base argmax", "trained argmax", "count", "mean base entropy (nats)"],
+        "rows": [[repr(r["base"]), repr(r["tuned"]), r["count"], f"{r['mean_base_entropy']:.2f}"] for r in fc["most_common"]]})
+    key = "greedy" if "greedy" in paired else "avg_at_n"
+    summary = {
+        "title": f"ReasonMaxxer run: {cfg.model}",
+        "summary": {"model": cfg.model, "train problems": cfg.train_problems, "test problems": cfg.test_problems,
+                    "template": cfg.template, "method": cfg.train.variant, "gate": cfg.train.gate,
+                    "lam": cfg.train.lam, "tau": round(tau, 4), "tau_source": res["tau_source"],
+                    "steps": res["total_steps"], "selected step": res["selected_step"],
+                    "selected val accuracy": res["selected_val_accuracy"],
+                    "entropies": "reused from the sampler" if score_info.get("reused_sampler_entropies") else "scored"},
+        "accuracy": {"base": acc(reports["base"], "base"), "trained": acc(reports["trained"], "trained"),
+                     "paired": {"metric": key, **paired.get(key, {})}, "paired_all": paired},
+        "entropy": {"values": [h for e in examples for h in e.entropies], "tau": tau, "gated_fraction": res["gated_fraction"]},
+        "examples": report_examples(model, tok, examples, gates),
+        "curves": metrics,
+        "timings": timings,
+        "tables": tables,
+        "fork_changes": fc,
+        "selection": {k: v for k, v in sel.stats.items()},
+        "artifacts": {"adapter": "train/adapter", "merged": "train/merged", "rollouts": "rollouts",
+                      "eval base": "eval/base/eval.md", "eval trained": "eval/trained/eval.md",
+                      "metrics": "train/metrics.jsonl"},
+    }
+    from ..reports.run_report import write_train_report
+
+    md, html = write_train_report(out, summary)
+    small = {k: v for k, v in summary.items() if k not in ("entropy", "examples", "curves", "tables")}
+    small["entropy"] = {"tau": tau, "gated_fraction": res["gated_fraction"], "n_tokens": len(summary["entropy"]["values"])}
+    atomic_write_json(out / "summary.json", small)
+    if progress:
+        print("\n== result (held-out, same problems) ==")
+        b, t = small["accuracy"]["base"], small["accuracy"]["trained"]
+        for metric in ("greedy", "avg_at_n"):
+            if b.get(metric) is not None:
+                p = paired.get(metric, {})
+                ci = f" (paired diff {p['mean_diff']:+.3f}, 95% CI [{p['low']:+.3f}, {p['high']:+.3f}], n={p['n']})" if p else ""
+                print(f"{metric:9s} base {b[metric]:.3f} -> trained {t[metric]:.3f}{ci}")
+        print(f"tau {tau:.3f} nats, gated fraction {res['gated_fraction']:.2%}; report: {md} , {html}")
+    return small
