@@ -25,9 +25,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from reasonmaxxer.config import load_run_config
 from reasonmaxxer.recipes.baselines import BaselineConfig, run_baseline
 from reasonmaxxer.recipes.compare import run_compare
-from reasonmaxxer.config import load_run_config
 from reasonmaxxer.recipes.run import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,8 +42,11 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "reasonmaxxer" / "configs" / "demo.toml"))
     ap.add_argument("--out", default="runs/compute_to_match")
     ap.add_argument("--metric", default="avg_at_n", choices=["avg_at_n", "greedy"])
-    ap.add_argument("--reference", default=None,
-                    help="an existing ReasonMaxxer run dir of --config (e.g. runs/demo) to use instead of running it")
+    ap.add_argument(
+        "--reference",
+        default=None,
+        help="an existing ReasonMaxxer run dir of --config (e.g. runs/demo) to use instead of running it",
+    )
     a = ap.parse_args()
     out = Path(a.out)
 
@@ -55,21 +58,40 @@ def main() -> None:
     timings = json.loads((rm_dir / "timings.json").read_text())
     rm_seconds = sum(timings.get(k, 0.0) for k in ("sample", "select + score", "train"))
     cap = a.factor * rm_seconds
-    print(f"\nReasonMaxxer reference: {rm_seconds:.0f} s of sampling + scoring + training "
-          f"({time.time() - t0:.0f} s this call); RL cap = {a.factor:g} x = {cap:.0f} s of training each", flush=True)
+    print(
+        f"\nReasonMaxxer reference: {rm_seconds:.0f} s of sampling + scoring + training "
+        f"({time.time() - t0:.0f} s this call); RL cap = {a.factor:g} x = {cap:.0f} s of training each",
+        flush=True,
+    )
 
     dirs = [str(rm_dir)]
     for m in a.methods:
-        bcfg = BaselineConfig(method=m, out=str(out / m), model=cfg.model, template=cfg.template,
-                              train_problems=cfg.train_problems, test_problems=cfg.test_problems, data_dir=cfg.data_dir,
-                              max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
-                              lora_rank=cfg.train.lora_rank, lora_alpha=cfg.train.lora_alpha,
-                              target_modules=cfg.train.target_modules, max_steps=100_000, max_train_seconds=cap,
-                              eval_every=a.eval_every, eval=replace(cfg.eval), threads=a.threads)
+        bcfg = BaselineConfig(
+            method=m,
+            out=str(out / m),
+            model=cfg.model,
+            template=cfg.template,
+            train_problems=cfg.train_problems,
+            test_problems=cfg.test_problems,
+            data_dir=cfg.data_dir,
+            max_new_tokens=cfg.sampling.max_new_tokens,
+            temperature=cfg.sampling.temperature,
+            lora_rank=cfg.train.lora_rank,
+            lora_alpha=cfg.train.lora_alpha,
+            target_modules=cfg.train.target_modules,
+            max_steps=100_000,
+            max_train_seconds=cap,
+            eval_every=a.eval_every,
+            eval=replace(cfg.eval),
+            threads=a.threads,
+        )
         t1 = time.time()
         res = run_baseline(bcfg)
-        print(f"{m}: {res['steps']} steps, {res['train_seconds']:.0f} s training + {res['eval_seconds']:.0f} s "
-              f"held-out evaluation ({time.time() - t1:.0f} s this call)", flush=True)
+        print(
+            f"{m}: {res['steps']} steps, {res['train_seconds']:.0f} s training + {res['eval_seconds']:.0f} s "
+            f"held-out evaluation ({time.time() - t1:.0f} s this call)",
+            flush=True,
+        )
         dirs.append(str(out / m))
 
     md = run_compare(dirs, out / "compare", reference=str(rm_dir), metric=a.metric)
@@ -80,11 +102,15 @@ def main() -> None:
     best = max(rl, key=lambda r: r.get(a.metric) or 0.0)
     ctm = best["compute_to_match"]
     bound = ">=" if ctm["lower_bound"] else "="
-    print(f"ReasonMaxxer held-out {a.metric} {ref[a.metric]:.3f} vs best RL baseline ({best['method']}) "
-          f"{best[a.metric]:.3f}")
-    print(f"compute-to-match of {best['method']}: FLOPs ratio {bound} {ctm['flops_ratio']:.1f}x, "
-          f"wall-clock ratio {bound} {ctm['wall_ratio']:.1f}x "
-          f"({'reached' if ctm['reached'] else 'not reached within the cap'})")
+    print(
+        f"ReasonMaxxer held-out {a.metric} {ref[a.metric]:.3f} vs best RL baseline ({best['method']}) "
+        f"{best[a.metric]:.3f}"
+    )
+    print(
+        f"compute-to-match of {best['method']}: FLOPs ratio {bound} {ctm['flops_ratio']:.1f}x, "
+        f"wall-clock ratio {bound} {ctm['wall_ratio']:.1f}x "
+        f"({'reached' if ctm['reached'] else 'not reached within the cap'})"
+    )
     goal = ref[a.metric] >= best[a.metric] and (ctm["wall_ratio"] or 0) >= 20
     print(f"goal (ReasonMaxxer >= best RL accuracy at >= 20x less compute, wall-clock): {'MET' if goal else 'NOT MET'}")
 

@@ -35,14 +35,30 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from reasonmaxxer.backends.hf import HFSampler, Request, SamplingConfig
 
-QWEN2_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                 intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True)
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=128, vocab_size=512, max_position_embeddings=1024, tie_word_embeddings=True)
+QWEN2_05B = dict(
+    hidden_size=896,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    intermediate_size=4864,
+    vocab_size=151936,
+    max_position_embeddings=32768,
+    tie_word_embeddings=True,
+)
+TINY = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=512,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+)
 
 
 def parse_args(argv=None):
@@ -76,8 +92,9 @@ def word_tokenizer(vocab_size: int):
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, vocab_size)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
     fast.padding_side = "left"
     return fast
 
@@ -114,41 +131,65 @@ def peak_gb(device: str) -> float | None:
 def bench_sample(model, tok, reqs, a, device) -> tuple[dict, list]:
     sampler = HFSampler(model, tok)
     cfg = SamplingConfig(n=a.samples, temperature=0.7, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
-    sampler.generate(reqs[:2], SamplingConfig(n=1, max_new_tokens=4, batch_size=2))   # warm-up (kernels, allocator)
+    sampler.generate(reqs[:2], SamplingConfig(n=1, max_new_tokens=4, batch_size=2))  # warm-up (kernels, allocator)
     sync(device)
     t0 = time.perf_counter()
     comps = sampler.generate(reqs, cfg)
     sync(device)
     dt = time.perf_counter() - t0
     n = sum(len(c.token_ids) for c in comps)
-    return {"what": f"HFSampler, {len(reqs)} requests, batch {a.batch_size}", "tokens": n, "seconds": round(dt, 2),
-            "tokens_per_s": round(n / dt, 1)}, comps
+    return {
+        "what": f"HFSampler, {len(reqs)} requests, batch {a.batch_size}",
+        "tokens": n,
+        "seconds": round(dt, 2),
+        "tokens_per_s": round(n / dt, 1),
+    }, comps
 
 
 def bench_score(model, tok, reqs, comps, a, device) -> tuple[dict, list]:
     from reasonmaxxer.stages.score import score_rows
 
     rows = [{"prompt_ids": list(r.prompt_ids), "token_ids": c.token_ids} for r, c in zip(reqs, comps)]
-    score_rows(rows[:1], model, tok, batch_size=1, progress=False)                      # warm-up
+    score_rows(rows[:1], model, tok, batch_size=1, progress=False)  # warm-up
     sync(device)
     t0 = time.perf_counter()
     ents = score_rows(rows, model, tok, batch_size=a.score_batch, progress=False)
     sync(device)
     dt = time.perf_counter() - t0
     n = sum(len(r["prompt_ids"]) + len(r["token_ids"]) for r in rows)
-    return {"what": f"pipeline.score_rows, {len(rows)} sequences, batch {a.score_batch} (all tokens counted)",
-            "tokens": n, "seconds": round(dt, 2), "tokens_per_s": round(n / dt, 1)}, ents
+    return {
+        "what": f"pipeline.score_rows, {len(rows)} sequences, batch {a.score_batch} (all tokens counted)",
+        "tokens": n,
+        "seconds": round(dt, 2),
+        "tokens_per_s": round(n / dt, 1),
+    }, ents
 
 
 def bench_train(model, tok, reqs, comps, ents, a, device, workdir: Path) -> dict:
     from reasonmaxxer.stages.train import TrainConfig, TrainExample, train
 
     rng = random.Random(1)
-    examples = [TrainExample(prompt_ids=r.prompt_ids, completion_ids=tuple(c.token_ids), entropies=tuple(e),
-                             advantage=rng.choice([-1.0, 1.0]), correct=False, key=r.key)
-                for r, c, e in zip(reqs, comps, ents)]
-    cfg = TrainConfig(lora_rank=32, lora_alpha=64, micro_batch=a.micro_batch, grad_accum=1, max_steps=a.train_steps,
-                      warmup_steps=1, checkpoint_every=10_000, skip_ungated=False)
+    examples = [
+        TrainExample(
+            prompt_ids=r.prompt_ids,
+            completion_ids=tuple(c.token_ids),
+            entropies=tuple(e),
+            advantage=rng.choice([-1.0, 1.0]),
+            correct=False,
+            key=r.key,
+        )
+        for r, c, e in zip(reqs, comps, ents)
+    ]
+    cfg = TrainConfig(
+        lora_rank=32,
+        lora_alpha=64,
+        micro_batch=a.micro_batch,
+        grad_accum=1,
+        max_steps=a.train_steps,
+        warmup_steps=1,
+        checkpoint_every=10_000,
+        skip_ungated=False,
+    )
     t0 = time.perf_counter()
     train(examples, cfg, workdir / "train", model, tok, progress=False, export=False, shuffle=False)
     sync(device)
@@ -156,9 +197,13 @@ def bench_train(model, tok, reqs, comps, ents, a, device, workdir: Path) -> dict
     steps = [json.loads(l)["seconds"] for l in (workdir / "train" / "metrics.jsonl").read_text().splitlines()]
     toks = sum(len(e.prompt_ids) + len(e.completion_ids) for e in examples[: a.micro_batch])
     later = steps[1:] or steps
-    return {"what": f"train, LoRA r32 q/k/v/o, {len(steps)} steps of {a.micro_batch} rollouts (~{toks} tokens)",
-            "steps": len(steps), "first_step_s": round(steps[0], 3), "s_per_step": round(statistics.median(later), 3),
-            "total_seconds": round(total, 2)}
+    return {
+        "what": f"train, LoRA r32 q/k/v/o, {len(steps)} steps of {a.micro_batch} rollouts (~{toks} tokens)",
+        "steps": len(steps),
+        "first_step_s": round(steps[0], 3),
+        "s_per_step": round(statistics.median(later), 3),
+        "total_seconds": round(total, 2),
+    }
 
 
 def vllm_missing() -> str | None:
@@ -177,15 +222,20 @@ def bench_vllm(d: Path, reqs, a) -> dict:
     cfg = SamplingConfig(n=a.samples, temperature=0.7, max_new_tokens=a.max_new_tokens)
     t0 = time.perf_counter()
     s = VLLMSampler(str(d), VLLMOptions(gpu_memory_utilization=a.gpu_memory_utilization))
-    s.generate(reqs[:2], SamplingConfig(n=1, max_new_tokens=4))       # starts the engine
+    s.generate(reqs[:2], SamplingConfig(n=1, max_new_tokens=4))  # starts the engine
     start = time.perf_counter() - t0
     t0 = time.perf_counter()
     comps = s.generate(reqs, cfg)
     dt = time.perf_counter() - t0
     s.close()
     n = sum(len(c.token_ids) for c in comps)
-    return {"what": f"VLLMSampler (vllm {vllm.__version__}), {len(reqs)} requests", "tokens": n, "seconds": round(dt, 2),
-            "tokens_per_s": round(n / dt, 1), "engine_start_s": round(start, 1)}
+    return {
+        "what": f"VLLMSampler (vllm {vllm.__version__}), {len(reqs)} requests",
+        "tokens": n,
+        "seconds": round(dt, 2),
+        "tokens_per_s": round(n / dt, 1),
+        "engine_start_s": round(start, 1),
+    }
 
 
 def main(argv=None) -> dict:
@@ -193,8 +243,12 @@ def main(argv=None) -> dict:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     dims = TINY if a.tiny else QWEN2_05B
-    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-           "dtype": str(dtype).replace("torch.", ""), "model": "tiny" if a.tiny else "Qwen2-0.5B shape, random init"}
+    env = {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "dtype": str(dtype).replace("torch.", ""),
+        "model": "tiny" if a.tiny else "Qwen2-0.5B shape, random init",
+    }
     print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     t_all = time.perf_counter()
     tok = word_tokenizer(dims["vocab_size"])
@@ -205,7 +259,7 @@ def main(argv=None) -> dict:
     skip_vllm = "--no-vllm" if a.no_vllm else vllm_missing()
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         work = Path(tmp)
-        if not skip_vllm:        # saved before training wraps the model in LoRA layers
+        if not skip_vllm:  # saved before training wraps the model in LoRA layers
             model.save_pretrained(work / "model")
             tok.save_pretrained(work / "model")
         results["sample"], comps = bench_sample(model, tok, reqs, a, device)
@@ -227,8 +281,10 @@ def main(argv=None) -> dict:
     for k in ("sample", "score", "train", "vllm"):
         r = results[k]
         if k == "train":
-            fig = (f"{r['s_per_step']} s/step (median after the first, which took {r['first_step_s']} s); "
-                   f"peak GPU memory {r['peak_gpu_gb']} GB")
+            fig = (
+                f"{r['s_per_step']} s/step (median after the first, which took {r['first_step_s']} s); "
+                f"peak GPU memory {r['peak_gpu_gb']} GB"
+            )
         else:
             fig = r.get("skipped") or f"{r['tokens_per_s']} tokens/s ({r['tokens']} tokens in {r['seconds']} s)"
         if "engine_start_s" in r:

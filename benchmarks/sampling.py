@@ -18,15 +18,16 @@ measurements use the same model, prompts, settings and batch size:
 
 Prints both ratios: ours / HF generate (goal >= 2x) and ours / forward (goal >= 60%).
 """
+
 import argparse
 import time
 
 import torch
 
-from reasonmaxxer.data.arith import generate as arith_problems
-from reasonmaxxer.models import load_model
-from reasonmaxxer.data.prompts import get_template, render_prompt
 from reasonmaxxer.backends.hf import HFSampler, Request, SamplingConfig
+from reasonmaxxer.data.arith import generate as arith_problems
+from reasonmaxxer.data.prompts import get_template, render_prompt
+from reasonmaxxer.models import load_model
 
 
 def main():
@@ -52,8 +53,10 @@ def main():
     enc = [e for e in enc for _ in range(S)]
     B, T, M = args.batch_size, args.temperature, args.max_new_tokens
     eos = tok.eos_token_id
-    print(f"model {args.model}, {len(prompts)} requests ({args.problems} problems x {S}) ({min(map(len, enc))}-{max(map(len, enc))} tokens), "
-          f"batch {B}, T={T}, max_new_tokens {M}, torch threads {torch.get_num_threads()}")
+    print(
+        f"model {args.model}, {len(prompts)} requests ({args.problems} problems x {S}) ({min(map(len, enc))}-{max(map(len, enc))} tokens), "
+        f"batch {B}, T={T}, max_new_tokens {M}, torch threads {torch.get_num_threads()}"
+    )
 
     # HF generate
     torch.manual_seed(0)
@@ -61,10 +64,20 @@ def main():
     hf_tokens = 0
     with torch.no_grad():
         for i in range(0, min(len(prompts), args.hf_requests), B):
-            batch = tok(prompts[i:min(i + B, args.hf_requests)], return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(**batch, do_sample=True, temperature=T, top_p=1.0, top_k=0, max_new_tokens=M,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=eos)
-            gen = out[:, batch["input_ids"].shape[1]:]
+            batch = tok(
+                prompts[i : min(i + B, args.hf_requests)], return_tensors="pt", padding=True, add_special_tokens=False
+            )
+            out = model.generate(
+                **batch,
+                do_sample=True,
+                temperature=T,
+                top_p=1.0,
+                top_k=0,
+                max_new_tokens=M,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=eos,
+            )
+            gen = out[:, batch["input_ids"].shape[1] :]
             for row in gen.tolist():
                 hf_tokens += (row.index(eos) + 1) if eos in row else len(row)
     hf_s = time.perf_counter() - t0
@@ -84,22 +97,26 @@ def main():
     t0 = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(seqs), B):
-            chunk = seqs[i:i + B]
+            chunk = seqs[i : i + B]
             L = max(map(len, chunk))
             ids = torch.full((len(chunk), L), tok.pad_token_id)
             mask = torch.zeros((len(chunk), L), dtype=torch.long)
             for j, s in enumerate(chunk):
-                ids[j, L - len(s):] = torch.tensor(s)
-                mask[j, L - len(s):] = 1
+                ids[j, L - len(s) :] = torch.tensor(s)
+                mask[j, L - len(s) :] = 1
             model(input_ids=ids, attention_mask=mask, use_cache=False)
     fwd_s = time.perf_counter() - t0
 
     hf_tps, ours_tps, fwd_tps = hf_tokens / hf_s, ours_tokens / ours_s, fwd_tokens / fwd_s
     trunc = sum(c.truncated for c in comps)
     print(f"HF generate : {hf_tokens:6d} tokens in {hf_s:7.1f} s = {hf_tps:7.1f} tok/s")
-    print(f"ours        : {ours_tokens:6d} tokens in {ours_s:7.1f} s = {ours_tps:7.1f} tok/s "
-          f"({trunc}/{len(comps)} hit max_new_tokens)")
-    print(f"forward     : {fwd_tokens:6d} tokens in {fwd_s:7.1f} s = {fwd_tps:7.1f} tok/s (teacher-forced, all tokens counted)")
+    print(
+        f"ours        : {ours_tokens:6d} tokens in {ours_s:7.1f} s = {ours_tps:7.1f} tok/s "
+        f"({trunc}/{len(comps)} hit max_new_tokens)"
+    )
+    print(
+        f"forward     : {fwd_tokens:6d} tokens in {fwd_s:7.1f} s = {fwd_tps:7.1f} tok/s (teacher-forced, all tokens counted)"
+    )
     print(f"ratio ours / HF generate = {ours_tps / hf_tps:.2f}x (goal >= 2x)")
     print(f"ratio ours / forward     = {ours_tps / fwd_tps:.0%} (goal >= 60%)")
 

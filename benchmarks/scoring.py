@@ -41,8 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from reasonmaxxer.stages.score import position_ids_from_mask, score_sequences
-
+from reasonmaxxer.stages.score import position_ids_from_mask, score_sequences  # noqa: E402 (after the sys.path insert)
 
 # ------------------------------------------------------------------------------ setup
 
@@ -61,9 +60,17 @@ def load(random_weights: bool):
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-        intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
-        rope_theta=100000.0, bos_token_id=1, eos_token_id=2,
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return LlamaForCausalLM(cfg).eval(), None, "SmolLM2-135M-shaped LlamaConfig, random weights, fp32"
 
@@ -147,8 +154,18 @@ def memory_worker(args) -> None:
 
 def measure_memory(variant: str, args, seq: int) -> float:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-    cmd = [sys.executable, __file__, "--worker", variant, "--seq", str(seq), "--batch", str(args.batch),
-           "--chunk", str(args.chunk)] + (["--random"] if args.random else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        variant,
+        "--seq",
+        str(seq),
+        "--batch",
+        str(args.batch),
+        "--chunk",
+        str(args.chunk),
+    ] + (["--random"] if args.random else [])
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])["extra_mb"]
 
@@ -191,8 +208,16 @@ def bench(model, tok, args, seq: int) -> dict:
     paired = {k: statistics.median(f / t for f, t in zip(wall["forward"], wall[k])) for k in names}
     mem = {k: measure_memory(k, args, seq) for k in names}
     return {
-        "seq": seq, "tokens": n_tok, "diff_entropy": diff_e, "diff_logprob": diff_l, "acc64": acc,
-        "tps": tps, "paired": paired, "wall": wall, "mem_mb": mem, "mean_entropy": ref_e[valid].mean().item(),
+        "seq": seq,
+        "tokens": n_tok,
+        "diff_entropy": diff_e,
+        "diff_logprob": diff_l,
+        "acc64": acc,
+        "tps": tps,
+        "paired": paired,
+        "wall": wall,
+        "mem_mb": mem,
+        "mean_entropy": ref_e[valid].mean().item(),
     }
 
 
@@ -213,29 +238,40 @@ def main() -> None:
 
     t_start = time.perf_counter()
     model, tok, desc = load(args.random)
-    print(f"model: {desc}; vocab {model.config.vocab_size}; batch {args.batch}; chunk_tokens {args.chunk}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; inputs: "
-          f"{'MATH-500 text' if tok is not None else 'random ids'}; load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"model: {desc}; vocab {model.config.vocab_size}; batch {args.batch}; chunk_tokens {args.chunk}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; inputs: "
+        f"{'MATH-500 text' if tok is not None else 'random ids'}; load average {os.getloadavg()[0]:.1f}"
+    )
     ids, mask = make_inputs(tok, model.config.vocab_size, 1, 16)
     for fn in VARIANTS.values():  # warm-up: lazy library init, ours' once-per-model head check
         fn(model, ids, mask, args.chunk)
     for seq in args.seqs:
         r = bench(model, tok, args, seq)
         t, q, m = r["tps"], r["paired"], r["mem_mb"]
-        print(f"\nseq {seq} x batch {args.batch} ({r['tokens']} real tokens; mean entropy {r['mean_entropy']:.3f} nats)")
-        print(f"  max |naive - ours| over all scored positions: entropy {r['diff_entropy']:.2e}, "
-              f"logprob {r['diff_logprob']:.2e}")
+        print(
+            f"\nseq {seq} x batch {args.batch} ({r['tokens']} real tokens; mean entropy {r['mean_entropy']:.3f} nats)"
+        )
+        print(
+            f"  max |naive - ours| over all scored positions: entropy {r['diff_entropy']:.2e}, "
+            f"logprob {r['diff_logprob']:.2e}"
+        )
         for k, (de, dl) in r["acc64"].items():
             print(f"  max |{k:5s} - float64| on 256 positions: entropy {de:.2e}, logprob {dl:.2e}")
-        print(f"  tokens/s (best of {len(r['wall']['forward'])}): forward {t['forward']:7.1f}   "
-              f"naive {t['naive']:7.1f}   ours {t['ours']:7.1f}")
+        print(
+            f"  tokens/s (best of {len(r['wall']['forward'])}): forward {t['forward']:7.1f}   "
+            f"naive {t['naive']:7.1f}   ours {t['ours']:7.1f}"
+        )
         rounds = "; ".join(f"{k} " + " ".join(f"{x:.2f}" for x in v) for k, v in r["wall"].items())
         print(f"  seconds per round: {rounds}")
-        print(f"  peak extra memory (MB): forward {m['forward']:7.1f}   naive {m['naive']:7.1f}   "
-              f"ours {m['ours']:7.1f}")
-        print(f"  ratios: ours/naive memory {m['ours'] / m['naive']:.3f}; throughput vs forward (best-of, paired "
-              f"median): ours {t['ours'] / t['forward']:.3f}, {q['ours']:.3f}; naive {t['naive'] / t['forward']:.3f}, "
-              f"{q['naive']:.3f}")
+        print(
+            f"  peak extra memory (MB): forward {m['forward']:7.1f}   naive {m['naive']:7.1f}   ours {m['ours']:7.1f}"
+        )
+        print(
+            f"  ratios: ours/naive memory {m['ours'] / m['naive']:.3f}; throughput vs forward (best-of, paired "
+            f"median): ours {t['ours'] / t['forward']:.3f}, {q['ours']:.3f}; naive {t['naive'] / t['forward']:.3f}, "
+            f"{q['naive']:.3f}"
+        )
     print(f"\ntotal benchmark time {time.perf_counter() - t_start:.0f} s; load average {os.getloadavg()[0]:.1f}")
 
 

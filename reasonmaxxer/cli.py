@@ -17,19 +17,31 @@ from .errors import ReasonMaxxerError
 
 
 def _add_model(p, default="smollm2-135m"):
-    p.add_argument("--model", default=default, help="alias (smollm2-135m), .gguf file, HF checkpoint dir, PEFT adapter dir or Hub id")
+    p.add_argument(
+        "--model",
+        default=default,
+        help="alias (smollm2-135m), .gguf file, HF checkpoint dir, PEFT adapter dir or Hub id",
+    )
 
 
 def _add_problems(p, default="arith:test:100"):
-    p.add_argument("--problems", default=default,
-                   help="arith:<split>:<n>[:tiers], a benchmark name (gsm8k, math500, aime24, aime25, amc23, "
-                        "olympiadbench, minerva; optionally name:split), or a .jsonl/.parquet file")
-    p.add_argument("--data-dir", default=None, help="local benchmark data dir (default $REASONMAXXER_DATA_DIR, else the Hub)")
+    p.add_argument(
+        "--problems",
+        default=default,
+        help="arith:<split>:<n>[:tiers], a benchmark name (gsm8k, math500, aime24, aime25, amc23, "
+        "olympiadbench, minerva; optionally name:split), or a .jsonl/.parquet file",
+    )
+    p.add_argument(
+        "--data-dir", default=None, help="local benchmark data dir (default $REASONMAXXER_DATA_DIR, else the Hub)"
+    )
     p.add_argument("--question-field", default="question")
     p.add_argument("--answer-field", default="answer")
     p.add_argument("--limit", type=int, default=None, help="use only the first N problems")
-    p.add_argument("--template", default="fewshot",
-                   help="prompt template: raw, chat, fewshot, mistral, a .txt file, or a literal string with {question}")
+    p.add_argument(
+        "--template",
+        default="fewshot",
+        help="prompt template: raw, chat, fewshot, mistral, a .txt file, or a literal string with {question}",
+    )
 
 
 def _add_sampling(p, n=4, temperature=0.7, max_new_tokens=256):
@@ -47,30 +59,54 @@ def _add_sampling(p, n=4, temperature=0.7, max_new_tokens=256):
 def _add_engine(p, from_config: bool = False):
     """--engine/--workers/--ray-address; for `run` they default to the config's values."""
     cfg = " (default: the config's, else %s)" if from_config else " (default: %s)"
-    p.add_argument("--engine", choices=("local", "ray"), default=None if from_config else "local",
-                   help="local: this process; ray: shards spread over Ray workers, same results" + cfg % "local")
-    p.add_argument("--workers", type=int, default=None if from_config else 2,
-                   help="Ray workers (actors), each loads the model once" + cfg % 2)
-    p.add_argument("--ray-address", default=None,
-                   help="an existing Ray cluster ('auto' or host:port); default: start a local Ray instance")
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default=None if from_config else "local",
+        help="local: this process; ray: shards spread over Ray workers, same results" + cfg % "local",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None if from_config else 2,
+        help="Ray workers (actors), each loads the model once" + cfg % 2,
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="an existing Ray cluster ('auto' or host:port); default: start a local Ray instance",
+    )
 
 
 def _engine(a):
     from .backends.engines import EngineConfig
 
-    return EngineConfig(engine=a.engine, workers=a.workers, threads=getattr(a, "threads", 0) or 0,
-                        ray_address=a.ray_address)
+    return EngineConfig(
+        engine=a.engine, workers=a.workers, threads=getattr(a, "threads", 0) or 0, ray_address=a.ray_address
+    )
 
 
 def _add_backend(p):
     """--backend and the vLLM engine options (None = the config's or the default)."""
-    p.add_argument("--backend", choices=("hf", "vllm"), default=None,
-                   help="sampling backend: hf (default; CPU or GPU) or vllm (GPUs; pip install 'reasonmaxxer[vllm]')")
+    p.add_argument(
+        "--backend",
+        choices=("hf", "vllm"),
+        default=None,
+        help="sampling backend: hf (default; CPU or GPU) or vllm (GPUs; pip install 'reasonmaxxer[vllm]')",
+    )
     p.add_argument("--tensor-parallel-size", type=int, default=None, help="vllm: GPUs per engine (default 1)")
-    p.add_argument("--data-parallel-size", type=int, default=None,
-                   help="vllm: independent engines, each on its own --tensor-parallel-size GPUs (default 1)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="vllm: fraction of each GPU's memory the engine may take (default 0.9)")
+    p.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=None,
+        help="vllm: independent engines, each on its own --tensor-parallel-size GPUs (default 1)",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="vllm: fraction of each GPU's memory the engine may take (default 0.9)",
+    )
 
 
 _VLLM_FLAGS = ("tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization")
@@ -78,8 +114,8 @@ _VLLM_FLAGS = ("tensor_parallel_size", "data_parallel_size", "gpu_memory_utiliza
 
 def _sampler(a, spec: str):
     """The sampler the flags ask for: None (HF, built by the stage) or a `VLLMSampler` for `spec`."""
-    from .stages.sample import check_backend
     from .backends.vllm import VLLMOptions, make_sampler
+    from .stages.sample import check_backend
 
     check_backend(a.backend, getattr(a, "engine", None))
     opts = {k: getattr(a, k) for k in _VLLM_FLAGS if getattr(a, k, None) is not None}
@@ -91,7 +127,11 @@ def _sampler(a, spec: str):
 def _add_pair(p):
     """Flags shared by analyze and intervene: a base/tuned pair and the problems to decode."""
     p.add_argument("--base", default="smollm2-135m", help="base model spec")
-    p.add_argument("--tuned", required=True, help="tuned model: PEFT adapter dir, merged checkpoint or any HF model (same tokenizer)")
+    p.add_argument(
+        "--tuned",
+        required=True,
+        help="tuned model: PEFT adapter dir, merged checkpoint or any HF model (same tokenizer)",
+    )
     p.add_argument("--problems", default="arith:test:30")
     p.add_argument("--template", default="fewshot")
     p.add_argument("--limit", type=int, default=None)
@@ -102,15 +142,23 @@ def _add_pair(p):
 def _sampling_config(a):
     from .backends.hf import SamplingConfig
 
-    return SamplingConfig(n=a.n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                          max_new_tokens=a.max_new_tokens, seed=a.seed, batch_size=a.batch_size)
+    return SamplingConfig(
+        n=a.n,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        max_new_tokens=a.max_new_tokens,
+        seed=a.seed,
+        batch_size=a.batch_size,
+    )
 
 
 def _problems(a):
     from .data.benchmarks import load_problems
 
-    return load_problems(a.problems, data_dir=a.data_dir, question_field=a.question_field,
-                         answer_field=a.answer_field, limit=a.limit)
+    return load_problems(
+        a.problems, data_dir=a.data_dir, question_field=a.question_field, answer_field=a.answer_field, limit=a.limit
+    )
 
 
 def _slug(*parts) -> str:
@@ -137,7 +185,9 @@ def cmd_models(a):
     for row in list_models():
         if row["installed"]:
             state = "converted" if row["converted"] else "not converted yet (first load takes ~25 s)"
-            print(f"{row['alias']}: installed, {state}\n  gguf:  {row['gguf']}\n  cache: {row['cache']}\n  hub:   {row['hub_id']}")
+            print(
+                f"{row['alias']}: installed, {state}\n  gguf:  {row['gguf']}\n  cache: {row['cache']}\n  hub:   {row['hub_id']}"
+            )
         else:
             print(f"{row['alias']}: NOT installed: run `{row['install']}` (hub: {row['hub_id']})")
 
@@ -150,14 +200,26 @@ def cmd_sample(a):
     problems = _problems(a)
     sampler = _sampler(a, a.model)
     try:
-        store = sample_stage(a.out, a.model, problems, get_template(a.template), _sampling_config(a), greedy=a.greedy,
-                             shard_size=a.shard_size, overwrite=a.overwrite, grade_workers=a.grade_workers,
-                             engine=_engine(a), sampler=sampler)
+        store = sample_stage(
+            a.out,
+            a.model,
+            problems,
+            get_template(a.template),
+            _sampling_config(a),
+            greedy=a.greedy,
+            shard_size=a.shard_size,
+            overwrite=a.overwrite,
+            grade_workers=a.grade_workers,
+            engine=_engine(a),
+            sampler=sampler,
+        )
     finally:
         if sampler is not None:
             sampler.close()
     m = store.manifest()
-    print(f"rollouts: {store.root} ({len(store.done_shards())} shards, {m.get('generated_tokens_last_run', 0)} tokens generated this run)")
+    print(
+        f"rollouts: {store.root} ({len(store.done_shards())} shards, {m.get('generated_tokens_last_run', 0)} tokens generated this run)"
+    )
 
 
 def cmd_score(a):
@@ -171,14 +233,16 @@ def cmd_score(a):
     t = store.read_table(["entropies"])
     ents = [h for row in t.column("entropies").to_pylist() for h in row]
     mean = sum(ents) / len(ents) if ents else float("nan")
-    print(f"scores: {store.root} ({len(store.done_shards())} shards, {t.num_rows} rollouts, {len(ents)} tokens, "
-          f"mean entropy {mean:.3f} nats under {spec})")
+    print(
+        f"scores: {store.root} ({len(store.done_shards())} shards, {t.num_rows} rollouts, {len(ents)} tokens, "
+        f"mean entropy {mean:.3f} nats under {spec})"
+    )
 
 
 def cmd_grade(a):
+    from .io import atomic_write_bytes
     from .stages.sample import regrade_store
     from .store import RolloutStore
-    from .io import atomic_write_bytes
 
     src = Path(a.input)
     if src.is_dir():
@@ -187,9 +251,8 @@ def cmd_grade(a):
         return
     if not src.is_file():
         raise ReasonMaxxerError(f"{src}: no such file or rollout store")
-    from .verify import grade_many, parse_failures
-
     from .io import read_jsonl
+    from .verify import grade_many, parse_failures
 
     rows = []
     for where, r in read_jsonl(src):
@@ -197,8 +260,12 @@ def cmd_grade(a):
             if fld not in r:
                 raise ReasonMaxxerError(f"{where}: missing field '{fld}' (has: {', '.join(sorted(r))})")
         rows.append(r)
-    grades = grade_many([str(r[a.answer_field]) for r in rows], [str(r[a.completion_field]) for r in rows],
-                        workers=a.grade_workers, progress=True)
+    grades = grade_many(
+        [str(r[a.answer_field]) for r in rows],
+        [str(r[a.completion_field]) for r in rows],
+        workers=a.grade_workers,
+        progress=True,
+    )
     out_lines = []
     for r, g in zip(rows, grades):
         r = dict(r)
@@ -211,31 +278,44 @@ def cmd_grade(a):
     s = sum(g.strict.correct for g in grades)
     l = sum(g.lenient.correct for g in grades)
     pf = parse_failures(grades)
-    print(f"{len(grades)} graded -> {out}\nstrict {s}/{len(grades)} correct ({pf['strict']} without an answer), "
-          f"lenient {l}/{len(grades)} ({pf['lenient']} without an answer)")
+    print(
+        f"{len(grades)} graded -> {out}\nstrict {s}/{len(grades)} correct ({pf['strict']} without an answer), "
+        f"lenient {l}/{len(grades)} ({pf['lenient']} without an answer)"
+    )
 
 
 def run_eval(a, label=None):
     """Sample (n samples + greedy) and evaluate; returns (report, out_dir)."""
-    from .stages.evaluate import save_report, to_markdown
-    from .models import load_model
     from .data.prompts import get_template
-    from .stages.evaluate import evaluate_stores
+    from .models import load_model
+    from .stages.evaluate import evaluate_stores, save_report, to_markdown
     from .stages.sample import sample_stage
 
     _threads(a)
     problems = _problems(a)
     tmpl = get_template(a.template)
     cfg = _sampling_config(a)
-    out = Path(a.out or Path("runs") / "eval" / f"{Path(a.model).name}-{_slug(a.model, a.problems, a.limit, a.template, vars(a).get('n'), a.temperature, a.top_p, a.top_k, a.max_new_tokens, a.seed, *(['vllm'] if a.backend == 'vllm' else []))}")
+    out = Path(
+        a.out
+        or Path("runs")
+        / "eval"
+        / f"{Path(a.model).name}-{_slug(a.model, a.problems, a.limit, a.template, vars(a).get('n'), a.temperature, a.top_p, a.top_k, a.max_new_tokens, a.seed, *(['vllm'] if a.backend == 'vllm' else []))}"
+    )
     engine = _engine(a)
     model = tok = None
     sampler = _sampler(a, a.model)
     if sampler is None and (a.n > 0 or a.greedy) and engine.engine == "local":
         model, tok = load_model(a.model)
     sampled = greedy = None
-    kw = dict(shard_size=a.shard_size, overwrite=a.overwrite, model=model, tokenizer=tok, grade_workers=a.grade_workers,
-              engine=engine, sampler=sampler)
+    kw = dict(
+        shard_size=a.shard_size,
+        overwrite=a.overwrite,
+        model=model,
+        tokenizer=tok,
+        grade_workers=a.grade_workers,
+        engine=engine,
+        sampler=sampler,
+    )
     try:
         if a.n > 0:
             sampled = sample_stage(out / "samples", a.model, problems, tmpl, cfg, **kw)
@@ -260,11 +340,26 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.toml"
 
 
 def _run_overrides(a) -> dict:
-    o = {"out": a.out, "model": a.model, "threads": a.threads or None, "engine": a.engine, "workers": a.workers,
-         "ray_address": a.ray_address, "backend": a.backend}
+    o = {
+        "out": a.out,
+        "model": a.model,
+        "threads": a.threads or None,
+        "engine": a.engine,
+        "workers": a.workers,
+        "ray_address": a.ray_address,
+        "backend": a.backend,
+    }
     o.update({f"vllm.{k}": getattr(a, k) for k in _VLLM_FLAGS if getattr(a, k) is not None})
-    for k in ("train.tau", "train.tau_fraction", "train.variant", "train.gate", "train.lam", "train.max_steps",
-              "sampling.n", "eval.n"):
+    for k in (
+        "train.tau",
+        "train.tau_fraction",
+        "train.variant",
+        "train.gate",
+        "train.lam",
+        "train.max_steps",
+        "sampling.n",
+        "eval.n",
+    ):
         v = getattr(a, k.replace(".", "_"), None)
         if v is not None:
             o[k] = v
@@ -277,8 +372,10 @@ def cmd_run(a, config=None):
     from .recipes.run import run_pipeline
 
     if launched():
-        raise ReasonMaxxerError("run/demo is single-process; under `accelerate launch` run `-m reasonmaxxer train` "
-                                "(the README's 'Multi-process training')")
+        raise ReasonMaxxerError(
+            "run/demo is single-process; under `accelerate launch` run `-m reasonmaxxer train` "
+            "(the README's 'Multi-process training')"
+        )
     cfg = load_run_config(config or a.config, **_run_overrides(a))
     run_pipeline(cfg, overwrite=a.overwrite)
 
@@ -286,16 +383,38 @@ def cmd_run(a, config=None):
 def _train_config(a):
     from .stages.train import TrainConfig
 
-    kw = {k: getattr(a, k) for k in ("tau", "tau_fraction", "variant", "gate", "lam", "lr", "epochs", "max_steps",
-                                      "micro_batch", "grad_accum", "lora_rank", "lora_alpha", "seed",
-                                      "checkpoint_every", "warmup_steps") if getattr(a, k, None) is not None}
+    kw = {
+        k: getattr(a, k)
+        for k in (
+            "tau",
+            "tau_fraction",
+            "variant",
+            "gate",
+            "lam",
+            "lr",
+            "epochs",
+            "max_steps",
+            "micro_batch",
+            "grad_accum",
+            "lora_rank",
+            "lora_alpha",
+            "seed",
+            "checkpoint_every",
+            "warmup_steps",
+        )
+        if getattr(a, k, None) is not None
+    }
     if getattr(a, "full_finetune", False):
         kw["full_finetune"] = True
     return TrainConfig(**kw)
 
 
 def _selection(a) -> dict:
-    return {k: getattr(a, k) for k in ("max_problems", "keep_shortest", "truncated", "order") if getattr(a, k, None) is not None}
+    return {
+        k: getattr(a, k)
+        for k in ("max_problems", "keep_shortest", "truncated", "order")
+        if getattr(a, k, None) is not None
+    }
 
 
 def _store_model(a, store):
@@ -309,48 +428,51 @@ def _store_model(a, store):
 def cmd_train(a):
     import copy
 
-    from .data.benchmarks import load_problems
     from .backends.distributed import is_main_process, main_process_first
-    from .models import load_model
-    from .stages.evaluate import greedy_accuracy_fn
-    from .stages.train import examples_from_selection
-    from .recipes.run import prepare_training_data
+    from .data.benchmarks import load_problems
     from .data.prompts import get_template
+    from .models import load_model
+    from .recipes.run import prepare_training_data
+    from .stages.evaluate import greedy_accuracy_fn
     from .stages.select import SelectionConfig
+    from .stages.train import examples_from_selection, train
     from .store import RolloutStore
-    from .stages.train import train
 
     _threads(a)
     store = RolloutStore(a.rollouts)
     spec, man = _store_model(a, store)
-    main = is_main_process()      # under `accelerate launch` every process runs this command
-    with main_process_first():    # the main process converts / scores and caches; the others read the caches
+    main = is_main_process()  # under `accelerate launch` every process runs this command
+    with main_process_first():  # the main process converts / scores and caches; the others read the caches
         model, tok = load_model(spec)
     cfg = _train_config(a)
     out = Path(a.out)
     sel_cfg = _selection(a)
     with main_process_first():
-        sel, rows, info = prepare_training_data(store, spec, model, tok, sel_cfg, cfg, out / "scores.parquet",
-                                                rescore=a.rescore, progress=main)
+        sel, rows, info = prepare_training_data(
+            store, spec, model, tok, sel_cfg, cfg, out / "scores.parquet", rescore=a.rescore, progress=main
+        )
     examples = examples_from_selection(rows, SelectionConfig(**sel_cfg).truncated)
     validate = None
     if a.validation:
         tmpl = get_template(a.template or man.get("config", {}).get("template", {}).get("name") or "fewshot")
         validate = greedy_accuracy_fn(load_problems(a.validation, data_dir=a.data_dir), tmpl, tok, a.max_new_tokens, 32)
-    res = train(examples, cfg, out, copy.deepcopy(model), tok, base_spec=spec, validate=validate, shuffle=False,
-                progress=main)
+    res = train(
+        examples, cfg, out, copy.deepcopy(model), tok, base_spec=spec, validate=validate, shuffle=False, progress=main
+    )
     if not main:
         return
-    print(f"tau {res['tau']:.3f} nats ({res['tau_source']}), gated fraction {res['gated_fraction']:.2%}; "
-          f"selected step {res['selected_step']} (val accuracy {res['selected_val_accuracy']})\n"
-          f"adapter: {res.get('adapter')}\nmerged:  {res.get('merged')}")
+    print(
+        f"tau {res['tau']:.3f} nats ({res['tau_source']}), gated fraction {res['gated_fraction']:.2%}; "
+        f"selected step {res['selected_step']} (val accuracy {res['selected_val_accuracy']})\n"
+        f"adapter: {res.get('adapter')}\nmerged:  {res.get('merged')}"
+    )
 
 
 def cmd_calibrate(a):
     from .data.benchmarks import load_problems
+    from .data.prompts import get_template
     from .models import load_model
     from .recipes.calibrate import calibrate
-    from .data.prompts import get_template
     from .store import RolloutStore
 
     _threads(a)
@@ -358,9 +480,20 @@ def cmd_calibrate(a):
     spec, man = _store_model(a, store)
     model, tok = load_model(spec)
     tmpl = get_template(a.template or man.get("config", {}).get("template", {}).get("name") or "fewshot")
-    res = calibrate(store, spec, model, tok, tmpl, load_problems(a.validation, data_dir=a.data_dir),
-                    taus=a.taus, selection=_selection(a), train_cfg=_train_config(a), out=Path(a.out),
-                    max_steps=a.steps, max_new_tokens=a.max_new_tokens)
+    res = calibrate(
+        store,
+        spec,
+        model,
+        tok,
+        tmpl,
+        load_problems(a.validation, data_dir=a.data_dir),
+        taus=a.taus,
+        selection=_selection(a),
+        train_cfg=_train_config(a),
+        out=Path(a.out),
+        max_steps=a.steps,
+        max_new_tokens=a.max_new_tokens,
+    )
     print(res["markdown"])
     print(f"best tau: {res['best_tau']:g} nats (written: {a.out}/calibrate.json, calibrate.md)")
 
@@ -369,8 +502,17 @@ def cmd_analyze(a):
     from .analysis.tokens import run_analyze
 
     _threads(a)
-    res = run_analyze(a.base, a.tuned, a.problems, a.out, template=a.template, limit=a.limit,
-                      max_new_tokens=a.max_new_tokens, data_dir=a.data_dir, trajectories=a.trajectories)
+    res = run_analyze(
+        a.base,
+        a.tuned,
+        a.problems,
+        a.out,
+        template=a.template,
+        limit=a.limit,
+        max_new_tokens=a.max_new_tokens,
+        data_dir=a.data_dir,
+        trajectories=a.trajectories,
+    )
     from .reports.explorer import analysis_plots, write_explorer, write_fork_atlas
 
     analysis_plots(a.out)
@@ -378,7 +520,7 @@ def cmd_analyze(a):
     try:
         write_fork_atlas(a.out)
         atlas = ", fork_atlas.html"
-    except ReasonMaxxerError as e:   # e.g. no reranked position at all: nothing to build an atlas from
+    except ReasonMaxxerError as e:  # e.g. no reranked position at all: nothing to build an atlas from
         atlas = f" (no fork atlas: {e})"
     print((Path(a.out) / "analysis.md").read_text())
     print(f"written: {a.out}/analysis.json, analysis.md, trajectories.jsonl, explorer.html, plots/{atlas}")
@@ -389,9 +531,19 @@ def cmd_intervene(a):
     from .analysis.intervene import run_intervene
 
     _threads(a)
-    run_intervene(a.base, a.tuned, a.problems, a.out, template=a.template, limit=a.limit,
-                  max_new_tokens=a.max_new_tokens, taus=tuple(a.taus), random_seeds=tuple(range(a.random_seeds)),
-                  js_eps=a.js_eps, data_dir=a.data_dir)
+    run_intervene(
+        a.base,
+        a.tuned,
+        a.problems,
+        a.out,
+        template=a.template,
+        limit=a.limit,
+        max_new_tokens=a.max_new_tokens,
+        taus=tuple(a.taus),
+        random_seeds=tuple(range(a.random_seeds)),
+        js_eps=a.js_eps,
+        data_dir=a.data_dir,
+    )
     print((Path(a.out) / "intervene.md").read_text())
     print(f"written: {a.out}/intervene.json, intervene.md, intervene_bars.png, tau_sweep.png")
 
@@ -399,9 +551,28 @@ def cmd_intervene(a):
 def cmd_baseline(a):
     from .recipes.baselines import load_baseline_config, run_baseline
 
-    keys = ("out", "model", "template", "train_problems", "test_problems", "data_dir", "loss_type", "beta", "lr",
-            "prompts_per_step", "num_generations", "max_new_tokens", "lora_rank", "full_finetune", "max_steps",
-            "max_train_seconds", "eval_every", "eval_at_start", "seed", "threads")
+    keys = (
+        "out",
+        "model",
+        "template",
+        "train_problems",
+        "test_problems",
+        "data_dir",
+        "loss_type",
+        "beta",
+        "lr",
+        "prompts_per_step",
+        "num_generations",
+        "max_new_tokens",
+        "lora_rank",
+        "full_finetune",
+        "max_steps",
+        "max_train_seconds",
+        "eval_every",
+        "eval_at_start",
+        "seed",
+        "threads",
+    )
     over = {k: getattr(a, k) for k in keys}
     over["method"] = a.method
     if over["out"] is None and not a.config:
@@ -409,8 +580,10 @@ def cmd_baseline(a):
     res = run_baseline(load_baseline_config(a.config, **over))
     f = res.get("final") or {}
     acc = ", ".join(f"{k} {f[k]:.3f}" for k in ("greedy", "avg_at_n") if f.get(k) is not None)
-    print(f"{res['method']}: {res['steps']} steps, {res['train_seconds']:.0f} s of training, {res['flops']:.3g} FLOPs; "
-          f"held-out {acc}; curve: {Path(res['adapter' if 'adapter' in res else 'model']).parent / 'curve.jsonl'}")
+    print(
+        f"{res['method']}: {res['steps']} steps, {res['train_seconds']:.0f} s of training, {res['flops']:.3g} FLOPs; "
+        f"held-out {acc}; curve: {Path(res['adapter' if 'adapter' in res else 'model']).parent / 'curve.jsonl'}"
+    )
 
 
 def cmd_compare(a):
@@ -421,13 +594,18 @@ def cmd_compare(a):
 
 
 def cmd_demo(a):
-    print("reasonmaxxer demo: SmolLM2-135M-Instruct (embedded) on built-in arithmetic problems:\n"
-          "sample -> grade -> select -> score -> train (LoRA, entropy gate) -> evaluate base vs trained -> report", flush=True)
+    print(
+        "reasonmaxxer demo: SmolLM2-135M-Instruct (embedded) on built-in arithmetic problems:\n"
+        "sample -> grade -> select -> score -> train (LoRA, entropy gate) -> evaluate base vs trained -> report",
+        flush=True,
+    )
     cmd_run(a, config=DEMO_CONFIG)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="reasonmaxxer", description="RL-free reasoning post-training at high-entropy forks.")
+    ap = argparse.ArgumentParser(
+        prog="reasonmaxxer", description="RL-free reasoning post-training at high-entropy forks."
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("models", help="list the embedded models (and convert them once)")
@@ -446,7 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine(p)
     p.set_defaults(fn=cmd_sample)
 
-    p = sub.add_parser("score", help="teacher-forced entropies and log-probs of every rollout in a store (a score store)")
+    p = sub.add_parser(
+        "score", help="teacher-forced entropies and log-probs of every rollout in a store (a score store)"
+    )
     p.add_argument("--rollouts", required=True, help="rollout store (from `reasonmaxxer sample`)")
     p.add_argument("--out", required=True, help="score store directory")
     p.add_argument("--model", default=None, help="scoring model (default: the one that sampled the rollouts)")
@@ -464,8 +644,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grade-workers", type=int, default=None)
     p.set_defaults(fn=cmd_grade)
 
-    for name, fn, hlp in (("run", cmd_run, "the whole pipeline from a TOML config (each stage resumable)"),
-                          ("demo", cmd_demo, "the main job: `run` with the embedded default model's presets")):
+    for name, fn, hlp in (
+        ("run", cmd_run, "the whole pipeline from a TOML config (each stage resumable)"),
+        ("demo", cmd_demo, "the main job: `run` with the embedded default model's presets"),
+    ):
         p = sub.add_parser(name, help=hlp)
         if name == "run":
             p.add_argument("config", help="TOML run config (see configs/demo.toml)")
@@ -474,7 +656,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=0)
         p.add_argument("--train-tau", type=float, default=None, help="entropy threshold, nats")
         p.add_argument("--train-tau-fraction", type=float, default=None, help="gate this fraction of completion tokens")
-        p.add_argument("--train-variant", default=None, help="reasonmaxxer | positive_only | no_anchor | all_tokens | rft")
+        p.add_argument(
+            "--train-variant", default=None, help="reasonmaxxer | positive_only | no_anchor | all_tokens | rft"
+        )
         p.add_argument("--train-gate", default=None, help="entropy | random")
         p.add_argument("--train-lam", type=float, default=None)
         p.add_argument("--train-max-steps", type=int, default=None)
@@ -485,19 +669,26 @@ def build_parser() -> argparse.ArgumentParser:
         _add_engine(p, from_config=True)
         p.set_defaults(fn=fn)
 
-    for name, fn, hlp in (("train", cmd_train, "train an adapter from a rollout store (select, score, train, export)"),
-                          ("calibrate", cmd_calibrate, "sweep tau with short trainings on a validation split")):
+    for name, fn, hlp in (
+        ("train", cmd_train, "train an adapter from a rollout store (select, score, train, export)"),
+        ("calibrate", cmd_calibrate, "sweep tau with short trainings on a validation split"),
+    ):
         p = sub.add_parser(name, help=hlp)
         p.add_argument("--rollouts", required=True, help="rollout store (from `reasonmaxxer sample`)")
         p.add_argument("--out", required=True, help="output dir")
         p.add_argument("--model", default=None, help="base model (default: the one that sampled the rollouts)")
         p.add_argument("--template", default=None, help="prompt template for validation (default: the rollouts')")
-        p.add_argument("--validation", default="arith:validation:32" if name == "calibrate" else None,
-                       help="held-out problems for checkpoint selection / calibration")
+        p.add_argument(
+            "--validation",
+            default="arith:validation:32" if name == "calibrate" else None,
+            help="held-out problems for checkpoint selection / calibration",
+        )
         p.add_argument("--data-dir", default=None)
         p.add_argument("--max-new-tokens", type=int, default=256, help="for validation decoding")
         p.add_argument("--threads", type=int, default=0)
-        p.add_argument("--tau-fraction", type=float, default=None, help="gate this fraction of completion tokens (default 0.05)")
+        p.add_argument(
+            "--tau-fraction", type=float, default=None, help="gate this fraction of completion tokens (default 0.05)"
+        )
         p.add_argument("--variant", default=None, help="reasonmaxxer | positive_only | no_anchor | all_tokens | rft")
         p.add_argument("--gate", default=None, help="entropy | random")
         p.add_argument("--lam", type=float, default=None, help="anchor weight (default 0.2)")
@@ -517,18 +708,30 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--truncated", default=None, help="drop | mask | keep")
         p.add_argument("--order", default=None, help="shuffle | clarity | none")
         if name == "train":
-            p.add_argument("--tau", type=float, default=None, help="entropy threshold in nats (default: --tau-fraction quantile)")
-            p.add_argument("--rescore", action="store_true", help="re-score base entropies even if the sampler's can be reused")
+            p.add_argument(
+                "--tau", type=float, default=None, help="entropy threshold in nats (default: --tau-fraction quantile)"
+            )
+            p.add_argument(
+                "--rescore", action="store_true", help="re-score base entropies even if the sampler's can be reused"
+            )
         else:
-            p.add_argument("--taus", type=float, nargs="+", default=[0.8, 1.2, 1.6, 2.0, 2.4], help="candidate tau values, nats")
+            p.add_argument(
+                "--taus", type=float, nargs="+", default=[0.8, 1.2, 1.6, 2.0, 2.4], help="candidate tau values, nats"
+            )
             p.add_argument("--steps", type=int, default=8, help="optimizer steps per candidate")
         p.set_defaults(fn=fn)
 
-    p = sub.add_parser("analyze", help="token-level comparison of a tuned model with its base (reranked/shifted, entropy, KL/JS)")
+    p = sub.add_parser(
+        "analyze", help="token-level comparison of a tuned model with its base (reranked/shifted, entropy, KL/JS)"
+    )
     _add_pair(p)
-    p.add_argument("--trajectories", choices=("base", "tuned", "both"), default="base",
-                   help="whose greedy trajectories to analyse (both models are teacher-forced on them); "
-                        "both: each reported separately")
+    p.add_argument(
+        "--trajectories",
+        choices=("base", "tuned", "both"),
+        default="base",
+        help="whose greedy trajectories to analyse (both models are teacher-forced on them); "
+        "both: each reported separately",
+    )
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_analyze)
@@ -542,7 +745,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_intervene)
 
-    p = sub.add_parser("baseline", help="an RL baseline through TRL (grpo, grpo-entropy, dr-grpo, rloo), evaluated along the way")
+    p = sub.add_parser(
+        "baseline", help="an RL baseline through TRL (grpo, grpo-entropy, dr-grpo, rloo), evaluated along the way"
+    )
     p.add_argument("method", choices=["grpo", "grpo-entropy", "dr-grpo", "rloo"])
     p.add_argument("--config", default=None, help="TOML file with BaselineConfig keys (+ an [eval] table); flags win")
     p.add_argument("--out", default=None, help="run dir (default runs/baseline-<method>); re-run to resume")
@@ -600,7 +805,9 @@ def main(argv=None) -> int:
         print(f"reasonmaxxer: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("reasonmaxxer: interrupted (finished shards are kept; re-run the same command to resume)", file=sys.stderr)
+        print(
+            "reasonmaxxer: interrupted (finished shards are kept; re-run the same command to resume)", file=sys.stderr
+        )
         return 130
     return 0
 

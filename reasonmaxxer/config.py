@@ -1,15 +1,16 @@
 """config."""
 
 from __future__ import annotations
-from .stages.evaluate import EvalConfig
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from .errors import ReasonMaxxerError
+
 from .backends.hf import SamplingConfig
-from .stages.train import TrainConfig
 from .backends.vllm import VLLMOptions
+from .errors import ReasonMaxxerError
 from .io import read_toml
+from .stages.evaluate import EvalConfig
+from .stages.train import TrainConfig
 
 
 # -- the run config ------------------------------------------------------------------------
@@ -25,22 +26,24 @@ class RunConfig:
     test_problems: str = "arith:test:64"
     data_dir: str | None = None
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=8, max_new_tokens=256))
-    selection: dict = field(default_factory=dict)       # selection.SelectionConfig fields
+    selection: dict = field(default_factory=dict)  # selection.SelectionConfig fields
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     rescore: bool = False
-    threads: int = 0                 # torch threads (0 = torch's default); per Ray worker: this or 1
-    engine: str = "local"            # where sample, score and eval run: "local" | "ray" (see engines.py)
-    workers: int = 2                 # Ray workers
-    ray_address: str | None = None   # None: a local Ray instance; "auto"/host:port: a running cluster
-    reuse: str | None = None         # a run dir whose base rollouts and base eval to reuse when their inputs match
-    backend: str = "hf"              # sampling + eval backend: hf | vllm (training and scoring are HF)
-    vllm: VLLMOptions = field(default_factory=VLLMOptions)   # [vllm] engine options (backend = "vllm")
+    threads: int = 0  # torch threads (0 = torch's default); per Ray worker: this or 1
+    engine: str = "local"  # where sample, score and eval run: "local" | "ray" (see engines.py)
+    workers: int = 2  # Ray workers
+    ray_address: str | None = None  # None: a local Ray instance; "auto"/host:port: a running cluster
+    reuse: str | None = None  # a run dir whose base rollouts and base eval to reuse when their inputs match
+    backend: str = "hf"  # sampling + eval backend: hf | vllm (training and scoring are HF)
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)  # [vllm] engine options (backend = "vllm")
 
     def engine_config(self):
         from .backends.engines import EngineConfig
 
-        return EngineConfig(engine=self.engine, workers=self.workers, threads=self.threads, ray_address=self.ray_address)
+        return EngineConfig(
+            engine=self.engine, workers=self.workers, threads=self.threads, ray_address=self.ray_address
+        )
 
 
 def _build(cls, d: dict, where: str):
@@ -89,7 +92,7 @@ def load_run_config(path: str | Path | None = None, **overrides) -> RunConfig:
         elif k == "selection":
             from .stages.select import SelectionConfig
 
-            _build(SelectionConfig, v, f"{where} [selection]")   # validate early
+            _build(SelectionConfig, v, f"{where} [selection]")  # validate early
             top[k] = dict(v)
         else:
             top[k] = v

@@ -5,15 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
-from typing import Iterator
-from .errors import ReasonMaxxerError
 import platform
 import shutil
 import tempfile
+from collections.abc import Iterator
 from importlib import metadata
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .errors import ReasonMaxxerError
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:

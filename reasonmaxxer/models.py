@@ -65,12 +65,12 @@ def _alias_gguf_path(name: str) -> Path:
     info = ALIASES[name]
     spec = importlib.util.find_spec(info["package"])
     if spec is None or not spec.submodule_search_locations:
-        raise ReasonMaxxerError(
-            f"the embedded default model '{name}' is not installed: run `{info['install']}`"
-        )
+        raise ReasonMaxxerError(f"the embedded default model '{name}' is not installed: run `{info['install']}`")
     path = Path(list(spec.submodule_search_locations)[0]) / info["gguf"]
     if not path.is_file():
-        raise ReasonMaxxerError(f"{path}: GGUF file missing from the package; reinstall with `{info['install']} --force-reinstall`")
+        raise ReasonMaxxerError(
+            f"{path}: GGUF file missing from the package; reinstall with `{info['install']} --force-reinstall`"
+        )
     return path
 
 
@@ -89,7 +89,9 @@ def resolve_spec(spec: str) -> ResolvedSpec:
             return ResolvedSpec(spec, "adapter", str(p.resolve()))
         if (p / "config.json").is_file():
             return ResolvedSpec(spec, "hf_dir", str(p.resolve()))
-        raise ReasonMaxxerError(f"{spec}: directory has neither config.json (HF checkpoint) nor adapter_config.json (PEFT adapter)")
+        raise ReasonMaxxerError(
+            f"{spec}: directory has neither config.json (HF checkpoint) nor adapter_config.json (PEFT adapter)"
+        )
     if spec.startswith((".", "/", "~")) or os.sep in spec.rstrip("/").split("/", 1)[-1]:
         raise ReasonMaxxerError(f"{spec}: no such model file or directory")
     if spec.count("/") > 1:
@@ -199,7 +201,7 @@ def base_dir_for(spec: str) -> str:
 
 
 def default_device() -> str:
-    """"cuda" when a GPU is visible (then bf16 weights), else "cpu" (fp32). $REASONMAXXER_DEVICE overrides."""
+    """ "cuda" when a GPU is visible (then bf16 weights), else "cpu" (fp32). $REASONMAXXER_DEVICE overrides."""
     import torch
 
     return os.environ.get("REASONMAXXER_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -210,8 +212,9 @@ def model_device(model):
     return next(model.parameters()).device
 
 
-def load_model(spec: str = DEFAULT_MODEL, *, base: str | None = None, dtype=None, device: str | None = None,
-               merge: bool = False):
+def load_model(
+    spec: str = DEFAULT_MODEL, *, base: str | None = None, dtype=None, device: str | None = None, merge: bool = False
+):
     """Load (model, tokenizer) for a spec (see module docstring). Model is in eval mode.
 
     device defaults to `default_device()`; dtype to bf16 on a GPU and fp32 on the CPU.
@@ -252,8 +255,14 @@ def model_fingerprint(spec: str) -> dict:
         out["hub_id"] = r.path
         return out
     p = Path(r.path)
-    files = [p] if p.is_file() else sorted(
-        f for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf", ".json") and f.name != "reasonmaxxer_source.json"
+    files = (
+        [p]
+        if p.is_file()
+        else sorted(
+            f
+            for f in p.iterdir()
+            if f.suffix in (".safetensors", ".bin", ".gguf", ".json") and f.name != "reasonmaxxer_source.json"
+        )
     )
     h = hashlib.sha256()
     for f in files:
@@ -274,8 +283,16 @@ def list_models() -> list[dict]:
         try:
             g = _alias_gguf_path(name)
             cached = (_gguf_cache_path(g) / "config.json").is_file()
-            rows.append({"alias": name, "installed": True, "gguf": str(g), "converted": cached,
-                         "cache": str(_gguf_cache_path(g)), "hub_id": info["hub_id"]})
+            rows.append(
+                {
+                    "alias": name,
+                    "installed": True,
+                    "gguf": str(g),
+                    "converted": cached,
+                    "cache": str(_gguf_cache_path(g)),
+                    "hub_id": info["hub_id"],
+                }
+            )
         except ReasonMaxxerError:
             rows.append({"alias": name, "installed": False, "install": info["install"], "hub_id": info["hub_id"]})
     return rows

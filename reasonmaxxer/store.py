@@ -20,44 +20,46 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from .errors import ReasonMaxxerError
-from .io import atomic_write_json
-from .io import atomic_write_table
-from .io import config_hash
-from .io import package_versions
+from .io import atomic_write_json, atomic_write_table, config_hash, package_versions
+
+ROLLOUT_SCHEMA = pa.schema(
+    [
+        ("problem_id", pa.string()),
+        ("sample_index", pa.int32()),  # -1 for the greedy completion
+        ("prompt", pa.string()),
+        ("prompt_ids", pa.list_(pa.int32())),
+        ("completion", pa.string()),
+        ("token_ids", pa.list_(pa.int32())),
+        ("logprobs", pa.list_(pa.float32())),  # log p(sampled token), untempered, nats
+        ("entropies", pa.list_(pa.float32())),  # full-vocabulary entropy, untempered, nats
+        ("finish_reason", pa.string()),  # eos | stop | length
+        ("truncated", pa.bool_()),
+        ("gold", pa.string()),
+        ("reward", pa.float32()),  # 1.0 if strict_correct else 0.0
+        ("strict_correct", pa.bool_()),
+        ("strict_extracted", pa.string()),
+        ("lenient_correct", pa.bool_()),
+        ("lenient_extracted", pa.string()),
+        ("grade_reason", pa.string()),  # strict verdict's reason
+    ]
+)
 
 
-ROLLOUT_SCHEMA = pa.schema([
-    ("problem_id", pa.string()),
-    ("sample_index", pa.int32()),        # -1 for the greedy completion
-    ("prompt", pa.string()),
-    ("prompt_ids", pa.list_(pa.int32())),
-    ("completion", pa.string()),
-    ("token_ids", pa.list_(pa.int32())),
-    ("logprobs", pa.list_(pa.float32())),     # log p(sampled token), untempered, nats
-    ("entropies", pa.list_(pa.float32())),    # full-vocabulary entropy, untempered, nats
-    ("finish_reason", pa.string()),           # eos | stop | length
-    ("truncated", pa.bool_()),
-    ("gold", pa.string()),
-    ("reward", pa.float32()),                 # 1.0 if strict_correct else 0.0
-    ("strict_correct", pa.bool_()),
-    ("strict_extracted", pa.string()),
-    ("lenient_correct", pa.bool_()),
-    ("lenient_extracted", pa.string()),
-    ("grade_reason", pa.string()),            # strict verdict's reason
-])
-
-
-SCORE_SCHEMA = pa.schema([                    # a score store (`reasonmaxxer score`): teacher-forced, nats
-    ("problem_id", pa.string()),
-    ("sample_index", pa.int32()),
-    ("entropies", pa.list_(pa.float32())),    # full-vocabulary entropy at each completion token
-    ("logprobs", pa.list_(pa.float32())),     # log p(completion token | prefix)
-])
+SCORE_SCHEMA = pa.schema(
+    [  # a score store (`reasonmaxxer score`): teacher-forced, nats
+        ("problem_id", pa.string()),
+        ("sample_index", pa.int32()),
+        ("entropies", pa.list_(pa.float32())),  # full-vocabulary entropy at each completion token
+        ("logprobs", pa.list_(pa.float32())),  # log p(completion token | prefix)
+    ]
+)
 
 
 class RolloutStore:
@@ -80,7 +82,9 @@ class RolloutStore:
 
     def manifest(self) -> dict:
         if not self.exists():
-            raise ReasonMaxxerError(f"{self.root}: not a rollout store (no manifest.json); run `reasonmaxxer sample` first")
+            raise ReasonMaxxerError(
+                f"{self.root}: not a rollout store (no manifest.json); run `reasonmaxxer sample` first"
+            )
         try:
             return json.loads(self.manifest_path.read_text())
         except json.JSONDecodeError as e:
@@ -101,10 +105,18 @@ class RolloutStore:
             if not overwrite:
                 raise ReasonMaxxerError(
                     f"{self.root}: holds rollouts made with different inputs (config hash {m.get('config_hash', '?')[:12]} "
-                    f"!= {h[:12]}); choose another --out or pass --overwrite")
+                    f"!= {h[:12]}); choose another --out or pass --overwrite"
+                )
             shutil.rmtree(self.root / "shards", ignore_errors=True)
-        m = {"kind": "rollouts", "config_hash": h, "config": config, "versions": package_versions(),
-             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "shards": {}, "complete": False}
+        m = {
+            "kind": "rollouts",
+            "config_hash": h,
+            "config": config,
+            "versions": package_versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "shards": {},
+            "complete": False,
+        }
         if describe:
             m.update(describe)
         atomic_write_json(self.manifest_path, m)
@@ -146,7 +158,9 @@ class RolloutStore:
             try:
                 tables.append(pq.read_table(p, columns=list(columns) if columns else None))
             except (pa.ArrowInvalid, OSError) as e:
-                raise ReasonMaxxerError(f"{p}: unreadable shard ({e}); delete it and re-run the stage to redo it") from e
+                raise ReasonMaxxerError(
+                    f"{p}: unreadable shard ({e}); delete it and re-run the stage to redo it"
+                ) from e
         return pa.concat_tables(tables)
 
     def read_rows(self, columns: Sequence[str] | None = None) -> list[dict]:

@@ -55,6 +55,7 @@ Known limitations
   * Multiple-choice letters become sympy symbols (``B`` == ``(B)`` == ``\\text{(B)}``); there is
     no StringExtractionConfig handling.
 """
+
 from __future__ import annotations
 
 import collections
@@ -67,8 +68,8 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from .errors import ReasonMaxxerError
 
@@ -246,7 +247,7 @@ _COMPARE_CACHE_SIZE = 8192
 
 
 def _compare(gold: str, answer: str, inner_timeout: int) -> str:
-    """"match" | "mismatch" | "timeout" | "error: ..." for one extracted answer.
+    """ "match" | "mismatch" | "timeout" | "error: ..." for one extracted answer.
 
     Results other than "timeout" are cached per process (rollouts of one problem mostly repeat
     a few answers, and a LaTeX parse costs ~20 ms); a timeout is retried next time.
@@ -268,7 +269,7 @@ def _compare_uncached(gold: str, answer: str, inner_timeout: int) -> str:
 
     too_long = _too_long(gold)
     if too_long:
-        return "error: gold" + too_long[len("error: answer"):]
+        return "error: gold" + too_long[len("error: answer") :]
     too_long = _too_long(answer)
     if too_long:
         return too_long
@@ -282,7 +283,9 @@ def _compare_uncached(gold: str, answer: str, inner_timeout: int) -> str:
     if not preds:
         return "mismatch"
     timed_out, error = False, None
-    pairs = sorted(((g, p) for g in golds for p in preds), key=lambda gp: isinstance(gp[0], str) + isinstance(gp[1], str))
+    pairs = sorted(
+        ((g, p) for g in golds for p in preds), key=lambda gp: isinstance(gp[0], str) + isinstance(gp[1], str)
+    )
     for g, p in pairs:
         try:
             if verify(g, p, timeout_seconds=inner_timeout, raise_on_error=True):
@@ -367,7 +370,7 @@ def _worker_main(conn, state, inner_timeout: int) -> None:
             state[1] = time.monotonic()
             state[0] = k
             if completion.startswith(_TEST_SLEEP_MARKER):  # test hook, see _TEST_SLEEP_MARKER
-                arg = completion[len(_TEST_SLEEP_MARKER):]
+                arg = completion[len(_TEST_SLEEP_MARKER) :]
                 if arg == "exit":
                     os._exit(3)
                 deadline = time.monotonic() + float(arg)
@@ -458,7 +461,9 @@ def grade_many(
     try:
         if workers == 0:
             if threading.current_thread() is not threading.main_thread():
-                raise ReasonMaxxerError("grade_many(workers=0) must run in the main thread (math-verify uses signal.alarm)")
+                raise ReasonMaxxerError(
+                    "grade_many(workers=0) must run in the main thread (math-verify uses signal.alarm)"
+                )
             out = []
             for g, c in zip(golds, completions):
                 out.append(_grade(g, c, inner))
@@ -496,7 +501,9 @@ def _run_pool(golds, completions, workers, timeout_s, inner, bar) -> list[Grade]
         if not w.ready and why != "timeout":
             startup_failures[0] += 1
             if startup_failures[0] > 3:
-                raise ReasonMaxxerError(f"grade_many: grading workers die at start-up ({why}); run with workers=0 to see why")
+                raise ReasonMaxxerError(
+                    f"grade_many: grading workers die at start-up ({why}); run with workers=0 to see why"
+                )
         requeue = []
         for j, idx in enumerate(w.batch or []):
             if j == k and why == "timeout" and time.monotonic() - start >= timeout_s:

@@ -84,8 +84,10 @@ def check() -> list[str]:
                 if n.startswith("_") and not n.startswith("__") and target != mod:
                     problems.append(f"{where}: private name {n} imported from {target}")
             if target and layer_of(target) > layer_of(mod):
-                problems.append(f"{where}: {mod} (layer {layer_of(mod)}) imports {target} (layer {layer_of(target)}), "
-                                "an upper layer")
+                problems.append(
+                    f"{where}: {mod} (layer {layer_of(mod)}) imports {target} (layer {layer_of(target)}), "
+                    "an upper layer"
+                )
     # cycles between modules (a package's __init__ importing its own submodules is not a cycle)
     state: dict[str, int] = {}
     stack: list[str] = []
@@ -97,7 +99,7 @@ def check() -> list[str]:
             if t.startswith(m + ".") or m.startswith(t + "."):
                 continue
             if state.get(t) == 1:
-                problems.append("import cycle: " + " -> ".join(stack[stack.index(t):] + [t]))
+                problems.append("import cycle: " + " -> ".join(stack[stack.index(t) :] + [t]))
             elif t in graph and not state.get(t):
                 visit(t)
         stack.pop()

@@ -1,10 +1,10 @@
 """CLI: bad input gives one line on stderr and a non-zero exit, never a traceback."""
+
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,8 +13,9 @@ def run(*args, cwd=None, module="reasonmaxxer.cli"):
     env = dict(os.environ, TQDM_DISABLE="1")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("REASONMAXXER_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120
+    )
 
 
 def _one_line_error(r, pattern):
@@ -40,8 +41,12 @@ def test_missing_model_dir(tmp_path):
 
 def test_grade_jsonl(tmp_path):
     f = tmp_path / "c.jsonl"
-    f.write_text(json.dumps({"answer": "7", "completion": "3 + 4 = 7. The answer is \\boxed{7}."}) + "\n"
-                 + json.dumps({"answer": "8", "completion": "I think 9"}) + "\n")
+    f.write_text(
+        json.dumps({"answer": "7", "completion": "3 + 4 = 7. The answer is \\boxed{7}."})
+        + "\n"
+        + json.dumps({"answer": "8", "completion": "I think 9"})
+        + "\n"
+    )
     r = run("grade", str(f), "--grade-workers", "0")
     assert r.returncode == 0, r.stderr
     out = [json.loads(l) for l in (tmp_path / "c.graded.jsonl").read_text().splitlines()]

@@ -1,5 +1,6 @@
 """benchmarks/gpu_check: the GPU benchmark's Python part runs end to end on a tiny CPU model,
 and the shell wrapper refuses a Python without CUDA torch with a clear message."""
+
 import importlib.util
 import json
 import os
@@ -20,10 +21,10 @@ def _module():
 def test_gpu_check_runs_tiny_on_cpu(tmp_path, capsys):
     out = _module().main(["--tiny", "--device", "cpu", "--json", str(tmp_path / "r.json")])
     r = out["results"]
-    assert r["sample"]["tokens"] == 4 * 2 * 8 and r["sample"]["tokens_per_s"] > 0    # no EOS: every row runs to the cap
+    assert r["sample"]["tokens"] == 4 * 2 * 8 and r["sample"]["tokens_per_s"] > 0  # no EOS: every row runs to the cap
     assert r["score"]["tokens"] > r["sample"]["tokens"] and r["score"]["tokens_per_s"] > 0
     assert r["train"]["steps"] == 2 and r["train"]["s_per_step"] > 0
-    assert "skipped" in r["vllm"]                        # vllm is not installed here
+    assert "skipped" in r["vllm"]  # vllm is not installed here
     assert json.loads((tmp_path / "r.json").read_text())["results"]["train"]["steps"] == 2
     assert "| train |" in capsys.readouterr().out
 

@@ -1,4 +1,5 @@
 """Rollout store: atomic shards, manifests, resumption, and a real SIGKILL mid-run."""
+
 import json
 import os
 import signal
@@ -11,17 +12,32 @@ import pyarrow.parquet as pq
 import pytest
 
 from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.store import RolloutStore
 from reasonmaxxer.io import config_hash
+from reasonmaxxer.store import RolloutStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _row(pid, s):
-    return {"problem_id": pid, "sample_index": s, "prompt": "p", "prompt_ids": [1, 2], "completion": "c",
-            "token_ids": [3], "logprobs": [-0.5], "entropies": [1.0], "finish_reason": "eos", "truncated": False,
-            "gold": "1", "reward": 1.0, "strict_correct": True, "strict_extracted": "1", "lenient_correct": True,
-            "lenient_extracted": "1", "grade_reason": "match"}
+    return {
+        "problem_id": pid,
+        "sample_index": s,
+        "prompt": "p",
+        "prompt_ids": [1, 2],
+        "completion": "c",
+        "token_ids": [3],
+        "logprobs": [-0.5],
+        "entropies": [1.0],
+        "finish_reason": "eos",
+        "truncated": False,
+        "gold": "1",
+        "reward": 1.0,
+        "strict_correct": True,
+        "strict_extracted": "1",
+        "lenient_correct": True,
+        "lenient_extracted": "1",
+        "grade_reason": "match",
+    }
 
 
 def test_open_resume_and_mismatch(tmp_path):
@@ -57,31 +73,64 @@ def test_no_temp_files_left_and_corrupt_manifest_is_named(tmp_path):
 def problem_file(tmp_path_factory):
     d = tmp_path_factory.mktemp("probs")
     p = d / "probs.jsonl"
-    p.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
-                         for i in range(8)))
+    p.write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
+            for i in range(8)
+        )
+    )
     return p
 
 
 def _sample_cmd(ckpt, probs, out):
-    return [sys.executable, "-m", "reasonmaxxer.cli", "sample", "--model", str(ckpt), "--problems", str(probs),
-            "--template", "raw", "--n", "3", "--max-new-tokens", "48", "--batch-size", "4", "--shard-size", "1",
-            "--temperature", "1.0", "--seed", "7", "--grade-workers", "0", "--out", str(out)]
+    return [
+        sys.executable,
+        "-m",
+        "reasonmaxxer.cli",
+        "sample",
+        "--model",
+        str(ckpt),
+        "--problems",
+        str(probs),
+        "--template",
+        "raw",
+        "--n",
+        "3",
+        "--max-new-tokens",
+        "48",
+        "--batch-size",
+        "4",
+        "--shard-size",
+        "1",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "7",
+        "--grade-workers",
+        "0",
+        "--out",
+        str(out),
+    ]
 
 
 def _env():
-    env = dict(os.environ, REASONMAXXER_CACHE=str(ROOT / ".pytest_cache" / "rmx"), TQDM_DISABLE="1",
-               OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ, REASONMAXXER_CACHE=str(ROOT / ".pytest_cache" / "rmx"), TQDM_DISABLE="1", OMP_NUM_THREADS="1"
+    )
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
 def test_sigkill_mid_run_resumes_to_the_same_result(tmp_path, tiny_ckpt, problem_file):
     ref = tmp_path / "ref"
-    r = subprocess.run(_sample_cmd(tiny_ckpt, problem_file, ref), env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        _sample_cmd(tiny_ckpt, problem_file, ref), env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_sample_cmd(tiny_ckpt, problem_file, killed), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _sample_cmd(tiny_ckpt, problem_file, killed), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 240
     while time.time() < deadline:
         shards = list((killed / "shards").glob("shard-*.parquet")) if (killed / "shards").is_dir() else []
@@ -92,19 +141,24 @@ def test_sigkill_mid_run_resumes_to_the_same_result(tmp_path, tiny_ckpt, problem
     proc.wait()
     done_before = RolloutStore(killed).done_shards()
     assert 3 <= len(done_before) < 8, "the kill should land mid-run"
-    for p in (killed / "shards").glob("shard-*.parquet"):   # every file on disk is a complete shard
+    for p in (killed / "shards").glob("shard-*.parquet"):  # every file on disk is a complete shard
         pq.read_table(p)
     mtimes = {p.name: p.stat().st_mtime_ns for p in (killed / "shards").glob("shard-*.parquet")}
-    r = subprocess.run(_sample_cmd(tiny_ckpt, problem_file, killed), env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        _sample_cmd(tiny_ckpt, problem_file, killed), env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
-    for name, mt in mtimes.items():   # finished shards were not redone
+    for name, mt in mtimes.items():  # finished shards were not redone
         assert (killed / "shards" / name).stat().st_mtime_ns == mt
     a = RolloutStore(ref).read_rows()
     b = RolloutStore(killed).read_rows()
     assert len(a) == len(b) == 24
-    assert [(x["problem_id"], x["sample_index"], x["token_ids"]) for x in a] == \
-           [(x["problem_id"], x["sample_index"], x["token_ids"]) for x in b]
+    assert [(x["problem_id"], x["sample_index"], x["token_ids"]) for x in a] == [
+        (x["problem_id"], x["sample_index"], x["token_ids"]) for x in b
+    ]
     assert not list(killed.rglob("*.tmp"))
     # a third run with the same inputs is a no-op
-    r = subprocess.run(_sample_cmd(tiny_ckpt, problem_file, killed), env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        _sample_cmd(tiny_ckpt, problem_file, killed), env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0 and "0 tokens generated" in r.stdout

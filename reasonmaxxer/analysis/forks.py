@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+
 import torch
+
 from ..models import model_device
 from ..stages.train import TrainExample
 
@@ -26,22 +28,33 @@ def report_examples(model, tokenizer, examples: Sequence[TrainExample], gates, k
         e = examples[i]
         ids = torch.tensor([list(e.prompt_ids) + list(e.completion_ids)], device=model_device(base))
         with torch.no_grad():
-            logits = base(input_ids=ids).logits[0, len(e.prompt_ids) - 1 : -1].float().cpu()   # [C, V]
+            logits = base(input_ids=ids).logits[0, len(e.prompt_ids) - 1 : -1].float().cpu()  # [C, V]
         probs = logits.softmax(-1)
         toks = []
         for t, tid in enumerate(e.completion_ids):
-            item = {"text": tokenizer.decode([tid]), "entropy": round(float(e.entropies[t]), 4), "gated": bool(gates[i][t])}
+            item = {
+                "text": tokenizer.decode([tid]),
+                "entropy": round(float(e.entropies[t]), 4),
+                "gated": bool(gates[i][t]),
+            }
             if item["gated"]:
                 pv, pi = probs[t].topk(5)
                 item["top5"] = [[tokenizer.decode([int(j)]), round(float(p), 4)] for p, j in zip(pv, pi)]
             toks.append(item)
-        out.append({"problem_id": e.key[0] if e.key else str(i), "correct": e.correct,
-                    "advantage": round(e.advantage, 4), "tokens": toks})
+        out.append(
+            {
+                "problem_id": e.key[0] if e.key else str(i),
+                "correct": e.correct,
+                "advantage": round(e.advantage, 4),
+                "tokens": toks,
+            }
+        )
     return out
 
 
-def fork_changes(base, tuned, tokenizer, examples: Sequence[TrainExample], gates, *, limit: int = 32,
-                 batch: int = 8, top: int = 12) -> dict:
+def fork_changes(
+    base, tuned, tokenizer, examples: Sequence[TrainExample], gates, *, limit: int = 32, batch: int = 8, top: int = 12
+) -> dict:
     """Where the trained model's argmax differs from the base's, teacher-forced on training rollouts.
 
     Over the completion tokens of up to `limit` rollouts: the % of positions whose argmax
@@ -66,14 +79,14 @@ def fork_changes(base, tuned, tokenizer, examples: Sequence[TrainExample], gates
                 dev = model_device(mdl)
                 pre, rest = split_prefix_logits(mdl, ids.to(dev), att.to(dev), P)
                 full = rest if pre is None else torch.cat([pre.expand(len(chunk), -1, -1), rest], 1)
-                outs.append(full[:, :-1].float().cpu())                     # column t+1 predicted at t
+                outs.append(full[:, :-1].float().cpu())  # column t+1 predicted at t
         b_log, t_log = outs
-        b_arg, t_arg = b_log.argmax(-1), t_log.argmax(-1)                  # [B, T-1]
-        top5 = b_log.topk(5, -1).indices                                   # [B, T-1, 5]
+        b_arg, t_arg = b_log.argmax(-1), t_log.argmax(-1)  # [B, T-1]
+        top5 = b_log.topk(5, -1).indices  # [B, T-1, 5]
         for j, e in enumerate(chunk):
             p, c = len(e.prompt_ids), len(e.completion_ids)
             for k in range(c):
-                col = p + k - 1                                            # logits index predicting completion token k
+                col = p + k - 1  # logits index predicting completion token k
                 n_pos += 1
                 h = e.entropies[k]
                 if int(b_arg[j, col]) != int(t_arg[j, col]):
@@ -87,7 +100,13 @@ def fork_changes(base, tuned, tokenizer, examples: Sequence[TrainExample], gates
                     ent_same.append(h)
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
     common = sorted(pairs.items(), key=lambda kv: -len(kv[1]))[:top]
-    return {"positions": n_pos, "changed": n_changed, "changed_fraction": n_changed / max(1, n_pos),
-            "changed_in_base_top5": n_top5, "changed_at_gated": n_gated_changed,
-            "mean_entropy_changed": mean(ent_changed), "mean_entropy_unchanged": mean(ent_same),
-            "most_common": [{"base": a, "tuned": b, "count": len(v), "mean_base_entropy": mean(v)} for (a, b), v in common]}
+    return {
+        "positions": n_pos,
+        "changed": n_changed,
+        "changed_fraction": n_changed / max(1, n_pos),
+        "changed_in_base_top5": n_top5,
+        "changed_at_gated": n_gated_changed,
+        "mean_entropy_changed": mean(ent_changed),
+        "mean_entropy_unchanged": mean(ent_same),
+        "most_common": [{"base": a, "tuned": b, "count": len(v), "mean_base_entropy": mean(v)} for (a, b), v in common],
+    }

@@ -46,29 +46,33 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 from torch import Tensor
+
+from ..core.entropy import token_entropy
 from ..errors import ReasonMaxxerError
 from ..models import model_device
-from ..core.entropy import token_entropy
-
 
 RANDOM_TOP_K = 20
 
 
-PAPER = {"oracle": "= tuned pass@1 on every pair", "random_control": "<= base (often worse)",
-         "entropy_gated": "tau = 1.2 nats: matches or approaches tuned, touching 1.2-8.3% of tokens"}
+PAPER = {
+    "oracle": "= tuned pass@1 on every pair",
+    "random_control": "<= base (often worse)",
+    "entropy_gated": "tau = 1.2 nats: matches or approaches tuned, touching 1.2-8.3% of tokens",
+}
 
 
 # -- rules: pure functions of (step, base_logits [b, V], tuned_logits [b, V], rng) ---------------
 def _js(base_logits: Tensor, tuned_logits: Tensor) -> Tensor:
     """Jensen-Shannon divergence [b] (nats, <= ln 2) between softmax rows of two [b, V] logits."""
-    lp = torch.log_softmax(base_logits.float(), -1)                   # [b, V]
-    lq = torch.log_softmax(tuned_logits.float(), -1)                  # [b, V]
-    lm = torch.logaddexp(lp, lq) - math.log(2.0)                       # [b, V] log m
+    lp = torch.log_softmax(base_logits.float(), -1)  # [b, V]
+    lq = torch.log_softmax(tuned_logits.float(), -1)  # [b, V]
+    lm = torch.logaddexp(lp, lq) - math.log(2.0)  # [b, V] log m
     p, q = lp.exp(), lq.exp()
-    kl_pm = torch.where(p > 0, p * (lp - lm), 0.0).sum(-1)            # [b]
-    kl_qm = torch.where(q > 0, q * (lq - lm), 0.0).sum(-1)            # [b]
+    kl_pm = torch.where(p > 0, p * (lp - lm), 0.0).sum(-1)  # [b]
+    kl_qm = torch.where(q > 0, q * (lq - lm), 0.0).sum(-1)  # [b]
     return (0.5 * (kl_pm + kl_qm)).clamp_min(0)
 
 
@@ -86,17 +90,18 @@ class Rule:
             return f"random_control(seed={self.seed})"
         return self.name if self.param is None else f"{self.name}({self.param:g})"
 
-    def __call__(self, step: int, base_logits: Tensor, tuned_logits: Tensor,
-                 rng: list[torch.Generator] | None = None) -> tuple[Tensor, Tensor]:
+    def __call__(
+        self, step: int, base_logits: Tensor, tuned_logits: Tensor, rng: list[torch.Generator] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """base_logits, tuned_logits: [b, V]. rng: one generator per row (random_control only).
         Returns (token ids [b] long, touched [b] bool = emitted != base argmax)."""
-        ba = base_logits.argmax(-1)                                   # [b]
-        ta = tuned_logits.to(ba.device).argmax(-1)                    # [b]
+        ba = base_logits.argmax(-1)  # [b]
+        ta = tuned_logits.to(ba.device).argmax(-1)  # [b]
         n = self.name
         if n == "base_greedy":
             tok = ba
         elif n in ("tuned_greedy", "oracle"):
-            tok = torch.where(ta != ba, ta, ba)                       # == ta; kept explicit for oracle
+            tok = torch.where(ta != ba, ta, ba)  # == ta; kept explicit for oracle
         elif n == "random_control":
             tok = ba.clone()
             diff = (ta != ba).nonzero().flatten().tolist()
@@ -106,15 +111,15 @@ class Rule:
                 k = min(RANDOM_TOP_K, base_logits.shape[-1])
                 if k < 2:
                     raise ReasonMaxxerError("random_control needs a vocabulary of at least 2 tokens")
-                top = torch.topk(base_logits[diff].float(), k, dim=-1).indices.cpu()   # [d, k]
+                top = torch.topk(base_logits[diff].float(), k, dim=-1).indices.cpu()  # [d, k]
                 for j, r in enumerate(diff):
-                    pick = 1 + int(torch.randint(k - 1, (1,), generator=rng[r]))        # rank 2..k
+                    pick = 1 + int(torch.randint(k - 1, (1,), generator=rng[r]))  # rank 2..k
                     cand = top[j, pick]
-                    if cand == ba[r].item():                          # tie reordering: never the argmax
+                    if cand == ba[r].item():  # tie reordering: never the argmax
                         cand = top[j, 0]
                     tok[r] = cand
         elif n == "entropy_gated":
-            gate = token_entropy(base_logits).to(ba.device) > self.param             # [b]
+            gate = token_entropy(base_logits).to(ba.device) > self.param  # [b]
             tok = torch.where(gate, ta, ba)
         elif n == "cross_forward":
             tok = torch.where(_js(base_logits, tuned_logits.to(base_logits.device)).to(ba.device) > self.param, ta, ba)
@@ -168,8 +173,18 @@ def _row_generator(seed: int, row: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def mixed_decode(base, tuned, prompts_ids: list[list[int]], rule: Callable, *, max_new_tokens: int = 256,
-                 eos_ids: set[int], batch_size: int = 8, tokenizer=None, pad_id: int = 0) -> list[dict]:
+def mixed_decode(
+    base,
+    tuned,
+    prompts_ids: list[list[int]],
+    rule: Callable,
+    *,
+    max_new_tokens: int = 256,
+    eos_ids: set[int],
+    batch_size: int = 8,
+    tokenizer=None,
+    pad_id: int = 0,
+) -> list[dict]:
     """Greedy two-model decode; ``rule(step, base_logits [b, V], tuned_logits [b, V], rng)`` ->
     (tokens [b], touched [b] bool) picks each emitted token, fed to both models.
 
@@ -182,8 +197,9 @@ def mixed_decode(base, tuned, prompts_ids: list[list[int]], rule: Callable, *, m
     from transformers import DynamicCache
 
     if max_new_tokens < 1 or batch_size < 1:
-        raise ReasonMaxxerError(f"intervene: max_new_tokens and batch_size must be >= 1 "
-                                f"(got {max_new_tokens}, {batch_size})")
+        raise ReasonMaxxerError(
+            f"intervene: max_new_tokens and batch_size must be >= 1 (got {max_new_tokens}, {batch_size})"
+        )
     if not prompts_ids or any(len(p) == 0 for p in prompts_ids):
         raise ReasonMaxxerError("intervene: need at least one prompt, and no empty prompts")
     limits = [max_new_tokens] * len(prompts_ids)
@@ -192,24 +208,25 @@ def mixed_decode(base, tuned, prompts_ids: list[list[int]], rule: Callable, *, m
         if maxpos:
             for i, p in enumerate(prompts_ids):
                 if len(p) >= maxpos:
-                    raise ReasonMaxxerError(f"intervene: prompt {i} has {len(p)} tokens; the {name} model "
-                                            f"has only {maxpos} positions")
+                    raise ReasonMaxxerError(
+                        f"intervene: prompt {i} has {len(p)} tokens; the {name} model has only {maxpos} positions"
+                    )
                 limits[i] = min(limits[i], maxpos - len(p))
     dev_b, dev_t = model_device(base), model_device(tuned)
     kw_b, kw_t = _cache_kw(base), _cache_kw(tuned)
     seed = getattr(rule, "seed", 0)
-    records: list[dict] = [None] * len(prompts_ids)                    # type: ignore[list-item]
+    records: list[dict] = [None] * len(prompts_ids)  # type: ignore[list-item]
     for s in range(0, len(prompts_ids), batch_size):
         rows = list(range(s, min(s + batch_size, len(prompts_ids))))
         P = max(len(prompts_ids[r]) for r in rows)
-        ids = torch.full((len(rows), P), pad_id, dtype=torch.long)    # [b, P] left-padded
-        att = torch.zeros((len(rows), P), dtype=torch.long)           # [b, P]
+        ids = torch.full((len(rows), P), pad_id, dtype=torch.long)  # [b, P] left-padded
+        att = torch.zeros((len(rows), P), dtype=torch.long)  # [b, P]
         for j, r in enumerate(rows):
             p = prompts_ids[r]
-            ids[j, P - len(p):] = torch.tensor(p, dtype=torch.long)
-            att[j, P - len(p):] = 1
-        pos = (att.cumsum(-1) - 1).clamp_min(0)                        # [b, P]
-        next_pos = pos[:, -1] + 1                                      # [b]
+            ids[j, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+            att[j, P - len(p) :] = 1
+        pos = (att.cumsum(-1) - 1).clamp_min(0)  # [b, P]
+        next_pos = pos[:, -1] + 1  # [b]
         caches = (DynamicCache(), DynamicCache())
         rng = [_row_generator(seed, r) for r in rows]
         toks = [[] for _ in rows]
@@ -217,9 +234,15 @@ def mixed_decode(base, tuned, prompts_ids: list[list[int]], rule: Callable, *, m
         done: list[str | None] = [None] * len(rows)
 
         def forward(model, dev, kw, cache, i, m, p):
-            out = model(input_ids=i.to(dev), attention_mask=m.to(dev), position_ids=p.to(dev),
-                        use_cache=True, logits_to_keep=1, **{kw: cache})
-            return out.logits[:, -1, :].float()                        # [b, V]
+            out = model(
+                input_ids=i.to(dev),
+                attention_mask=m.to(dev),
+                position_ids=p.to(dev),
+                use_cache=True,
+                logits_to_keep=1,
+                **{kw: cache},
+            )
+            return out.logits[:, -1, :].float()  # [b, V]
 
         lb = forward(base, dev_b, kw_b, caches[0], ids, att, pos)
         lt = forward(tuned, dev_t, kw_t, caches[1], ids, att, pos)
@@ -238,16 +261,21 @@ def mixed_decode(base, tuned, prompts_ids: list[list[int]], rule: Callable, *, m
                     done[j] = "length"
             if all(done):
                 break
-            feed = torch.where(torch.tensor([d is None for d in done]), tok, pad_id)[:, None]   # [b, 1]
-            att = torch.cat([att, torch.ones((len(rows), 1), dtype=torch.long)], 1)          # [b, P+step+1]
-            p1 = next_pos[:, None].clone()                                                  # [b, 1]
+            feed = torch.where(torch.tensor([d is None for d in done]), tok, pad_id)[:, None]  # [b, 1]
+            att = torch.cat([att, torch.ones((len(rows), 1), dtype=torch.long)], 1)  # [b, P+step+1]
+            p1 = next_pos[:, None].clone()  # [b, 1]
             next_pos = next_pos + 1
             lb = forward(base, dev_b, kw_b, caches[0], feed, att, p1)
             lt = forward(tuned, dev_t, kw_t, caches[1], feed, att, p1)
         for j, r in enumerate(rows):
             text = tokenizer.decode(toks[j], skip_special_tokens=True) if tokenizer is not None else None
-            records[r] = {"token_ids": toks[j], "text": text, "touched": touched[j],
-                          "finish_reason": done[j] or "length", "prompt_len": len(prompts_ids[r])}
+            records[r] = {
+                "token_ids": toks[j],
+                "text": text,
+                "touched": touched[j],
+                "finish_reason": done[j] or "length",
+                "prompt_len": len(prompts_ids[r]),
+            }
     return records
 
 
@@ -269,11 +297,18 @@ def _f(x: float, nd: int = 1) -> str:
 
 def render_markdown(rows: list[dict], config: dict) -> str:
     """The results table (pass@1 %, touched %) with the paper's expectation beside each row."""
-    lines = [f"# Oracle interventions: {config['base']} vs {config['tuned']}", "",
-             (f"Problems: {config['problems']} (n={config['n_problems']}), template {config['template']}, "
-              f"greedy, max_new_tokens={config['max_new_tokens']}, strict grading. "
-              "Touched = generated positions whose token differs from the base argmax."), "",
-             "| condition | pass@1 % | touched % | paper expects |", "|---|---|---|---|"]
+    lines = [
+        f"# Oracle interventions: {config['base']} vs {config['tuned']}",
+        "",
+        (
+            f"Problems: {config['problems']} (n={config['n_problems']}), template {config['template']}, "
+            f"greedy, max_new_tokens={config['max_new_tokens']}, strict grading. "
+            "Touched = generated positions whose token differs from the base argmax."
+        ),
+        "",
+        "| condition | pass@1 % | touched % | paper expects |",
+        "|---|---|---|---|",
+    ]
     for r in rows:
         p = r["pass_at_1"]
         if isinstance(p, dict):
@@ -282,15 +317,19 @@ def render_markdown(rows: list[dict], config: dict) -> str:
         else:
             ps, ts = _f(100 * p), _f(r["touched_pct"], 2)
         lines.append(f"| {r['condition']} | {ps} | {ts} | {r.get('paper', '')} |")
-    lines += ["", "Under greedy decoding the oracle trajectory is the tuned greedy trajectory by construction;",
-              "the random control is the mean ± sample std (min-max) over seeds.", ""]
+    lines += [
+        "",
+        "Under greedy decoding the oracle trajectory is the tuned greedy trajectory by construction;",
+        "the random control is the mean ± sample std (min-max) over seeds.",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def plot_tau_sweep(sweep: list[dict], base_pass: float, tuned_pass: float, path: Path) -> None:
     """touched % (x) vs pass@1 % (y) for each tau, base / tuned as horizontal lines (PNG, atomic)."""
-    from ..reports.run_report import new_figure, png_bytes
     from ..io import atomic_write_bytes
+    from ..reports.run_report import new_figure, png_bytes
 
     fig = new_figure(5.5, 4)
     ax = fig.add_subplot(1, 1, 1)
@@ -316,8 +355,8 @@ def plot_intervention_bars(rows: list[dict], path: Path) -> None:
     """One bar per condition (the `run_intervene` rows, in order): greedy pass@1 %, the random
     control as its mean with a ± sample-std error bar, each bar annotated with the % of positions
     touched. The base's pass@1 is a dashed line. PNG, written atomically."""
-    from ..reports.run_report import new_figure, png_bytes
     from ..io import atomic_write_bytes
+    from ..reports.run_report import new_figure, png_bytes
 
     labels, ys, errs, colours, notes = [], [], [], [], []
     for r in rows:
@@ -325,7 +364,7 @@ def plot_intervention_bars(rows: list[dict], path: Path) -> None:
         spread = isinstance(p, dict)
         labels.append(r["condition"].replace(" (greedy)", "").replace("entropy-gated ", "gated ").replace(" (", "\n("))
         ys.append(100 * (p["mean"] if spread else p))
-        errs.append(100 * p["std"] if spread else math.nan)       # nan: no error bar
+        errs.append(100 * p["std"] if spread else math.nan)  # nan: no error bar
         tt = t["mean"] if isinstance(t, dict) else t
         notes.append("n/a" if tt is None or math.isnan(tt) else f"{tt:.2f}%")
         colours.append(next(c for k, c in _BAR_COLOURS.items() if r["condition"].startswith(k)))
@@ -333,8 +372,12 @@ def plot_intervention_bars(rows: list[dict], path: Path) -> None:
     ax = fig.add_subplot(1, 1, 1)
     x = list(range(len(rows)))
     bars = ax.bar(x, ys, yerr=errs, capsize=4, color=colours)
-    ax.bar_label(bars, labels=[f"{y:.1f}" + ("" if math.isnan(e) else f" ± {e:.1f}") + f"\n{n}"
-                               for y, e, n in zip(ys, errs, notes)], fontsize=7, padding=2)
+    ax.bar_label(
+        bars,
+        labels=[f"{y:.1f}" + ("" if math.isnan(e) else f" ± {e:.1f}") + f"\n{n}" for y, e, n in zip(ys, errs, notes)],
+        fontsize=7,
+        padding=2,
+    )
     ax.axhline(ys[0], color="C0", ls="--", lw=1)
     ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("greedy pass@1 (%)")
@@ -352,56 +395,111 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return eos
 
 
-def run_intervene(base_spec: str, tuned_spec: str, problems_spec: str, out_dir, *, template: str = "fewshot",
-                  limit: int | None = None, max_new_tokens: int = 256, taus=(0.5, 1.0, 1.5, 2.0, 2.5),
-                  random_seeds=(0, 1, 2), js_eps: float = 0.1, data_dir=None, batch_size: int = 8) -> dict:
+def run_intervene(
+    base_spec: str,
+    tuned_spec: str,
+    problems_spec: str,
+    out_dir,
+    *,
+    template: str = "fewshot",
+    limit: int | None = None,
+    max_new_tokens: int = 256,
+    taus=(0.5, 1.0, 1.5, 2.0, 2.5),
+    random_seeds=(0, 1, 2),
+    js_eps: float = 0.1,
+    data_dir=None,
+    batch_size: int = 8,
+) -> dict:
     """Run every condition, grade strictly, write out_dir/intervene.json, intervene.md,
     tau_sweep.png and intervene_bars.png (atomically). Returns {"config", "rows", "tau_sweep", "paths"}."""
-    from .tokens import jsonable, load_pair
     from ..io import atomic_write_bytes, atomic_write_json
     from ..verify import grade_many
+    from .tokens import jsonable, load_pair
 
     if not random_seeds:
         raise ReasonMaxxerError("intervene: random_seeds must name at least one seed")
-    problems, tmpl, base, tuned, btok, prompts = load_pair(base_spec, tuned_spec, problems_spec, template=template,
-                                                           limit=limit, data_dir=data_dir, what="intervene")
+    problems, tmpl, base, tuned, btok, prompts = load_pair(
+        base_spec, tuned_spec, problems_spec, template=template, limit=limit, data_dir=data_dir, what="intervene"
+    )
     eos = _eos_ids(base, btok)
     pad = btok.pad_token_id if btok.pad_token_id is not None else (min(eos) if eos else 0)
     golds = [p.answer for p in problems]
 
     def run(rule: Rule) -> dict:
-        recs = mixed_decode(base, tuned, prompts, rule, max_new_tokens=max_new_tokens, eos_ids=eos,
-                            batch_size=batch_size, tokenizer=btok, pad_id=pad)
+        recs = mixed_decode(
+            base,
+            tuned,
+            prompts,
+            rule,
+            max_new_tokens=max_new_tokens,
+            eos_ids=eos,
+            batch_size=batch_size,
+            tokenizer=btok,
+            pad_id=pad,
+        )
         grades = grade_many(golds, [r["text"] for r in recs], workers=0)
         correct = [bool(g.strict.correct) for g in grades]
-        return {"pass_at_1": sum(correct) / len(correct), "touched_pct": _touched_pct(recs),
-                "n_tokens": sum(len(r["token_ids"]) for r in recs),
-                "truncated": sum(r["finish_reason"] == "length" for r in recs), "correct": correct}
+        return {
+            "pass_at_1": sum(correct) / len(correct),
+            "touched_pct": _touched_pct(recs),
+            "n_tokens": sum(len(r["token_ids"]) for r in recs),
+            "truncated": sum(r["finish_reason"] == "length" for r in recs),
+            "correct": correct,
+        }
 
     res = {"base": run(base_greedy()), "tuned": run(tuned_greedy()), "oracle": run(oracle())}
     rnd = [run(random_control(s)) for s in random_seeds]
     sweep = [{"tau": float(t), **run(entropy_gated(t))} for t in taus]
     fwd, rev = run(cross_forward(js_eps)), run(cross_reverse(js_eps))
-    rows = [{"condition": "base (greedy)", **res["base"]},
-            {"condition": "tuned (greedy)", **res["tuned"]},
-            {"condition": "oracle", **res["oracle"], "paper": "= tuned"},
-            {"condition": f"random control ({len(rnd)} seeds)",
-             "pass_at_1": _spread([r["pass_at_1"] for r in rnd]),
-             "touched_pct": _spread([r["touched_pct"] for r in rnd]), "paper": "<= base",
-             "per_seed": [{"seed": int(s), **r} for s, r in zip(random_seeds, rnd)]}]
-    rows += [{"condition": f"entropy-gated tau={r['tau']:g}", **r,
-              "paper": "tau = 1.2: ~ tuned, 1.2-8.3% touched" if i == 0 else ""} for i, r in enumerate(sweep)]
-    rows += [{"condition": f"cross forward (JS > {js_eps:g})", **fwd},
-             {"condition": f"cross reverse (JS > {js_eps:g})", **rev}]
-    config = {"base": base_spec, "tuned": tuned_spec, "problems": problems_spec, "limit": limit,
-              "n_problems": len(problems), "template": tmpl.name, "max_new_tokens": max_new_tokens,
-              "taus": [float(t) for t in taus], "random_seeds": [int(s) for s in random_seeds],
-              "random_top_k": RANDOM_TOP_K, "js_eps": js_eps, "batch_size": batch_size,
-              "decoding": "greedy, two models, rule per step", "grading": "strict",
-              "touched": "emitted token != base argmax", "problem_ids": [p.id for p in problems]}
+    rows = [
+        {"condition": "base (greedy)", **res["base"]},
+        {"condition": "tuned (greedy)", **res["tuned"]},
+        {"condition": "oracle", **res["oracle"], "paper": "= tuned"},
+        {
+            "condition": f"random control ({len(rnd)} seeds)",
+            "pass_at_1": _spread([r["pass_at_1"] for r in rnd]),
+            "touched_pct": _spread([r["touched_pct"] for r in rnd]),
+            "paper": "<= base",
+            "per_seed": [{"seed": int(s), **r} for s, r in zip(random_seeds, rnd)],
+        },
+    ]
+    rows += [
+        {
+            "condition": f"entropy-gated tau={r['tau']:g}",
+            **r,
+            "paper": "tau = 1.2: ~ tuned, 1.2-8.3% touched" if i == 0 else "",
+        }
+        for i, r in enumerate(sweep)
+    ]
+    rows += [
+        {"condition": f"cross forward (JS > {js_eps:g})", **fwd},
+        {"condition": f"cross reverse (JS > {js_eps:g})", **rev},
+    ]
+    config = {
+        "base": base_spec,
+        "tuned": tuned_spec,
+        "problems": problems_spec,
+        "limit": limit,
+        "n_problems": len(problems),
+        "template": tmpl.name,
+        "max_new_tokens": max_new_tokens,
+        "taus": [float(t) for t in taus],
+        "random_seeds": [int(s) for s in random_seeds],
+        "random_top_k": RANDOM_TOP_K,
+        "js_eps": js_eps,
+        "batch_size": batch_size,
+        "decoding": "greedy, two models, rule per step",
+        "grading": "strict",
+        "touched": "emitted token != base argmax",
+        "problem_ids": [p.id for p in problems],
+    }
     out = Path(out_dir)
-    paths = {"json": out / "intervene.json", "md": out / "intervene.md", "plot": out / "tau_sweep.png",
-             "bars": out / "intervene_bars.png"}
+    paths = {
+        "json": out / "intervene.json",
+        "md": out / "intervene.md",
+        "plot": out / "tau_sweep.png",
+        "bars": out / "intervene_bars.png",
+    }
     atomic_write_json(paths["json"], jsonable({"config": config, "rows": rows, "tau_sweep": sweep, "paper": PAPER}))
     atomic_write_bytes(paths["md"], render_markdown(rows, config).encode())
     plot_tau_sweep(sweep, res["base"]["pass_at_1"], res["tuned"]["pass_at_1"], paths["plot"])

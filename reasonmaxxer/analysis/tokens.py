@@ -39,33 +39,42 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+
 import torch
 from torch import Tensor
+
+from ..core.entropy import token_entropy
 from ..errors import ReasonMaxxerError
 from ..models import model_device
-from ..core.entropy import token_entropy
-
 
 CLS_NAMES = ("unshifted", "reranked", "shifted")
 
 
-PER_POSITION_KEYS = ("base_entropy", "base_argmax", "tuned_argmax", "tuned_rank_in_base",
-                     "kl_base_tuned", "kl_tuned_base", "js", "cls")
+PER_POSITION_KEYS = (
+    "base_entropy",
+    "base_argmax",
+    "tuned_argmax",
+    "tuned_rank_in_base",
+    "kl_base_tuned",
+    "kl_tuned_base",
+    "js",
+    "cls",
+)
 
 
 PAPER = {"reranked_pct": "1.0-4.1%", "shifted_pct": "0%", "entropy_ratio": "5-12x"}
 
 
-SOURCES = ("base", "tuned")                   # which model's greedy trajectories are analysed
+SOURCES = ("base", "tuned")  # which model's greedy trajectories are analysed
 
 
 TRAJECTORIES = {"base": ("base",), "tuned": ("tuned",), "both": ("base", "tuned")}
 
 
-TOP_N = 5                                     # top tokens (with probabilities) stored per position
+TOP_N = 5  # top tokens (with probabilities) stored per position
 
 
-PROMPT_TAIL = 8                               # prompt tokens stored per record (fork-atlas context)
+PROMPT_TAIL = 8  # prompt tokens stored per record (fork-atlas context)
 
 
 _LN2 = math.log(2.0)
@@ -73,8 +82,9 @@ _LN2 = math.log(2.0)
 
 # -- pure tensor functions --------------------------------------------------------------------
 @torch.no_grad()
-def compare_distributions(base_logits: Tensor, tuned_logits: Tensor, k: int = 5,
-                          chunk_size: int = 64) -> dict[str, Tensor]:
+def compare_distributions(
+    base_logits: Tensor, tuned_logits: Tensor, k: int = 5, chunk_size: int = 64
+) -> dict[str, Tensor]:
     """Per-position comparison of two next-token distributions at the same positions.
 
     base_logits, tuned_logits: [N, V] raw logits (teacher-forced, same prefixes). Returns [N] each:
@@ -85,33 +95,41 @@ def compare_distributions(base_logits: Tensor, tuned_logits: Tensor, k: int = 5,
     Identical rows give exactly 0 for KL and JS. Computed in fp32, ``chunk_size`` rows at a time.
     """
     if base_logits.shape != tuned_logits.shape or base_logits.dim() != 2:
-        raise ReasonMaxxerError(f"analysis: logits must both be [N, V] of the same shape "
-                                f"(got {tuple(base_logits.shape)} and {tuple(tuned_logits.shape)})")
+        raise ReasonMaxxerError(
+            f"analysis: logits must both be [N, V] of the same shape "
+            f"(got {tuple(base_logits.shape)} and {tuple(tuned_logits.shape)})"
+        )
     if k < 1:
         raise ReasonMaxxerError(f"analysis: k must be >= 1 (got {k})")
     N = base_logits.shape[0]
     out = {name: [] for name in PER_POSITION_KEYS if name != "base_entropy"}
     for s in range(0, N, chunk_size):
-        b = base_logits[s : s + chunk_size].float()                  # [c, V]
-        t = tuned_logits[s : s + chunk_size].to(b.device).float()     # [c, V]
-        lp = torch.log_softmax(b, -1)                                 # [c, V] log p (base)
-        lq = torch.log_softmax(t, -1)                                 # [c, V] log q (tuned)
+        b = base_logits[s : s + chunk_size].float()  # [c, V]
+        t = tuned_logits[s : s + chunk_size].to(b.device).float()  # [c, V]
+        lp = torch.log_softmax(b, -1)  # [c, V] log p (base)
+        lq = torch.log_softmax(t, -1)  # [c, V] log q (tuned)
         p, q = lp.exp(), lq.exp()
-        ba, ta = b.argmax(-1), t.argmax(-1)                           # [c]
-        bt = b.gather(1, ta[:, None])                                 # [c, 1] base logit of tuned argmax
-        idx = torch.arange(b.shape[1], device=b.device)[None]         # [1, V]
-        rank = 1 + (b > bt).sum(-1) + ((b == bt) & (idx < ta[:, None])).sum(-1)   # [c]
-        d = lq - lp                                                   # [c, V] log q/p
-        kl_pq = torch.where(p > 0, p * -d, 0.0).sum(-1)               # [c] KL(p||q)
-        kl_qp = torch.where(q > 0, q * d, 0.0).sum(-1)                # [c] KL(q||p)
+        ba, ta = b.argmax(-1), t.argmax(-1)  # [c]
+        bt = b.gather(1, ta[:, None])  # [c, 1] base logit of tuned argmax
+        idx = torch.arange(b.shape[1], device=b.device)[None]  # [1, V]
+        rank = 1 + (b > bt).sum(-1) + ((b == bt) & (idx < ta[:, None])).sum(-1)  # [c]
+        d = lq - lp  # [c, V] log q/p
+        kl_pq = torch.where(p > 0, p * -d, 0.0).sum(-1)  # [c] KL(p||q)
+        kl_qp = torch.where(q > 0, q * d, 0.0).sum(-1)  # [c] KL(q||p)
         # m = (p + q) / 2: log p/m = ln2 - softplus(log q/p), exactly 0 where p == q
-        lpm = torch.where(d == 0, 0.0, _LN2 - torch.nn.functional.softplus(d))    # [c, V]
-        lqm = torch.where(d == 0, 0.0, _LN2 - torch.nn.functional.softplus(-d))   # [c, V]
+        lpm = torch.where(d == 0, 0.0, _LN2 - torch.nn.functional.softplus(d))  # [c, V]
+        lqm = torch.where(d == 0, 0.0, _LN2 - torch.nn.functional.softplus(-d))  # [c, V]
         js = 0.5 * (torch.where(p > 0, p * lpm, 0.0).sum(-1) + torch.where(q > 0, q * lqm, 0.0).sum(-1))
         cls = torch.where(ba == ta, 0, torch.where(rank <= k, 1, 2))  # [c]
-        for name, v in (("base_argmax", ba), ("tuned_argmax", ta), ("tuned_rank_in_base", rank),
-                        ("kl_base_tuned", kl_pq.clamp_min(0)), ("kl_tuned_base", kl_qp.clamp_min(0)),
-                        ("js", js.clamp_min(0)), ("cls", cls)):
+        for name, v in (
+            ("base_argmax", ba),
+            ("tuned_argmax", ta),
+            ("tuned_rank_in_base", rank),
+            ("kl_base_tuned", kl_pq.clamp_min(0)),
+            ("kl_tuned_base", kl_qp.clamp_min(0)),
+            ("js", js.clamp_min(0)),
+            ("cls", cls),
+        ):
             out[name].append(v)
     res = {name: torch.cat(v) if v else torch.zeros(0) for name, v in out.items()}
     res["base_entropy"] = token_entropy(base_logits) if N else torch.zeros(0)
@@ -127,8 +145,8 @@ def top_probs(logits: Tensor, n: int = TOP_N, chunk_size: int = 64) -> tuple[Ten
     n = min(n, logits.shape[-1])
     ids, probs = [], []
     for s in range(0, logits.shape[0], chunk_size):
-        p = torch.softmax(logits[s : s + chunk_size].float(), -1)    # [c, V]
-        v, i = torch.topk(p, n, dim=-1)                               # [c, n]
+        p = torch.softmax(logits[s : s + chunk_size].float(), -1)  # [c, V]
+        v, i = torch.topk(p, n, dim=-1)  # [c, n]
         ids.append(i)
         probs.append(v)
     if not ids:
@@ -147,11 +165,11 @@ def auroc(scores: Tensor, labels: Tensor) -> float:
     if n_pos == 0 or n_neg == 0:
         return float("nan")
     sorted_s, order = torch.sort(s)
-    _, counts = torch.unique_consecutive(sorted_s, return_counts=True)   # tie groups
-    ends = counts.cumsum(0).double()                                     # 1-based last rank
-    avg = ends - (counts.double() - 1) / 2                               # average rank per group
+    _, counts = torch.unique_consecutive(sorted_s, return_counts=True)  # tie groups
+    ends = counts.cumsum(0).double()  # 1-based last rank
+    avg = ends - (counts.double() - 1) / 2  # average rank per group
     ranks = torch.empty_like(s)
-    ranks[order] = torch.repeat_interleave(avg, counts)                  # [N]
+    ranks[order] = torch.repeat_interleave(avg, counts)  # [N]
     u = ranks[y].sum() - n_pos * (n_pos + 1) / 2
     return float(u / (n_pos * n_neg))
 
@@ -160,8 +178,7 @@ def _mean(x: Tensor) -> float:
     return float(x.double().mean()) if x.numel() else float("nan")
 
 
-def summarize(per_pos: dict, position_frac: Tensor | None = None, js_threshold: float = 0.1,
-              k: int = 5) -> dict:
+def summarize(per_pos: dict, position_frac: Tensor | None = None, js_threshold: float = 0.1, k: int = 5) -> dict:
     """Aggregate per-position comparisons (the `compare_distributions` keys, [N] each, all
     trajectories concatenated) into the section-2 report. Percentages are 0-100; entropies nats.
 
@@ -208,13 +225,14 @@ def summarize(per_pos: dict, position_frac: Tensor | None = None, js_threshold: 
     }
     if position_frac is not None:
         f = torch.as_tensor(position_frac, dtype=torch.float64)
-        b = (f * 10).floor().long().clamp(0, 9)                          # [N] bin of each position
+        b = (f * 10).floor().long().clamp(0, 9)  # [N] bin of each position
         all_h = torch.bincount(b, minlength=10)
         ch_h = torch.bincount(b[changed], minlength=10)
         out["change_position_hist"] = ch_h.tolist()
         out["position_hist"] = all_h.tolist()
-        out["change_rate_by_position"] = [float(c) / float(a) if a else float("nan")
-                                          for c, a in zip(ch_h.tolist(), all_h.tolist())]
+        out["change_rate_by_position"] = [
+            float(c) / float(a) if a else float("nan") for c, a in zip(ch_h.tolist(), all_h.tolist())
+        ]
     return out
 
 
@@ -223,14 +241,18 @@ def check_same_tokenizer(tok_a, tok_b) -> None:
     """Raise ReasonMaxxerError unless both tokenizers map the same ids to the same tokens."""
     na, nb = len(tok_a), len(tok_b)
     if na != nb:
-        raise ReasonMaxxerError(f"analysis: the base and tuned tokenizers differ in size ({na} vs {nb} tokens); "
-                                "token-level comparison needs the same vocabulary")
+        raise ReasonMaxxerError(
+            f"analysis: the base and tuned tokenizers differ in size ({na} vs {nb} tokens); "
+            "token-level comparison needs the same vocabulary"
+        )
     ia = {i: t for t, i in tok_a.get_vocab().items()}
     ib = {i: t for t, i in tok_b.get_vocab().items()}
     for i in sorted(set(ia) | set(ib)):
         if ia.get(i) != ib.get(i):
-            raise ReasonMaxxerError(f"analysis: the base and tuned tokenizers differ at token id {i} "
-                                    f"({ia.get(i)!r} vs {ib.get(i)!r}); token-level comparison needs the same vocabulary")
+            raise ReasonMaxxerError(
+                f"analysis: the base and tuned tokenizers differ at token id {i} "
+                f"({ia.get(i)!r} vs {ib.get(i)!r}); token-level comparison needs the same vocabulary"
+            )
 
 
 @torch.no_grad()
@@ -239,13 +261,23 @@ def _completion_logits(model, ids: Tensor, att: Tensor, prefix_len: int, spans: 
     from ..stages.train import split_prefix_logits
 
     dev = model_device(model)
-    _, rest = split_prefix_logits(model, ids.to(dev), att.to(dev), prefix_len)   # [B, T - P, V]
+    _, rest = split_prefix_logits(model, ids.to(dev), att.to(dev), prefix_len)  # [B, T - P, V]
     return [rest[i, p - 1 - prefix_len : p + c - 1 - prefix_len] for i, (p, c) in enumerate(spans)]
 
 
-def analyze(base_model, tuned_model, tokenizer, prompts_ids: list[list[int]], *, source: str = "base",
-            max_new_tokens: int = 256, batch_size: int = 8, k: int = 5, js_threshold: float = 0.1,
-            top_n: int = TOP_N) -> tuple[list[dict], dict]:
+def analyze(
+    base_model,
+    tuned_model,
+    tokenizer,
+    prompts_ids: list[list[int]],
+    *,
+    source: str = "base",
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    k: int = 5,
+    js_threshold: float = 0.1,
+    top_n: int = TOP_N,
+) -> tuple[list[dict], dict]:
     """Greedy-decode each prompt with the `source` model ("base" or "tuned"), teacher-force both
     models over the same prefixes (prompt + that completion), compare per position.
 
@@ -271,7 +303,7 @@ def analyze(base_model, tuned_model, tokenizer, prompts_ids: list[list[int]], *,
     reqs = [Request((str(i), 0), tuple(int(t) for t in p)) for i, p in enumerate(prompts_ids)]
     comps = HFSampler(base_model if source == "base" else tuned_model, tokenizer).generate(reqs, cfg)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    own_argmax = f"{source}_argmax"          # what the decoding model's teacher-forced argmax is called
+    own_argmax = f"{source}_argmax"  # what the decoding model's teacher-forced argmax is called
 
     records: list[dict] = []
     per_pos: dict[str, list[Tensor]] = {name: [] for name in PER_POSITION_KEYS}
@@ -281,22 +313,22 @@ def analyze(base_model, tuned_model, tokenizer, prompts_ids: list[list[int]], *,
     for s in range(0, len(todo), batch_size):
         chunk = todo[s : s + batch_size]
         ex = [TrainExample(r.prompt_ids, tuple(c.token_ids), (0.0,) * len(c.token_ids), 0.0, False) for r, c in chunk]
-        live = [e for e in ex if e.completion_ids]          # nothing to compare for empty completions
+        live = [e for e in ex if e.completion_ids]  # nothing to compare for empty completions
         cmp: list[dict] = []
         if live:
-            ids, att, comp, _, _, _ = batch_tensors(live, pad)                  # [b, T]
+            ids, att, comp, _, _, _ = batch_tensors(live, pad)  # [b, T]
             P = shared_prefix_len(ids, att, comp)
             spans = [(len(e.prompt_ids), len(e.completion_ids)) for e in live]
-            lb = _completion_logits(base_model, ids, att, P, spans)            # [c_i, V] each
+            lb = _completion_logits(base_model, ids, att, P, spans)  # [c_i, V] each
             lt = _completion_logits(tuned_model, ids, att, P, spans)
             for b, t in zip(lb, lt):
                 d = {name: v.cpu() for name, v in compare_distributions(b, t.to(b.device), k=k).items()}
                 for who, x in (("base", b), ("tuned", t)):
-                    top_i, top_p = top_probs(x, top_n)                         # [c_i, top_n] each
+                    top_i, top_p = top_probs(x, top_n)  # [c_i, top_n] each
                     d[f"{who}_top_ids"], d[f"{who}_top_p"] = top_i.cpu(), top_p.cpu()
                 cmp.append(d)
         it = iter(cmp)
-        for (r, c), e in zip(chunk, ex):
+        for r, c in chunk:
             n = len(c.token_ids)
             d = next(it) if n else {name: torch.zeros(0) for name in PER_POSITION_KEYS}
             toks = torch.tensor(c.token_ids, dtype=torch.long)
@@ -305,10 +337,16 @@ def analyze(base_model, tuned_model, tokenizer, prompts_ids: list[list[int]], *,
                 for name in PER_POSITION_KEYS:
                     per_pos[name].append(d[name])
                 fracs.append(torch.arange(n, dtype=torch.float64) / n)
-            rec = {"index": int(r.key[0]), "source": source, "prompt_len": len(r.prompt_ids),
-                   "prompt_tail_ids": list(r.prompt_ids[-PROMPT_TAIL:]), "token_ids": list(c.token_ids),
-                   "tokens": [tokenizer.decode([t]) for t in c.token_ids], "text": c.text,
-                   "finish_reason": c.finish_reason}
+            rec = {
+                "index": int(r.key[0]),
+                "source": source,
+                "prompt_len": len(r.prompt_ids),
+                "prompt_tail_ids": list(r.prompt_ids[-PROMPT_TAIL:]),
+                "token_ids": list(c.token_ids),
+                "tokens": [tokenizer.decode([t]) for t in c.token_ids],
+                "text": c.text,
+                "finish_reason": c.finish_reason,
+            }
             rec.update({name: d[name].tolist() for name in PER_POSITION_KEYS})
             for who in ("base", "tuned"):
                 rec[f"{who}_top_ids"] = d[f"{who}_top_ids"].tolist() if n else []
@@ -317,9 +355,12 @@ def analyze(base_model, tuned_model, tokenizer, prompts_ids: list[list[int]], *,
     cat = {name: torch.cat(v) if v else torch.zeros(0) for name, v in per_pos.items()}
     summary = summarize(cat, torch.cat(fracs) if fracs else torch.zeros(0), js_threshold=js_threshold, k=k)
     n_pos = summary["n_positions"]
-    summary.update(source=source, n_trajectories=len(records),
-                   n_truncated=sum(r["finish_reason"] == "length" for r in records),
-                   teacher_forced_argmax_mismatch=mismatch / n_pos if n_pos else float("nan"))
+    summary.update(
+        source=source,
+        n_trajectories=len(records),
+        n_truncated=sum(r["finish_reason"] == "length" for r in records),
+        teacher_forced_argmax_mismatch=mismatch / n_pos if n_pos else float("nan"),
+    )
     return records, summary
 
 
@@ -370,9 +411,17 @@ def _summary_rows(s: dict) -> list[tuple[str, str, str]]:
         ("base entropy, unshifted", nats_bits(s["entropy_unshifted"]), ""),
         ("entropy ratio (reranked / unshifted)", _fmt(s["entropy_ratio"], "x"), PAPER["entropy_ratio"]),
         ("AUROC of base entropy for reranked", _fmt(s["auroc_entropy_reranked"]), ""),
-        ("JS p50 / p90 / p99 / max (nats)", " / ".join(_fmt(s["js_quantiles"][q]) for q in ("p50", "p90", "p99", "max")), ""),
+        (
+            "JS p50 / p90 / p99 / max (nats)",
+            " / ".join(_fmt(s["js_quantiles"][q]) for q in ("p50", "p90", "p99", "max")),
+            "",
+        ),
         (f"fraction with JS > {s['js_threshold']}", _fmt(s["js_frac_above"]), ""),
-        ("mean KL(base||tuned) / KL(tuned||base) (nats)", f"{_fmt(s['kl_base_tuned_mean'])} / {_fmt(s['kl_tuned_base_mean'])}", ""),
+        (
+            "mean KL(base||tuned) / KL(tuned||base) (nats)",
+            f"{_fmt(s['kl_base_tuned_mean'])} / {_fmt(s['kl_tuned_base_mean'])}",
+            "",
+        ),
         ("greedy vs teacher-forced argmax mismatch", _fmt(s.get("teacher_forced_argmax_mismatch")), ""),
     ]
     if "change_position_hist" in s:
@@ -386,12 +435,18 @@ def render_markdown(summaries: dict[str, dict], config: dict) -> str:
     cols = list(summaries)
     tables = [_summary_rows(summaries[c]) for c in cols]
     k = summaries[cols[0]].get("k", 5)
-    lines = [f"# Token-level analysis: {config.get('tuned', 'tuned')} vs {config.get('base', 'base')}", "",
-             (f"Problems: `{config.get('problems')}`, template `{config.get('template')}`, greedy decoding "
-              f"(max {config.get('max_new_tokens')} new tokens) along the {' and the '.join(cols)} model's "
-              f"trajectories, both models teacher-forced on the same prefixes, top-k = {k}."), "",
-             "| metric | " + " | ".join(f"{c} trajectories" for c in cols) + " | paper |",
-             "|---|" + "---|" * len(cols) + "---|"]
+    lines = [
+        f"# Token-level analysis: {config.get('tuned', 'tuned')} vs {config.get('base', 'base')}",
+        "",
+        (
+            f"Problems: `{config.get('problems')}`, template `{config.get('template')}`, greedy decoding "
+            f"(max {config.get('max_new_tokens')} new tokens) along the {' and the '.join(cols)} model's "
+            f"trajectories, both models teacher-forced on the same prefixes, top-k = {k}."
+        ),
+        "",
+        "| metric | " + " | ".join(f"{c} trajectories" for c in cols) + " | paper |",
+        "|---|" + "---|" * len(cols) + "---|",
+    ]
     for i, (m, _, paper) in enumerate(tables[0]):
         lines.append(f"| {m} | " + " | ".join(t[i][1].replace("|", "/") for t in tables) + f" | {paper} |")
     return "\n".join(lines) + "\n"
@@ -408,9 +463,11 @@ def _load(spec: str, role: str, what: str):
         return load_model(spec)
     except ReasonMaxxerError as e:
         raise ReasonMaxxerError(f"{what}: {role} model: {e}") from e
-    except Exception as e:   # noqa: BLE001 -- transformers, peft and safetensors raise many types for bad files
+    except Exception as e:  # noqa: BLE001 -- transformers, peft and safetensors raise many types for bad files
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ReasonMaxxerError(f"{what}: could not load the {role} model {spec!r} ({type(e).__name__}: {first})") from e
+        raise ReasonMaxxerError(
+            f"{what}: could not load the {role} model {spec!r} ({type(e).__name__}: {first})"
+        ) from e
 
 
 def load_pair(base_spec: str, tuned_spec: str, problems_spec: str, *, template: str, limit, data_dir, what: str):
@@ -419,14 +476,14 @@ def load_pair(base_spec: str, tuned_spec: str, problems_spec: str, *, template: 
     Returns (problems, template, base, tuned, tokenizer, prompts_ids). Shared by analyze and intervene.
     """
     from ..data.benchmarks import load_problems
-    from ..models import resolve_spec
     from ..data.prompts import get_template, render_prompt
+    from ..models import resolve_spec
 
     problems = load_problems(problems_spec, data_dir=data_dir, limit=limit)
     if not problems:
         raise ReasonMaxxerError(f"{what}: problem set {problems_spec!r} is empty (limit={limit})")
     tmpl = get_template(template)
-    for spec, role in ((base_spec, "base"), (tuned_spec, "tuned")):   # missing files: fail before loading anything
+    for spec, role in ((base_spec, "base"), (tuned_spec, "tuned")):  # missing files: fail before loading anything
         try:
             resolve_spec(spec)
         except ReasonMaxxerError as e:
@@ -436,8 +493,10 @@ def load_pair(base_spec: str, tuned_spec: str, problems_spec: str, *, template: 
     check_same_tokenizer(btok, ttok)
     vb, vt = base.get_output_embeddings().weight.shape[0], tuned.get_output_embeddings().weight.shape[0]
     if vb != vt:
-        raise ReasonMaxxerError(f"{what}: the base and tuned models have different output vocabularies "
-                                f"({vb} vs {vt} logits); token-level comparison needs the same vocabulary")
+        raise ReasonMaxxerError(
+            f"{what}: the base and tuned models have different output vocabularies "
+            f"({vb} vs {vt} logits); token-level comparison needs the same vocabulary"
+        )
     prompts = []
     for p in problems:
         ids = list(btok(render_prompt(tmpl, p.question, btok), add_special_tokens=False)["input_ids"])
@@ -447,9 +506,19 @@ def load_pair(base_spec: str, tuned_spec: str, problems_spec: str, *, template: 
     return problems, tmpl, base, tuned, btok, prompts
 
 
-def run_analyze(base_spec: str, tuned_spec: str, problems_spec: str, out_dir, *, template: str = "fewshot",
-                limit: int | None = None, max_new_tokens: int = 256, data_dir=None, batch_size: int = 8,
-                trajectories: str = "base") -> dict:
+def run_analyze(
+    base_spec: str,
+    tuned_spec: str,
+    problems_spec: str,
+    out_dir,
+    *,
+    template: str = "fewshot",
+    limit: int | None = None,
+    max_new_tokens: int = 256,
+    data_dir=None,
+    batch_size: int = 8,
+    trajectories: str = "base",
+) -> dict:
     """Load both models, render prompts, run `analyze` along the `trajectories` source(s)
     ("base", "tuned" or "both"), write analysis.json / analysis.md / trajectories.jsonl under
     out_dir (atomically). Returns {"config", "summaries" {source: summary}, "summary" (the first
@@ -463,26 +532,48 @@ def run_analyze(base_spec: str, tuned_spec: str, problems_spec: str, out_dir, *,
     from ..io import atomic_write_bytes, atomic_write_json
 
     if trajectories not in TRAJECTORIES:
-        raise ReasonMaxxerError(f"analysis: --trajectories must be one of {', '.join(TRAJECTORIES)} (got {trajectories!r})")
-    problems, tmpl, base, tuned, btok, prompts = load_pair(base_spec, tuned_spec, problems_spec, template=template,
-                                                           limit=limit, data_dir=data_dir, what="analysis")
+        raise ReasonMaxxerError(
+            f"analysis: --trajectories must be one of {', '.join(TRAJECTORIES)} (got {trajectories!r})"
+        )
+    problems, tmpl, base, tuned, btok, prompts = load_pair(
+        base_spec, tuned_spec, problems_spec, template=template, limit=limit, data_dir=data_dir, what="analysis"
+    )
     records, summaries = [], {}
     for source in TRAJECTORIES[trajectories]:
-        recs, summaries[source] = analyze(base, tuned, btok, prompts, source=source, max_new_tokens=max_new_tokens,
-                                          batch_size=batch_size)
+        recs, summaries[source] = analyze(
+            base, tuned, btok, prompts, source=source, max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
         for r, p in zip(recs, problems):
             r["problem_id"] = p.id
         records += recs
     first = summaries[TRAJECTORIES[trajectories][0]]
-    config = {"base": base_spec, "tuned": tuned_spec, "problems": problems_spec, "limit": limit,
-              "template": tmpl.name, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-              "k": first["k"], "js_threshold": first["js_threshold"], "trajectories": trajectories,
-              "decoding": ", ".join(f"greedy ({s})" for s in summaries)}
+    config = {
+        "base": base_spec,
+        "tuned": tuned_spec,
+        "problems": problems_spec,
+        "limit": limit,
+        "template": tmpl.name,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "k": first["k"],
+        "js_threshold": first["js_threshold"],
+        "trajectories": trajectories,
+        "decoding": ", ".join(f"greedy ({s})" for s in summaries),
+    }
     out = Path(out_dir)
     paths = {"json": out / "analysis.json", "md": out / "analysis.md", "trajectories": out / "trajectories.jsonl"}
-    atomic_write_json(paths["json"], jsonable({"config": config, "summaries": summaries, "summary": first,
-                                                "paper": PAPER, "token_text": token_text(btok, records)}))
-    atomic_write_bytes(paths["trajectories"],
-                       "".join(json.dumps(jsonable(r)) + "\n" for r in records).encode())
+    atomic_write_json(
+        paths["json"],
+        jsonable(
+            {
+                "config": config,
+                "summaries": summaries,
+                "summary": first,
+                "paper": PAPER,
+                "token_text": token_text(btok, records),
+            }
+        ),
+    )
+    atomic_write_bytes(paths["trajectories"], "".join(json.dumps(jsonable(r)) + "\n" for r in records).encode())
     atomic_write_bytes(paths["md"], render_markdown(jsonable(summaries), config).encode())
     return {"config": config, "summaries": summaries, "summary": first, "paths": {k: str(v) for k, v in paths.items()}}

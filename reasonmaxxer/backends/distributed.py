@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+
 import torch
 
 
@@ -37,8 +38,9 @@ def _flag(name: str) -> bool:
 
 def launched() -> bool:
     """True in a process started by `accelerate launch`/`torchrun` with N > 1, or with FSDP/DeepSpeed."""
-    return (int(os.environ.get("WORLD_SIZE", "1")) > 1 or _flag("ACCELERATE_USE_FSDP")
-            or _flag("ACCELERATE_USE_DEEPSPEED"))
+    return (
+        int(os.environ.get("WORLD_SIZE", "1")) > 1 or _flag("ACCELERATE_USE_FSDP") or _flag("ACCELERATE_USE_DEEPSPEED")
+    )
 
 
 def partial_state():
@@ -73,11 +75,11 @@ class Dist:
         self.rank = acc.process_index if acc is not None else 0
         self.is_main = self.rank == 0
         kind = str(acc.distributed_type) if acc is not None else ""
-        self.sharded = "FSDP" in kind or "DEEPSPEED" in kind     # every forward is a collective
+        self.sharded = "FSDP" in kind or "DEEPSPEED" in kind  # every forward is a collective
         self.deepspeed = "DEEPSPEED" in kind
 
     @classmethod
-    def from_env(cls) -> "Dist":
+    def from_env(cls) -> Dist:
         if not launched():
             return cls(None)
         from accelerate import Accelerator
@@ -85,15 +87,19 @@ class Dist:
 
         partial_state()
         # buffers (rotary frequencies) are constants: no broadcast, so forwards are not collectives
-        return cls(Accelerator(cpu=not torch.cuda.is_available(),
-                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)]))
+        return cls(
+            Accelerator(
+                cpu=not torch.cuda.is_available(),
+                kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+            )
+        )
 
     # -- set-up --------------------------------------------------------------------------
     def prepare(self, model, opt, micro_batch: int):
         """(model, optimizer) wrapped for the backend (DDP, FSDP, DeepSpeed); unchanged in one process."""
         if self.acc is None:
             return model, opt
-        if self.deepspeed:   # DeepSpeed wants a batch size; there is no DataLoader to read it from
+        if self.deepspeed:  # DeepSpeed wants a batch size; there is no DataLoader to read it from
             ds = self.acc.state.deepspeed_plugin
             if ds.is_auto("train_micro_batch_size_per_gpu"):
                 ds.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch
@@ -129,7 +135,7 @@ class Dist:
         if self.acc is None:
             yield
             return
-        if self.deepspeed:   # DeepSpeed steps its engine inside backward, at the boundary only
+        if self.deepspeed:  # DeepSpeed steps its engine inside backward, at the boundary only
             self.acc.gradient_state._set_sync_gradients(last)
         with contextlib.nullcontext() if last else self.acc.no_sync(model):
             yield
@@ -137,7 +143,7 @@ class Dist:
     def backward(self, loss: torch.Tensor, weight: float) -> None:
         if self.acc is None:
             loss.backward()
-        else:   # the backends average over ranks; x N makes it the sum, i.e. the single-process gradient
+        else:  # the backends average over ranks; x N makes it the sum, i.e. the single-process gradient
             self.acc.backward(loss * (weight * self.world))
 
     def clip_grad_norm(self, model, params, max_norm: float) -> torch.Tensor:

@@ -38,11 +38,12 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
-from ..errors import ReasonMaxxerError
+from typing import Any, Protocol
 
+from ..errors import ReasonMaxxerError
 
 ENGINES = ("local", "ray")
 
@@ -117,9 +118,19 @@ class MapStats:
     seconds: float = 0.0
 
 
-def map_shards(task: ShardTask, payloads: Mapping[int, Any], engine: EngineConfig | None,
-               on_result: Callable[[int, Any], None], *, total: int, desc: str, unit: str = "seq",
-               progress: bool = True, model=None, tokenizer=None) -> MapStats:
+def map_shards(
+    task: ShardTask,
+    payloads: Mapping[int, Any],
+    engine: EngineConfig | None,
+    on_result: Callable[[int, Any], None],
+    *,
+    total: int,
+    desc: str,
+    unit: str = "seq",
+    progress: bool = True,
+    model=None,
+    tokenizer=None,
+) -> MapStats:
     """Run `task` over `payloads` ({shard index: payload}) and call `on_result(shard, result)`
     on the driver for each, in completion order. `total` sizes the progress bar (units).
     `model`/`tokenizer` are reused by the local engine (Ray workers load their own)."""
@@ -166,7 +177,9 @@ def init_ray(engine: EngineConfig) -> None:
     try:
         import ray
     except ImportError:
-        raise ReasonMaxxerError("--engine ray needs Ray: run `pip install 'reasonmaxxer[ray]'` (or `pip install ray`)") from None
+        raise ReasonMaxxerError(
+            "--engine ray needs Ray: run `pip install 'reasonmaxxer[ray]'` (or `pip install ray`)"
+        ) from None
     if ray.is_initialized():
         return
     kw: dict = dict(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
@@ -179,8 +192,10 @@ def init_ray(engine: EngineConfig) -> None:
     try:
         ray.init(**kw)
     except ConnectionError as e:
-        raise ReasonMaxxerError(f"ray: cannot connect to {engine.ray_address!r} ({e}); start the cluster with "
-                                "`ray start --head` or drop --ray-address for a local instance") from None
+        raise ReasonMaxxerError(
+            f"ray: cannot connect to {engine.ray_address!r} ({e}); start the cluster with "
+            "`ray start --head` or drop --ray-address for a local instance"
+        ) from None
 
 
 class _Worker:
@@ -208,7 +223,7 @@ class _Worker:
             if task.model_spec != self.model_spec:
                 from ..models import load_model
 
-                self.model = self.tokenizer = None   # free the old model first
+                self.model = self.tokenizer = None  # free the old model first
                 self.model, self.tokenizer = load_model(task.model_spec)
                 self.model_spec = task.model_spec
             task.setup(self.model, self.tokenizer)
@@ -287,15 +302,19 @@ def _map_ray(task, payloads, engine, on_result, stats, bar, on_tokens) -> None:
                 attempts[i] += 1
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 if attempts[i] > engine.max_retries:
-                    raise ReasonMaxxerError(f"ray: shard {i} lost its worker {attempts[i]} times (last: {reason}); "
-                                            "finished shards are kept, re-run to resume") from None
+                    raise ReasonMaxxerError(
+                        f"ray: shard {i} lost its worker {attempts[i]} times (last: {reason}); "
+                        "finished shards are kept, re-run to resume"
+                    ) from None
                 ray.kill(actors[slot], no_restart=True)
                 actors[slot] = _new_actor(engine)
                 idle.append(slot)
                 todo.appendleft(i)
                 stats.retries += 1
-                bar.write(f"ray: worker died on shard {i} ({reason}); retrying on a new worker "
-                          f"({attempts[i]}/{engine.max_retries})")
+                bar.write(
+                    f"ray: worker died on shard {i} ({reason}); retrying on a new worker "
+                    f"({attempts[i]}/{engine.max_retries})"
+                )
                 continue
             except RayTaskError as e:
                 cause = getattr(e, "cause", None)
@@ -303,11 +322,11 @@ def _map_ray(task, payloads, engine, on_result, stats, bar, on_tokens) -> None:
                     raise cause from None
                 raise
             idle.append(slot)
-            fill()   # keep the worker busy while the driver grades and writes
+            fill()  # keep the worker busy while the driver grades and writes
             on_result(i, result)
             stats.shards += 1
             bar.update(n_units)
             on_tokens(n_tokens)
     except BaseException:
-        release_workers()   # shards still running would hold up the next map
+        release_workers()  # shards still running would hold up the next map
         raise

@@ -38,10 +38,13 @@ from __future__ import annotations
 import hashlib
 import inspect
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
+
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
 from ..errors import ReasonMaxxerError
 
 
@@ -49,14 +52,14 @@ from ..errors import ReasonMaxxerError
 class SamplingConfig:
     """How completions are drawn. temperature 0 = greedy (then top_p/top_k are ignored)."""
 
-    n: int = 4                    # samples per problem
+    n: int = 4  # samples per problem
     temperature: float = 0.7
     top_p: float = 1.0
-    top_k: int = 0                # 0 = no top-k filter
+    top_k: int = 0  # 0 = no top-k filter
     max_new_tokens: int = 256
     seed: int = 0
-    batch_size: int = 32          # rows decoded together
-    stop: tuple[str, ...] = ()    # extra stop strings (EOS always stops)
+    batch_size: int = 32  # rows decoded together
+    stop: tuple[str, ...] = ()  # extra stop strings (EOS always stops)
 
     def __post_init__(self):
         if self.n < 1:
@@ -85,10 +88,10 @@ class Request:
 class Completion:
     key: tuple[str, int]
     token_ids: list[int]
-    logprobs: list[float]         # log p(token) under the untempered model distribution, nats
+    logprobs: list[float]  # log p(token) under the untempered model distribution, nats
     entropies: list[float] | None  # full-vocabulary entropy of that distribution, nats (None: the
-                                   # backend cannot compute it, e.g. vLLM; the scoring stage does)
-    finish_reason: str            # "eos" | "stop" | "length"
+    # backend cannot compute it, e.g. vLLM; the scoring stage does)
+    finish_reason: str  # "eos" | "stop" | "length"
     text: str = ""
 
     @property
@@ -99,9 +102,13 @@ class Completion:
 class Sampler(Protocol):
     """A sampling backend: HF (CPU/GPU, this module) or vLLM (GPUs)."""
 
-    def generate(self, requests: Sequence[Request], cfg: SamplingConfig,
-                 on_done: Callable[[Completion], None] | None = None,
-                 progress: Callable[[int], None] | None = None) -> list[Completion]: ...
+    def generate(
+        self,
+        requests: Sequence[Request],
+        cfg: SamplingConfig,
+        on_done: Callable[[Completion], None] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Completion]: ...
 
 
 def request_seed(seed: int, problem_id: str, sample_index: int) -> int:
@@ -129,8 +136,9 @@ def decode_completion(tokenizer, token_ids: Sequence[int], finish_reason: str, s
     return text
 
 
-def sample_from_logits(logits: torch.Tensor, u: torch.Tensor, temperature: float,
-                       top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+def sample_from_logits(
+    logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0
+) -> torch.Tensor:
     """Inverse-CDF sampling. logits [B, V] fp32, u [B] uniform in [0, 1) -> token ids [B].
 
     temperature 0 -> argmax. top_k keeps the k largest logits, top_p the smallest set of
@@ -138,19 +146,21 @@ def sample_from_logits(logits: torch.Tensor, u: torch.Tensor, temperature: float
     """
     if temperature == 0:
         return logits.argmax(-1)
-    z = logits / temperature                                            # [B, V]
+    z = logits / temperature  # [B, V]
     if top_k and top_k < z.shape[-1]:
-        kth = z.topk(top_k, dim=-1).values[:, -1:]                      # [B, 1]
+        kth = z.topk(top_k, dim=-1).values[:, -1:]  # [B, 1]
         z = z.masked_fill(z < kth, float("-inf"))
     if top_p < 1.0:
-        zs, idx = z.sort(dim=-1, descending=True)                       # [B, V]
+        zs, idx = z.sort(dim=-1, descending=True)  # [B, V]
         ps = torch.softmax(zs, -1)
-        before = ps.cumsum(-1) - ps                                     # mass strictly before each token
+        before = ps.cumsum(-1) - ps  # mass strictly before each token
         zs = zs.masked_fill(before >= top_p, float("-inf"))
         cdf = torch.softmax(zs, -1).cumsum(-1)
-        pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1).contiguous(), right=True).clamp_max(z.shape[-1] - 1)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1).contiguous(), right=True).clamp_max(
+            z.shape[-1] - 1
+        )
         return idx.gather(-1, pick).squeeze(-1)
-    cdf = torch.softmax(z, -1).cumsum(-1)                               # [B, V]
+    cdf = torch.softmax(z, -1).cumsum(-1)  # [B, V]
     pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1).contiguous(), right=True)
     return pick.clamp_max(z.shape[-1] - 1).squeeze(-1)
 
@@ -232,8 +242,12 @@ class HFSampler:
 
     def __init__(self, model, tokenizer, min_shared_prefix: int = 8):
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        if any(t == "sliding_attention" for t in (getattr(cfg, "layer_types", None) or [])) or getattr(cfg, "use_sliding_window", False):
-            raise ReasonMaxxerError("HF sampler: models with sliding-window attention are not supported; use the vLLM backend")
+        if any(t == "sliding_attention" for t in (getattr(cfg, "layer_types", None) or [])) or getattr(
+            cfg, "use_sliding_window", False
+        ):
+            raise ReasonMaxxerError(
+                "HF sampler: models with sliding-window attention are not supported; use the vLLM backend"
+            )
         self.model = model
         self.tok = tokenizer
         self.num_layers = cfg.num_hidden_layers
@@ -242,7 +256,7 @@ class HFSampler:
         self.eos = eos_token_ids(getattr(model, "generation_config", None), tokenizer)
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         # transformers renamed `past_key_values` to `cache` in 5.x
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model   # PEFT passes kwargs through
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes kwargs through
         params = inspect.signature(inner.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
@@ -250,7 +264,7 @@ class HFSampler:
     def _forward(self, ids, mask, pos, cache):
         kw = {self._cache_kw: cache}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
-        return out.logits[:, -1, :].float()                            # [B, V]
+        return out.logits[:, -1, :].float()  # [B, V]
 
     def _prefix_kv(self, prefix: tuple[int, ...]):
         cache = _SlabCache(self.num_layers)
@@ -267,8 +281,8 @@ class HFSampler:
         ids = torch.full((b, s_max), self.tok.pad_token_id or 0, dtype=torch.long)
         smask = torch.zeros((b, s_max), dtype=torch.long)
         for i, s in enumerate(sufs):
-            ids[i, s_max - len(s):] = torch.tensor(s)
-            smask[i, s_max - len(s):] = 1
+            ids[i, s_max - len(s) :] = torch.tensor(s)
+            smask[i, s_max - len(s) :] = 1
         pos = (prefix_len + smask.cumsum(-1) - 1).clamp_min(0)
         mask = torch.cat([torch.ones((b, prefix_len), dtype=torch.long), smask], 1)
         cache = _SlabCache(self.num_layers)
@@ -286,9 +300,13 @@ class HFSampler:
 
     # -- the loop --------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, requests: Sequence[Request], cfg: SamplingConfig,
-                 on_done: Callable[[Completion], None] | None = None,
-                 progress: Callable[[int], None] | None = None) -> list[Completion]:
+    def generate(
+        self,
+        requests: Sequence[Request],
+        cfg: SamplingConfig,
+        on_done: Callable[[Completion], None] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Completion]:
         """Draw one completion per request; returns them in request order.
 
         `on_done(completion)` is called as each finishes; `progress(n_new_tokens)` after each step.
@@ -309,9 +327,9 @@ class HFSampler:
         results: dict[tuple, Completion] = {}
         rows: list[_Row] = []
         cache = _SlabCache(self.num_layers)
-        mask = torch.zeros((0, 0), dtype=torch.long)                    # [B, n] over cache columns
-        next_pos = torch.zeros((0,), dtype=torch.long)                  # [B]
-        last = torch.zeros((0,), dtype=torch.long)                      # [B] token to feed next
+        mask = torch.zeros((0, 0), dtype=torch.long)  # [B, n] over cache columns
+        next_pos = torch.zeros((0,), dtype=torch.long)  # [B]
+        last = torch.zeros((0,), dtype=torch.long)  # [B] token to feed next
         B = cfg.batch_size
 
         def finish(row: _Row):
@@ -322,7 +340,11 @@ class HFSampler:
                 on_done(c)
 
         def choose(logits, active: list[_Row]):
-            u = torch.stack([torch.rand((), generator=r.gen) for r in active]) if not cfg.greedy else torch.zeros(len(active))
+            u = (
+                torch.stack([torch.rand((), generator=r.gen) for r in active])
+                if not cfg.greedy
+                else torch.zeros(len(active))
+            )
             tok = sample_from_logits(logits, u.to(logits.device), cfg.temperature, cfg.top_p, cfg.top_k)
             ent, lp = entropy_and_logprob(logits, tok)
             return tok.cpu(), ent.cpu(), lp.cpu()
@@ -342,13 +364,19 @@ class HFSampler:
 
         while pending or rows:
             dead = [i for i, r in enumerate(rows) if r.done]
-            if not rows or (dead and len(dead) >= max(1, len(rows) // 4)) or (pending and len(rows) - len(dead) < B // 2):
+            if (
+                not rows
+                or (dead and len(dead) >= max(1, len(rows) // 4))
+                or (pending and len(rows) - len(dead) < B // 2)
+            ):
                 keep = [i for i, r in enumerate(rows) if not r.done]
                 admit = [pending.popleft() for _ in range(min(len(pending), B - len(keep)))]
                 new_kv = new_mask = None
                 if admit:
-                    new_rows = [_Row(r, torch.Generator().manual_seed(request_seed(cfg.seed, r.key[0], r.key[1])), [], [], [])
-                                for r in admit]
+                    new_rows = [
+                        _Row(r, torch.Generator().manual_seed(request_seed(cfg.seed, r.key[0], r.key[1])), [], [], [])
+                        for r in admit
+                    ]
                     new_kv, new_mask, new_pos, logits = self._prefill(admit, plen, prefix_kv)
                     tok, ent, lp = choose(logits, new_rows)
                 # compact the live rows (trim all-padding left columns) and append the new ones, right-aligned
@@ -376,14 +404,14 @@ class HFSampler:
                         kb[: len(keep), :, L - live_len : L] = layer.kbuf[idx, :, first:n_old]
                         vb[: len(keep), :, L - live_len : L] = layer.vbuf[idx, :, first:n_old]
                     if admit:
-                        kb[len(keep):, :, L - m : L] = new_kv[li][0]
-                        vb[len(keep):, :, L - m : L] = new_kv[li][1]
+                        kb[len(keep) :, :, L - m : L] = new_kv[li][0]
+                        vb[len(keep) :, :, L - m : L] = new_kv[li][1]
                     layer.set(kb, vb, L)
                 mask2 = torch.zeros((tot, L), dtype=torch.long)
                 if keep:
                     mask2[: len(keep), L - live_len :] = mask[keep_t, first:]
                 if admit:
-                    mask2[len(keep):, L - m :] = new_mask
+                    mask2[len(keep) :, L - m :] = new_mask
                 mask = mask2
                 next_pos = torch.cat([next_pos[keep_t] if keep else next_pos[:0], new_pos if admit else next_pos[:0]])
                 last = torch.cat([last[keep_t] if keep else last[:0], tok if admit else last[:0]])

@@ -48,17 +48,17 @@ import gc
 import json
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+
 from ..errors import ReasonMaxxerError
 from .hf import Completion, Request, SamplingConfig, decode_completion, eos_token_ids, request_seed
-
 
 INSTALL = "pip install 'reasonmaxxer[vllm]'"
 
 
-LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)   # max_lora_rank values vLLM accepts
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # max_lora_rank values vLLM accepts
 
 
 @dataclass(frozen=True)
@@ -66,20 +66,22 @@ class VLLMOptions:
     """How the vLLM engine(s) run. These do not change what is sampled (not in the config hash)."""
 
     tensor_parallel_size: int = 1
-    data_parallel_size: int = 1          # independent engines, one process each (see module docstring)
+    data_parallel_size: int = 1  # independent engines, one process each (see module docstring)
     gpu_memory_utilization: float = 0.9  # fraction of each GPU vLLM may take (weights + KV cache)
-    dtype: str = "bfloat16"              # "auto" = the checkpoint's dtype
-    max_model_len: int | None = None     # None: the model's
-    enforce_eager: bool = False          # True: no CUDA graphs / compilation (faster start, slower decode)
-    enable_lora: bool = False            # serve adapters even when the model spec is a base model
-    max_lora_rank: int | None = None     # None: the adapter's rank (or 64 with enable_lora and no adapter)
-    seed: int = 0                        # engine seed; each request also has its own seed
+    dtype: str = "bfloat16"  # "auto" = the checkpoint's dtype
+    max_model_len: int | None = None  # None: the model's
+    enforce_eager: bool = False  # True: no CUDA graphs / compilation (faster start, slower decode)
+    enable_lora: bool = False  # serve adapters even when the model spec is a base model
+    max_lora_rank: int | None = None  # None: the adapter's rank (or 64 with enable_lora and no adapter)
+    seed: int = 0  # engine seed; each request also has its own seed
 
     def __post_init__(self):
         if self.tensor_parallel_size < 1 or self.data_parallel_size < 1:
             raise ReasonMaxxerError("vllm: tensor_parallel_size and data_parallel_size must be >= 1")
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ReasonMaxxerError(f"vllm: gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})")
+            raise ReasonMaxxerError(
+                f"vllm: gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})"
+            )
 
 
 def require_vllm():
@@ -87,7 +89,9 @@ def require_vllm():
     try:
         import vllm
     except ImportError as e:
-        raise ReasonMaxxerError(f"the vLLM backend needs the vllm package ({e}): run `{INSTALL}` on a CUDA machine") from None
+        raise ReasonMaxxerError(
+            f"the vLLM backend needs the vllm package ({e}): run `{INSTALL}` on a CUDA machine"
+        ) from None
     return vllm
 
 
@@ -123,11 +127,17 @@ def lora_rank_bucket(rank: int) -> int:
 
 def sampling_params_kwargs(req: Request, cfg: SamplingConfig, eos: Sequence[int]) -> dict:
     """The `vllm.SamplingParams` keyword arguments of one request (n=1, its own seed)."""
-    kw = {"n": 1, "seed": request_seed(cfg.seed, req.key[0], req.key[1]), "max_tokens": cfg.max_new_tokens,
-          "logprobs": 0, "stop_token_ids": sorted(eos), "skip_special_tokens": True}
+    kw = {
+        "n": 1,
+        "seed": request_seed(cfg.seed, req.key[0], req.key[1]),
+        "max_tokens": cfg.max_new_tokens,
+        "logprobs": 0,
+        "stop_token_ids": sorted(eos),
+        "skip_special_tokens": True,
+    }
     if cfg.greedy:
         kw.update(temperature=0.0, top_p=1.0, top_k=-1)
-    else:   # top_k -1 = off (accepted by every release; newer ones also take 0, 0.8 rejects 0)
+    else:  # top_k -1 = off (accepted by every release; newer ones also take 0, 0.8 rejects 0)
         kw.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k if cfg.top_k > 0 else -1)
     if cfg.stop:
         kw["stop"] = list(cfg.stop)
@@ -161,15 +171,19 @@ def _generate(llm, prompts: Sequence[Sequence[int]], params: Sequence[dict], lor
     vllm = require_vllm()
     try:
         from vllm.inputs import TokensPrompt
-    except ImportError:      # a TypedDict: a plain dict is the same thing
+    except ImportError:  # a TypedDict: a plain dict is the same thing
         TokensPrompt = dict
     kw = {}
     if lora:
         from vllm.lora.request import LoRARequest
 
         kw["lora_request"] = LoRARequest(*lora)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
-                        sampling_params=[vllm.SamplingParams(**p) for p in params], use_tqdm=False, **kw)
+    outs = llm.generate(
+        [TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+        sampling_params=[vllm.SamplingParams(**p) for p in params],
+        use_tqdm=False,
+        **kw,
+    )
     return [plain_output(o) for o in outs]
 
 
@@ -201,7 +215,7 @@ def _replica_main(conn, env: dict, llm_kwargs: dict) -> None:
         while (msg := conn.recv()) is not None:
             eng.submit(*msg)
             conn.send(("ok", eng.result()))
-    except BaseException as e:   # reported to the parent, which raises it as a ReasonMaxxerError
+    except BaseException as e:  # reported to the parent, which raises it as a ReasonMaxxerError
         conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
@@ -215,15 +229,17 @@ class _ProcessEngine:
         self.conn, child = ctx.Pipe()
         self.gpus = ",".join(gpus)
         self.proc = ctx.Process(target=_replica_main, args=(child, {"CUDA_VISIBLE_DEVICES": self.gpus}, llm_kwargs))
-        self.proc.start()   # not a daemon: vLLM starts its own worker processes for tensor parallelism
-        atexit.register(self.close)   # runs before multiprocessing joins its non-daemon children at exit
+        self.proc.start()  # not a daemon: vLLM starts its own worker processes for tensor parallelism
+        atexit.register(self.close)  # runs before multiprocessing joins its non-daemon children at exit
         self._recv()
 
     def _recv(self):
         try:
             kind, payload = self.conn.recv()
         except EOFError:
-            raise ReasonMaxxerError(f"vllm: the replica on GPUs {self.gpus} died (exit code {self.proc.exitcode})") from None
+            raise ReasonMaxxerError(
+                f"vllm: the replica on GPUs {self.gpus} died (exit code {self.proc.exitcode})"
+            ) from None
         if kind == "error":
             raise ReasonMaxxerError(f"vllm: the replica on GPUs {self.gpus} failed: {payload}")
         return payload
@@ -255,9 +271,10 @@ def _gpu_groups(dp: int, tp: int) -> list[list[str]]:
 
         ids = [str(i) for i in range(torch.cuda.device_count())]
     if len(ids) < dp * tp:
-        raise ReasonMaxxerError(f"vllm: data_parallel_size {dp} x tensor_parallel_size {tp} needs {dp * tp} GPUs; "
-                                f"{len(ids)} visible")
-    return [ids[r * tp:(r + 1) * tp] for r in range(dp)]
+        raise ReasonMaxxerError(
+            f"vllm: data_parallel_size {dp} x tensor_parallel_size {tp} needs {dp * tp} GPUs; {len(ids)} visible"
+        )
+    return [ids[r * tp : (r + 1) * tp] for r in range(dp)]
 
 
 def _blocks(n: int, k: int) -> list[tuple[int, int]]:
@@ -280,7 +297,9 @@ def load_tokenizer(path: str):
     try:
         return prepare_tokenizer(AutoTokenizer.from_pretrained(path))
     except OSError as e:
-        raise ReasonMaxxerError(f"{path}: could not load the tokenizer ({str(e).strip().splitlines()[0] if str(e).strip() else e})") from e
+        raise ReasonMaxxerError(
+            f"{path}: could not load the tokenizer ({str(e).strip().splitlines()[0] if str(e).strip() else e})"
+        ) from e
 
 
 def _generation_config(path: str):
@@ -305,33 +324,49 @@ class VLLMSampler:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.served.base)
         self.eos = eos_token_ids(_generation_config(self.served.base), self.tokenizer)
         o = self.options
-        kw = {"model": self.served.base, "tokenizer": self.served.base, "dtype": o.dtype, "seed": o.seed,
-              "tensor_parallel_size": o.tensor_parallel_size, "gpu_memory_utilization": o.gpu_memory_utilization,
-              "enforce_eager": o.enforce_eager}
+        kw = {
+            "model": self.served.base,
+            "tokenizer": self.served.base,
+            "dtype": o.dtype,
+            "seed": o.seed,
+            "tensor_parallel_size": o.tensor_parallel_size,
+            "gpu_memory_utilization": o.gpu_memory_utilization,
+            "enforce_eager": o.enforce_eager,
+        }
         if o.max_model_len:
             kw["max_model_len"] = o.max_model_len
         if o.enable_lora or self.served.adapter:
             rank = o.max_lora_rank or self.served.lora_rank or 64
             kw.update(enable_lora=True, max_lora_rank=lora_rank_bucket(rank), max_loras=1)
         self.llm_kwargs = kw
-        self._shared = {"engines": None, "lora_ids": {}}   # shared with the samplers `for_model` returns
+        self._shared = {"engines": None, "lora_ids": {}}  # shared with the samplers `for_model` returns
 
     def describe(self) -> dict:
         """For the store manifest: the backend, its options and what it serves."""
-        return {"name": self.name, "options": asdict(self.options), "base": self.served.base,
-                "adapter": self.served.adapter}
+        return {
+            "name": self.name,
+            "options": asdict(self.options),
+            "base": self.served.base,
+            "adapter": self.served.adapter,
+        }
 
-    def for_model(self, model_spec: str) -> "VLLMSampler":
+    def for_model(self, model_spec: str) -> VLLMSampler:
         """A sampler for another adapter of the same base (or the base itself), on the same engine(s)."""
         served = served_model(model_spec)
         if served.base != self.served.base:
-            raise ReasonMaxxerError(f"vllm: {model_spec} is served from {served.base}, not from this engine's {self.served.base}")
+            raise ReasonMaxxerError(
+                f"vllm: {model_spec} is served from {served.base}, not from this engine's {self.served.base}"
+            )
         if served.adapter:
             if not self.llm_kwargs.get("enable_lora"):
-                raise ReasonMaxxerError(f"vllm: {model_spec} is a LoRA adapter but the engine was started without enable_lora")
+                raise ReasonMaxxerError(
+                    f"vllm: {model_spec} is a LoRA adapter but the engine was started without enable_lora"
+                )
             if served.lora_rank > self.llm_kwargs["max_lora_rank"]:
-                raise ReasonMaxxerError(f"vllm: adapter rank {served.lora_rank} > the engine's max_lora_rank "
-                                        f"{self.llm_kwargs['max_lora_rank']}")
+                raise ReasonMaxxerError(
+                    f"vllm: adapter rank {served.lora_rank} > the engine's max_lora_rank "
+                    f"{self.llm_kwargs['max_lora_rank']}"
+                )
         other = copy.copy(self)
         other.spec, other.served = model_spec, served
         return other
@@ -365,9 +400,13 @@ class VLLMSampler:
             ids[key] = len(ids) + 1
         return (f"adapter-{ids[key]}", ids[key], a)
 
-    def generate(self, requests: Sequence[Request], cfg: SamplingConfig,
-                 on_done: Callable[[Completion], None] | None = None,
-                 progress: Callable[[int], None] | None = None) -> list[Completion]:
+    def generate(
+        self,
+        requests: Sequence[Request],
+        cfg: SamplingConfig,
+        on_done: Callable[[Completion], None] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Completion]:
         """Draw one completion per request (request order). `cfg.batch_size` is not used: vLLM schedules itself.
 
         `on_done` is called for each completion and `progress(n_tokens)` once, after the batch.
@@ -392,8 +431,16 @@ class VLLMSampler:
         comps = []
         for r, p in zip(requests, plain):
             reason = finish_reason(p, r.key)
-            comps.append(Completion(r.key, p["token_ids"], p["logprobs"], None, reason,
-                                    decode_completion(self.tokenizer, p["token_ids"], reason, cfg.stop)))
+            comps.append(
+                Completion(
+                    r.key,
+                    p["token_ids"],
+                    p["logprobs"],
+                    None,
+                    reason,
+                    decode_completion(self.tokenizer, p["token_ids"], reason, cfg.stop),
+                )
+            )
         for c in comps:
             if on_done:
                 on_done(c)

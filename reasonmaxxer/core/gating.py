@@ -14,10 +14,11 @@ the paper's control: as many positions, chosen uniformly instead of by entropy.
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import Tensor
-from ..errors import ReasonMaxxerError
 
+from ..errors import ReasonMaxxerError
 
 __all__ = [
     "entropy_gate",

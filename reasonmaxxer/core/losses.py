@@ -51,12 +51,13 @@ How a training loop composes them (gradient accumulation over micro-batches)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+
 import torch
 from torch import Tensor
-from ..errors import ReasonMaxxerError
 
+from ..errors import ReasonMaxxerError
 
 __all__ = [
     "group_advantages",

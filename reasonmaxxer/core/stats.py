@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 from ..errors import ReasonMaxxerError
 
 Z95 = 1.959963984540054  # two-sided 95% standard normal quantile
@@ -71,12 +73,19 @@ def paired_difference(a: Mapping[str, float], b: Mapping[str, float]) -> dict[st
     """
     common = sorted(set(a) & set(b))
     if not common:
-        raise ReasonMaxxerError("paired_difference: the two results share no problem ids; evaluate both on the same problems")
+        raise ReasonMaxxerError(
+            "paired_difference: the two results share no problem ids; evaluate both on the same problems"
+        )
     diffs = [float(a[p]) - float(b[p]) for p in common]
     m, lo, hi = normal_mean_ci(diffs)
     return {
-        "n": len(common), "mean_diff": m, "low": lo, "high": hi,
-        "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs),
+        "n": len(common),
+        "mean_diff": m,
+        "low": lo,
+        "high": hi,
+        "wins": sum(d > 0 for d in diffs),
+        "losses": sum(d < 0 for d in diffs),
         "ties": sum(d == 0 for d in diffs),
-        "only_in_a": len(set(a) - set(b)), "only_in_b": len(set(b) - set(a)),
+        "only_in_a": len(set(a) - set(b)),
+        "only_in_b": len(set(b) - set(a)),
     }

@@ -32,15 +32,23 @@ from __future__ import annotations
 import ast
 import hashlib
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, Sequence
-from .problems import Problem
+
 from ..errors import ReasonMaxxerError
+from .problems import Problem
 
-
-__all__ = ["TIERS", "SPLITS", "DEFAULT_MIX", "DEFAULT_TIERS", "DEFAULT_WEIGHTS", "generate",
-           "split_of", "evaluate_expression"]
+__all__ = [
+    "TIERS",
+    "SPLITS",
+    "DEFAULT_MIX",
+    "DEFAULT_TIERS",
+    "DEFAULT_WEIGHTS",
+    "generate",
+    "split_of",
+    "evaluate_expression",
+]
 
 
 TIERS: tuple[str, ...] = ("add1", "addsub2", "word1", "expr", "word2")
@@ -49,8 +57,7 @@ TIERS: tuple[str, ...] = ("add1", "addsub2", "word1", "expr", "word2")
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 
 
-DEFAULT_MIX: dict[str, float] = {"add1": 0.30, "addsub2": 0.25, "word1": 0.30, "expr": 0.10,
-                                 "word2": 0.05}
+DEFAULT_MIX: dict[str, float] = {"add1": 0.30, "addsub2": 0.25, "word1": 0.30, "expr": 0.10, "word2": 0.05}
 
 
 DEFAULT_TIERS: tuple[str, ...] = tuple(DEFAULT_MIX)
@@ -98,34 +105,73 @@ class _Draw:
     extra: dict
 
 
-_LEADS = ("", "Quick question: ", "Mental math: ", "Try this one: ", "Here is a problem. ",
-          "Practice problem: ", "Math time! ", "Warm-up: ")
+_LEADS = (
+    "",
+    "Quick question: ",
+    "Mental math: ",
+    "Try this one: ",
+    "Here is a problem. ",
+    "Practice problem: ",
+    "Math time! ",
+    "Warm-up: ",
+)
 
 
-_CLOSERS = ("", " Answer with a whole number.", " Give just the number.", " Show your steps.",
-            " Think carefully.")
+_CLOSERS = ("", " Answer with a whole number.", " Give just the number.", " Show your steps.", " Think carefully.")
 
 
-_ADD_CORES = ("What is {a} + {b}?", "What is {a} plus {b}?", "Compute {a} + {b}.",
-              "Calculate {a} + {b}.", "Find {a} + {b}.", "Evaluate {a} + {b}.",
-              "What is the sum of {a} and {b}?", "Find the sum of {a} and {b}.", "Add {a} and {b}.",
-              "What do you get if you add {a} and {b}?", "How much is {a} plus {b}?",
-              "What number is {a} more than {b}?")
+_ADD_CORES = (
+    "What is {a} + {b}?",
+    "What is {a} plus {b}?",
+    "Compute {a} + {b}.",
+    "Calculate {a} + {b}.",
+    "Find {a} + {b}.",
+    "Evaluate {a} + {b}.",
+    "What is the sum of {a} and {b}?",
+    "Find the sum of {a} and {b}.",
+    "Add {a} and {b}.",
+    "What do you get if you add {a} and {b}?",
+    "How much is {a} plus {b}?",
+    "What number is {a} more than {b}?",
+)
 
 
-_SUB_CORES = ("What is {a} - {b}?", "What is {a} minus {b}?", "Compute {a} - {b}.",
-              "Calculate {a} - {b}.", "Evaluate {a} - {b}.", "Subtract {b} from {a}.",
-              "What is the difference between {a} and {b}?", "What do you get if you take {b} from {a}?")
+_SUB_CORES = (
+    "What is {a} - {b}?",
+    "What is {a} minus {b}?",
+    "Compute {a} - {b}.",
+    "Calculate {a} - {b}.",
+    "Evaluate {a} - {b}.",
+    "Subtract {b} from {a}.",
+    "What is the difference between {a} and {b}?",
+    "What do you get if you take {b} from {a}?",
+)
 
 
-_EXPR_CORES = ("What is {e}?", "Compute {e}.", "Calculate {e}.", "Evaluate {e}.",
-               "What is the value of {e}?", "Work out {e}.")
+_EXPR_CORES = (
+    "What is {e}?",
+    "Compute {e}.",
+    "Calculate {e}.",
+    "Evaluate {e}.",
+    "What is the value of {e}?",
+    "Work out {e}.",
+)
 
 
-_EXPR_SHAPES = ("({a} + {b}) * {c}", "({a} + {b}) * {c} - {d}", "{a} * {b} + {c}", "{a} + {b} * {c}",
-                "{a} * {b} - {c}", "({a} - {b}) * {c}", "{a} * ({b} + {c})", "{a} + {b} - {c}",
-                "{a} * {b} + {c} * {d}", "{a} * {b} - {c} - {d}", "({a} + {b} + {c}) * {d}",
-                "{a} * ({b} - {c}) + {d}")
+_EXPR_SHAPES = (
+    "({a} + {b}) * {c}",
+    "({a} + {b}) * {c} - {d}",
+    "{a} * {b} + {c}",
+    "{a} + {b} * {c}",
+    "{a} * {b} - {c}",
+    "({a} - {b}) * {c}",
+    "{a} * ({b} + {c})",
+    "{a} + {b} - {c}",
+    "{a} * {b} + {c} * {d}",
+    "{a} * {b} - {c} - {d}",
+    "({a} + {b} + {c}) * {d}",
+    "{a} * ({b} - {c}) + {d}",
+)
 
 
 def _wrap(rng: random.Random, core: str) -> str:
@@ -154,54 +200,118 @@ def _expr(rng: random.Random) -> _Draw:
 
 
 # (name, subject pronoun, object pronoun); Mia, Sam and Tom are reserved for prompt examples.
-_NAMES = (("Ava", "she", "her"), ("Ben", "he", "him"), ("Carlos", "he", "him"), ("Dana", "she", "her"),
-          ("Eli", "he", "him"), ("Fatima", "she", "her"), ("Grace", "she", "her"), ("Hiro", "he", "him"),
-          ("Ines", "she", "her"), ("Jack", "he", "him"), ("Kofi", "he", "him"), ("Lena", "she", "her"),
-          ("Maya", "she", "her"), ("Noah", "he", "him"), ("Omar", "he", "him"), ("Priya", "she", "her"),
-          ("Rosa", "she", "her"), ("Leo", "he", "him"), ("Sofia", "she", "her"), ("Tariq", "he", "him"),
-          ("Uma", "she", "her"), ("Victor", "he", "him"), ("Wen", "she", "her"), ("Yusuf", "he", "him"),
-          ("Zoe", "she", "her"), ("Aisha", "she", "her"), ("Diego", "he", "him"), ("Hannah", "she", "her"),
-          ("Ivan", "he", "him"), ("Julia", "she", "her"))
+_NAMES = (
+    ("Ava", "she", "her"),
+    ("Ben", "he", "him"),
+    ("Carlos", "he", "him"),
+    ("Dana", "she", "her"),
+    ("Eli", "he", "him"),
+    ("Fatima", "she", "her"),
+    ("Grace", "she", "her"),
+    ("Hiro", "he", "him"),
+    ("Ines", "she", "her"),
+    ("Jack", "he", "him"),
+    ("Kofi", "he", "him"),
+    ("Lena", "she", "her"),
+    ("Maya", "she", "her"),
+    ("Noah", "he", "him"),
+    ("Omar", "he", "him"),
+    ("Priya", "she", "her"),
+    ("Rosa", "she", "her"),
+    ("Leo", "he", "him"),
+    ("Sofia", "she", "her"),
+    ("Tariq", "he", "him"),
+    ("Uma", "she", "her"),
+    ("Victor", "he", "him"),
+    ("Wen", "she", "her"),
+    ("Yusuf", "he", "him"),
+    ("Zoe", "she", "her"),
+    ("Aisha", "she", "her"),
+    ("Diego", "he", "him"),
+    ("Hannah", "she", "her"),
+    ("Ivan", "he", "him"),
+    ("Julia", "she", "her"),
+)
 
 
 # plural object -> tags (food: can be eaten; baked: can be baked; pick: can be picked;
 # thing: can be found, lost, won, used)
-_OBJECTS = {"apples": {"food", "pick"}, "oranges": {"food", "pick"}, "strawberries": {"food", "pick"},
-            "cookies": {"food", "baked"}, "cupcakes": {"food", "baked"}, "muffins": {"food", "baked"},
-            "candies": {"food"}, "carrots": {"food", "pick"}, "flowers": {"pick"},
-            "marbles": {"thing"}, "stickers": {"thing"}, "pencils": {"thing"}, "crayons": {"thing"},
-            "books": {"thing"}, "toy cars": {"thing"}, "seashells": {"thing"}, "stamps": {"thing"},
-            "coins": {"thing"}, "balloons": {"thing"}, "baseball cards": {"thing"}}
+_OBJECTS = {
+    "apples": {"food", "pick"},
+    "oranges": {"food", "pick"},
+    "strawberries": {"food", "pick"},
+    "cookies": {"food", "baked"},
+    "cupcakes": {"food", "baked"},
+    "muffins": {"food", "baked"},
+    "candies": {"food"},
+    "carrots": {"food", "pick"},
+    "flowers": {"pick"},
+    "marbles": {"thing"},
+    "stickers": {"thing"},
+    "pencils": {"thing"},
+    "crayons": {"thing"},
+    "books": {"thing"},
+    "toy cars": {"thing"},
+    "seashells": {"thing"},
+    "stamps": {"thing"},
+    "coins": {"thing"},
+    "balloons": {"thing"},
+    "baseball cards": {"thing"},
+}
 
 
-_CONTAINERS = (("boxes", "box"), ("bags", "bag"), ("jars", "jar"), ("baskets", "basket"),
-               ("trays", "tray"), ("packs", "pack"))
+_CONTAINERS = (
+    ("boxes", "box"),
+    ("bags", "bag"),
+    ("jars", "jar"),
+    ("baskets", "basket"),
+    ("trays", "tray"),
+    ("packs", "pack"),
+)
 
 
 _PLACES = ("bag", "box", "room", "basket", "backpack", "drawer")
 
 
 # (template, required tag or None); {P}: capitalised subject pronoun, {o}: object pronoun
-_STARTS = (("{name} has {n} {obj}.", None), ("{name} starts the day with {n} {obj}.", None),
-           ("There are {n} {obj} in {name}'s {place}.", None), ("{name} buys {n} {obj}.", None),
-           ("{name} collects {n} {obj}.", "thing"), ("{name} bakes {n} {obj}.", "baked"),
-           ("{name} picks {n} {obj}.", "pick"))
+_STARTS = (
+    ("{name} has {n} {obj}.", None),
+    ("{name} starts the day with {n} {obj}.", None),
+    ("There are {n} {obj} in {name}'s {place}.", None),
+    ("{name} buys {n} {obj}.", None),
+    ("{name} collects {n} {obj}.", "thing"),
+    ("{name} bakes {n} {obj}.", "baked"),
+    ("{name} picks {n} {obj}.", "pick"),
+)
 
 
-_GAINS = (("{P} buys {n} more {obj}.", None), ("{friend} gives {o} {n} more {obj}.", None),
-          ("{P} gets {n} more {obj} from {friend}.", None), ("{P} finds {n} more {obj}.", "thing"),
-          ("{P} wins {n} more {obj}.", "thing"), ("{P} bakes {n} more {obj}.", "baked"),
-          ("{P} picks {n} more {obj}.", "pick"))
+_GAINS = (
+    ("{P} buys {n} more {obj}.", None),
+    ("{friend} gives {o} {n} more {obj}.", None),
+    ("{P} gets {n} more {obj} from {friend}.", None),
+    ("{P} finds {n} more {obj}.", "thing"),
+    ("{P} wins {n} more {obj}.", "thing"),
+    ("{P} bakes {n} more {obj}.", "baked"),
+    ("{P} picks {n} more {obj}.", "pick"),
+)
 
 
-_LOSSES = (("{P} gives away {n} {obj}.", None), ("{P} gives {n} {obj} to {friend}.", None),
-           ("{P} sells {n} {obj}.", None), ("{P} shares {n} {obj} with {friend}.", None),
-           ("{P} loses {n} {obj}.", "thing"), ("{P} uses {n} {obj}.", "thing"),
-           ("{P} eats {n} {obj}.", "food"))
+_LOSSES = (
+    ("{P} gives away {n} {obj}.", None),
+    ("{P} gives {n} {obj} to {friend}.", None),
+    ("{P} sells {n} {obj}.", None),
+    ("{P} shares {n} {obj} with {friend}.", None),
+    ("{P} loses {n} {obj}.", "thing"),
+    ("{P} uses {n} {obj}.", "thing"),
+    ("{P} eats {n} {obj}.", "food"),
+)
 
 
-_ASK_NOW = ("How many {obj} does {name} have now?", "How many {obj} does {p} have at the end?",
-            "What is the total number of {obj} {name} has now?")
+_ASK_NOW = (
+    "How many {obj} does {name} have now?",
+    "How many {obj} does {p} have at the end?",
+    "What is the total number of {obj} {name} has now?",
+)
 
 
 _ASK_LEFT = ("How many {obj} does {name} have left?", "How many {obj} are left?")
@@ -220,8 +330,9 @@ def _scene(rng: random.Random) -> _Scene:
     friend = rng.choice([n for n, _, _ in _NAMES if n != name])
     obj = rng.choice(sorted(_OBJECTS))
     cont, cont1 = rng.choice(_CONTAINERS)
-    fields = dict(name=name, p=p, P=p.capitalize(), o=o, friend=friend, obj=obj,
-                  place=rng.choice(_PLACES), cont=cont, cont1=cont1)
+    fields = dict(
+        name=name, p=p, P=p.capitalize(), o=o, friend=friend, obj=obj, place=rng.choice(_PLACES), cont=cont, cont1=cont1
+    )
     return _Scene(fields, frozenset(_OBJECTS[obj]))
 
 
@@ -249,9 +360,11 @@ def _change_steps(rng: random.Random, scene: _Scene, steps: int) -> _Draw:
     return _Draw(" ".join(sentences), expr, {"family": "change"})
 
 
-_GROUPS = ("{name} packs {a} {cont} with {b} {obj} in each {cont1}.",
-           "{name} buys {a} {cont} of {obj}. Each {cont1} holds {b} {obj}.",
-           "There are {a} {cont} in {name}'s {place}, and each {cont1} has {b} {obj}.")
+_GROUPS = (
+    "{name} packs {a} {cont} with {b} {obj} in each {cont1}.",
+    "{name} buys {a} {cont} of {obj}. Each {cont1} holds {b} {obj}.",
+    "There are {a} {cont} in {name}'s {place}, and each {cont1} has {b} {obj}.",
+)
 
 
 _GROUPS_ASK = ("How many {obj} are there in all?", "How many {obj} does {name} have in total?")
@@ -284,11 +397,12 @@ def _compare(rng: random.Random, scene: _Scene, total: bool) -> _Draw:
     word, sign = ("more", "+") if more else ("fewer", "-")
     if not total and rng.random() < 0.4:  # "How many more does name have than friend?"
         c = rng.randint(2, a - 1)
-        q = (f"{f['name']} has {a} {f['obj']} and {f['friend']} has {c} {f['obj']}. "
-             f"How many more {f['obj']} does {f['name']} have than {f['friend']}?")
+        q = (
+            f"{f['name']} has {a} {f['obj']} and {f['friend']} has {c} {f['obj']}. "
+            f"How many more {f['obj']} does {f['name']} have than {f['friend']}?"
+        )
         return _Draw(q, f"{a} - {c}", {"family": "compare"})
-    q = (f"{f['name']} has {a} {f['obj']}. {f['friend']} has {b} {word} {f['obj']} than "
-         f"{f['name']}. ")
+    q = f"{f['name']} has {a} {f['obj']}. {f['friend']} has {b} {word} {f['obj']} than {f['name']}. "
     if total:
         q += f"How many {f['obj']} do {f['name']} and {f['friend']} have together?"
         return _Draw(q, f"{a} + ({a} {sign} {b})", {"family": "compare"})
@@ -301,10 +415,18 @@ def _combine_then(rng: random.Random, scene: _Scene) -> _Draw:
     f = scene.fields
     a, b = rng.randint(2, 20), rng.randint(2, 20)
     c = rng.randint(2, a + b - 1)
-    verb = rng.choice(("give away", "sell", "lose" if "thing" in scene.tags else "give away",
-                       "eat" if "food" in scene.tags else "sell"))
-    q = (f"{f['name']} has {a} {f['obj']} and {f['friend']} has {b} {f['obj']}. They put them "
-         f"together and {verb} {c} of them. How many {f['obj']} do they have left?")
+    verb = rng.choice(
+        (
+            "give away",
+            "sell",
+            "lose" if "thing" in scene.tags else "give away",
+            "eat" if "food" in scene.tags else "sell",
+        )
+    )
+    q = (
+        f"{f['name']} has {a} {f['obj']} and {f['friend']} has {b} {f['obj']}. They put them "
+        f"together and {verb} {c} of them. How many {f['obj']} do they have left?"
+    )
     return _Draw(q, f"{a} + {b} - {c}", {"family": "combine"})
 
 
@@ -331,7 +453,12 @@ def _word2(rng: random.Random) -> _Draw:
 
 
 _GENERATORS: dict[str, Callable[[random.Random], _Draw]] = {
-    "add1": _add1, "addsub2": _addsub2, "word1": _word1, "expr": _expr, "word2": _word2}
+    "add1": _add1,
+    "addsub2": _addsub2,
+    "word1": _word1,
+    "expr": _expr,
+    "word2": _word2,
+}
 
 
 def _parse_tiers(tiers: Sequence[str] | None) -> list[tuple[str, Fraction]]:
@@ -403,4 +530,5 @@ def _next_problem(rng: random.Random, tier: str, split: str, seen: dict[str, str
     count = sum(1 for t in seen.values() if t == tier)
     raise ReasonMaxxerError(
         f"arith tier {tier!r} ran out of new {split} questions after {count} of them; "
-        f"ask for fewer problems or mix in other tiers")
+        f"ask for fewer problems or mix in other tiers"
+    )

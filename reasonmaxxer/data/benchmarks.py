@@ -5,12 +5,24 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from ..errors import ReasonMaxxerError
-from .problems import DATA_DIR_ENV, check_limit, row_field, text_value, Problem, gsm8k_final, last_boxed, normalise_answer, read_rows, load_problem_file
+from .problems import (
+    DATA_DIR_ENV,
+    Problem,
+    check_limit,
+    gsm8k_final,
+    last_boxed,
+    load_problem_file,
+    normalise_answer,
+    read_rows,
+    row_field,
+    text_value,
+)
 
 
 def _olympiad_answer(items: Any) -> str:
@@ -95,7 +107,7 @@ def _minerva(row: dict, where: str) -> tuple[str, str, dict]:
 class _Benchmark:
     """Where a benchmark lives locally and on the Hub, and how its rows become Problems."""
 
-    folders: tuple[str, ...]               # local folder names tried in order
+    folders: tuple[str, ...]  # local folder names tried in order
     splits: tuple[str, ...]
     adapter: Adapter
     hub_path: str
@@ -113,21 +125,29 @@ def _amc23_filter(row: dict) -> bool:
 _SOURCES: dict[str, _Benchmark] = {
     "gsm8k": _Benchmark(("gsm8k",), ("test", "train"), _gsm8k, "openai/gsm8k", "main"),
     "math500": _Benchmark(("math500", "MATH-500"), ("test",), _math500, "HuggingFaceH4/MATH-500"),
-    "aime24": _Benchmark(("aime24",), ("test",), _aime_amc, "HuggingFaceH4/aime_2024",
-                         hub_split={"test": "train"}),
-    "aime25": _Benchmark(("aime25",), ("test",), _aime_amc, "yentinglin/aime_2025",
-                         hub_split={"test": "train"}),
-    "amc23": _Benchmark(("amc23",), ("test",), _aime_amc, "AI-MO/aimo-validation-amc",
-                        hub_split={"test": "train"}, hub_filter=_amc23_filter),
-    "olympiadbench": _Benchmark(("olympiadbench",), ("test",), _olympiadbench,
-                                "Hothan/OlympiadBench", "OE_TO_maths_en_COMP",
-                                hub_split={"test": "train"}),
+    "aime24": _Benchmark(("aime24",), ("test",), _aime_amc, "HuggingFaceH4/aime_2024", hub_split={"test": "train"}),
+    "aime25": _Benchmark(("aime25",), ("test",), _aime_amc, "yentinglin/aime_2025", hub_split={"test": "train"}),
+    "amc23": _Benchmark(
+        ("amc23",),
+        ("test",),
+        _aime_amc,
+        "AI-MO/aimo-validation-amc",
+        hub_split={"test": "train"},
+        hub_filter=_amc23_filter,
+    ),
+    "olympiadbench": _Benchmark(
+        ("olympiadbench",),
+        ("test",),
+        _olympiadbench,
+        "Hothan/OlympiadBench",
+        "OE_TO_maths_en_COMP",
+        hub_split={"test": "train"},
+    ),
     "minerva": _Benchmark(("minerva_math", "minerva"), ("test",), _minerva, "math-ai/minervamath"),
 }
 
 
-BENCHMARKS: tuple[str, ...] = ("gsm8k", "math500", "aime24", "aime25", "amc23", "olympiadbench",
-                               "minerva")
+BENCHMARKS: tuple[str, ...] = ("gsm8k", "math500", "aime24", "aime25", "amc23", "olympiadbench", "minerva")
 
 
 _ALIASES = {"minerva_math": "minerva", "math-500": "math500", "math_500": "math500"}
@@ -147,8 +167,9 @@ def _benchmark_name(name: str) -> str:
     return key
 
 
-def load_benchmark(name: str, split: str = "test", data_dir: str | Path | None = None,
-                   limit: int | None = None) -> list[Problem]:
+def load_benchmark(
+    name: str, split: str = "test", data_dir: str | Path | None = None, limit: int | None = None
+) -> list[Problem]:
     """Load a benchmark split as Problems with ids ``<name>/<split>/<row index>``.
 
     data_dir (else ``$REASONMAXXER_DATA_DIR``) holds ``<name>/<split>.jsonl`` (or ``.parquet``);
@@ -158,8 +179,7 @@ def load_benchmark(name: str, split: str = "test", data_dir: str | Path | None =
     key = _benchmark_name(name)
     src = _SOURCES[key]
     if split not in src.splits:
-        raise ReasonMaxxerError(
-            f"benchmark {key!r} has no split {split!r}; available: {', '.join(src.splits)}")
+        raise ReasonMaxxerError(f"benchmark {key!r} has no split {split!r}; available: {', '.join(src.splits)}")
     check_limit(limit)
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     if root is not None:
@@ -188,7 +208,8 @@ def _local_file(root: Path, key: str, src: _Benchmark, split: str) -> Path:
     expected = root / src.folders[0] / f"{split}.jsonl"
     raise ReasonMaxxerError(
         f"{expected}: no such file for benchmark {key!r} (data dir from --data-dir or "
-        f"{DATA_DIR_ENV}; unset both to load from the Hugging Face Hub)")
+        f"{DATA_DIR_ENV}; unset both to load from the Hugging Face Hub)"
+    )
 
 
 def _hub_rows(key: str, src: _Benchmark, split: str) -> Iterator[tuple[str, dict]]:
@@ -197,7 +218,8 @@ def _hub_rows(key: str, src: _Benchmark, split: str) -> Iterator[tuple[str, dict
     except ImportError:
         raise ReasonMaxxerError(
             f"benchmark {key!r}: no local data dir (--data-dir or {DATA_DIR_ENV}) and loading "
-            f"from the Hugging Face Hub needs `datasets`: pip install datasets") from None
+            f"from the Hugging Face Hub needs `datasets`: pip install datasets"
+        ) from None
     hub_split = src.hub_split.get(split, split)
     try:
         ds = datasets.load_dataset(src.hub_path, src.hub_config, split=hub_split)
@@ -205,17 +227,23 @@ def _hub_rows(key: str, src: _Benchmark, split: str) -> Iterator[tuple[str, dict
         first = (str(exc).strip().splitlines() or [""])[0]
         raise ReasonMaxxerError(
             f"could not load {src.hub_path} ({hub_split}) from the Hugging Face Hub: "
-            f"{type(exc).__name__}: {first}; pass --data-dir with local files instead") from None
+            f"{type(exc).__name__}: {first}; pass --data-dir with local files instead"
+        ) from None
     label = f"{src.hub_path}:{hub_split}"
     for i, row in enumerate(ds):
         if src.hub_filter is None or src.hub_filter(row):
             yield f"{label}:row {i}", dict(row)
 
 
-
-
-def load_problems(spec: str, *, data_dir: str | Path | None = None, question_field: str = "question",
-                  answer_field: str = "answer", limit: int | None = None, seed: int = 0) -> list[Problem]:
+def load_problems(
+    spec: str,
+    *,
+    data_dir: str | Path | None = None,
+    question_field: str = "question",
+    answer_field: str = "answer",
+    limit: int | None = None,
+    seed: int = 0,
+) -> list[Problem]:
     """Problems from a spec string.
 
     - ``arith:<split>:<n>[:<tier>,<tier>...]``: procedural arithmetic (`reasonmaxxer.arith`),
@@ -232,8 +260,7 @@ def load_problems(spec: str, *, data_dir: str | Path | None = None, question_fie
 
         parts = rest.split(":") if rest else []
         if len(parts) not in (2, 3) or not parts[1].strip().isdigit():
-            raise ReasonMaxxerError(
-                f"bad arith spec {spec!r}; expected arith:<split>:<n>[:<tier>,<tier>...]")
+            raise ReasonMaxxerError(f"bad arith spec {spec!r}; expected arith:<split>:<n>[:<tier>,<tier>...]")
         tiers = [t.strip() for t in parts[2].split(",") if t.strip()] if len(parts) == 3 else None
         problems = arith.generate(parts[0].strip(), int(parts[1]), seed=seed, tiers=tiers)
         return problems[:limit] if limit is not None else problems
@@ -242,9 +269,7 @@ def load_problems(spec: str, *, data_dir: str | Path | None = None, question_fie
         return load_benchmark(key, rest.strip() or "test", data_dir=data_dir, limit=limit)
     path = Path(spec).expanduser()
     if path.is_file():
-        return load_problem_file(path, question_field=question_field, answer_field=answer_field,
-                                 limit=limit)
+        return load_problem_file(path, question_field=question_field, answer_field=answer_field, limit=limit)
     raise ReasonMaxxerError(
-        f"{spec}: not a benchmark ({', '.join(BENCHMARKS)}), not arith:<split>:<n>, and no such file")
-
-
+        f"{spec}: not a benchmark ({', '.join(BENCHMARKS)}), not arith:<split>:<n>, and no such file"
+    )

@@ -23,18 +23,17 @@ minerva use community mirrors); a local data directory is the reference path.
 """
 
 from __future__ import annotations
-from ..io import read_jsonl
 
 import hashlib
 import json
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
+
 from ..errors import ReasonMaxxerError
-
-
-
+from ..io import read_jsonl
 
 DATA_DIR_ENV = "REASONMAXXER_DATA_DIR"
 
@@ -55,11 +54,10 @@ class Problem:
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict with keys id, question, answer, metadata."""
-        return {"id": self.id, "question": self.question, "answer": self.answer,
-                "metadata": dict(self.metadata)}
+        return {"id": self.id, "question": self.question, "answer": self.answer, "metadata": dict(self.metadata)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Problem":
+    def from_dict(cls, d: dict) -> Problem:
         """Inverse of `to_dict`."""
         return cls(str(d["id"]), str(d["question"]), str(d["answer"]), dict(d.get("metadata") or {}))
 
@@ -172,9 +170,13 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
         yield f"{path}:row {i}", row
 
 
-def load_problem_file(path: str | Path, question_field: str = "question",
-                      answer_field: str = "answer", id_field: str | None = None,
-                      limit: int | None = None) -> list[Problem]:
+def load_problem_file(
+    path: str | Path,
+    question_field: str = "question",
+    answer_field: str = "answer",
+    id_field: str | None = None,
+    limit: int | None = None,
+) -> list[Problem]:
     """Problems from a ``.jsonl``/``.json`` (JSON Lines) or ``.parquet`` file with a field mapping.
 
     Ids are ``str(row[id_field])`` (must be unique) or ``<file stem>/<index>``. Answers go

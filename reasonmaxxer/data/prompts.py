@@ -25,11 +25,18 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
 from ..errors import ReasonMaxxerError
 
-
-__all__ = ["PromptTemplate", "TEMPLATES", "KINDS", "get_template", "render_prompt",
-           "build_messages", "template_fingerprint"]
+__all__ = [
+    "PromptTemplate",
+    "TEMPLATES",
+    "KINDS",
+    "get_template",
+    "render_prompt",
+    "build_messages",
+    "template_fingerprint",
+]
 
 
 KINDS = ("raw", "chat", "fewshot", "custom")
@@ -56,32 +63,37 @@ class PromptTemplate:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ReasonMaxxerError(
-                f"prompt template {self.name!r}: unknown kind {self.kind!r}; valid: {', '.join(KINDS)}")
+                f"prompt template {self.name!r}: unknown kind {self.kind!r}; valid: {', '.join(KINDS)}"
+            )
         if PLACEHOLDER not in self.template:
             raise ReasonMaxxerError(f"prompt template {self.name!r} has no {PLACEHOLDER} placeholder")
         if self.fewshot and self.kind not in ("chat", "fewshot"):
-            raise ReasonMaxxerError(
-                f"prompt template {self.name!r}: few-shot examples need kind 'chat' or 'fewshot'")
+            raise ReasonMaxxerError(f"prompt template {self.name!r}: few-shot examples need kind 'chat' or 'fewshot'")
 
 
 _CHAT_INSTRUCTION = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
 FEWSHOT_EXAMPLES: tuple[tuple[str, str], ...] = (
-    ("Mia has 15 stickers. She gives 8 stickers to her brother. How many stickers does Mia have left?",
-     "Mia has 15 - 8 = 7 stickers left. The answer is \\boxed{7}."),
-    ("What is 125 + 14?",
-     "125 + 14 = 139. The answer is \\boxed{139}."),
-    ("Sam packs 4 boxes with 6 apples in each box. How many apples does Sam pack?",
-     "Sam packs 4 * 6 = 24 apples. The answer is \\boxed{24}."),
+    (
+        "Mia has 15 stickers. She gives 8 stickers to her brother. How many stickers does Mia have left?",
+        "Mia has 15 - 8 = 7 stickers left. The answer is \\boxed{7}.",
+    ),
+    ("What is 125 + 14?", "125 + 14 = 139. The answer is \\boxed{139}."),
+    (
+        "Sam packs 4 boxes with 6 apples in each box. How many apples does Sam pack?",
+        "Sam packs 4 * 6 = 24 apples. The answer is \\boxed{24}.",
+    ),
 )
 
 
 TEMPLATES: dict[str, PromptTemplate] = {
     "raw": PromptTemplate(
-        "raw", "raw",
+        "raw",
+        "raw",
         "Solve the following math problem step by step. Put your final answer in \\boxed{}. "
-        "Problem: {question} Solution:"),
+        "Problem: {question} Solution:",
+    ),
     "chat": PromptTemplate("chat", "chat", _CHAT_INSTRUCTION),
     "fewshot": PromptTemplate("fewshot", "fewshot", _CHAT_INSTRUCTION, fewshot=FEWSHOT_EXAMPLES),
     "mistral": PromptTemplate("mistral", "raw", "Question: {question} Answer: Let's think step by step."),
@@ -113,7 +125,8 @@ def get_template(spec: str | PromptTemplate) -> PromptTemplate:
     reason = "no such prompt template file" if looks_like_path else "unknown prompt template"
     raise ReasonMaxxerError(
         f"{spec}: {reason}; use one of {', '.join(TEMPLATES)}, a .txt file containing "
-        f"{PLACEHOLDER}, or a literal string containing {PLACEHOLDER}")
+        f"{PLACEHOLDER}, or a literal string containing {PLACEHOLDER}"
+    )
 
 
 def _fill(template: str, question: str) -> str:
@@ -124,8 +137,7 @@ def build_messages(template: PromptTemplate, question: str) -> list[dict[str, st
     """Chat messages (role, content) for a chat/fewshot template: system, examples, question."""
     messages = [{"role": "system", "content": template.system}] if template.system else []
     for q, a in template.fewshot:
-        messages += [{"role": "user", "content": _fill(template.template, q)},
-                     {"role": "assistant", "content": a}]
+        messages += [{"role": "user", "content": _fill(template.template, q)}, {"role": "assistant", "content": a}]
     messages.append({"role": "user", "content": _fill(template.template, question)})
     return messages
 
@@ -156,11 +168,12 @@ def render_prompt(template: PromptTemplate, question: str, tokenizer=None) -> st
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as exc:  # a malformed Jinja template in a user's tokenizer
         raise ReasonMaxxerError(
-            f"prompt template {template.name!r}: the tokenizer's chat template failed: "
-            f"{type(exc).__name__}: {exc}") from None
+            f"prompt template {template.name!r}: the tokenizer's chat template failed: {type(exc).__name__}: {exc}"
+        ) from None
     if not isinstance(text, str):
         raise ReasonMaxxerError(
-            f"prompt template {template.name!r}: apply_chat_template returned {type(text).__name__}, not text")
+            f"prompt template {template.name!r}: apply_chat_template returned {type(text).__name__}, not text"
+        )
     return text
 
 

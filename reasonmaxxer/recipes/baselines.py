@@ -20,19 +20,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Sequence
-from ..errors import ReasonMaxxerError
-from ..stages.evaluate import EvalConfig
-from ..io import read_toml
-from ..io import atomic_dir, atomic_write_bytes, atomic_write_json, package_versions
 
+from ..errors import ReasonMaxxerError
+from ..io import atomic_dir, atomic_write_bytes, atomic_write_json, package_versions, read_toml
+from ..stages.evaluate import EvalConfig
 
 # method -> (trainer, TRL config overrides). Anything else is TRL's own default.
 METHODS: dict[str, tuple[str, dict]] = {
     "grpo": ("grpo", {}),
-    "grpo-entropy": ("grpo", {"top_entropy_quantile": 0.2}),   # "Beyond the 80/20 rule"
+    "grpo-entropy": ("grpo", {"top_entropy_quantile": 0.2}),  # "Beyond the 80/20 rule"
     "dr-grpo": ("grpo", {"loss_type": "dr_grpo", "scale_rewards": "none"}),
     "rloo": ("rloo", {}),
 }
@@ -49,21 +48,21 @@ class BaselineConfig:
     train_problems: str = "arith:train:80"
     test_problems: str = "arith:test:96"
     data_dir: str | None = None
-    loss_type: str | None = None        # None: the method's (TRL's default for grpo: "dapo")
+    loss_type: str | None = None  # None: the method's (TRL's default for grpo: "dapo")
     prompts_per_step: int = 4
     num_generations: int = 4
     max_new_tokens: int = 96
     temperature: float = 0.7
     lr: float = 1e-4
-    beta: float | None = None           # KL coefficient; None: TRL's default (grpo 0.0, rloo 0.05)
+    beta: float | None = None  # KL coefficient; None: TRL's default (grpo 0.0, rloo 0.05)
     lora_rank: int = 32
     lora_alpha: int = 64
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     full_finetune: bool = False
     max_steps: int = 200
-    max_train_seconds: float | None = None   # wall-clock cap on training (evaluation excluded)
-    eval_every: int = 10                # steps; 0 = only at the end
-    eval_at_start: bool = False         # also evaluate the untrained model (step 0)
+    max_train_seconds: float | None = None  # wall-clock cap on training (evaluation excluded)
+    eval_every: int = 10  # steps; 0 = only at the end
+    eval_at_start: bool = False  # also evaluate the untrained model (step 0)
     eval: EvalConfig = EvalConfig(n=4, temperature=0.7, greedy=True, max_new_tokens=96, batch_size=32)
     seed: int = 0
     threads: int = 0
@@ -89,7 +88,9 @@ def load_baseline_config(path: str | Path | None = None, **overrides) -> Baselin
         enames = {f.name for f in fields(EvalConfig)}
         ebad = sorted(set(raw["eval"]) - enames)
         if ebad:
-            raise ReasonMaxxerError(f"{path or 'baseline config'} [eval]: unknown key(s) {ebad}; valid: {sorted(enames)}")
+            raise ReasonMaxxerError(
+                f"{path or 'baseline config'} [eval]: unknown key(s) {ebad}; valid: {sorted(enames)}"
+            )
         raw["eval"] = EvalConfig(**raw["eval"])
     if "target_modules" in raw:
         raw["target_modules"] = tuple(raw["target_modules"])
@@ -104,8 +105,9 @@ def flops(n_params: int, forward_tokens: float, trained_tokens: float) -> float:
     return 2.0 * n_params * forward_tokens + 6.0 * n_params * trained_tokens
 
 
-def make_reward(golds_by_prompt: dict[str, str], prompt_lengths: dict[str, int], counters: dict,
-                grade_fn: Callable | None = None) -> Callable:
+def make_reward(
+    golds_by_prompt: dict[str, str], prompt_lengths: dict[str, int], counters: dict, grade_fn: Callable | None = None
+) -> Callable:
     """A TRL reward function: 1.0 when our strict grader accepts the completion, else 0.0.
 
     TRL calls it with every generated completion (``prompts``, ``completions``,
@@ -146,8 +148,12 @@ def step_compute(counters: dict, n_params: int, *, beta: float) -> dict:
     scores it once more (2N/token)."""
     seq_tokens = counters.get("generated_tokens", 0) + counters.get("prompt_tokens", 0)
     forward = seq_tokens * (2 if beta > 0 else 1)
-    return {"generated_tokens": counters.get("generated_tokens", 0), "forward_tokens": forward,
-            "trained_tokens": seq_tokens, "flops": flops(n_params, forward, seq_tokens)}
+    return {
+        "generated_tokens": counters.get("generated_tokens", 0),
+        "forward_tokens": forward,
+        "trained_tokens": seq_tokens,
+        "flops": flops(n_params, forward, seq_tokens),
+    }
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -159,16 +165,30 @@ def _trl_args(cfg: BaselineConfig, out: Path):
     import torch
 
     on_gpu = torch.cuda.is_available()
-    kw = dict(output_dir=str(out / "trl"), max_steps=cfg.max_steps,
-              per_device_train_batch_size=cfg.prompts_per_step * cfg.num_generations,
-              num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens,
-              temperature=cfg.temperature, learning_rate=cfg.lr, logging_steps=1,
-              save_strategy="steps", save_steps=max(1, cfg.eval_every or cfg.max_steps), save_total_limit=2,
-              report_to=[], seed=cfg.seed, bf16=on_gpu, use_cpu=not on_gpu, disable_tqdm=False,
-              gradient_accumulation_steps=1, lr_scheduler_type="constant", warmup_steps=0,
-              # TRL turns it on by default, which also turns off the KV cache in generation: on
-              # the CPU, where memory is not short, that made each step minutes slower
-              gradient_checkpointing=on_gpu)
+    kw = dict(
+        output_dir=str(out / "trl"),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.prompts_per_step * cfg.num_generations,
+        num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        learning_rate=cfg.lr,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=max(1, cfg.eval_every or cfg.max_steps),
+        save_total_limit=2,
+        report_to=[],
+        seed=cfg.seed,
+        bf16=on_gpu,
+        use_cpu=not on_gpu,
+        disable_tqdm=False,
+        gradient_accumulation_steps=1,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        # TRL turns it on by default, which also turns off the KV cache in generation: on
+        # the CPU, where memory is not short, that made each step minutes slower
+        gradient_checkpointing=on_gpu,
+    )
     kw.update(over)
     if cfg.loss_type is not None:
         kw["loss_type"] = cfg.loss_type
@@ -189,7 +209,7 @@ def _read_curve(path: Path) -> list[dict]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            break    # a torn last line from a crash
+            break  # a torn last line from a crash
     return rows
 
 
@@ -197,8 +217,9 @@ def _write_curve(path: Path, rows: Sequence[dict]) -> None:
     atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
 
 
-def run_baseline(cfg: BaselineConfig, *, progress: bool = True, model=None, tokenizer=None,
-                 grade_fn: Callable | None = None) -> dict:
+def run_baseline(
+    cfg: BaselineConfig, *, progress: bool = True, model=None, tokenizer=None, grade_fn: Callable | None = None
+) -> dict:
     """Train one RL baseline with TRL, evaluating on held-out problems along the way.
 
     Resumes from the last TRL checkpoint in ``out/trl`` when the config is unchanged (a
@@ -213,12 +234,12 @@ def run_baseline(cfg: BaselineConfig, *, progress: bool = True, model=None, toke
     from transformers.trainer_utils import get_last_checkpoint
     from trl import GRPOTrainer, RLOOTrainer
 
-    from ..data.problems import problems_hash
     from ..data.benchmarks import load_problems
-    from ..models import load_model
-    from ..stages.evaluate import evaluate_model
+    from ..data.problems import problems_hash
     from ..data.prompts import get_template, render_prompt
+    from ..models import load_model
     from ..stages.checkpoint import save_adapter
+    from ..stages.evaluate import evaluate_model
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -228,22 +249,29 @@ def run_baseline(cfg: BaselineConfig, *, progress: bool = True, model=None, toke
     test_p = load_problems(cfg.test_problems, data_dir=cfg.data_dir)
     if not train_p or not test_p:
         raise ReasonMaxxerError("baseline: the training or test problem set is empty")
-    config = {"baseline": json.loads(json.dumps(asdict(cfg), default=str)), "train_data_hash": problems_hash(train_p),
-              "test_data_hash": problems_hash(test_p)}
+    config = {
+        "baseline": json.loads(json.dumps(asdict(cfg), default=str)),
+        "train_data_hash": problems_hash(train_p),
+        "test_data_hash": problems_hash(test_p),
+    }
     cpath = out / "baseline_config.json"
     if cpath.is_file():
         old = json.loads(cpath.read_text())
-        keep = ("max_steps", "max_train_seconds", "threads")   # may be raised to continue a run
+        keep = ("max_steps", "max_train_seconds", "threads")  # may be raised to continue a run
         strip = lambda c: {**c, "baseline": {k: v for k, v in c["baseline"].items() if k not in keep}}
-        if strip(old).get("baseline") != strip(config)["baseline"] or old.get("train_data_hash") != config["train_data_hash"]:
-            raise ReasonMaxxerError(f"{cpath}: this directory holds a baseline run with a different config; "
-                                    f"use another --out")
+        if (
+            strip(old).get("baseline") != strip(config)["baseline"]
+            or old.get("train_data_hash") != config["train_data_hash"]
+        ):
+            raise ReasonMaxxerError(
+                f"{cpath}: this directory holds a baseline run with a different config; use another --out"
+            )
     atomic_write_json(cpath, {**config, "versions": package_versions()})
     result_path = out / "result.json"
     if result_path.is_file():
         res = json.loads(result_path.read_text())
         if res.get("max_steps") == cfg.max_steps and res.get("max_train_seconds") == cfg.max_train_seconds:
-            return res   # done with these limits: a no-op
+            return res  # done with these limits: a no-op
 
     if model is None:
         model, tokenizer = load_model(cfg.model)
@@ -256,8 +284,10 @@ def run_baseline(cfg: BaselineConfig, *, progress: bool = True, model=None, toke
         ours = tokenizer(text, add_special_tokens=False)["input_ids"]
         trls = tokenizer(text=text)["input_ids"]
         if list(ours) != list(trls):
-            raise ReasonMaxxerError(f"baseline: problem {p.id}: TRL would tokenize the prompt differently from "
-                                    "reasonmaxxer (the tokenizer adds special tokens); not supported yet")
+            raise ReasonMaxxerError(
+                f"baseline: problem {p.id}: TRL would tokenize the prompt differently from "
+                "reasonmaxxer (the tokenizer adds special tokens); not supported yet"
+            )
         plen[text] = len(ours)
         golds.setdefault(text, p.answer)
     ds = Dataset.from_list([{"prompt": t, "problem_id": p.id} for p, t in zip(train_p, prompts)])
@@ -278,9 +308,17 @@ def run_baseline(cfg: BaselineConfig, *, progress: bool = True, model=None, toke
     kind, _ = METHODS[cfg.method]
     args = _trl_args(cfg, out)
     beta = float(args.beta)
-    peft_config = None if cfg.full_finetune else LoraConfig(
-        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules), lora_dropout=0.0,
-        task_type="CAUSAL_LM")
+    peft_config = (
+        None
+        if cfg.full_finetune
+        else LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            target_modules=list(cfg.target_modules),
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+        )
+    )
 
     class Clock(TrainerCallback):
         """Training wall-clock (evaluation excluded), held-out evals, counters in checkpoints."""
@@ -290,7 +328,11 @@ def run_baseline(cfg: BaselineConfig, *, progress: bool = True, model=None, toke
 
         def on_train_begin(self, args, state, control, **kw):
             self.t = time.time()
-            if cfg.eval_at_start and state.global_step == 0 and not any(r["step"] == 0 for r in _read_curve(curve_path)):
+            if (
+                cfg.eval_at_start
+                and state.global_step == 0
+                and not any(r["step"] == 0 for r in _read_curve(curve_path))
+            ):
                 self._evaluate(state, kw["model"])
 
         def _tick(self):
@@ -312,16 +354,29 @@ def run_baseline(cfg: BaselineConfig, *, progress: bool = True, model=None, toke
             m.eval()
             try:
                 with torch.no_grad():
-                    rep, _ = evaluate_model(m, tokenizer, str(spec_dir), test_p, tmpl, cfg.eval, d,
-                                            label=f"{cfg.method} step {step}", progress=progress)
+                    rep, _ = evaluate_model(
+                        m,
+                        tokenizer,
+                        str(spec_dir),
+                        test_p,
+                        tmpl,
+                        cfg.eval,
+                        d,
+                        label=f"{cfg.method} step {step}",
+                        progress=progress,
+                    )
             finally:
                 m.train(was_training)
             counters["eval_seconds"] += time.time() - t0
-            row = {"step": step, "train_seconds": round(counters["train_seconds"], 2), "n_params": n_params,
-                   "eval_seconds": round(counters["eval_seconds"], 2),
-                   **step_compute(counters, n_params, beta=beta),
-                   "reward_mean": counters.get("correct", 0) / max(1, counters.get("completions", 0)),
-                   **_accuracy_fields(rep, cfg.eval)}
+            row = {
+                "step": step,
+                "train_seconds": round(counters["train_seconds"], 2),
+                "n_params": n_params,
+                "eval_seconds": round(counters["eval_seconds"], 2),
+                **step_compute(counters, n_params, beta=beta),
+                "reward_mean": counters.get("correct", 0) / max(1, counters.get("completions", 0)),
+                **_accuracy_fields(rep, cfg.eval),
+            }
             rows = [r for r in _read_curve(curve_path) if r["step"] != step] + [row]
             _write_curve(curve_path, rows)
             if progress:
@@ -346,8 +401,15 @@ def run_baseline(cfg: BaselineConfig, *, progress: bool = True, model=None, toke
                 atomic_write_json(ck / "reasonmaxxer_counters.json", counters)
 
     trainer_cls = GRPOTrainer if kind == "grpo" else RLOOTrainer
-    trainer = trainer_cls(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tokenizer,
-                          peft_config=peft_config, callbacks=[Clock()])
+    trainer = trainer_cls(
+        model=model,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[Clock()],
+    )
     trainer.train(resume_from_checkpoint=last)
     final = trainer.model
     if cfg.full_finetune:
@@ -355,13 +417,24 @@ def run_baseline(cfg: BaselineConfig, *, progress: bool = True, model=None, toke
     else:
         atomic_dir(out / "adapter", lambda tmp: save_adapter(final, tokenizer, tmp, cfg.model))
     curve = _read_curve(curve_path)
-    res = {"method": cfg.method, "model": cfg.model, "n_params": n_params, "steps": trainer.state.global_step,
-           "max_steps": cfg.max_steps, "max_train_seconds": cfg.max_train_seconds,
-           "train_seconds": round(counters["train_seconds"], 2), "eval_seconds": round(counters["eval_seconds"], 2),
-           "trl": {k: getattr(args, k) for k in ("loss_type", "beta", "top_entropy_quantile", "num_generations",
-                                                 "scale_rewards") if hasattr(args, k)},
-           **step_compute(counters, n_params, beta=beta), "final": curve[-1] if curve else None,
-           "adapter" if not cfg.full_finetune else "model": str(out / ("model" if cfg.full_finetune else "adapter"))}
+    res = {
+        "method": cfg.method,
+        "model": cfg.model,
+        "n_params": n_params,
+        "steps": trainer.state.global_step,
+        "max_steps": cfg.max_steps,
+        "max_train_seconds": cfg.max_train_seconds,
+        "train_seconds": round(counters["train_seconds"], 2),
+        "eval_seconds": round(counters["eval_seconds"], 2),
+        "trl": {
+            k: getattr(args, k)
+            for k in ("loss_type", "beta", "top_entropy_quantile", "num_generations", "scale_rewards")
+            if hasattr(args, k)
+        },
+        **step_compute(counters, n_params, beta=beta),
+        "final": curve[-1] if curve else None,
+        "adapter" if not cfg.full_finetune else "model": str(out / ("model" if cfg.full_finetune else "adapter")),
+    }
     atomic_write_json(result_path, res)
     return res
 

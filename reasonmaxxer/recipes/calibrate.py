@@ -1,22 +1,35 @@
 """recipes.calibrate."""
 
 from __future__ import annotations
-from ..stages.evaluate import greedy_accuracy_fn
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+
 from ..errors import ReasonMaxxerError
-from ..store import RolloutStore
 from ..io import atomic_write_json
-from ..stages.train import TrainConfig
-from ..stages.train import examples_from_selection
+from ..stages.evaluate import greedy_accuracy_fn
+from ..stages.train import TrainConfig, examples_from_selection
+from ..store import RolloutStore
 from .run import prepare_training_data
 
 
-def calibrate(store: RolloutStore, model_spec: str, model, tokenizer, template, validation, *, taus: Sequence[float],
-              selection: dict, train_cfg: TrainConfig, out: Path, max_steps: int = 8, max_new_tokens: int = 256,
-              progress: bool = True) -> dict:
+def calibrate(
+    store: RolloutStore,
+    model_spec: str,
+    model,
+    tokenizer,
+    template,
+    validation,
+    *,
+    taus: Sequence[float],
+    selection: dict,
+    train_cfg: TrainConfig,
+    out: Path,
+    max_steps: int = 8,
+    max_new_tokens: int = 256,
+    progress: bool = True,
+) -> dict:
     """Sweep tau (nats) with short trainings; pick the best held-out greedy accuracy.
 
     Each candidate trains `max_steps` optimizer steps from the same data and is scored on the
@@ -25,13 +38,13 @@ def calibrate(store: RolloutStore, model_spec: str, model, tokenizer, template, 
     """
     import copy
 
+    from ..stages.select import SelectionConfig
     from ..stages.train import example_gates, train
 
-    from ..stages.select import SelectionConfig
-
     out = Path(out)
-    sel, srows, _ = prepare_training_data(store, model_spec, model, tokenizer, selection, train_cfg,
-                                          out / "scores.parquet", progress=progress)
+    sel, srows, _ = prepare_training_data(
+        store, model_spec, model, tokenizer, selection, train_cfg, out / "scores.parquet", progress=progress
+    )
     examples = examples_from_selection(srows, SelectionConfig(**selection).truncated)
     validate = greedy_accuracy_fn(validation, template, tokenizer, max_new_tokens, 32)
     base_acc = validate(model)
@@ -44,18 +57,42 @@ def calibrate(store: RolloutStore, model_spec: str, model, tokenizer, template, 
         if frac == 0:
             rows.append({"tau": float(tau), "gated_fraction": 0.0, "val_accuracy": None, "note": "empty gate"})
             continue
-        res = train(examples, tcfg, out / f"tau-{float(tau):g}", copy.deepcopy(model), tokenizer, base_spec=model_spec,
-                    validate=validate, shuffle=False, progress=progress, export=False)
-        rows.append({"tau": float(tau), "gated_fraction": round(frac, 5),
-                     "val_accuracy": res["history"][-1].get("val_accuracy"), "steps": res["total_steps"]})
+        res = train(
+            examples,
+            tcfg,
+            out / f"tau-{float(tau):g}",
+            copy.deepcopy(model),
+            tokenizer,
+            base_spec=model_spec,
+            validate=validate,
+            shuffle=False,
+            progress=progress,
+            export=False,
+        )
+        rows.append(
+            {
+                "tau": float(tau),
+                "gated_fraction": round(frac, 5),
+                "val_accuracy": res["history"][-1].get("val_accuracy"),
+                "steps": res["total_steps"],
+            }
+        )
     scored = [r for r in rows if r["val_accuracy"] is not None]
     if not scored:
         raise ReasonMaxxerError("calibrate: every candidate tau gives an empty gate; try lower values")
     best = max(scored, key=lambda r: (r["val_accuracy"], -abs(r["gated_fraction"] - 0.05)))
-    result = {"base_val_accuracy": base_acc, "n_validation": len(validation), "candidates": rows, "best_tau": best["tau"],
-              "max_steps": max_steps}
-    md = ["| tau (nats) | gated fraction | val greedy accuracy |", "|---|---|---|",
-          f"| (base, no training) | - | {base_acc:.3f} |"]
+    result = {
+        "base_val_accuracy": base_acc,
+        "n_validation": len(validation),
+        "candidates": rows,
+        "best_tau": best["tau"],
+        "max_steps": max_steps,
+    }
+    md = [
+        "| tau (nats) | gated fraction | val greedy accuracy |",
+        "|---|---|---|",
+        f"| (base, no training) | - | {base_acc:.3f} |",
+    ]
     for r in rows:
         acc = "-" if r["val_accuracy"] is None else f"{r['val_accuracy']:.3f}"
         md.append(f"| {r['tau']:g} | {r['gated_fraction']:.2%} | {acc}{' (best)' if r is best else ''} |")

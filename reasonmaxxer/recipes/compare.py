@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
-from .baselines import flops
+
 from ..errors import ReasonMaxxerError
 from ..io import atomic_write_bytes, atomic_write_json
+from .baselines import flops
 
 
 # -- pure ----------------------------------------------------------------------------------
-def compute_to_match(curve: Sequence[dict], target: float, metric: str, ref_flops: float,
-                     ref_seconds: float) -> dict:
+def compute_to_match(curve: Sequence[dict], target: float, metric: str, ref_flops: float, ref_seconds: float) -> dict:
     """Where a baseline curve first reaches `target` (same metric, same held-out problems).
 
     curve: rows with `metric`, "flops", "train_seconds", "step", in step order. Returns
@@ -46,10 +46,13 @@ def compute_to_match(curve: Sequence[dict], target: float, metric: str, ref_flop
         return {"reached": False, "step": None, "flops_ratio": None, "wall_ratio": None, "lower_bound": True}
     hit = next((r for r in rows if r[metric] >= target - 1e-12), None)
     r = hit or rows[-1]
-    return {"reached": hit is not None, "step": r["step"],
-            "flops_ratio": r["flops"] / ref_flops if ref_flops else None,
-            "wall_ratio": r["train_seconds"] / ref_seconds if ref_seconds else None,
-            "lower_bound": hit is None}
+    return {
+        "reached": hit is not None,
+        "step": r["step"],
+        "flops_ratio": r["flops"] / ref_flops if ref_flops else None,
+        "wall_ratio": r["train_seconds"] / ref_seconds if ref_seconds else None,
+        "lower_bound": hit is None,
+    }
 
 
 def _ratio_text(m: dict, key: str) -> str:
@@ -94,7 +97,9 @@ def _eval_fields(path: Path) -> dict:
     s = _json(path)["strict"]
     out = {}
     if s.get("avg_at_n"):
-        out.update(avg_at_n=s["avg_at_n"]["value"], avg_at_n_low=s["avg_at_n"]["low"], avg_at_n_high=s["avg_at_n"]["high"])
+        out.update(
+            avg_at_n=s["avg_at_n"]["value"], avg_at_n_low=s["avg_at_n"]["low"], avg_at_n_high=s["avg_at_n"]["high"]
+        )
     if s.get("greedy"):
         out.update(greedy=s["greedy"]["value"], greedy_low=s["greedy"]["low"], greedy_high=s["greedy"]["high"])
     return out
@@ -138,19 +143,31 @@ def read_reasonmaxxer_run(d: Path) -> dict:
     reuse = Path(cfg["reuse"]) if cfg.get("reuse") else None
     if reuse is not None and not reuse.is_absolute():
         reuse = d.parent / reuse if (d.parent / reuse).is_dir() else Path.cwd() / reuse
-    if reuse is not None and (reuse / "timings.json").is_file() and \
-            _json(reuse / "rollouts" / "manifest.json").get("config_hash") == man.get("config_hash"):
+    if (
+        reuse is not None
+        and (reuse / "timings.json").is_file()
+        and _json(reuse / "rollouts" / "manifest.json").get("config_hash") == man.get("config_hash")
+    ):
         # the base rollouts were copied from `reuse`: charge their sampling time as measured there
         sample_key, sample_s = f"sample (in {reuse})", _json(reuse / "timings.json").get("sample", sample_s)
     seconds = {sample_key: sample_s, **{k: v for k, v in timings.items() if k != "sample"}}
     method_seconds = sample_s + timings.get("select + score", 0.0) + timings.get("train", 0.0)
     label = variant if cfg.get("train", {}).get("gate", "entropy") == "entropy" else f"{variant} (random gate)"
-    row = {"kind": "reasonmaxxer", "dir": str(d), "method": label if label != "reasonmaxxer" else "ReasonMaxxer",
-           "n_params": n_params, "seconds": seconds, "method_seconds": round(method_seconds, 1),
-           "eval_seconds": round(sum(v for k, v in timings.items() if k.startswith("eval")), 1),
-           "generated_tokens": man.get("generated_tokens", 0), "trained_tokens": trained,
-           "forward_tokens": forward, "flops": flops(n_params, forward, trained), "steps": tres.get("total_steps"),
-           **_eval_fields(d / "eval" / "trained" / "eval.json")}
+    row = {
+        "kind": "reasonmaxxer",
+        "dir": str(d),
+        "method": label if label != "reasonmaxxer" else "ReasonMaxxer",
+        "n_params": n_params,
+        "seconds": seconds,
+        "method_seconds": round(method_seconds, 1),
+        "eval_seconds": round(sum(v for k, v in timings.items() if k.startswith("eval")), 1),
+        "generated_tokens": man.get("generated_tokens", 0),
+        "trained_tokens": trained,
+        "forward_tokens": forward,
+        "flops": flops(n_params, forward, trained),
+        "steps": tres.get("total_steps"),
+        **_eval_fields(d / "eval" / "trained" / "eval.json"),
+    }
     base_eval = d / "eval" / "base" / "eval.json"
     if base_eval.is_file():
         row["base"] = _eval_fields(base_eval)
@@ -163,23 +180,44 @@ def read_baseline_run(d: Path) -> dict:
     last = curve[-1] if curve else {}
     if (d / "result.json").is_file():
         res = _json(d / "result.json")
-    elif curve:   # still running (or stopped): the last evaluated point stands for the run so far
+    elif curve:  # still running (or stopped): the last evaluated point stands for the run so far
         bcfg = _json(d / "baseline_config.json")["baseline"]
-        res = {"method": f"{bcfg['method']} (partial)", "n_params": last.get("n_params", 0), "steps": last["step"],
-               "train_seconds": last["train_seconds"], "eval_seconds": last.get("eval_seconds", 0.0),
-               "generated_tokens": last["generated_tokens"], "trained_tokens": last["trained_tokens"],
-               "forward_tokens": last["forward_tokens"], "flops": last["flops"],
-               "max_train_seconds": bcfg.get("max_train_seconds")}
+        res = {
+            "method": f"{bcfg['method']} (partial)",
+            "n_params": last.get("n_params", 0),
+            "steps": last["step"],
+            "train_seconds": last["train_seconds"],
+            "eval_seconds": last.get("eval_seconds", 0.0),
+            "generated_tokens": last["generated_tokens"],
+            "trained_tokens": last["trained_tokens"],
+            "forward_tokens": last["forward_tokens"],
+            "flops": last["flops"],
+            "max_train_seconds": bcfg.get("max_train_seconds"),
+        }
     else:
         raise ReasonMaxxerError(f"{d}: a baseline with no evaluated step yet (no curve.jsonl rows)")
-    acc = {k: last[k] for k in ("avg_at_n", "avg_at_n_low", "avg_at_n_high", "greedy", "greedy_low", "greedy_high")
-           if last.get(k) is not None}
-    return {"kind": "baseline", "dir": str(d), "method": res["method"], "n_params": res["n_params"],
-            "seconds": {"train": res["train_seconds"], "eval (held-out curve)": res["eval_seconds"]},
-            "method_seconds": res["train_seconds"], "eval_seconds": res["eval_seconds"],
-            "generated_tokens": res["generated_tokens"], "trained_tokens": res["trained_tokens"],
-            "forward_tokens": res["forward_tokens"], "flops": res["flops"], "steps": res["steps"],
-            "curve": curve, "max_train_seconds": res.get("max_train_seconds"), **acc}
+    acc = {
+        k: last[k]
+        for k in ("avg_at_n", "avg_at_n_low", "avg_at_n_high", "greedy", "greedy_low", "greedy_high")
+        if last.get(k) is not None
+    }
+    return {
+        "kind": "baseline",
+        "dir": str(d),
+        "method": res["method"],
+        "n_params": res["n_params"],
+        "seconds": {"train": res["train_seconds"], "eval (held-out curve)": res["eval_seconds"]},
+        "method_seconds": res["train_seconds"],
+        "eval_seconds": res["eval_seconds"],
+        "generated_tokens": res["generated_tokens"],
+        "trained_tokens": res["trained_tokens"],
+        "forward_tokens": res["forward_tokens"],
+        "flops": res["flops"],
+        "steps": res["steps"],
+        "curve": curve,
+        "max_train_seconds": res.get("max_train_seconds"),
+        **acc,
+    }
 
 
 def read_run(d: str | Path) -> dict:
@@ -212,29 +250,46 @@ def compare(rows: list[dict], *, reference: int = 0, metric: str = "avg_at_n", g
         r["flops_vs_reference"] = r["flops"] / ref["flops"]
         r["wall_vs_reference"] = r["method_seconds"] / ref["method_seconds"] if ref["method_seconds"] else None
         if r["kind"] == "baseline":
-            r["compute_to_match"] = compute_to_match(r["curve"], ref[metric], metric, ref["flops"], ref["method_seconds"])
-    return {"reference": ref["dir"], "metric": metric, "target": ref[metric], "gpu_hour_price": gpu_hour_price,
-            "base": ref.get("base"), "rows": rows}
+            r["compute_to_match"] = compute_to_match(
+                r["curve"], ref[metric], metric, ref["flops"], ref["method_seconds"]
+            )
+    return {
+        "reference": ref["dir"],
+        "metric": metric,
+        "target": ref[metric],
+        "gpu_hour_price": gpu_hour_price,
+        "base": ref.get("base"),
+        "rows": rows,
+    }
 
 
 def render_markdown(c: dict) -> str:
     m = c["metric"]
-    lines = [f"Held-out {m} to match: {c['target']:.3f} (reference: {c['reference']}). Compute = estimated FLOPs "
-             f"(2N per forward token, 6N per trained token) of each method's own work; held-out evaluation excluded. "
-             f"Cost at ${c['gpu_hour_price']:.2f} per device-hour of the method's wall-clock.", ""]
+    lines = [
+        f"Held-out {m} to match: {c['target']:.3f} (reference: {c['reference']}). Compute = estimated FLOPs "
+        f"(2N per forward token, 6N per trained token) of each method's own work; held-out evaluation excluded. "
+        f"Cost at ${c['gpu_hour_price']:.2f} per device-hour of the method's wall-clock.",
+        "",
+    ]
     if c.get("base"):
         b = c["base"]
-        lines += [f"Base model: avg@n {b.get('avg_at_n', float('nan')):.3f}, greedy {b.get('greedy', float('nan')):.3f}.", ""]
-    lines += ["| method | avg@n pass@1 [95% CI] | greedy [95% CI] | steps | wall-clock (s) | eval (s) | tokens generated "
-              "| tokens trained | FLOPs | FLOPs vs ref | cost ($) | compute-to-match (FLOPs) | compute-to-match (wall) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"Base model: avg@n {b.get('avg_at_n', float('nan')):.3f}, greedy {b.get('greedy', float('nan')):.3f}.",
+            "",
+        ]
+    lines += [
+        "| method | avg@n pass@1 [95% CI] | greedy [95% CI] | steps | wall-clock (s) | eval (s) | tokens generated "
+        "| tokens trained | FLOPs | FLOPs vs ref | cost ($) | compute-to-match (FLOPs) | compute-to-match (wall) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in c["rows"]:
         ctm = r.get("compute_to_match")
         lines.append(
             f"| {r['method']} | {_acc(r, 'avg_at_n')} | {_acc(r, 'greedy')} | {r.get('steps') or '-'} | "
             f"{r['method_seconds']:.0f} | {r['eval_seconds']:.0f} | {r['generated_tokens']:,} | {r['trained_tokens']:,} | "
             f"{r['flops']:.3g} | {r['flops_vs_reference']:.2f}x | {r['cost_usd']:.3f} | "
-            f"{_ratio_text(ctm, 'flops_ratio') if ctm else '-'} | {_ratio_text(ctm, 'wall_ratio') if ctm else '-'} |")
+            f"{_ratio_text(ctm, 'flops_ratio') if ctm else '-'} | {_ratio_text(ctm, 'wall_ratio') if ctm else '-'} |"
+        )
     lines += ["", "Wall-clock by stage (s):", ""]
     for r in c["rows"]:
         lines.append(f"- {r['method']} ({r['dir']}): " + ", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items()))
@@ -271,8 +326,14 @@ def plot(c: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def run_compare(run_dirs: Sequence[str], out: str | Path, *, reference: str | None = None, metric: str = "avg_at_n",
-                gpu_hour_price: float = 2.0) -> str:
+def run_compare(
+    run_dirs: Sequence[str],
+    out: str | Path,
+    *,
+    reference: str | None = None,
+    metric: str = "avg_at_n",
+    gpu_hour_price: float = 2.0,
+) -> str:
     """Read the runs, write ``compare.json``, ``compare.md`` and ``accuracy_vs_compute.png``. Returns the Markdown."""
     rows = [read_run(d) for d in run_dirs]
     if reference is not None:

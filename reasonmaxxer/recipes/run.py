@@ -18,28 +18,37 @@ sampler drew from, so the scoring pass is skipped (`rescore=True` forces it; it 
 """
 
 from __future__ import annotations
-from ..stages.evaluate import greedy_accuracy_fn
-from ..analysis.forks import report_examples
 
 import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+
 import torch
-from ..errors import ReasonMaxxerError
-from ..store import RolloutStore
-from ..io import atomic_write_json
-from ..stages.train import TrainConfig
+
+from ..analysis.forks import fork_changes, report_examples
 from ..config import RunConfig
+from ..errors import ReasonMaxxerError
+from ..io import atomic_write_json
+from ..stages.evaluate import evaluate_model, greedy_accuracy_fn
 from ..stages.score import attach_scores
-from ..stages.evaluate import evaluate_model
-from ..stages.train import examples_from_selection
-from ..analysis.forks import fork_changes
+from ..stages.train import TrainConfig, examples_from_selection
+from ..store import RolloutStore
 
 
-def prepare_training_data(store: RolloutStore, model_spec: str, model, tokenizer, selection: dict,
-                          train_cfg: TrainConfig, scores_path: Path, *, rescore: bool = False, progress: bool = True,
-                          engine=None):
+def prepare_training_data(
+    store: RolloutStore,
+    model_spec: str,
+    model,
+    tokenizer,
+    selection: dict,
+    train_cfg: TrainConfig,
+    scores_path: Path,
+    *,
+    rescore: bool = False,
+    progress: bool = True,
+    engine=None,
+):
     """select -> score (-> clarity order). Returns (Selection, rows with base_entropies, score info)."""
     from ..stages.select import SelectionConfig, select
     from ..stages.train import resolve_tau
@@ -50,15 +59,27 @@ def prepare_training_data(store: RolloutStore, model_spec: str, model, tokenizer
     sel = select(rows, SelectionConfig(**{**selection, "order": "none"}) if clarity else scfg)
     if progress:
         st = sel.stats
-        print(f"kept {st['problems_kept']} of {st['problems_total']} problems ({st['problems_mixed']} with mixed "
-              f"success), {st['rollouts_kept']} rollouts", flush=True)
-    srows, info = attach_scores(store, list(sel.rows), scores_path, model_spec, model, tokenizer,
-                                rescore=rescore, progress=progress, engine=engine)
+        print(
+            f"kept {st['problems_kept']} of {st['problems_total']} problems ({st['problems_mixed']} with mixed "
+            f"success), {st['rollouts_kept']} rollouts",
+            flush=True,
+        )
+    srows, info = attach_scores(
+        store,
+        list(sel.rows),
+        scores_path,
+        model_spec,
+        model,
+        tokenizer,
+        rescore=rescore,
+        progress=progress,
+        engine=engine,
+    )
     if clarity:
         tau0, _ = resolve_tau(examples_from_selection(srows, scfg.truncated), train_cfg)
         first = sel
         sel = select(srows, scfg, tau=tau0)
-        sel = type(sel)(rows=sel.rows, problems=first.problems, stats=first.stats)   # stats of the real selection
+        sel = type(sel)(rows=sel.rows, problems=first.problems, stats=first.stats)  # stats of the real selection
         srows = sel.rows
     return sel, srows, info
 
@@ -83,18 +104,41 @@ def tier_table(problems, stores: dict) -> dict | None:
                 continue
             for r in st.read_rows(["problem_id", "strict_correct", "strict_extracted"]):
                 d = rows_by.setdefault(group[r["problem_id"]], {}).setdefault((name, label), [0, 0, 0])
-                d[0] += int(r["strict_correct"]); d[1] += 1; d[2] += int(r["strict_extracted"] is not None)
+                d[0] += int(r["strict_correct"])
+                d[1] += 1
+                d[2] += int(r["strict_extracted"] is not None)
     rows = []
     for g in sorted(rows_by):
         d = rows_by[g]
-        f = lambda n, l, i=0: (f"{d[(n, l)][i] / d[(n, l)][1]:.3f}" if (n, l) in d else "-")
+        f = lambda n, l, i=0, d=d: f"{d[(n, l)][i] / d[(n, l)][1]:.3f}" if (n, l) in d else "-"
         n_prob = sum(1 for v in group.values() if v == g)
-        rows.append([g, n_prob, f("base", "greedy"), f("trained", "greedy"), f("base", "avg"), f("trained", "avg"),
-                     f("base", "greedy", 2), f("trained", "greedy", 2)])
-    return {"title": f"Held-out accuracy by {key} (strict); 'answer given' = greedy completions with a \\boxed{{}} or "
-                     f"'The answer is' answer (format followed)",
-            "header": [key, "problems", "greedy base", "greedy trained", "avg@n base", "avg@n trained",
-                       "answer given base", "answer given trained"], "rows": rows}
+        rows.append(
+            [
+                g,
+                n_prob,
+                f("base", "greedy"),
+                f("trained", "greedy"),
+                f("base", "avg"),
+                f("trained", "avg"),
+                f("base", "greedy", 2),
+                f("trained", "greedy", 2),
+            ]
+        )
+    return {
+        "title": f"Held-out accuracy by {key} (strict); 'answer given' = greedy completions with a \\boxed{{}} or "
+        f"'The answer is' answer (format followed)",
+        "header": [
+            key,
+            "problems",
+            "greedy base",
+            "greedy trained",
+            "avg@n base",
+            "avg@n trained",
+            "answer given base",
+            "answer given trained",
+        ],
+        "rows": rows,
+    }
 
 
 def _reuse_base_stores(src: Path, out: Path) -> None:
@@ -115,14 +159,14 @@ def _reuse_base_stores(src: Path, out: Path) -> None:
 
 def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = False) -> dict:
     """sample -> grade -> select -> score -> train -> eval (base, trained) -> report. Returns summary."""
-    from ..data.benchmarks import load_problems
-    from ..core.stats import paired_difference
-    from ..models import load_model
-    from ..data.prompts import get_template
-    from ..stages.select import SelectionConfig
-    from ..stages.sample import check_backend, sample_stage
-    from ..stages.train import example_gates, train
     from ..backends.vllm import make_sampler
+    from ..core.stats import paired_difference
+    from ..data.benchmarks import load_problems
+    from ..data.prompts import get_template
+    from ..models import load_model
+    from ..stages.sample import check_backend, sample_stage
+    from ..stages.select import SelectionConfig
+    from ..stages.train import example_gates, train
 
     check_backend(cfg.backend, cfg.engine)
     if cfg.threads:
@@ -143,9 +187,10 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
             def __exit__(s, *exc):
                 if exc[0] is None:
                     dt = round(time.time() - s.t, 1)
-                    if dt > 1.0 or name not in timings:   # keep the first real measurement of a skipped stage
+                    if dt > 1.0 or name not in timings:  # keep the first real measurement of a skipped stage
                         timings[name] = dt
                     atomic_write_json(timings_path, timings)
+
         return _T()
 
     tmpl = get_template(cfg.template)
@@ -157,17 +202,40 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
         _reuse_base_stores(Path(cfg.reuse), out)
     engine = cfg.engine_config()
     # vLLM: one engine for sampling and both evals; it serves the trained adapter as a LoRA
-    vopts = cfg.vllm if cfg.train.full_finetune else replace(cfg.vllm, enable_lora=True,
-                                                              max_lora_rank=cfg.vllm.max_lora_rank or cfg.train.lora_rank)
+    vopts = (
+        cfg.vllm
+        if cfg.train.full_finetune
+        else replace(cfg.vllm, enable_lora=True, max_lora_rank=cfg.vllm.max_lora_rank or cfg.train.lora_rank)
+    )
     sampler = make_sampler(cfg.backend, cfg.model, vopts, tokenizer=tok)
 
     with stage("sample"):
-        store = sample_stage(out / "rollouts", cfg.model, train_p, tmpl, cfg.sampling, model=model, tokenizer=tok,
-                             overwrite=overwrite, progress=progress, engine=engine, sampler=sampler)
+        store = sample_stage(
+            out / "rollouts",
+            cfg.model,
+            train_p,
+            tmpl,
+            cfg.sampling,
+            model=model,
+            tokenizer=tok,
+            overwrite=overwrite,
+            progress=progress,
+            engine=engine,
+            sampler=sampler,
+        )
     with stage("select + score"):
-        sel, srows, score_info = prepare_training_data(store, cfg.model, model, tok, cfg.selection, cfg.train,
-                                                       out / "scores.parquet", rescore=cfg.rescore, progress=progress,
-                                                       engine=engine)
+        sel, srows, score_info = prepare_training_data(
+            store,
+            cfg.model,
+            model,
+            tok,
+            cfg.selection,
+            cfg.train,
+            out / "scores.parquet",
+            rescore=cfg.rescore,
+            progress=progress,
+            engine=engine,
+        )
     scfg = SelectionConfig(**cfg.selection)
     examples = examples_from_selection(srows, scfg.truncated)
     validate = greedy_accuracy_fn(val_p, tmpl, tok, cfg.eval.max_new_tokens, cfg.eval.batch_size) if val_p else None
@@ -177,11 +245,20 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
 
         from ..backends.engines import release_workers
 
-        release_workers()   # free the Ray workers' models while this process trains
+        release_workers()  # free the Ray workers' models while this process trains
 
-        res = train(examples, cfg.train, out / "train", copy.deepcopy(model), tok, base_spec=cfg.model,
-                    validate=validate, shuffle=False, progress=progress,  # selection already ordered the rows
-                    overwrite=overwrite)
+        res = train(
+            examples,
+            cfg.train,
+            out / "train",
+            copy.deepcopy(model),
+            tok,
+            base_spec=cfg.model,
+            validate=validate,
+            shuffle=False,
+            progress=progress,  # selection already ordered the rows
+            overwrite=overwrite,
+        )
     tau = res["tau"]
     gates = example_gates(examples, cfg.train, tau)
 
@@ -194,15 +271,26 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
             m = model if name == "base" else trained_model
             esampler = sampler
             if sampler is not None and name == "trained":
-                if cfg.train.full_finetune:    # no adapter to serve: a new engine on the merged weights
+                if cfg.train.full_finetune:  # no adapter to serve: a new engine on the merged weights
                     sampler.close()
                     sampler = esampler = make_sampler(cfg.backend, spec, cfg.vllm, tokenizer=tok)
-                else:                          # the trained adapter, as a LoRA on the same engine
+                else:  # the trained adapter, as a LoRA on the same engine
                     spec = str(out / "train" / "adapter")
                     esampler = sampler.for_model(spec)
-            rep, stores[name] = evaluate_model(m, tok, spec, test_p, tmpl, cfg.eval, out / "eval" / name,
-                                               label=f"{name}: {spec}", overwrite=overwrite, progress=progress,
-                                               engine=engine, sampler=esampler)
+            rep, stores[name] = evaluate_model(
+                m,
+                tok,
+                spec,
+                test_p,
+                tmpl,
+                cfg.eval,
+                out / "eval" / name,
+                label=f"{name}: {spec}",
+                overwrite=overwrite,
+                progress=progress,
+                engine=engine,
+                sampler=esampler,
+            )
             reports[name] = rep
 
     if sampler is not None:
@@ -214,9 +302,12 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
             paired[metric] = paired_difference(per_problem_accuracy(a), per_problem_accuracy(b))
 
     def acc(rep, name):
-        return {"avg_at_n": rep.strict.avg_at_n.value if cfg.eval.n > 0 else None,
-             "greedy": rep.strict.greedy.value if rep.strict.greedy else None,
-             "n_problems": rep.n_problems, "n_samples": cfg.eval.n}
+        return {
+            "avg_at_n": rep.strict.avg_at_n.value if cfg.eval.n > 0 else None,
+            "greedy": rep.strict.greedy.value if rep.strict.greedy else None,
+            "n_problems": rep.n_problems,
+            "n_samples": cfg.eval.n,
+        }
 
     metrics = [json.loads(l) for l in (out / "train" / "metrics.jsonl").read_text().splitlines() if l.strip()]
     tables = []
@@ -225,41 +316,75 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
         tables.append(tt)
     with stage("fork analysis"):
         fc = fork_changes(model, trained_model, tok, examples, gates)
-    tables.append({
-        "title": (f"Most-changed forks: on {fc['positions']} completion tokens of training rollouts (teacher-forced), the "
-                  f"trained argmax differs from the base at {fc['changed_fraction']:.2%} of positions; "
-                  f"{fc['changed_in_base_top5']}/{fc['changed']} of the new tokens are in the base top-5; "
-                  f"{fc['changed_at_gated']}/{fc['changed']} sit at gated positions; mean base entropy "
-                  f"{fc['mean_entropy_changed']:.2f} nats at changed vs {fc['mean_entropy_unchanged']:.2f} at unchanged positions."),
-        "header": ["base argmax", "trained argmax", "count", "mean base entropy (nats)"],
-        "rows": [[repr(r["base"]), repr(r["tuned"]), r["count"], f"{r['mean_base_entropy']:.2f}"] for r in fc["most_common"]]})
+    tables.append(
+        {
+            "title": (
+                f"Most-changed forks: on {fc['positions']} completion tokens of training rollouts (teacher-forced), the "
+                f"trained argmax differs from the base at {fc['changed_fraction']:.2%} of positions; "
+                f"{fc['changed_in_base_top5']}/{fc['changed']} of the new tokens are in the base top-5; "
+                f"{fc['changed_at_gated']}/{fc['changed']} sit at gated positions; mean base entropy "
+                f"{fc['mean_entropy_changed']:.2f} nats at changed vs {fc['mean_entropy_unchanged']:.2f} at unchanged positions."
+            ),
+            "header": ["base argmax", "trained argmax", "count", "mean base entropy (nats)"],
+            "rows": [
+                [repr(r["base"]), repr(r["tuned"]), r["count"], f"{r['mean_base_entropy']:.2f}"]
+                for r in fc["most_common"]
+            ],
+        }
+    )
     key = "greedy" if "greedy" in paired else "avg_at_n"
     summary = {
         "title": f"ReasonMaxxer run: {cfg.model}",
-        "summary": {"model": cfg.model, "train problems": cfg.train_problems, "test problems": cfg.test_problems,
-                    "template": cfg.template, "method": cfg.train.variant, "gate": cfg.train.gate,
-                    "lam": cfg.train.lam, "tau": round(tau, 4), "tau_source": res["tau_source"],
-                    "steps": res["total_steps"], "selected step": res["selected_step"],
-                    "selected val accuracy": res["selected_val_accuracy"],
-                    "entropies": "reused from the sampler" if score_info.get("reused_sampler_entropies") else "scored"},
-        "accuracy": {"base": acc(reports["base"], "base"), "trained": acc(reports["trained"], "trained"),
-                     "paired": {"metric": key, **paired.get(key, {})}, "paired_all": paired},
-        "entropy": {"values": [h for e in examples for h in e.entropies], "tau": tau, "gated_fraction": res["gated_fraction"]},
+        "summary": {
+            "model": cfg.model,
+            "train problems": cfg.train_problems,
+            "test problems": cfg.test_problems,
+            "template": cfg.template,
+            "method": cfg.train.variant,
+            "gate": cfg.train.gate,
+            "lam": cfg.train.lam,
+            "tau": round(tau, 4),
+            "tau_source": res["tau_source"],
+            "steps": res["total_steps"],
+            "selected step": res["selected_step"],
+            "selected val accuracy": res["selected_val_accuracy"],
+            "entropies": "reused from the sampler" if score_info.get("reused_sampler_entropies") else "scored",
+        },
+        "accuracy": {
+            "base": acc(reports["base"], "base"),
+            "trained": acc(reports["trained"], "trained"),
+            "paired": {"metric": key, **paired.get(key, {})},
+            "paired_all": paired,
+        },
+        "entropy": {
+            "values": [h for e in examples for h in e.entropies],
+            "tau": tau,
+            "gated_fraction": res["gated_fraction"],
+        },
         "examples": report_examples(model, tok, examples, gates),
         "curves": metrics,
         "timings": timings,
         "tables": tables,
         "fork_changes": fc,
         "selection": {k: v for k, v in sel.stats.items()},
-        "artifacts": {"adapter": "train/adapter", "merged": "train/merged", "rollouts": "rollouts",
-                      "eval base": "eval/base/eval.md", "eval trained": "eval/trained/eval.md",
-                      "metrics": "train/metrics.jsonl"},
+        "artifacts": {
+            "adapter": "train/adapter",
+            "merged": "train/merged",
+            "rollouts": "rollouts",
+            "eval base": "eval/base/eval.md",
+            "eval trained": "eval/trained/eval.md",
+            "metrics": "train/metrics.jsonl",
+        },
     }
     from ..reports.run_report import write_train_report
 
     md, html = write_train_report(out, summary)
     small = {k: v for k, v in summary.items() if k not in ("entropy", "examples", "curves", "tables")}
-    small["entropy"] = {"tau": tau, "gated_fraction": res["gated_fraction"], "n_tokens": len(summary["entropy"]["values"])}
+    small["entropy"] = {
+        "tau": tau,
+        "gated_fraction": res["gated_fraction"],
+        "n_tokens": len(summary["entropy"]["values"]),
+    }
     atomic_write_json(out / "summary.json", small)
     if progress:
         print("\n== result (held-out, same problems) ==")
@@ -267,7 +392,11 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
         for metric in ("greedy", "avg_at_n"):
             if b.get(metric) is not None:
                 p = paired.get(metric, {})
-                ci = f" (paired diff {p['mean_diff']:+.3f}, 95% CI [{p['low']:+.3f}, {p['high']:+.3f}], n={p['n']})" if p else ""
+                ci = (
+                    f" (paired diff {p['mean_diff']:+.3f}, 95% CI [{p['low']:+.3f}, {p['high']:+.3f}], n={p['n']})"
+                    if p
+                    else ""
+                )
                 print(f"{metric:9s} base {b[metric]:.3f} -> trained {t[metric]:.3f}{ci}")
         print(f"tau {tau:.3f} nats, gated fraction {res['gated_fraction']:.2%}; report: {md} , {html}")
     return small

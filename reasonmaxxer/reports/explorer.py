@@ -43,11 +43,12 @@ from html import escape as _h
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
-import numpy as np
-from ..errors import ReasonMaxxerError
-from .run_report import BASE_CSS, new_figure, fmt_number, png_bytes, visible_whitespace
-from ..io import atomic_write_bytes
 
+import numpy as np
+
+from ..errors import ReasonMaxxerError
+from ..io import atomic_write_bytes
+from .run_report import BASE_CSS, fmt_number, new_figure, png_bytes, visible_whitespace
 
 PLOT_NAMES = ("entropy_reranked_vs_unshifted.png", "rank_histogram.png", "roc.png")
 
@@ -69,6 +70,7 @@ NATS_TO_BITS = 1.4426950408889634
 class Analysis:
     """analysis.json (config, summaries per trajectory source, token_text) and the trajectories.jsonl
     records of one out_dir. A record without "source" is a base trajectory."""
+
     config: dict
     summary: dict
     records: list[dict]
@@ -121,10 +123,17 @@ def load_analysis(out_dir) -> Analysis:
         n = len(r["tokens"])
         bad = [k for k in REQUIRED_KEYS if len(r[k]) != n]
         if bad:
-            raise ReasonMaxxerError(f"explorer: {tp}:{ln}: field(s) {', '.join(bad)} do not have one entry per token ({n})")
+            raise ReasonMaxxerError(
+                f"explorer: {tp}:{ln}: field(s) {', '.join(bad)} do not have one entry per token ({n})"
+            )
         records.append(r)
-    return Analysis(meta.get("config") or {}, meta.get("summary") or {}, records,
-                    meta.get("summaries") or {}, meta.get("token_text") or {})
+    return Analysis(
+        meta.get("config") or {},
+        meta.get("summary") or {},
+        records,
+        meta.get("summaries") or {},
+        meta.get("token_text") or {},
+    )
 
 
 def _flat(records: Sequence[dict], key: str, dtype=float) -> np.ndarray:
@@ -157,7 +166,7 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nd
         return np.array([0.0, 1.0]), np.array([0.0, 1.0]), math.nan
     order = np.argsort(-s, kind="stable")
     s, y = s[order], y[order]
-    last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]            # last index of each tie group
+    last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]  # last index of each tie group
     tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
     tpr, fpr = np.r_[0.0, tp / n_pos], np.r_[0.0, fp / n_neg]
     return fpr, tpr, float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
@@ -196,8 +205,14 @@ def _plot_entropy(ent: np.ndarray, cls: np.ndarray, source: str = "base"):
     for c, label, colour in ((0, "unshifted", "#4878a8"), (1, "reranked", "#e07b00")):
         v = ent[ok & (cls == c)]
         if v.size:
-            ax.hist(v, bins=edges, log=True, alpha=0.6, color=colour,
-                    label=f"{label} ({v.size:,}; mean {v.mean():.3g} nats)")
+            ax.hist(
+                v,
+                bins=edges,
+                log=True,
+                alpha=0.6,
+                color=colour,
+                label=f"{label} ({v.size:,}; mean {v.mean():.3g} nats)",
+            )
     ax.set_xlabel("base-model entropy of the next-token distribution (nats)")
     ax.set_ylabel("positions (log scale)")
     ax.set_title(f"Base entropy at reranked vs unshifted positions ({source} trajectories)")
@@ -223,7 +238,9 @@ def _plot_roc(ent: np.ndarray, cls: np.ndarray, source: str = "base"):
     fpr, tpr, auc = roc_curve(ent, cls == 1)
     fig = new_figure(4.8, 4.6)
     ax = fig.add_subplot()
-    ax.plot(fpr, tpr, color="#e07b00", label=f"base entropy (AUROC = {fmt_number(auc, 3) if math.isfinite(auc) else 'n/a'})")
+    ax.plot(
+        fpr, tpr, color="#e07b00", label=f"base entropy (AUROC = {fmt_number(auc, 3) if math.isfinite(auc) else 'n/a'})"
+    )
     ax.plot([0, 1], [0, 1], color="#999", linestyle="--", label="chance (0.5)")
     ax.set_xlabel("false positive rate (non-reranked positions)")
     ax.set_ylabel("true positive rate (reranked positions)")
@@ -250,18 +267,26 @@ def _num(x: Any, digits: int = 3) -> str:
 
 def _script_json(obj: Any) -> str:
     """JSON safe inside <script>: '<', '>' and '&' as \\u escapes (cannot close the element)."""
-    return (json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-            .replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+    return (
+        json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026")
+        .replace("\u2028", "\\u2028")
+        .replace("\u2029", "\\u2029")
+    )
 
 
-_EXPLORER_CSS = """
+_EXPLORER_CSS = (
+    """
 pre.traj{white-space:pre-wrap;overflow-wrap:anywhere;background:#fafafa;border:1px solid #ddd;padding:.8em;
 font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;line-height:1.7}
 span.tok{cursor:pointer;border-radius:2px}
 span.tok:hover,span.tok.sel{outline:2px solid #333}
 span.ctx{color:#999}
-""" + "".join(f"span.h{i}{{background:{c}}}\n" for i, c in enumerate(ENTROPY_COLOURS)) + """
+"""
+    + "".join(f"span.h{i}{{background:{c}}}\n" for i, c in enumerate(ENTROPY_COLOURS))
+    + """
 span.reranked{box-shadow:inset 0 -3px 0 #1f6fd1;font-weight:600}
 span.shifted{box-shadow:inset 0 -3px 0 #c0392b;border:1px dashed #c0392b;font-weight:600}
 span.key{display:inline-block;padding:0 .5em;margin-right:.3em;border:1px solid #ccc;font-family:ui-monospace,monospace}
@@ -270,6 +295,7 @@ padding:.6em .8em;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12
 box-shadow:0 2px 8px rgba(0,0,0,.25)}
 #panel:empty{display:none}
 """
+)
 
 
 # Reads the JSON block, then shows one position's numbers and both top-5 lists on hover; a click
@@ -312,12 +338,16 @@ document.body.dataset.ready='1';
 """
 
 
-TOP5_NOTE = ("this analysis was written without the base and tuned top-5 (re-run `reasonmaxxer analyze` "
-             "to store them); shown: the tuned argmax and its base rank.")
+TOP5_NOTE = (
+    "this analysis was written without the base and tuned top-5 (re-run `reasonmaxxer analyze` "
+    "to store them); shown: the tuned argmax and its base rank."
+)
 
 
-SOURCE_TITLES = {"base": "Along the base model's greedy trajectories",
-                 "tuned": "Along the tuned model's greedy trajectories"}
+SOURCE_TITLES = {
+    "base": "Along the base model's greedy trajectories",
+    "tuned": "Along the tuned model's greedy trajectories",
+}
 
 
 def _token_span(t: int, j: int, text: str, h: Any, c: int) -> str:
@@ -340,9 +370,13 @@ def _prompt_tail_html(r: dict, vocab: dict[int, str]) -> str:
 
 def _plots_html(out: Path, sources: Sequence[str]) -> str:
     """The `analysis_plots` PNGs that exist, inlined as data: URIs (none: a note)."""
-    imgs = [f'<img alt="{_h(n)}" style="max-width:32%" src="data:image/png;base64,'
-            f'{base64.b64encode((out / "plots" / n).read_bytes()).decode("ascii")}">'
-            for s in sources for n in plot_names(s) if (out / "plots" / n).is_file()]
+    imgs = [
+        f'<img alt="{_h(n)}" style="max-width:32%" src="data:image/png;base64,'
+        f'{base64.b64encode((out / "plots" / n).read_bytes()).decode("ascii")}">'
+        for s in sources
+        for n in plot_names(s)
+        if (out / "plots" / n).is_file()
+    ]
     return f"<p>{''.join(imgs)}</p>" if imgs else '<p class="note">No plots yet (run analysis_plots first).</p>'
 
 
@@ -352,18 +386,24 @@ def _rounded(xs: Sequence[Any], digits: int = 4) -> list:
 
 def _summary_table(a: Analysis, shown: dict[str, int]) -> str:
     """The header table: one column per trajectory source."""
-    metrics = [("trajectories shown / total", lambda s, src: f"{shown[src]} / {len(a.of(src))}"),
-               ("positions compared", lambda s, src: _num(s.get("n_positions"))),
-               ("reranked", lambda s, src: _pct(s.get("reranked_pct"))),
-               ("shifted", lambda s, src: _pct(s.get("shifted_pct"))),
-               ("base entropy, reranked / unshifted (nats)",
-                lambda s, src: f"{_num(s.get('entropy_reranked'))} / {_num(s.get('entropy_unshifted'))}"),
-               ("entropy ratio (reranked / unshifted)", lambda s, src: _num(s.get("entropy_ratio")) + "x"),
-               ("AUROC of base entropy for reranked", lambda s, src: _num(s.get("auroc_entropy_reranked"))),
-               ("mean base rank at changed positions", lambda s, src: _num(s.get("mean_tuned_rank_changed")))]
+    metrics = [
+        ("trajectories shown / total", lambda s, src: f"{shown[src]} / {len(a.of(src))}"),
+        ("positions compared", lambda s, src: _num(s.get("n_positions"))),
+        ("reranked", lambda s, src: _pct(s.get("reranked_pct"))),
+        ("shifted", lambda s, src: _pct(s.get("shifted_pct"))),
+        (
+            "base entropy, reranked / unshifted (nats)",
+            lambda s, src: f"{_num(s.get('entropy_reranked'))} / {_num(s.get('entropy_unshifted'))}",
+        ),
+        ("entropy ratio (reranked / unshifted)", lambda s, src: _num(s.get("entropy_ratio")) + "x"),
+        ("AUROC of base entropy for reranked", lambda s, src: _num(s.get("auroc_entropy_reranked"))),
+        ("mean base rank at changed positions", lambda s, src: _num(s.get("mean_tuned_rank_changed"))),
+    ]
     head = "<tr><th></th>" + "".join(f"<th>{_h(src)} trajectories</th>" for src in a.sources) + "</tr>"
-    rows = "".join(f"<tr><th>{_h(m)}</th>" + "".join(f"<td>{_h(fn(a.summary_of(src), src))}</td>" for src in a.sources)
-                   + "</tr>" for m, fn in metrics)
+    rows = "".join(
+        f"<tr><th>{_h(m)}</th>" + "".join(f"<td>{_h(fn(a.summary_of(src), src))}</td>" for src in a.sources) + "</tr>"
+        for m, fn in metrics
+    )
     return f"<table><thead>{head}</thead><tbody>{rows}</tbody></table>"
 
 
@@ -389,11 +429,19 @@ def write_explorer(out_dir, *, max_trajectories: int = 200) -> Path:
             t = len(data["traj"])
             cls = [int(c) for c in r["cls"]]
             n = len(cls)
-            item = {"index": r.get("index", t), "source": source, "ids": r["token_ids"], "H": _rounded(r["base_entropy"]),
-                    "ba": r["base_argmax"], "ta": r["tuned_argmax"], "rank": r["tuned_rank_in_base"], "cls": cls,
-                    "kl": _rounded(r.get("kl_base_tuned") or [None] * n),
-                    "rkl": _rounded(r.get("kl_tuned_base") or [None] * n),
-                    "js": _rounded(r.get("js") or [None] * n)}
+            item = {
+                "index": r.get("index", t),
+                "source": source,
+                "ids": r["token_ids"],
+                "H": _rounded(r["base_entropy"]),
+                "ba": r["base_argmax"],
+                "ta": r["tuned_argmax"],
+                "rank": r["tuned_rank_in_base"],
+                "cls": cls,
+                "kl": _rounded(r.get("kl_base_tuned") or [None] * n),
+                "rkl": _rounded(r.get("kl_tuned_base") or [None] * n),
+                "js": _rounded(r.get("js") or [None] * n),
+            }
             if all(len(r.get(k) or []) == n for k in ("base_top_ids", "base_top_p", "tuned_top_ids", "tuned_top_p")):
                 item.update(bt=r["base_top_ids"], bp=r["base_top_p"], tt=r["tuned_top_ids"], tp=r["tuned_top_p"])
                 needed.update(int(i) for k in ("base_top_ids", "tuned_top_ids") for row in r[k] for i in row)
@@ -402,40 +450,67 @@ def write_explorer(out_dir, *, max_trajectories: int = 200) -> Path:
             data["traj"].append(item)
             needed.update(int(i) for k in ("token_ids", "base_argmax", "tuned_argmax") for i in r[k] if i is not None)
             needed.update(int(i) for i in r.get("prompt_tail_ids") or [])
-            spans = "".join(_token_span(t, j, str(x), h, c)
-                            for j, (x, h, c) in enumerate(zip(r["tokens"], r["base_entropy"], cls)))
-            head = (f"#{r.get('index', t)}" + (f" · {r['problem_id']}" if r.get("problem_id") is not None else "")
-                    + f" · {source} trajectory · {n} tokens · {r.get('finish_reason', '?')} · "
-                      f"{cls.count(1)} reranked, {cls.count(2)} shifted")
-            body.append(f'<div class="trajectory"><h3>{_h(head)}</h3>'
-                        f'<pre class="traj">{_prompt_tail_html(r, vocab)}{spans}</pre></div>')
+            spans = "".join(
+                _token_span(t, j, str(x), h, c) for j, (x, h, c) in enumerate(zip(r["tokens"], r["base_entropy"], cls))
+            )
+            head = (
+                f"#{r.get('index', t)}"
+                + (f" · {r['problem_id']}" if r.get("problem_id") is not None else "")
+                + f" · {source} trajectory · {n} tokens · {r.get('finish_reason', '?')} · "
+                f"{cls.count(1)} reranked, {cls.count(2)} shifted"
+            )
+            body.append(
+                f'<div class="trajectory"><h3>{_h(head)}</h3>'
+                f'<pre class="traj">{_prompt_tail_html(r, vocab)}{spans}</pre></div>'
+            )
         if len(recs) > max_trajectories:
-            body.append(f'<p class="note">{len(recs) - max_trajectories} more {_h(source)} trajectories not shown '
-                        f"(max_trajectories={max_trajectories}).</p>")
+            body.append(
+                f'<p class="note">{len(recs) - max_trajectories} more {_h(source)} trajectories not shown '
+                f"(max_trajectories={max_trajectories}).</p>"
+            )
     data["vocab"] = {str(i): vocab[i] for i in sorted(needed) if i in vocab}
 
-    labels = [f"H < {ENTROPY_EDGES[0]}"] + [f"{lo} ≤ H < {hi}" for lo, hi in pairwise(ENTROPY_EDGES)] \
+    labels = (
+        [f"H < {ENTROPY_EDGES[0]}"]
+        + [f"{lo} ≤ H < {hi}" for lo, hi in pairwise(ENTROPY_EDGES)]
         + [f"H ≥ {ENTROPY_EDGES[-1]}"]
-    legend = ("<p>Base entropy (nats): " + "".join(f'<span class="key h{i}">{_h(l)}</span>' for i, l in enumerate(labels))
-              + ' — <span class="key reranked">reranked</span> tuned argmax in base top-'
-              + f'{a.k} <span class="key shifted">shifted</span> outside it. '
-              + "␣ ↵ ⇥ mark whitespace-only tokens; grey text is the end of the prompt. "
-              + "Hover a token for its numbers and both models' top-5; click to pin.</p>")
+    )
+    legend = (
+        "<p>Base entropy (nats): "
+        + "".join(f'<span class="key h{i}">{_h(l)}</span>' for i, l in enumerate(labels))
+        + ' — <span class="key reranked">reranked</span> tuned argmax in base top-'
+        + f'{a.k} <span class="key shifted">shifted</span> outside it. '
+        + "␣ ↵ ⇥ mark whitespace-only tokens; grey text is the end of the prompt. "
+        + "Hover a token for its numbers and both models' top-5; click to pin.</p>"
+    )
     note = "" if has_top else f'<p class="note">{_h(TOP5_NOTE)}</p>'
-    html = "\n".join([
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_h(title)}</title><style>{BASE_CSS}{_EXPLORER_CSS}</style></head><body>",
-        f"<h1>{_h(title)}</h1>",
-        (f'<p>Problems <code>{_h(str(cfg.get("problems")))}</code>, greedy decoding; both models are teacher-forced '
-         f"on the same prefixes, and each completion token is coloured by the base entropy of the distribution "
-         f"that preceded it.</p>"),
-        _summary_table(a, shown), _plots_html(Path(out_dir), a.sources), legend, note, *body,
-        '<div id="panel"></div>',
-        f'<script type="application/json" id="data">{_script_json(data)}</script>',
-        f"<script>{_EXPLORER_JS}</script>",
-        "<footer>Generated by reasonmaxxer.explorer. Self-contained: no external resources.</footer>",
-        "</body></html>"]) + "\n"
+    html = (
+        "\n".join(
+            [
+                "<!DOCTYPE html>",
+                '<html lang="en"><head><meta charset="utf-8">',
+                '<meta name="viewport" content="width=device-width, initial-scale=1">',
+                f"<title>{_h(title)}</title><style>{BASE_CSS}{_EXPLORER_CSS}</style></head><body>",
+                f"<h1>{_h(title)}</h1>",
+                (
+                    f"<p>Problems <code>{_h(str(cfg.get('problems')))}</code>, greedy decoding; both models are teacher-forced "
+                    f"on the same prefixes, and each completion token is coloured by the base entropy of the distribution "
+                    f"that preceded it.</p>"
+                ),
+                _summary_table(a, shown),
+                _plots_html(Path(out_dir), a.sources),
+                legend,
+                note,
+                *body,
+                '<div id="panel"></div>',
+                f'<script type="application/json" id="data">{_script_json(data)}</script>',
+                f"<script>{_EXPLORER_JS}</script>",
+                "<footer>Generated by reasonmaxxer.explorer. Self-contained: no external resources.</footer>",
+                "</body></html>",
+            ]
+        )
+        + "\n"
+    )
     path = Path(out_dir) / "explorer.html"
     atomic_write_bytes(path, html.encode("utf-8"))
     return path
@@ -444,14 +519,15 @@ def write_explorer(out_dir, *, max_trajectories: int = 200) -> Path:
 @dataclass(frozen=True)
 class Fork:
     """One fork context: the `context` token texts before a high-entropy position and the base argmax there."""
+
     context: tuple[str, ...]
     base_token: str
-    count: int             # high-entropy positions with this (context, base argmax)
-    n_problems: int        # distinct trajectories they occur in
+    count: int  # high-entropy positions with this (context, base argmax)
+    n_problems: int  # distinct trajectories they occur in
     n_reranked: int
     n_shifted: int
-    tuned_tokens: tuple[tuple[str, int], ...]   # the tuned argmax where it differs, most common first
-    prompt_context: int = 0                      # how many leading context tokens are the end of the prompt
+    tuned_tokens: tuple[tuple[str, int], ...]  # the tuned argmax where it differs, most common first
+    prompt_context: int = 0  # how many leading context tokens are the end of the prompt
 
     @property
     def rate(self) -> float:
@@ -463,8 +539,9 @@ class Fork:
         return self.n_reranked + self.n_shifted
 
 
-def fork_atlas(analysis: Analysis, *, context_tokens: int = 3, tau: float | None = None,
-               source: str | None = None) -> tuple[list[Fork], float]:
+def fork_atlas(
+    analysis: Analysis, *, context_tokens: int = 3, tau: float | None = None, source: str | None = None
+) -> tuple[list[Fork], float]:
     """Group every position with base entropy > tau, along the `source` trajectories (default: the
     first source present), by (the `context_tokens` tokens before it, base argmax there); return
     (forks sorted by count desc, then rate desc, tau).
@@ -492,7 +569,7 @@ def fork_atlas(analysis: Analysis, *, context_tokens: int = 3, tau: float | None
         for j, (h, c) in enumerate(zip(r["base_entropy"], r["cls"])):
             if h is None or not float(h) > tau:
                 continue
-            at = len(tail) + j                                          # index of position j in `full`
+            at = len(tail) + j  # index of position j in `full`
             lo = max(0, at - context_tokens)
             key = (tuple(full[lo:at]), max(0, len(tail) - lo), int(r["base_argmax"][j]))
             g = groups[key]
@@ -502,9 +579,19 @@ def fork_atlas(analysis: Analysis, *, context_tokens: int = 3, tau: float | None
             g[3] += int(c) == 2
             if int(c) != 0:
                 g[4][_tok_text(vocab, r["tuned_argmax"][j])] += 1
-    forks = [Fork(tuple(_tok_text(vocab, i) for i in ctx), _tok_text(vocab, b), g[0], len(g[1]), g[2], g[3],
-                  tuple(g[4].most_common()), n_prompt)
-             for (ctx, n_prompt, b), g in groups.items()]
+    forks = [
+        Fork(
+            tuple(_tok_text(vocab, i) for i in ctx),
+            _tok_text(vocab, b),
+            g[0],
+            len(g[1]),
+            g[2],
+            g[3],
+            tuple(g[4].most_common()),
+            n_prompt,
+        )
+        for (ctx, n_prompt, b), g in groups.items()
+    ]
     forks.sort(key=lambda f: (-f.count, -f.rate, f.context, f.base_token))
     return forks, tau
 
@@ -533,9 +620,14 @@ ATLAS_HEADER = ("#", "context", "base token", "count", "problems", "reranked", "
 def _atlas_tables(forks: list[Fork], top: int) -> list[tuple[str, list[Fork]]]:
     """(title, rows): the most frequent forks, and the forks where the tuned model changes the choice most."""
     changed = sorted((f for f in forks if f.n_changed), key=lambda f: (-f.n_changed, -f.count, f.context, f.base_token))
-    return [(f"Most frequent forks (top {min(top, len(forks))} of {len(forks)} by count)", forks[:top]),
-            (f"Where the tuned model changes the choice (top {min(top, len(changed))} of {len(changed)} forks "
-             f"by reranked + shifted positions)", changed[:top])]
+    return [
+        (f"Most frequent forks (top {min(top, len(forks))} of {len(forks)} by count)", forks[:top]),
+        (
+            f"Where the tuned model changes the choice (top {min(top, len(changed))} of {len(changed)} forks "
+            f"by reranked + shifted positions)",
+            changed[:top],
+        ),
+    ]
 
 
 def write_fork_atlas(out_dir, *, context_tokens: int = 3, top: int = 50, tau: float | None = None) -> Path:
@@ -548,10 +640,12 @@ def write_fork_atlas(out_dir, *, context_tokens: int = 3, top: int = 50, tau: fl
     for source in a.sources or ["base"]:
         forks_by[source], tau = fork_atlas(a, context_tokens=context_tokens, tau=tau, source=source)
     name = f"{a.config.get('tuned', 'tuned')} vs {a.config.get('base', 'base')}"
-    intro = (f"Positions with base entropy > tau = {tau:.3g} nats ({tau * NATS_TO_BITS:.3g} bits), grouped by "
-             f"(context, base token); context = the {context_tokens} tokens before the position, reaching back into "
-             f"the end of the prompt (after ‖ the completion begins). rate = fraction of the fork's positions "
-             f"where the tuned model reranks; tuned instead = the tuned argmax where it differs.")
+    intro = (
+        f"Positions with base entropy > tau = {tau:.3g} nats ({tau * NATS_TO_BITS:.3g} bits), grouped by "
+        f"(context, base token); context = the {context_tokens} tokens before the position, reaching back into "
+        f"the end of the prompt (after ‖ the completion begins). rate = fraction of the fork's positions "
+        f"where the tuned model reranks; tuned instead = the tuned argmax where it differs."
+    )
 
     def tuned(f: Fork, code) -> str:
         return ", ".join(f"{code(t)}×{n}" for t, n in f.tuned_tokens[:3]) or "—"
@@ -565,26 +659,43 @@ def write_fork_atlas(out_dir, *, context_tokens: int = 3, top: int = 50, tau: fl
         html_parts.append(f"<h2>{_h(sub)}</h2>")
         for title, rows in _atlas_tables(forks, top):
             md += ["", f"### {title}", "", "| " + " | ".join(ATLAS_HEADER) + " |", "|" + "---|" * len(ATLAS_HEADER)]
-            md += [f"| {i} | {_context(f, _md_code)} | {_md_code(f.base_token)} | {f.count} "
-                   f"| {f.n_problems} | {f.n_reranked} | {f.n_shifted} | {f.rate:.2f} | {tuned(f, _md_code)} |"
-                   for i, f in enumerate(rows, 1)]
+            md += [
+                f"| {i} | {_context(f, _md_code)} | {_md_code(f.base_token)} | {f.count} "
+                f"| {f.n_problems} | {f.n_reranked} | {f.n_shifted} | {f.rate:.2f} | {tuned(f, _md_code)} |"
+                for i, f in enumerate(rows, 1)
+            ]
             body = "".join(
-                f"<tr><td class=\"r\">{i}</td><td>{_context(f, _html_code)}</td>"
-                f"<td>{_html_code(f.base_token)}</td><td class=\"r\">{f.count}</td><td class=\"r\">{f.n_problems}</td>"
-                f"<td class=\"r\">{f.n_reranked}</td><td class=\"r\">{f.n_shifted}</td><td class=\"r\">{f.rate:.2f}</td>"
-                f"<td>{tuned(f, _html_code)}</td></tr>" for i, f in enumerate(rows, 1))
-            html_parts.append(f"<h3>{_h(title)}</h3><table><thead><tr>"
-                              + "".join(f"<th>{_h(x)}</th>" for x in ATLAS_HEADER)
-                              + f"</tr></thead><tbody>{body}</tbody></table>")
+                f'<tr><td class="r">{i}</td><td>{_context(f, _html_code)}</td>'
+                f'<td>{_html_code(f.base_token)}</td><td class="r">{f.count}</td><td class="r">{f.n_problems}</td>'
+                f'<td class="r">{f.n_reranked}</td><td class="r">{f.n_shifted}</td><td class="r">{f.rate:.2f}</td>'
+                f"<td>{tuned(f, _html_code)}</td></tr>"
+                for i, f in enumerate(rows, 1)
+            )
+            html_parts.append(
+                f"<h3>{_h(title)}</h3><table><thead><tr>"
+                + "".join(f"<th>{_h(x)}</th>" for x in ATLAS_HEADER)
+                + f"</tr></thead><tbody>{body}</tbody></table>"
+            )
     atomic_write_bytes(Path(out_dir) / "fork_atlas.md", ("\n".join(md) + "\n").encode("utf-8"))
     title = f"Fork atlas: {name}"
-    html = "\n".join([
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        (f"<title>{_h(title)}</title><style>{BASE_CSS}"
-         "code.t{background:#f3f3f3;border:1px solid #ddd;border-radius:2px;padding:0 .2em;margin-right:1px}</style>"),
-        "</head><body>", f"<h1>{_h(title)}</h1>", *html_parts,
-        "<footer>Generated by reasonmaxxer.explorer. Self-contained: no external resources.</footer>",
-        "</body></html>"]) + "\n"
+    html = (
+        "\n".join(
+            [
+                "<!DOCTYPE html>",
+                '<html lang="en"><head><meta charset="utf-8">',
+                (
+                    f"<title>{_h(title)}</title><style>{BASE_CSS}"
+                    "code.t{background:#f3f3f3;border:1px solid #ddd;border-radius:2px;padding:0 .2em;margin-right:1px}</style>"
+                ),
+                "</head><body>",
+                f"<h1>{_h(title)}</h1>",
+                *html_parts,
+                "<footer>Generated by reasonmaxxer.explorer. Self-contained: no external resources.</footer>",
+                "</body></html>",
+            ]
+        )
+        + "\n"
+    )
     path = Path(out_dir) / "fork_atlas.html"
     atomic_write_bytes(path, html.encode("utf-8"))
     return path

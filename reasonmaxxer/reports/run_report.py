@@ -34,14 +34,16 @@ import math
 import re
 import unicodedata
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from html import escape as _h
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+
 import numpy as np
+
 from ..errors import ReasonMaxxerError
 from ..io import atomic_write_bytes
-
 
 PLOT_NAMES = ("accuracy.png", "entropy_hist.png", "curves.png")
 
@@ -51,7 +53,7 @@ Z95 = 1.959963984540054
 
 @dataclass(frozen=True)
 class _Plot:
-    name: str        # file name under plots/
+    name: str  # file name under plots/
     png: bytes
     alt: str
 
@@ -59,7 +61,7 @@ class _Plot:
 @dataclass(frozen=True)
 class _Link:
     text: str
-    href: str        # relative path; rendered as a link only if it has no URL scheme
+    href: str  # relative path; rendered as a link only if it has no URL scheme
 
 
 class _Raw(str):
@@ -71,7 +73,7 @@ class _Example:
     index: int
     ex: Mapping[str, Any]
     tau: float | None
-    scale: tuple[float, float]   # entropy (nats) mapped to the lightest / darkest highlight
+    scale: tuple[float, float]  # entropy (nats) mapped to the lightest / darkest highlight
     max_tokens: int
 
 
@@ -133,18 +135,21 @@ def write_train_report(
         try:
             blocks.extend(fn(data[key], data, max_examples=max_examples, max_example_tokens=max_example_tokens))
         except Exception as e:  # noqa: BLE001 - a bad section must not lose the rest of the report
-            warnings.warn(f"report: section '{key}' could not be rendered: {type(e).__name__}: {e}",
-                          RuntimeWarning, stacklevel=2)
-            blocks.append(("note", f"Not available: the '{key}' section could not be rendered "
-                                   f"({type(e).__name__}: {e})."))
+            warnings.warn(
+                f"report: section '{key}' could not be rendered: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2
+            )
+            blocks.append(
+                ("note", f"Not available: the '{key}' section could not be rendered ({type(e).__name__}: {e}).")
+            )
 
     plots = [b[1] for b in blocks if b[0] == "img"]
     for p in plots:
         atomic_write_bytes(plots_dir / p.name, p.png)
-    for stale in set(PLOT_NAMES) - {p.name for p in plots}:   # from an earlier run into the same dir
+    for stale in set(PLOT_NAMES) - {p.name for p in plots}:  # from an earlier run into the same dir
         (plots_dir / stale).unlink(missing_ok=True)
 
     from .. import __version__
+
     md_path, html_path = out / "report.md", out / "report.html"
     atomic_write_bytes(md_path, _render_md(title, blocks, __version__).encode("utf-8"))
     atomic_write_bytes(html_path, _render_html(title, blocks, __version__).encode("utf-8"))
@@ -258,11 +263,22 @@ def _sec_accuracy(acc: Mapping[str, Any], data, **_) -> list[Block]:
         rows = []
         for name, m in (("base", base), ("trained", trained)):
             if m:
-                rows.append([name, _acc(m.get("greedy")), _acc(m.get("avg_at_n")),
-                             fmt_number(m.get("n_problems")), fmt_number(m.get("n_samples"))])
+                rows.append(
+                    [
+                        name,
+                        _acc(m.get("greedy")),
+                        _acc(m.get("avg_at_n")),
+                        fmt_number(m.get("n_problems")),
+                        fmt_number(m.get("n_samples")),
+                    ]
+                )
         if base and trained:
-            diff = [_signed(trained[k] - base[k]) if _num(trained.get(k)) is not None
-                    and _num(base.get(k)) is not None else "—" for k in ("greedy", "avg_at_n")]
+            diff = [
+                _signed(trained[k] - base[k])
+                if _num(trained.get(k)) is not None and _num(base.get(k)) is not None
+                else "—"
+                for k in ("greedy", "avg_at_n")
+            ]
             rows.append(["trained − base", *diff, "", ""])
         blocks.append(("table", ["model", "greedy", avg_label, "problems", "samples/problem"], rows, "lrrrr"))
     else:
@@ -272,12 +288,31 @@ def _sec_accuracy(acc: Mapping[str, Any], data, **_) -> list[Block]:
     if paired:
         metric = label.get(paired.get("metric"), str(paired.get("metric", "?")))
         lo, hi = _num(paired.get("low")), _num(paired.get("high"))
-        blocks.append(("p", f"Paired difference, trained − base, per problem on the same "
-                            f"{fmt_number(paired.get('n'))} held-out problems ({metric}); 95% interval over problems:"))
-        blocks.append(("table", ["metric", "problems", "mean difference", "95% interval", "wins", "losses", "ties"],
-                       [[metric, fmt_number(paired.get("n")), _signed(paired.get("mean_diff")),
-                         _Raw(f"[{_signed(lo)}, {_signed(hi)}]"), fmt_number(paired.get("wins")),
-                         fmt_number(paired.get("losses")), fmt_number(paired.get("ties"))]], "lrrrrrr"))
+        blocks.append(
+            (
+                "p",
+                f"Paired difference, trained − base, per problem on the same "
+                f"{fmt_number(paired.get('n'))} held-out problems ({metric}); 95% interval over problems:",
+            )
+        )
+        blocks.append(
+            (
+                "table",
+                ["metric", "problems", "mean difference", "95% interval", "wins", "losses", "ties"],
+                [
+                    [
+                        metric,
+                        fmt_number(paired.get("n")),
+                        _signed(paired.get("mean_diff")),
+                        _Raw(f"[{_signed(lo)}, {_signed(hi)}]"),
+                        fmt_number(paired.get("wins")),
+                        fmt_number(paired.get("losses")),
+                        fmt_number(paired.get("ties")),
+                    ]
+                ],
+                "lrrrrrr",
+            )
+        )
         if lo is not None and hi is not None:
             if lo > 0:
                 verdict = "The interval excludes zero: the trained model is better on this metric."
@@ -292,8 +327,13 @@ def _sec_accuracy(acc: Mapping[str, Any], data, **_) -> list[Block]:
     plot = _try_plot(_plot_accuracy, base, trained, paired, label)
     blocks.append(plot)
     if plot[0] == "img" and (base or trained):
-        blocks.append(("p", "Whiskers on the bars: Wilson 95% interval over problems (conservative for "
-                            "avg@n, whose per-problem scores vary less than a coin flip's)."))
+        blocks.append(
+            (
+                "p",
+                "Whiskers on the bars: Wilson 95% interval over problems (conservative for "
+                "avg@n, whose per-problem scores vary less than a coin flip's).",
+            )
+        )
     return blocks
 
 
@@ -302,13 +342,17 @@ def _sec_entropy(ent: Mapping[str, Any], data, **_) -> list[Block]:
     tau_source = (data.get("summary") or {}).get("tau_source") if isinstance(data.get("summary"), Mapping) else None
     values = np.asarray([v for v in ent.get("values") or [] if _num(v) is not None], dtype=np.float64)
     values = values[np.isfinite(values)]
-    rows = [["tau (nats)", fmt_number(tau) + (f" ({tau_source})" if tau_source else "")],
-            ["gated fraction (training gate)", _pct(ent.get("gated_fraction"))]]
+    rows = [
+        ["tau (nats)", fmt_number(tau) + (f" ({tau_source})" if tau_source else "")],
+        ["gated fraction (training gate)", _pct(ent.get("gated_fraction"))],
+    ]
     if values.size:
         q = np.quantile(values, [0.5, 0.9, 0.99])
-        rows += [["completion tokens scored", str(values.size)],
-                 ["mean / median entropy (nats)", f"{values.mean():.3f} / {q[0]:.3f}"],
-                 ["90th / 99th percentile (nats)", f"{q[1]:.3f} / {q[2]:.3f}"]]
+        rows += [
+            ["completion tokens scored", str(values.size)],
+            ["mean / median entropy (nats)", f"{values.mean():.3f} / {q[0]:.3f}"],
+            ["90th / 99th percentile (nats)", f"{q[1]:.3f} / {q[2]:.3f}"],
+        ]
         if tau is not None:
             rows.append(["fraction of these tokens with H > tau", _pct(float((values > tau).mean()))])
     blocks: list[Block] = [("table", ["quantity", "value"], rows, "lr")]
@@ -342,21 +386,31 @@ def _sec_selection(sel: Mapping[str, Any], data, **_) -> list[Block]:
     return blocks
 
 
-def _sec_examples(examples: Sequence[Mapping[str, Any]], data, *, max_examples: int, max_example_tokens: int,
-                  **_) -> list[Block]:
+def _sec_examples(
+    examples: Sequence[Mapping[str, Any]], data, *, max_examples: int, max_example_tokens: int, **_
+) -> list[Block]:
     tau = _num((data.get("entropy") or {}).get("tau")) if isinstance(data.get("entropy"), Mapping) else None
     if tau is None and isinstance(data.get("summary"), Mapping):
         tau = _num(data["summary"].get("tau"))
     shown = list(examples)[:max_examples]
-    gated_h = [float(t["entropy"]) for ex in shown for t in (ex.get("tokens") or [])[:max_example_tokens]
-               if _gated(t, tau) and _num(t.get("entropy")) is not None]
+    gated_h = [
+        float(t["entropy"])
+        for ex in shown
+        for t in (ex.get("tokens") or [])[:max_example_tokens]
+        if _gated(t, tau) and _num(t.get("entropy")) is not None
+    ]
     lo = tau if tau is not None else (min(gated_h) if gated_h else 0.0)
     hi = max(gated_h + [lo + 1.0])
     tau_txt = f" (base entropy above tau = {fmt_number(tau)} nats)" if tau is not None else ""
-    blocks: list[Block] = [("p", f"Gated tokens{tau_txt} are marked in their rollout and numbered; the table "
-                                 f"under each rollout gives the token's base entropy and the base model's top-5 "
-                                 f"next tokens with probabilities (the sampled token in bold). Whitespace is "
-                                 f"shown as ␣ (space) and ↵ (newline) where it matters.")]
+    blocks: list[Block] = [
+        (
+            "p",
+            f"Gated tokens{tau_txt} are marked in their rollout and numbered; the table "
+            f"under each rollout gives the token's base entropy and the base model's top-5 "
+            f"next tokens with probabilities (the sampled token in bold). Whitespace is "
+            f"shown as ␣ (space) and ↵ (newline) where it matters.",
+        )
+    ]
     blocks += [("example", _Example(i + 1, ex, tau, (lo, hi), max_example_tokens)) for i, ex in enumerate(shown)]
     if len(examples) > len(shown):
         blocks.append(("note", f"{len(examples) - len(shown)} more example(s) in the run data are not shown."))
@@ -368,8 +422,7 @@ def _series(curves: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
 
 
 def _sec_curves(curves: Sequence[Mapping[str, Any]], data, **_) -> list[Block]:
-    steps = np.array([float(r["step"]) if _num(r.get("step")) is not None else float(i)
-                      for i, r in enumerate(curves)])
+    steps = np.array([float(r["step"]) if _num(r.get("step")) is not None else float(i) for i, r in enumerate(curves)])
     parts = [f"{len(curves)} logged steps (step {fmt_number(steps[0])} to {fmt_number(steps[-1])})"]
     for key, name, fmt in (("loss", "final loss", fmt_number), ("gated_fraction", "final gated fraction", _pct)):
         s = _series(curves, key)
@@ -389,16 +442,22 @@ def _sec_curves(curves: Sequence[Mapping[str, Any]], data, **_) -> list[Block]:
 def _sec_timings(timings: Mapping[str, Any], data, **_) -> list[Block]:
     secs = {str(k): _num(v) for k, v in timings.items()}
     total = sum(v for v in secs.values() if v is not None)
-    rows = [[k, "—" if v is None else f"{v:,.1f}", "—" if v is None else _duration(v),
-             "—" if v is None or total <= 0 else f"{100 * v / total:.1f}%"] for k, v in secs.items()]
+    rows = [
+        [
+            k,
+            "—" if v is None else f"{v:,.1f}",
+            "—" if v is None else _duration(v),
+            "—" if v is None or total <= 0 else f"{100 * v / total:.1f}%",
+        ]
+        for k, v in secs.items()
+    ]
     rows.append(["total", f"{total:,.1f}", _duration(total), "100.0%" if total > 0 else "—"])
     return [("table", ["stage", "seconds", "h:mm:ss", "share"], rows, "lrrr")]
 
 
 def _sec_artifacts(artifacts: Mapping[str, Any], data, **_) -> list[Block]:
     rows = [[str(k), _Link(str(v), str(v))] for k, v in artifacts.items()]
-    return [("p", "Paths are relative to this report's directory."),
-            ("table", ["artifact", "path"], rows, "ll")]
+    return [("p", "Paths are relative to this report's directory."), ("table", ["artifact", "path"], rows, "ll")]
 
 
 def _try_plot(fn: Callable[..., _Plot | None], *args) -> Block:
@@ -422,7 +481,7 @@ def new_figure(w: float, h: float):
 
 def png_bytes(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})   # no version string: reproducible bytes
+    fig.savefig(buf, format="png", metadata={"Software": None})  # no version string: reproducible bytes
     return buf.getvalue()
 
 
@@ -438,8 +497,13 @@ def _plot_entropy(values: np.ndarray, tau: float | None, gated_fraction: float |
     else:
         frac = gated_fraction if gated_fraction is not None else float((values > tau).mean())
         ax.hist(values[values <= tau], bins=edges, log=True, color="#4878a8", label="below tau")
-        ax.hist(values[values > tau], bins=edges, log=True, color="#e07b00",
-                label=f"gated (H > tau): {100 * frac:.2f}% of tokens")
+        ax.hist(
+            values[values > tau],
+            bins=edges,
+            log=True,
+            color="#e07b00",
+            label=f"gated (H > tau): {100 * frac:.2f}% of tokens",
+        )
         ax.axvline(tau, color="#a00000", linestyle="--", label=f"tau = {tau:.3g} nats")
     ax.set_xlabel("base-model entropy of the next-token distribution (nats)")
     ax.set_ylabel("tokens (log scale)")
@@ -467,7 +531,7 @@ def _plot_accuracy(base: Mapping, trained: Mapping, paired: Mapping, label: Mapp
                 if y is not None and isinstance(n, int) and n > 0 and 0 <= y <= 1:
                     lo, hi = _wilson(y, n)
                     ax.errorbar(xi, y, yerr=[[y - lo], [hi - y]], color="black", capsize=4, lw=1)
-                if y is not None and y > 0.06:   # value inside the bar, clear of the whisker
+                if y is not None and y > 0.06:  # value inside the bar, clear of the whisker
                     ax.text(xi, y / 2, f"{y:.3f}", ha="center", va="center", fontsize=8, color="white")
         ax.set_xticks(x, [label.get(k, k) for k in metrics])
         ax.set_ylim(0, 1.05)
@@ -522,8 +586,12 @@ def _plot_curves(steps: np.ndarray, curves: Sequence[Mapping[str, Any]]) -> _Plo
     handles = a_opt.get_legend_handles_labels()[0] + a_lr.get_legend_handles_labels()[0]
     if handles:
         a_opt.legend(handles=handles, fontsize=8, loc="best")
-    return _Plot("curves.png", png_bytes(fig), "Training curves: loss terms, gated fraction, validation accuracy, "
-                                          "gradient norm and learning rate against optimizer step")
+    return _Plot(
+        "curves.png",
+        png_bytes(fig),
+        "Training curves: loss terms, gated fraction, validation accuracy, "
+        "gradient norm and learning rate against optimizer step",
+    )
 
 
 _MD_ESCAPE = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
@@ -560,7 +628,7 @@ def _md_bold(core: str, prev: str) -> str:
 
 def _has_scheme(href: str) -> bool:
     m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", href)
-    return bool(m) and len(m.group(1)) > 1   # 'C:' is a Windows drive, not a scheme
+    return bool(m) and len(m.group(1)) > 1  # 'C:' is a Windows drive, not a scheme
 
 
 def _md_link(link: _Link) -> str:
@@ -608,8 +676,14 @@ def _gated_rows(gated: Sequence[Mapping[str, Any]], bold: Callable[[str], str], 
     for k, tok in enumerate(gated, 1):
         text = str(tok.get("text", ""))
         alts = _top5(tok)
-        top = " · ".join((bold(esc(visible_whitespace(t))) if t == text else esc(visible_whitespace(t))) + f" {_prob(p)}"
-                         for t, p in alts) if alts else "not recorded"
+        top = (
+            " · ".join(
+                (bold(esc(visible_whitespace(t))) if t == text else esc(visible_whitespace(t))) + f" {_prob(p)}"
+                for t, p in alts
+            )
+            if alts
+            else "not recorded"
+        )
         rows.append([str(k), esc(visible_whitespace(text)), fmt_number(tok.get("entropy"), 3), top])
     return rows
 
@@ -619,7 +693,7 @@ def _md_example(e: _Example) -> list[str]:
     shown = tokens[: e.max_tokens]
     out: list[str] = []
     gated: list[Mapping[str, Any]] = []
-    prev = ""   # last character emitted so far: decides whether ** can open
+    prev = ""  # last character emitted so far: decides whether ** can open
     for tok in shown:
         text = str(tok.get("text", "")).replace("\t", "    ")
         if not _gated(tok, e.tau):
@@ -628,9 +702,9 @@ def _md_example(e: _Example) -> list[str]:
             gated.append(tok)
             core = text.strip()
             if core:
-                lead, trail = text[: len(text) - len(text.lstrip())], text[len(text.rstrip()):]
+                lead, trail = text[: len(text) - len(text.lstrip())], text[len(text.rstrip()) :]
                 core_md = _md(core.replace("\r", "").replace("\n", "↵"))
-            else:   # whitespace-only token: a visible marker, then its newlines as line breaks
+            else:  # whitespace-only token: a visible marker, then its newlines as line breaks
                 lead, trail, core_md = "", text.replace(" ", ""), visible_whitespace(text)
             piece = lead + _md_bold(core_md, (lead or prev)[-1:]) + f"<sup>{len(gated)}</sup>" + trail
         out.append(piece)
@@ -643,8 +717,9 @@ def _md_example(e: _Example) -> list[str]:
     lines.append("")
     if gated:
         rows = _gated_rows(gated, lambda s: f"**{s}**", _md)
-        lines += _md_table(["#", "token", "H (nats)", "base top-5"],
-                           [[r[0], _Raw(r[1]), r[2], _Raw(r[3])] for r in rows], "rlrl")
+        lines += _md_table(
+            ["#", "token", "H (nats)", "base top-5"], [[r[0], _Raw(r[1]), r[2], _Raw(r[3])] for r in rows], "rlrl"
+        )
     else:
         lines.append("_No gated tokens in the part shown._")
     return lines
@@ -702,19 +777,24 @@ def _html_cell(x: Any, cls: str = "") -> str:
     return f"<td{attr}>{inner}</td>"
 
 
-def _html_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str,
-                classes: Sequence[str] | None = None) -> str:
+def _html_table(
+    header: Sequence[str], rows: Sequence[Sequence[Any]], align: str, classes: Sequence[str] | None = None
+) -> str:
     cls = list(classes) if classes else ["r" if a == "r" else "" for a in align]
     head = "".join(f"<th>{_h(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(_html_cell(c, cls[i] if i < len(cls) else "") for i, c in enumerate(r))
-                   + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(_html_cell(c, cls[i] if i < len(cls) else "") for i, c in enumerate(r)) + "</tr>" for r in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _tooltip(k: int, tok: Mapping[str, Any], tau: float | None) -> str:
     h = _num(tok.get("entropy"))
-    lines = [f"#{k}  H = {h:.3f} nats" + (f" (tau {tau:.3g})" if tau is not None else "") if h is not None
-             else f"#{k}  H not recorded"]
+    lines = [
+        f"#{k}  H = {h:.3f} nats" + (f" (tau {tau:.3g})" if tau is not None else "")
+        if h is not None
+        else f"#{k}  H not recorded"
+    ]
     alts = _top5(tok)
     if alts:
         lines.append("base top-5:")
@@ -740,27 +820,39 @@ def _html_example(e: _Example) -> str:
         frac = 0.5 if h is None or hi <= lo else min(max((h - lo) / (hi - lo), 0.0), 1.0)
         style = f"background:rgba(255,{int(200 - 110 * frac)},0,{0.25 + 0.6 * frac:.2f})"
         shown_text = _h(text, quote=False) if text.strip() else _h(visible_whitespace(text), quote=False)
-        out.append(f'<span class="g" style="{style}" title="{_h(_tooltip(len(gated), tok, e.tau))}">'
-                   f'{shown_text}</span><sup class="k">{len(gated)}</sup>')
+        out.append(
+            f'<span class="g" style="{style}" title="{_h(_tooltip(len(gated), tok, e.tau))}">'
+            f'{shown_text}</span><sup class="k">{len(gated)}</sup>'
+        )
         if not text.strip():
-            out.append(_h(text.replace(" ", ""), quote=False))   # keep the token's newlines as line breaks
-    more = (f'<p class="note">… {len(tokens) - len(shown)} more tokens not shown.</p>'
-            if len(tokens) > len(shown) else "")
+            out.append(_h(text.replace(" ", ""), quote=False))  # keep the token's newlines as line breaks
+    more = (
+        f'<p class="note">… {len(tokens) - len(shown)} more tokens not shown.</p>' if len(tokens) > len(shown) else ""
+    )
     if gated:
         rows = _gated_rows(gated, lambda s: f"<b>{s}</b>", lambda s: _h(s, quote=False))
-        table = _html_table(["#", "token", "H (nats)", "base top-5"],
-                            [[r[0], _Raw(r[1]), r[2], _Raw(r[3])] for r in rows], "rlrl",
-                            classes=["r", "tok", "r", "alts"])
+        table = _html_table(
+            ["#", "token", "H (nats)", "base top-5"],
+            [[r[0], _Raw(r[1]), r[2], _Raw(r[3])] for r in rows],
+            "rlrl",
+            classes=["r", "tok", "r", "alts"],
+        )
     else:
         table = '<p class="note">No gated tokens in the part shown.</p>'
-    return (f'<div class="example"><h3>{_h(_example_header(e, tokens, len(gated)))}</h3>'
-            f'<pre class="rollout">{"".join(out)}</pre>{more}{table}</div>')
+    return (
+        f'<div class="example"><h3>{_h(_example_header(e, tokens, len(gated)))}</h3>'
+        f'<pre class="rollout">{"".join(out)}</pre>{more}{table}</div>'
+    )
 
 
 def _render_html(title: str, blocks: Sequence[Block], version: str) -> str:
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             '<meta name="viewport" content="width=device-width, initial-scale=1">',
-             f"<title>{_h(title)}</title><style>{BASE_CSS}</style></head><body>", f"<h1>{_h(title)}</h1>"]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_h(title)}</title><style>{BASE_CSS}</style></head><body>",
+        f"<h1>{_h(title)}</h1>",
+    ]
     for b in blocks:
         kind = b[0]
         if kind == "h2":
@@ -776,6 +868,8 @@ def _render_html(title: str, blocks: Sequence[Block], version: str) -> str:
             parts.append(f'<p><img alt="{_h(b[1].alt)}" src="data:image/png;base64,{data}"></p>')
         elif kind == "example":
             parts.append(_html_example(b[1]))
-    parts.append(f"<footer>Generated by reasonmaxxer {_h(version)}. Self-contained: no scripts, "
-                 f"no external resources.</footer></body></html>")
+    parts.append(
+        f"<footer>Generated by reasonmaxxer {_h(version)}. Self-contained: no scripts, "
+        f"no external resources.</footer></body></html>"
+    )
     return "\n".join(parts) + "\n"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
 import torch
+
 from ..io import atomic_dir, atomic_write_json
 
 
@@ -83,5 +85,6 @@ def export_model(model, tokenizer, out: Path, base_spec: str, full: bool, *, tra
     def save_merged(d):
         merged.save_pretrained(d, **({} if trained_state is None else {"state_dict": trained_state}))
         tokenizer.save_pretrained(d)
+
     write("merged", save_merged)
     return {"adapter": paths.get("adapter"), "merged": paths["merged"]}

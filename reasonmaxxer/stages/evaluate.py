@@ -30,29 +30,28 @@ a note), so every reported pass@k / maj@k is over the same set of problems.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Sequence
-from ..data.problems import Problem
-from ..errors import ReasonMaxxerError
-from ..data.prompts import render_prompt
-from ..backends.hf import HFSampler, Request, SamplingConfig
-from ..store import RolloutStore
 import json
 import operator
 import os
 import re
 import tempfile
 from collections import Counter
-from typing import Iterable, Mapping
-from ..core.stats import mean_ci95
-from ..core.stats import pass_at_k
-from ..core.stats import wilson_ci95
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..backends.hf import HFSampler, Request, SamplingConfig
+from ..core.stats import mean_ci95, pass_at_k, wilson_ci95
+from ..data.problems import Problem
+from ..data.prompts import render_prompt
+from ..errors import ReasonMaxxerError
+from ..store import RolloutStore
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    n: int = 4                       # samples per problem for avg@n (0 = greedy only)
+    n: int = 4  # samples per problem for avg@n (0 = greedy only)
     temperature: float = 0.7
     greedy: bool = True
     max_new_tokens: int = 256
@@ -60,20 +59,31 @@ class EvalConfig:
     seed: int = 1234
 
 
-def evaluate_stores(sampled: RolloutStore | None, greedy: RolloutStore | None, problems: Sequence[Problem],
-                    *, ks=(1, 4, 8, 16), label: str = ""):
+def evaluate_stores(
+    sampled: RolloutStore | None,
+    greedy: RolloutStore | None,
+    problems: Sequence[Problem],
+    *,
+    ks=(1, 4, 8, 16),
+    label: str = "",
+):
     """An `evaluate.EvalReport` over a sampled store and/or a greedy store."""
 
-    cols = ["problem_id", "sample_index", "strict_correct", "lenient_correct", "strict_extracted",
-            "lenient_extracted", "truncated"]
+    cols = [
+        "problem_id",
+        "sample_index",
+        "strict_correct",
+        "lenient_correct",
+        "strict_extracted",
+        "lenient_extracted",
+        "truncated",
+    ]
     meta = {p.id: p.metadata for p in problems}
     rows = sampled.read_rows(cols) if sampled else None
     grows = greedy.read_rows(cols) if greedy else None
     if rows is None:
         rows = grows  # greedy-only evaluation: the greedy completions are the samples
     return evaluate(rows, meta, ks=ks, greedy_rows=grows, label=label)
-
-
 
 
 MODES = ("strict", "lenient")
@@ -86,8 +96,13 @@ MISSING_GROUP = "(missing)"
 
 
 ROW_FIELDS = (
-    "problem_id", "sample_index", "strict_correct", "lenient_correct",
-    "strict_extracted", "lenient_extracted", "truncated",
+    "problem_id",
+    "sample_index",
+    "strict_correct",
+    "lenient_correct",
+    "strict_extracted",
+    "lenient_extracted",
+    "truncated",
 )
 
 
@@ -136,7 +151,9 @@ def maj_at_k(answers: Sequence[str | None], correct: Sequence[bool], k: int) -> 
     """
     k = operator.index(k)
     if len(answers) != len(correct):
-        raise ReasonMaxxerError(f"maj_at_k: {len(answers)} answers but {len(correct)} grades; pass one grade per answer")
+        raise ReasonMaxxerError(
+            f"maj_at_k: {len(answers)} answers but {len(correct)} grades; pass one grade per answer"
+        )
     if not 1 <= k <= len(answers):
         raise ReasonMaxxerError(f"maj_at_k: need 1 <= k <= number of answers ({len(answers)}), got k={k}")
     first: dict[str, int] = {}
@@ -218,6 +235,7 @@ class EvalReport:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EvalReport:
         """Inverse of :meth:`to_dict`."""
+
         def est(x):
             return None if x is None else Estimate(float(x["value"]), float(x["low"]), float(x["high"]), int(x["n"]))
 
@@ -232,15 +250,22 @@ class EvalReport:
 
         try:
             return cls(
-                label=str(d["label"]), n_problems=int(d["n_problems"]), n_samples=int(d["n_samples"]),
-                min_samples=int(d["min_samples"]), max_samples=int(d["max_samples"]),
-                ks=tuple(int(k) for k in d["ks"]), strict=mode(d["strict"]), lenient=mode(d["lenient"]),
+                label=str(d["label"]),
+                n_problems=int(d["n_problems"]),
+                n_samples=int(d["n_samples"]),
+                min_samples=int(d["min_samples"]),
+                max_samples=int(d["max_samples"]),
+                ks=tuple(int(k) for k in d["ks"]),
+                strict=mode(d["strict"]),
+                lenient=mode(d["lenient"]),
                 truncation_rate=float(d["truncation_rate"]),
                 breakdown={key: tuple(GroupMetrics(**g) for g in groups) for key, groups in d["breakdown"].items()},
                 notes=tuple(d["notes"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ReasonMaxxerError(f"not an evaluation report ({type(e).__name__}: {e}); regenerate it with evaluate()") from e
+            raise ReasonMaxxerError(
+                f"not an evaluation report ({type(e).__name__}: {e}); regenerate it with evaluate()"
+            ) from e
 
 
 def _check_rows(rows: Iterable[Mapping[str, Any]], fields: Sequence[str], what: str) -> list[Mapping[str, Any]]:
@@ -250,7 +275,9 @@ def _check_rows(rows: Iterable[Mapping[str, Any]], fields: Sequence[str], what: 
         if missing:
             raise ReasonMaxxerError(f"{what} row {i}: missing field(s) {', '.join(missing)}")
         if not isinstance(row["problem_id"], str):
-            raise ReasonMaxxerError(f"{what} row {i}: problem_id must be a string, got {type(row['problem_id']).__name__}")
+            raise ReasonMaxxerError(
+                f"{what} row {i}: problem_id must be a string, got {type(row['problem_id']).__name__}"
+            )
     return out
 
 
@@ -311,12 +338,16 @@ def evaluate(
         ids = [g["problem_id"] for g in greedy]
         if len(set(ids)) != len(ids):
             dup = next(p for p, c in Counter(ids).items() if c > 1)
-            raise ReasonMaxxerError(f"greedy rows: problem {dup!r} appears more than once; pass one greedy row per problem")
+            raise ReasonMaxxerError(
+                f"greedy rows: problem {dup!r} appears more than once; pass one greedy row per problem"
+            )
         if not greedy:
             raise ReasonMaxxerError("greedy_rows is empty; pass None to skip greedy accuracy")
         if set(ids) != set(problems):
-            notes.append(f"greedy rows cover {len(set(ids) & set(problems))} of {len(problems)} sampled problems "
-                         f"(+{len(set(ids) - set(problems))} not sampled)")
+            notes.append(
+                f"greedy rows cover {len(set(ids) & set(problems))} of {len(problems)} sampled problems "
+                f"(+{len(set(ids) - set(problems))} not sampled)"
+            )
 
     accuracy: dict[str, dict[str, float]] = {}  # mode -> problem_id -> avg@n
     modes = {}
@@ -353,7 +384,9 @@ def evaluate(
             groups.setdefault((meta.get(pid) or {}).get(key, MISSING_GROUP), []).append(pid)
         breakdown[key] = tuple(
             GroupMetrics(
-                value=str(v), n_problems=len(pids), n_samples=sum(len(problems[p]) for p in pids),
+                value=str(v),
+                n_problems=len(pids),
+                n_samples=sum(len(problems[p]) for p in pids),
                 strict_avg_at_n=sum(accuracy["strict"][p] for p in pids) / len(pids),
                 lenient_avg_at_n=sum(accuracy["lenient"][p] for p in pids) / len(pids),
             )
@@ -361,10 +394,17 @@ def evaluate(
         )
 
     return EvalReport(
-        label=label, n_problems=len(problems), n_samples=len(rows), min_samples=n_min, max_samples=n_max,
-        ks=tuple(used_ks), strict=modes["strict"], lenient=modes["lenient"],
+        label=label,
+        n_problems=len(problems),
+        n_samples=len(rows),
+        min_samples=n_min,
+        max_samples=n_max,
+        ks=tuple(used_ks),
+        strict=modes["strict"],
+        lenient=modes["lenient"],
         truncation_rate=sum(bool(r["truncated"]) for r in rows) / len(rows),
-        breakdown=breakdown, notes=tuple(notes),
+        breakdown=breakdown,
+        notes=tuple(notes),
     )
 
 
@@ -375,7 +415,11 @@ def _fmt(e: Estimate | None) -> str:
 def to_markdown(report: EvalReport) -> str:
     """Compact markdown: a metrics table (strict | lenient), then one table per breakdown key."""
     s, l = report.strict, report.lenient
-    spp = str(report.min_samples) if report.min_samples == report.max_samples else f"{report.min_samples}-{report.max_samples}"
+    spp = (
+        str(report.min_samples)
+        if report.min_samples == report.max_samples
+        else f"{report.min_samples}-{report.max_samples}"
+    )
     out = [
         f"## Evaluation{': ' + report.label if report.label else ''}",
         "",
@@ -425,8 +469,10 @@ def greedy_accuracy_fn(problems, template, tokenizer, max_new_tokens: int, batch
     """validate(model) -> strict greedy accuracy on `problems` (used to pick the checkpoint)."""
     from ..verify import grade_many
 
-    enc = [tuple(tokenizer(render_prompt(template, p.question, tokenizer), add_special_tokens=False)["input_ids"])
-           for p in problems]
+    enc = [
+        tuple(tokenizer(render_prompt(template, p.question, tokenizer), add_special_tokens=False)["input_ids"])
+        for p in problems
+    ]
     cfg = SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
     def validate(model) -> float:
@@ -437,8 +483,21 @@ def greedy_accuracy_fn(problems, template, tokenizer, max_new_tokens: int, batch
     return validate
 
 
-def evaluate_model(model, tokenizer, spec: str, problems, template, ecfg: EvalConfig, out_dir: str | Path, *,
-                   label: str = "", overwrite: bool = False, progress: bool = True, engine=None, sampler=None):
+def evaluate_model(
+    model,
+    tokenizer,
+    spec: str,
+    problems,
+    template,
+    ecfg: EvalConfig,
+    out_dir: str | Path,
+    *,
+    label: str = "",
+    overwrite: bool = False,
+    progress: bool = True,
+    engine=None,
+    sampler=None,
+):
     """Held-out evaluation of one model: `ecfg.n` samples and/or one greedy completion per problem.
 
     Writes ``out_dir/samples``, ``out_dir/greedy`` (rollout stores; a re-run with the same
@@ -450,12 +509,18 @@ def evaluate_model(model, tokenizer, spec: str, problems, template, ecfg: EvalCo
     from .sample import sample_stage
 
     d = Path(out_dir)
-    scfg = SamplingConfig(n=max(ecfg.n, 1), temperature=ecfg.temperature, max_new_tokens=ecfg.max_new_tokens,
-                          batch_size=ecfg.batch_size, seed=ecfg.seed)
+    scfg = SamplingConfig(
+        n=max(ecfg.n, 1),
+        temperature=ecfg.temperature,
+        max_new_tokens=ecfg.max_new_tokens,
+        batch_size=ecfg.batch_size,
+        seed=ecfg.seed,
+    )
     kw = dict(model=model, tokenizer=tokenizer, overwrite=overwrite, progress=progress, engine=engine, sampler=sampler)
     s_store = sample_stage(d / "samples", spec, problems, template, scfg, **kw) if ecfg.n > 0 else None
     g_store = sample_stage(d / "greedy", spec, problems, template, scfg, greedy=True, **kw) if ecfg.greedy else None
-    rep = evaluate_stores(s_store, g_store, problems, ks=tuple(k for k in (1, 2, 4, 8) if k <= max(ecfg.n, 1)),
-                          label=label or spec)
+    rep = evaluate_stores(
+        s_store, g_store, problems, ks=tuple(k for k in (1, 2, 4, 8) if k <= max(ecfg.n, 1)), label=label or spec
+    )
     save_report(rep, d / "eval.json", d / "eval.md")
     return rep, (s_store, g_store)

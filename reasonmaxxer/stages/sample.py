@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
-from ..data.problems import Problem, problems_hash
+from typing import Any
+
 from ..backends.engines import EngineConfig, MapStats, Progress, map_shards
-from ..errors import ReasonMaxxerError
-from ..data.prompts import PromptTemplate, render_prompt, template_fingerprint
 from ..backends.hf import Completion, HFSampler, Request, SamplingConfig
+from ..data.problems import Problem, problems_hash
+from ..data.prompts import PromptTemplate, render_prompt, template_fingerprint
+from ..errors import ReasonMaxxerError
 from ..store import RolloutStore
 
 
@@ -18,9 +20,14 @@ def _grade_rows(rows: list[dict], workers: int | None) -> None:
 
     grades = grade_many([r["gold"] for r in rows], [r["completion"] for r in rows], workers=workers)
     for r, g in zip(rows, grades):
-        r.update(reward=1.0 if g.strict.correct else 0.0, strict_correct=g.strict.correct,
-                 strict_extracted=g.strict.extracted, lenient_correct=g.lenient.correct,
-                 lenient_extracted=g.lenient.extracted, grade_reason=g.strict.reason)
+        r.update(
+            reward=1.0 if g.strict.correct else 0.0,
+            strict_correct=g.strict.correct,
+            strict_extracted=g.strict.extracted,
+            lenient_correct=g.lenient.correct,
+            lenient_extracted=g.lenient.extracted,
+            grade_reason=g.strict.reason,
+        )
 
 
 @dataclass
@@ -32,7 +39,7 @@ class SampleTask:
     template: PromptTemplate
     cfg: SamplingConfig
     greedy: bool = False
-    sampler: Any = field(default=None, repr=False)   # another backend (vLLM), in-process only: not picklable
+    sampler: Any = field(default=None, repr=False)  # another backend (vLLM), in-process only: not picklable
 
     def setup(self, model=None, tokenizer=None) -> None:
         if self.sampler is not None:
@@ -63,23 +70,46 @@ def check_backend(backend: str | None, engine: EngineConfig | str | None) -> Non
     own in this process (it parallelises with tensor_parallel_size / data_parallel_size)."""
     name = getattr(engine, "engine", engine) or "local"
     if (backend or "hf") != "hf" and name == "ray":
-        raise ReasonMaxxerError(f"--engine ray does not apply to --backend {backend}: vLLM runs its own engines "
-                                "(--tensor-parallel-size, --data-parallel-size); use --engine local")
+        raise ReasonMaxxerError(
+            f"--engine ray does not apply to --backend {backend}: vLLM runs its own engines "
+            "(--tensor-parallel-size, --data-parallel-size); use --engine local"
+        )
 
 
 def record_engine(store: RolloutStore, stats: MapStats, **fields) -> None:
     """Note in the manifest which engine ran and how many workers (outside the config hash)."""
     runs = store.manifest().get("engine_runs", [])
-    runs.append({"engine": stats.engine, "workers": stats.workers, "shards": stats.shards, "retries": stats.retries,
-                 "seconds": stats.seconds})
-    store.update_manifest(**{"complete": True, **fields, "engine": stats.engine, "workers": stats.workers,
-                             "engine_runs": runs})
+    runs.append(
+        {
+            "engine": stats.engine,
+            "workers": stats.workers,
+            "shards": stats.shards,
+            "retries": stats.retries,
+            "seconds": stats.seconds,
+        }
+    )
+    store.update_manifest(
+        **{"complete": True, **fields, "engine": stats.engine, "workers": stats.workers, "engine_runs": runs}
+    )
 
 
-def sample_stage(out: str | Path, model_spec: str, problems: Sequence[Problem], template: PromptTemplate,
-                 cfg: SamplingConfig, *, greedy: bool = False, shard_size: int = 64, overwrite: bool = False,
-                 model=None, tokenizer=None, grade_workers: int | None = None, progress: bool = True,
-                 engine: EngineConfig | None = None, sampler=None) -> RolloutStore:
+def sample_stage(
+    out: str | Path,
+    model_spec: str,
+    problems: Sequence[Problem],
+    template: PromptTemplate,
+    cfg: SamplingConfig,
+    *,
+    greedy: bool = False,
+    shard_size: int = 64,
+    overwrite: bool = False,
+    model=None,
+    tokenizer=None,
+    grade_workers: int | None = None,
+    progress: bool = True,
+    engine: EngineConfig | None = None,
+    sampler=None,
+) -> RolloutStore:
     """Sample `cfg.n` completions per problem (or one greedy completion), grade them, store them.
 
     Resumable: shards already on disk are skipped. `model`/`tokenizer` may be passed to
@@ -98,18 +128,24 @@ def sample_stage(out: str | Path, model_spec: str, problems: Sequence[Problem], 
     if greedy:
         cfg = SamplingConfig(**{**asdict(cfg), "n": 1, "temperature": 0.0})
     store = RolloutStore(out)
-    config = {"stage": "sample", "model": model_fingerprint(model_spec),
-              "template": {"name": template.name, "fingerprint": template_fingerprint(template)},
-              "sampling": asdict(cfg), "greedy": greedy, "data_hash": problems_hash(problems),
-              "n_problems": len(problems), "shard_size": shard_size}
+    config = {
+        "stage": "sample",
+        "model": model_fingerprint(model_spec),
+        "template": {"name": template.name, "fingerprint": template_fingerprint(template)},
+        "sampling": asdict(cfg),
+        "greedy": greedy,
+        "data_hash": problems_hash(problems),
+        "n_problems": len(problems),
+        "shard_size": shard_size,
+    }
     describe = {"model_spec": model_spec, "template_text": template.template}
-    if backend != "hf":   # the HF backend stays implicit, so existing stores keep their hash
+    if backend != "hf":  # the HF backend stays implicit, so existing stores keep their hash
         if sampler.spec != model_spec:
             raise ReasonMaxxerError(f"sample: the {backend} sampler serves {sampler.spec}, not {model_spec}")
         config["backend"] = backend
         describe["backend"] = sampler.describe()
     store.open(config, describe, overwrite=overwrite)
-    shards = [list(problems[i:i + shard_size]) for i in range(0, len(problems), shard_size)]
+    shards = [list(problems[i : i + shard_size]) for i in range(0, len(problems), shard_size)]
     done = store.done_shards()
     todo = {i: shards[i] for i in range(len(shards)) if i not in done}
     if not todo:
@@ -120,18 +156,41 @@ def sample_stage(out: str | Path, model_spec: str, problems: Sequence[Problem], 
         _grade_rows(rows, grade_workers)
         store.write_shard(i, rows)
 
-    stats = map_shards(SampleTask(model_spec, template, cfg, greedy, sampler), todo, engine, write,
-                       total=sum(len(c) for c in todo.values()) * cfg.n, desc=f"sample {Path(out).name}",
-                       progress=progress, model=model, tokenizer=tokenizer)
-    record_engine(store, stats, sample_seconds=stats.seconds, generated_tokens=stats.tokens,
-                  generated_tokens_last_run=stats.tokens)
+    stats = map_shards(
+        SampleTask(model_spec, template, cfg, greedy, sampler),
+        todo,
+        engine,
+        write,
+        total=sum(len(c) for c in todo.values()) * cfg.n,
+        desc=f"sample {Path(out).name}",
+        progress=progress,
+        model=model,
+        tokenizer=tokenizer,
+    )
+    record_engine(
+        store,
+        stats,
+        sample_seconds=stats.seconds,
+        generated_tokens=stats.tokens,
+        generated_tokens_last_run=stats.tokens,
+    )
     return store
 
 
 def _row(c: Completion, prompt: str, prompt_ids, gold: str) -> dict:
-    return {"problem_id": c.key[0], "sample_index": c.key[1], "prompt": prompt, "prompt_ids": list(prompt_ids),
-            "completion": c.text, "token_ids": c.token_ids, "logprobs": c.logprobs, "entropies": c.entropies,
-            "finish_reason": c.finish_reason, "truncated": c.truncated, "gold": gold}
+    return {
+        "problem_id": c.key[0],
+        "sample_index": c.key[1],
+        "prompt": prompt,
+        "prompt_ids": list(prompt_ids),
+        "completion": c.text,
+        "token_ids": c.token_ids,
+        "logprobs": c.logprobs,
+        "entropies": c.entropies,
+        "finish_reason": c.finish_reason,
+        "truncated": c.truncated,
+        "gold": gold,
+    }
 
 
 def regrade_store(store: RolloutStore, grade_workers: int | None = None) -> int:

@@ -30,21 +30,23 @@ probe and raises `ReasonMaxxerError` on a mismatch. Dropout is not disabled here
 
 from __future__ import annotations
 
+import time
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
-from ..backends.engines import EngineConfig, Progress, map_shards
-from ..errors import ReasonMaxxerError
-from ..store import RolloutStore
-import weakref
 from typing import NamedTuple
-import torch
-from torch import Tensor
-import time
+
 import pyarrow as pa
 import pyarrow.parquet as pq
-from ..io import atomic_write_table, config_hash
+import torch
+from torch import Tensor
+
+from ..backends.engines import EngineConfig, Progress, map_shards
 from ..core.entropy import entropy_logprob_inplace
+from ..errors import ReasonMaxxerError
+from ..io import atomic_write_table, config_hash
+from ..store import RolloutStore
 from .sample import record_engine
 
 
@@ -67,28 +69,58 @@ class ScoreTask:
     def run(self, shard: int, rows: Sequence[dict], progress: Progress) -> list[dict]:
 
         scores = score_tokens(rows, self._model, self._tok, batch_size=self.batch_size, on_batch=progress.units)
-        return [{"problem_id": r["problem_id"], "sample_index": r["sample_index"], "entropies": e, "logprobs": lp}
-                for r, (e, lp) in zip(rows, scores)]
+        return [
+            {"problem_id": r["problem_id"], "sample_index": r["sample_index"], "entropies": e, "logprobs": lp}
+            for r, (e, lp) in zip(rows, scores)
+        ]
 
 
 _SCORE_COLUMNS = ("problem_id", "sample_index", "prompt_ids", "token_ids")
 
 
-def score_rows_on(rows: Sequence[dict], model_spec: str, engine: EngineConfig | None, *, batch_size: int = 4,
-                  chunk: int = 256, progress: bool = True, model=None, tokenizer=None) -> list[dict]:
+def score_rows_on(
+    rows: Sequence[dict],
+    model_spec: str,
+    engine: EngineConfig | None,
+    *,
+    batch_size: int = 4,
+    chunk: int = 256,
+    progress: bool = True,
+    model=None,
+    tokenizer=None,
+) -> list[dict]:
     """Score `rows` in chunks of `chunk` rows (a multiple of `batch_size`) on `engine`; returns,
     in row order, {problem_id, sample_index, entropies, logprobs}. Nothing is written."""
     rows = [{k: r[k] for k in _SCORE_COLUMNS} for r in rows]
-    chunks = {k: rows[a:a + chunk] for k, a in enumerate(range(0, len(rows), chunk))}
+    chunks = {k: rows[a : a + chunk] for k, a in enumerate(range(0, len(rows), chunk))}
     got: dict[int, list] = {}
-    map_shards(ScoreTask(model_spec, batch_size), chunks, engine, got.__setitem__, total=len(rows), desc="score",
-               unit="row", progress=progress, model=model, tokenizer=tokenizer)
+    map_shards(
+        ScoreTask(model_spec, batch_size),
+        chunks,
+        engine,
+        got.__setitem__,
+        total=len(rows),
+        desc="score",
+        unit="row",
+        progress=progress,
+        model=model,
+        tokenizer=tokenizer,
+    )
     return [r for k in sorted(got) for r in got[k]]
 
 
-def score_stage(rollouts: RolloutStore, out: str | Path, model_spec: str, *, batch_size: int = 4,
-                overwrite: bool = False, model=None, tokenizer=None, progress: bool = True,
-                engine: EngineConfig | None = None) -> RolloutStore:
+def score_stage(
+    rollouts: RolloutStore,
+    out: str | Path,
+    model_spec: str,
+    *,
+    batch_size: int = 4,
+    overwrite: bool = False,
+    model=None,
+    tokenizer=None,
+    progress: bool = True,
+    engine: EngineConfig | None = None,
+) -> RolloutStore:
     """Teacher-forced scores of every rollout under `model_spec` into a score store at `out`
     (`store.SCORE_SCHEMA`; shard i scores rollout shard i). Resumable like `sample_stage`."""
     import pyarrow.parquet as pq
@@ -98,25 +130,39 @@ def score_stage(rollouts: RolloutStore, out: str | Path, model_spec: str, *, bat
 
     src = rollouts.manifest()
     store = RolloutStore(out, schema=SCORE_SCHEMA)
-    config = {"stage": "score", "rollouts": src.get("config_hash"), "model": model_fingerprint(model_spec),
-              "batch_size": batch_size}
-    store.open(config, {"kind": "scores", "model_spec": model_spec, "rollouts_dir": str(rollouts.root)},
-               overwrite=overwrite)
+    config = {
+        "stage": "score",
+        "rollouts": src.get("config_hash"),
+        "model": model_fingerprint(model_spec),
+        "batch_size": batch_size,
+    }
+    store.open(
+        config, {"kind": "scores", "model_spec": model_spec, "rollouts_dir": str(rollouts.root)}, overwrite=overwrite
+    )
     if not rollouts.done_shards():
         raise ReasonMaxxerError(f"{rollouts.root}: the store has no shards yet")
-    todo = {i: pq.read_table(rollouts.shard_path(i), columns=list(_SCORE_COLUMNS)).to_pylist()
-            for i in sorted(rollouts.done_shards() - store.done_shards())}
-    complete = bool(src.get("complete"))   # scoring a store still being sampled scores what is there
+    todo = {
+        i: pq.read_table(rollouts.shard_path(i), columns=list(_SCORE_COLUMNS)).to_pylist()
+        for i in sorted(rollouts.done_shards() - store.done_shards())
+    }
+    complete = bool(src.get("complete"))  # scoring a store still being sampled scores what is there
     if not todo:
         store.update_manifest(complete=complete)
         return store
-    stats = map_shards(ScoreTask(model_spec, batch_size), todo, engine, store.write_shard,
-                       total=sum(len(r) for r in todo.values()), desc=f"score {Path(out).name}", unit="row",
-                       progress=progress, model=model, tokenizer=tokenizer)
+    stats = map_shards(
+        ScoreTask(model_spec, batch_size),
+        todo,
+        engine,
+        store.write_shard,
+        total=sum(len(r) for r in todo.values()),
+        desc=f"score {Path(out).name}",
+        unit="row",
+        progress=progress,
+        model=model,
+        tokenizer=tokenizer,
+    )
     record_engine(store, stats, score_seconds=stats.seconds, complete=complete)
     return store
-
-
 
 
 class SequenceScores(NamedTuple):
@@ -202,7 +248,7 @@ def _hidden_states(decoder, input_ids, attention_mask, position_ids) -> Tensor:
     return hidden  # [B, T, H]
 
 
-_CHECKED: "weakref.WeakSet" = weakref.WeakSet()
+_CHECKED: weakref.WeakSet = weakref.WeakSet()
 
 
 def _check_head_matches(model, decoder, head, post, input_ids: Tensor) -> None:
@@ -296,8 +342,9 @@ def score_sequences(
     return SequenceScores(entropy, logprob)
 
 
-def score_tokens(rows: Sequence[dict], model, tokenizer, *, batch_size: int = 4,
-                 on_batch=None) -> list[tuple[list[float], list[float]]]:
+def score_tokens(
+    rows: Sequence[dict], model, tokenizer, *, batch_size: int = 4, on_batch=None
+) -> list[tuple[list[float], list[float]]]:
     """Teacher-forced (entropies, logprobs) in nats of each row's completion tokens (`token_ids`
     after `prompt_ids`), `batch_size` rows a forward pass; `on_batch(k)` after each batch."""
 
@@ -330,16 +377,29 @@ def score_rows(rows: list[dict], model, tokenizer, *, batch_size: int = 4, progr
         return [e for e, _ in score_tokens(rows, model, tokenizer, batch_size=batch_size, on_batch=bar.update)]
 
 
-def attach_scores(store: RolloutStore, rows: list[dict], out_path: Path, model_spec: str, model, tokenizer,
-                  *, rescore: bool = False, progress: bool = True, engine=None) -> tuple[list[dict], dict]:
+def attach_scores(
+    store: RolloutStore,
+    rows: list[dict],
+    out_path: Path,
+    model_spec: str,
+    model,
+    tokenizer,
+    *,
+    rescore: bool = False,
+    progress: bool = True,
+    engine=None,
+) -> tuple[list[dict], dict]:
     """Add `base_entropies` to rows (scored or reused, see module docstring); cache in out_path.
     `engine` (`engines.EngineConfig`) scores on Ray workers when it says so (same numbers)."""
     from ..models import model_fingerprint
 
     man = store.manifest()
     conf = man.get("config", {})
-    same = (conf.get("model") == model_fingerprint(model_spec) and conf.get("backend", "hf") == "hf"
-            and all(r.get("entropies") is not None for r in rows))   # vLLM records no entropies
+    same = (
+        conf.get("model") == model_fingerprint(model_spec)
+        and conf.get("backend", "hf") == "hf"
+        and all(r.get("entropies") is not None for r in rows)
+    )  # vLLM records no entropies
     info = {"rows": len(rows), "reused_sampler_entropies": bool(same and not rescore)}
     if same and not rescore:
         for r in rows:
@@ -359,12 +419,12 @@ def attach_scores(store: RolloutStore, rows: list[dict], out_path: Path, model_s
     if engine is None or engine.engine == "local":
         ents = score_rows(rows, model, tokenizer, progress=progress)
     else:
-
         ents = [r["entropies"] for r in score_rows_on(rows, model_spec, engine, progress=progress)]
     for r, e in zip(rows, ents):
         r["base_entropies"] = e
-    table = pa.table({"problem_id": [k[0] for k in keys], "sample_index": [k[1] for k in keys],
-                      "base_entropies": ents}).replace_schema_metadata({"config_hash": h})
+    table = pa.table(
+        {"problem_id": [k[0] for k in keys], "sample_index": [k[1] for k in keys], "base_entropies": ents}
+    ).replace_schema_metadata({"config_hash": h})
     atomic_write_table(out_path, table)
     info["score_seconds"] = round(time.time() - t0, 2)
     return rows, info

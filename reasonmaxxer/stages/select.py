@@ -40,11 +40,12 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Sequence
-from ..errors import ReasonMaxxerError
+from typing import Any
 
+from ..errors import ReasonMaxxerError
 
 __all__ = [
     "SelectionConfig",
@@ -67,7 +68,9 @@ ORDERS = ("shuffle", "clarity", "none")
 REQUIRED_KEYS = ("problem_id", "sample_index", "token_ids", "truncated", "reward")
 
 
-_ADVICE = "sample more completions per problem (--n), raise the temperature, or use problems closer to the model's level"
+_ADVICE = (
+    "sample more completions per problem (--n), raise the temperature, or use problems closer to the model's level"
+)
 
 
 @dataclass(frozen=True)
@@ -93,12 +96,20 @@ class SelectionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.max_problems is not None and (isinstance(self.max_problems, bool) or not isinstance(self.max_problems, int) or self.max_problems < 1):
-            raise ReasonMaxxerError(f"SelectionConfig.max_problems must be a positive integer or None, got {self.max_problems!r}")
+        if self.max_problems is not None and (
+            isinstance(self.max_problems, bool) or not isinstance(self.max_problems, int) or self.max_problems < 1
+        ):
+            raise ReasonMaxxerError(
+                f"SelectionConfig.max_problems must be a positive integer or None, got {self.max_problems!r}"
+            )
         if not (isinstance(self.keep_shortest, (int, float)) and 0.0 < float(self.keep_shortest) <= 1.0):
-            raise ReasonMaxxerError(f"SelectionConfig.keep_shortest must be in (0, 1] (official recipe 0.8), got {self.keep_shortest!r}")
+            raise ReasonMaxxerError(
+                f"SelectionConfig.keep_shortest must be in (0, 1] (official recipe 0.8), got {self.keep_shortest!r}"
+            )
         if self.truncated not in TRUNCATION_POLICIES:
-            raise ReasonMaxxerError(f"SelectionConfig.truncated must be one of {', '.join(TRUNCATION_POLICIES)}, got {self.truncated!r}")
+            raise ReasonMaxxerError(
+                f"SelectionConfig.truncated must be one of {', '.join(TRUNCATION_POLICIES)}, got {self.truncated!r}"
+            )
         if self.order not in ORDERS:
             raise ReasonMaxxerError(f"SelectionConfig.order must be one of {', '.join(ORDERS)}, got {self.order!r}")
 
@@ -147,7 +158,9 @@ def _validate(rows: Sequence[dict], extra_keys: Sequence[str] = ()) -> None:
             if key not in row or row[key] is None:
                 raise ReasonMaxxerError(f"rollout row {i}: missing key {key!r} (is this a graded rollout store?)")
         if not isinstance(row["problem_id"], str):
-            raise ReasonMaxxerError(f"rollout row {i}: 'problem_id' must be a str, got {type(row['problem_id']).__name__}")
+            raise ReasonMaxxerError(
+                f"rollout row {i}: 'problem_id' must be a str, got {type(row['problem_id']).__name__}"
+            )
         si = row["sample_index"]
         if isinstance(si, bool) or not isinstance(si, int):
             raise ReasonMaxxerError(f"rollout row {i}: 'sample_index' must be an int, got {si!r}")
@@ -157,10 +170,14 @@ def _validate(rows: Sequence[dict], extra_keys: Sequence[str] = ()) -> None:
         try:
             len(row["token_ids"])
         except TypeError:
-            raise ReasonMaxxerError(f"rollout row {i}: 'token_ids' must be a list of token ids, got {type(row['token_ids']).__name__}") from None
+            raise ReasonMaxxerError(
+                f"rollout row {i}: 'token_ids' must be a list of token ids, got {type(row['token_ids']).__name__}"
+            ) from None
         key = (row["problem_id"], si)
         if key in seen:
-            raise ReasonMaxxerError(f"rollout row {i}: duplicate (problem_id={key[0]!r}, sample_index={key[1]}), same as row {seen[key]}; was a shard written twice?")
+            raise ReasonMaxxerError(
+                f"rollout row {i}: duplicate (problem_id={key[0]!r}, sample_index={key[1]}), same as row {seen[key]}; was a shard written twice?"
+            )
         seen[key] = i
 
 
@@ -268,8 +285,10 @@ def _advantages(rewards: list[float], groups: list[int]) -> list[float]:
 
 def _empty_selection_error(problems: list[ProblemStats], counts: dict[str, int], why: str) -> ReasonMaxxerError:
     hist = pass_rate_histogram(problems)
-    msg = (f"no problem {why}: {counts['all_wrong']} all-wrong, {counts['mixed']} mixed, "
-           f"{counts['all_correct']} all-correct of {counts['total']} problems")
+    msg = (
+        f"no problem {why}: {counts['all_wrong']} all-wrong, {counts['mixed']} mixed, "
+        f"{counts['all_correct']} all-correct of {counts['total']} problems"
+    )
     if counts.get("empty"):
         msg += f" ({counts['empty']} had only truncated rollouts: raise --max-new-tokens or use truncated='mask')"
     msg += f"; {_ADVICE}"
@@ -303,14 +322,18 @@ def select(rows: Sequence[dict], cfg: SelectionConfig = SelectionConfig(), *, ta
             raise ReasonMaxxerError(f"select: tau must be a finite number of nats, got {tau!r}")
     _validate(rows)
     if not rows:
-        raise ReasonMaxxerError("select: got no rollout rows; run the sample stage first (or check the rollout store path)")
+        raise ReasonMaxxerError(
+            "select: got no rollout rows; run the sample stage first (or check the rollout store path)"
+        )
 
     index_of = {(r["problem_id"], r["sample_index"]): i for i, r in enumerate(rows)}  # for error messages
     ordered = sorted(rows, key=lambda r: (r["problem_id"], r["sample_index"]))
     sampled = [r for r in ordered if r["sample_index"] >= 0]
     n_greedy = len(ordered) - len(sampled)
     if not sampled:
-        raise ReasonMaxxerError(f"select: all {n_greedy} rows are greedy completions (sample_index -1); sample with --n >= 2 instead of --greedy")
+        raise ReasonMaxxerError(
+            f"select: all {n_greedy} rows are greedy completions (sample_index -1); sample with --n >= 2 instead of --greedy"
+        )
 
     # 1. truncation policy (rows copied here; the input is never mutated)
     truncated_by_pid: dict[str, int] = {}
@@ -362,11 +385,14 @@ def select(rows: Sequence[dict], cfg: SelectionConfig = SelectionConfig(), *, ta
     left = _group_by_problem(selected)
     final = [s for s in ranked if s.problem_id in left and len({_is_correct(r) for r in left[s.problem_id]}) == 2]
     final_ids = {s.problem_id for s in final}
-    n_dropped_unmixed = sum(len(left[s.problem_id]) for s in ranked if s.problem_id in left and s.problem_id not in final_ids)
+    n_dropped_unmixed = sum(
+        len(left[s.problem_id]) for s in ranked if s.problem_id in left and s.problem_id not in final_ids
+    )
     if not final:
         raise ReasonMaxxerError(
             f"select: keep_shortest={cfg.keep_shortest} left no problem with mixed success "
-            f"(of {len(ranked)} selected); raise keep_shortest (1.0 keeps every rollout)")
+            f"(of {len(ranked)} selected); raise keep_shortest (1.0 keeps every rollout)"
+        )
 
     # 5. advantages on what remains
     out: list[dict] = []
@@ -386,9 +412,13 @@ def select(rows: Sequence[dict], cfg: SelectionConfig = SelectionConfig(), *, ta
             ent = r.get("base_entropies")
             where = f"rollout row {index_of[(r['problem_id'], r['sample_index'])]} (problem_id={r['problem_id']!r}, sample_index={r['sample_index']})"
             if ent is None:
-                raise ReasonMaxxerError(f"{where}: missing key 'base_entropies', needed by order='clarity'; run the score stage first or use order='shuffle'")
+                raise ReasonMaxxerError(
+                    f"{where}: missing key 'base_entropies', needed by order='clarity'; run the score stage first or use order='shuffle'"
+                )
             if len(ent) != len(r["token_ids"]):
-                raise ReasonMaxxerError(f"{where}: {len(ent)} base_entropies for {len(r['token_ids'])} completion tokens; re-run the score stage")
+                raise ReasonMaxxerError(
+                    f"{where}: {len(ent)} base_entropies for {len(r['token_ids'])} completion tokens; re-run the score stage"
+                )
             r["clarity"] = signal_clarity(r["advantage"], ent, float(tau))
         out.sort(key=lambda r: (-r["clarity"], r["group"], r["sample_index"]))
 

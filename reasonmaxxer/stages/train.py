@@ -29,48 +29,53 @@ files above. See `distributed` for how, and what is tested.
 """
 
 from __future__ import annotations
-from .checkpoint import latest_checkpoint, load_trainable_state, save_checkpoint
 
 import json
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Sequence
-import torch
-from ..errors import ReasonMaxxerError
-from ..io import atomic_write_json
 import math
 import random
 import shutil
-from typing import Callable
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
 from ..backends.distributed import Dist
+from ..core.entropy import token_logprobs
 from ..core.gating import check_gate_nonempty, entropy_gate, gated_fraction, random_gate_like, tau_for_fraction
 from ..core.losses import anchor_kl, loss_masks, reasonmaxxer_loss
-from ..core.entropy import token_logprobs
-from ..io import atomic_write_bytes, package_versions
-from .checkpoint import export_model
+from ..errors import ReasonMaxxerError
+from ..io import atomic_write_bytes, atomic_write_json, package_versions
+from .checkpoint import export_model, latest_checkpoint, load_trainable_state, save_checkpoint
 
 
 def examples_from_selection(rows: Sequence[dict], truncated_policy: str) -> list[TrainExample]:
-    return [TrainExample(prompt_ids=tuple(r["prompt_ids"]), completion_ids=tuple(r["token_ids"]),
-                         entropies=tuple(r["base_entropies"]), advantage=float(r["advantage"]),
-                         correct=bool(r["strict_correct"]),
-                         mask_decision=bool(truncated_policy == "mask" and r["truncated"]),
-                         key=(r["problem_id"], r["sample_index"]))
-            for r in rows]
+    return [
+        TrainExample(
+            prompt_ids=tuple(r["prompt_ids"]),
+            completion_ids=tuple(r["token_ids"]),
+            entropies=tuple(r["base_entropies"]),
+            advantage=float(r["advantage"]),
+            correct=bool(r["strict_correct"]),
+            mask_decision=bool(truncated_policy == "mask" and r["truncated"]),
+            key=(r["problem_id"], r["sample_index"]),
+        )
+        for r in rows
+    ]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a training run (defaults: the paper's recipe, method.md s.3)."""
 
-    variant: str = "reasonmaxxer"      # loss variant: reasonmaxxer | positive_only | no_anchor | all_tokens | rft
-    gate: str = "entropy"              # entropy | random (same gated count as the entropy gate, random positions)
-    tau: float | None = None           # nats; None -> tau_fraction
-    tau_fraction: float = 0.05         # if tau is None: gate this fraction of completion tokens (quantile)
-    tau_correct: float | None = None   # optional separate thresholds (nats)
+    variant: str = "reasonmaxxer"  # loss variant: reasonmaxxer | positive_only | no_anchor | all_tokens | rft
+    gate: str = "entropy"  # entropy | random (same gated count as the entropy gate, random positions)
+    tau: float | None = None  # nats; None -> tau_fraction
+    tau_fraction: float = 0.05  # if tau is None: gate this fraction of completion tokens (quantile)
+    tau_correct: float | None = None  # optional separate thresholds (nats)
     tau_incorrect: float | None = None
-    lam: float = 0.2                   # anchor weight
+    lam: float = 0.2  # anchor weight
     lora_rank: int = 32
     lora_alpha: int = 64
     lora_dropout: float = 0.0
@@ -86,9 +91,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     checkpoint_every: int = 10
-    eval_every: int = 0                # 0: evaluate only at checkpoints (if a validation fn is given)
-    share_prefix: bool = True          # encode the prompt prefix shared by a micro-batch once (exact; faster)
-    skip_ungated: bool = True          # drop rollouts with no gated token: they would train the anchor only
+    eval_every: int = 0  # 0: evaluate only at checkpoints (if a validation fn is given)
+    share_prefix: bool = True  # encode the prompt prefix shared by a micro-batch once (exact; faster)
+    skip_ungated: bool = True  # drop rollouts with no gated token: they would train the anchor only
 
     def __post_init__(self):
         if self.gate not in ("entropy", "random"):
@@ -105,10 +110,10 @@ class TrainExample:
 
     prompt_ids: tuple[int, ...]
     completion_ids: tuple[int, ...]
-    entropies: tuple[float, ...]       # base entropy per completion token, nats
+    entropies: tuple[float, ...]  # base entropy per completion token, nats
     advantage: float
     correct: bool
-    mask_decision: bool = False        # e.g. truncated rollouts under truncated="mask"
+    mask_decision: bool = False  # e.g. truncated rollouts under truncated="mask"
     key: tuple = ()
 
 
@@ -209,10 +214,18 @@ def attach_adapter(model, cfg: TrainConfig):
     names = {n.split(".")[-1] for n, _ in model.named_modules()}
     missing = [t for t in cfg.target_modules if t not in names]
     if missing:
-        raise ReasonMaxxerError(f"train: LoRA target modules {missing} not found in the model (it has e.g. "
-                                f"{sorted(n for n in names if n.endswith('proj'))[:8]})")
-    lc = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                    target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+        raise ReasonMaxxerError(
+            f"train: LoRA target modules {missing} not found in the model (it has e.g. "
+            f"{sorted(n for n in names if n.endswith('proj'))[:8]})"
+        )
+    lc = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     pm = get_peft_model(model, lc)
     pm.train()
     return pm, None
@@ -243,11 +256,11 @@ def shared_prefix_len(ids: torch.Tensor, att: torch.Tensor, completion: torch.Te
     if ids.shape[0] < 2:
         return 0
     lengths = att.sum(1)
-    same = (ids == ids[:1]).all(0) & att.bool().all(0)           # [T]
+    same = (ids == ids[:1]).all(0) & att.bool().all(0)  # [T]
     p = int(same.long().cumprod(0).sum())
     p = min(p, int(lengths.min()) - 1)
     if completion is not None and completion.any():
-        first = torch.where(completion.any(1), completion.float().argmax(1), lengths)   # [B]
+        first = torch.where(completion.any(1), completion.float().argmax(1), lengths)  # [B]
         p = min(p, int(first.min()) - 1)
     return max(0, p)
 
@@ -272,7 +285,9 @@ def split_prefix_logits(model, ids: torch.Tensor, att: torch.Tensor, prefix_len:
         layer.values = layer.values.expand(B, -1, -1, -1)
     mask = torch.cat([torch.ones((B, prefix_len), dtype=att.dtype, device=att.device), att[:, prefix_len:]], 1)
     pos = (prefix_len + torch.arange(T - prefix_len, device=ids.device)).expand(B, -1)
-    rest = model(input_ids=ids[:, prefix_len:], attention_mask=mask, position_ids=pos, use_cache=True, **{kw: cache}).logits
+    rest = model(
+        input_ids=ids[:, prefix_len:], attention_mask=mask, position_ids=pos, use_cache=True, **{kw: cache}
+    ).logits
     return out.logits, rest
 
 
@@ -297,18 +312,25 @@ def micro_batch_loss(model, frozen, ids, att, m, prefix_len: int, dec_denom: flo
         if frozen is not None:
             pre_b, rest_b = split_prefix_logits(frozen, ids, att, P)
         else:
-            with _unwrapped(model).disable_adapter():     # forward through the wrapper (FSDP gathers there)
+            with _unwrapped(model).disable_adapter():  # forward through the wrapper (FSDP gathers there)
                 pre_b, rest_b = split_prefix_logits(model, ids, att, P)
-    logits, base = rest_t[:, :-1], rest_b[:, :-1]                       # predict columns P+1 .. T-1
+    logits, base = rest_t[:, :-1], rest_b[:, :-1]  # predict columns P+1 .. T-1
     loss, stats = reasonmaxxer_loss(
-        token_logprob=token_logprobs(logits, ids[:, P + 1:]), logits_theta=logits, logits_base=base,
-        advantages=m.advantages, gate=m.decision[:, P + 1:], anchor_mask=m.anchor[:, P + 1:], lam=m.lam,
-        dec_denom=dec_denom, anc_denom=anc_denom)
+        token_logprob=token_logprobs(logits, ids[:, P + 1 :]),
+        logits_theta=logits,
+        logits_base=base,
+        advantages=m.advantages,
+        gate=m.decision[:, P + 1 :],
+        anchor_mask=m.anchor[:, P + 1 :],
+        lam=m.lam,
+        dec_denom=dec_denom,
+        anc_denom=anc_denom,
+    )
     if P == 0:
         return loss, stats
     if m.decision[:, 1 : P + 1].any():
         raise ValueError("shared prefix positions cannot be gated (they are prompt tokens)")
-    pre_anchor = m.anchor[:, 1 : P + 1]                                  # [B, P]
+    pre_anchor = m.anchor[:, 1 : P + 1]  # [B, P]
     rows = pre_anchor.all(1)
     if not torch.equal(rows, pre_anchor.any(1)):
         raise ValueError("anchor mask must be uniform over the shared prefix")
@@ -326,10 +348,21 @@ def micro_batch_loss(model, frozen, ids, att, m, prefix_len: int, dec_denom: flo
 LOSS_HINT = ". Lower --lr or check the data"
 
 
-def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Path, model, tokenizer, *,
-          base_spec: str = "", validate: Callable[[object], float] | None = None,
-          shuffle: bool = True, progress: bool = True, export: bool = True, overwrite: bool = False,
-          _stop_after_step: int | None = None) -> dict:
+def train(
+    examples: Sequence[TrainExample],
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    model,
+    tokenizer,
+    *,
+    base_spec: str = "",
+    validate: Callable[[object], float] | None = None,
+    shuffle: bool = True,
+    progress: bool = True,
+    export: bool = True,
+    overwrite: bool = False,
+    _stop_after_step: int | None = None,
+) -> dict:
     """Train on `examples` (already in training order if shuffle=False). Returns result.json's dict.
 
     validate(model) -> held-out accuracy, called at each checkpoint; the final checkpoint is
@@ -349,8 +382,10 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
     if not examples:
         raise ReasonMaxxerError("train: no training examples")
     if validate is not None and dist.sharded:
-        raise ReasonMaxxerError("train: validation during training is not supported under FSDP/DeepSpeed; train "
-                                "without --validation and evaluate the checkpoints afterwards")
+        raise ReasonMaxxerError(
+            "train: validation during training is not supported under FSDP/DeepSpeed; train "
+            "without --validation and evaluate the checkpoints afterwards"
+        )
     tau, tau_source = resolve_tau(examples, cfg)
     gates = example_gates(examples, cfg, tau)
     all_gate = torch.cat(gates)[None]
@@ -362,7 +397,7 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
     if cfg.skip_ungated and cfg.variant not in ("all_tokens", "rft"):
         keep = [i for i, g in enumerate(gates) if bool(g.any())]
         examples, gates = [examples[i] for i in keep], [gates[i] for i in keep]
-    if cfg.variant == "rft":   # SFT on the correct rollouts: the others contribute nothing
+    if cfg.variant == "rft":  # SFT on the correct rollouts: the others contribute nothing
         keep = [i for i, e in enumerate(examples) if e.advantage > 0]
         examples, gates = [examples[i] for i in keep], [gates[i] for i in keep]
 
@@ -371,16 +406,25 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
     total_steps = math.ceil(len(order) / per_step)
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    resolved = {"config": json.loads(json.dumps(asdict(cfg))), "tau": tau, "tau_source": tau_source, "gated_fraction": gfrac,
-                "n_examples": len(examples), "n_selected": n_selected, "total_steps": total_steps, "base": base_spec,
-                "versions": package_versions()}
+    resolved = {
+        "config": json.loads(json.dumps(asdict(cfg))),
+        "tau": tau,
+        "tau_source": tau_source,
+        "gated_fraction": gfrac,
+        "n_examples": len(examples),
+        "n_selected": n_selected,
+        "total_steps": total_steps,
+        "base": base_spec,
+        "versions": package_versions(),
+    }
     cfg_path = out / "train_config.json"
     if cfg_path.is_file():
         old = json.loads(cfg_path.read_text())
         if old.get("config") != resolved["config"] or old.get("n_examples") != len(examples) or old.get("tau") != tau:
             if not overwrite:
-                raise ReasonMaxxerError(f"{out}: holds a training run with a different config; choose another --out "
-                                        "or pass --overwrite")
+                raise ReasonMaxxerError(
+                    f"{out}: holds a training run with a different config; choose another --out or pass --overwrite"
+                )
             if dist.is_main:
                 for name in ("checkpoints", "adapter", "merged"):
                     shutil.rmtree(out / name, ignore_errors=True)
@@ -409,7 +453,9 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
         if st["optim"] is not None and not dist.sharded:
             opt.load_state_dict(st["optim"])
         elif progress and dist.is_main:
-            print("[train] the optimizer state is not restored (FSDP/DeepSpeed checkpoints hold weights only)", flush=True)
+            print(
+                "[train] the optimizer state is not restored (FSDP/DeepSpeed checkpoints hold weights only)", flush=True
+            )
         start, history = st["step"], st["extra"].get("history", [])
         if progress and dist.is_main:
             print(f"[train] resuming from {last.name}", flush=True)
@@ -419,24 +465,36 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
         if frozen is not None:
             frozen.to(dist.device)
     metrics_path = out / "metrics.jsonl"
-    if metrics_path.is_file() and dist.is_main:   # keep metric lines up to the checkpoint we resume from (a torn last line is dropped)
+    if (
+        metrics_path.is_file() and dist.is_main
+    ):  # keep metric lines up to the checkpoint we resume from (a torn last line is dropped)
+
         def _step(line):
             try:
                 return json.loads(line)["step"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 return None
+
         lines = [l for l in metrics_path.read_text().splitlines() if (_step(l) or start + 1) <= start]
         atomic_write_bytes(metrics_path, "".join(l + "\n" for l in lines).encode())
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     dev = dist.device if dist.acc is not None else next(model.parameters()).device
-    bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not (progress and dist.is_main),
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps,
+        initial=start,
+        desc="train",
+        unit="step",
+        disable=not (progress and dist.is_main),
+        dynamic_ncols=True,
+    )
 
     def fail(what: str, detail: str = "", hint: str = ""):
         bar.close()
-        raise ReasonMaxxerError(f"train: non-finite {what} at step {step + 1}{detail}; the step was not applied; "
-                                f"last good checkpoint: {latest_checkpoint(ckdir) or 'none'}{hint}")
+        raise ReasonMaxxerError(
+            f"train: non-finite {what} at step {step + 1}{detail}; the step was not applied; "
+            f"last good checkpoint: {latest_checkpoint(ckdir) or 'none'}{hint}"
+        )
 
     t_run = time.time()
     for step in range(start, total_steps):
@@ -451,7 +509,11 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
             for j, i in enumerate(mb):
                 gate[j, comp[j]] = gates[i]
             batches.append((ids, att, comp))
-            masks.append(loss_masks(cfg.variant, gate=gate, completion_mask=comp, attention_mask=att, advantages=adv, lam=cfg.lam))
+            masks.append(
+                loss_masks(
+                    cfg.variant, gate=gate, completion_mask=comp, attention_mask=att, advantages=adv, lam=cfg.lam
+                )
+            )
         # denominators of the whole step (every process computes them from the step's full example list)
         dec_denom = max(1, sum(int(m.decision.sum()) for m in masks))
         anc_denom = max(1, sum(int(m.anchor.sum()) for m in masks))
@@ -472,13 +534,13 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
                 if weight and not torch.isfinite(loss):
                     if dist.acc is None:
                         fail("loss", f" (decision {stats['decision']}, anchor {stats['anchor']})", LOSS_HINT)
-                    bad = True     # the other processes must finish the step's collectives first
+                    bad = True  # the other processes must finish the step's collectives first
                 dist.backward(loss, weight)
             if weight:
                 for key in agg:
                     agg[key] += stats[key]
                 ntok += int(att.sum())
-        if dist.acc is not None:   # the step's totals over the processes
+        if dist.acc is not None:  # the step's totals over the processes
             tot = dist.sum([*agg.values(), ntok, float(bad)])
             agg = {key: int(v) if key.endswith("_tokens") else v for key, v in zip(agg, tot)}
             ntok = int(tot[-2])
@@ -490,9 +552,16 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
         opt.step()
         dt = time.time() - t0
         comp_tokens = sum(len(examples[i].completion_ids) for i in idx)
-        rec = {"step": step + 1, **{k: round(v, 6) if isinstance(v, float) else v for k, v in agg.items()},
-               "gated_fraction": round(agg["gated_tokens"] / max(1, comp_tokens), 6),
-               "grad_norm": round(float(gn), 6), "lr": lr, "tokens_per_s": round(ntok / dt, 1), "tokens": ntok, "seconds": round(dt, 3)}
+        rec = {
+            "step": step + 1,
+            **{k: round(v, 6) if isinstance(v, float) else v for k, v in agg.items()},
+            "gated_fraction": round(agg["gated_tokens"] / max(1, comp_tokens), 6),
+            "grad_norm": round(float(gn), 6),
+            "lr": lr,
+            "tokens_per_s": round(ntok / dt, 1),
+            "tokens": ntok,
+            "seconds": round(dt, 3),
+        }
         is_ck = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total_steps
         if dist.is_main and validate is not None and (is_ck or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
             inner = dist.unwrap(model)
@@ -503,13 +572,17 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         bar.update(1)
-        bar.set_postfix_str(f"loss {agg['loss']:.3f} gated {rec['gated_fraction']:.1%} {rec['tokens_per_s']:.0f} tok/s", refresh=False)
+        bar.set_postfix_str(
+            f"loss {agg['loss']:.3f} gated {rec['gated_fraction']:.1%} {rec['tokens_per_s']:.0f} tok/s", refresh=False
+        )
         if is_ck:
             history.append({"step": step + 1, "val_accuracy": rec.get("val_accuracy")})
-            if dist.is_main or dist.sharded:   # gathering FSDP/DeepSpeed shards takes every process
+            if dist.is_main or dist.sharded:  # gathering FSDP/DeepSpeed shards takes every process
                 state = dist.trainable_state(model, cfg.full_finetune)
             if dist.is_main:
-                save_checkpoint(ckdir, step + 1, state, None if dist.sharded else opt.state_dict(), {"history": history})
+                save_checkpoint(
+                    ckdir, step + 1, state, None if dist.sharded else opt.state_dict(), {"history": history}
+                )
         if _stop_after_step is not None and step + 1 >= _stop_after_step:
             bar.close()
             return {"stopped_at": step + 1}
@@ -523,12 +596,27 @@ def train(examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | Pat
         inner = dist.unwrap(model)
         if not dist.sharded:
             load_trainable_state(inner, st["model"], cfg.full_finetune)
-        result = {"selected_step": chosen["step"], "selected_val_accuracy": chosen.get("val_accuracy"),
-                  "history": history, "tau": tau, "tau_source": tau_source, "gated_fraction": gfrac,
-                  "train_seconds": round(time.time() - t_run, 1), "total_steps": total_steps}
+        result = {
+            "selected_step": chosen["step"],
+            "selected_val_accuracy": chosen.get("val_accuracy"),
+            "history": history,
+            "tau": tau,
+            "tau_source": tau_source,
+            "gated_fraction": gfrac,
+            "train_seconds": round(time.time() - t_run, 1),
+            "total_steps": total_steps,
+        }
         if export:
-            result.update(export_model(inner, tokenizer, out, base_spec, cfg.full_finetune,
-                                       trained_state=st["model"] if dist.sharded else None))
+            result.update(
+                export_model(
+                    inner,
+                    tokenizer,
+                    out,
+                    base_spec,
+                    cfg.full_finetune,
+                    trained_state=st["model"] if dist.sharded else None,
+                )
+            )
         atomic_write_json(out / "result.json", result)
     dist.barrier()
     return result if dist.is_main else json.loads((out / "result.json").read_text())

@@ -1,24 +1,32 @@
 """Tests for reasonmaxxer.data: every shared benchmark file, gold normalisation, the generic
 file loader, malformed-input errors (``path:line: reason``), the Hub path and spec dispatch."""
-import os
+
 import json
+import os
 import sys
 import types
 from pathlib import Path
 
 import pytest
 
-from reasonmaxxer.data.problems import Problem, last_boxed, load_problem_file, normalise_answer, problems_hash
 from reasonmaxxer.data.benchmarks import BENCHMARKS, default_data_dir, load_benchmark, load_problems
+from reasonmaxxer.data.problems import Problem, last_boxed, load_problem_file, normalise_answer, problems_hash
 from reasonmaxxer.errors import ReasonMaxxerError
 
 # ../shared/data beside the checkout (or $REASONMAXXER_DATA_DIR); tests that need it skip without it
-DATA = Path(os.environ.get("REASONMAXXER_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+DATA = Path(os.environ.get("REASONMAXXER_DATA_DIR") or Path(__file__).resolve().parents[3] / "shared" / "data")
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared benchmark data not present")
 
-COUNTS = [("gsm8k", "train", 7473), ("gsm8k", "test", 1319), ("math500", "test", 500),
-          ("aime24", "test", 30), ("aime25", "test", 30), ("amc23", "test", 40),
-          ("olympiadbench", "test", 675), ("minerva", "test", 272)]
+COUNTS = [
+    ("gsm8k", "train", 7473),
+    ("gsm8k", "test", 1319),
+    ("math500", "test", 500),
+    ("aime24", "test", 30),
+    ("aime25", "test", 30),
+    ("amc23", "test", 40),
+    ("olympiadbench", "test", 675),
+    ("minerva", "test", 272),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -33,6 +41,7 @@ def loaded():
 
 
 # ----------------------------------------------------------------------------- shared data
+
 
 @needs_data
 @pytest.mark.parametrize("name,split,count", COUNTS)
@@ -55,28 +64,28 @@ def test_benchmarks_tuple():
 def test_gsm8k_golds_drop_commas(loaded):
     train, test = loaded[("gsm8k", "train")], loaded[("gsm8k", "test")]
     assert train[0].answer == "72"
-    assert train[345].answer == "1080"            # "#### 1,080"
-    assert test[146].answer == "2125"             # "#### 2,125"
+    assert train[345].answer == "1080"  # "#### 1,080"
+    assert test[146].answer == "2125"  # "#### 2,125"
     assert test[0].answer == "18"
     assert test[0].question.startswith("Janet’s ducks lay 16 eggs per day.")
     assert all(p.answer.lstrip("-").isdigit() for p in train + test)
-    assert train[5715].answer == "-7"             # GSM8K has a few negative answers
+    assert train[5715].answer == "-7"  # GSM8K has a few negative answers
 
 
 @needs_data
 def test_aime_amc_numeric_golds(loaded):
     aime24 = loaded[("aime24", "test")]
     assert aime24[0].answer == "204"
-    assert aime24[7].answer == "25"               # published as "025"
-    assert aime24[15].answer == "73"              # "073"
+    assert aime24[7].answer == "25"  # published as "025"
+    assert aime24[15].answer == "73"  # "073"
     assert aime24[0].metadata["source_id"] == "60"
     assert all(p.answer.isdigit() and 0 <= int(p.answer) <= 999 for p in aime24)
     assert not any(p.answer.startswith("0") and p.answer != "0" for p in aime24)
     assert loaded[("aime25", "test")][0].answer == "70"
     amc = loaded[("amc23", "test")]
-    assert amc[0].answer == "27"                  # 27.0
-    assert amc[3].answer == "3159"                # 3159.0
-    assert amc[15].answer == "-1"                 # -1.0
+    assert amc[0].answer == "27"  # 27.0
+    assert amc[3].answer == "3159"  # 3159.0
+    assert amc[15].answer == "-1"  # -1.0
     assert not any("." in p.answer for p in amc)
 
 
@@ -85,16 +94,22 @@ def test_math500_fields(loaded):
     p = loaded[("math500", "test")][0]
     assert p.question.startswith("Convert the point $(0,3)$ in rectangular coordinates")
     assert p.answer == r"\left( 3, \frac{\pi}{2} \right)"
-    assert p.metadata == {"source": "math500", "subject": "Precalculus",
-                          "unique_id": "test/precalculus/807.json", "level": 2}
+    assert p.metadata == {
+        "source": "math500",
+        "subject": "Precalculus",
+        "unique_id": "test/precalculus/807.json",
+        "level": 2,
+    }
 
 
 @needs_data
 def test_minerva_last_boxed_with_nested_braces(loaded):
     mv = loaded[("minerva", "test")]
     assert mv[0].answer == "1.6"
-    assert mv[12].answer == (r"\frac{2 \pi c^{2} R^{2}}{\lambda^{5}\left[e^{h c /(\lambda k T)}-1"
-                             r"\right] d^{2}}")
+    assert mv[12].answer == (
+        r"\frac{2 \pi c^{2} R^{2}}{\lambda^{5}\left[e^{h c /(\lambda k T)}-1"
+        r"\right] d^{2}}"
+    )
     assert mv[28].answer == r"\left[P_{0}^{2 / 5}-\frac{2}{5} g K^{-3 / 5} z\right]^{5 / 2}"
     assert mv[30].answer == r"\sqrt{4 \pi G \rho_{0} r_{0}^{2}}"
     assert all(p.answer.count("{") == p.answer.count("}") for p in mv)
@@ -103,12 +118,12 @@ def test_minerva_last_boxed_with_nested_braces(loaded):
 @needs_data
 def test_olympiadbench_answers(loaded):
     ob = {p.metadata["source_id"]: p for p in loaded[("olympiadbench", "test")]}
-    assert ob["1606"].answer == "2"                                   # ['2']
-    assert ob["1664"].answer == "69, 84"                              # ['$69$,$84$']
+    assert ob["1606"].answer == "2"  # ['2']
+    assert ob["1664"].answer == "69, 84"  # ['$69$,$84$']
     assert ob["2254"].answer == r"\frac{32}{9}, \frac{1}{2}"
-    assert ob["2338"].answer == "-1, 2, -2"                           # ['$-1$,$2$,$-2$']
-    assert ob["1618"].answer == "(1,8,19), (2,7,13), (4,5,7)"         # one $..$ holding a list
-    assert ob["2349"].answer == "221, 8"                              # unbalanced '$221,$8$'
+    assert ob["2338"].answer == "-1, 2, -2"  # ['$-1$,$2$,$-2$']
+    assert ob["1618"].answer == "(1,8,19), (2,7,13), (4,5,7)"  # one $..$ holding a list
+    assert ob["2349"].answer == "221, 8"  # unbalanced '$221,$8$'
     assert ob["1760"].metadata["unit"] == "^{\\circ}"
     assert not any("$" in p.answer for p in ob.values())
     assert ob["1606"].question.startswith("Xenia and Sergey play the following game.")
@@ -116,11 +131,24 @@ def test_olympiadbench_answers(loaded):
 
 # ----------------------------------------------------------------------------- helpers
 
-@pytest.mark.parametrize("raw,gold", [
-    ("025", "25"), ("0", "0"), ("+7", "7"), ("-3", "-3"), (27.0, "27"), (-1.0, "-1"), (2.5, "2.5"),
-    ("27.0", "27"), (12, "12"), ([1, "$x$"], "1, $x$"), ("  \\frac{1}{2} ", "\\frac{1}{2}"),
-    ("1,080", "1,080"),  # commas are only dropped for GSM8K "#### N" golds
-])
+
+@pytest.mark.parametrize(
+    "raw,gold",
+    [
+        ("025", "25"),
+        ("0", "0"),
+        ("+7", "7"),
+        ("-3", "-3"),
+        (27.0, "27"),
+        (-1.0, "-1"),
+        (2.5, "2.5"),
+        ("27.0", "27"),
+        (12, "12"),
+        ([1, "$x$"], "1, $x$"),
+        ("  \\frac{1}{2} ", "\\frac{1}{2}"),
+        ("1,080", "1,080"),  # commas are only dropped for GSM8K "#### N" golds
+    ],
+)
 def test_normalise_answer(raw, gold):
     assert normalise_answer(raw) == gold
 
@@ -135,21 +163,28 @@ def test_last_boxed():
 
 # ----------------------------------------------------------------------------- generic files
 
+
 def _write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
 
 
 def test_jsonl_with_field_mapping(tmp_path):
-    f = _write_jsonl(tmp_path / "mine.jsonl", [
-        {"q": "What is 1+1?", "a": 2, "uid": "x1"},
-        "",  # blank lines are skipped
-        {"q": "Pad?", "a": "007", "uid": "x2"},
-        {"q": "Gsm?", "a": "so 1,000 + 80\n#### 1,080", "uid": "x3"},
-    ])
+    f = _write_jsonl(
+        tmp_path / "mine.jsonl",
+        [
+            {"q": "What is 1+1?", "a": 2, "uid": "x1"},
+            "",  # blank lines are skipped
+            {"q": "Pad?", "a": "007", "uid": "x2"},
+            {"q": "Gsm?", "a": "so 1,000 + 80\n#### 1,080", "uid": "x3"},
+        ],
+    )
     probs = load_problem_file(f, question_field="q", answer_field="a", id_field="uid")
     assert [(p.id, p.question, p.answer) for p in probs] == [
-        ("x1", "What is 1+1?", "2"), ("x2", "Pad?", "7"), ("x3", "Gsm?", "1080")]
+        ("x1", "What is 1+1?", "2"),
+        ("x2", "Pad?", "7"),
+        ("x3", "Gsm?", "1080"),
+    ]
     no_ids = load_problem_file(f, question_field="q", answer_field="a", limit=2)
     assert [p.id for p in no_ids] == ["mine/0", "mine/1"]
     assert load_problem_file(f.rename(tmp_path / "mine.json"), "q", "a")[0].answer == "2"
@@ -214,8 +249,9 @@ def test_empty_answer(tmp_path):
 
 
 def test_duplicate_id(tmp_path):
-    msg = _err(tmp_path, [{"question": "a", "answer": "1", "k": 1}, {"question": "b", "answer": "2", "k": 1}],
-               id_field="k")
+    msg = _err(
+        tmp_path, [{"question": "a", "answer": "1", "k": 1}, {"question": "b", "answer": "2", "k": 1}], id_field="k"
+    )
     assert msg == f"{tmp_path / 'bad.jsonl'}:2: duplicate id '1' (first at {tmp_path / 'bad.jsonl'}:1)"
 
 
@@ -242,6 +278,7 @@ def test_parquet_errors_use_row_index(tmp_path):
 
 # ----------------------------------------------------------------------------- benchmark errors
 
+
 def test_unknown_benchmark_lists_valid_names():
     with pytest.raises(ReasonMaxxerError, match=r"unknown benchmark 'math5000'; valid names: gsm8k, math500,"):
         load_benchmark("math5000", data_dir=DATA)
@@ -267,8 +304,10 @@ def test_malformed_benchmark_rows(tmp_path):
         load_benchmark("gsm8k", data_dir=tmp_path)
     assert str(e.value).startswith(f"{tmp_path / 'gsm8k' / 'test.jsonl'}:1: GSM8K answer has no '#### N'")
     (tmp_path / "minerva_math").mkdir()
-    _write_jsonl(tmp_path / "minerva_math" / "test.jsonl",
-                 [{"problem": "p", "solution": r"\boxed{1}"}, {"problem": "p", "solution": "none"}])
+    _write_jsonl(
+        tmp_path / "minerva_math" / "test.jsonl",
+        [{"problem": "p", "solution": r"\boxed{1}"}, {"problem": "p", "solution": "none"}],
+    )
     with pytest.raises(ReasonMaxxerError) as e:
         load_benchmark("minerva", data_dir=tmp_path)
     assert str(e.value).startswith(f"{tmp_path / 'minerva_math' / 'test.jsonl'}:2: no \\boxed")
@@ -296,7 +335,8 @@ def test_hub_rows_use_the_same_normalisation(monkeypatch):
         "openai/gsm8k": [{"question": "Q1", "answer": "work\n#### 1,080"}],
         "AI-MO/aimo-validation-amc": [
             {"id": 0, "problem": "old", "answer": 5.0, "url": "https://x/2022_AMC_12A_Problems/Problem_1"},
-            {"id": 1, "problem": "new", "answer": 27.0, "url": "https://x/2023_AMC_12A_Problems/Problem_1"}],
+            {"id": 1, "problem": "new", "answer": 27.0, "url": "https://x/2023_AMC_12A_Problems/Problem_1"},
+        ],
         "math-ai/minervamath": [{"question": "M", "answer": " 4.5e33 "}],
         "Hothan/OlympiadBench": [{"id": 7, "question": "O", "context": "Ctx", "final_answer": ["$1$,$2$"]}],
         "HuggingFaceH4/aime_2024": [{"id": 60, "problem": "A", "answer": "025"}],
@@ -314,10 +354,13 @@ def test_hub_rows_use_the_same_normalisation(monkeypatch):
     ob = load_benchmark("olympiadbench")[0]
     assert (ob.question, ob.answer) == ("Ctx\nO", "1, 2")
     assert load_benchmark("aime24")[0].answer == "25"
-    assert calls == [("openai/gsm8k", "main", "train"), ("AI-MO/aimo-validation-amc", None, "train"),
-                     ("math-ai/minervamath", None, "test"),
-                     ("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train"),
-                     ("HuggingFaceH4/aime_2024", None, "train")]
+    assert calls == [
+        ("openai/gsm8k", "main", "train"),
+        ("AI-MO/aimo-validation-amc", None, "train"),
+        ("math-ai/minervamath", None, "test"),
+        ("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train"),
+        ("HuggingFaceH4/aime_2024", None, "train"),
+    ]
 
 
 def test_hub_failure_is_one_line(monkeypatch):
@@ -332,10 +375,10 @@ def test_hub_failure_is_one_line(monkeypatch):
 
 # ----------------------------------------------------------------------------- specs, hashing
 
+
 @needs_data
 def test_load_problems_dispatch(tmp_path):
-    assert [p.id for p in load_problems("gsm8k:train", data_dir=DATA, limit=2)] == [
-        "gsm8k/train/0", "gsm8k/train/1"]
+    assert [p.id for p in load_problems("gsm8k:train", data_dir=DATA, limit=2)] == ["gsm8k/train/0", "gsm8k/train/1"]
     assert len(load_problems("amc23", data_dir=DATA)) == 40
     arith = load_problems("arith:validation:12:add1,word1", seed=3)
     assert len(arith) == 12 and {p.metadata["tier"] for p in arith} == {"add1", "word1"}
@@ -346,13 +389,16 @@ def test_load_problems_dispatch(tmp_path):
     assert load_problems(str(f), question_field="prompt", answer_field="gold")[0].answer == "1"
 
 
-@pytest.mark.parametrize("spec,match", [
-    ("nonsense", r"nonsense: not a benchmark \(gsm8k, .*\), not arith"),
-    ("arith:train", r"bad arith spec"),
-    ("arith:train:ten", r"bad arith spec"),
-    ("arith:train:3:add9", r"unknown arith tier 'add9'"),
-    ("arith:dev:3", r"unknown arith split 'dev'"),
-])
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("nonsense", r"nonsense: not a benchmark \(gsm8k, .*\), not arith"),
+        ("arith:train", r"bad arith spec"),
+        ("arith:train:ten", r"bad arith spec"),
+        ("arith:train:3:add9", r"unknown arith tier 'add9'"),
+        ("arith:dev:3", r"unknown arith split 'dev'"),
+    ],
+)
 def test_load_problems_bad_specs(spec, match):
     with pytest.raises(ReasonMaxxerError, match=match):
         load_problems(spec)
@@ -368,5 +414,5 @@ def test_problems_hash_and_problem_dataclass():
     assert h != problems_hash([Problem("x/0", "Q0", "1"), Problem("x/1", "Q1", "2"), Problem("x/2", "", "")])
     assert len({a[0], a[0], a[1]}) == 2  # hashable despite the metadata dict
     assert Problem.from_dict(json.loads(json.dumps(a[0].to_dict()))) == a[0]
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError):
         a[0].answer = "5"

@@ -6,15 +6,16 @@ Thread counts: the test process runs torch on 1 thread (conftest) and each Ray w
 started with 1 thread (`EngineConfig.threads` 0 -> 1 per worker), so the float reductions
 run in the same order on both sides and the log-probs and entropies match bit for bit.
 """
+
 import json
 
 import pytest
 
-from reasonmaxxer.data.problems import Problem
 from reasonmaxxer.backends.engines import EngineConfig, Progress, map_shards
-from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.data.prompts import get_template
 from reasonmaxxer.backends.hf import SamplingConfig
+from reasonmaxxer.data.problems import Problem
+from reasonmaxxer.data.prompts import get_template
+from reasonmaxxer.errors import ReasonMaxxerError
 from reasonmaxxer.stages.sample import sample_stage
 from reasonmaxxer.stages.score import score_stage
 from reasonmaxxer.store import RolloutStore
@@ -22,7 +23,7 @@ from reasonmaxxer.store import RolloutStore
 ray = pytest.importorskip("ray")
 
 RAY2 = EngineConfig(engine="ray", workers=2)
-PROBLEMS = [Problem(f"p/{i}", f"What is {i} + {i}?", str(2 * i)) for i in range(6)]   # as read from p.jsonl
+PROBLEMS = [Problem(f"p/{i}", f"What is {i} + {i}?", str(2 * i)) for i in range(6)]  # as read from p.jsonl
 CFG = SamplingConfig(n=3, temperature=1.0, max_new_tokens=24, batch_size=4, seed=7)
 TMPL = get_template("raw")
 
@@ -43,8 +44,9 @@ def ckpt(tiny_ckpt):
 
 
 def _sample(out, ckpt, engine=None, **kw):
-    return sample_stage(out, ckpt, PROBLEMS, TMPL, CFG, shard_size=2, grade_workers=0, progress=False,
-                        engine=engine, **kw)
+    return sample_stage(
+        out, ckpt, PROBLEMS, TMPL, CFG, shard_size=2, grade_workers=0, progress=False, engine=engine, **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +83,8 @@ def test_ray_rows_identical_to_local(tmp_path, ckpt, local_ref, ray_local):
     st = _sample(tmp_path / "ray", ckpt, RAY2)
     a, b = _rows(local_ref), _rows(st)
     assert len(a) == len(b) == len(PROBLEMS) * CFG.n
-    assert a == b   # every column: token ids, text, log-probs, entropies, grades
-    assert len({tuple(r["token_ids"]) for r in a}) > 1   # the samples are not all alike
+    assert a == b  # every column: token ids, text, log-probs, entropies, grades
+    assert len({tuple(r["token_ids"]) for r in a}) > 1  # the samples are not all alike
     m, ref = st.manifest(), local_ref.manifest()
     assert (m["engine"], m["workers"], ref["engine"], ref["workers"]) == ("ray", 2, "local", 1)
     assert m["config_hash"] == ref["config_hash"] and m["complete"]
@@ -115,7 +117,7 @@ def test_local_run_interrupted_then_finished_with_ray(tmp_path, ckpt, local_ref,
 
     def write_then_die(self, i, rows):
         if n["k"] == 1:
-            raise KeyboardInterrupt   # the local run is stopped after its first shard
+            raise KeyboardInterrupt  # the local run is stopped after its first shard
         n["k"] += 1
         orig(self, i, rows)
 
@@ -127,7 +129,7 @@ def test_local_run_interrupted_then_finished_with_ray(tmp_path, ckpt, local_ref,
     assert st.done_shards() == {0} and not st.manifest()["complete"]
     mtime = st.shard_path(0).stat().st_mtime_ns
     st = _sample(tmp_path / "s", ckpt, RAY2)
-    assert st.shard_path(0).stat().st_mtime_ns == mtime   # the local shard was kept, not redone
+    assert st.shard_path(0).stat().st_mtime_ns == mtime  # the local shard was kept, not redone
     assert _rows(st) == _rows(local_ref)
     m = st.manifest()
     assert (m["engine"], m["workers"], m["engine_runs"][-1]["shards"]) == ("ray", 2, 2)
@@ -139,9 +141,40 @@ def test_cli_sample_and_score_with_ray(tmp_path, ckpt, local_ref, ray_local):
     probs = tmp_path / "p.jsonl"
     probs.write_text("".join(json.dumps({"question": p.question, "answer": p.answer}) + "\n" for p in PROBLEMS))
     out = tmp_path / "cli"
-    assert main(["sample", "--model", ckpt, "--problems", str(probs), "--template", "raw", "--n", "3",
-                 "--temperature", "1.0", "--max-new-tokens", "24", "--batch-size", "4", "--seed", "7",
-                 "--shard-size", "2", "--grade-workers", "0", "--out", str(out), "--engine", "ray", "--workers", "2"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                ckpt,
+                "--problems",
+                str(probs),
+                "--template",
+                "raw",
+                "--n",
+                "3",
+                "--temperature",
+                "1.0",
+                "--max-new-tokens",
+                "24",
+                "--batch-size",
+                "4",
+                "--seed",
+                "7",
+                "--shard-size",
+                "2",
+                "--grade-workers",
+                "0",
+                "--out",
+                str(out),
+                "--engine",
+                "ray",
+                "--workers",
+                "2",
+            ]
+        )
+        == 0
+    )
     st = RolloutStore(out)
     assert [r["token_ids"] for r in _rows(st)] == [r["token_ids"] for r in _rows(local_ref)]
     # teacher-forced scores: ray == local, and equal to the sampler's own entropies (same model)
@@ -169,15 +202,37 @@ def test_run_config_engine_keys(tmp_path):
 def test_eval_cli_and_pipeline_scoring_with_ray(tmp_path, ckpt, local_ref, ray_local):
     from reasonmaxxer.cli import main
     from reasonmaxxer.models import load_model
-    from reasonmaxxer.stages.score import attach_scores, score_rows
-    from reasonmaxxer.stages.score import score_rows_on
+    from reasonmaxxer.stages.score import attach_scores, score_rows, score_rows_on
 
     probs = tmp_path / "p.jsonl"
     probs.write_text("".join(json.dumps({"question": p.question, "answer": p.answer}) + "\n" for p in PROBLEMS))
     out = tmp_path / "eval"
-    assert main(["eval", "--model", ckpt, "--problems", str(probs), "--template", "raw", "--n", "2",
-                 "--max-new-tokens", "12", "--shard-size", "4", "--grade-workers", "0", "--out", str(out),
-                 "--engine", "ray"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                ckpt,
+                "--problems",
+                str(probs),
+                "--template",
+                "raw",
+                "--n",
+                "2",
+                "--max-new-tokens",
+                "12",
+                "--shard-size",
+                "4",
+                "--grade-workers",
+                "0",
+                "--out",
+                str(out),
+                "--engine",
+                "ray",
+            ]
+        )
+        == 0
+    )
     assert (out / "eval.json").is_file()
     for d in ("samples", "greedy"):
         assert RolloutStore(out / d).manifest()["engine"] == "ray"
@@ -186,6 +241,15 @@ def test_eval_cli_and_pipeline_scoring_with_ray(tmp_path, ckpt, local_ref, ray_l
     rows = _rows(local_ref)
     ref = score_rows(rows, model, tok, progress=False)
     assert [r["entropies"] for r in score_rows_on(rows, ckpt, RAY2, chunk=8, progress=False)] == ref
-    got, info = attach_scores(local_ref, [dict(r) for r in rows], tmp_path / "scores.parquet", ckpt, model, tok,
-                              rescore=True, progress=False, engine=RAY2)
+    got, info = attach_scores(
+        local_ref,
+        [dict(r) for r in rows],
+        tmp_path / "scores.parquet",
+        ckpt,
+        model,
+        tok,
+        rescore=True,
+        progress=False,
+        engine=RAY2,
+    )
     assert [r["base_entropies"] for r in got] == ref and not info["reused_sampler_entropies"]

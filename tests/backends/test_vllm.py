@@ -4,25 +4,26 @@ vLLM cannot run here (no GPU), so these tests pin the contract with vLLM's API
 (>= 0.8): `LLM(**engine kwargs)`, `SamplingParams(...)` per request, `TokensPrompt`,
 `LoRARequest(name, int_id, path)`, and RequestOutput-shaped results.
 """
+
 import json
 import random
 import sys
-import tomllib
 import types
 from pathlib import Path
 
 import pytest
-
+import tomllib
 from conftest import make_tiny_model
+
 from reasonmaxxer.backends import vllm as vllm_backend
-from reasonmaxxer.data.problems import Problem
-from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.data.prompts import get_template
 from reasonmaxxer.backends.hf import Request, SamplingConfig, request_seed
 from reasonmaxxer.backends.vllm import VLLMOptions, VLLMSampler
+from reasonmaxxer.data.problems import Problem
+from reasonmaxxer.data.prompts import get_template
+from reasonmaxxer.errors import ReasonMaxxerError
 
 EOS = 2
-STOP_PROMPT_TOKEN = 99    # a prompt ending in this token makes the fake engine emit "...###..." and stop on "###"
+STOP_PROMPT_TOKEN = 99  # a prompt ending in this token makes the fake engine emit "...###..." and stop on "###"
 
 
 # -- the fake vllm module -------------------------------------------------------------------
@@ -34,13 +35,34 @@ class FakeLogprob:
 class FakeSamplingParams:
     """vLLM's SamplingParams signature (the fields we use); top_k=0 is rejected as vLLM 0.8 does."""
 
-    def __init__(self, *, n=1, temperature=1.0, top_p=1.0, top_k=-1, seed=None, max_tokens=16, logprobs=None,
-                 stop=None, stop_token_ids=None, skip_special_tokens=True):
+    def __init__(
+        self,
+        *,
+        n=1,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=-1,
+        seed=None,
+        max_tokens=16,
+        logprobs=None,
+        stop=None,
+        stop_token_ids=None,
+        skip_special_tokens=True,
+    ):
         if top_k == 0 or top_k < -1:
             raise ValueError(f"top_k must be -1 (disable), or at least 1, got {top_k}.")
-        self.__dict__.update(n=n, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens,
-                             logprobs=logprobs, stop=stop, stop_token_ids=stop_token_ids,
-                             skip_special_tokens=skip_special_tokens)
+        self.__dict__.update(
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            max_tokens=max_tokens,
+            logprobs=logprobs,
+            stop=stop,
+            stop_token_ids=stop_token_ids,
+            skip_special_tokens=skip_special_tokens,
+        )
 
 
 class FakeLoRARequest:
@@ -67,7 +89,7 @@ class FakeLLM:
         rng = random.Random(sp.seed)
         stop_reason, finish = None, "length"
         if prompt["prompt_token_ids"][-1] == STOP_PROMPT_TOKEN:
-            toks = list(FakeLLM.stop_tokens)       # text "ab###c": vLLM keeps the tokens and cuts the text
+            toks = list(FakeLLM.stop_tokens)  # text "ab###c": vLLM keeps the tokens and cuts the text
             finish, stop_reason = "stop", "###"
         else:
             length = rng.randint(1, sp.max_tokens + 3)
@@ -77,11 +99,18 @@ class FakeLLM:
                 finish, stop_reason = "stop", sp.stop_token_ids[0]
         # logprobs=0: the sampled token; a second entry checks that we pick the sampled one
         lps = [{t: FakeLogprob(-0.01 * (k + 1), 2), 3: FakeLogprob(-0.001, 1)} for k, t in enumerate(toks)]
-        out = types.SimpleNamespace(index=0, text="(vllm's text)", token_ids=tuple(toks), logprobs=lps,
-                                    cumulative_logprob=sum(d[t].logprob for d, t in zip(lps, toks)),
-                                    finish_reason=finish, stop_reason=stop_reason)
-        return types.SimpleNamespace(request_id=str(i), prompt_token_ids=prompt["prompt_token_ids"], outputs=[out],
-                                     finished=True)
+        out = types.SimpleNamespace(
+            index=0,
+            text="(vllm's text)",
+            token_ids=tuple(toks),
+            logprobs=lps,
+            cumulative_logprob=sum(d[t].logprob for d, t in zip(lps, toks)),
+            finish_reason=finish,
+            stop_reason=stop_reason,
+        )
+        return types.SimpleNamespace(
+            request_id=str(i), prompt_token_ids=prompt["prompt_token_ids"], outputs=[out], finished=True
+        )
 
 
 @pytest.fixture
@@ -90,7 +119,7 @@ def fake_vllm(monkeypatch):
     vllm = types.ModuleType("vllm")
     vllm.LLM, vllm.SamplingParams = FakeLLM, FakeSamplingParams
     inputs = types.ModuleType("vllm.inputs")
-    inputs.TokensPrompt = lambda **kw: dict(kw)            # a TypedDict in vLLM
+    inputs.TokensPrompt = lambda **kw: dict(kw)  # a TypedDict in vLLM
     lora = types.ModuleType("vllm.lora")
     request = types.ModuleType("vllm.lora.request")
     request.LoRARequest = FakeLoRARequest
@@ -111,7 +140,9 @@ def adapter(tmp_path_factory, ckpt):
     from transformers import AutoModelForCausalLM
 
     d = tmp_path_factory.mktemp("adapter")
-    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(ckpt), LoraConfig(r=12, target_modules=["q_proj", "v_proj"]))
+    pm = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(ckpt), LoraConfig(r=12, target_modules=["q_proj", "v_proj"])
+    )
     pm.save_pretrained(d)
     c = json.loads((d / "adapter_config.json").read_text())
     c["base_model_name_or_path"] = str(ckpt)
@@ -127,14 +158,21 @@ def _requests(tok, n=3):
 def test_engine_and_sampling_params(fake_vllm, ckpt, tiny_tokenizer):
     opts = VLLMOptions(tensor_parallel_size=2, gpu_memory_utilization=0.7, max_model_len=1024, seed=5)
     s = VLLMSampler(str(ckpt), opts)
-    assert FakeLLM.instances == []                      # the engine starts on first use
+    assert FakeLLM.instances == []  # the engine starts on first use
     reqs = _requests(tiny_tokenizer)
     cfg = SamplingConfig(n=2, temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=12, seed=11)
     s.generate(reqs, cfg)
     (llm,) = FakeLLM.instances
-    assert llm.kwargs == {"model": str(ckpt), "tokenizer": str(ckpt), "dtype": "bfloat16", "seed": 5,
-                          "tensor_parallel_size": 2, "gpu_memory_utilization": 0.7, "enforce_eager": False,
-                          "max_model_len": 1024}
+    assert llm.kwargs == {
+        "model": str(ckpt),
+        "tokenizer": str(ckpt),
+        "dtype": "bfloat16",
+        "seed": 5,
+        "tensor_parallel_size": 2,
+        "gpu_memory_utilization": 0.7,
+        "enforce_eager": False,
+        "max_model_len": 1024,
+    }
     (call,) = llm.calls
     assert call["lora"] is None
     assert [p["prompt_token_ids"] for p in call["prompts"]] == [list(r.prompt_ids) for r in reqs]
@@ -145,8 +183,8 @@ def test_engine_and_sampling_params(fake_vllm, ckpt, tiny_tokenizer):
     assert len({sp.seed for sp in call["params"]}) == len(reqs)
     s.generate(reqs[:1], SamplingConfig(n=1, temperature=0, top_k=5, max_new_tokens=4, stop=("###",)))
     sp = llm.calls[-1]["params"][0]
-    assert (sp.temperature, sp.top_p, sp.top_k, sp.stop) == (0.0, 1.0, -1, ["###"])     # greedy: filters off
-    assert len(FakeLLM.instances) == 1                  # one engine for every call
+    assert (sp.temperature, sp.top_p, sp.top_k, sp.stop) == (0.0, 1.0, -1, ["###"])  # greedy: filters off
+    assert len(FakeLLM.instances) == 1  # one engine for every call
 
 
 def test_adapter_is_served_as_lora(fake_vllm, ckpt, adapter, tiny_tokenizer):
@@ -155,14 +193,14 @@ def test_adapter_is_served_as_lora(fake_vllm, ckpt, adapter, tiny_tokenizer):
     s.generate(reqs, SamplingConfig(n=1, max_new_tokens=4))
     (llm,) = FakeLLM.instances
     assert llm.kwargs["model"] == str(ckpt) and llm.kwargs["enable_lora"] is True
-    assert llm.kwargs["max_lora_rank"] == 16 and llm.kwargs["max_loras"] == 1      # rank 12 -> vLLM's bucket 16
+    assert llm.kwargs["max_lora_rank"] == 16 and llm.kwargs["max_loras"] == 1  # rank 12 -> vLLM's bucket 16
     lr = llm.calls[0]["lora"]
     assert (lr.lora_name, lr.lora_int_id, lr.lora_path) == ("adapter-1", 1, str(adapter))
-    base = s.for_model(str(ckpt))                        # the base, from the same engine
+    base = s.for_model(str(ckpt))  # the base, from the same engine
     base.generate(reqs, SamplingConfig(n=1, max_new_tokens=4))
     assert llm.calls[-1]["lora"] is None and len(FakeLLM.instances) == 1
     s.generate(reqs, SamplingConfig(n=1, max_new_tokens=4))
-    assert llm.calls[-1]["lora"].lora_int_id == 1        # the same adapter keeps its id
+    assert llm.calls[-1]["lora"].lora_int_id == 1  # the same adapter keeps its id
     with pytest.raises(ReasonMaxxerError, match="without enable_lora"):
         VLLMSampler(str(ckpt)).for_model(str(adapter))
 
@@ -170,18 +208,18 @@ def test_adapter_is_served_as_lora(fake_vllm, ckpt, adapter, tiny_tokenizer):
 def test_data_parallel_replicas_split_requests(fake_vllm, ckpt, tiny_tokenizer, monkeypatch):
     started = []
 
-    class InProcess(vllm_backend._LocalEngine):      # stands in for the spawned replica process
+    class InProcess(vllm_backend._LocalEngine):  # stands in for the spawned replica process
         def __init__(self, llm_kwargs, gpus):
             super().__init__(llm_kwargs)
             started.append(list(gpus))
 
     monkeypatch.setattr(vllm_backend, "_ProcessEngine", InProcess)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4")
-    reqs = _requests(tiny_tokenizer, 4)              # 8 requests
+    reqs = _requests(tiny_tokenizer, 4)  # 8 requests
     cfg = SamplingConfig(n=2, max_new_tokens=6, seed=1)
     out = VLLMSampler(str(ckpt), VLLMOptions(tensor_parallel_size=2, data_parallel_size=2)).generate(reqs, cfg)
     assert started == [["0", "1"], ["2", "3"]]
-    assert [len(llm.calls[0]["prompts"]) for llm in FakeLLM.instances] == [4, 4]    # contiguous blocks
+    assert [len(llm.calls[0]["prompts"]) for llm in FakeLLM.instances] == [4, 4]  # contiguous blocks
     assert [c.key for c in out] == [r.key for r in reqs]
     single = VLLMSampler(str(ckpt)).generate(reqs, cfg)  # seeds per request: the split does not change samples
     assert [c.token_ids for c in out] == [c.token_ids for c in single]
@@ -197,13 +235,17 @@ def test_outputs_become_completions(fake_vllm, ckpt, tiny_tokenizer):
     FakeLLM.stop_tokens = tuple(tiny_tokenizer("ab###c", add_special_tokens=False)["input_ids"])
     done = []
     ntok = []
-    out = s.generate(reqs + [stop_req], SamplingConfig(n=2, max_new_tokens=5, stop=("###",)), on_done=done.append,
-                     progress=ntok.append)
+    out = s.generate(
+        reqs + [stop_req],
+        SamplingConfig(n=2, max_new_tokens=5, stop=("###",)),
+        on_done=done.append,
+        progress=ntok.append,
+    )
     reasons = {c.finish_reason for c in out}
-    assert reasons == {"eos", "length", "stop"}          # the fake's seeds give all three
+    assert reasons == {"eos", "length", "stop"}  # the fake's seeds give all three
     for c in out:
-        assert c.entropies is None                      # vLLM gives no full-vocabulary entropy
-        assert c.logprobs == pytest.approx([-0.01 * (k + 1) for k in range(len(c.token_ids))])   # the sampled token's
+        assert c.entropies is None  # vLLM gives no full-vocabulary entropy
+        assert c.logprobs == pytest.approx([-0.01 * (k + 1) for k in range(len(c.token_ids))])  # the sampled token's
         assert c.truncated == (c.finish_reason == "length")
         if c.finish_reason == "eos":
             assert c.token_ids[-1] == EOS and c.text == tiny_tokenizer.decode(c.token_ids, skip_special_tokens=True)
@@ -211,7 +253,7 @@ def test_outputs_become_completions(fake_vllm, ckpt, tiny_tokenizer):
             assert len(c.token_ids) == 5
     stop = out[-1]
     assert stop.finish_reason == "stop" and stop.token_ids == list(FakeLLM.stop_tokens)
-    assert stop.text == "ab"                              # cut before the stop string, as the HF backend does
+    assert stop.text == "ab"  # cut before the stop string, as the HF backend does
     assert [c.key for c in done] == [c.key for c in out] and ntok == [sum(len(c.token_ids) for c in out)]
 
 
@@ -222,15 +264,16 @@ def test_abort_is_an_error():
 
 # -- the pipeline: a vLLM store is rescored, never reused ---------------------------------------
 def test_vllm_store_is_rescored(fake_vllm, ckpt, tiny_tokenizer, tmp_path):
-    from reasonmaxxer.stages.score import attach_scores
     from reasonmaxxer.stages.sample import sample_stage
+    from reasonmaxxer.stages.score import attach_scores
 
     problems = [Problem(id=f"q{i}", question=f"{i}+1", answer=str(i + 1)) for i in range(2)]
     cfg = SamplingConfig(n=2, max_new_tokens=6)
     tmpl = get_template("raw")
     spec = str(ckpt)
-    vstore = sample_stage(tmp_path / "v", spec, problems, tmpl, cfg, sampler=VLLMSampler(spec), progress=False,
-                          grade_workers=0)
+    vstore = sample_stage(
+        tmp_path / "v", spec, problems, tmpl, cfg, sampler=VLLMSampler(spec), progress=False, grade_workers=0
+    )
     man = vstore.manifest()
     assert man["config"]["backend"] == "vllm" and man["backend"]["options"]["tensor_parallel_size"] == 1
     rows = vstore.read_rows()
@@ -240,27 +283,44 @@ def test_vllm_store_is_rescored(fake_vllm, ckpt, tiny_tokenizer, tmp_path):
     assert info["reused_sampler_entropies"] is False and info["score_seconds"] >= 0
     assert all(len(r["base_entropies"]) == len(r["token_ids"]) for r in rows)
     # the HF backend, same model: its entropies are reused; the backend is part of the config hash
-    hstore = sample_stage(tmp_path / "h", spec, problems, tmpl, cfg, model=model, tokenizer=tiny_tokenizer,
-                          progress=False, grade_workers=0)
+    hstore = sample_stage(
+        tmp_path / "h",
+        spec,
+        problems,
+        tmpl,
+        cfg,
+        model=model,
+        tokenizer=tiny_tokenizer,
+        progress=False,
+        grade_workers=0,
+    )
     assert "backend" not in hstore.manifest()["config"]
     assert hstore.manifest()["config_hash"] != man["config_hash"]
-    _, hinfo = attach_scores(hstore, hstore.read_rows(), tmp_path / "h.parquet", spec, model, tiny_tokenizer,
-                             progress=False)
+    _, hinfo = attach_scores(
+        hstore, hstore.read_rows(), tmp_path / "h.parquet", spec, model, tiny_tokenizer, progress=False
+    )
     assert hinfo["reused_sampler_entropies"] is True
     with pytest.raises(ReasonMaxxerError, match="different inputs"):
         sample_stage(tmp_path / "v", spec, problems, tmpl, cfg, model=model, tokenizer=tiny_tokenizer, progress=False)
 
 
 def test_evaluate_model_with_a_vllm_sampler(fake_vllm, ckpt, tmp_path):
-    from reasonmaxxer.stages.evaluate import EvalConfig
-    from reasonmaxxer.stages.evaluate import evaluate_model
+    from reasonmaxxer.stages.evaluate import EvalConfig, evaluate_model
 
     problems = [Problem(id=f"q{i}", question=f"{i}+1", answer=str(i + 1)) for i in range(2)]
     spec = str(ckpt)
-    rep, (s_store, g_store) = evaluate_model(None, None, spec, problems, get_template("raw"),
-                                             EvalConfig(n=2, max_new_tokens=6), tmp_path / "e", sampler=VLLMSampler(spec),
-                                             progress=False)
-    assert rep.n_problems == 2 and len(FakeLLM.instances) == 1     # no HF model loaded, one engine for both passes
+    rep, (s_store, g_store) = evaluate_model(
+        None,
+        None,
+        spec,
+        problems,
+        get_template("raw"),
+        EvalConfig(n=2, max_new_tokens=6),
+        tmp_path / "e",
+        sampler=VLLMSampler(spec),
+        progress=False,
+    )
+    assert rep.n_problems == 2 and len(FakeLLM.instances) == 1  # no HF model loaded, one engine for both passes
     for st, n in ((s_store, 4), (g_store, 2)):
         assert st.manifest()["config"]["backend"] == "vllm" and len(st.read_rows()) == n
     assert (tmp_path / "e" / "eval.json").is_file()
@@ -270,11 +330,22 @@ def test_evaluate_model_with_a_vllm_sampler(fake_vllm, ckpt, tmp_path):
 def test_missing_vllm_is_one_clear_error(monkeypatch, ckpt, tmp_path, capsys):
     from reasonmaxxer.cli import main
 
-    monkeypatch.setitem(sys.modules, "vllm", None)      # import vllm -> ImportError
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(ReasonMaxxerError, match=r"pip install 'reasonmaxxer\[vllm\]'"):
         VLLMSampler(str(ckpt))
-    rc = main(["sample", "--model", str(ckpt), "--problems", "arith:train:2", "--backend", "vllm",
-               "--out", str(tmp_path / "s")])
+    rc = main(
+        [
+            "sample",
+            "--model",
+            str(ckpt),
+            "--problems",
+            "arith:train:2",
+            "--backend",
+            "vllm",
+            "--out",
+            str(tmp_path / "s"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "reasonmaxxer[vllm]" in err
     rc = main(["eval", "--model", str(ckpt), "--problems", "arith:test:2", "--tensor-parallel-size", "2"])
@@ -282,8 +353,8 @@ def test_missing_vllm_is_one_clear_error(monkeypatch, ckpt, tmp_path, capsys):
 
 
 def test_ray_engine_with_vllm_backend_is_refused(fake_vllm, ckpt, tmp_path, capsys):
-    from reasonmaxxer.cli import main
     from reasonmaxxer.backends.engines import EngineConfig
+    from reasonmaxxer.cli import main
     from reasonmaxxer.config import RunConfig
     from reasonmaxxer.recipes.run import run_pipeline
     from reasonmaxxer.stages.sample import sample_stage
@@ -292,11 +363,19 @@ def test_ray_engine_with_vllm_backend_is_refused(fake_vllm, ckpt, tmp_path, caps
         rc = main(cmd + ["--model", str(ckpt), "--problems", "arith:train:2", "--backend", "vllm", "--engine", "ray"])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and len(err.splitlines()) == 1 and "--engine ray does not apply to --backend vllm" in err
-    assert not (tmp_path / "s").exists() and FakeLLM.instances == []   # refused before anything started
+    assert not (tmp_path / "s").exists() and FakeLLM.instances == []  # refused before anything started
     problems = [Problem(id="q0", question="0+1", answer="1")]
     with pytest.raises(ReasonMaxxerError, match="--engine ray does not apply"):
-        sample_stage(tmp_path / "v", str(ckpt), problems, get_template("raw"), SamplingConfig(n=1, max_new_tokens=4),
-                     sampler=VLLMSampler(str(ckpt)), engine=EngineConfig(engine="ray"), progress=False)
+        sample_stage(
+            tmp_path / "v",
+            str(ckpt),
+            problems,
+            get_template("raw"),
+            SamplingConfig(n=1, max_new_tokens=4),
+            sampler=VLLMSampler(str(ckpt)),
+            engine=EngineConfig(engine="ray"),
+            progress=False,
+        )
     with pytest.raises(ReasonMaxxerError, match="--engine ray does not apply"):
         run_pipeline(RunConfig(out=str(tmp_path / "r"), model=str(ckpt), backend="vllm", engine="ray"), progress=False)
     assert not (tmp_path / "r").exists()
@@ -308,20 +387,21 @@ def test_run_config_backend_section(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text('backend = "vllm"\n[vllm]\ntensor_parallel_size = 2\ngpu_memory_utilization = 0.5\n')
     cfg = load_run_config(p, **{"vllm.data_parallel_size": 4})
-    assert cfg.backend == "vllm" and cfg.vllm == VLLMOptions(tensor_parallel_size=2, data_parallel_size=4,
-                                                             gpu_memory_utilization=0.5)
-    p.write_text('[vllm]\ntp = 2\n')
+    assert cfg.backend == "vllm" and cfg.vllm == VLLMOptions(
+        tensor_parallel_size=2, data_parallel_size=4, gpu_memory_utilization=0.5
+    )
+    p.write_text("[vllm]\ntp = 2\n")
     with pytest.raises(ReasonMaxxerError, match=r"unknown key\(s\) \['tp'\]"):
         load_run_config(p)
 
 
 def test_vllm_is_an_extra_not_a_dependency():
-    py = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    py = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
     assert py["optional-dependencies"]["vllm"] == ["vllm>=0.8"]
     assert not any(d.startswith("vllm") for d in py["dependencies"])
 
 
-FAKE_VLLM_PACKAGE = '''
+FAKE_VLLM_PACKAGE = """
 import os, types
 
 class SamplingParams:
@@ -342,20 +422,20 @@ class LLM:
             o = types.SimpleNamespace(token_ids=toks, logprobs=lps, finish_reason="stop", stop_reason=2)
             outs.append(types.SimpleNamespace(outputs=[o]))
         return outs
-'''
+"""
 
 
 def test_replica_processes(tmp_path, monkeypatch, ckpt, tiny_tokenizer):
     """The real spawned replicas (on a fake vllm package on disk): GPU pinning, the pipe protocol, errors."""
     (tmp_path / "vllm").mkdir()
     (tmp_path / "vllm" / "__init__.py").write_text(FAKE_VLLM_PACKAGE)
-    monkeypatch.syspath_prepend(str(tmp_path))           # a spawned child starts with the parent's sys.path
+    monkeypatch.syspath_prepend(str(tmp_path))  # a spawned child starts with the parent's sys.path
     kw = {"model": str(ckpt)}
     engines = [vllm_backend._ProcessEngine(kw, ["3"]), vllm_backend._ProcessEngine(kw, ["5", "6"])]
     try:
         for e in engines:
             e.submit([[1, 2, 3]], [{"seed": 1}], None)
-        assert [e.result()[0]["token_ids"] for e in engines] == [[13, 2], [15, 2]]   # each saw its own GPUs
+        assert [e.result()[0]["token_ids"] for e in engines] == [[13, 2], [15, 2]]  # each saw its own GPUs
     finally:
         for e in engines:
             e.close()

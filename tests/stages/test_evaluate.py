@@ -1,4 +1,5 @@
 """Tests for reasonmaxxer.evaluate: estimators against brute force, a hand-worked report."""
+
 import itertools
 import json
 import math
@@ -6,15 +7,16 @@ import os
 
 import pytest
 
+from reasonmaxxer.core.stats import mean_ci95, paired_difference, pass_at_k, wilson_ci95
 from reasonmaxxer.errors import ReasonMaxxerError
 from reasonmaxxer.stages.evaluate import EvalReport, evaluate, maj_at_k, normalize_answer, save_report, to_markdown
-from reasonmaxxer.core.stats import mean_ci95, paired_difference, pass_at_k, wilson_ci95
 
 Z = 1.959963984540054
 approx = pytest.approx
 
 
 # ----------------------------------------------------------------------------- pass@k
+
 
 def test_pass_at_k_matches_brute_force():
     for n in range(1, 9):
@@ -37,13 +39,25 @@ def test_pass_at_k_large_n_is_stable_and_errors():
 
 # ----------------------------------------------------------------------------- maj@k
 
+
 @pytest.mark.parametrize(
     "raw, norm",
     [
-        (" 12 ", "12"), ("$12$", "12"), ("12.0", "12"), ("-3.00", "-3"), ("12.5", "12.5"),
-        ("1,000", "1000"), ("(1,2)", "(1,2)"), ("5.", "5"), ("x = 3", "x=3"),
-        ("\\dfrac{1}{2}", "\\frac{1}{2}"), ("\\left( 1, 2 \\right)", "(1,2)"), ("10\\,000", "10000"),
-        ("  $ $ ", None), (None, None), ("1/2", "1/2"),
+        (" 12 ", "12"),
+        ("$12$", "12"),
+        ("12.0", "12"),
+        ("-3.00", "-3"),
+        ("12.5", "12.5"),
+        ("1,000", "1000"),
+        ("(1,2)", "(1,2)"),
+        ("5.", "5"),
+        ("x = 3", "x=3"),
+        ("\\dfrac{1}{2}", "\\frac{1}{2}"),
+        ("\\left( 1, 2 \\right)", "(1,2)"),
+        ("10\\,000", "10000"),
+        ("  $ $ ", None),
+        (None, None),
+        ("1/2", "1/2"),
     ],
 )
 def test_normalize_answer(raw, norm):
@@ -75,6 +89,7 @@ def test_maj_at_k_hand_examples():
 
 # ----------------------------------------------------------------------------- intervals
 
+
 def test_mean_ci95_and_wilson():
     # values .2, .4, .6: mean .4, sample var ((.2)^2 + 0 + (.2)^2) / 2 = .04, sd .2, se .2/sqrt(3)
     m, lo, hi = mean_ci95([0.2, 0.4, 0.6])
@@ -101,8 +116,15 @@ def test_paired_difference_hand_example():
     # diffs over p1, p2, p3: +.5, 0, -.5 -> mean 0; sample var (.25 + 0 + .25)/2 = .25, sd .5
     half = Z * 0.5 / math.sqrt(3)  # = 0.56579
     assert d == {
-        "n": 3, "mean_diff": 0.0, "low": approx(-half), "high": approx(half),
-        "wins": 1, "losses": 1, "ties": 1, "only_in_a": 1, "only_in_b": 1,
+        "n": 3,
+        "mean_diff": 0.0,
+        "low": approx(-half),
+        "high": approx(half),
+        "wins": 1,
+        "losses": 1,
+        "ties": 1,
+        "only_in_a": 1,
+        "only_in_b": 1,
     }
     with pytest.raises(ReasonMaxxerError):
         paired_difference({"x": 1.0}, {"y": 1.0})
@@ -110,9 +132,17 @@ def test_paired_difference_hand_example():
 
 # ----------------------------------------------------------------------------- evaluate()
 
+
 def _row(pid, i, s_ans, s_ok, l_ans, l_ok, truncated=False):
-    return dict(problem_id=pid, sample_index=i, strict_extracted=s_ans, strict_correct=s_ok,
-                lenient_extracted=l_ans, lenient_correct=l_ok, truncated=truncated)
+    return dict(
+        problem_id=pid,
+        sample_index=i,
+        strict_extracted=s_ans,
+        strict_correct=s_ok,
+        lenient_extracted=l_ans,
+        lenient_correct=l_ok,
+        truncated=truncated,
+    )
 
 
 # p1 (gold 5, tier word1), p2 (gold 7, word1), p3 (gold 12, word2); 4 samples each.
@@ -237,7 +267,10 @@ def test_breakdown_orders_levels_numerically_and_collects_missing():
     r = evaluate(rows, meta, ks=(1,))
     assert list(r.breakdown) == ["level", "source"]
     assert [(g.value, g.n_problems, g.strict_avg_at_n) for g in r.breakdown["level"]] == [
-        ("2", 2, 0.5), ("10", 1, 1.0), ("(missing)", 1, 0.0)]  # b, c | a | d
+        ("2", 2, 0.5),
+        ("10", 1, 1.0),
+        ("(missing)", 1, 0.0),
+    ]  # b, c | a | d
     assert [(g.value, g.n_problems) for g in r.breakdown["source"]] == [("math500", 2), ("(missing)", 2)]
     assert evaluate(rows, None, ks=(1,)).breakdown == {}
 

@@ -4,63 +4,35 @@ The known-answer "tuned" model is the base wrapped by `EditedLogits`, which retu
 logits except at chosen absolute sequence positions, where it swaps the base argmax with the
 base's rank-r token: r <= 5 makes that position "reranked" (tuned rank r), r > 5 "shifted".
 """
+
 import copy
 import json
 import math
 
 import pytest
 import torch
-from conftest import make_tiny_model
-from torch import nn
+from conftest import EditedLogits, make_tiny_model
 
-from reasonmaxxer.analysis.tokens import PROMPT_TAIL, TOP_N, analyze, auroc, check_same_tokenizer, compare_distributions, run_analyze, summarize
+from reasonmaxxer.analysis.tokens import (
+    PROMPT_TAIL,
+    TOP_N,
+    analyze,
+    auroc,
+    check_same_tokenizer,
+    compare_distributions,
+    run_analyze,
+    summarize,
+)
 from reasonmaxxer.errors import ReasonMaxxerError
 from reasonmaxxer.stages.train import shared_prefix_logits
 
 LN2 = math.log(2)
 
 
-class EditedLogits(nn.Module):
-    """base model, except at absolute positions `edits` {pos: r}: swap argmax with base rank r.
-
-    Works with `split_prefix_logits` for any prefix length: the absolute position of each logits
-    row is taken from `position_ids` when given (the remainder call), else 0..T-1 (the prefix
-    call, or a plain full forward with right padding). `get_base_model` lets the cache-kwarg
-    probe inspect the real forward signature; all kwargs pass through unchanged.
-    """
-
-    def __init__(self, base, edits: dict[int, int]):
-        super().__init__()
-        self.base = base
-        self.edits = edits
-        self.config = base.config
-
-    def get_base_model(self):
-        return self.base
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, **kw):
-        out = self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
-        logits = out.logits.clone()                                                         # [B, T', V]
-        B, T = logits.shape[:2]
-        pos = position_ids if position_ids is not None else torch.arange(input_ids.shape[1]).expand(B, -1)
-        pos = pos[:, -T:]   # the returned rows (all, or the last `logits_to_keep` in a cached decode)
-        for b in range(B):
-            for t in range(T):
-                r = self.edits.get(int(pos[b, t]))
-                if r is None:
-                    continue
-                order = torch.argsort(logits[b, t], descending=True, stable=True)
-                a, o = order[0].item(), order[r - 1].item()
-                la, lo = logits[b, t, a].clone(), logits[b, t, o].clone()
-                logits[b, t, a], logits[b, t, o] = lo, la
-        out.logits = logits
-        return out
-
-
 # -- compare_distributions on hand-computed V=4 rows ----------------------------------------
 def test_compare_distributions_hand_values():
-    l = torch.log(torch.tensor([4.0, 2.0, 1.0, 1.0]))            # p = [.5, .25, .125, .125]
-    swapped = torch.log(torch.tensor([2.0, 4.0, 1.0, 1.0]))      # q = [.25, .5, .125, .125]
+    l = torch.log(torch.tensor([4.0, 2.0, 1.0, 1.0]))  # p = [.5, .25, .125, .125]
+    swapped = torch.log(torch.tensor([2.0, 4.0, 1.0, 1.0]))  # q = [.25, .5, .125, .125]
     base = torch.stack([l, l, l])
     tuned = torch.stack([swapped, l, torch.log(torch.tensor([1.0, 2.0, 4.0, 1.0]))])
     d = compare_distributions(base, tuned, k=5)
@@ -83,7 +55,7 @@ def test_compare_distributions_hand_values():
 
 
 def test_compare_distributions_ties_and_bounds():
-    base = torch.tensor([[1.0, 1.0, 0.0, 0.0]])     # tie: base argmax is index 0 (first)
+    base = torch.tensor([[1.0, 1.0, 0.0, 0.0]])  # tie: base argmax is index 0 (first)
     tuned = torch.tensor([[0.0, 2.0, 0.0, 0.0]])
     d = compare_distributions(base, tuned)
     assert d["tuned_rank_in_base"].item() == 2 and d["cls"].item() == 1
@@ -114,7 +86,8 @@ def test_summarize_by_hand():
         "base_entropy": torch.tensor([0.5, 1.0, 3.0, 6.0, 2.0, 1.5]),
         "tuned_rank_in_base": torch.tensor([1, 1, 2, 3, 8, 1]),
         "js": torch.tensor([0.0, 0.0, 0.2, 0.05, 0.3, 0.0]),
-        "kl_base_tuned": torch.zeros(6), "kl_tuned_base": torch.zeros(6),
+        "kl_base_tuned": torch.zeros(6),
+        "kl_tuned_base": torch.zeros(6),
     }
     frac = torch.tensor([0.0, 0.5, 0.55, 0.99, 0.05, 0.3])
     s = summarize(per, frac, js_threshold=0.1, k=5)
@@ -168,7 +141,7 @@ def base_model(tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def prompts(tiny_tokenizer):
-    shared = "Q: add the numbers. "                       # shared prefix -> split_prefix_logits path
+    shared = "Q: add the numbers. "  # shared prefix -> split_prefix_logits path
     qs = ["1+2=", "17+5=?", "3", "40+41+42="]
     return [tiny_tokenizer(shared + q, add_special_tokens=False)["input_ids"] for q in qs]
 
@@ -207,7 +180,7 @@ def test_analyze_known_answer(base_model, tiny_tokenizer, prompts):
     exp = _expected(records, edits)
     n_rr = exp.get(2, 0) + exp.get(3, 0)
     n_sh = exp.get(8, 0)
-    assert n_rr >= 3 and n_sh >= 2                      # the test exercises both classes
+    assert n_rr >= 3 and n_sh >= 2  # the test exercises both classes
     assert s["n_reranked"] == n_rr and s["n_shifted"] == n_sh
     assert s["n_positions"] == sum(len(r["token_ids"]) for r in records)
     assert s["rank_hist"]["2"] == exp.get(2, 0) and s["rank_hist"]["3"] == exp.get(3, 0)
@@ -255,13 +228,13 @@ def test_analyze_tuned_trajectories_known_answer(base_model, tiny_tokenizer, pro
     recs_b, _ = analyze(base_model, tuned, tiny_tokenizer, prompts, max_new_tokens=10, batch_size=3)
     recs, s = analyze(base_model, tuned, tiny_tokenizer, prompts, source="tuned", max_new_tokens=10, batch_size=3)
     assert s["source"] == "tuned" and all(r["source"] == "tuned" for r in recs)
-    assert [r["token_ids"] for r in recs] != [r["token_ids"] for r in recs_b]       # other trajectories
+    assert [r["token_ids"] for r in recs] != [r["token_ids"] for r in recs_b]  # other trajectories
     exp = _expected(recs, edits)
     assert s["n_reranked"] == exp.get(2, 0) + exp.get(3, 0) >= 3 and s["n_shifted"] == exp.get(8, 0) >= 2
     assert s["teacher_forced_argmax_mismatch"] == 0
     for rb, r in zip(recs_b, recs):
         p = r["prompt_len"]
-        assert r["tuned_argmax"] == r["token_ids"]               # the tuned model's own greedy tokens
+        assert r["tuned_argmax"] == r["token_ids"]  # the tuned model's own greedy tokens
         first = min([pos - (p - 1) for pos in edits if pos >= p - 1] + [len(r["token_ids"])])
         assert r["token_ids"][:first] == rb["token_ids"][:first]  # identical up to the first edit
         for j, c in enumerate(r["cls"]):
@@ -290,12 +263,12 @@ def test_top5_and_prompt_tail(base_model, tiny_tokenizer, prompts):
             rank = edits.get(r["prompt_len"] - 1 + j)
             if rank is None:
                 assert t == b and tp == bp
-            elif rank <= TOP_N:                                # swap of ranks 1 and r
+            elif rank <= TOP_N:  # swap of ranks 1 and r
                 sw = list(b)
                 sw[0], sw[rank - 1] = sw[rank - 1], sw[0]
                 assert t == sw and tp == bp
                 seen.append("swap")
-            else:                                              # the rank-8 token jumps to the top
+            else:  # the rank-8 token jumps to the top
                 assert t[0] not in b and t[1:] == b[1:]
                 seen.append("shift")
     assert "swap" in seen and "shift" in seen
@@ -313,7 +286,7 @@ def test_run_analyze_both_sources(tmp_path, model_dirs, monkeypatch):
     assert js["summaries"]["tuned"]["source"] == "tuned" and js["config"]["trajectories"] == "both"
     recs = [json.loads(l) for l in (out / "trajectories.jsonl").read_text().splitlines()]
     assert [r["source"] for r in recs] == ["base", "base", "tuned", "tuned"]
-    assert [r["token_ids"] for r in recs[:2]] == [r["token_ids"] for r in recs[2:]]   # same model twice
+    assert [r["token_ids"] for r in recs[:2]] == [r["token_ids"] for r in recs[2:]]  # same model twice
     ids = {str(i) for r in recs for k in ("token_ids", "prompt_tail_ids") for i in r[k]}
     ids |= {str(i) for r in recs for row in r["tuned_top_ids"] for i in row}
     assert ids <= set(js["token_text"]) and js["token_text"][str(recs[0]["token_ids"][0])] == recs[0]["tokens"][0]
@@ -325,39 +298,18 @@ def test_run_analyze_both_sources(tmp_path, model_dirs, monkeypatch):
 
 
 # -- CLI: bad input is one line on stderr and exit status 2 (analyze and intervene) ------------
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory, base_model, tiny_tokenizer):
-    """good: the tiny pair; bigtok: a tokenizer with one more token (and a model to match);
-    wide: the same tokenizer, 8 more logits; corrupt: truncated weights."""
-    root = tmp_path_factory.mktemp("models")
-    good = root / "good"
-    base_model.save_pretrained(good)
-    tiny_tokenizer.save_pretrained(good)
-    bigtok = copy.deepcopy(tiny_tokenizer)
-    bigtok.add_tokens(["<extra>"])
-    for name, tok, extra in (("bigtok", bigtok, 1), ("wide", tiny_tokenizer, 8)):
-        m = make_tiny_model(len(tiny_tokenizer) + extra, seed=1)
-        m.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    corrupt = root / "corrupt"
-    base_model.save_pretrained(corrupt)
-    tiny_tokenizer.save_pretrained(corrupt)
-    weights = list(corrupt.glob("*.safetensors"))
-    assert weights
-    for f in weights:
-        f.write_bytes(b"not a safetensors file")
-    return {k: str(root / k) for k in ("good", "bigtok", "wide", "corrupt")}
-
-
 @pytest.mark.parametrize("cmd", ["analyze", "intervene"])
-@pytest.mark.parametrize("case, expected", [
-    ("bigtok", "tokenizers differ in size"),
-    ("wide", "different output vocabularies"),
-    ("corrupt_tuned", "could not load the tuned model"),
-    ("corrupt_base", "could not load the base model"),
-    ("missing", "no such model"),
-    ("empty", "is empty"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("bigtok", "tokenizers differ in size"),
+        ("wide", "different output vocabularies"),
+        ("corrupt_tuned", "could not load the tuned model"),
+        ("corrupt_base", "could not load the base model"),
+        ("missing", "no such model"),
+        ("empty", "is empty"),
+    ],
+)
 def test_cli_bad_input_one_line(cmd, case, expected, model_dirs, tmp_path, monkeypatch, capsys):
     from reasonmaxxer.cli import main
 
@@ -374,8 +326,20 @@ def test_cli_bad_input_one_line(cmd, case, expected, model_dirs, tmp_path, monke
         tuned = str(tmp_path / "nope")
     else:
         extra = ["--limit", "0"]
-    argv = [cmd, "--base", base, "--tuned", tuned, "--problems", "arith:test:2", "--max-new-tokens", "2",
-            "--out", str(tmp_path / "out"), *extra]
+    argv = [
+        cmd,
+        "--base",
+        base,
+        "--tuned",
+        tuned,
+        "--problems",
+        "arith:test:2",
+        "--max-new-tokens",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+        *extra,
+    ]
     assert main(argv) == 2
     err = [l for l in capsys.readouterr().err.strip().splitlines() if l.strip()]
     # one error line, the last; anything before it is transformers' "Loading weights" progress bar
@@ -383,5 +347,5 @@ def test_cli_bad_input_one_line(cmd, case, expected, model_dirs, tmp_path, monke
     assert err[-1].startswith("reasonmaxxer: error: ") and expected in err[-1], err
     assert all(l.startswith("Loading weights") for l in err[:-1]), err
     if case in ("missing", "empty", "corrupt_base"):
-        assert len(err) == 1                                  # failed before any model was loaded
-    assert not (tmp_path / "out").exists()                    # nothing written
+        assert len(err) == 1  # failed before any model was loaded
+    assert not (tmp_path / "out").exists()  # nothing written

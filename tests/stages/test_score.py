@@ -1,14 +1,14 @@
 """Tests for reasonmaxxer.scoring: entropy/log-prob helpers and chunked sequence scoring."""
+
 import math
 
 import pytest
 import torch
-
 from conftest import make_tiny_model
+
+from reasonmaxxer.core.entropy import token_entropy, token_logprobs
 from reasonmaxxer.errors import ReasonMaxxerError
 from reasonmaxxer.stages.score import position_ids_from_mask, score_sequences
-from reasonmaxxer.core.entropy import token_entropy, token_logprobs
-
 
 # ---------------------------------------------------------------- token_entropy: hand values
 

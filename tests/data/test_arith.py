@@ -1,4 +1,5 @@
 """Tests for reasonmaxxer.arith: determinism, prefixes, split disjointness, correct answers, mix."""
+
 import json
 import re
 from collections import Counter
@@ -142,13 +143,16 @@ def test_exhausted_tier_raises():
         generate("test", 6000, tiers=["add1"])
 
 
-@pytest.mark.parametrize("args,match", [
-    (("dev", 3), r"unknown arith split 'dev'; valid splits: train, validation, test"),
-    (("train", -1), r"n must be a non-negative integer"),
-    (("train", 3, 0, ["add3"]), r"unknown arith tier 'add3'; valid tiers: add1, addsub2"),
-    (("train", 3, 0, ["add1=x"]), r"bad weight 'x'"),
-    (("train", 3, 0, ["add1=0"]), r"no arith tiers with positive weight"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (("dev", 3), r"unknown arith split 'dev'; valid splits: train, validation, test"),
+        (("train", -1), r"n must be a non-negative integer"),
+        (("train", 3, 0, ["add3"]), r"unknown arith tier 'add3'; valid tiers: add1, addsub2"),
+        (("train", 3, 0, ["add1=x"]), r"bad weight 'x'"),
+        (("train", 3, 0, ["add1=0"]), r"no arith tiers with positive weight"),
+    ],
+)
 def test_bad_arguments(args, match):
     with pytest.raises(ReasonMaxxerError, match=match):
         generate(*args)

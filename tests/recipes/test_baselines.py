@@ -1,17 +1,25 @@
 """RL baselines through TRL on a tiny model: each method trains, the reward is our grader,
 the curve is written, runs resume, the wall-clock cap stops training."""
+
 import itertools
 import json
 
 import pytest
 import torch
+from conftest import make_tiny_model
 from safetensors.torch import load_file
 
-from reasonmaxxer.recipes.baselines import METHODS, BaselineConfig, flops, load_baseline_config, make_reward, run_baseline, step_compute
 from reasonmaxxer.errors import ReasonMaxxerError
+from reasonmaxxer.recipes.baselines import (
+    METHODS,
+    BaselineConfig,
+    flops,
+    load_baseline_config,
+    make_reward,
+    run_baseline,
+    step_compute,
+)
 from reasonmaxxer.stages.evaluate import EvalConfig
-
-from conftest import make_tiny_model
 
 
 def test_flops_by_hand():
@@ -22,7 +30,12 @@ def test_flops_by_hand():
 def test_step_compute_counts_reference_forward_only_with_kl():
     c = {"generated_tokens": 30, "prompt_tokens": 70}
     no_kl = step_compute(c, 10, beta=0.0)
-    assert no_kl == {"generated_tokens": 30, "forward_tokens": 100, "trained_tokens": 100, "flops": 2 * 10 * 100 + 6 * 10 * 100}
+    assert no_kl == {
+        "generated_tokens": 30,
+        "forward_tokens": 100,
+        "trained_tokens": 100,
+        "flops": 2 * 10 * 100 + 6 * 10 * 100,
+    }
     with_kl = step_compute(c, 10, beta=0.05)
     assert with_kl["forward_tokens"] == 200 and with_kl["flops"] == 2 * 10 * 200 + 6 * 10 * 100
 
@@ -30,8 +43,11 @@ def test_step_compute_counts_reference_forward_only_with_kl():
 def test_reward_is_our_strict_grader_and_counts_tokens():
     counters = {}
     fn = make_reward({"P1": "4", "P2": "7"}, {"P1": 5, "P2": 6}, counters)
-    r = fn(prompts=["P1", "P1", "P2"], completions=["So 2+2 = 4. The answer is \\boxed{4}.", "\\boxed{5}", "\\boxed{7}"],
-           completion_ids=[[1, 2, 3], [4], [5, 6]])
+    r = fn(
+        prompts=["P1", "P1", "P2"],
+        completions=["So 2+2 = 4. The answer is \\boxed{4}.", "\\boxed{5}", "\\boxed{7}"],
+        completion_ids=[[1, 2, 3], [4], [5, 6]],
+    )
     assert r == [1.0, 0.0, 1.0]
     assert counters == {"generated_tokens": 6, "prompt_tokens": 16, "completions": 3, "correct": 2}
 
@@ -52,10 +68,23 @@ def tiny_dir(tmp_path, tiny_tokenizer):
 
 
 def _cfg(tmp_path, tiny_dir, method, **kw):
-    base = dict(method=method, out=str(tmp_path / f"bl-{method}"), model=str(tiny_dir), template="raw",
-                train_problems="arith:train:4", test_problems="arith:test:2", max_new_tokens=6, max_steps=2,
-                eval_every=0, prompts_per_step=2, num_generations=2, lr=5e-2, lora_rank=4, lora_alpha=8,
-                eval=EvalConfig(n=0, greedy=True, max_new_tokens=6, batch_size=4))
+    base = dict(
+        method=method,
+        out=str(tmp_path / f"bl-{method}"),
+        model=str(tiny_dir),
+        template="raw",
+        train_problems="arith:train:4",
+        test_problems="arith:test:2",
+        max_new_tokens=6,
+        max_steps=2,
+        eval_every=0,
+        prompts_per_step=2,
+        num_generations=2,
+        lr=5e-2,
+        lora_rank=4,
+        lora_alpha=8,
+        eval=EvalConfig(n=0, greedy=True, max_new_tokens=6, batch_size=4),
+    )
     base.update(kw)
     return BaselineConfig(**base)
 
@@ -80,7 +109,7 @@ def test_two_steps_of_each_method_train_the_adapter(tmp_path, tiny_dir, tiny_tok
     assert res["steps"] == 2 and res["method"] == method
     w = load_file(str(tmp_path / f"bl-{method}" / "adapter" / "adapter_model.safetensors"))
     lora_b = [v for k, v in w.items() if "lora_B" in k]
-    assert lora_b and any(v.abs().max() > 0 for v in lora_b)   # B starts at zero: it moved
+    assert lora_b and any(v.abs().max() > 0 for v in lora_b)  # B starts at zero: it moved
     curve = [json.loads(l) for l in (tmp_path / f"bl-{method}" / "curve.jsonl").read_text().splitlines()]
     assert [r["step"] for r in curve] == [2]
     assert curve[0]["generated_tokens"] > 0 and curve[0]["flops"] > 0 and "greedy" in curve[0]
@@ -109,8 +138,13 @@ def test_resume_continues_from_the_checkpoint_and_cap_stops(tmp_path, tiny_dir, 
     assert curve[2]["generated_tokens"] > curve[1]["generated_tokens"] > curve[0]["generated_tokens"]
     # a different recipe in the same dir is refused
     with pytest.raises(ReasonMaxxerError, match="different config"):
-        run_baseline(_cfg(tmp_path, tiny_dir, "grpo", eval_every=1, lr=1.0), model=model2, tokenizer=tok,
-                     grade_fn=_alternating(), progress=False)
+        run_baseline(
+            _cfg(tmp_path, tiny_dir, "grpo", eval_every=1, lr=1.0),
+            model=model2,
+            tokenizer=tok,
+            grade_fn=_alternating(),
+            progress=False,
+        )
 
 
 def test_wall_clock_cap_stops_after_the_first_step(tmp_path, tiny_dir, tiny_tokenizer):
@@ -126,7 +160,7 @@ def test_config_file_and_bad_keys(tmp_path):
     p.write_text('method = "rloo"\nlr = 3e-5\n[eval]\nn = 2\n')
     cfg = load_baseline_config(p, out="x")
     assert cfg.method == "rloo" and cfg.lr == 3e-5 and cfg.eval.n == 2 and cfg.out == "x"
-    p.write_text('lrr = 1\n')
+    p.write_text("lrr = 1\n")
     with pytest.raises(ReasonMaxxerError, match=r"unknown key\(s\) \['lrr'\]"):
         load_baseline_config(p)
     with pytest.raises(ReasonMaxxerError, match="unknown method"):

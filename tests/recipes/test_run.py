@@ -1,30 +1,38 @@
 """The run pipeline's config handling and its early stop when nothing can be selected."""
-import pytest
 
+import pytest
 from conftest import make_tiny_model
-from reasonmaxxer.errors import ReasonMaxxerError
+
 from reasonmaxxer.config import load_run_config
+from reasonmaxxer.errors import ReasonMaxxerError
 from reasonmaxxer.recipes.run import run_pipeline
 
 
 def test_config_file_and_overrides(tmp_path):
     p = tmp_path / "c.toml"
-    p.write_text('model = "m"\n[train]\nlr = 3e-4\ntarget_modules = ["q_proj"]\n[sampling]\nn = 3\n[selection]\nmax_problems = 5\n')
+    p.write_text(
+        'model = "m"\n[train]\nlr = 3e-4\ntarget_modules = ["q_proj"]\n[sampling]\nn = 3\n[selection]\nmax_problems = 5\n'
+    )
     cfg = load_run_config(p, **{"train.tau": 1.5, "out": "x"})
     assert cfg.model == "m" and cfg.out == "x" and cfg.sampling.n == 3
     assert cfg.train.lr == 3e-4 and cfg.train.tau == 1.5 and cfg.train.target_modules == ("q_proj",)
     assert cfg.selection == {"max_problems": 5}
 
 
-@pytest.mark.parametrize("text,msg", [
-    ("[train]\nlrr = 1\n", "unknown key(s) ['lrr']"),
-    ("[selection]\norder = 'bogus'\n", "order"),
-    ("model = \n", "invalid TOML"),
-])
+@pytest.mark.parametrize(
+    "text,msg",
+    [
+        ("[train]\nlrr = 1\n", "unknown key(s) ['lrr']"),
+        ("[selection]\norder = 'bogus'\n", "order"),
+        ("model = \n", "invalid TOML"),
+    ],
+)
 def test_bad_config_is_a_clear_error(tmp_path, text, msg):
     p = tmp_path / "c.toml"
     p.write_text(text)
-    with pytest.raises(ReasonMaxxerError, match=msg.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        ReasonMaxxerError, match=msg.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")
+    ):
         load_run_config(p)
 
 
@@ -33,8 +41,10 @@ def test_pipeline_stops_with_advice_when_no_problem_has_mixed_success(tmp_path, 
     make_tiny_model(len(tiny_tokenizer), seed=3, init_std=0.2).save_pretrained(ckpt)
     tiny_tokenizer.save_pretrained(ckpt)
     p = tmp_path / "c.toml"
-    p.write_text(f'model = "{ckpt}"\ntemplate = "raw"\nout = "{tmp_path / "run"}"\ntrain_problems = "arith:train:3"\n'
-                 'validation_problems = ""\ntest_problems = "arith:test:2"\n[sampling]\nn = 2\nmax_new_tokens = 8\n')
+    p.write_text(
+        f'model = "{ckpt}"\ntemplate = "raw"\nout = "{tmp_path / "run"}"\ntrain_problems = "arith:train:3"\n'
+        'validation_problems = ""\ntest_problems = "arith:test:2"\n[sampling]\nn = 2\nmax_new_tokens = 8\n'
+    )
     with pytest.raises(ReasonMaxxerError, match="(?s)mixed success.*--n.*temperature"):
         run_pipeline(load_run_config(p), progress=False)
     # the sampled rollouts are kept for the next attempt
@@ -52,13 +62,19 @@ def test_extends_merges_tables_and_ships_the_ablations(tmp_path):
     from pathlib import Path
 
     import reasonmaxxer
+
     shipped = Path(reasonmaxxer.__file__).parent / "configs" / "ablations"
     demo = load_run_config(shipped.parent / "demo.toml")
     for f in sorted(shipped.glob("*.toml")):
         a = load_run_config(f)
         assert a.reuse == "runs/demo" and a.out == f"runs/ablation-{f.stem}"
         # the same data, sampling and budget as the demo; only the loss variant or the gate differs
-        assert (a.sampling, a.selection, a.eval, a.train_problems) == (demo.sampling, demo.selection, demo.eval, demo.train_problems)
+        assert (a.sampling, a.selection, a.eval, a.train_problems) == (
+            demo.sampling,
+            demo.selection,
+            demo.eval,
+            demo.train_problems,
+        )
         diff = {k for k in a.train.__dataclass_fields__ if getattr(a.train, k) != getattr(demo.train, k)}
         assert diff in ({"variant"}, {"gate"})
 
@@ -70,12 +86,12 @@ def test_reuse_copies_only_complete_base_stores(tmp_path):
     (src / "rollouts").mkdir(parents=True)
     (src / "rollouts" / "manifest.json").write_text("{}")
     (src / "rollouts" / "shard-00000.parquet").write_bytes(b"x")
-    (src / "eval" / "base" / "greedy").mkdir(parents=True)     # no manifest: not a store, not copied
+    (src / "eval" / "base" / "greedy").mkdir(parents=True)  # no manifest: not a store, not copied
     _reuse_base_stores(src, out)
     assert (out / "rollouts" / "shard-00000.parquet").read_bytes() == b"x"
     assert not (out / "eval").exists()
     (out / "rollouts" / "shard-00000.parquet").write_bytes(b"mine")
-    _reuse_base_stores(src, out)                                # an existing store is never replaced
+    _reuse_base_stores(src, out)  # an existing store is never replaced
     assert (out / "rollouts" / "shard-00000.parquet").read_bytes() == b"mine"
     with pytest.raises(ReasonMaxxerError, match="not a run dir"):
         _reuse_base_stores(tmp_path / "nope", out)
@@ -85,9 +101,9 @@ def test_fork_changes_counts_argmax_differences_exactly(tiny_tokenizer):
     """fork_changes against a plain per-example forward: the same changed positions, top-5 hits
     and gated hits; a model against itself changes nothing."""
     import torch
-
-    from reasonmaxxer.analysis.forks import report_examples, fork_changes
     from test_train import _examples
+
+    from reasonmaxxer.analysis.forks import fork_changes, report_examples
 
     vocab = len(tiny_tokenizer)
     base, tuned = make_tiny_model(vocab, seed=0, init_std=0.2), make_tiny_model(vocab, seed=1, init_std=0.2)
@@ -101,8 +117,8 @@ def test_fork_changes_counts_argmax_differences_exactly(tiny_tokenizer):
         for e, g in zip(exs, gates):
             ids = torch.tensor([list(e.prompt_ids) + list(e.completion_ids)])
             p = len(e.prompt_ids)
-            bl = base(input_ids=ids).logits[0, p - 1:-1]
-            tl = tuned(input_ids=ids).logits[0, p - 1:-1]
+            bl = base(input_ids=ids).logits[0, p - 1 : -1]
+            tl = tuned(input_ids=ids).logits[0, p - 1 : -1]
             diff = bl.argmax(-1) != tl.argmax(-1)
             want += int(diff.sum())
             top5 += int(((bl.topk(5, -1).indices == tl.argmax(-1)[:, None]).any(-1) & diff).sum())

@@ -1,11 +1,19 @@
 """The HF sampler: exact greedy equality with HF generate, per-token statistics, seeding."""
+
 import math
 
 import pytest
 import torch
-
 from conftest import make_tiny_model
-from reasonmaxxer.backends.hf import HFSampler, Request, SamplingConfig, entropy_and_logprob, request_seed, sample_from_logits
+
+from reasonmaxxer.backends.hf import (
+    HFSampler,
+    Request,
+    SamplingConfig,
+    entropy_and_logprob,
+    request_seed,
+    sample_from_logits,
+)
 
 PREFIX = "Solve the following problem. Problem: "
 QUESTIONS = ["1+2?", "what is 33 + 4?", "abc", "x" * 30, "9*9=", "Tom has 3 apples."]
@@ -23,9 +31,10 @@ def _requests(tok, questions=QUESTIONS):
 
 def _hf_greedy(model, ids, max_new, eos):
     x = torch.tensor([ids])
-    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False,
-                         pad_token_id=0, eos_token_id=eos)
-    return out[0, x.shape[1]:].tolist()
+    out = model.generate(
+        x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False, pad_token_id=0, eos_token_id=eos
+    )
+    return out[0, x.shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 4, 32])
@@ -45,7 +54,7 @@ def test_eos_stops_rows_at_different_lengths(peaky_model, tiny_tokenizer):
     reqs = _requests(tiny_tokenizer)
     sampler = HFSampler(peaky_model, tiny_tokenizer)
     free = sampler.generate(reqs, SamplingConfig(n=1, temperature=0, max_new_tokens=24, batch_size=3))
-    eos_tok = free[0].token_ids[5]           # pretend this token is EOS: rows now end at different steps
+    eos_tok = free[0].token_ids[5]  # pretend this token is EOS: rows now end at different steps
     sampler.eos = {eos_tok}
     out = sampler.generate(reqs, SamplingConfig(n=1, temperature=0, max_new_tokens=24, batch_size=3))
     lengths = set()
@@ -59,13 +68,15 @@ def test_eos_stops_rows_at_different_lengths(peaky_model, tiny_tokenizer):
 
 def test_recorded_logprobs_and_entropies_match_teacher_forcing(peaky_model, tiny_tokenizer):
     reqs = _requests(tiny_tokenizer)[:3]
-    out = HFSampler(peaky_model, tiny_tokenizer).generate(reqs, SamplingConfig(n=1, temperature=1.0, max_new_tokens=16, batch_size=2, seed=5))
+    out = HFSampler(peaky_model, tiny_tokenizer).generate(
+        reqs, SamplingConfig(n=1, temperature=1.0, max_new_tokens=16, batch_size=2, seed=5)
+    )
     for r, c in zip(reqs, out):
         ids = torch.tensor([list(r.prompt_ids) + c.token_ids])
         with torch.no_grad():
             logits = peaky_model(ids).logits[0].float()
         P = len(r.prompt_ids)
-        steps = logits[P - 1: P - 1 + len(c.token_ids)]            # logits predicting each generated token
+        steps = logits[P - 1 : P - 1 + len(c.token_ids)]  # logits predicting each generated token
         ent, lp = entropy_and_logprob(steps, torch.tensor(c.token_ids))
         assert torch.allclose(ent, torch.tensor(c.entropies), atol=1e-4)
         assert torch.allclose(lp, torch.tensor(c.logprobs), atol=1e-4)
@@ -74,7 +85,10 @@ def test_recorded_logprobs_and_entropies_match_teacher_forcing(peaky_model, tiny
 def test_seeded_samples_do_not_depend_on_batch_composition(peaky_model, tiny_tokenizer):
     reqs = _requests(tiny_tokenizer)
     s = HFSampler(peaky_model, tiny_tokenizer)
-    runs = [s.generate(reqs, SamplingConfig(n=1, temperature=1.0, max_new_tokens=16, batch_size=b, seed=11)) for b in (1, 2, 6)]
+    runs = [
+        s.generate(reqs, SamplingConfig(n=1, temperature=1.0, max_new_tokens=16, batch_size=b, seed=11))
+        for b in (1, 2, 6)
+    ]
     for a, b in zip(runs[0], runs[1]):
         assert a.token_ids == b.token_ids
     for a, b in zip(runs[0], runs[2]):

@@ -1,4 +1,5 @@
 """Training loop: accumulation invariance, gates, resumption after SIGKILL, export, errors."""
+
 import json
 import os
 import signal
@@ -9,12 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_tiny_model
-from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.stages.train import TrainConfig, TrainExample, example_gates, lr_at, resolve_tau, train, training_order
 
-ROOT = Path(__file__).resolve().parents[1]
+from reasonmaxxer.errors import ReasonMaxxerError
+from reasonmaxxer.stages.train import (
+    TrainConfig,
+    TrainExample,
+    example_gates,
+    lr_at,
+    resolve_tau,
+    train,
+    training_order,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _examples(n=8, seed=0, vocab=100):
@@ -24,8 +33,16 @@ def _examples(n=8, seed=0, vocab=100):
         p = torch.randint(4, vocab, (int(torch.randint(5, 12, (1,), generator=g)),), generator=g).tolist()
         c = torch.randint(4, vocab, (int(torch.randint(4, 10, (1,), generator=g)),), generator=g).tolist()
         ent = (torch.rand(len(c), generator=g) * 3).tolist()
-        out.append(TrainExample(tuple(p), tuple(c), tuple(ent), advantage=1.0 if i % 2 == 0 else -1.0,
-                                correct=i % 2 == 0, key=(f"p{i // 2}", i % 2)))
+        out.append(
+            TrainExample(
+                tuple(p),
+                tuple(c),
+                tuple(ent),
+                advantage=1.0 if i % 2 == 0 else -1.0,
+                correct=i % 2 == 0,
+                key=(f"p{i // 2}", i % 2),
+            )
+        )
     return out
 
 
@@ -45,8 +62,17 @@ def test_loss_does_not_depend_on_micro_batch_split(tmp_path, tiny_tokenizer):
     exs = _examples(8)
     states = []
     for mb, acc in ((1, 8), (4, 2), (8, 1)):
-        cfg = TrainConfig(tau=1.0, micro_batch=mb, grad_accum=acc, lora_rank=4, lora_alpha=8, lr=1e-2,
-                          warmup_steps=1, checkpoint_every=100, max_steps=1)
+        cfg = TrainConfig(
+            tau=1.0,
+            micro_batch=mb,
+            grad_accum=acc,
+            lora_rank=4,
+            lora_alpha=8,
+            lr=1e-2,
+            warmup_steps=1,
+            checkpoint_every=100,
+            max_steps=1,
+        )
         model = make_tiny_model(len(tiny_tokenizer), seed=1)
         train(exs, cfg, tmp_path / f"r{mb}", model, tiny_tokenizer, shuffle=False, progress=False, export=False)
         states.append(_lora_state(model))
@@ -106,11 +132,21 @@ def test_export_adapter_and_merged_load(tmp_path, tiny_tokenizer):
     make_tiny_model(len(tiny_tokenizer), seed=1).save_pretrained(base_dir)
     tiny_tokenizer.save_pretrained(base_dir)
     from reasonmaxxer.models import load_model
+
     model, tok = load_model(str(base_dir))
     cfg = TrainConfig(tau=1.0, micro_batch=2, grad_accum=1, lora_rank=4, lr=1e-2, checkpoint_every=2)
     calls = []
-    res = train(_examples(8), cfg, tmp_path / "run", model, tok, base_spec=str(base_dir), shuffle=False,
-                progress=False, validate=lambda m: calls.append(1) or [0.5, 0.75][len(calls) % 2])
+    res = train(
+        _examples(8),
+        cfg,
+        tmp_path / "run",
+        model,
+        tok,
+        base_spec=str(base_dir),
+        shuffle=False,
+        progress=False,
+        validate=lambda m: calls.append(1) or [0.5, 0.75][len(calls) % 2],
+    )
     assert res["selected_step"] == 2 and res["selected_val_accuracy"] == 0.75  # ties -> later
     merged = AutoModelForCausalLM.from_pretrained(res["merged"])
     adapted, _ = load_model(res["adapter"])
@@ -119,13 +155,16 @@ def test_export_adapter_and_merged_load(tmp_path, tiny_tokenizer):
         assert torch.allclose(merged(x).logits, adapted(x).logits, atol=1e-4)
         assert not torch.allclose(merged(x).logits, make_tiny_model(len(tok), seed=1)(x).logits, atol=1e-4)
     # re-running a finished run is a no-op that returns the same result
-    again = train(_examples(8), cfg, tmp_path / "run", model, tok, base_spec=str(base_dir), shuffle=False, progress=False)
+    again = train(
+        _examples(8), cfg, tmp_path / "run", model, tok, base_spec=str(base_dir), shuffle=False, progress=False
+    )
     assert again["selected_step"] == res["selected_step"]
 
 
 _SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, {tests!r})
+sys.path.insert(0, {tests!r} + '/stages')
 from conftest import _tiny_tokenizer, make_tiny_model
 from test_train import _examples
 from reasonmaxxer.stages.train import TrainConfig, train
@@ -140,7 +179,9 @@ def test_sigkill_and_resume_gives_the_same_adapter(tmp_path):
     script = tmp_path / "t.py"
     script.write_text(_SCRIPT.format(tests=str(ROOT / "tests")))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, str(script), str(tmp_path / "ref")], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ref")], env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     run = tmp_path / "killed"
     p = subprocess.Popen([sys.executable, str(script), str(run)], env=env, stderr=subprocess.DEVNULL)
@@ -161,7 +202,7 @@ def test_sigkill_and_resume_gives_the_same_adapter(tmp_path):
         assert torch.equal(a[k], b[k]), k
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
-    assert not list((run / "checkpoints").glob(".*"))   # no temp files or dirs left by the kill
+    assert not list((run / "checkpoints").glob(".*"))  # no temp files or dirs left by the kill
 
 
 def test_shared_prefix_logits_and_grads_equal_the_plain_forward(tiny_tokenizer):
@@ -181,8 +222,10 @@ def test_shared_prefix_logits_and_grads_equal_the_plain_forward(tiny_tokenizer):
     assert shared_prefix_len(ids, att) == 12
     grads = []
     for P in (0, 12):
-        model = get_peft_model(make_tiny_model(len(tiny_tokenizer), seed=1, init_std=0.2),
-                               LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        model = get_peft_model(
+            make_tiny_model(len(tiny_tokenizer), seed=1, init_std=0.2),
+            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        )
         logits = shared_prefix_logits(model, ids, att, P)
         (logits.log_softmax(-1)[att.bool()] * torch.linspace(-1, 1, 104)).sum().backward()
         grads.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
@@ -190,7 +233,7 @@ def test_shared_prefix_logits_and_grads_equal_the_plain_forward(tiny_tokenizer):
     assert torch.allclose(grads[0][0][m], grads[1][0][m], atol=1e-4)
     for n in grads[0][1]:
         a, b = grads[0][1][n], grads[1][1][n]
-        assert (a - b).abs().max() <= 1e-5 * a.abs().max() + 1e-6, n   # same up to fp32 summation order
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max() + 1e-6, n  # same up to fp32 summation order
 
 
 @pytest.mark.parametrize("variant", ["reasonmaxxer", "positive_only"])
@@ -206,7 +249,9 @@ def test_micro_batch_loss_with_shared_prefix_equals_plain(tiny_tokenizer, varian
     for i, n in enumerate((4, 6, 3)):
         p = prefix + tuple(torch.randint(4, 100, (2 + i,)).tolist())
         c = tuple(torch.randint(4, 100, (n,)).tolist())
-        exs.append(TrainExample(p, c, tuple((torch.rand(n) * 3).tolist()), advantage=[1.0, -0.5, 0.7][i], correct=i != 1))
+        exs.append(
+            TrainExample(p, c, tuple((torch.rand(n) * 3).tolist()), advantage=[1.0, -0.5, 0.7][i], correct=i != 1)
+        )
     ids, att, comp, ent, adv, _ = batch_tensors(exs, 0)
     gate = comp & (ent > 1.0)
     m = loss_masks(variant, gate=gate, completion_mask=comp, attention_mask=att, advantages=adv, lam=0.2)
@@ -215,8 +260,10 @@ def test_micro_batch_loss_with_shared_prefix_equals_plain(tiny_tokenizer, varian
     assert P == 10 and shared_prefix_len(ids[:1], att[:1]) == 0
     out = []
     for p in (0, P):
-        model = get_peft_model(make_tiny_model(len(tiny_tokenizer), seed=2, init_std=0.2),
-                               LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        model = get_peft_model(
+            make_tiny_model(len(tiny_tokenizer), seed=2, init_std=0.2),
+            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        )
         loss, stats = micro_batch_loss(model, None, ids, att, m, p, dec, anc)
         loss.backward()
         out.append((float(loss), stats, {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}))

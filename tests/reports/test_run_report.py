@@ -2,6 +2,7 @@
 
 The full report is written once per module (plots take ~1 s); small cases get their own dirs.
 """
+
 import base64
 import re
 import warnings
@@ -27,38 +28,83 @@ def _data():
     # 100k entropies: most tokens near 0, a tail past tau (as in real rollouts)
     values = np.concatenate([rng.exponential(0.15, 95_000), rng.uniform(1.0, 4.0, 5_000)]).tolist()
     ex_correct = [
-        _tok("Let", 0.1), _tok(" x", 0.3), _tok(" =", 0.05), _tok(" 3", 2.31, top5=[[" 3", 0.41], [" 4", 0.22],
-                                                                                      [" <", 0.1], [" &", 0.05],
-                                                                                      ["\n", 0.01]]),
-        _tok(".\n", 0.2), _tok("1.", 1.9, top5=[["1.", 0.5], ["So", 0.3]]),   # gated token at a line start
-        _tok(" Then", 0.1), _tok(" <script>alert(1)</script>", 3.2, top5=[[" <script>", 0.3], [" So", 0.2]]),
-        _tok(" a & b", 0.4), _tok("\n\n", 1.7, top5=[["\n\n", 0.6], [" ", 0.2]]), _tok("# not a heading", 0.1),
-        _tok(" \\boxed{3}", 0.1), _tok("x", 0.1), _tok("(", 1.5),   # gated punctuation right after a letter
+        _tok("Let", 0.1),
+        _tok(" x", 0.3),
+        _tok(" =", 0.05),
+        _tok(" 3", 2.31, top5=[[" 3", 0.41], [" 4", 0.22], [" <", 0.1], [" &", 0.05], ["\n", 0.01]]),
+        _tok(".\n", 0.2),
+        _tok("1.", 1.9, top5=[["1.", 0.5], ["So", 0.3]]),  # gated token at a line start
+        _tok(" Then", 0.1),
+        _tok(" <script>alert(1)</script>", 3.2, top5=[[" <script>", 0.3], [" So", 0.2]]),
+        _tok(" a & b", 0.4),
+        _tok("\n\n", 1.7, top5=[["\n\n", 0.6], [" ", 0.2]]),
+        _tok("# not a heading", 0.1),
+        _tok(" \\boxed{3}", 0.1),
+        _tok("x", 0.1),
+        _tok("(", 1.5),  # gated punctuation right after a letter
     ]
-    ex_wrong = [_tok("The", 0.2), _tok(" answer", 1.6, top5=[[" answer", 0.45], [" result", 0.3]]),
-                _tok(" is", 0.1), _tok(" 5", 0.2)]
-    curves = [{"step": s, "loss": 1.0 / s - 0.1, "decision": -0.05 * s / 10, "anchor": 0.01 * s,
-               "gated_fraction": 0.052 + 0.001 * (s % 3), "grad_norm": 0.8, "lr": 1e-4 * min(1, s / 5),
-               "tokens_per_s": 5000.0, "val_accuracy": (0.40 + 0.005 * s if s % 5 == 0 else None)}
-              for s in range(1, 21)]
+    ex_wrong = [
+        _tok("The", 0.2),
+        _tok(" answer", 1.6, top5=[[" answer", 0.45], [" result", 0.3]]),
+        _tok(" is", 0.1),
+        _tok(" 5", 0.2),
+    ]
+    curves = [
+        {
+            "step": s,
+            "loss": 1.0 / s - 0.1,
+            "decision": -0.05 * s / 10,
+            "anchor": 0.01 * s,
+            "gated_fraction": 0.052 + 0.001 * (s % 3),
+            "grad_norm": 0.8,
+            "lr": 1e-4 * min(1, s / 5),
+            "tokens_per_s": 5000.0,
+            "val_accuracy": (0.40 + 0.005 * s if s % 5 == 0 else None),
+        }
+        for s in range(1, 21)
+    ]
     return {
         "title": "Qwen3-0.6B on MATH | <reasonmaxxer> run",
-        "summary": {"model": "Qwen/Qwen3-0.6B", "problems": "MATH L3-5 (300)", "template": "qwen_boxed",
-                    "method": "reasonmaxxer", "lam": 0.2, "tau": 1.4, "tau_source": "held-out sweep",
-                    "steps": 149, "lora": {"r": 32, "alpha": 64}, "note": "a|b"},
+        "summary": {
+            "model": "Qwen/Qwen3-0.6B",
+            "problems": "MATH L3-5 (300)",
+            "template": "qwen_boxed",
+            "method": "reasonmaxxer",
+            "lam": 0.2,
+            "tau": 1.4,
+            "tau_source": "held-out sweep",
+            "steps": 149,
+            "lora": {"r": 32, "alpha": 64},
+            "note": "a|b",
+        },
         "accuracy": {
             "base": {"greedy": 0.298, "avg_at_n": 0.2871, "n_problems": 500, "n_samples": 16},
             "trained": {"greedy": 0.502, "avg_at_n": 0.4912, "n_problems": 500, "n_samples": 16},
-            "paired": {"metric": "greedy", "n": 500, "mean_diff": 0.204, "low": 0.15, "high": 0.26,
-                       "wins": 130, "losses": 28, "ties": 342},
+            "paired": {
+                "metric": "greedy",
+                "n": 500,
+                "mean_diff": 0.204,
+                "low": 0.15,
+                "high": 0.26,
+                "wins": 130,
+                "losses": 28,
+                "ties": 342,
+            },
         },
         "entropy": {"values": values, "tau": 1.4, "gated_fraction": 0.052},
-        "examples": [{"problem_id": "math/algebra/17", "correct": True, "advantage": 1.22, "tokens": ex_correct},
-                     {"problem_id": "math/geometry/<3>", "correct": False, "advantage": -0.81, "tokens": ex_wrong}],
+        "examples": [
+            {"problem_id": "math/algebra/17", "correct": True, "advantage": 1.22, "tokens": ex_correct},
+            {"problem_id": "math/geometry/<3>", "correct": False, "advantage": -0.81, "tokens": ex_wrong},
+        ],
         "curves": curves,
         "timings": {"sample": 1234.5, "score": 321.0, "train": 3600.0, "evaluate": 444.4},
-        "selection": {"problems_total": 300, "problems_mixed": 142, "problems_kept": 50, "rollouts_kept": 1000,
-                      "pass_rate_histogram": [80, 12, 15, 20, 18, 17, 25, 20, 15, 78]},
+        "selection": {
+            "problems_total": 300,
+            "problems_mixed": 142,
+            "problems_kept": 50,
+            "rollouts_kept": 1000,
+            "pass_rate_histogram": [80, 12, 15, 20, 18, 17, 25, 20, 15, 78],
+        },
         "artifacts": {"adapter": "adapter/", "merged checkpoint": "merged/model.safetensors"},
     }
 
@@ -67,7 +113,7 @@ def _data():
 def full(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     with warnings.catch_warnings():
-        warnings.simplefilter("error")          # well-formed data renders without any warning
+        warnings.simplefilter("error")  # well-formed data renders without any warning
         md_path, html_path = write_train_report(out, _data())
     return out, md_path, html_path, md_path.read_text(encoding="utf-8"), html_path.read_text(encoding="utf-8")
 
@@ -78,7 +124,7 @@ def test_files_and_pngs(full):
     assert md_path.is_file() and html_path.is_file()
     for name in PLOT_NAMES:
         assert (out / "plots" / name).read_bytes().startswith(PNG_SIG), name
-    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]   # atomic writes left no temp files
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # atomic writes left no temp files
 
 
 def test_html_is_self_contained(full):
@@ -96,8 +142,8 @@ def test_html_escapes_token_text(full):
     html = full[4]
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert " a &amp; b" in html
-    assert "&lt;reasonmaxxer&gt;" in html                   # title
-    assert "math/geometry/&lt;3&gt;" in html                # problem id
+    assert "&lt;reasonmaxxer&gt;" in html  # title
+    assert "math/geometry/&lt;3&gt;" in html  # problem id
     # the rollout keeps its newlines as line breaks (pre-wrap), and a whitespace-only gated token is visible
     rollout = re.search(r'<pre class="rollout">(.*?)</pre>', html, re.S).group(1)
     assert ".\n" in rollout and "↵↵</span>" in rollout
@@ -109,8 +155,22 @@ def test_html_escapes_token_text(full):
 
 def test_html_shows_numbers(full):
     html = full[4]
-    for s in ("0.298", "0.502", "0.287", "0.491", "avg@16", "+0.204", "[+0.150, +0.260]",
-              "130", "342", "1.4", "5.20%", "held-out sweep", "Qwen/Qwen3-0.6B", "1000"):
+    for s in (
+        "0.298",
+        "0.502",
+        "0.287",
+        "0.491",
+        "avg@16",
+        "+0.204",
+        "[+0.150, +0.260]",
+        "130",
+        "342",
+        "1.4",
+        "5.20%",
+        "held-out sweep",
+        "Qwen/Qwen3-0.6B",
+        "1000",
+    ):
         assert s in html, s
     assert "The interval excludes zero: the trained model is better" in html
     assert '<a href="merged/model.safetensors">' in html
@@ -127,7 +187,9 @@ def test_markdown_tables(full):
     assert "| greedy | 500 | +0.204 | [+0.150, +0.260] | 130 | 28 | 342 |" in md
     assert "| tau (nats) | 1.4 (held-out sweep) |" in md
     assert "| gated fraction (training gate) | 5.20% |" in md
-    assert "| problems kept | 50 |" in md and "| tau\\_source | held-out sweep |" in md and "| problems | 80 | 12 |" in md
+    assert (
+        "| problems kept | 50 |" in md and "| tau\\_source | held-out sweep |" in md and "| problems | 80 | 12 |" in md
+    )
     assert "| stage | seconds | h:mm:ss | share |" in md and "| train | 3,600.0 | 1:00:00 |" in md
     assert "| adapter | [adapter/](adapter/) |" in md
     assert "| merged checkpoint | [merged/model.safetensors](merged/model.safetensors) |" in md
@@ -137,14 +199,14 @@ def test_markdown_tables(full):
 
 def test_markdown_example_rendering(full):
     md = full[3]
-    assert "<script" not in md and "&lt;script&gt;alert\\(1\\)" not in md   # ( is not escaped, < is
+    assert "<script" not in md and "&lt;script&gt;alert\\(1\\)" not in md  # ( is not escaped, < is
     assert "**&lt;script&gt;alert(1)&lt;/script&gt;**<sup>3</sup>" in md
-    assert " **3**<sup>1</sup>" in md                       # leading space kept outside the bold
-    assert "> 1\\.<sup>" not in md and "> **1.**<sup>2</sup>" in md   # bold at line start is not a list
-    assert "b<b>↵↵</b><sup>4</sup>" in md   # whitespace-only gated token made visible (↵ after a letter: <b>)
-    assert "> \\# not a heading" in md                       # line-start '#' escaped
-    assert "\\\\boxed{3}" in md                              # backslash escaped
-    assert "x<b>(</b><sup>5</sup>" in md                     # ** cannot open between 'x' and '(' in CommonMark
+    assert " **3**<sup>1</sup>" in md  # leading space kept outside the bold
+    assert "> 1\\.<sup>" not in md and "> **1.**<sup>2</sup>" in md  # bold at line start is not a list
+    assert "b<b>↵↵</b><sup>4</sup>" in md  # whitespace-only gated token made visible (↵ after a letter: <b>)
+    assert "> \\# not a heading" in md  # line-start '#' escaped
+    assert "\\\\boxed{3}" in md  # backslash escaped
+    assert "x<b>(</b><sup>5</sup>" in md  # ** cannot open between 'x' and '(' in CommonMark
     # the table under the rollout: entropy and top-5 with the sampled token in bold
     assert "| 1 | ␣3 | 2.31 | **␣3** 0.410 · ␣4 0.220 · ␣&lt; 0.100 · ␣&amp; 0.050 · ↵ 0.010 |" in md
     assert "| 5 | ( | 1.5 | not recorded |" in md
@@ -164,8 +226,12 @@ def test_title_only_gives_not_available_notes(tmp_path):
 
 
 def test_partial_sections(tmp_path):
-    data = {"title": "partial", "accuracy": {"base": {"greedy": 0.3, "n_problems": 40}},
-            "entropy": {"tau": 1.2}, "curves": [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}]}
+    data = {
+        "title": "partial",
+        "accuracy": {"base": {"greedy": 0.3, "n_problems": 40}},
+        "entropy": {"tau": 1.2},
+        "curves": [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}],
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         md_path, html_path = write_train_report(tmp_path, data)
@@ -191,13 +257,26 @@ def test_malformed_section_is_a_note_not_a_crash(tmp_path):
         md_path, _ = write_train_report(tmp_path, data)
     md = md_path.read_text()
     assert "Not available: the 'accuracy' section could not be rendered (AttributeError" in md
-    assert "| train | 10.0 | 0:00:10 | 100.0% |" in md      # the rest of the report is intact
+    assert "| train | 10.0 | 0:00:10 | 100.0% |" in md  # the rest of the report is intact
 
 
 def test_interval_including_zero_and_scheme_links(tmp_path):
-    data = {"title": "t", "accuracy": {"paired": {"metric": "avg_at_n", "n": 50, "mean_diff": 0.01,
-                                                  "low": -0.03, "high": 0.05, "wins": 9, "losses": 8, "ties": 33}},
-            "artifacts": {"remote": "https://example.org/x", "js": "javascript:alert(1)"}}
+    data = {
+        "title": "t",
+        "accuracy": {
+            "paired": {
+                "metric": "avg_at_n",
+                "n": 50,
+                "mean_diff": 0.01,
+                "low": -0.03,
+                "high": 0.05,
+                "wins": 9,
+                "losses": 8,
+                "ties": 33,
+            }
+        },
+        "artifacts": {"remote": "https://example.org/x", "js": "javascript:alert(1)"},
+    }
     md_path, html_path = write_train_report(tmp_path, data)
     md, html = md_path.read_text(), html_path.read_text()
     assert "[-0.030, +0.050]" in md and "The interval includes zero" in md

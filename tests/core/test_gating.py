@@ -1,9 +1,19 @@
 """Tests for reasonmaxxer.gating, with counts worked out by hand."""
+
 import pytest
 import torch
 
+from reasonmaxxer.core.gating import (
+    check_gate_nonempty,
+    count_for_fraction,
+    entropy_gate,
+    gated_fraction,
+    random_gate,
+    random_gate_like,
+    split_tau,
+    tau_for_fraction,
+)
 from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.core.gating import check_gate_nonempty, count_for_fraction, entropy_gate, gated_fraction, random_gate, random_gate_like, split_tau, tau_for_fraction
 
 # Two rows, T = 6. Row 0: 2 prompt tokens then 4 completion tokens; row 1: left padding (1),
 # 1 prompt token, 4 completion tokens. Entropies in nats.

@@ -7,16 +7,27 @@ at the edited positions, whatever the prefix. The wrapper reads absolute positio
 `position_ids` and handles `logits_to_keep`, so it works on the KV-cached decode path.
 A generated token j of a prompt of length L is predicted at position L - 1 + j.
 """
+
 import json
 import math
 
 import pytest
 import torch
-from conftest import make_tiny_model
-from test_analysis import EditedLogits, model_dirs  # noqa: F401, F811 (model_dirs: a fixture)
+from conftest import EditedLogits, make_tiny_model
 
+from reasonmaxxer.analysis.intervene import (
+    Rule,
+    base_greedy,
+    cross_forward,
+    cross_reverse,
+    entropy_gated,
+    mixed_decode,
+    oracle,
+    random_control,
+    run_intervene,
+    tuned_greedy,
+)
 from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.analysis.intervene import Rule, base_greedy, cross_forward, cross_reverse, entropy_gated, mixed_decode, oracle, random_control, run_intervene, tuned_greedy
 
 N_NEW = 10
 
@@ -41,8 +52,10 @@ def edits(prompts):
 
 def _reached(prompts, records, edits):
     """{row: sorted token indices j where an edit sits}, j = pos - (L - 1)."""
-    return {i: sorted(pos - (len(p) - 1) for pos in edits if 0 <= pos - (len(p) - 1) < len(r["token_ids"]))
-            for i, (p, r) in enumerate(zip(prompts, records))}
+    return {
+        i: sorted(pos - (len(p) - 1) for pos in edits if 0 <= pos - (len(p) - 1) < len(r["token_ids"]))
+        for i, (p, r) in enumerate(zip(prompts, records))
+    }
 
 
 def _touched(records):
@@ -56,10 +69,21 @@ def _decode(base, tuned, prompts, rule, eos=frozenset(), **kw):
 @pytest.fixture(scope="module")
 def runs(base_model, prompts, edits, tiny_tokenizer):
     tuned = EditedLogits(base_model, edits)
-    out = {r.label: _decode(base_model, tuned, prompts, r, tokenizer=tiny_tokenizer)
-           for r in (base_greedy(), tuned_greedy(), oracle(), random_control(0), random_control(1),
-                     entropy_gated(math.inf), entropy_gated(-1.0), cross_forward(-1.0), cross_reverse(-1.0),
-                     cross_reverse(math.inf))}
+    out = {
+        r.label: _decode(base_model, tuned, prompts, r, tokenizer=tiny_tokenizer)
+        for r in (
+            base_greedy(),
+            tuned_greedy(),
+            oracle(),
+            random_control(0),
+            random_control(1),
+            entropy_gated(math.inf),
+            entropy_gated(-1.0),
+            cross_forward(-1.0),
+            cross_reverse(-1.0),
+            cross_reverse(math.inf),
+        )
+    }
     return out
 
 
@@ -90,7 +114,7 @@ def test_oracle_reproduces_tuned_greedy(runs, prompts, edits):
     assert [r["token_ids"] for r in runs["oracle"]] == [r["token_ids"] for r in runs["tuned_greedy"]]
     assert [r["token_ids"] for r in runs["oracle"]] != [r["token_ids"] for r in runs["base_greedy"]]
     reached = _reached(prompts, runs["oracle"], edits)
-    assert sum(map(len, reached.values())) >= 6                      # every row length, several per row
+    assert sum(map(len, reached.values())) >= 6  # every row length, several per row
     assert _touched(runs["oracle"]) == reached == _touched(runs["tuned_greedy"])
     assert all(len(r["token_ids"]) == N_NEW and r["finish_reason"] == "length" for r in runs["oracle"])
     assert all(isinstance(r["text"], str) for r in runs["oracle"])
@@ -101,10 +125,16 @@ def test_base_greedy_matches_hf_generate(base_model, prompts, tiny_tokenizer):
     eos = {tiny_tokenizer.eos_token_id}
     recs = mixed_decode(base_model, tuned, prompts, base_greedy(), max_new_tokens=N_NEW, eos_ids=eos, batch_size=3)
     assert not any(any(r["touched"]) for r in recs)
-    for p, r in zip(prompts, recs):                                       # one row at a time: no padding
-        g = base_model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                do_sample=False, max_new_tokens=N_NEW, eos_token_id=2, pad_token_id=0)
-        assert r["token_ids"] == g[0, len(p):].tolist()
+    for p, r in zip(prompts, recs):  # one row at a time: no padding
+        g = base_model.generate(
+            torch.tensor([p]),
+            attention_mask=torch.ones(1, len(p), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=N_NEW,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+        assert r["token_ids"] == g[0, len(p) :].tolist()
         assert r["finish_reason"] == ("eos" if r["token_ids"][-1] == 2 else "length")
 
 
@@ -115,8 +145,9 @@ def test_random_control_touches_oracle_positions(runs, prompts, edits):
         assert _touched(recs) == reached
         # never the base argmax: replay base greedy on the emitted prefix at each touched position
         assert [r["token_ids"] for r in recs] != [r["token_ids"] for r in runs["oracle"]]
-    assert [r["token_ids"] for r in runs["random_control(seed=0)"]] != \
-           [r["token_ids"] for r in runs["random_control(seed=1)"]]
+    assert [r["token_ids"] for r in runs["random_control(seed=0)"]] != [
+        r["token_ids"] for r in runs["random_control(seed=1)"]
+    ]
 
 
 def test_random_control_never_emits_base_argmax(base_model, prompts, edits):
@@ -127,13 +158,13 @@ def test_random_control_never_emits_base_argmax(base_model, prompts, edits):
         for j, t in enumerate(r["touched"]):
             if t:
                 ids = torch.tensor([p + r["token_ids"][:j]])
-                logits = base_model(input_ids=ids).logits[0, -1]          # [V]
+                logits = base_model(input_ids=ids).logits[0, -1]  # [V]
                 assert r["token_ids"][j] != int(logits.argmax())
                 assert r["token_ids"][j] in torch.topk(logits, 20).indices.tolist()
                 checked += 1
     assert checked >= 6
     again = _decode(base_model, tuned, prompts, random_control(7))
-    assert [r["token_ids"] for r in again] == [r["token_ids"] for r in recs]        # seeded per row
+    assert [r["token_ids"] for r in again] == [r["token_ids"] for r in recs]  # seeded per row
 
 
 def test_gated_and_cross_limits(runs):
@@ -141,8 +172,8 @@ def test_gated_and_cross_limits(runs):
     assert ids["entropy_gated(inf)"] == ids["base_greedy"]
     assert ids["entropy_gated(-1)"] == ids["tuned_greedy"]
     assert ids["cross_forward(-1)"] == ids["tuned_greedy"]
-    assert ids["cross_reverse(inf)"] == ids["tuned_greedy"]        # never inject: the tuned model decodes
-    assert ids["cross_reverse(-1)"] == ids["base_greedy"]          # always inject base tokens
+    assert ids["cross_reverse(inf)"] == ids["tuned_greedy"]  # never inject: the tuned model decodes
+    assert ids["cross_reverse(-1)"] == ids["base_greedy"]  # always inject base tokens
     assert not any(any(r["touched"]) for r in runs["entropy_gated(inf)"])
 
 
@@ -153,18 +184,19 @@ def test_eos_stops_rows(base_model, prompts):
     eos = {first[0]["token_ids"][0]}
     recs = _decode(base_model, base_model, prompts, base_greedy(), eos=eos)
     assert recs[0]["token_ids"] == first[0]["token_ids"][:1] and recs[0]["finish_reason"] == "eos"
-    for a, b in zip(first, recs):                                   # other rows: prefix until their EOS
+    for a, b in zip(first, recs):  # other rows: prefix until their EOS
         assert a["token_ids"][: len(b["token_ids"])] == b["token_ids"]
     with pytest.raises(ReasonMaxxerError, match="positions"):
         mixed_decode(base_model, base_model, [[5] * 600], base_greedy(), eos_ids=set())
 
 
-def test_run_intervene_writes_files(tmp_path, model_dirs, monkeypatch):  # noqa: F811
+def test_run_intervene_writes_files(tmp_path, model_dirs, monkeypatch):
     d = model_dirs["good"]
     monkeypatch.setenv("REASONMAXXER_DEVICE", "cpu")
     out = tmp_path / "out"
-    res = run_intervene(str(d), str(d), "arith:test:2", out, template="mistral", max_new_tokens=4,
-                        taus=(0.5, 2.0), random_seeds=(0, 1))
+    res = run_intervene(
+        str(d), str(d), "arith:test:2", out, template="mistral", max_new_tokens=4, taus=(0.5, 2.0), random_seeds=(0, 1)
+    )
     js = json.loads((out / "intervene.json").read_text())
     conds = [r["condition"] for r in js["rows"]]
     assert conds[:3] == ["base (greedy)", "tuned (greedy)", "oracle"] and len(conds) == 4 + 2 + 2
@@ -174,7 +206,7 @@ def test_run_intervene_writes_files(tmp_path, model_dirs, monkeypatch):  # noqa:
     assert js["rows"][3]["pass_at_1"]["mean"] == js["rows"][0]["pass_at_1"]
     md = (out / "intervene.md").read_text()
     assert "| oracle |" in md and "= tuned" in md and "<= base" in md
-    for name in ("tau_sweep.png", "intervene_bars.png"):      # both plots, beside each other
+    for name in ("tau_sweep.png", "intervene_bars.png"):  # both plots, beside each other
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert res["paths"]["plot"].endswith("tau_sweep.png") and res["paths"]["bars"].endswith("intervene_bars.png")
     with pytest.raises(ReasonMaxxerError, match="empty") as e:

@@ -1,4 +1,5 @@
 """compare: synthetic run dirs with known numbers; compute-to-match exact, incl. "not reached"."""
+
 import json
 
 import pyarrow as pa
@@ -8,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from reasonmaxxer.cli import main
-from reasonmaxxer.recipes.compare import compute_to_match, read_run, run_compare
 from reasonmaxxer.errors import ReasonMaxxerError
+from reasonmaxxer.recipes.compare import compute_to_match, read_run, run_compare
 
 CURVE = [
     {"step": 10, "train_seconds": 100.0, "flops": 1e12, "avg_at_n": 0.30, "greedy": 0.40},
@@ -33,8 +34,16 @@ def test_compute_to_match_not_reached_is_a_lower_bound_at_the_curve_end():
 
 def _eval_json(path, avg, greedy):
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"strict": {"avg_at_n": {"value": avg, "low": avg - 0.1, "high": avg + 0.1, "n": 10},
-                                           "greedy": {"value": greedy, "low": greedy - 0.1, "high": greedy + 0.1, "n": 10}}}))
+    path.write_text(
+        json.dumps(
+            {
+                "strict": {
+                    "avg_at_n": {"value": avg, "low": avg - 0.1, "high": avg + 0.1, "n": 10},
+                    "greedy": {"value": greedy, "low": greedy - 0.1, "high": greedy + 0.1, "n": 10},
+                }
+            }
+        )
+    )
 
 
 def make_rm_run(d, *, n_params=(10, 10), avg=0.45, greedy=0.5, variant="reasonmaxxer", reuse=None):
@@ -43,19 +52,33 @@ def make_rm_run(d, *, n_params=(10, 10), avg=0.45, greedy=0.5, variant="reasonma
     steps of 6 + 4 tokens, lam > 0 (reference forward on the 10 trained tokens), no validation."""
     (d / "train" / "merged").mkdir(parents=True)
     save_file({"w": torch.zeros(*n_params)}, str(d / "train" / "merged" / "model.safetensors"))
-    (d / "run_config.json").write_text(json.dumps({"train": {"lam": 0.2, "variant": variant, "gate": "entropy"},
-                                                   "validation_problems": "", "eval": {"max_new_tokens": 8},
-                                                   "reuse": reuse}))
-    (d / "timings.json").write_text(json.dumps({"sample": 30.0, "select + score": 0.0, "train": 70.0,
-                                                "eval base": 20.0, "eval trained": 25.0}))
+    (d / "run_config.json").write_text(
+        json.dumps(
+            {
+                "train": {"lam": 0.2, "variant": variant, "gate": "entropy"},
+                "validation_problems": "",
+                "eval": {"max_new_tokens": 8},
+                "reuse": reuse,
+            }
+        )
+    )
+    (d / "timings.json").write_text(
+        json.dumps({"sample": 30.0, "select + score": 0.0, "train": 70.0, "eval base": 20.0, "eval trained": 25.0})
+    )
     (d / "train" / "result.json").write_text(json.dumps({"total_steps": 2, "history": []}))
     # step 2 is an older log line without "tokens": 40 tok/s x 0.1 s = 4 tokens
-    (d / "train" / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 6, "tokens_per_s": 60.0, "seconds": 0.1}) + "\n"
-                                               + json.dumps({"step": 2, "tokens_per_s": 40.0, "seconds": 0.1}) + "\n")
+    (d / "train" / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "tokens": 6, "tokens_per_s": 60.0, "seconds": 0.1})
+        + "\n"
+        + json.dumps({"step": 2, "tokens_per_s": 40.0, "seconds": 0.1})
+        + "\n"
+    )
     (d / "rollouts" / "shards").mkdir(parents=True)
     (d / "rollouts" / "manifest.json").write_text(json.dumps({"generated_tokens": 5, "config_hash": "h1"}))
-    pq.write_table(pa.table({"prompt_ids": [[1, 2, 3, 4], [1, 2, 3, 4]], "token_ids": [[5, 6], [7, 8, 9]]}),
-                   d / "rollouts" / "shards" / "shard-00000.parquet")
+    pq.write_table(
+        pa.table({"prompt_ids": [[1, 2, 3, 4], [1, 2, 3, 4]], "token_ids": [[5, 6], [7, 8, 9]]}),
+        d / "rollouts" / "shards" / "shard-00000.parquet",
+    )
     _eval_json(d / "eval" / "trained" / "eval.json", avg, greedy)
     _eval_json(d / "eval" / "base" / "eval.json", 0.3, 0.4)
     return d
@@ -65,10 +88,22 @@ def make_baseline_run(d, curve, method="grpo"):
     d.mkdir(parents=True)
     (d / "baseline_config.json").write_text("{}")
     last = curve[-1]
-    (d / "result.json").write_text(json.dumps({
-        "method": method, "n_params": 100, "steps": last["step"], "train_seconds": last["train_seconds"],
-        "eval_seconds": 12.0, "generated_tokens": 1000, "trained_tokens": 3000, "forward_tokens": 3000,
-        "flops": last["flops"], "max_train_seconds": None}))
+    (d / "result.json").write_text(
+        json.dumps(
+            {
+                "method": method,
+                "n_params": 100,
+                "steps": last["step"],
+                "train_seconds": last["train_seconds"],
+                "eval_seconds": 12.0,
+                "generated_tokens": 1000,
+                "trained_tokens": 3000,
+                "forward_tokens": 3000,
+                "flops": last["flops"],
+                "max_train_seconds": None,
+            }
+        )
+    )
     (d / "curve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
     return d
 
@@ -83,17 +118,27 @@ def test_reasonmaxxer_run_compute_is_counted_by_hand(tmp_path):
 
 
 def test_compare_table_and_ratios(tmp_path):
-    rm = make_rm_run(tmp_path / "rm")                      # flops 10600, 100 s
-    reached = make_baseline_run(tmp_path / "grpo", [
-        {"step": 5, "train_seconds": 500.0, "flops": 53000.0, "avg_at_n": 0.40},
-        {"step": 10, "train_seconds": 2500.0, "flops": 212000.0, "avg_at_n": 0.46}])
-    never = make_baseline_run(tmp_path / "rloo", [
-        {"step": 5, "train_seconds": 900.0, "flops": 106000.0, "avg_at_n": 0.40}], method="rloo")
+    rm = make_rm_run(tmp_path / "rm")  # flops 10600, 100 s
+    reached = make_baseline_run(
+        tmp_path / "grpo",
+        [
+            {"step": 5, "train_seconds": 500.0, "flops": 53000.0, "avg_at_n": 0.40},
+            {"step": 10, "train_seconds": 2500.0, "flops": 212000.0, "avg_at_n": 0.46},
+        ],
+    )
+    never = make_baseline_run(
+        tmp_path / "rloo", [{"step": 5, "train_seconds": 900.0, "flops": 106000.0, "avg_at_n": 0.40}], method="rloo"
+    )
     md = run_compare([str(rm), str(reached), str(never)], tmp_path / "out", gpu_hour_price=3.6)
     c = json.loads((tmp_path / "out" / "compare.json").read_text())
     g, r = c["rows"][1], c["rows"][2]
-    assert g["compute_to_match"] == {"reached": True, "step": 10, "flops_ratio": 20.0, "wall_ratio": 25.0,
-                                     "lower_bound": False}
+    assert g["compute_to_match"] == {
+        "reached": True,
+        "step": 10,
+        "flops_ratio": 20.0,
+        "wall_ratio": 25.0,
+        "lower_bound": False,
+    }
     assert r["compute_to_match"]["lower_bound"] and r["compute_to_match"]["flops_ratio"] == 10.0
     assert c["rows"][0]["cost_usd"] == pytest.approx(0.1)  # 100 s at $3.6/h
     assert "| grpo |" in md and "20.0x" in md and ">= 10.0x (not reached)" in md
@@ -114,8 +159,17 @@ def test_a_running_baseline_is_read_from_its_curve(tmp_path):
     d = tmp_path / "grpo"
     d.mkdir()
     (d / "baseline_config.json").write_text(json.dumps({"baseline": {"method": "grpo", "max_train_seconds": 5000.0}}))
-    row = {"step": 6, "train_seconds": 300.0, "eval_seconds": 40.0, "n_params": 100, "generated_tokens": 10,
-           "trained_tokens": 30, "forward_tokens": 30, "flops": 21200.0, "avg_at_n": 0.3}
+    row = {
+        "step": 6,
+        "train_seconds": 300.0,
+        "eval_seconds": 40.0,
+        "n_params": 100,
+        "generated_tokens": 10,
+        "trained_tokens": 30,
+        "forward_tokens": 30,
+        "flops": 21200.0,
+        "avg_at_n": 0.3,
+    }
     (d / "curve.jsonl").write_text(json.dumps(row) + "\n")
     md = run_compare([str(rm), str(d)], tmp_path / "out")
     c = json.loads((tmp_path / "out" / "compare.json").read_text())
@@ -131,7 +185,7 @@ def test_an_ablation_with_reused_rollouts_is_charged_their_sampling_time(tmp_pat
     src = make_rm_run(tmp_path / "demo")
     abl = make_rm_run(tmp_path / "abl", variant="rft", reuse=str(tmp_path / "demo"))
     t = json.loads((abl / "timings.json").read_text())
-    (abl / "timings.json").write_text(json.dumps({**t, "sample": 0.1}))   # copied, not sampled
+    (abl / "timings.json").write_text(json.dumps({**t, "sample": 0.1}))  # copied, not sampled
     r = read_run(abl)
     assert r["seconds"][f"sample (in {src})"] == 30.0 and r["method_seconds"] == 100.0
     # rft has no anchor: no reference forward; 13 sampled + 0 reference tokens

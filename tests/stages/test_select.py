@@ -1,4 +1,5 @@
 """Tests for reasonmaxxer.select: hand-built rollout rows, expected values worked out by hand."""
+
 import copy
 import math
 import random
@@ -6,7 +7,15 @@ import random
 import pytest
 
 from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.stages.select import ProblemStats, SelectionConfig, format_histogram, pass_rate_histogram, problem_stats, select, signal_clarity
+from reasonmaxxer.stages.select import (
+    ProblemStats,
+    SelectionConfig,
+    format_histogram,
+    pass_rate_histogram,
+    problem_stats,
+    select,
+    signal_clarity,
+)
 
 SQRT3 = math.sqrt(3)  # 1.7320...
 INV_SQRT3 = 1 / math.sqrt(3)  # 0.5774...
@@ -15,9 +24,15 @@ TOL = 1e-4  # advantages are float32 and carry the +1e-6 of the denominator
 
 
 def row(pid, i, reward, length, truncated=False, ents=None):
-    r = {"problem_id": pid, "sample_index": i, "token_ids": list(range(100, 100 + length)),
-         "prompt_ids": [1, 2, 3], "truncated": truncated, "reward": float(reward),
-         "strict_correct": reward == 1}
+    r = {
+        "problem_id": pid,
+        "sample_index": i,
+        "token_ids": list(range(100, 100 + length)),
+        "prompt_ids": [1, 2, 3],
+        "truncated": truncated,
+        "reward": float(reward),
+        "strict_correct": reward == 1,
+    }
     if ents is not None:
         r["base_entropies"] = list(ents)
     return r
@@ -42,9 +57,14 @@ def pool():
         mask -> [1,0,1,0] pass .5,  |.-.5| = 0, 1 truncation
         keep -> [1,0,1,1] pass .75, |.-.5| = .25, 1 truncation
     """
-    return (group("p1", [1, 0, 0, 0], 10) + group("p2", [1, 1, 0, 0], 20) + group("p3", [1, 1, 1, 0], 8)
-            + group("p4", [1, 1, 1, 1], 12) + group("p5", [0, 0, 0, 0], 12)
-            + group("p6", [1, 0, 1, 1], 30, truncated={3}))
+    return (
+        group("p1", [1, 0, 0, 0], 10)
+        + group("p2", [1, 1, 0, 0], 20)
+        + group("p3", [1, 1, 1, 0], 8)
+        + group("p4", [1, 1, 1, 1], 12)
+        + group("p5", [0, 0, 0, 0], 12)
+        + group("p6", [1, 0, 1, 1], 30, truncated={3})
+    )
 
 
 def adv_of(sel):
@@ -63,14 +83,27 @@ def test_drop_ranking_groups_and_stats():
     assert [p.problem_id for p in sel.problems] == ["p2", "p6", "p3", "p1"]
     # order "none": problem rank, then sample_index; p6/3 dropped (truncated)
     assert [(r["problem_id"], r["sample_index"], r["group"]) for r in sel.rows] == (
-        [("p2", i, 0) for i in range(4)] + [("p6", i, 1) for i in range(3)]
-        + [("p3", i, 2) for i in range(4)] + [("p1", i, 3) for i in range(4)])
+        [("p2", i, 0) for i in range(4)]
+        + [("p6", i, 1) for i in range(3)]
+        + [("p3", i, 2) for i in range(4)]
+        + [("p1", i, 3) for i in range(4)]
+    )
     p6 = sel.problems[1]
     assert (p6.n, p6.n_correct, p6.n_truncated, p6.mean_length) == (3, 2, 1, 30.0)
     assert p6.pass_rate == pytest.approx(2 / 3)
     st = sel.stats
-    assert (st["problems_total"], st["problems_mixed"], st["problems_all_correct"], st["problems_all_wrong"]) == (6, 4, 1, 1)
-    assert (st["problems_kept"], st["rollouts_kept"], st["rollouts_dropped_truncated"], st["rollouts_dropped_length"]) == (4, 15, 1, 0)
+    assert (st["problems_total"], st["problems_mixed"], st["problems_all_correct"], st["problems_all_wrong"]) == (
+        6,
+        4,
+        1,
+        1,
+    )
+    assert (
+        st["problems_kept"],
+        st["rollouts_kept"],
+        st["rollouts_dropped_truncated"],
+        st["rollouts_dropped_length"],
+    ) == (4, 15, 1, 0)
     assert st["rollouts_total"] == 24 and st["rollouts_masked_truncated"] == 0
     # pass rates p1 .25->bin 2, p2 .5->5, p3 .75->7, p4 1->9, p5 0->0, p6 2/3 (6.67)->6
     assert st["pass_rate_histogram"] == [1, 0, 1, 0, 0, 1, 1, 1, 0, 1]
@@ -102,18 +135,27 @@ def test_max_problems():
     assert [p.problem_id for p in sel.problems] == ["p2", "p6"]
     assert sel.stats["problems_kept"] == 2 and sel.stats["rollouts_kept"] == 7
     assert sel.stats["problems_mixed"] == 4
-    assert [p.problem_id for p in select(pool(), SelectionConfig(max_problems=None, order="none")).problems] == ["p2", "p6", "p3", "p1"]
+    assert [p.problem_id for p in select(pool(), SelectionConfig(max_problems=None, order="none")).problems] == [
+        "p2",
+        "p6",
+        "p3",
+        "p1",
+    ]
 
 
 def test_ties_exact_then_truncation_length_id():
     rows = (
         # 3/10 and 7/10 are both .2 from .5; in floats |.3-.5| = .2 > |.7-.5| = .19999999999999996,
         # so an inexact key would put "b" first. Same length, no truncation -> by problem_id.
-        group("b", [1] * 7 + [0] * 3, 6) + group("a", [1] * 3 + [0] * 7, 6)
+        group("b", [1] * 7 + [0] * 3, 6)
+        + group("a", [1] * 3 + [0] * 7, 6)
         # pass .5: "z" (no truncation, len 9) < "y" (len 9, 1 truncation, under keep) ; "w" len 4 before both
-        + group("y", [1, 0], 9, truncated={1}) + group("z", [0, 1], 9) + group("w", [1, 0], 4)
+        + group("y", [1, 0], 9, truncated={1})
+        + group("z", [0, 1], 9)
+        + group("w", [1, 0], 4)
         # exact duplicate statistics -> by problem_id: "m1" before "m2"
-        + group("m2", [1, 0, 0, 0], 6) + group("m1", [0, 0, 1, 0], 6)
+        + group("m2", [1, 0, 0, 0], 6)
+        + group("m1", [0, 0, 1, 0], 6)
     )
     sel = select(rows, SelectionConfig(truncated="keep", order="none", max_problems=None))
     # dist 0: w (0 trunc, len 4), z (0 trunc, len 9), y (1 trunc); dist .2: a, b; dist .25: m1, m2
@@ -161,7 +203,11 @@ def test_all_truncated_dropped_problem_is_empty():
 
 def short_pool():
     """q3 [0,1] len 3,3 (pass .5, mean 3) ranks first, q2 [1,1,0,0] len 40,45,4,5 (mean 23.5), q1 [1,0,0,0] len 5,50,6,7."""
-    return group("q1", [1, 0, 0, 0], [5, 50, 6, 7]) + group("q2", [1, 1, 0, 0], [40, 45, 4, 5]) + group("q3", [0, 1], [3, 3])
+    return (
+        group("q1", [1, 0, 0, 0], [5, 50, 6, 7])
+        + group("q2", [1, 1, 0, 0], [40, 45, 4, 5])
+        + group("q3", [0, 1], [3, 3])
+    )
 
 
 def test_keep_shortest_global_then_drop_unmixed():
@@ -169,9 +215,20 @@ def test_keep_shortest_global_then_drop_unmixed():
     # 10 selected, keep round(7.0) = 7 shortest: q3/0 3, q3/1 3, q2/2 4, q1/0 5, q2/3 5, q1/2 6, q1/3 7;
     # cut: q2/0 40, q2/1 45, q1/1 50. q2 is left [0,0] -> no longer mixed -> dropped (2 more rows).
     assert [p.problem_id for p in sel.problems] == ["q3", "q1"]
-    assert [(r["problem_id"], r["sample_index"]) for r in sel.rows] == [("q3", 0), ("q3", 1), ("q1", 0), ("q1", 2), ("q1", 3)]
+    assert [(r["problem_id"], r["sample_index"]) for r in sel.rows] == [
+        ("q3", 0),
+        ("q3", 1),
+        ("q1", 0),
+        ("q1", 2),
+        ("q1", 3),
+    ]
     st = sel.stats
-    assert (st["rollouts_dropped_length"], st["problems_dropped_length"], st["rollouts_dropped_unmixed"], st["rollouts_kept"]) == (3, 1, 2, 5)
+    assert (
+        st["rollouts_dropped_length"],
+        st["problems_dropped_length"],
+        st["rollouts_dropped_unmixed"],
+        st["rollouts_kept"],
+    ) == (3, 1, 2, 5)
     # advantages recomputed on what remains: q1 [1,0,0]: mean 1/3, std .4714 -> 1.4142, -.7071, -.7071
     a = adv_of(sel)
     assert [a[("q1", i)] for i in (0, 2, 3)] == pytest.approx([SQRT2, -1 / SQRT2, -1 / SQRT2], abs=TOL)
@@ -202,19 +259,27 @@ def test_signal_clarity():
 def test_clarity_order():
     rows = [
         # c1 [1,0,0,0]: A = 1.732, -.577, -.577, -.577 (group 1: pass .25)
-        row("c1", 0, 1, 4, ents=[2, 0, 0, 0]),      # 1.732 * 1/4 = .4330
-        row("c1", 1, 0, 4, ents=[2, 2, 2, 2]),      # .577 * 4/4 = .5774
-        row("c1", 2, 0, 4, ents=[0, 0, 0, 0]),      # 0
+        row("c1", 0, 1, 4, ents=[2, 0, 0, 0]),  # 1.732 * 1/4 = .4330
+        row("c1", 1, 0, 4, ents=[2, 2, 2, 2]),  # .577 * 4/4 = .5774
+        row("c1", 2, 0, 4, ents=[0, 0, 0, 0]),  # 0
         row("c1", 3, 0, 4, ents=[1.0, 1.5, 0, 0]),  # 1.0 is not > tau: .577 * 1/4 = .1443
         # c2 [1,0]: A = +-1 (group 0: pass .5)
-        row("c2", 0, 1, 2, ents=[3, 0]),            # 1 * 1/2 = .5
-        row("c2", 1, 0, 2, ents=[3, 3]),            # 1 * 2/2 = 1.0
-        row("c0", 0, 1, 3),                         # all correct: dropped, so needs no entropies
+        row("c2", 0, 1, 2, ents=[3, 0]),  # 1 * 1/2 = .5
+        row("c2", 1, 0, 2, ents=[3, 3]),  # 1 * 2/2 = 1.0
+        row("c0", 0, 1, 3),  # all correct: dropped, so needs no entropies
     ]
     sel = select(rows, SelectionConfig(order="clarity"), tau=1.0)
     assert [(r["problem_id"], r["sample_index"]) for r in sel.rows] == [
-        ("c2", 1), ("c1", 1), ("c2", 0), ("c1", 0), ("c1", 3), ("c1", 2)]
-    assert [r["clarity"] for r in sel.rows] == pytest.approx([1.0, INV_SQRT3, 0.5, SQRT3 / 4, INV_SQRT3 / 4, 0.0], abs=TOL)
+        ("c2", 1),
+        ("c1", 1),
+        ("c2", 0),
+        ("c1", 0),
+        ("c1", 3),
+        ("c1", 2),
+    ]
+    assert [r["clarity"] for r in sel.rows] == pytest.approx(
+        [1.0, INV_SQRT3, 0.5, SQRT3 / 4, INV_SQRT3 / 4, 0.0], abs=TOL
+    )
     with pytest.raises(ReasonMaxxerError, match="tau"):
         select(rows, SelectionConfig(order="clarity"))
     bad = copy.deepcopy(rows)
@@ -291,8 +356,10 @@ def test_bad_rows():
         problem_stats([{"sample_index": 0}])
 
 
-@pytest.mark.parametrize("kw", [{"keep_shortest": 0.0}, {"keep_shortest": 1.5}, {"truncated": "clip"},
-                                {"order": "random"}, {"max_problems": 0}])
+@pytest.mark.parametrize(
+    "kw",
+    [{"keep_shortest": 0.0}, {"keep_shortest": 1.5}, {"truncated": "clip"}, {"order": "random"}, {"max_problems": 0}],
+)
 def test_bad_config(kw):
     with pytest.raises(ReasonMaxxerError, match="SelectionConfig"):
         SelectionConfig(**kw)

@@ -1,12 +1,22 @@
 """Tests for reasonmaxxer.losses, each against values worked out by hand in the comments."""
+
 import math
 
 import pytest
 import torch
 
-from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.core.losses import LOSS_VARIANTS, anchor_kl, decision_loss, group_advantages, loss_masks, masked_sum_and_count, reasonmaxxer_loss, register_loss
 from reasonmaxxer.core.entropy import token_logprobs
+from reasonmaxxer.core.losses import (
+    LOSS_VARIANTS,
+    anchor_kl,
+    decision_loss,
+    group_advantages,
+    loss_masks,
+    masked_sum_and_count,
+    reasonmaxxer_loss,
+    register_loss,
+)
+from reasonmaxxer.errors import ReasonMaxxerError
 
 EPS = 1e-6
 
@@ -247,15 +257,28 @@ def test_micro_batch_split_invariance_of_loss_and_grads():
         logits = theta[rows][:, :-1]  # [b, T-1, V], row t-1 predicts token t
         lp = token_logprobs(logits, ids[rows][:, 1:])
         return reasonmaxxer_loss(
-            token_logprob=lp, logits_theta=logits, logits_base=base[rows][:, :-1], advantages=masks.advantages,
-            gate=masks.decision[:, 1:], anchor_mask=masks.anchor[:, 1:], lam=masks.lam,
-            dec_denom=dec_denom, anc_denom=anc_denom, chunk_size=5,
+            token_logprob=lp,
+            logits_theta=logits,
+            logits_base=base[rows][:, :-1],
+            advantages=masks.advantages,
+            gate=masks.decision[:, 1:],
+            anchor_mask=masks.anchor[:, 1:],
+            lam=masks.lam,
+            dec_denom=dec_denom,
+            anc_denom=anc_denom,
+            chunk_size=5,
         )
 
     for variant in ("reasonmaxxer", "positive_only", "all_tokens"):
+
         def masks_of(rows):
-            return loss_masks(variant, gate=entropy_gate[rows], completion_mask=comp[rows],
-                              attention_mask=attn[rows], advantages=adv[rows])
+            return loss_masks(
+                variant,  # noqa: B023 (called inside this iteration)
+                gate=entropy_gate[rows],
+                completion_mask=comp[rows],
+                attention_mask=attn[rows],
+                advantages=adv[rows],
+            )
 
         everything = [0, 1, 2, 3]
         whole_masks = masks_of(everything)

@@ -3,12 +3,22 @@ adversarial inputs under grade_many's outer deadline, and pool/in-process agreem
 
 Expected reasons: "match" (correct), "mismatch", "no_answer" (nothing extracted).
 """
+
 import time
 
 import pytest
 
 from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.verify import _TEST_SLEEP_MARKER, MAX_ANSWER_CHARS, Grade, Verdict, extract_answer, grade, grade_many, parse_failures
+from reasonmaxxer.verify import (
+    _TEST_SLEEP_MARKER,
+    MAX_ANSWER_CHARS,
+    Grade,
+    Verdict,
+    extract_answer,
+    grade,
+    grade_many,
+    parse_failures,
+)
 
 M, X, N = "match", "mismatch", "no_answer"
 
@@ -25,7 +35,12 @@ TABLE = [
     ("1,080", "He earns 18 * 60 = 1080 dollars per week. The answer is 1080.", M, M),
     ("1,080", "18 x 60 = 1,080\nSo the answer is $1,080.", M, M),
     ("1080", "Each week: 18 * 60 = 1,080 dollars.", N, M),
-    ("18", "Janet sells 16 - 3 - 4 = 9 duck eggs a day at $2 each, so she makes 9 * 2 = $18 every day.\nThe answer is $18.", M, M),
+    (
+        "18",
+        "Janet sells 16 - 3 - 4 = 9 duck eggs a day at $2 each, so she makes 9 * 2 = $18 every day.\nThe answer is $18.",
+        M,
+        M,
+    ),
     ("18", "So she makes 9 * 2 = 18 dollars.\nThe answer is 18 dollars.", M, M),
     ("18", "She makes \\boxed{\\$18} every day.", M, M),
     ("3", "The first step gives 2 + 1 = 3 hours.\n#### 3", N, M),

@@ -1,17 +1,28 @@
 """Tests for reasonmaxxer.prompts: built-in templates, chat rendering and its fallback, braces
 in questions, file/literal templates, fingerprints and errors."""
+
 import copy
 import re
 
 import pytest
 
 from reasonmaxxer.data import arith
+from reasonmaxxer.data.prompts import (
+    FEWSHOT_EXAMPLES,
+    TEMPLATES,
+    PromptTemplate,
+    build_messages,
+    get_template,
+    render_prompt,
+    template_fingerprint,
+)
 from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.data.prompts import FEWSHOT_EXAMPLES, TEMPLATES, PromptTemplate, build_messages, get_template, render_prompt, template_fingerprint
 
 INSTR = "Please reason step by step, and put your final answer within \\boxed{}."
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 BRACES = r"Simplify \frac{1}{2} + {x} + {0} + {} + {question}."
 
 
@@ -24,16 +35,22 @@ def chat_tokenizer(tiny_tokenizer):
 
 def test_builtin_names_and_kinds():
     assert {n: t.kind for n, t in TEMPLATES.items()} == {
-        "raw": "raw", "chat": "chat", "fewshot": "fewshot", "mistral": "raw"}
+        "raw": "raw",
+        "chat": "chat",
+        "fewshot": "fewshot",
+        "mistral": "raw",
+    }
     assert all(t.name == n for n, t in TEMPLATES.items())
 
 
 def test_raw_and_mistral_render_exactly(tiny_tokenizer):
     assert render_prompt(TEMPLATES["raw"], "What is 2 + 2?", tiny_tokenizer) == (
         "Solve the following math problem step by step. Put your final answer in \\boxed{}. "
-        "Problem: What is 2 + 2? Solution:")
+        "Problem: What is 2 + 2? Solution:"
+    )
     assert render_prompt(TEMPLATES["mistral"], "What is 2 + 2?") == (
-        "Question: What is 2 + 2? Answer: Let's think step by step.")
+        "Question: What is 2 + 2? Answer: Let's think step by step."
+    )
 
 
 def test_chat_without_chat_template_falls_back_to_transcript(tiny_tokenizer):
@@ -84,7 +101,7 @@ def test_braces_in_questions(name, tiny_tokenizer, chat_tokenizer):
 
 def test_fewshot_examples_are_short_and_correct():
     assert len(FEWSHOT_EXAMPLES) == 3
-    for q, a in FEWSHOT_EXAMPLES:
+    for _q, a in FEWSHOT_EXAMPLES:
         m = re.fullmatch(r"(.*) The answer is \\boxed\{(\d+)\}\.", a)
         assert m, a
         assert len(re.findall(r"[.!?](\s|$)", a)) <= 2  # one or two sentences
@@ -124,12 +141,15 @@ def test_file_without_placeholder(tmp_path):
     assert str(e.value) == f"{f}:1: prompt template file has no {{question}} placeholder"
 
 
-@pytest.mark.parametrize("spec,match", [
-    ("nonsense", r"^nonsense: unknown prompt template; use one of raw, chat, fewshot, mistral"),
-    ("missing.txt", r"^missing\.txt: no such prompt template file"),
-    ("dir/missing", r"^dir/missing: no such prompt template file"),
-    ("Question: {problem}", r"unknown prompt template"),
-])
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("nonsense", r"^nonsense: unknown prompt template; use one of raw, chat, fewshot, mistral"),
+        ("missing.txt", r"^missing\.txt: no such prompt template file"),
+        ("dir/missing", r"^dir/missing: no such prompt template file"),
+        ("Question: {problem}", r"unknown prompt template"),
+    ],
+)
 def test_bad_specs(spec, match):
     with pytest.raises(ReasonMaxxerError, match=match):
         get_template(spec)

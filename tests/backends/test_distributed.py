@@ -6,6 +6,7 @@ micro-batches and rank 1 one in the first steps (no_sync then an all-reduce), an
 step rank 1 runs a weight-0 pass. Micro-batches share their prompt prefix (the two-forward
 shared-prefix path under DDP).
 """
+
 import json
 import os
 import shutil
@@ -17,13 +18,29 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from test_train_cli import store_and_ckpt  # noqa: F401  (the module fixture)
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DDP_YAML = ROOT / "reasonmaxxer" / "configs" / "accelerate" / "ddp.yaml"
-TOL = 1e-5    # max |diff| of an adapter weight, 2 processes vs 1 (measured: see the README)
-ARGS = ["--micro-batch", "2", "--grad-accum", "3", "--epochs", "1.25", "--lora-rank", "4", "--lr", "1e-3",
-        "--tau", "1.0", "--order", "none", "--checkpoint-every", "2", "--warmup-steps", "1"]
+TOL = 1e-5  # max |diff| of an adapter weight, 2 processes vs 1 (measured: see the README)
+ARGS = [
+    "--micro-batch",
+    "2",
+    "--grad-accum",
+    "3",
+    "--epochs",
+    "1.25",
+    "--lora-rank",
+    "4",
+    "--lr",
+    "1e-3",
+    "--tau",
+    "1.0",
+    "--order",
+    "none",
+    "--checkpoint-every",
+    "2",
+    "--warmup-steps",
+    "1",
+]
 
 
 def _env():
@@ -43,8 +60,20 @@ def _train(store, out, nproc: int):
     cmd = [sys.executable, "-m", "reasonmaxxer", "train", "--rollouts", str(store), "--out", str(out), *ARGS]
     if nproc > 1:
         # the shipped DDP config; with no GPU visible the processes run on the CPU over gloo
-        cmd[1:3] = ["-m", "accelerate.commands.launch", "--config_file", str(DDP_YAML), "--num_processes", str(nproc),
-                    "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "reasonmaxxer"]
+        cmd[1:3] = [
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(DDP_YAML),
+            "--num_processes",
+            str(nproc),
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+            "-m",
+            "reasonmaxxer",
+        ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -65,22 +94,25 @@ def test_two_processes_train_the_same_adapter_as_one(store_and_ckpt):  # noqa: F
     one, two = d / "ddp-1", d / "ddp-2"
     _train(d / "rollouts", one, 1)
     r = _train(d / "rollouts", two, 2)
-    assert r.stdout.count("adapter:") == 1                           # one process reports
+    assert r.stdout.count("adapter:") == 1  # one process reports
     a, b = _adapter(one), _adapter(two)
-    assert any(float(v.abs().max()) > 0 for k, v in b.items() if "lora_B" in k)   # it trained
+    assert any(float(v.abs().max()) > 0 for k, v in b.items() if "lora_B" in k)  # it trained
     diff = _max_diff(a, b)
     print(f"max |adapter diff| 2 processes vs 1: {diff:.3g}")
     assert diff < TOL, diff
     # one set of files: a metrics line per step, the checkpoints once, no temp files
     res = json.loads((two / "result.json").read_text())
-    assert res["total_steps"] == 4 and res == {**json.loads((one / "result.json").read_text()),
-                                               "train_seconds": res["train_seconds"],
-                                               "adapter": res["adapter"], "merged": res["merged"]}
+    assert res["total_steps"] == 4 and res == {
+        **json.loads((one / "result.json").read_text()),
+        "train_seconds": res["train_seconds"],
+        "adapter": res["adapter"],
+        "merged": res["merged"],
+    }
     steps = [json.loads(l)["step"] for l in (two / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     m1 = [json.loads(l) for l in (one / "metrics.jsonl").read_text().splitlines()]
     m2 = [json.loads(l) for l in (two / "metrics.jsonl").read_text().splitlines()]
-    for x, y in zip(m1, m2):   # step totals summed over the processes = the single-process ones
+    for x, y in zip(m1, m2):  # step totals summed over the processes = the single-process ones
         assert (x["gated_tokens"], x["anchor_tokens"]) == (y["gated_tokens"], y["anchor_tokens"])
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["latest.json", "step-000002", "step-000004"]
