@@ -18,7 +18,7 @@ class Draw:
 
 
 # (name, subject pronoun, object pronoun); Mia, Sam and Tom are reserved for prompt examples.
-_NAMES = (
+NAMES = (
     ("Ava", "she", "her"),
     ("Ben", "he", "him"),
     ("Carlos", "he", "him"),
@@ -144,8 +144,8 @@ class _Scene:
 
 
 def _scene(rng: random.Random) -> _Scene:
-    name, p, o = rng.choice(_NAMES)
-    friend = rng.choice([n for n, _, _ in _NAMES if n != name])
+    name, p, o = rng.choice(NAMES)
+    friend = rng.choice([n for n, _, _ in NAMES if n != name])
     obj = rng.choice(sorted(_OBJECTS))
     cont, cont1 = rng.choice(_CONTAINERS)
     fields = dict(

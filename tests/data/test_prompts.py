@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from reasonmaxxer.data import arith
+from reasonmaxxer.data import arith, arith_words
 from reasonmaxxer.data.prompts import (
     FEWSHOT_EXAMPLES,
     TEMPLATES,
@@ -112,7 +112,7 @@ def test_fewshot_examples_are_short_and_correct():
 
 
 def test_fewshot_examples_never_collide_with_arith():
-    names = {n for n, _, _ in arith._NAMES}
+    names = {n for n, _, _ in arith_words.NAMES}
     assert not {"Mia", "Sam"} & names
     example_questions = {q for q, _ in FEWSHOT_EXAMPLES}
     generated = {p.question for s in arith.SPLITS for p in arith.generate(s, 300, seed=0)}
