@@ -217,6 +217,175 @@ def _write_curve(path: Path, rows: Sequence[dict]) -> None:
     atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
 
 
+def _check_run_dir(cfg: BaselineConfig, out: Path, train_p, test_p) -> dict | None:
+    """Write ``baseline_config.json``; refuse a directory holding another config. Returns the
+    finished result when this run is already done with the same limits (a no-op), else None."""
+    from ..data.problems import problems_hash
+
+    config = {
+        "baseline": json.loads(json.dumps(asdict(cfg), default=str)),
+        "train_data_hash": problems_hash(train_p),
+        "test_data_hash": problems_hash(test_p),
+    }
+    cpath = out / "baseline_config.json"
+    if cpath.is_file():
+        old = json.loads(cpath.read_text())
+        keep = ("max_steps", "max_train_seconds", "threads")  # may be raised to continue a run
+        strip = lambda c: {k: v for k, v in c["baseline"].items() if k not in keep}
+        if strip(old) != strip(config) or old.get("train_data_hash") != config["train_data_hash"]:
+            raise ReasonMaxxerError(
+                f"{cpath}: this directory holds a baseline run with a different config; use another --out"
+            )
+    atomic_write_json(cpath, {**config, "versions": package_versions()})
+    result_path = out / "result.json"
+    if result_path.is_file():
+        res = json.loads(result_path.read_text())
+        if res.get("max_steps") == cfg.max_steps and res.get("max_train_seconds") == cfg.max_train_seconds:
+            return res
+    return None
+
+
+def _training_prompts(train_p, tokenizer, tmpl) -> tuple[list[dict], dict[str, int], dict[str, str]]:
+    """(dataset rows {prompt, problem_id}, prompt token counts, gold answers), keyed by prompt text.
+    TRL must tokenize each prompt exactly as reasonmaxxer does, or the run is refused."""
+    from ..data.prompts import render_prompt
+
+    rows, plen, golds = [], {}, {}
+    for p in train_p:
+        text = render_prompt(tmpl, p.question, tokenizer)
+        ours = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if list(ours) != list(tokenizer(text=text)["input_ids"]):
+            raise ReasonMaxxerError(
+                f"baseline: problem {p.id}: TRL would tokenize the prompt differently from "
+                "reasonmaxxer (the tokenizer adds special tokens); not supported yet"
+            )
+        plen[text] = len(ours)
+        golds.setdefault(text, p.answer)
+        rows.append({"prompt": text, "problem_id": p.id})
+    return rows, plen, golds
+
+
+def _restore(out: Path, curve_path: Path) -> tuple[dict, str | None]:
+    """(counters, last TRL checkpoint or None): counters saved with the checkpoint, and the
+    curve cut back to that checkpoint's step (rows after it are redone)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    counters: dict = {"train_seconds": 0.0, "eval_seconds": 0.0}
+    last = get_last_checkpoint(str(out / "trl")) if (out / "trl").is_dir() else None
+    if last:
+        saved = Path(last) / "reasonmaxxer_counters.json"
+        if saved.is_file():
+            counters.update(json.loads(saved.read_text()))
+        step0 = int(Path(last).name.split("-")[-1])
+        _write_curve(curve_path, [r for r in _read_curve(curve_path) if r["step"] <= step0])
+    else:
+        _write_curve(curve_path, [])
+    return counters, last
+
+
+def _save_trained(model, tokenizer, d: Path, cfg: BaselineConfig) -> None:
+    if cfg.full_finetune:
+        atomic_dir(d, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    else:
+        from ..stages.checkpoint import save_adapter
+
+        atomic_dir(d, lambda tmp: save_adapter(model, tokenizer, tmp, cfg.model))
+
+
+@dataclass
+class _EvalContext:
+    """What the held-out evaluation during training needs (see `_make_clock`)."""
+
+    cfg: BaselineConfig
+    out: Path
+    tokenizer: object
+    test_p: list
+    tmpl: object
+    counters: dict
+    n_params: int
+    beta: float
+    progress: bool
+
+    @property
+    def curve_path(self) -> Path:
+        return self.out / "curve.jsonl"
+
+    def evaluate(self, m, step: int) -> None:
+        """Evaluate `m` on the test problems at `step` and (re)write that row of the curve."""
+        import torch
+
+        from ..stages.evaluate import evaluate_model
+
+        cfg, t0 = self.cfg, time.time()
+        d = self.out / "evals" / f"step-{step:05d}"
+        spec_dir = d / ("model" if cfg.full_finetune else "adapter")
+        _save_trained(m, self.tokenizer, spec_dir, cfg)
+        was_training = m.training
+        m.eval()
+        try:
+            with torch.no_grad():
+                rep, _ = evaluate_model(
+                    m, self.tokenizer, str(spec_dir), self.test_p, self.tmpl, cfg.eval, d,
+                    label=f"{cfg.method} step {step}", progress=self.progress,
+                )  # fmt: skip
+        finally:
+            m.train(was_training)
+        c = self.counters
+        c["eval_seconds"] += time.time() - t0
+        row = {
+            "step": step,
+            "train_seconds": round(c["train_seconds"], 2),
+            "n_params": self.n_params,
+            "eval_seconds": round(c["eval_seconds"], 2),
+            **step_compute(c, self.n_params, beta=self.beta),
+            "reward_mean": c.get("correct", 0) / max(1, c.get("completions", 0)),
+            **_accuracy_fields(rep, cfg.eval),
+        }
+        _write_curve(self.curve_path, [r for r in _read_curve(self.curve_path) if r["step"] != step] + [row])
+        if self.progress:
+            acc = ", ".join(f"{k} {row[k]:.3f}" for k in ("greedy", "avg_at_n") if row.get(k) is not None)
+            print(f"[{cfg.method}] step {step}: {acc} after {row['train_seconds']:.0f} s of training", flush=True)
+
+
+def _make_clock(ctx: _EvalContext):
+    """A TRL callback: training wall-clock (evaluation excluded), held-out evals every
+    `eval_every` steps and at the end, the wall-clock cap, counters saved in checkpoints."""
+    from transformers import TrainerCallback
+
+    cfg, counters = ctx.cfg, ctx.counters
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.t = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t = time.time()
+            done = any(r["step"] == 0 for r in _read_curve(ctx.curve_path))
+            if cfg.eval_at_start and state.global_step == 0 and not done:
+                ctx.evaluate(kw["model"], 0)
+                self.t = time.time()
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.time()
+            counters["train_seconds"] += now - self.t
+            capped = cfg.max_train_seconds is not None and counters["train_seconds"] >= cfg.max_train_seconds
+            if capped:
+                control.should_training_stop = True
+            last_step = capped or state.global_step >= state.max_steps
+            if last_step or (cfg.eval_every and state.global_step % cfg.eval_every == 0):
+                ctx.evaluate(kw["model"], state.global_step)
+                control.should_save = True
+            self.t = time.time()
+            return control
+
+        def on_save(self, args, state, control, **kw):
+            ck = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ck.is_dir():
+                atomic_write_json(ck / "reasonmaxxer_counters.json", counters)
+
+    return Clock()
+
+
 def run_baseline(
     cfg: BaselineConfig, *, progress: bool = True, model=None, tokenizer=None, grade_fn: Callable | None = None
 ) -> dict:
@@ -230,16 +399,11 @@ def run_baseline(
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import TrainerCallback
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import GRPOTrainer, RLOOTrainer
 
     from ..data.benchmarks import load_problems
-    from ..data.problems import problems_hash
-    from ..data.prompts import get_template, render_prompt
+    from ..data.prompts import get_template
     from ..models import load_model
-    from ..stages.checkpoint import save_adapter
-    from ..stages.evaluate import evaluate_model
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -249,174 +413,37 @@ def run_baseline(
     test_p = load_problems(cfg.test_problems, data_dir=cfg.data_dir)
     if not train_p or not test_p:
         raise ReasonMaxxerError("baseline: the training or test problem set is empty")
-    config = {
-        "baseline": json.loads(json.dumps(asdict(cfg), default=str)),
-        "train_data_hash": problems_hash(train_p),
-        "test_data_hash": problems_hash(test_p),
-    }
-    cpath = out / "baseline_config.json"
-    if cpath.is_file():
-        old = json.loads(cpath.read_text())
-        keep = ("max_steps", "max_train_seconds", "threads")  # may be raised to continue a run
-        strip = lambda c: {**c, "baseline": {k: v for k, v in c["baseline"].items() if k not in keep}}
-        if (
-            strip(old).get("baseline") != strip(config)["baseline"]
-            or old.get("train_data_hash") != config["train_data_hash"]
-        ):
-            raise ReasonMaxxerError(
-                f"{cpath}: this directory holds a baseline run with a different config; use another --out"
-            )
-    atomic_write_json(cpath, {**config, "versions": package_versions()})
-    result_path = out / "result.json"
-    if result_path.is_file():
-        res = json.loads(result_path.read_text())
-        if res.get("max_steps") == cfg.max_steps and res.get("max_train_seconds") == cfg.max_train_seconds:
-            return res  # done with these limits: a no-op
+    done = _check_run_dir(cfg, out, train_p, test_p)
+    if done is not None:
+        return done
 
     if model is None:
         model, tokenizer = load_model(cfg.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tmpl = get_template(cfg.template)
-    prompts = [render_prompt(tmpl, p.question, tokenizer) for p in train_p]
-    plen, golds = {}, {}
-    for p, text in zip(train_p, prompts):
-        ours = tokenizer(text, add_special_tokens=False)["input_ids"]
-        trls = tokenizer(text=text)["input_ids"]
-        if list(ours) != list(trls):
-            raise ReasonMaxxerError(
-                f"baseline: problem {p.id}: TRL would tokenize the prompt differently from "
-                "reasonmaxxer (the tokenizer adds special tokens); not supported yet"
-            )
-        plen[text] = len(ours)
-        golds.setdefault(text, p.answer)
-    ds = Dataset.from_list([{"prompt": t, "problem_id": p.id} for p, t in zip(train_p, prompts)])
+    rows, plen, golds = _training_prompts(train_p, tokenizer, tmpl)
     n_params = sum(p.numel() for p in model.parameters())
-
-    counters: dict = {"train_seconds": 0.0, "eval_seconds": 0.0}
-    curve_path = out / "curve.jsonl"
-    last = get_last_checkpoint(str(out / "trl")) if (out / "trl").is_dir() else None
-    if last:
-        saved = Path(last) / "reasonmaxxer_counters.json"
-        if saved.is_file():
-            counters.update(json.loads(saved.read_text()))
-        step0 = int(Path(last).name.split("-")[-1])
-        _write_curve(curve_path, [r for r in _read_curve(curve_path) if r["step"] <= step0])
-    else:
-        _write_curve(curve_path, [])
-    reward = make_reward(golds, plen, counters, grade_fn)
+    counters, last = _restore(out, out / "curve.jsonl")
     kind, _ = METHODS[cfg.method]
     args = _trl_args(cfg, out)
     beta = float(args.beta)
-    peft_config = (
-        None
-        if cfg.full_finetune
-        else LoraConfig(
-            r=cfg.lora_rank,
-            lora_alpha=cfg.lora_alpha,
-            target_modules=list(cfg.target_modules),
-            lora_dropout=0.0,
-            task_type="CAUSAL_LM",
-        )
-    )
-
-    class Clock(TrainerCallback):
-        """Training wall-clock (evaluation excluded), held-out evals, counters in checkpoints."""
-
-        def __init__(self):
-            self.t = None
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.t = time.time()
-            if (
-                cfg.eval_at_start
-                and state.global_step == 0
-                and not any(r["step"] == 0 for r in _read_curve(curve_path))
-            ):
-                self._evaluate(state, kw["model"])
-
-        def _tick(self):
-            now = time.time()
-            counters["train_seconds"] += now - self.t
-            self.t = now
-
-        def _evaluate(self, state, m):
-            t0 = time.time()
-            step = state.global_step
-            d = out / "evals" / f"step-{step:05d}"
-            if cfg.full_finetune:
-                spec_dir = d / "model"
-                atomic_dir(spec_dir, lambda tmp: (m.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
-            else:
-                spec_dir = d / "adapter"
-                atomic_dir(spec_dir, lambda tmp: save_adapter(m, tokenizer, tmp, cfg.model))
-            was_training = m.training
-            m.eval()
-            try:
-                with torch.no_grad():
-                    rep, _ = evaluate_model(
-                        m,
-                        tokenizer,
-                        str(spec_dir),
-                        test_p,
-                        tmpl,
-                        cfg.eval,
-                        d,
-                        label=f"{cfg.method} step {step}",
-                        progress=progress,
-                    )
-            finally:
-                m.train(was_training)
-            counters["eval_seconds"] += time.time() - t0
-            row = {
-                "step": step,
-                "train_seconds": round(counters["train_seconds"], 2),
-                "n_params": n_params,
-                "eval_seconds": round(counters["eval_seconds"], 2),
-                **step_compute(counters, n_params, beta=beta),
-                "reward_mean": counters.get("correct", 0) / max(1, counters.get("completions", 0)),
-                **_accuracy_fields(rep, cfg.eval),
-            }
-            rows = [r for r in _read_curve(curve_path) if r["step"] != step] + [row]
-            _write_curve(curve_path, rows)
-            if progress:
-                acc = ", ".join(f"{k} {row[k]:.3f}" for k in ("greedy", "avg_at_n") if row.get(k) is not None)
-                print(f"[{cfg.method}] step {step}: {acc} after {row['train_seconds']:.0f} s of training", flush=True)
-            self.t = time.time()
-
-        def on_step_end(self, args, state, control, **kw):
-            self._tick()
-            capped = cfg.max_train_seconds is not None and counters["train_seconds"] >= cfg.max_train_seconds
-            if capped:
-                control.should_training_stop = True
-            last_step = capped or state.global_step >= state.max_steps
-            if last_step or (cfg.eval_every and state.global_step % cfg.eval_every == 0):
-                self._evaluate(state, kw["model"])
-                control.should_save = True
-            return control
-
-        def on_save(self, args, state, control, **kw):
-            ck = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ck.is_dir():
-                atomic_write_json(ck / "reasonmaxxer_counters.json", counters)
-
-    trainer_cls = GRPOTrainer if kind == "grpo" else RLOOTrainer
-    trainer = trainer_cls(
+    lora = dict(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules), lora_dropout=0.0)
+    ctx = _EvalContext(cfg, out, tokenizer, test_p, tmpl, counters, n_params, beta, progress)
+    trainer = (GRPOTrainer if kind == "grpo" else RLOOTrainer)(
         model=model,
-        reward_funcs=reward,
+        reward_funcs=make_reward(golds, plen, counters, grade_fn),
         args=args,
-        train_dataset=ds,
+        train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[Clock()],
+        peft_config=None if cfg.full_finetune else LoraConfig(**lora, task_type="CAUSAL_LM"),
+        callbacks=[_make_clock(ctx)],
     )
     trainer.train(resume_from_checkpoint=last)
-    final = trainer.model
-    if cfg.full_finetune:
-        atomic_dir(out / "model", lambda tmp: (final.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
-    else:
-        atomic_dir(out / "adapter", lambda tmp: save_adapter(final, tokenizer, tmp, cfg.model))
-    curve = _read_curve(curve_path)
+    final_dir = out / ("model" if cfg.full_finetune else "adapter")
+    _save_trained(trainer.model, tokenizer, final_dir, cfg)
+    curve = _read_curve(ctx.curve_path)
+    trl_keys = ("loss_type", "beta", "top_entropy_quantile", "num_generations", "scale_rewards")
     res = {
         "method": cfg.method,
         "model": cfg.model,
@@ -426,16 +453,12 @@ def run_baseline(
         "max_train_seconds": cfg.max_train_seconds,
         "train_seconds": round(counters["train_seconds"], 2),
         "eval_seconds": round(counters["eval_seconds"], 2),
-        "trl": {
-            k: getattr(args, k)
-            for k in ("loss_type", "beta", "top_entropy_quantile", "num_generations", "scale_rewards")
-            if hasattr(args, k)
-        },
+        "trl": {k: getattr(args, k) for k in trl_keys if hasattr(args, k)},
         **step_compute(counters, n_params, beta=beta),
         "final": curve[-1] if curve else None,
-        "adapter" if not cfg.full_finetune else "model": str(out / ("model" if cfg.full_finetune else "adapter")),
+        final_dir.name: str(final_dir),
     }
-    atomic_write_json(result_path, res)
+    atomic_write_json(out / "result.json", res)
     return res
 
 
