@@ -167,3 +167,19 @@ def test_build_config_over_a_base_keeps_the_base_values():
     c = build_config(TrainConfig, {"lam": 0.5}, "x [train]", base=base)
     assert (c.lr, c.epochs, c.lam) == (2e-4, 2.0, 0.5)
     assert build_config(TrainConfig, {"lam": 0.5}, "x [train]").lr == TrainConfig().lr
+
+
+def test_baseline_config_is_checked_by_the_same_loader(tmp_path):
+    from reasonmaxxer.recipes.baselines import load_baseline_config
+
+    p = tmp_path / "b.toml"
+    p.write_text('lr = "fast"\n')
+    with pytest.raises(ReasonMaxxerError, match=re.escape(f'{p} lr: expected a float, got "fast"')):
+        load_baseline_config(p)
+    p.write_text("[eval]\ngreedy = 1\n")
+    with pytest.raises(ReasonMaxxerError, match=re.escape(f"{p} [eval] greedy: expected a boolean")):
+        load_baseline_config(p)
+    p.write_text("[eval]\nn = 2\n")  # a partial [eval] table fills in from EvalConfig's defaults, as before
+    assert load_baseline_config(p).eval.max_new_tokens == 256
+    with pytest.raises(ReasonMaxxerError, match="method: expected one of grpo"):
+        load_baseline_config(None, method="ppo")
