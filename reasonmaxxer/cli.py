@@ -56,20 +56,60 @@ def _add_sampling(p, n=4, temperature=0.7, max_new_tokens=256):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 
 
-def _add_engine(p, from_config: bool = False):
-    """--engine/--workers/--ray-address; for `run` they default to the config's values."""
-    cfg = " (default: the config's, else %s)" if from_config else " (default: %s)"
+class _Parser(argparse.ArgumentParser):
+    """A subcommand parser whose `late(parser)` adds flags on first use (parse or help): the
+    flags generated from the config dataclasses, without importing them (and torch) for
+    every other command."""
+
+    def __init__(self, *args, late=None, **kw):
+        super().__init__(*args, **kw)
+        self._late = late
+
+    def _add_late(self):
+        if self._late is not None:
+            late, self._late = self._late, None
+            late(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._add_late()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self):
+        self._add_late()
+        return super().format_help()
+
+
+def _run_flags(p):
+    from .config import add_config_flags
+
+    add_config_flags(p)
+
+
+def _train_flags(p, with_tau: bool):
+    from .config import add_config_flags
+    from .stages.select import SelectionConfig
+    from .stages.train import TrainConfig
+
+    names = (
+        "tau_fraction variant gate lam lr epochs max_steps micro_batch grad_accum warmup_steps checkpoint_every "
+        "lora_rank lora_alpha seed full_finetune"
+    ).split() + (["tau"] if with_tau else [])
+    add_config_flags(p, TrainConfig, only=names, title="training (TrainConfig)")
+    add_config_flags(
+        p, SelectionConfig, only=("max_problems", "keep_shortest", "truncated", "order"), title="selection"
+    )
+
+
+def _add_engine(p):
+    """--engine/--workers/--ray-address."""
     p.add_argument(
         "--engine",
         choices=("local", "ray"),
-        default=None if from_config else "local",
-        help="local: this process; ray: shards spread over Ray workers, same results" + cfg % "local",
+        default="local",
+        help="local: this process; ray: shards spread over Ray workers, same results (default: local)",
     )
     p.add_argument(
-        "--workers",
-        type=int,
-        default=None if from_config else 2,
-        help="Ray workers (actors), each loads the model once" + cfg % 2,
+        "--workers", type=int, default=2, help="Ray workers (actors), each loads the model once (default: 2)"
     )
     p.add_argument(
         "--ray-address",
@@ -339,36 +379,9 @@ def cmd_eval(a):
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.toml"
 
 
-def _run_overrides(a) -> dict:
-    o = {
-        "out": a.out,
-        "model": a.model,
-        "threads": a.threads or None,
-        "engine": a.engine,
-        "workers": a.workers,
-        "ray_address": a.ray_address,
-        "backend": a.backend,
-    }
-    o.update({f"vllm.{k}": getattr(a, k) for k in _VLLM_FLAGS if getattr(a, k) is not None})
-    for k in (
-        "train.tau",
-        "train.tau_fraction",
-        "train.variant",
-        "train.gate",
-        "train.lam",
-        "train.max_steps",
-        "sampling.n",
-        "eval.n",
-    ):
-        v = getattr(a, k.replace(".", "_"), None)
-        if v is not None:
-            o[k] = v
-    return o
-
-
 def cmd_run(a, config=None):
     from .backends.distributed import launched
-    from .config import load_run_config
+    from .config import config_overrides, load_run_config
     from .recipes.run import run_pipeline
 
     if launched():
@@ -376,7 +389,7 @@ def cmd_run(a, config=None):
             "run/demo is single-process; under `accelerate launch` run `-m reasonmaxxer train` "
             "(the README's 'Multi-process training')"
         )
-    cfg = load_run_config(config or a.config, **_run_overrides(a))
+    cfg = load_run_config(config or a.config, **config_overrides(a))
     run_pipeline(cfg, overwrite=a.overwrite)
 
 
@@ -606,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="reasonmaxxer", description="RL-free reasoning post-training at high-entropy forks."
     )
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     p = sub.add_parser("models", help="list the embedded models (and convert them once)")
     p.add_argument("--convert", metavar="SPEC", help="convert an alias or .gguf file into the cache now")
@@ -648,32 +661,17 @@ def build_parser() -> argparse.ArgumentParser:
         ("run", cmd_run, "the whole pipeline from a TOML config (each stage resumable)"),
         ("demo", cmd_demo, "the main job: `run` with the embedded default model's presets"),
     ):
-        p = sub.add_parser(name, help=hlp)
+        p = sub.add_parser(name, help=hlp, late=_run_flags)  # + one flag per config field (config.py)
         if name == "run":
             p.add_argument("config", help="TOML run config (see configs/demo.toml)")
-        p.add_argument("--out", default=None, help="run directory (default: the config's `out`)")
-        p.add_argument("--model", default=None, help="override the config's model")
-        p.add_argument("--threads", type=int, default=0)
-        p.add_argument("--train-tau", type=float, default=None, help="entropy threshold, nats")
-        p.add_argument("--train-tau-fraction", type=float, default=None, help="gate this fraction of completion tokens")
-        p.add_argument(
-            "--train-variant", default=None, help="reasonmaxxer | positive_only | no_anchor | all_tokens | rft"
-        )
-        p.add_argument("--train-gate", default=None, help="entropy | random")
-        p.add_argument("--train-lam", type=float, default=None)
-        p.add_argument("--train-max-steps", type=int, default=None)
-        p.add_argument("--sampling-n", type=int, default=None, help="rollouts per training problem")
-        p.add_argument("--eval-n", type=int, default=None, help="samples per test problem (0 = greedy only)")
-        _add_backend(p)
         p.add_argument("--overwrite", action="store_true", help="replace stages whose inputs changed")
-        _add_engine(p, from_config=True)
         p.set_defaults(fn=fn)
 
     for name, fn, hlp in (
         ("train", cmd_train, "train an adapter from a rollout store (select, score, train, export)"),
         ("calibrate", cmd_calibrate, "sweep tau with short trainings on a validation split"),
     ):
-        p = sub.add_parser(name, help=hlp)
+        p = sub.add_parser(name, help=hlp, late=lambda p, tau=name == "train": _train_flags(p, tau))
         p.add_argument("--rollouts", required=True, help="rollout store (from `reasonmaxxer sample`)")
         p.add_argument("--out", required=True, help="output dir")
         p.add_argument("--model", default=None, help="base model (default: the one that sampled the rollouts)")
@@ -686,31 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", default=None)
         p.add_argument("--max-new-tokens", type=int, default=256, help="for validation decoding")
         p.add_argument("--threads", type=int, default=0)
-        p.add_argument(
-            "--tau-fraction", type=float, default=None, help="gate this fraction of completion tokens (default 0.05)"
-        )
-        p.add_argument("--variant", default=None, help="reasonmaxxer | positive_only | no_anchor | all_tokens | rft")
-        p.add_argument("--gate", default=None, help="entropy | random")
-        p.add_argument("--lam", type=float, default=None, help="anchor weight (default 0.2)")
-        p.add_argument("--lr", type=float, default=None)
-        p.add_argument("--epochs", type=float, default=None)
-        p.add_argument("--max-steps", type=int, default=None)
-        p.add_argument("--micro-batch", type=int, default=None)
-        p.add_argument("--grad-accum", type=int, default=None)
-        p.add_argument("--warmup-steps", type=int, default=None)
-        p.add_argument("--checkpoint-every", type=int, default=None)
-        p.add_argument("--lora-rank", type=int, default=None)
-        p.add_argument("--lora-alpha", type=int, default=None)
-        p.add_argument("--seed", type=int, default=None)
-        p.add_argument("--full-finetune", action="store_true")
-        p.add_argument("--max-problems", type=int, default=None)
-        p.add_argument("--keep-shortest", type=float, default=None)
-        p.add_argument("--truncated", default=None, help="drop | mask | keep")
-        p.add_argument("--order", default=None, help="shuffle | clarity | none")
         if name == "train":
-            p.add_argument(
-                "--tau", type=float, default=None, help="entropy threshold in nats (default: --tau-fraction quantile)"
-            )
             p.add_argument(
                 "--rescore", action="store_true", help="re-score base entropies even if the sampler's can be reused"
             )

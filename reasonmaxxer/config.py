@@ -1,8 +1,22 @@
-"""config."""
+"""config: the run config, and one typed loader for every config dataclass.
+
+The stage configs (`SamplingConfig`, `SelectionConfig`, `TrainConfig`, `EvalConfig`,
+`VLLMOptions`) are frozen dataclasses defined next to their stages; each field carries its
+help text and checks as field metadata: ``help``, ``choices`` (a tuple, or a callable that
+returns one, e.g. the loss registry), and bounds ``ge``/``gt``/``le``/``lt``.
+`build_config` turns a TOML table into one of them, checking unknown keys, types (from the
+annotations) and the metadata checks, with errors like
+``demo.toml [train] lr: expected a float, got "fast"``. `add_config_flags` /
+`config_overrides` generate the `run`/`demo` command-line flags from the same fields.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import argparse
+import json
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from .backends.hf import SamplingConfig
@@ -10,32 +24,72 @@ from .backends.vllm import VLLMOptions
 from .errors import ReasonMaxxerError
 from .io import read_toml
 from .stages.evaluate import EvalConfig
+from .stages.select import SelectionConfig
 from .stages.train import TrainConfig
 
 
 # -- the run config ------------------------------------------------------------------------
+# The defaults are the demo's (configs/demo.toml sets the same values explicitly).
 @dataclass(frozen=True)
 class RunConfig:
     """A whole run, as read from a TOML file (see configs/demo.toml); flags override it."""
 
-    model: str = "smollm2-135m"
-    template: str = "fewshot"
-    out: str = "runs/run"
-    train_problems: str = "arith:train:64"
-    validation_problems: str = "arith:validation:24"
-    test_problems: str = "arith:test:64"
-    data_dir: str | None = None
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=8, max_new_tokens=256))
-    selection: dict = field(default_factory=dict)  # selection.SelectionConfig fields
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    rescore: bool = False
-    threads: int = 0  # torch threads (0 = torch's default); per Ray worker: this or 1
-    engine: str = "local"  # where sample, score and eval run: "local" | "ray" (see engines.py)
-    workers: int = 2  # Ray workers
-    ray_address: str | None = None  # None: a local Ray instance; "auto"/host:port: a running cluster
-    reuse: str | None = None  # a run dir whose base rollouts and base eval to reuse when their inputs match
-    backend: str = "hf"  # sampling + eval backend: hf | vllm (training and scoring are HF)
+    model: str = field(default="smollm2-135m", metadata={"help": "model alias, .gguf, HF dir or Hub id"})
+    template: str = field(
+        default="fewshot", metadata={"help": "prompt template: raw, chat, fewshot, mistral, a .txt file or a string"}
+    )
+    out: str = field(default="runs/run", metadata={"help": "run directory"})
+    train_problems: str = field(default="arith:train:80", metadata={"help": "problems to sample and train on"})
+    validation_problems: str = field(
+        default="arith:validation:32", metadata={"help": "held-out problems for checkpoint selection ('' = none)"}
+    )
+    test_problems: str = field(default="arith:test:96", metadata={"help": "held-out test problems"})
+    data_dir: str | None = field(default=None, metadata={"help": "local benchmark data dir"})
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(n=4, temperature=0.7, max_new_tokens=96, batch_size=32, seed=42)
+    )
+    selection: SelectionConfig = field(
+        default_factory=lambda: SelectionConfig(max_problems=64, truncated="drop", order="clarity")
+    )
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            tau_fraction=0.05,
+            lam=0.2,
+            lora_rank=32,
+            lora_alpha=64,
+            lr=2e-4,
+            micro_batch=8,
+            grad_accum=1,
+            warmup_steps=4,
+            epochs=2.0,
+            checkpoint_every=13,
+        )
+    )
+    eval: EvalConfig = field(
+        default_factory=lambda: EvalConfig(n=4, temperature=0.7, greedy=True, max_new_tokens=96, batch_size=32)
+    )
+    rescore: bool = field(default=False, metadata={"help": "re-score base entropies even if the sampler's fit"})
+    threads: int = field(
+        default=0, metadata={"help": "torch threads (0 = torch's default); per Ray worker: this or 1", "ge": 0}
+    )
+    engine: str = field(
+        default="local",
+        metadata={"help": "where sample, score and eval run: local | ray (same results)", "choices": ("local", "ray")},
+    )
+    workers: int = field(default=2, metadata={"help": "Ray workers (each loads the model once)", "ge": 1})
+    ray_address: str | None = field(
+        default=None, metadata={"help": "a running Ray cluster ('auto' or host:port); default: a local Ray instance"}
+    )
+    reuse: str | None = field(
+        default=None, metadata={"help": "a run dir whose base rollouts and base eval to reuse when inputs match"}
+    )
+    backend: str = field(
+        default="hf",
+        metadata={
+            "help": "sampling + eval backend: hf | vllm (training and scoring are HF)",
+            "choices": ("hf", "vllm"),
+        },
+    )
     vllm: VLLMOptions = field(default_factory=VLLMOptions)  # [vllm] engine options (backend = "vllm")
 
     def engine_config(self):
@@ -46,13 +100,97 @@ class RunConfig:
         )
 
 
-def _build(cls, d: dict, where: str):
-    names = {f.name for f in fields(cls)}
-    bad = sorted(set(d) - names)
+# -- typed building --------------------------------------------------------------------------
+_TYPE_NAMES = {int: "an integer", float: "a float", bool: "a boolean (true/false)", str: "a string"}
+
+
+def _show(v) -> str:
+    try:
+        return json.dumps(v)
+    except (TypeError, ValueError):
+        return repr(v)
+
+
+def _choices(meta) -> tuple | None:
+    c = meta.get("choices")
+    return tuple(c()) if callable(c) else c
+
+
+def _check_value(tp, v, where: str):
+    """`v` checked against the annotation `tp` (lists become tuples); a one-line error otherwise."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if v is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _check_value(inner[0], v, where)
+    elif origin is tuple:
+        if not isinstance(v, (list, tuple)):
+            raise ReasonMaxxerError(f"{where}: expected a list, got {_show(v)}")
+        item = args[0] if args else typing.Any
+        return tuple(_check_value(item, x, f"{where}[{i}]") for i, x in enumerate(v))
+    elif is_dataclass(tp):
+        if isinstance(v, tp):
+            return v
+        if not isinstance(v, dict):
+            raise ReasonMaxxerError(f"{where}: expected a table, got {_show(v)}")
+        return build_config(tp, v, where)
+    elif tp is bool:
+        if isinstance(v, bool):
+            return v
+    elif tp is int:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    elif tp is float:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return v  # an int is a fine float (kept as written: same hashes as before)
+    elif tp is str:
+        if isinstance(v, str):
+            return v
+    else:
+        return v  # an annotation this checker does not know: accept as is
+    raise ReasonMaxxerError(
+        f"{where}: expected {_TYPE_NAMES.get(tp, getattr(tp, '__name__', str(tp)))}, got {_show(v)}"
+    )
+
+
+def _check_meta(meta, v, where: str) -> None:
+    if v is None:
+        return
+    c = _choices(meta)
+    if c is not None and v not in c:
+        raise ReasonMaxxerError(f"{where}: expected one of {', '.join(map(str, c))}; got {_show(v)}")
+    for key, op, ok in (
+        ("ge", ">=", lambda a, b: a >= b),
+        ("gt", ">", lambda a, b: a > b),
+        ("le", "<=", lambda a, b: a <= b),
+        ("lt", "<", lambda a, b: a < b),
+    ):
+        if key in meta and not ok(v, meta[key]):
+            raise ReasonMaxxerError(f"{where}: must be {op} {meta[key]}, got {_show(v)}")
+
+
+def build_config(cls, d: dict, where: str, base=None):
+    """`cls` (a config dataclass) from the table `d`, over `base` (an instance; default: the
+    class defaults). Unknown keys, wrong types, out-of-range values and invalid choices are a
+    `ReasonMaxxerError` naming `where` (e.g. ``demo.toml [train]``) and the key."""
+    flds = {f.name: f for f in fields(cls)}
+    bad = sorted(set(d) - set(flds))
     if bad:
-        raise ReasonMaxxerError(f"{where}: unknown key(s) {bad}; valid: {sorted(names)}")
-    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-    return cls(**d)
+        raise ReasonMaxxerError(f"{where}: unknown key(s) {bad}; valid: {sorted(flds)}")
+    hints = typing.get_type_hints(cls)
+    kw = {}
+    for k, v in d.items():
+        sub_base = getattr(base, k) if base is not None else None
+        if is_dataclass(hints[k]) and isinstance(v, dict):
+            kw[k] = build_config(hints[k], v, f"{where} [{k}]", base=sub_base)
+            continue
+        kw[k] = _check_value(hints[k], v, f"{where} {k}")
+        _check_meta(flds[k].metadata, kw[k], f"{where} {k}")
+    if base is not None:
+        kw = {f.name: kw.get(f.name, getattr(base, f.name)) for f in fields(cls)}
+    return cls(**kw)
 
 
 def _with_extends(raw: dict, path, depth: int = 0) -> dict:
@@ -71,7 +209,9 @@ def _with_extends(raw: dict, path, depth: int = 0) -> dict:
 
 
 def load_run_config(path: str | Path | None = None, **overrides) -> RunConfig:
-    """Read a TOML run config (sections [sampling], [selection], [train], [eval]); flags win."""
+    """Read a TOML run config (tables [sampling], [selection], [train], [eval], [vllm]) over the
+    `RunConfig` defaults; `overrides` (``"train.lr"``-style keys; None = not given) win.
+    Everything is type- and range-checked here, before any model is loaded."""
     raw = _with_extends(read_toml(path), path)
     where = str(path or "config")
     for k, v in overrides.items():
@@ -79,21 +219,81 @@ def load_run_config(path: str | Path | None = None, **overrides) -> RunConfig:
             continue
         sec, _, key = k.partition(".")
         if key:
-            raw.setdefault(sec, {})[key] = v
+            if not isinstance(raw.setdefault(sec, {}), dict):
+                raise ReasonMaxxerError(f"{where}: [{sec}] must be a table")
+            raw[sec][key] = v
         else:
             raw[k] = v
-    sub = {"sampling": SamplingConfig, "train": TrainConfig, "eval": EvalConfig, "vllm": VLLMOptions}
-    top = {}
-    for k, v in raw.items():
-        if k in sub:
-            if not isinstance(v, dict):
-                raise ReasonMaxxerError(f"{where}: [{k}] must be a table")
-            top[k] = _build(sub[k], v, f"{where} [{k}]")
-        elif k == "selection":
-            from .stages.select import SelectionConfig
+    return build_config(RunConfig, raw, where, base=RunConfig())
 
-            _build(SelectionConfig, v, f"{where} [selection]")  # validate early
-            top[k] = dict(v)
+
+# -- command-line flags from the same fields -------------------------------------------------
+# flags that existed before they were generated, kept as aliases
+_ALIASES = {
+    "vllm.tensor_parallel_size": "--tensor-parallel-size",
+    "vllm.data_parallel_size": "--data-parallel-size",
+    "vllm.gpu_memory_utilization": "--gpu-memory-utilization",
+}
+
+
+def _flag_fields(cls=RunConfig, prefix: str = ""):
+    """(dotted key, field, annotation) for every scalar/tuple field, nested tables flattened."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        tp = hints[f.name]
+        if is_dataclass(tp):
+            yield from _flag_fields(tp, f"{prefix}{f.name}.")
         else:
-            top[k] = v
-    return _build(RunConfig, top, where)
+            yield f"{prefix}{f.name}", f, tp
+
+
+def _scalar(tp):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _scalar(args[0])
+    return tp
+
+
+def add_config_flags(p: argparse.ArgumentParser, cls=RunConfig, only=None, title=None) -> None:
+    """One flag per field of `cls` (nested tables as ``--train-lr``; `only`: these top-level
+    names), with the field's help text and choices. Every default is None (= not given), so
+    flags > config file > defaults."""
+    g = p.add_argument_group(title or "config overrides (flags > config file > defaults)")
+    for key, f, tp in _flag_fields(cls):
+        if only is not None and key not in only:
+            continue
+        names = ["--" + key.replace(".", "-").replace("_", "-")]
+        if key in _ALIASES:
+            names.append(_ALIASES[key])
+        hlp = f.metadata.get("help", "")
+        if cls is RunConfig:
+            dflt = f"the config's, else {_get(RunConfig(), key)!r}"
+        else:
+            dflt = repr(f.default if f.default is not MISSING else None)
+        hlp = f"{hlp} (default: {dflt})".strip().replace("%", "%%")
+        st = _scalar(tp)
+        kw = dict(dest=key.replace(".", "_"), default=None, help=hlp)
+        if st is bool:
+            g.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(st) is tuple:
+            g.add_argument(*names, nargs="+", metavar="S", **kw)
+        else:
+            c = _choices(f.metadata)
+            meta = None if c else {int: "N", float: "X"}.get(st, "S")
+            g.add_argument(*names, type=st if st in (int, float) else str, choices=c, metavar=meta, **kw)
+
+
+def _get(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def config_overrides(a: argparse.Namespace, cls=RunConfig) -> dict:
+    """The flags given (not None) as ``load_run_config`` overrides (``{"train.lr": 3e-4}``)."""
+    out = {}
+    for key, _, _ in _flag_fields(cls):
+        v = getattr(a, key.replace(".", "_"), None)
+        if v is not None:
+            out[key] = v
+    return out

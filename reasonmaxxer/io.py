@@ -118,6 +118,8 @@ def read_toml(path: str | Path | None) -> dict:
     if not p.is_file():
         raise ReasonMaxxerError(f"{p}: no such config file")
     try:
-        return tomllib.loads(p.read_text())
+        return tomllib.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ReasonMaxxerError(f"{p}: not UTF-8 text (invalid byte at offset {e.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ReasonMaxxerError(f"{p}: invalid TOML ({e})") from None

@@ -39,7 +39,7 @@ import hashlib
 import inspect
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -52,14 +52,14 @@ from ..errors import ReasonMaxxerError
 class SamplingConfig:
     """How completions are drawn. temperature 0 = greedy (then top_p/top_k are ignored)."""
 
-    n: int = 4  # samples per problem
-    temperature: float = 0.7
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = no top-k filter
-    max_new_tokens: int = 256
-    seed: int = 0
-    batch_size: int = 32  # rows decoded together
-    stop: tuple[str, ...] = ()  # extra stop strings (EOS always stops)
+    n: int = field(default=4, metadata={"help": "samples per problem", "ge": 1})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (0 = greedy)", "ge": 0})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass", "gt": 0, "le": 1})
+    top_k: int = field(default=0, metadata={"help": "top-k filter (0 = none)", "ge": 0})
+    max_new_tokens: int = field(default=256, metadata={"help": "completion length cap, tokens", "ge": 1})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    batch_size: int = field(default=32, metadata={"help": "rows decoded together", "ge": 1})
+    stop: tuple[str, ...] = field(default=(), metadata={"help": "extra stop strings (EOS always stops)"})
 
     def __post_init__(self):
         if self.n < 1:

@@ -49,7 +49,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import ReasonMaxxerError
@@ -65,15 +65,31 @@ LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # max_lora_rank values vLLM ac
 class VLLMOptions:
     """How the vLLM engine(s) run. These do not change what is sampled (not in the config hash)."""
 
-    tensor_parallel_size: int = 1
-    data_parallel_size: int = 1  # independent engines, one process each (see module docstring)
-    gpu_memory_utilization: float = 0.9  # fraction of each GPU vLLM may take (weights + KV cache)
-    dtype: str = "bfloat16"  # "auto" = the checkpoint's dtype
-    max_model_len: int | None = None  # None: the model's
-    enforce_eager: bool = False  # True: no CUDA graphs / compilation (faster start, slower decode)
-    enable_lora: bool = False  # serve adapters even when the model spec is a base model
-    max_lora_rank: int | None = None  # None: the adapter's rank (or 64 with enable_lora and no adapter)
-    seed: int = 0  # engine seed; each request also has its own seed
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs per engine", "ge": 1})
+    data_parallel_size: int = field(
+        default=1,
+        metadata={"help": "vllm: independent engines, one process each, on tensor_parallel_size GPUs", "ge": 1},
+    )
+    gpu_memory_utilization: float = field(
+        default=0.9,
+        metadata={
+            "help": "vllm: fraction of each GPU's memory the engine may take (weights + KV cache)",
+            "gt": 0,
+            "le": 1,
+        },
+    )
+    dtype: str = field(default="bfloat16", metadata={"help": "vllm: dtype ('auto' = the checkpoint's)"})
+    max_model_len: int | None = field(default=None, metadata={"help": "vllm: context length (default: the model's)"})
+    enforce_eager: bool = field(
+        default=False, metadata={"help": "vllm: no CUDA graphs / compilation (faster start, slower decode)"}
+    )
+    enable_lora: bool = field(
+        default=False, metadata={"help": "vllm: serve adapters even when the model spec is a base model"}
+    )
+    max_lora_rank: int | None = field(
+        default=None, metadata={"help": "vllm: max LoRA rank (default: the adapter's, or 64 with enable_lora)"}
+    )
+    seed: int = field(default=0, metadata={"help": "vllm: engine seed (each request also has its own)"})
 
     def __post_init__(self):
         if self.tensor_parallel_size < 1 or self.data_parallel_size < 1:

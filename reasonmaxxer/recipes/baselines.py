@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import ReasonMaxxerError
@@ -41,7 +41,7 @@ METHODS: dict[str, tuple[str, dict]] = {
 class BaselineConfig:
     """One RL baseline run. Defaults match the demo's ReasonMaxxer run (configs/demo.toml)."""
 
-    method: str = "grpo"
+    method: str = field(default="grpo", metadata={"help": "RL method", "choices": tuple(METHODS)})
     out: str = "runs/baseline-grpo"
     model: str = "smollm2-135m"
     template: str = "fewshot"
@@ -77,24 +77,14 @@ class BaselineConfig:
 
 
 def load_baseline_config(path: str | Path | None = None, **overrides) -> BaselineConfig:
-    """A `BaselineConfig` from a TOML file (top-level keys + an [eval] table); non-None overrides win."""
+    """A `BaselineConfig` from a TOML file (top-level keys + an [eval] table); non-None overrides win.
+    Keys, types and ranges are checked by `config.build_config` (an [eval] table fills in from
+    `EvalConfig`'s defaults, as before)."""
+    from ..config import build_config
+
     raw = read_toml(path)
     raw.update({k: v for k, v in overrides.items() if v is not None})
-    names = {f.name for f in fields(BaselineConfig)}
-    bad = sorted(set(raw) - names)
-    if bad:
-        raise ReasonMaxxerError(f"{path or 'baseline config'}: unknown key(s) {bad}; valid: {sorted(names)}")
-    if isinstance(raw.get("eval"), dict):
-        enames = {f.name for f in fields(EvalConfig)}
-        ebad = sorted(set(raw["eval"]) - enames)
-        if ebad:
-            raise ReasonMaxxerError(
-                f"{path or 'baseline config'} [eval]: unknown key(s) {ebad}; valid: {sorted(enames)}"
-            )
-        raw["eval"] = EvalConfig(**raw["eval"])
-    if "target_modules" in raw:
-        raw["target_modules"] = tuple(raw["target_modules"])
-    return BaselineConfig(**raw)
+    return build_config(BaselineConfig, raw, str(path or "baseline config"))
 
 
 # -- pure helpers ------------------------------------------------------------------------------

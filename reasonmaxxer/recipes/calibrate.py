@@ -9,9 +9,10 @@ from pathlib import Path
 from ..errors import ReasonMaxxerError
 from ..io import atomic_write_json
 from ..stages.evaluate import greedy_accuracy_fn
+from ..stages.select import SelectionConfig
 from ..stages.train import TrainConfig, examples_from_selection
 from ..store import RolloutStore
-from .run import prepare_training_data
+from .run import as_selection_config, prepare_training_data
 
 
 def calibrate(
@@ -23,7 +24,7 @@ def calibrate(
     validation,
     *,
     taus: Sequence[float],
-    selection: dict,
+    selection: SelectionConfig | dict,
     train_cfg: TrainConfig,
     out: Path,
     max_steps: int = 8,
@@ -38,14 +39,13 @@ def calibrate(
     """
     import copy
 
-    from ..stages.select import SelectionConfig
     from ..stages.train import example_gates, train
 
     out = Path(out)
     sel, srows, _ = prepare_training_data(
         store, model_spec, model, tokenizer, selection, train_cfg, out / "scores.parquet", progress=progress
     )
-    examples = examples_from_selection(srows, SelectionConfig(**selection).truncated)
+    examples = examples_from_selection(srows, as_selection_config(selection).truncated)
     validate = greedy_accuracy_fn(validation, template, tokenizer, max_new_tokens, 32)
     base_acc = validate(model)
     rows = []

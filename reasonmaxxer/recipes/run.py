@@ -32,8 +32,14 @@ from ..errors import ReasonMaxxerError
 from ..io import atomic_write_json
 from ..stages.evaluate import evaluate_model, greedy_accuracy_fn
 from ..stages.score import attach_scores
+from ..stages.select import SelectionConfig
 from ..stages.train import TrainConfig, examples_from_selection
 from ..store import RolloutStore
+
+
+def as_selection_config(selection: SelectionConfig | dict) -> SelectionConfig:
+    """A `SelectionConfig` as is, or one built from a dict of its fields (the `train` command's flags)."""
+    return selection if isinstance(selection, SelectionConfig) else SelectionConfig(**selection)
 
 
 def prepare_training_data(
@@ -41,7 +47,7 @@ def prepare_training_data(
     model_spec: str,
     model,
     tokenizer,
-    selection: dict,
+    selection: SelectionConfig | dict,
     train_cfg: TrainConfig,
     scores_path: Path,
     *,
@@ -50,13 +56,13 @@ def prepare_training_data(
     engine=None,
 ):
     """select -> score (-> clarity order). Returns (Selection, rows with base_entropies, score info)."""
-    from ..stages.select import SelectionConfig, select
+    from ..stages.select import select
     from ..stages.train import resolve_tau
 
     rows = [r for r in store.read_rows() if r["sample_index"] >= 0]
-    scfg = SelectionConfig(**selection)
+    scfg = as_selection_config(selection)
     clarity = scfg.order == "clarity"
-    sel = select(rows, SelectionConfig(**{**selection, "order": "none"}) if clarity else scfg)
+    sel = select(rows, replace(scfg, order="none") if clarity else scfg)
     if progress:
         st = sel.stats
         print(
@@ -165,7 +171,6 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
     from ..data.prompts import get_template
     from ..models import load_model
     from ..stages.sample import check_backend, sample_stage
-    from ..stages.select import SelectionConfig
     from ..stages.train import example_gates, train
 
     check_backend(cfg.backend, cfg.engine)
@@ -236,8 +241,7 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
             progress=progress,
             engine=engine,
         )
-    scfg = SelectionConfig(**cfg.selection)
-    examples = examples_from_selection(srows, scfg.truncated)
+    examples = examples_from_selection(srows, cfg.selection.truncated)
     validate = greedy_accuracy_fn(val_p, tmpl, tok, cfg.eval.max_new_tokens, cfg.eval.batch_size) if val_p else None
 
     with stage("train"):

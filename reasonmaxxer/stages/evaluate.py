@@ -37,7 +37,7 @@ import re
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +51,12 @@ from ..store import RolloutStore
 
 @dataclass(frozen=True)
 class EvalConfig:
-    n: int = 4  # samples per problem for avg@n (0 = greedy only)
-    temperature: float = 0.7
-    greedy: bool = True
-    max_new_tokens: int = 256
-    batch_size: int = 32
-    seed: int = 1234
+    n: int = field(default=4, metadata={"help": "samples per test problem for avg@n (0 = greedy only)", "ge": 0})
+    temperature: float = field(default=0.7, metadata={"help": "temperature of the avg@n samples", "ge": 0})
+    greedy: bool = field(default=True, metadata={"help": "also decode greedily"})
+    max_new_tokens: int = field(default=256, metadata={"help": "completion length cap, tokens", "ge": 1})
+    batch_size: int = field(default=32, metadata={"help": "rows decoded together", "ge": 1})
+    seed: int = field(default=1234, metadata={"help": "sampling seed"})
 
 
 def evaluate_stores(
@@ -225,8 +225,8 @@ class EvalReport:
         """Plain JSON-able dict (k keys become strings)."""
         d = asdict(self)
         for mode in MODES:
-            for field in ("pass_at_k", "maj_at_k"):
-                d[mode][field] = {str(k): v for k, v in d[mode][field].items()}
+            for key in ("pass_at_k", "maj_at_k"):
+                d[mode][key] = {str(k): v for k, v in d[mode][key].items()}
         d["ks"] = list(self.ks)
         d["notes"] = list(self.notes)
         d["breakdown"] = {key: list(groups) for key, groups in d["breakdown"].items()}

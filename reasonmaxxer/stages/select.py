@@ -89,11 +89,20 @@ class SelectionConfig:
     seed: seed of the "shuffle" order.
     """
 
-    max_problems: int | None = 50
-    keep_shortest: float = 1.0
-    truncated: str = "drop"
-    order: str = "shuffle"
-    seed: int = 0
+    max_problems: int | None = field(
+        default=50, metadata={"help": "cap on problems kept, best-ranked first (None: all mixed)", "ge": 1}
+    )
+    keep_shortest: float = field(
+        default=1.0, metadata={"help": "fraction of selected rollouts kept, shortest first", "gt": 0, "le": 1}
+    )
+    truncated: str = field(
+        default="drop",
+        metadata={"help": "rollouts that hit the length cap: drop | mask | keep", "choices": TRUNCATION_POLICIES},
+    )
+    order: str = field(
+        default="shuffle", metadata={"help": "training order: shuffle | clarity | none", "choices": ORDERS}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the shuffle order"})
 
     def __post_init__(self) -> None:
         if self.max_problems is not None and (

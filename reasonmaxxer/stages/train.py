@@ -36,7 +36,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,7 +44,7 @@ import torch
 from ..backends.distributed import Dist
 from ..core.entropy import token_logprobs
 from ..core.gating import check_gate_nonempty, entropy_gate, gated_fraction, random_gate_like, tau_for_fraction
-from ..core.losses import anchor_kl, loss_masks, reasonmaxxer_loss
+from ..core.losses import LOSS_VARIANTS, anchor_kl, loss_masks, reasonmaxxer_loss
 from ..errors import ReasonMaxxerError
 from ..io import atomic_write_bytes, atomic_write_json, package_versions
 from .checkpoint import export_model, latest_checkpoint, load_trainable_state, save_checkpoint
@@ -65,38 +65,58 @@ def examples_from_selection(rows: Sequence[dict], truncated_policy: str) -> list
     ]
 
 
+GATES = ("entropy", "random")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a training run (defaults: the paper's recipe, method.md s.3)."""
 
-    variant: str = "reasonmaxxer"  # loss variant: reasonmaxxer | positive_only | no_anchor | all_tokens | rft
-    gate: str = "entropy"  # entropy | random (same gated count as the entropy gate, random positions)
-    tau: float | None = None  # nats; None -> tau_fraction
-    tau_fraction: float = 0.05  # if tau is None: gate this fraction of completion tokens (quantile)
-    tau_correct: float | None = None  # optional separate thresholds (nats)
-    tau_incorrect: float | None = None
-    lam: float = 0.2  # anchor weight
-    lora_rank: int = 32
-    lora_alpha: int = 64
-    lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    full_finetune: bool = False
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 5
-    epochs: float = 1.0
-    max_steps: int | None = None
-    micro_batch: int = 1
-    grad_accum: int = 8
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 10
-    eval_every: int = 0  # 0: evaluate only at checkpoints (if a validation fn is given)
-    share_prefix: bool = True  # encode the prompt prefix shared by a micro-batch once (exact; faster)
-    skip_ungated: bool = True  # drop rollouts with no gated token: they would train the anchor only
+    variant: str = field(
+        default="reasonmaxxer",
+        metadata={"help": "loss variant (core/losses.py registry)", "choices": lambda: tuple(LOSS_VARIANTS)},
+    )
+    gate: str = field(
+        default="entropy",
+        metadata={"help": "entropy | random (the entropy gate's count, at random positions)", "choices": GATES},
+    )
+    tau: float | None = field(default=None, metadata={"help": "entropy threshold, nats (default: tau_fraction)"})
+    tau_fraction: float = field(
+        default=0.05,
+        metadata={"help": "if tau is unset: gate this fraction of completion tokens (quantile)", "gt": 0, "lt": 1},
+    )
+    tau_correct: float | None = field(default=None, metadata={"help": "separate threshold for correct rollouts, nats"})
+    tau_incorrect: float | None = field(
+        default=None, metadata={"help": "separate threshold for incorrect rollouts, nats"}
+    )
+    lam: float = field(default=0.2, metadata={"help": "anchor weight", "ge": 0})
+    lora_rank: int = field(default=32, metadata={"help": "LoRA rank", "ge": 1})
+    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha", "ge": 1})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout", "ge": 0, "lt": 1})
+    target_modules: tuple[str, ...] = field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj"), metadata={"help": "LoRA target modules"}
+    )
+    full_finetune: bool = field(default=False, metadata={"help": "train all weights instead of a LoRA adapter"})
+    lr: float = field(default=1e-4, metadata={"help": "learning rate", "gt": 0})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "ge": 0})
+    warmup_steps: int = field(default=5, metadata={"help": "linear warmup, optimizer steps", "ge": 0})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the selected rollouts", "gt": 0})
+    max_steps: int | None = field(default=None, metadata={"help": "cap on optimizer steps", "ge": 1})
+    micro_batch: int = field(default=1, metadata={"help": "sequences per forward pass", "ge": 1})
+    grad_accum: int = field(default=8, metadata={"help": "micro-batches per optimizer step", "ge": 1})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm", "gt": 0})
+    seed: int = field(default=0, metadata={"help": "training seed"})
+    checkpoint_every: int = field(default=10, metadata={"help": "optimizer steps between checkpoints", "ge": 1})
+    eval_every: int = field(default=0, metadata={"help": "validation every N steps (0: only at checkpoints)", "ge": 0})
+    share_prefix: bool = field(
+        default=True, metadata={"help": "encode the prompt prefix shared by a micro-batch once (exact; faster)"}
+    )
+    skip_ungated: bool = field(
+        default=True, metadata={"help": "drop rollouts with no gated token (they would train the anchor only)"}
+    )
 
     def __post_init__(self):
-        if self.gate not in ("entropy", "random"):
+        if self.gate not in GATES:
             raise ReasonMaxxerError(f"train: gate must be 'entropy' or 'random' (got {self.gate!r})")
         if self.micro_batch < 1 or self.grad_accum < 1:
             raise ReasonMaxxerError("train: micro_batch and grad_accum must be >= 1")

@@ -6,6 +6,7 @@ from conftest import make_tiny_model
 from reasonmaxxer.config import load_run_config
 from reasonmaxxer.errors import ReasonMaxxerError
 from reasonmaxxer.recipes.run import run_pipeline
+from reasonmaxxer.stages.select import SelectionConfig
 
 
 def test_config_file_and_overrides(tmp_path):
@@ -16,7 +17,8 @@ def test_config_file_and_overrides(tmp_path):
     cfg = load_run_config(p, **{"train.tau": 1.5, "out": "x"})
     assert cfg.model == "m" and cfg.out == "x" and cfg.sampling.n == 3
     assert cfg.train.lr == 3e-4 and cfg.train.tau == 1.5 and cfg.train.target_modules == ("q_proj",)
-    assert cfg.selection == {"max_problems": 5}
+    # a table overrides the defaults (the demo's) key by key
+    assert cfg.selection == SelectionConfig(max_problems=5, truncated="drop", order="clarity")
 
 
 @pytest.mark.parametrize(
