@@ -139,8 +139,6 @@ def _tooltip(k: int, tok: Mapping[str, Any], tau: float | None) -> str:
     return "\n".join(lines)
 
 
-
-
 def _html_escape(s: str) -> str:
     return str(escape(s))
 

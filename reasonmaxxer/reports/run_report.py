@@ -293,7 +293,9 @@ def _sec_examples(
 
 
 def _sec_curves(curves: Sequence[Mapping[str, Any]], data, **_) -> list[Block]:
-    steps = np.array([float(r["step"]) if as_float(r.get("step")) is not None else float(i) for i, r in enumerate(curves)])
+    steps = np.array(
+        [float(r["step"]) if as_float(r.get("step")) is not None else float(i) for i, r in enumerate(curves)]
+    )
     parts = [f"{len(curves)} logged steps (step {fmt_number(steps[0])} to {fmt_number(steps[-1])})"]
     for key, name, fmt in (("loss", "final loss", fmt_number), ("gated_fraction", "final gated fraction", fmt_pct)):
         s = series(curves, key)
