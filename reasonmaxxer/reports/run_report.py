@@ -160,6 +160,23 @@ def _sec_accuracy(acc: Mapping[str, Any], data, **_) -> list[Block]:
         blocks.append(("note", "Not available: no base or trained accuracy."))
 
     paired = acc.get("paired") or {}
+    blocks += _paired_blocks(paired, label)
+    plot = _try_plot(plot_accuracy, base, trained, paired, label)
+    blocks.append(plot)
+    if plot[0] == "img" and (base or trained):
+        blocks.append(
+            (
+                "p",
+                "Whiskers on the bars: Wilson 95% interval over problems (conservative for "
+                "avg@n, whose per-problem scores vary less than a coin flip's).",
+            )
+        )
+    return blocks
+
+
+def _paired_blocks(paired: Mapping[str, Any], label: Mapping[str, str]) -> list[Block]:
+    """The paired (per-problem) difference: a sentence, a one-row table and the verdict."""
+    blocks: list[Block] = []
     if paired:
         metric = label.get(paired.get("metric"), str(paired.get("metric", "?")))
         lo, hi = as_float(paired.get("low")), as_float(paired.get("high"))
@@ -199,16 +216,6 @@ def _sec_accuracy(acc: Mapping[str, Any], data, **_) -> list[Block]:
     else:
         blocks.append(("note", "Not available: no paired (per-problem) difference."))
 
-    plot = _try_plot(plot_accuracy, base, trained, paired, label)
-    blocks.append(plot)
-    if plot[0] == "img" and (base or trained):
-        blocks.append(
-            (
-                "p",
-                "Whiskers on the bars: Wilson 95% interval over problems (conservative for "
-                "avg@n, whose per-problem scores vary less than a coin flip's).",
-            )
-        )
     return blocks
 
 
