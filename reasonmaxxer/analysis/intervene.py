@@ -329,7 +329,7 @@ def render_markdown(rows: list[dict], config: dict) -> str:
 def plot_tau_sweep(sweep: list[dict], base_pass: float, tuned_pass: float, path: Path) -> None:
     """touched % (x) vs pass@1 % (y) for each tau, base / tuned as horizontal lines (PNG, atomic)."""
     from ..io import atomic_write_bytes
-    from ..reports.run_report import new_figure, png_bytes
+    from ..reports.plots import new_figure, png_bytes
 
     fig = new_figure(5.5, 4)
     ax = fig.add_subplot(1, 1, 1)
@@ -356,7 +356,7 @@ def plot_intervention_bars(rows: list[dict], path: Path) -> None:
     control as its mean with a ± sample-std error bar, each bar annotated with the % of positions
     touched. The base's pass@1 is a dashed line. PNG, written atomically."""
     from ..io import atomic_write_bytes
-    from ..reports.run_report import new_figure, png_bytes
+    from ..reports.plots import new_figure, png_bytes
 
     labels, ys, errs, colours, notes = [], [], [], [], []
     for r in rows:

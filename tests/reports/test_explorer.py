@@ -27,6 +27,7 @@ from reasonmaxxer.reports.explorer import (
     write_explorer,
     write_fork_atlas,
 )
+from reasonmaxxer.reports.fork_atlas import ATLAS_HEADER
 
 PNG_SIG = b"\x89PNG\r\n\x1a\n"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -322,12 +323,22 @@ def test_fork_atlas_files(tmp_path):
     html = write_fork_atlas(out, context_tokens=3, top=2, tau=1.0).read_text(encoding="utf-8")
     md = (out / "fork_atlas.md").read_text(encoding="utf-8")
     assert not re.search(r"https?://", html, re.IGNORECASE)
-    # two tables (most frequent; most changed), each a header row + the top 2
-    assert html.count("<tr>") == 2 * (1 + 2) and len([l for l in md.splitlines() if l.startswith("| ")]) == 2 * (1 + 2)
-    assert "0.50" in html and "0.50" in md
-    changed = md.split("### Where the tuned model changes")[1]
+    # two tables (most frequent; most changed), each a header row + the top 2, the same in HTML and Markdown
+    html_rows = [
+        [unescape(re.sub(r"<[^>]+>", "", c)) for c in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row)]
+        for row in re.findall(r"<tr>(.*?)</tr>", html)
+    ]
+    md_rows = [
+        [c.strip() for c in l.strip("|").split(" | ")]
+        for l in md.splitlines()
+        if l.startswith("| ") and not l.startswith("| ---")
+    ]
+    assert len(html_rows) == len(md_rows) == 2 * (1 + 2)
+    assert html_rows[0] == md_rows[0] == list(ATLAS_HEADER)
     # 3 forks with a change, 1 each; ties go by count (("a","b","c") has 2 positions), then context
-    assert "top 2 of 3 forks" in changed and "| 1 | `a` `b` `c` | `D` | 2 |" in changed
+    assert "top 2 of 3 forks" in md.split("### Where the tuned model changes")[1]
+    assert md_rows[4] == ["1", "`a` `b` `c`", "`D`", "2", "2", "1", "0", "0.50", "`⟨id=104⟩`×1"]
+    assert html_rows[4] == ["1", "a b c", "D", "2", "2", "1", "0", "0.50", "⟨id=104⟩×1"]
     html_all = write_fork_atlas(out, context_tokens=3, top=50, tau=1.0).read_text(encoding="utf-8")
     assert "&lt;b&gt;" in html_all and "<b>" not in html_all
     md_all = (out / "fork_atlas.md").read_text(encoding="utf-8")

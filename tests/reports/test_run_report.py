@@ -6,6 +6,7 @@ The full report is written once per module (plots take ~1 s); small cases get th
 import base64
 import re
 import warnings
+from html.parser import HTMLParser
 
 import numpy as np
 import pytest
@@ -109,6 +110,61 @@ def _data():
     }
 
 
+class _Doc(HTMLParser):
+    """The page's tables (rows of cell texts, header row included), paragraphs, notes and headings."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.tables, self.paragraphs, self.notes, self.h2 = [], [], [], []
+        self.cell = self.text = None
+        self.stack = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag not in ("meta", "img", "br"):  # void elements have no end tag
+            self.stack.append((tag, a))
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self.cell = ""
+        elif tag in ("p", "h2"):
+            self.text = ""
+
+    def handle_endtag(self, tag):
+        open_tag, a = self.stack.pop()
+        assert open_tag == tag, (open_tag, tag)  # well nested
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append(self.cell)
+            self.cell = None
+        elif tag == "p" and self.text is not None:
+            (self.notes if a.get("class") == "note" else self.paragraphs).append(self.text)
+            self.text = None
+        elif tag == "h2":
+            self.h2.append(self.text)
+            self.text = None
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell += data
+        if self.text is not None:
+            self.text += data
+
+
+def _doc(html: str) -> _Doc:
+    d = _Doc()
+    d.feed(html)
+    d.close()
+    return d
+
+
+def _table(doc: _Doc, first_header: str) -> list[list[str]]:
+    """The one table whose first header cell is `first_header`."""
+    (t,) = [t for t in doc.tables if t[0][0] == first_header]
+    return t
+
+
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
@@ -154,26 +210,56 @@ def test_html_escapes_token_text(full):
 
 
 def test_html_shows_numbers(full):
-    html = full[4]
-    for s in (
-        "0.298",
-        "0.502",
-        "0.287",
-        "0.491",
-        "avg@16",
-        "+0.204",
-        "[+0.150, +0.260]",
-        "130",
-        "342",
-        "1.4",
-        "5.20%",
-        "held-out sweep",
-        "Qwen/Qwen3-0.6B",
-        "1000",
-    ):
-        assert s in html, s
-    assert "The interval excludes zero: the trained model is better" in html
-    assert '<a href="merged/model.safetensors">' in html
+    doc = _doc(full[4])
+    assert _table(doc, "model") == [
+        ["model", "greedy", "avg@16", "problems", "samples/problem"],
+        ["base", "0.298", "0.287", "500", "16"],
+        ["trained", "0.502", "0.491", "500", "16"],
+        ["trained − base", "+0.204", "+0.204", "", ""],
+    ]
+    assert _table(doc, "metric") == [
+        ["metric", "problems", "mean difference", "95% interval", "wins", "losses", "ties"],
+        ["greedy", "500", "+0.204", "[+0.150, +0.260]", "130", "28", "342"],
+    ]
+    entropy, selection = [t for t in doc.tables if t[0] == ["quantity", "value"]]
+    assert entropy[1:3] == [["tau (nats)", "1.4 (held-out sweep)"], ["gated fraction (training gate)", "5.20%"]]
+    assert entropy[3] == ["completion tokens scored", "100000"]
+    assert selection[1:] == [
+        ["problems total", "300"],
+        ["problems mixed", "142"],
+        ["problems kept", "50"],
+        ["rollouts kept", "1000"],
+    ]
+    summary = dict(_table(doc, "field")[1:])
+    assert summary["model"] == "Qwen/Qwen3-0.6B" and summary["lora"] == '{"r": 32, "alpha": 64}'
+    assert summary["note"] == "a|b" and summary["steps"] == "149"
+    assert _table(doc, "pass rate")[1] == ["problems", "80", "12", "15", "20", "18", "17", "25", "20", "15", "78"]
+    timings = _table(doc, "stage")
+    assert timings[3] == ["train", "3,600.0", "1:00:00", "64.3%"]  # 3600 / 5599.9 s
+    assert timings[-1] == ["total", "5,599.9", "1:33:20", "100.0%"]
+    assert "The interval excludes zero: the trained model is better on this metric." in doc.paragraphs
+    assert '<a href="merged/model.safetensors">merged/model.safetensors</a>' in full[4]
+    assert doc.h2 == [
+        "Run summary",
+        "Held-out accuracy",
+        "Base-model entropy and the gate",
+        "Data selection",
+        "Breakdowns",
+        "Gated tokens in context",
+        "Training curves",
+        "Stage timings",
+        "Artifacts",
+    ]
+
+
+def test_html_gated_token_table(full):
+    doc = _doc(full[4])
+    gated = [t for t in doc.tables if t[0] == ["#", "token", "H (nats)", "base top-5"]]
+    assert len(gated) == 2
+    assert gated[0][1] == ["1", "␣3", "2.31", "␣3 0.410 · ␣4 0.220 · ␣< 0.100 · ␣& 0.050 · ↵ 0.010"]
+    assert gated[0][3] == ["3", "␣<script>alert(1)</script>", "3.2", "␣<script> 0.300 · ␣So 0.200"]
+    assert gated[0][5] == ["5", "(", "1.5", "not recorded"]
+    assert gated[1][1:] == [["1", "␣answer", "1.6", "␣answer 0.450 · ␣result 0.300"]]
 
 
 def test_markdown_tables(full):
@@ -221,7 +307,20 @@ def test_title_only_gives_not_available_notes(tmp_path):
     md, html = md_path.read_text(), html_path.read_text()
     for key in ("summary", "accuracy", "entropy", "selection", "examples", "curves", "timings", "artifacts"):
         assert f"Not available: the run data has no '{key}' section." in md
-        assert f"Not available: the run data has no &#x27;{key}&#x27; section." in html
+    assert [n for n in _doc(html).notes if n.startswith("Not available")] == [
+        f"Not available: the run data has no '{key}' section."
+        for key in (
+            "summary",
+            "accuracy",
+            "entropy",
+            "selection",
+            "tables",
+            "examples",
+            "curves",
+            "timings",
+            "artifacts",
+        )
+    ]
     assert "data:image/png" not in html and not list((tmp_path / "r" / "plots").iterdir())
 
 
@@ -281,6 +380,24 @@ def test_interval_including_zero_and_scheme_links(tmp_path):
     md, html = md_path.read_text(), html_path.read_text()
     assert "[-0.030, +0.050]" in md and "The interval includes zero" in md
     assert "<a href" not in html and "](https" not in md and "](javascript" not in md
+    assert _table(_doc(html), "artifact")[1:] == [["remote", "https://example.org/x"], ["js", "javascript:alert(1)"]]
+
+
+def test_autoescape_of_hostile_text(tmp_path):
+    # a <script> in a token, the title, a summary value and a header cell comes out as text, never as markup
+    evil = "<script>alert('x')</script>"
+    data = {
+        "title": evil,
+        "summary": {evil: evil},
+        "tables": [{"title": evil, "header": [evil, "n"], "rows": [[evil, 1]]}],
+        "examples": [{"problem_id": evil, "correct": True, "tokens": [{"text": evil, "entropy": 2.0, "gated": True}]}],
+    }
+    html = write_train_report(tmp_path, data)[1].read_text(encoding="utf-8")
+    assert "<script" not in html
+    doc = _doc(html)
+    assert _table(doc, "field")[1] == [evil, evil] and _table(doc, evil) == [[evil, "n"], [evil, "1"]]
+    rollout = re.search(r'<pre class="rollout">(.*?)</pre>', html, re.S).group(1)
+    assert rollout.startswith('<span class="g"') and "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;</span>" in rollout
 
 
 @pytest.mark.parametrize("data", [{}, {"title": ""}, {"title": 3}, ["title"]])
