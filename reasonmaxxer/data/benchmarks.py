@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ReasonMaxxerError
+from ..verify import last_boxed
 from .problems import (
     DATA_DIR_ENV,
     Problem,
     check_limit,
     gsm8k_final,
-    last_boxed,
     load_problem_file,
     normalise_answer,
     read_rows,

@@ -98,28 +98,6 @@ def gsm8k_final(solution: str) -> str | None:
     return normalise_answer(solution.rsplit("####", 1)[1].strip().replace(",", ""))
 
 
-_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in text, braces balanced.
-
-    Returns None when there is no such box or its braces never close.
-    """
-    starts = [m.end() for m in _BOXED_RE.finditer(text)]
-    for start in reversed(starts):
-        depth = 1
-        for k in range(start, len(text)):
-            ch = text[k]
-            if ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[start:k].strip()
-    return None
-
-
 def available_fields(row: dict) -> str:
     return ", ".join(sorted(map(str, row))) or "none"
 

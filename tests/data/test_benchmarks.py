@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from reasonmaxxer.data.benchmarks import BENCHMARKS, default_data_dir, load_benchmark, load_problems
-from reasonmaxxer.data.problems import Problem, last_boxed, load_problem_file, normalise_answer, problems_hash
+from reasonmaxxer.data.problems import Problem, load_problem_file, normalise_answer, problems_hash
 from reasonmaxxer.errors import ReasonMaxxerError
 
 # ../shared/data beside the checkout (or $REASONMAXXER_DATA_DIR); tests that need it skip without it
@@ -151,14 +151,6 @@ def test_olympiadbench_answers(loaded):
 )
 def test_normalise_answer(raw, gold):
     assert normalise_answer(raw) == gold
-
-
-def test_last_boxed():
-    assert last_boxed(r"a \boxed{1} then \boxed{\frac{a}{b}}.") == r"\frac{a}{b}"
-    assert last_boxed(r"\boxed {x^{2}}") == "x^{2}"
-    assert last_boxed(r"\fbox{3}") == "3"
-    assert last_boxed("no box") is None
-    assert last_boxed(r"\boxed{unclosed {") is None
 
 
 # ----------------------------------------------------------------------------- generic files
