@@ -45,6 +45,7 @@ from typing import Protocol
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from ..core.entropy import entropy_and_logprob
 from ..errors import ReasonMaxxerError
 
 
@@ -163,13 +164,6 @@ def sample_from_logits(
     cdf = torch.softmax(z, -1).cumsum(-1)  # [B, V]
     pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1).contiguous(), right=True)
     return pick.clamp_max(z.shape[-1] - 1).squeeze(-1)
-
-
-def entropy_and_logprob(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] (untempered), tokens [B] -> (entropy [B] nats, log p(token) [B]), fp32."""
-    logp = torch.log_softmax(logits.float(), -1)
-    ent = -(logp.exp() * logp).sum(-1)
-    return ent, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 class _SlabLayer(DynamicLayer):
