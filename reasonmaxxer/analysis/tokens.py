@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from ..core.entropy import token_entropy
+from ..core.stats import auroc
 from ..errors import ReasonMaxxerError
 from ..models import model_device
 
@@ -152,26 +153,6 @@ def top_probs(logits: Tensor, n: int = TOP_N, chunk_size: int = 64) -> tuple[Ten
     if not ids:
         return torch.zeros(0, n, dtype=torch.long), torch.zeros(0, n)
     return torch.cat(ids), torch.cat(probs)
-
-
-def auroc(scores: Tensor, labels: Tensor) -> float:
-    """Area under the ROC curve of `scores` [N] for binary `labels` [N] (Mann-Whitney U).
-
-    Ties get average ranks (a tied positive/negative pair counts 1/2). nan if a class is empty.
-    """
-    s = torch.as_tensor(scores, dtype=torch.float64).flatten()
-    y = torch.as_tensor(labels).flatten().bool()
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    sorted_s, order = torch.sort(s)
-    _, counts = torch.unique_consecutive(sorted_s, return_counts=True)  # tie groups
-    ends = counts.cumsum(0).double()  # 1-based last rank
-    avg = ends - (counts.double() - 1) / 2  # average rank per group
-    ranks = torch.empty_like(s)
-    ranks[order] = torch.repeat_interleave(avg, counts)  # [N]
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2
-    return float(u / (n_pos * n_neg))
 
 
 def _mean(x: Tensor) -> float:

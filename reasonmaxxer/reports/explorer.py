@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.stats import roc_curve
 from ..errors import ReasonMaxxerError
 from ..io import atomic_write_bytes
 from .run_report import BASE_CSS, fmt_number, new_figure, png_bytes, visible_whitespace
@@ -153,23 +154,6 @@ def _vocab(records: Sequence[dict], token_text: dict | None = None) -> dict[int,
 
 def _tok_text(vocab: dict[int, str], i: Any) -> str:
     return vocab[int(i)] if i is not None and int(i) in vocab else f"⟨id={i}⟩"
-
-
-def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """ROC of `scores` [N] for boolean `labels` [N]: (fpr, tpr, auroc). Ties are one threshold
-    step (a diagonal segment), so the trapezoid area equals the Mann-Whitney AUROC. nan if a class is empty."""
-    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
-    keep = ~np.isnan(s)
-    s, y = s[keep], y[keep]
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return np.array([0.0, 1.0]), np.array([0.0, 1.0]), math.nan
-    order = np.argsort(-s, kind="stable")
-    s, y = s[order], y[order]
-    last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]  # last index of each tie group
-    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
-    tpr, fpr = np.r_[0.0, tp / n_pos], np.r_[0.0, fp / n_neg]
-    return fpr, tpr, float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
 
 
 def plot_names(source: str = "base") -> tuple[str, ...]:
