@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from ..core.entropy import token_entropy
+from ..core.padding import pad_left
 from ..errors import ReasonMaxxerError
 from ..models import model_device
 
@@ -218,13 +219,7 @@ def mixed_decode(
     records: list[dict] = [None] * len(prompts_ids)  # type: ignore[list-item]
     for s in range(0, len(prompts_ids), batch_size):
         rows = list(range(s, min(s + batch_size, len(prompts_ids))))
-        P = max(len(prompts_ids[r]) for r in rows)
-        ids = torch.full((len(rows), P), pad_id, dtype=torch.long)  # [b, P] left-padded
-        att = torch.zeros((len(rows), P), dtype=torch.long)  # [b, P]
-        for j, r in enumerate(rows):
-            p = prompts_ids[r]
-            ids[j, P - len(p) :] = torch.tensor(p, dtype=torch.long)
-            att[j, P - len(p) :] = 1
+        ids, att = pad_left([prompts_ids[r] for r in rows], pad_id)  # [b, P] left-padded
         pos = (att.cumsum(-1) - 1).clamp_min(0)  # [b, P]
         next_pos = pos[:, -1] + 1  # [b]
         caches = (DynamicCache(), DynamicCache())

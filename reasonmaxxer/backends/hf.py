@@ -46,6 +46,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ..core.entropy import entropy_and_logprob
+from ..core.padding import pad_left
 from ..errors import ReasonMaxxerError
 
 
@@ -271,12 +272,8 @@ class HFSampler:
         """Encode new rows: [prefix][pad][suffix]. Returns (per-layer (k, v), mask [b, m], next_pos [b], logits [b, V])."""
         b = len(reqs)
         sufs = [r.prompt_ids[prefix_len:] for r in reqs]
-        s_max = max(len(s) for s in sufs)
-        ids = torch.full((b, s_max), self.tok.pad_token_id or 0, dtype=torch.long)
-        smask = torch.zeros((b, s_max), dtype=torch.long)
-        for i, s in enumerate(sufs):
-            ids[i, s_max - len(s) :] = torch.tensor(s)
-            smask[i, s_max - len(s) :] = 1
+        ids, smask = pad_left(sufs, self.tok.pad_token_id or 0)  # [b, s_max]
+        s_max = ids.shape[1]
         pos = (prefix_len + smask.cumsum(-1) - 1).clamp_min(0)
         mask = torch.cat([torch.ones((b, prefix_len), dtype=torch.long), smask], 1)
         cache = _SlabCache(self.num_layers)

@@ -45,6 +45,7 @@ from ..backends.distributed import Dist
 from ..core.entropy import token_logprobs
 from ..core.gating import check_gate_nonempty, entropy_gate, gated_fraction, random_gate_like, tau_for_fraction
 from ..core.losses import anchor_kl, loss_masks, reasonmaxxer_loss
+from ..core.padding import pad_right
 from ..errors import ReasonMaxxerError
 from ..io import atomic_write_bytes, atomic_write_json, package_versions
 from .checkpoint import export_model, latest_checkpoint, load_trainable_state, save_checkpoint
@@ -120,16 +121,11 @@ class TrainExample:
 # -- pure helpers --------------------------------------------------------------------------
 def batch_tensors(examples: Sequence[TrainExample], pad_id: int):
     """Right-pad a micro-batch. Returns ids, attention, completion mask, entropy [b, T]; adv, correct [b]."""
-    T = max(len(e.prompt_ids) + len(e.completion_ids) for e in examples)
-    b = len(examples)
-    ids = torch.full((b, T), pad_id, dtype=torch.long)
-    att = torch.zeros((b, T), dtype=torch.long)
-    comp = torch.zeros((b, T), dtype=torch.bool)
-    ent = torch.zeros((b, T), dtype=torch.float32)
+    ids, att = pad_right([e.prompt_ids + e.completion_ids for e in examples], pad_id)  # [b, T]
+    comp = torch.zeros(ids.shape, dtype=torch.bool)
+    ent = torch.zeros(ids.shape, dtype=torch.float32)
     for i, e in enumerate(examples):
         p, c = len(e.prompt_ids), len(e.completion_ids)
-        ids[i, : p + c] = torch.tensor(e.prompt_ids + e.completion_ids)
-        att[i, : p + c] = 1
         comp[i, p : p + c] = True
         ent[i, p : p + c] = torch.tensor(e.entropies, dtype=torch.float32)
     adv = torch.tensor([e.advantage for e in examples], dtype=torch.float32)
