@@ -36,7 +36,6 @@ The vLLM backend (`reasonmaxxer.vllm_backend`) implements the same `Sampler` int
 from __future__ import annotations
 
 import hashlib
-import inspect
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from ..core.entropy import entropy_and_logprob
 from ..core.padding import pad_left
 from ..errors import ReasonMaxxerError
+from ..models import cache_kwarg
 
 
 @dataclass(frozen=True)
@@ -250,10 +250,7 @@ class HFSampler:
         self.device = next(model.parameters()).device
         self.eos = eos_token_ids(getattr(model, "generation_config", None), tokenizer)
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
-        # transformers renamed `past_key_values` to `cache` in 5.x
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes kwargs through
-        params = inspect.signature(inner.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_kwarg(model)
 
     # -- building blocks -------------------------------------------------------------
     def _forward(self, ids, mask, pos, cache):

@@ -48,6 +48,7 @@ from ..core.losses import anchor_kl, loss_masks, reasonmaxxer_loss
 from ..core.padding import pad_right
 from ..errors import ReasonMaxxerError
 from ..io import atomic_write_bytes, atomic_write_json, package_versions
+from ..models import cache_kwarg
 from .checkpoint import export_model, latest_checkpoint, load_trainable_state, save_checkpoint
 
 
@@ -234,15 +235,6 @@ def _unwrapped(model):
     return extract_model_from_parallel(model)
 
 
-def _cache_kw(model) -> str:
-    """transformers renamed `past_key_values` to `cache` in 5.x; PEFT passes either through."""
-    import inspect
-
-    inner = _unwrapped(model)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
-
-
 def shared_prefix_len(ids: torch.Tensor, att: torch.Tensor, completion: torch.Tensor | None = None) -> int:
     """Length P of the token prefix shared by every row of a right-padded batch [B, T].
 
@@ -273,7 +265,7 @@ def split_prefix_logits(model, ids: torch.Tensor, att: torch.Tensor, prefix_len:
     B, T = ids.shape
     if prefix_len <= 0:
         return None, model(input_ids=ids, attention_mask=att).logits
-    kw = _cache_kw(model)
+    kw = cache_kwarg(model)
     out = model(input_ids=ids[:1, :prefix_len], use_cache=True)
     cache = out[kw] if kw in out else out["past_key_values"]
     for layer in cache.layers:
