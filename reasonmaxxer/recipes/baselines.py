@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..errors import ReasonMaxxerError
-from ..io import atomic_dir, atomic_write_bytes, atomic_write_json, package_versions, read_toml
+from ..io import atomic_dir, atomic_write_bytes, atomic_write_json, package_versions, read_jsonl, read_toml
 from ..stages.evaluate import EvalConfig
 
 # method -> (trainer, TRL config overrides). Anything else is TRL's own default.
@@ -204,13 +204,7 @@ def _trl_args(cfg: BaselineConfig, out: Path):
 def _read_curve(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a torn last line from a crash
-    return rows
+    return [r for _, r in read_jsonl(path, allow_empty=True, torn_tail=True)]  # a crash may tear the last line
 
 
 def _write_curve(path: Path, rows: Sequence[dict]) -> None:

@@ -48,7 +48,7 @@ import numpy as np
 
 from ..core.stats import roc_curve
 from ..errors import ReasonMaxxerError
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, read_jsonl
 from .run_report import BASE_CSS, fmt_number, new_figure, png_bytes, visible_whitespace
 
 PLOT_NAMES = ("entropy_reranked_vs_unshifted.png", "rank_histogram.png", "roc.png")
@@ -111,22 +111,14 @@ def load_analysis(out_dir) -> Analysis:
     except json.JSONDecodeError as e:
         raise ReasonMaxxerError(f"explorer: {jp}: not valid JSON ({e})") from None
     records = []
-    for ln, line in enumerate(tp.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ReasonMaxxerError(f"explorer: {tp}:{ln}: not valid JSON ({e})") from None
+    for ln, r in read_jsonl(tp, allow_empty=True):  # ln: "path:line"
         missing = [k for k in REQUIRED_KEYS if k not in r]
         if missing:
-            raise ReasonMaxxerError(f"explorer: {tp}:{ln}: missing field(s) {', '.join(missing)}")
+            raise ReasonMaxxerError(f"explorer: {ln}: missing field(s) {', '.join(missing)}")
         n = len(r["tokens"])
         bad = [k for k in REQUIRED_KEYS if len(r[k]) != n]
         if bad:
-            raise ReasonMaxxerError(
-                f"explorer: {tp}:{ln}: field(s) {', '.join(bad)} do not have one entry per token ({n})"
-            )
+            raise ReasonMaxxerError(f"explorer: {ln}: field(s) {', '.join(bad)} do not have one entry per token ({n})")
         records.append(r)
     return Analysis(
         meta.get("config") or {},

@@ -207,6 +207,27 @@ def test_line_not_an_object(tmp_path):
     assert msg.startswith(f"{tmp_path / 'bad.jsonl'}:3: expected a JSON object, got list")
 
 
+def test_problem_file_not_utf8_is_one_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_bytes(b'{"question": "caf\xe9", "answer": "1"}\n')  # latin-1, not UTF-8
+    with pytest.raises(ReasonMaxxerError) as e:
+        load_problem_file(f)
+    assert str(e.value) == f"{f}: not UTF-8 text (byte 0xe9 at byte offset 17, line 1)"
+
+
+def test_parquet_problem_file_not_utf8_names_row_and_field(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    raw = pa.array([b"ok", b"bad\xff"], type=pa.binary())
+    questions = pa.Array.from_buffers(pa.string(), 2, raw.buffers())  # unvalidated: invalid UTF-8
+    f = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"question": questions, "answer": ["1", "2"]}), f)
+    with pytest.raises(ReasonMaxxerError) as e:
+        load_problem_file(f)
+    assert str(e.value) == f"{f}:row 1: field 'question' is not UTF-8 text (byte 0xff at offset 3 of the value)"
+
+
 def test_missing_question_field_lists_available(tmp_path):
     msg = _err(tmp_path, [{"problem": "a", "answer": "1"}])
     assert msg == f"{tmp_path / 'bad.jsonl'}:1: missing field 'question' (available: answer, problem)"
