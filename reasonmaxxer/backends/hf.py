@@ -30,7 +30,7 @@ padding) flips the choice of a token, which is rare but possible. Greedy decodin
 (temperature 0) matches HF ``generate`` token for token (tested).
 
 Models with sliding-window attention layers are not supported by this backend (error).
-The vLLM backend (`reasonmaxxer.vllm_backend`) implements the same `Sampler` interface for GPUs.
+The vLLM backend (`reasonmaxxer.backends.vllm`) implements the same `Sampler` interface for GPUs.
 """
 
 from __future__ import annotations

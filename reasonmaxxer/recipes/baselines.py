@@ -6,7 +6,7 @@ same model, problems, prompt template and verifier as a ReasonMaxxer run (the re
 adds what a fair comparison needs:
 
 - held-out evaluation every `eval_every` steps with the project's own sampler and grader
-  (`pipeline.evaluate_model`, the same code that evaluates a ReasonMaxxer run), logged to
+  (`stages.evaluate.evaluate_model`, the same code that evaluates a ReasonMaxxer run), logged to
   ``curve.jsonl`` against training wall-clock (evaluation time excluded), generated tokens,
   trained tokens and estimated FLOPs (`flops`: 2N per forward token, 6N per trained token);
 - a wall-clock cap (`max_train_seconds`) besides `max_steps`;
