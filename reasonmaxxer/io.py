@@ -1,4 +1,4 @@
-"""io."""
+"""io: the one JSONL reader, atomic writes, package versions, config hashes, TOML."""
 
 from __future__ import annotations
 
@@ -18,28 +18,45 @@ import pyarrow.parquet as pq
 from .errors import ReasonMaxxerError
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    """Rows of a JSON Lines file located as ``path:line``; blank lines are skipped."""
+def read_jsonl(path: Path, *, allow_empty: bool = False, torn_tail: bool = False) -> Iterator[tuple[str, dict]]:
+    """Rows of a JSON Lines file located as ``path:line``; blank lines are skipped.
+
+    The one JSONL reader. Every malformed input is a one-line `ReasonMaxxerError`: invalid
+    JSON or a non-object row names ``path:line``, a byte that is not UTF-8 names the file and
+    its byte offset, a file with no records names ``path:1`` (unless ``allow_empty``).
+    ``torn_tail``: a last line that is invalid JSON and has no newline (a write cut short by a
+    crash) is dropped instead of raising.
+    """
     try:
-        fh = open(path, encoding="utf-8")
+        fh = open(path, "rb")
     except OSError as exc:
         raise ReasonMaxxerError(f"{path}: cannot open: {exc.strerror or exc}") from None
-    seen = 0
+    seen = offset = 0
     with fh:
-        for lineno, line in enumerate(fh, start=1):
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                bad = raw[exc.start]
+                raise ReasonMaxxerError(
+                    f"{path}: not UTF-8 text (byte 0x{bad:02x} at byte offset {offset + exc.start}, line {lineno})"
+                ) from None
+            offset += len(raw)
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
+                if torn_tail and not raw.endswith(b"\n"):  # the last line, cut short
+                    break
                 hint = " (a JSON array file? use one object per line)" if line.lstrip()[:1] == "[" else ""
                 raise ReasonMaxxerError(f"{where}: invalid JSON: {exc.msg}{hint}") from None
             if not isinstance(row, dict):
                 raise ReasonMaxxerError(f"{where}: expected a JSON object, got {type(row).__name__}")
             seen += 1
             yield where, row
-    if not seen:
+    if not seen and not allow_empty:
         raise ReasonMaxxerError(f"{path}:1: empty file (no records)")
 
 

@@ -207,6 +207,21 @@ def default_device() -> str:
     return os.environ.get("REASONMAXXER_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def cache_kwarg(model) -> str:
+    """The forward() keyword for a KV cache: "cache" (transformers >= 5) or "past_key_values".
+
+    Looks through a DDP/FSDP/DeepSpeed wrapper and a PEFT model (which passes either through)
+    to the base model's signature.
+    """
+    import inspect
+
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
 def model_device(model):
     """The torch device of a model's (first) parameters."""
     return next(model.parameters()).device

@@ -124,10 +124,13 @@ _NUMBER_WITH_WORDS_RE = re.compile(r"(-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)\s*(?:[A-Za-
 _UNESCAPED_DOLLAR_RE = re.compile(r"(?<!\\)\$")
 
 
-def _last_boxed(text: str) -> tuple[int, int] | None:
-    """(start, end) of the content of the last-closing non-empty ``\\boxed{}``/``\\fbox{}``.
+def last_boxed(text: str) -> str | None:
+    """Content (stripped) of the last-closing non-empty ``\\boxed{...}``/``\\fbox{...}``; None if none.
 
-    One pass over the brace tokens with a stack: O(len(text)) time and memory.
+    Braces are balanced; escaped ``\\{``/``\\}`` are literal. With nested boxes the outer one
+    closes last and wins. A box whose brace never closes is ignored. Used both to grade
+    completions and to read benchmark reference solutions. One pass over the brace tokens
+    with a stack: O(len(text)) time and memory.
     """
     stack: list[int] = []  # content start for a box opening, -1 for a plain "{"
     best = None
@@ -145,7 +148,7 @@ def _last_boxed(text: str) -> tuple[int, int] | None:
             # Only short spans are sliced, so nested boxes cannot make this quadratic.
             if start >= 0 and (end - start > MAX_ANSWER_CHARS or text[start:end].strip()):
                 best = (start, end)
-    return best
+    return None if best is None else text[best[0] : best[1]].strip()
 
 
 def _clean(answer: str) -> str:
@@ -192,9 +195,9 @@ def extract_answer(completion: str, mode: str = "strict") -> tuple[str | None, s
         raise ReasonMaxxerError(f"extract_answer: mode must be 'strict' or 'lenient', got {mode!r}")
     if not isinstance(completion, str):
         raise ReasonMaxxerError(f"extract_answer: completion must be str, got {type(completion).__name__}")
-    span = _last_boxed(completion)
-    if span is not None:
-        return completion[span[0] : span[1]].strip(), "boxed"
+    boxed = last_boxed(completion)
+    if boxed is not None:
+        return boxed, "boxed"
     answer = _answer_is(completion)
     if answer is not None:
         return answer, "answer_is"

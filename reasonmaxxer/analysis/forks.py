@@ -8,6 +8,7 @@ import torch
 
 from ..models import model_device
 from ..stages.train import TrainExample
+from .tokens import argmax_change
 
 
 def report_examples(model, tokenizer, examples: Sequence[TrainExample], gates, k: int = 4) -> list[dict]:
@@ -81,20 +82,19 @@ def fork_changes(
                 full = rest if pre is None else torch.cat([pre.expand(len(chunk), -1, -1), rest], 1)
                 outs.append(full[:, :-1].float().cpu())  # column t+1 predicted at t
         b_log, t_log = outs
-        b_arg, t_arg = b_log.argmax(-1), t_log.argmax(-1)  # [B, T-1]
-        top5 = b_log.topk(5, -1).indices  # [B, T-1, 5]
         for j, e in enumerate(chunk):
             p, c = len(e.prompt_ids), len(e.completion_ids)
+            rows = slice(p - 1, p + c - 1)  # logits predicting the completion tokens
+            b_arg, t_arg, _, cls = argmax_change(b_log[j, rows], t_log[j, rows], k=5)  # [c] each
+            n_pos += c
             for k in range(c):
-                col = p + k - 1  # logits index predicting completion token k
-                n_pos += 1
                 h = e.entropies[k]
-                if int(b_arg[j, col]) != int(t_arg[j, col]):
+                if int(cls[k]) != 0:
                     n_changed += 1
                     ent_changed.append(h)
-                    n_top5 += int((top5[j, col] == t_arg[j, col]).any())
+                    n_top5 += int(cls[k]) == 1
                     n_gated_changed += int(bool(gates[i + j][k]))
-                    key = (tokenizer.decode([int(b_arg[j, col])]), tokenizer.decode([int(t_arg[j, col])]))
+                    key = (tokenizer.decode([int(b_arg[k])]), tokenizer.decode([int(t_arg[k])]))
                     pairs.setdefault(key, []).append(h)
                 else:
                     ent_same.append(h)

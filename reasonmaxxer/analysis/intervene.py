@@ -41,7 +41,6 @@ Limitations, honestly:
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,8 +50,9 @@ import torch
 from torch import Tensor
 
 from ..core.entropy import token_entropy
+from ..core.padding import pad_left
 from ..errors import ReasonMaxxerError
-from ..models import model_device
+from ..models import cache_kwarg, model_device
 
 RANDOM_TOP_K = 20
 
@@ -162,12 +162,6 @@ def cross_reverse(eps: float) -> Rule:
 
 
 # -- the two-model decoder ------------------------------------------------------------------------
-def _cache_kw(model) -> str:
-    # transformers renamed `past_key_values` to `cache` in 5.x (as sampling.py does)
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
-
-
 def _row_generator(seed: int, row: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(row))
 
@@ -213,18 +207,12 @@ def mixed_decode(
                     )
                 limits[i] = min(limits[i], maxpos - len(p))
     dev_b, dev_t = model_device(base), model_device(tuned)
-    kw_b, kw_t = _cache_kw(base), _cache_kw(tuned)
+    kw_b, kw_t = cache_kwarg(base), cache_kwarg(tuned)
     seed = getattr(rule, "seed", 0)
     records: list[dict] = [None] * len(prompts_ids)  # type: ignore[list-item]
     for s in range(0, len(prompts_ids), batch_size):
         rows = list(range(s, min(s + batch_size, len(prompts_ids))))
-        P = max(len(prompts_ids[r]) for r in rows)
-        ids = torch.full((len(rows), P), pad_id, dtype=torch.long)  # [b, P] left-padded
-        att = torch.zeros((len(rows), P), dtype=torch.long)  # [b, P]
-        for j, r in enumerate(rows):
-            p = prompts_ids[r]
-            ids[j, P - len(p) :] = torch.tensor(p, dtype=torch.long)
-            att[j, P - len(p) :] = 1
+        ids, att = pad_left([prompts_ids[r] for r in rows], pad_id)  # [b, P] left-padded
         pos = (att.cumsum(-1) - 1).clamp_min(0)  # [b, P]
         next_pos = pos[:, -1] + 1  # [b]
         caches = (DynamicCache(), DynamicCache())

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from ..core.entropy import token_entropy
+from ..core.stats import auroc
 from ..errors import ReasonMaxxerError
 from ..models import model_device
 
@@ -82,6 +83,23 @@ _LN2 = math.log(2.0)
 
 # -- pure tensor functions --------------------------------------------------------------------
 @torch.no_grad()
+def argmax_change(b: Tensor, t: Tensor, k: int = 5) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Argmax change between base and tuned logits at the same positions: b, t [c, V] fp32 ->
+    (base_argmax, tuned_argmax, tuned_rank_in_base, cls), [c] each.
+
+    tuned_rank_in_base: 1 = base argmax; position of the tuned argmax in the base logits'
+    stable descending order (ties by token id). cls: 0 unshifted (same argmax) / 1 reranked
+    (tuned argmax in the base top-k) / 2 shifted. The one classification used by
+    `compare_distributions` and `analysis.forks.fork_changes`.
+    """
+    ba, ta = b.argmax(-1), t.argmax(-1)  # [c]
+    bt = b.gather(1, ta[:, None])  # [c, 1] base logit of tuned argmax
+    idx = torch.arange(b.shape[1], device=b.device)[None]  # [1, V]
+    rank = 1 + (b > bt).sum(-1) + ((b == bt) & (idx < ta[:, None])).sum(-1)  # [c]
+    cls = torch.where(ba == ta, 0, torch.where(rank <= k, 1, 2))  # [c]
+    return ba, ta, rank, cls
+
+
 def compare_distributions(
     base_logits: Tensor, tuned_logits: Tensor, k: int = 5, chunk_size: int = 64
 ) -> dict[str, Tensor]:
@@ -109,10 +127,7 @@ def compare_distributions(
         lp = torch.log_softmax(b, -1)  # [c, V] log p (base)
         lq = torch.log_softmax(t, -1)  # [c, V] log q (tuned)
         p, q = lp.exp(), lq.exp()
-        ba, ta = b.argmax(-1), t.argmax(-1)  # [c]
-        bt = b.gather(1, ta[:, None])  # [c, 1] base logit of tuned argmax
-        idx = torch.arange(b.shape[1], device=b.device)[None]  # [1, V]
-        rank = 1 + (b > bt).sum(-1) + ((b == bt) & (idx < ta[:, None])).sum(-1)  # [c]
+        ba, ta, rank, cls = argmax_change(b, t, k)  # [c] each
         d = lq - lp  # [c, V] log q/p
         kl_pq = torch.where(p > 0, p * -d, 0.0).sum(-1)  # [c] KL(p||q)
         kl_qp = torch.where(q > 0, q * d, 0.0).sum(-1)  # [c] KL(q||p)
@@ -120,7 +135,6 @@ def compare_distributions(
         lpm = torch.where(d == 0, 0.0, _LN2 - torch.nn.functional.softplus(d))  # [c, V]
         lqm = torch.where(d == 0, 0.0, _LN2 - torch.nn.functional.softplus(-d))  # [c, V]
         js = 0.5 * (torch.where(p > 0, p * lpm, 0.0).sum(-1) + torch.where(q > 0, q * lqm, 0.0).sum(-1))
-        cls = torch.where(ba == ta, 0, torch.where(rank <= k, 1, 2))  # [c]
         for name, v in (
             ("base_argmax", ba),
             ("tuned_argmax", ta),
@@ -152,26 +166,6 @@ def top_probs(logits: Tensor, n: int = TOP_N, chunk_size: int = 64) -> tuple[Ten
     if not ids:
         return torch.zeros(0, n, dtype=torch.long), torch.zeros(0, n)
     return torch.cat(ids), torch.cat(probs)
-
-
-def auroc(scores: Tensor, labels: Tensor) -> float:
-    """Area under the ROC curve of `scores` [N] for binary `labels` [N] (Mann-Whitney U).
-
-    Ties get average ranks (a tied positive/negative pair counts 1/2). nan if a class is empty.
-    """
-    s = torch.as_tensor(scores, dtype=torch.float64).flatten()
-    y = torch.as_tensor(labels).flatten().bool()
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    sorted_s, order = torch.sort(s)
-    _, counts = torch.unique_consecutive(sorted_s, return_counts=True)  # tie groups
-    ends = counts.cumsum(0).double()  # 1-based last rank
-    avg = ends - (counts.double() - 1) / 2  # average rank per group
-    ranks = torch.empty_like(s)
-    ranks[order] = torch.repeat_interleave(avg, counts)  # [N]
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2
-    return float(u / (n_pos * n_neg))
 
 
 def _mean(x: Tensor) -> float:

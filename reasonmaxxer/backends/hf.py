@@ -30,13 +30,12 @@ padding) flips the choice of a token, which is rare but possible. Greedy decodin
 (temperature 0) matches HF ``generate`` token for token (tested).
 
 Models with sliding-window attention layers are not supported by this backend (error).
-The vLLM backend (`reasonmaxxer.vllm_backend`) implements the same `Sampler` interface for GPUs.
+The vLLM backend (`reasonmaxxer.backends.vllm`) implements the same `Sampler` interface for GPUs.
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +44,10 @@ from typing import Protocol
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from ..core.entropy import entropy_and_logprob
+from ..core.padding import pad_left
 from ..errors import ReasonMaxxerError
+from ..models import cache_kwarg
 
 
 @dataclass(frozen=True)
@@ -165,13 +167,6 @@ def sample_from_logits(
     return pick.clamp_max(z.shape[-1] - 1).squeeze(-1)
 
 
-def entropy_and_logprob(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] (untempered), tokens [B] -> (entropy [B] nats, log p(token) [B]), fp32."""
-    logp = torch.log_softmax(logits.float(), -1)
-    ent = -(logp.exp() * logp).sum(-1)
-    return ent, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
 class _SlabLayer(DynamicLayer):
     """KV cache layer backed by a preallocated [B, heads, capacity, head_dim] buffer."""
 
@@ -255,10 +250,7 @@ class HFSampler:
         self.device = next(model.parameters()).device
         self.eos = eos_token_ids(getattr(model, "generation_config", None), tokenizer)
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
-        # transformers renamed `past_key_values` to `cache` in 5.x
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes kwargs through
-        params = inspect.signature(inner.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_kwarg(model)
 
     # -- building blocks -------------------------------------------------------------
     def _forward(self, ids, mask, pos, cache):
@@ -277,12 +269,8 @@ class HFSampler:
         """Encode new rows: [prefix][pad][suffix]. Returns (per-layer (k, v), mask [b, m], next_pos [b], logits [b, V])."""
         b = len(reqs)
         sufs = [r.prompt_ids[prefix_len:] for r in reqs]
-        s_max = max(len(s) for s in sufs)
-        ids = torch.full((b, s_max), self.tok.pad_token_id or 0, dtype=torch.long)
-        smask = torch.zeros((b, s_max), dtype=torch.long)
-        for i, s in enumerate(sufs):
-            ids[i, s_max - len(s) :] = torch.tensor(s)
-            smask[i, s_max - len(s) :] = 1
+        ids, smask = pad_left(sufs, self.tok.pad_token_id or 0)  # [b, s_max]
+        s_max = ids.shape[1]
         pos = (prefix_len + smask.cumsum(-1) - 1).clamp_min(0)
         mask = torch.cat([torch.ones((b, prefix_len), dtype=torch.long), smask], 1)
         cache = _SlabCache(self.num_layers)

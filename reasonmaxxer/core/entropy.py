@@ -42,6 +42,22 @@ def entropy_logprob_inplace(
 
 
 @torch.no_grad()
+def entropy_and_logprob(logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """Entropy and token log-prob of each row: logits [B, V] (any float dtype, untempered),
+    tokens [B] int64 -> (entropy [B] fp32 nats, log p(token) [B] fp32). Used by the sampler.
+
+    -inf logits (a masked vocabulary) count as probability 0 (0 * log 0 = 0), not NaN.
+    The arithmetic is ``log_softmax`` then -sum(p * log p), kept bit-identical to the
+    sampler's original so sampled entropies (reused for the demo's gating) do not move; it
+    differs from ``entropy_logprob_inplace`` by ~1e-6 relative at V = 49k (that one is the
+    more accurate, ~1e-7 vs ~1e-6 relative to fp64).
+    """
+    logp = torch.log_softmax(logits.float(), -1)  # [B, V]
+    ent = -(logp.exp() * logp).nan_to_num_(nan=0.0).sum(-1)  # [B]; only 0 * -inf entries are NaN
+    return ent, logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
 def token_entropy(logits: Tensor, chunk_size: int = 128) -> Tensor:
     """Full-vocabulary entropy of softmax(logits), in nats: [..., V] -> [...] fp32.
 

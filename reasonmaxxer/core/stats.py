@@ -1,4 +1,4 @@
-"""core.stats."""
+"""core.stats: pass@k, confidence intervals, paired differences, ROC / AUROC."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import math
 import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from ..errors import ReasonMaxxerError
 
@@ -89,3 +91,34 @@ def paired_difference(a: Mapping[str, float], b: Mapping[str, float]) -> dict[st
         "only_in_a": len(set(a) - set(b)),
         "only_in_b": len(set(b) - set(a)),
     }
+
+
+def roc_curve(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray, float]:
+    """ROC of ``scores`` [N] (higher = more positive) for boolean ``labels`` [N]: (fpr [G+1],
+    tpr [G+1], auroc), G the number of distinct scores; arrays, tensors or lists.
+
+    NaN scores are dropped. A tie group is one threshold step (a diagonal segment), so a tied
+    positive/negative pair counts 1/2. The AUROC is the Mann-Whitney U / (n_pos * n_neg),
+    counted exactly in integers (equal to the trapezoid area under (fpr, tpr)). nan (and the
+    diagonal) if a class is empty.
+    """
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels).astype(bool).ravel()
+    keep = ~np.isnan(s)
+    s, y = s[keep], y[keep]
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return np.array([0.0, 1.0]), np.array([0.0, 1.0]), math.nan
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]  # last index of each tie group
+    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]  # [G] cumulative counts
+    pos_g, neg_g = np.diff(tp, prepend=0), np.diff(fp, prepend=0)  # [G] per group
+    # 2U = sum over groups of negatives * (2 * positives ranked above + positives tied)
+    twice_u = int(np.sum(neg_g * (2 * (tp - pos_g) + pos_g)))
+    return np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos], twice_u / (2 * n_pos * n_neg)
+
+
+def auroc(scores: Any, labels: Any) -> float:
+    """Area under the ROC curve of ``scores`` [N] for binary ``labels`` [N]; see `roc_curve`."""
+    return roc_curve(scores, labels)[2]

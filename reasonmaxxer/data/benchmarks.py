@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ReasonMaxxerError
+from ..verify import last_boxed
 from .problems import (
     DATA_DIR_ENV,
     Problem,
     check_limit,
     gsm8k_final,
-    last_boxed,
     load_problem_file,
     normalise_answer,
     read_rows,
@@ -246,7 +246,7 @@ def load_problems(
 ) -> list[Problem]:
     """Problems from a spec string.
 
-    - ``arith:<split>:<n>[:<tier>,<tier>...]``: procedural arithmetic (`reasonmaxxer.arith`),
+    - ``arith:<split>:<n>[:<tier>,<tier>...]``: procedural arithmetic (`reasonmaxxer.data.arith`),
       seeded by seed; a tier may carry a weight (``add1=3,word1=1``).
     - ``<benchmark>`` or ``<benchmark>:<split>`` (e.g. ``gsm8k:train``): `load_benchmark`.
     - anything else: a JSONL/Parquet file for `load_problem_file` with the field mapping.

@@ -98,28 +98,6 @@ def gsm8k_final(solution: str) -> str | None:
     return normalise_answer(solution.rsplit("####", 1)[1].strip().replace(",", ""))
 
 
-_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in text, braces balanced.
-
-    Returns None when there is no such box or its braces never close.
-    """
-    starts = [m.end() for m in _BOXED_RE.finditer(text)]
-    for start in reversed(starts):
-        depth = 1
-        for k in range(start, len(text)):
-            ch = text[k]
-            if ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[start:k].strip()
-    return None
-
-
 def available_fields(row: dict) -> str:
     return ", ".join(sorted(map(str, row))) or "none"
 
@@ -166,8 +144,26 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
         raise ReasonMaxxerError(f"{path}: cannot read Parquet: {type(exc).__name__}: {first}") from None
     if table.num_rows == 0:
         raise ReasonMaxxerError(f"{path}:row 0: empty file (no rows)")
-    for i, row in enumerate(table.to_pylist()):
+    try:
+        rows = table.to_pylist()
+    except UnicodeDecodeError:
+        _raise_not_utf8(table, path)
+    for i, row in enumerate(rows):
         yield f"{path}:row {i}", row
+
+
+def _raise_not_utf8(table, path: Path) -> None:
+    """Name the first row and field of a Parquet table whose string is not UTF-8 (one line)."""
+    for i in range(table.num_rows):
+        for name, column in zip(table.column_names, table.columns):
+            try:
+                column[i].as_py()
+            except UnicodeDecodeError as exc:
+                raise ReasonMaxxerError(
+                    f"{path}:row {i}: field {name!r} is not UTF-8 text "
+                    f"(byte 0x{exc.object[exc.start]:02x} at offset {exc.start} of the value)"
+                ) from None
+    raise ReasonMaxxerError(f"{path}: not UTF-8 text")
 
 
 def load_problem_file(

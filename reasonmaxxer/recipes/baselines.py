@@ -6,7 +6,7 @@ same model, problems, prompt template and verifier as a ReasonMaxxer run (the re
 adds what a fair comparison needs:
 
 - held-out evaluation every `eval_every` steps with the project's own sampler and grader
-  (`pipeline.evaluate_model`, the same code that evaluates a ReasonMaxxer run), logged to
+  (`stages.evaluate.evaluate_model`, the same code that evaluates a ReasonMaxxer run), logged to
   ``curve.jsonl`` against training wall-clock (evaluation time excluded), generated tokens,
   trained tokens and estimated FLOPs (`flops`: 2N per forward token, 6N per trained token);
 - a wall-clock cap (`max_train_seconds`) besides `max_steps`;
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import ReasonMaxxerError
-from ..io import atomic_dir, atomic_write_bytes, atomic_write_json, package_versions, read_toml
+from ..io import atomic_dir, atomic_write_bytes, atomic_write_json, package_versions, read_jsonl, read_toml
 from ..stages.evaluate import EvalConfig
 
 # method -> (trainer, TRL config overrides). Anything else is TRL's own default.
@@ -194,13 +194,7 @@ def _trl_args(cfg: BaselineConfig, out: Path):
 def _read_curve(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a torn last line from a crash
-    return rows
+    return [r for _, r in read_jsonl(path, allow_empty=True, torn_tail=True)]  # a crash may tear the last line
 
 
 def _write_curve(path: Path, rows: Sequence[dict]) -> None:

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import ReasonMaxxerError
-from ..io import atomic_write_bytes, atomic_write_json
+from ..io import atomic_write_bytes, atomic_write_json, read_jsonl
 from .baselines import flops
 
 
@@ -74,9 +74,7 @@ def _json(p: Path) -> dict:
 
 def _jsonl(p: Path) -> list[dict]:
     """The rows of a JSON Lines file ([] for an empty one); a bad line is a one-line error."""
-    from ..io import read_jsonl
-
-    return [r for _, r in read_jsonl(p)] if p.read_text().strip() else []
+    return [r for _, r in read_jsonl(p, allow_empty=True)]
 
 
 def _n_params_from_checkpoint(d: Path) -> int:

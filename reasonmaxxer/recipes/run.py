@@ -29,7 +29,7 @@ import torch
 from ..analysis.forks import fork_changes, report_examples
 from ..config import RunConfig
 from ..errors import ReasonMaxxerError
-from ..io import atomic_write_json
+from ..io import atomic_write_json, read_jsonl
 from ..stages.evaluate import evaluate_model, greedy_accuracy_fn
 from ..stages.score import attach_scores
 from ..stages.select import SelectionConfig
@@ -313,7 +313,7 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
             "n_samples": cfg.eval.n,
         }
 
-    metrics = [json.loads(l) for l in (out / "train" / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    metrics = [r for _, r in read_jsonl(out / "train" / "metrics.jsonl", allow_empty=True)]
     tables = []
     tt = tier_table(test_p, stores)
     if tt:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.stats import roc_curve
 from .format import as_float, fmt_number
 
 Z95 = 1.959963984540054
@@ -166,23 +167,6 @@ def plot_curves(steps: np.ndarray, curves: Sequence[Mapping[str, Any]]) -> Plot:
         "Training curves: loss terms, gated fraction, validation accuracy, "
         "gradient norm and learning rate against optimizer step",
     )
-
-
-def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """ROC of `scores` [N] for boolean `labels` [N]: (fpr, tpr, auroc). Ties are one threshold
-    step (a diagonal segment), so the trapezoid area equals the Mann-Whitney AUROC. nan if a class is empty."""
-    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
-    keep = ~np.isnan(s)
-    s, y = s[keep], y[keep]
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return np.array([0.0, 1.0]), np.array([0.0, 1.0]), math.nan
-    order = np.argsort(-s, kind="stable")
-    s, y = s[order], y[order]
-    last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]  # last index of each tie group
-    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
-    tpr, fpr = np.r_[0.0, tp / n_pos], np.r_[0.0, fp / n_neg]
-    return fpr, tpr, float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
 
 
 def plot_entropy_by_class(ent: np.ndarray, cls: np.ndarray, source: str = "base"):

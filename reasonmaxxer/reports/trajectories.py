@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ReasonMaxxerError
+from ..io import read_jsonl
 
 REQUIRED_KEYS = ("tokens", "token_ids", "base_entropy", "base_argmax", "tuned_argmax", "tuned_rank_in_base", "cls")
 
@@ -68,22 +69,14 @@ def load_analysis(out_dir) -> Analysis:
     except json.JSONDecodeError as e:
         raise ReasonMaxxerError(f"explorer: {jp}: not valid JSON ({e})") from None
     records = []
-    for ln, line in enumerate(tp.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ReasonMaxxerError(f"explorer: {tp}:{ln}: not valid JSON ({e})") from None
+    for ln, r in read_jsonl(tp, allow_empty=True):  # ln: "path:line"
         missing = [k for k in REQUIRED_KEYS if k not in r]
         if missing:
-            raise ReasonMaxxerError(f"explorer: {tp}:{ln}: missing field(s) {', '.join(missing)}")
+            raise ReasonMaxxerError(f"explorer: {ln}: missing field(s) {', '.join(missing)}")
         n = len(r["tokens"])
         bad = [k for k in REQUIRED_KEYS if len(r[k]) != n]
         if bad:
-            raise ReasonMaxxerError(
-                f"explorer: {tp}:{ln}: field(s) {', '.join(bad)} do not have one entry per token ({n})"
-            )
+            raise ReasonMaxxerError(f"explorer: {ln}: field(s) {', '.join(bad)} do not have one entry per token ({n})")
         records.append(r)
     return Analysis(
         meta.get("config") or {},

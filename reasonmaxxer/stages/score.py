@@ -44,6 +44,7 @@ from torch import Tensor
 
 from ..backends.engines import EngineConfig, Progress, map_shards
 from ..core.entropy import entropy_logprob_inplace
+from ..core.padding import pad_right
 from ..errors import ReasonMaxxerError
 from ..io import atomic_write_table, config_hash
 from ..store import RolloutStore
@@ -353,12 +354,7 @@ def score_tokens(
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         seqs = [list(r["prompt_ids"]) + list(r["token_ids"]) for r in chunk]
-        T = max(map(len, seqs))
-        ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-        att = torch.zeros((len(seqs), T), dtype=torch.long)
-        for j, s in enumerate(seqs):
-            ids[j, : len(s)] = torch.tensor(s)
-            att[j, : len(s)] = 1
+        ids, att = pad_right(seqs, pad)  # [b, T]
         dev = next(model.parameters()).device
         ent, lp = score_sequences(model, ids.to(dev), att.to(dev))
         for j, r in enumerate(chunk):

@@ -45,8 +45,10 @@ from ..backends.distributed import Dist
 from ..core.entropy import token_logprobs
 from ..core.gating import check_gate_nonempty, entropy_gate, gated_fraction, random_gate_like, tau_for_fraction
 from ..core.losses import LOSS_VARIANTS, anchor_kl, loss_masks, reasonmaxxer_loss
+from ..core.padding import pad_right
 from ..errors import ReasonMaxxerError
 from ..io import atomic_write_bytes, atomic_write_json, package_versions
+from ..models import cache_kwarg
 from .checkpoint import export_model, latest_checkpoint, load_trainable_state, save_checkpoint
 
 
@@ -140,16 +142,11 @@ class TrainExample:
 # -- pure helpers --------------------------------------------------------------------------
 def batch_tensors(examples: Sequence[TrainExample], pad_id: int):
     """Right-pad a micro-batch. Returns ids, attention, completion mask, entropy [b, T]; adv, correct [b]."""
-    T = max(len(e.prompt_ids) + len(e.completion_ids) for e in examples)
-    b = len(examples)
-    ids = torch.full((b, T), pad_id, dtype=torch.long)
-    att = torch.zeros((b, T), dtype=torch.long)
-    comp = torch.zeros((b, T), dtype=torch.bool)
-    ent = torch.zeros((b, T), dtype=torch.float32)
+    ids, att = pad_right([e.prompt_ids + e.completion_ids for e in examples], pad_id)  # [b, T]
+    comp = torch.zeros(ids.shape, dtype=torch.bool)
+    ent = torch.zeros(ids.shape, dtype=torch.float32)
     for i, e in enumerate(examples):
         p, c = len(e.prompt_ids), len(e.completion_ids)
-        ids[i, : p + c] = torch.tensor(e.prompt_ids + e.completion_ids)
-        att[i, : p + c] = 1
         comp[i, p : p + c] = True
         ent[i, p : p + c] = torch.tensor(e.entropies, dtype=torch.float32)
     adv = torch.tensor([e.advantage for e in examples], dtype=torch.float32)
@@ -258,15 +255,6 @@ def _unwrapped(model):
     return extract_model_from_parallel(model)
 
 
-def _cache_kw(model) -> str:
-    """transformers renamed `past_key_values` to `cache` in 5.x; PEFT passes either through."""
-    import inspect
-
-    inner = _unwrapped(model)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
-
-
 def shared_prefix_len(ids: torch.Tensor, att: torch.Tensor, completion: torch.Tensor | None = None) -> int:
     """Length P of the token prefix shared by every row of a right-padded batch [B, T].
 
@@ -297,7 +285,7 @@ def split_prefix_logits(model, ids: torch.Tensor, att: torch.Tensor, prefix_len:
     B, T = ids.shape
     if prefix_len <= 0:
         return None, model(input_ids=ids, attention_mask=att).logits
-    kw = _cache_kw(model)
+    kw = cache_kwarg(model)
     out = model(input_ids=ids[:1, :prefix_len], use_cache=True)
     cache = out[kw] if kw in out else out["past_key_values"]
     for layer in cache.layers:

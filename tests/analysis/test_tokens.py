@@ -17,7 +17,6 @@ from reasonmaxxer.analysis.tokens import (
     PROMPT_TAIL,
     TOP_N,
     analyze,
-    auroc,
     check_same_tokenizer,
     compare_distributions,
     run_analyze,
@@ -66,20 +65,6 @@ def test_compare_distributions_ties_and_bounds():
         compare_distributions(torch.zeros(2, 4), torch.zeros(2, 5))
 
 
-# -- auroc -----------------------------------------------------------------------------------
-def test_auroc_with_ties_by_hand():
-    # pos {0.4, 0.8}, neg {0.1, 0.4, 0.4}: pairs won 1 + .5 + .5 (for 0.4) + 3 (for 0.8) = 5 of 6
-    # ranks: .1 -> 1, the three .4 -> 3 (avg of 2,3,4), .8 -> 5; U = (3 + 5) - 3 = 5
-    s = torch.tensor([0.1, 0.4, 0.4, 0.8, 0.4])
-    y = torch.tensor([0, 1, 0, 1, 0])
-    assert auroc(s, y) == pytest.approx(5 / 6)
-    assert auroc(-s, y) == pytest.approx(1 / 6)
-    assert auroc(torch.ones(4), torch.tensor([0, 1, 0, 1])) == 0.5
-    assert math.isnan(auroc(s, torch.zeros(5)))
-    assert math.isnan(auroc(s, torch.ones(5)))
-
-
-# -- summarize ---------------------------------------------------------------------------------
 def test_summarize_by_hand():
     per = {
         "cls": torch.tensor([0, 0, 1, 1, 2, 0]),

@@ -1,7 +1,5 @@
 """The HF sampler: exact greedy equality with HF generate, per-token statistics, seeding."""
 
-import math
-
 import pytest
 import torch
 from conftest import make_tiny_model
@@ -10,10 +8,10 @@ from reasonmaxxer.backends.hf import (
     HFSampler,
     Request,
     SamplingConfig,
-    entropy_and_logprob,
     request_seed,
     sample_from_logits,
 )
+from reasonmaxxer.core.entropy import entropy_and_logprob
 
 PREFIX = "Solve the following problem. Problem: "
 QUESTIONS = ["1+2?", "what is 33 + 4?", "abc", "x" * 30, "9*9=", "Tom has 3 apples."]
@@ -123,13 +121,6 @@ def test_sample_from_logits_filters_and_frequencies():
     # top_k = 2 keeps tokens 2 and 3 (vocabulary order: cdf [.3/.7, 1])
     got = sample_from_logits(logits.expand(2, 4), torch.tensor([0.42, 0.43]), 1.0, top_k=2).tolist()
     assert got == [2, 3]
-
-
-def test_entropy_and_logprob_hand_values():
-    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [math.log(0.5), math.log(0.25), math.log(0.25), -1e9]])
-    ent, lp = entropy_and_logprob(logits, torch.tensor([1, 0]))
-    assert torch.allclose(ent, torch.tensor([math.log(4), 1.5 * math.log(2)]), atol=1e-6)
-    assert torch.allclose(lp, torch.tensor([math.log(0.25), math.log(0.5)]), atol=1e-6)
 
 
 def test_bad_config_is_a_clear_error():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from reasonmaxxer.data.benchmarks import BENCHMARKS, default_data_dir, load_benchmark, load_problems
-from reasonmaxxer.data.problems import Problem, last_boxed, load_problem_file, normalise_answer, problems_hash
+from reasonmaxxer.data.problems import Problem, load_problem_file, normalise_answer, problems_hash
 from reasonmaxxer.errors import ReasonMaxxerError
 
 # ../shared/data beside the checkout (or $REASONMAXXER_DATA_DIR); tests that need it skip without it
@@ -153,14 +153,6 @@ def test_normalise_answer(raw, gold):
     assert normalise_answer(raw) == gold
 
 
-def test_last_boxed():
-    assert last_boxed(r"a \boxed{1} then \boxed{\frac{a}{b}}.") == r"\frac{a}{b}"
-    assert last_boxed(r"\boxed {x^{2}}") == "x^{2}"
-    assert last_boxed(r"\fbox{3}") == "3"
-    assert last_boxed("no box") is None
-    assert last_boxed(r"\boxed{unclosed {") is None
-
-
 # ----------------------------------------------------------------------------- generic files
 
 
@@ -213,6 +205,27 @@ def test_bad_json_line(tmp_path):
 def test_line_not_an_object(tmp_path):
     msg = _err(tmp_path, [{"question": "a", "answer": "1"}, "", "[1, 2]"])
     assert msg.startswith(f"{tmp_path / 'bad.jsonl'}:3: expected a JSON object, got list")
+
+
+def test_problem_file_not_utf8_is_one_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_bytes(b'{"question": "caf\xe9", "answer": "1"}\n')  # latin-1, not UTF-8
+    with pytest.raises(ReasonMaxxerError) as e:
+        load_problem_file(f)
+    assert str(e.value) == f"{f}: not UTF-8 text (byte 0xe9 at byte offset 17, line 1)"
+
+
+def test_parquet_problem_file_not_utf8_names_row_and_field(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    raw = pa.array([b"ok", b"bad\xff"], type=pa.binary())
+    questions = pa.Array.from_buffers(pa.string(), 2, raw.buffers())  # unvalidated: invalid UTF-8
+    f = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"question": questions, "answer": ["1", "2"]}), f)
+    with pytest.raises(ReasonMaxxerError) as e:
+        load_problem_file(f)
+    assert str(e.value) == f"{f}:row 1: field 'question' is not UTF-8 text (byte 0xff at offset 3 of the value)"
 
 
 def test_missing_question_field_lists_available(tmp_path):

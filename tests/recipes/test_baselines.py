@@ -165,3 +165,15 @@ def test_config_file_and_bad_keys(tmp_path):
         load_baseline_config(p)
     with pytest.raises(ReasonMaxxerError, match="unknown method"):
         BaselineConfig(method="ppo")
+
+
+def test_read_curve_drops_a_torn_last_line_only(tmp_path):
+    from reasonmaxxer.recipes.baselines import _read_curve
+
+    p = tmp_path / "curve.jsonl"
+    assert _read_curve(p) == []  # not written yet
+    p.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "av')  # a crash tore the last write
+    assert _read_curve(p) == [{"step": 1}, {"step": 2}]
+    p.write_text('{"step": 1}\n{"step": \n{"step": 3}\n')  # not a torn tail: an error
+    with pytest.raises(ReasonMaxxerError, match=f"^{p}:2: invalid JSON"):
+        _read_curve(p)

@@ -190,3 +190,19 @@ def test_an_ablation_with_reused_rollouts_is_charged_their_sampling_time(tmp_pat
     assert r["seconds"][f"sample (in {src})"] == 30.0 and r["method_seconds"] == 100.0
     # rft has no anchor: no reference forward; 13 sampled + 0 reference tokens
     assert r["forward_tokens"] == 13 and r["method"] == "rft"
+
+
+def test_bad_jsonl_in_a_run_is_a_one_line_error(tmp_path):
+    rm = make_rm_run(tmp_path / "rm")
+    b = make_baseline_run(tmp_path / "grpo", CURVE)
+    curve = b / "curve.jsonl"
+    good = curve.read_text()
+    curve.write_text(good + "[1]\n")
+    n = good.count("\n") + 1
+    with pytest.raises(ReasonMaxxerError, match=f"^{curve}:{n}: expected a JSON object, got list$"):
+        run_compare([str(rm), str(b)], tmp_path / "out")
+    curve.write_text(good)
+    metrics = rm / "train" / "metrics.jsonl"
+    metrics.write_bytes(metrics.read_bytes() + b'{"step": "\xff"}\n')
+    with pytest.raises(ReasonMaxxerError, match=f"^{metrics}: not UTF-8 text \\(byte 0xff at byte offset"):
+        run_compare([str(rm), str(b)], tmp_path / "out")

@@ -17,6 +17,7 @@ from reasonmaxxer.verify import (
     extract_answer,
     grade,
     grade_many,
+    last_boxed,
     parse_failures,
 )
 
@@ -237,3 +238,29 @@ def test_crashing_worker_is_replaced_and_the_item_reported():
     grades = grade_many(golds, comps, workers=2, timeout_s=5.0)
     assert grades[2].strict.reason == grades[2].lenient.reason == "error: worker died (exit code 3)"
     assert all(g.strict.correct for i, g in enumerate(grades) if i != 2)
+
+
+# The one \boxed parser, shared by grading and benchmark loading (data.benchmarks).
+LAST_BOXED = [
+    (r"a \boxed{1} then \boxed{\frac{a}{b}}.", r"\frac{a}{b}"),  # two boxes: the last
+    (r"\boxed {x^{2}}", "x^{2}"),  # space before the brace, nested braces
+    (r"\fbox{3}", "3"),
+    (r"\boxed{ 7 }", "7"),  # stripped
+    ("no box", None),
+    (r"\boxed 5", None),  # no brace: not a box
+    (r"\boxed{unclosed {", None),  # unbalanced
+    (r"\boxed{1} and \boxed{2", "1"),  # the last box never closes: the earlier one
+    (r"\boxed{\boxed{1}}", r"\boxed{1}"),  # nested boxes: the outer one closes last
+    (r"\boxed{}", None),  # empty boxes are skipped
+    (r"\boxed{2} \boxed{  }", "2"),
+    (r"\boxed{\{1,2\}}", r"\{1,2\}"),  # escaped braces are literal
+    (r"\boxed{a\}", None),
+    (r"\boxed{\left\{ 1 \right.}", r"\left\{ 1 \right."),
+    (r"{\boxed{3}", "3"),
+    (r"\boxed{1}}", "1"),
+]
+
+
+@pytest.mark.parametrize("text,expected", LAST_BOXED)
+def test_last_boxed_table(text, expected):
+    assert last_boxed(text) == expected

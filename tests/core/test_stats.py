@@ -1,0 +1,36 @@
+"""core.stats.roc_curve / auroc: ties, NaN scores, empty classes, by hand."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from reasonmaxxer.core.stats import auroc, roc_curve
+
+
+def test_auroc_with_ties_by_hand():
+    # pos {0.4, 0.8}, neg {0.1, 0.4, 0.4}: pairs won 1 + .5 + .5 (for 0.4) + 3 (for 0.8) = 5 of 6
+    s = torch.tensor([0.1, 0.4, 0.4, 0.8, 0.4])
+    y = torch.tensor([0, 1, 0, 1, 0])
+    assert auroc(s, y) == 5 / 6
+    assert auroc(-s, y) == 1 / 6
+    assert auroc(torch.ones(4), torch.tensor([0, 1, 0, 1])) == 0.5
+    assert math.isnan(auroc(s, torch.zeros(5)))
+    assert math.isnan(auroc(s, torch.ones(5)))
+
+
+def test_roc_curve_points_and_area_by_hand():
+    # descending thresholds 0.8 | 0.4 (one tie group: 1 pos, 2 neg) | 0.1
+    fpr, tpr, auc = roc_curve([0.1, 0.4, 0.4, 0.8, 0.4], [0, 1, 0, 1, 0])
+    assert fpr.tolist() == [0.0, 0.0, 2 / 3, 1.0]
+    assert tpr.tolist() == [0.0, 0.5, 1.0, 1.0]
+    assert auc == pytest.approx(float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)))  # trapezoid
+    # no ties: pairs (pos > neg) = 0.35>0.1, 0.8>0.1, 0.8>0.4 -> 3/4
+    assert roc_curve(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1], bool))[2] == 0.75
+
+
+def test_roc_curve_drops_nan_scores():
+    assert auroc([0.1, float("nan"), 0.9], [0, 1, 1]) == 1.0
+    fpr, tpr, auc = roc_curve(np.ones(3), np.zeros(3, bool))
+    assert math.isnan(auc) and fpr.tolist() == tpr.tolist() == [0.0, 1.0]

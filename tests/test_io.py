@@ -1,0 +1,53 @@
+"""io.read_jsonl: the one JSONL reader, its one-line errors and its options."""
+
+import pytest
+
+from reasonmaxxer.errors import ReasonMaxxerError
+from reasonmaxxer.io import read_jsonl
+
+
+def _err(path, **kw) -> str:
+    with pytest.raises(ReasonMaxxerError) as e:
+        list(read_jsonl(path, **kw))
+    return str(e.value)
+
+
+def test_rows_and_locations(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_bytes(b'{"a": 1}\n\n{"a": "\xc3\xa9"}\n')
+    assert list(read_jsonl(p)) == [(f"{p}:1", {"a": 1}), (f"{p}:3", {"a": "é"})]
+
+
+def test_bad_json_and_non_object_name_the_line(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"a": 1}\n{"a": \n')
+    assert _err(p) == f"{p}:2: invalid JSON: Expecting value"
+    p.write_text('{"a": 1}\n\n[1, 2]\n')
+    assert _err(p) == f"{p}:3: expected a JSON object, got list"
+    p.write_text('[\n  {"a": 1},\n  {"a": 2}\n]\n')  # a pretty-printed JSON array
+    assert _err(p).endswith("(a JSON array file? use one object per line)")
+
+
+def test_not_utf8_names_the_byte_offset(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_bytes(b'{"a": 1}\n{"a": "x\xff"}\n')  # 9 bytes, then 0xff at 8 more
+    msg = _err(p)
+    assert msg == f"{p}: not UTF-8 text (byte 0xff at byte offset 17, line 2)"
+    assert "\n" not in msg
+
+
+def test_empty_and_missing(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text("\n  \n")
+    assert _err(p) == f"{p}:1: empty file (no records)"
+    assert list(read_jsonl(p, allow_empty=True)) == []
+    assert _err(tmp_path / "none.jsonl").startswith(f"{tmp_path / 'none.jsonl'}: cannot open")
+
+
+def test_torn_tail(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"a": 1}\n{"a": 2}\n{"a": ')  # a crash cut the last write short
+    assert [r for _, r in read_jsonl(p, torn_tail=True)] == [{"a": 1}, {"a": 2}]
+    assert _err(p) == f"{p}:3: invalid JSON: Expecting value"
+    p.write_text('{"a": 1}\n{"a": \n{"a": 3}\n')  # a bad line in the middle is still an error
+    assert _err(p, torn_tail=True) == f"{p}:2: invalid JSON: Expecting value"
