@@ -28,9 +28,6 @@ rows are identical when the torch thread count is the same (a different thread c
 split a matrix product's reductions differently and round differently). Which engine and how many workers ran are recorded in the store manifest,
 outside its config hash: a local run and a ray run of the same inputs are the same artifact
 (either can resume the other).
-
-Test hook: ``REASONMAXXER_FAULT_SHARD=<i>:<marker file>`` makes a Ray worker `os._exit(1)`
-when it starts shard i, once (the marker file records that it happened).
 """
 
 from __future__ import annotations
@@ -240,12 +237,6 @@ class _Worker:
         for k in [k for k in os.environ if _forwarded(k) and k not in env]:
             del os.environ[k]
         os.environ.update(env)
-        fault = os.environ.get("REASONMAXXER_FAULT_SHARD", "")
-        if fault:
-            i, _, marker = fault.partition(":")
-            if int(i) == shard and not Path(marker).exists():
-                Path(marker).touch()
-                os._exit(1)
         if key != self.task_key:
             if task.model_spec != self.model_spec:
                 from ..models import load_model

@@ -8,6 +8,10 @@ run in the same order on both sides and the log-probs and entropies match bit fo
 """
 
 import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -16,13 +20,39 @@ from reasonmaxxer.backends.hf import SamplingConfig
 from reasonmaxxer.data.problems import Problem
 from reasonmaxxer.data.prompts import get_template
 from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.stages.sample import sample_stage
+from reasonmaxxer.stages import sample as sample_module
+from reasonmaxxer.stages.sample import SampleTask, sample_stage
 from reasonmaxxer.stages.score import score_stage
 from reasonmaxxer.store import RolloutStore
 
 ray = pytest.importorskip("ray")
 
 RAY2 = EngineConfig(engine="ray", workers=2)
+
+
+@dataclass
+class _DiesOnce(SampleTask):
+    """A SampleTask whose worker process exits (a crash) when it starts shard `fault_shard`,
+    once: the marker file records that it happened."""
+
+    fault_shard: int = -1
+    marker: str = ""
+
+    def run(self, shard, chunk, progress):
+        if shard == self.fault_shard and not Path(self.marker).exists():
+            Path(self.marker).touch()
+            os._exit(1)
+        return super().run(shard, chunk, progress)
+
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this module
+
+
+def _dies_once_on(monkeypatch, shard, marker):
+    """sample_stage's shards run as `_DiesOnce` tasks dying on `shard`."""
+    monkeypatch.setattr(sample_module, "SampleTask", lambda *a: _DiesOnce(*a, fault_shard=shard, marker=str(marker)))
+
+
 PROBLEMS = [Problem(f"p/{i}", f"What is {i} + {i}?", str(2 * i)) for i in range(6)]  # as read from p.jsonl
 CFG = SamplingConfig(n=3, temperature=1.0, max_new_tokens=24, batch_size=4, seed=7)
 TMPL = get_template("raw")
@@ -93,7 +123,7 @@ def test_ray_rows_identical_to_local(tmp_path, ckpt, local_ref, ray_local):
 
 def test_worker_death_mid_shard_is_retried(tmp_path, ckpt, local_ref, ray_local, monkeypatch):
     marker = tmp_path / "died-once"
-    monkeypatch.setenv("REASONMAXXER_FAULT_SHARD", f"1:{marker}")
+    _dies_once_on(monkeypatch, 1, marker)
     st = _sample(tmp_path / "ray", ckpt, RAY2)
     assert marker.exists(), "the worker should have died on shard 1"
     assert _rows(st) == _rows(local_ref)
@@ -103,7 +133,7 @@ def test_worker_death_mid_shard_is_retried(tmp_path, ckpt, local_ref, ray_local,
 
 
 def test_retries_exhausted_is_one_line_error(tmp_path, ckpt, ray_local, monkeypatch):
-    monkeypatch.setenv("REASONMAXXER_FAULT_SHARD", f"0:{tmp_path / 'marker'}")
+    _dies_once_on(monkeypatch, 0, tmp_path / "marker")
     with pytest.raises(ReasonMaxxerError, match=r"ray: shard 0 lost its worker 1 times") as e:
         _sample(tmp_path / "ray", ckpt, EngineConfig(engine="ray", workers=2, max_retries=0))
     assert "\n" not in str(e.value)
