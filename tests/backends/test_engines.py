@@ -283,3 +283,71 @@ def test_eval_cli_and_pipeline_scoring_with_ray(tmp_path, ckpt, local_ref, ray_l
         engine=RAY2,
     )
     assert [r["base_entropies"] for r in got] == ref and not info["reused_sampler_entropies"]
+
+
+def test_local_map_skips_a_shard_another_process_holds_then_finds_it_done(tmp_path):
+    """Shard 1's lock is held elsewhere (a thread standing in for another process, which writes
+    shard 1 and lets go): the map computes 0 and 2 first, then waits for 1, finds it written
+    and does not compute it."""
+    import threading
+
+    from filelock import FileLock
+
+    from reasonmaxxer.store import ShardClaims
+
+    st = RolloutStore(tmp_path / "s")
+    st.open({"a": 1})
+    held, order = threading.Event(), []
+
+    def other_process():
+        with FileLock(st.shard_lock_path(1)):
+            held.set()
+            while len(order) < 2:  # until this process has done shards 0 and 2
+                threading.Event().wait(0.01)
+            st.write_shard(1, [])
+
+    t = threading.Thread(target=other_process)
+    t.start()
+    held.wait(10)
+
+    class Record:
+        def setup(self, model=None, tokenizer=None):
+            pass
+
+        def run(self, shard, payload, progress):
+            order.append(shard)
+            return []
+
+    stats = map_shards(
+        Record(), {0: 0, 1: 1, 2: 2}, None, st.write_shard, total=3, desc="t", progress=False, claims=ShardClaims(st)
+    )
+    t.join(10)
+    assert order == [0, 2] and stats.shards == 2 and st.done_shards() == {0, 1, 2}
+
+
+def test_ray_queue_waits_for_a_busy_shard_only_when_holding_no_lock():
+    from collections import deque
+
+    from reasonmaxxer.backends.engines import _next_shard
+    from reasonmaxxer.store import BUSY, DONE, MINE
+
+    class Claims:
+        def __init__(self):
+            self.held, self.calls = set(), []
+
+        def claim(self, i, wait=False):
+            self.calls.append((i, wait))
+            got = MINE if wait else {0: MINE, 1: BUSY, 2: DONE, 3: MINE}[i]
+            if got == MINE:
+                self.held.add(i)
+            return got
+
+    c = Claims()
+    todo, pending, busy = deque(), deque([0, 1, 2, 3]), deque()
+    assert _next_shard(todo, pending, busy, c) == 0
+    assert _next_shard(todo, pending, busy, c) == 3  # 1 is busy, 2 is done
+    assert list(busy) == [1] and _next_shard(todo, pending, busy, c) is None  # holds 0 and 3: no waiting
+    c.held.clear()  # shards 0 and 3 written and released
+    assert _next_shard(todo, pending, busy, c) == 1 and c.calls[-1] == (1, True)
+    todo.append(5)  # a retry comes first, without a claim
+    assert _next_shard(todo, pending, busy, c) == 5 and len(c.calls) == 5
