@@ -7,12 +7,19 @@ Layout of a store directory::
                              data hash, and the config hash that decides resumption
     shards/shard-00000.parquet
     shards/shard-00001.parquet ...
+    shards/00000.lock ...    per-shard locks (see `ShardClaims`); manifest.lock guards the manifest
 
 One row per rollout (see `ROLLOUT_SCHEMA`). Every file is written to a temporary name in
 the same directory, flushed, fsynced and renamed into place, so a killed process leaves
 either the old file or the new one, never a torn one. A shard that exists is complete;
 re-running a stage with the same config hash skips it. Opening a store whose manifest
 has a DIFFERENT config hash is an error (nothing is overwritten) unless `overwrite=True`.
+
+Several processes may fill one store with the same config: each takes a shard's lock
+(`ShardClaims`, an OS file lock: released when its holder dies, so a lock file left by a
+killed process does not block anyone) before computing the shard, skips the shards others
+hold and comes back to them at the end; the manifest's read-modify-writes are serialised by
+`manifest.lock`. Lock files stay on disk and are never read as shards.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from filelock import FileLock, Timeout
 
 from .errors import ReasonMaxxerError
 from .io import atomic_write_json, atomic_write_table, config_hash, package_versions
@@ -77,6 +85,13 @@ class RolloutStore:
     def shard_path(self, i: int) -> Path:
         return self.root / "shards" / f"shard-{i:05d}.parquet"
 
+    def shard_lock_path(self, i: int) -> Path:
+        return self.root / "shards" / f"{i:05d}.lock"
+
+    def _manifest_lock(self) -> FileLock:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return FileLock(self.root / "manifest.lock")
+
     def exists(self) -> bool:
         return self.manifest_path.is_file()
 
@@ -96,6 +111,10 @@ class RolloutStore:
         `config` is what identifies the inputs (hashed); `describe` is extra, non-identifying
         information written beside it (versions, timings, human-readable notes).
         """
+        with self._manifest_lock():
+            return self._open_locked(config, describe, overwrite)
+
+    def _open_locked(self, config: dict, describe: dict | None, overwrite: bool) -> dict:
         h = config_hash(config)
         self._remove_stale_temp_files()
         if self.exists():
@@ -124,11 +143,23 @@ class RolloutStore:
 
     def _remove_stale_temp_files(self) -> None:
         """Temp files left by a process killed mid-write (the real files are intact: writes are
-        temp + rename). One writer per store is assumed, so any temp file here is stale."""
-        for d in (self.root, self.root / "shards"):
-            if d.is_dir():
-                for p in d.glob(".*.tmp"):
+        temp + rename). Called holding the manifest lock, so a manifest temp file is stale; a
+        shard's temp file is stale unless another process holds that shard's lock."""
+        if self.root.is_dir():
+            for p in self.root.glob(".*.tmp"):
+                p.unlink(missing_ok=True)
+        d = self.root / "shards"
+        if d.is_dir():
+            for p in d.glob(".shard-*.tmp"):
+                lock = FileLock(self.shard_lock_path(int(p.name.split(".")[1].split("-")[1])))
+                try:
+                    lock.acquire(blocking=False)
+                except Timeout:
+                    continue  # another process is writing that shard now
+                try:
                     p.unlink(missing_ok=True)
+                finally:
+                    lock.release()
 
     def done_shards(self) -> set[int]:
         d = self.root / "shards"
@@ -139,14 +170,20 @@ class RolloutStore:
     def write_shard(self, i: int, rows: Sequence[dict]) -> None:
         table = pa.Table.from_pylist(list(rows), schema=self.schema)
         atomic_write_table(self.shard_path(i), table)
-        m = self.manifest()
-        m["shards"][f"{i:05d}"] = {"rows": len(rows)}
-        atomic_write_json(self.manifest_path, m)
+        with self._manifest_lock():
+            m = self.manifest()
+            m["shards"][f"{i:05d}"] = {"rows": len(rows)}
+            atomic_write_json(self.manifest_path, m)
 
     def update_manifest(self, **fields) -> None:
-        m = self.manifest()
-        m.update(fields)
-        atomic_write_json(self.manifest_path, m)
+        self.edit_manifest(lambda m: m.update(fields))
+
+    def edit_manifest(self, fn) -> None:
+        """Apply `fn(manifest)` (in place) and write it back, holding the manifest lock."""
+        with self._manifest_lock():
+            m = self.manifest()
+            fn(m)
+            atomic_write_json(self.manifest_path, m)
 
     def read_table(self, columns: Sequence[str] | None = None) -> pa.Table:
         shards = sorted(self.done_shards())
@@ -171,3 +208,46 @@ class RolloutStore:
         for i in sorted(self.done_shards()):
             rows = pq.read_table(self.shard_path(i)).to_pylist()
             atomic_write_table(self.shard_path(i), pa.Table.from_pylist(fn(rows), schema=self.schema))
+
+
+MINE, BUSY, DONE = "mine", "busy", "done"
+
+
+class ShardClaims:
+    """Per-shard locks on a store, so that processes filling it with the same config split
+    its shards. `claim(i)` takes `shards/<i>.lock` and answers MINE (compute shard i, then
+    `release(i)` once it is written), BUSY (another process holds it: come back later with
+    `wait=True`) or DONE (the shard is on disk; nothing to do)."""
+
+    def __init__(self, store: RolloutStore):
+        self.store = store
+        self._held: dict[int, FileLock] = {}
+
+    def claim(self, i: int, *, wait: bool = False) -> str:
+        if i in self._held:
+            return MINE
+        self.store.shard_path(i).parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.store.shard_lock_path(i))
+        try:
+            lock.acquire(blocking=wait)
+        except Timeout:
+            return BUSY
+        if self.store.shard_path(i).is_file():  # written by another process since we listed
+            lock.release()
+            return DONE
+        self._held[i] = lock
+        return MINE
+
+    @property
+    def held(self) -> set[int]:
+        """The shards whose lock this process holds."""
+        return set(self._held)
+
+    def release(self, i: int) -> None:
+        lock = self._held.pop(i, None)
+        if lock is not None:
+            lock.release()
+
+    def release_all(self) -> None:
+        for i in list(self._held):
+            self.release(i)

@@ -93,5 +93,8 @@ def test_eval_cli_on_the_embedded_model(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert rep["n_problems"] == 6 and rep["n_samples"] == 12
-    assert 0.0 <= rep["strict"]["avg_at_n"]["value"] <= 1.0 and rep["strict"]["greedy"] is not None
-    assert "pass@1" in r.stdout or "avg@" in r.stdout
+    # the real model's figures are only range-checked here; test_cli's tiny-model eval pins exact ones
+    assert 0.0 <= rep["strict"]["avg_at_n"]["value"] <= 1.0 and rep["strict"]["greedy"]["n"] == 6
+    s, l = rep["strict"]["avg_at_n"], rep["lenient"]["avg_at_n"]
+    row = f"| pass@1 (avg@n) | {s['value']:.3f} [{s['low']:.3f}, {s['high']:.3f}] | {l['value']:.3f} [{l['low']:.3f}, {l['high']:.3f}] |"
+    assert row in r.stdout.splitlines(), r.stdout

@@ -13,7 +13,7 @@ import pytest
 
 from reasonmaxxer.errors import ReasonMaxxerError
 from reasonmaxxer.io import config_hash
-from reasonmaxxer.store import RolloutStore
+from reasonmaxxer.store import BUSY, DONE, MINE, RolloutStore, ShardClaims
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +67,39 @@ def test_no_temp_files_left_and_corrupt_manifest_is_named(tmp_path):
     (tmp_path / "s" / "manifest.json").write_text("{not json")
     with pytest.raises(ReasonMaxxerError, match=r"manifest.json:1: corrupt manifest"):
         st.manifest()
+
+
+def test_shard_claims_and_a_killed_holder(tmp_path):
+    """A held shard is BUSY to another process; once the holder is SIGKILLed its lock file
+    stays but the OS lock is gone, so the shard can be claimed; a written shard is DONE."""
+    st = RolloutStore(tmp_path / "s")
+    st.open({"a": 1})
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from reasonmaxxer.store import RolloutStore, ShardClaims; "
+            f"c = ShardClaims(RolloutStore({str(st.root)!r})); assert c.claim(0) == 'mine'; "
+            "print('held', flush=True); time.sleep(120)",
+        ],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "held"
+        claims = ShardClaims(st)
+        assert claims.claim(0) == BUSY and claims.held == set()
+        assert claims.claim(1) == MINE and claims.held == {1}
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert st.shard_lock_path(0).is_file()
+    assert claims.claim(0, wait=True) == MINE
+    st.write_shard(0, [_row("x", 0)])
+    claims.release_all()
+    assert claims.claim(0) == DONE and claims.held == set()
+    assert st.done_shards() == {0}  # lock files are not shards
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +174,7 @@ def test_sigkill_mid_run_resumes_to_the_same_result(tmp_path, tiny_ckpt, problem
     proc.wait()
     done_before = RolloutStore(killed).done_shards()
     assert 3 <= len(done_before) < 8, "the kill should land mid-run"
+    assert len(list((killed / "shards").glob("*.lock"))) >= len(done_before)  # left behind
     for p in (killed / "shards").glob("shard-*.parquet"):  # every file on disk is a complete shard
         pq.read_table(p)
     mtimes = {p.name: p.stat().st_mtime_ns for p in (killed / "shards").glob("shard-*.parquet")}
@@ -162,3 +196,36 @@ def test_sigkill_mid_run_resumes_to_the_same_result(tmp_path, tiny_ckpt, problem
         _sample_cmd(tiny_ckpt, problem_file, killed), env=_env(), capture_output=True, text=True, timeout=300
     )
     assert r.returncode == 0 and "0 tokens generated" in r.stdout
+
+
+def test_two_processes_split_one_store(tmp_path, tiny_ckpt, problem_file):
+    """Two `sample` processes on one store with the same inputs: both succeed, each shard is
+    computed once (the manifest's engine_runs count the shards each process computed), and
+    the store equals a single process's."""
+    ref, shared = tmp_path / "ref", tmp_path / "shared"
+    r = subprocess.run(
+        _sample_cmd(tiny_ckpt, problem_file, ref), env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr
+    procs = [
+        subprocess.Popen(
+            _sample_cmd(tiny_ckpt, problem_file, shared),
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+    m = RolloutStore(shared).manifest()
+    runs = m["engine_runs"]
+    assert len(runs) == 2 and sum(run["shards"] for run in runs) == 8, runs
+    assert sorted(m["shards"]) == [f"{i:05d}" for i in range(8)] and m["complete"] is True
+    a = RolloutStore(ref).read_rows()
+    b = RolloutStore(shared).read_rows()
+    assert len(b) == 24 and a == b
+    assert sorted(p.name for p in (shared / "shards").glob("*.lock")) == [f"{i:05d}.lock" for i in range(8)]
+    assert not list(shared.rglob("*.tmp"))

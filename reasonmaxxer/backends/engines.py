@@ -28,9 +28,6 @@ rows are identical when the torch thread count is the same (a different thread c
 split a matrix product's reductions differently and round differently). Which engine and how many workers ran are recorded in the store manifest,
 outside its config hash: a local run and a ray run of the same inputs are the same artifact
 (either can resume the other).
-
-Test hook: ``REASONMAXXER_FAULT_SHARD=<i>:<marker file>`` makes a Ray worker `os._exit(1)`
-when it starts shard i, once (the marker file records that it happened).
 """
 
 from __future__ import annotations
@@ -38,12 +35,13 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import ReasonMaxxerError
+from ..store import BUSY, MINE, ShardClaims
 
 ENGINES = ("local", "ray")
 
@@ -130,10 +128,14 @@ def map_shards(
     progress: bool = True,
     model=None,
     tokenizer=None,
+    claims: ShardClaims | None = None,
 ) -> MapStats:
     """Run `task` over `payloads` ({shard index: payload}) and call `on_result(shard, result)`
     on the driver for each, in completion order. `total` sizes the progress bar (units).
-    `model`/`tokenizer` are reused by the local engine (Ray workers load their own)."""
+    `model`/`tokenizer` are reused by the local engine (Ray workers load their own).
+    `claims` (a store's `ShardClaims`): a shard is computed only while this process holds its
+    lock; shards another process holds are done last (after waiting for their lock) and
+    skipped if that process wrote them, so processes sharing a store split its shards."""
     from tqdm.auto import tqdm
 
     engine = engine or LOCAL
@@ -155,15 +157,37 @@ def map_shards(
                 torch.set_num_threads(engine.threads)
             task.setup(model, tokenizer)
             prog = Progress(bar.update, on_tokens)
-            for i, payload in payloads.items():
-                on_result(i, task.run(i, payload, prog))
+            for i in _claimed(payloads, claims):
+                on_result(i, task.run(i, payloads[i], prog))
                 stats.shards += 1
+                if claims is not None:
+                    claims.release(i)
         else:
-            _map_ray(task, payloads, engine, on_result, stats, bar, on_tokens)
+            _map_ray(task, payloads, engine, on_result, stats, bar, on_tokens, claims)
     finally:
         bar.close()
+        if claims is not None:
+            claims.release_all()
     stats.seconds = round(time.time() - t0, 2)
     return stats
+
+
+def _claimed(payloads: Mapping[int, Any], claims: ShardClaims | None) -> Iterator[int]:
+    """The shards to compute, in order, each claimed (locked) when yielded: first those no
+    other process holds, then those it held, waiting for each, unless it wrote them."""
+    if claims is None:
+        yield from payloads
+        return
+    busy = []
+    for i in payloads:
+        got = claims.claim(i)
+        if got == BUSY:
+            busy.append(i)
+        elif got == MINE:
+            yield i
+    for i in busy:
+        if claims.claim(i, wait=True) == MINE:
+            yield i
 
 
 # -- Ray --------------------------------------------------------------------------------
@@ -213,12 +237,6 @@ class _Worker:
         for k in [k for k in os.environ if _forwarded(k) and k not in env]:
             del os.environ[k]
         os.environ.update(env)
-        fault = os.environ.get("REASONMAXXER_FAULT_SHARD", "")
-        if fault:
-            i, _, marker = fault.partition(":")
-            if int(i) == shard and not Path(marker).exists():
-                Path(marker).touch()
-                os._exit(1)
         if key != self.task_key:
             if task.model_spec != self.model_spec:
                 from ..models import load_model
@@ -271,7 +289,29 @@ def release_workers() -> None:
     _POOL.update(key=None, actors=[])
 
 
-def _map_ray(task, payloads, engine, on_result, stats, bar, on_tokens) -> None:
+def _next_shard(todo: deque, pending: deque, busy: deque, claims: ShardClaims | None) -> int | None:
+    """The next shard for a Ray worker, claimed: a retry, else a pending shard (one another
+    process holds goes to `busy`), else, once this process holds no lock (the other process
+    may be waiting for one of ours), a busy one after waiting for its lock. None: none now."""
+    while True:
+        if todo:
+            return todo.popleft()
+        if pending:
+            i = pending.popleft()
+            got = claims.claim(i) if claims is not None else MINE
+            if got == BUSY:
+                busy.append(i)
+            elif got == MINE:
+                return i
+        elif busy and not claims.held:
+            i = busy.popleft()
+            if claims.claim(i, wait=True) == MINE:
+                return i
+        else:
+            return None
+
+
+def _map_ray(task, payloads, engine, on_result, stats, bar, on_tokens, claims=None) -> None:
     import uuid
 
     import ray
@@ -281,19 +321,22 @@ def _map_ray(task, payloads, engine, on_result, stats, bar, on_tokens) -> None:
     actors = _pool(engine)
     key, task_ref = uuid.uuid4().hex, ray.put(task)
     env = {k: v for k, v in os.environ.items() if _forwarded(k)}
-    todo = deque(payloads)
+    todo: deque = deque()  # claimed shards to resubmit
+    pending, busy = deque(payloads), deque()
     attempts = {i: 0 for i in payloads}
-    idle = list(range(min(engine.workers, len(todo))))[::-1]
+    idle = list(range(min(engine.workers, len(payloads))))[::-1]
     inflight: dict = {}
 
     def fill():
-        while idle and todo:
-            slot, i = idle.pop(), todo.popleft()
+        while idle and (i := _next_shard(todo, pending, busy, claims)) is not None:
+            slot = idle.pop()
             inflight[actors[slot].run.remote(key, task_ref, i, payloads[i], env)] = (slot, i)
 
     try:
-        while todo or inflight:
+        while True:
             fill()
+            if not inflight:
+                break
             (ref,), _ = ray.wait(list(inflight), num_returns=1)
             slot, i = inflight.pop(ref)
             try:
@@ -325,6 +368,8 @@ def _map_ray(task, payloads, engine, on_result, stats, bar, on_tokens) -> None:
             fill()  # keep the worker busy while the driver grades and writes
             on_result(i, result)
             stats.shards += 1
+            if claims is not None:
+                claims.release(i)
             bar.update(n_units)
             on_tokens(n_tokens)
     except BaseException:

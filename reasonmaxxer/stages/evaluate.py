@@ -310,19 +310,11 @@ def evaluate(
     ks_sorted = sorted({operator.index(k) for k in ks})
     if not ks_sorted or ks_sorted[0] < 1:
         raise ReasonMaxxerError(f"ks must be positive integers, got {tuple(ks)}")
-
-    by_problem: dict[str, dict[int, Mapping[str, Any]]] = {}
-    for row in rows:
-        pid, si = row["problem_id"], operator.index(row["sample_index"])
-        samples = by_problem.setdefault(pid, {})
-        if si in samples:
-            raise ReasonMaxxerError(f"duplicate rollout: problem {pid!r} has sample_index {si} twice")
-        samples[si] = row
-    problems = {pid: [s[i] for i in sorted(s)] for pid, s in sorted(by_problem.items())}  # samples by sample_index
+    problems = _samples_by_problem(rows)
     counts = [len(s) for s in problems.values()]
     n_min, n_max = min(counts), max(counts)
 
-    notes = []
+    notes: list[str] = []
     used_ks = [k for k in ks_sorted if k <= n_min]
     skipped = [k for k in ks_sorted if k > n_min]
     if skipped:
@@ -331,51 +323,96 @@ def evaluate(
             f"k={', '.join(map(str, skipped))} skipped: {short} problem(s) have fewer than {skipped[0]} samples "
             f"(fewest: {n_min})"
         )
-
-    greedy = None
-    if greedy_rows is not None:
-        greedy = _check_rows(greedy_rows, ("problem_id", "strict_correct", "lenient_correct"), "greedy")
-        ids = [g["problem_id"] for g in greedy]
-        if len(set(ids)) != len(ids):
-            dup = next(p for p, c in Counter(ids).items() if c > 1)
-            raise ReasonMaxxerError(
-                f"greedy rows: problem {dup!r} appears more than once; pass one greedy row per problem"
-            )
-        if not greedy:
-            raise ReasonMaxxerError("greedy_rows is empty; pass None to skip greedy accuracy")
-        if set(ids) != set(problems):
-            notes.append(
-                f"greedy rows cover {len(set(ids) & set(problems))} of {len(problems)} sampled problems "
-                f"(+{len(set(ids) - set(problems))} not sampled)"
-            )
+    greedy = None if greedy_rows is None else _check_greedy(greedy_rows, problems, notes)
 
     accuracy: dict[str, dict[str, float]] = {}  # mode -> problem_id -> avg@n
     modes = {}
     for mode in MODES:
-        ok, ext = f"{mode}_correct", f"{mode}_extracted"
-        acc = {pid: sum(bool(r[ok]) for r in s) / len(s) for pid, s in problems.items()}
-        accuracy[mode] = acc
-        pass_k, maj_k = {}, {}
-        for k in used_ks:
-            if k > 1:
-                pk = [pass_at_k(len(s), sum(bool(r[ok]) for r in s), k) for s in problems.values()]
-                pass_k[k] = Estimate(*mean_ci95(pk), len(pk))
-            mk = [maj_at_k([r[ext] for r in s], [bool(r[ok]) for r in s], k) for s in problems.values()]
-            maj_k[k] = Estimate(*mean_ci95(mk), len(mk))
-        g_est = None
-        if greedy is not None:
-            wins = sum(bool(g[ok]) for g in greedy)
-            g_est = Estimate(wins / len(greedy), *wilson_ci95(wins, len(greedy)), len(greedy))
-        modes[mode] = ModeMetrics(
-            avg_at_n=Estimate(*mean_ci95(list(acc.values())), len(acc)),
-            pass_at_k=pass_k,
-            maj_at_k=maj_k,
-            greedy=g_est,
-            parse_failure_rate=sum(r[ext] is None for r in rows) / len(rows),
-        )
+        accuracy[mode], modes[mode] = _mode_metrics(mode, problems, rows, used_ks, greedy)
 
+    return EvalReport(
+        label=label,
+        n_problems=len(problems),
+        n_samples=len(rows),
+        min_samples=n_min,
+        max_samples=n_max,
+        ks=tuple(used_ks),
+        strict=modes["strict"],
+        lenient=modes["lenient"],
+        truncation_rate=sum(bool(r["truncated"]) for r in rows) / len(rows),
+        breakdown=_breakdown(metadata or {}, problems, accuracy),
+        notes=tuple(notes),
+    )
+
+
+def _samples_by_problem(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """problem_id (sorted) -> its rows by sample_index; a repeated (problem, sample) is an error."""
+    by_problem: dict[str, dict[int, Mapping[str, Any]]] = {}
+    for row in rows:
+        pid, si = row["problem_id"], operator.index(row["sample_index"])
+        samples = by_problem.setdefault(pid, {})
+        if si in samples:
+            raise ReasonMaxxerError(f"duplicate rollout: problem {pid!r} has sample_index {si} twice")
+        samples[si] = row
+    return {pid: [s[i] for i in sorted(s)] for pid, s in sorted(by_problem.items())}
+
+
+def _check_greedy(
+    greedy_rows: Iterable[Mapping[str, Any]], problems: Mapping[str, Any], notes: list[str]
+) -> list[Mapping[str, Any]]:
+    """The greedy rows, checked (one per problem, not empty); a note if they cover other problems."""
+    greedy = _check_rows(greedy_rows, ("problem_id", "strict_correct", "lenient_correct"), "greedy")
+    ids = [g["problem_id"] for g in greedy]
+    if len(set(ids)) != len(ids):
+        dup = next(p for p, c in Counter(ids).items() if c > 1)
+        raise ReasonMaxxerError(f"greedy rows: problem {dup!r} appears more than once; pass one greedy row per problem")
+    if not greedy:
+        raise ReasonMaxxerError("greedy_rows is empty; pass None to skip greedy accuracy")
+    if set(ids) != set(problems):
+        notes.append(
+            f"greedy rows cover {len(set(ids) & set(problems))} of {len(problems)} sampled problems "
+            f"(+{len(set(ids) - set(problems))} not sampled)"
+        )
+    return greedy
+
+
+def _mode_metrics(
+    mode: str,
+    problems: Mapping[str, Sequence[Mapping[str, Any]]],
+    rows: Sequence[Mapping[str, Any]],
+    used_ks: Sequence[int],
+    greedy: Sequence[Mapping[str, Any]] | None,
+) -> tuple[dict[str, float], ModeMetrics]:
+    """One grading mode's figures: (problem_id -> avg@n, the mode's metrics)."""
+    ok, ext = f"{mode}_correct", f"{mode}_extracted"
+    acc = {pid: sum(bool(r[ok]) for r in s) / len(s) for pid, s in problems.items()}
+    pass_k, maj_k = {}, {}
+    for k in used_ks:
+        if k > 1:
+            pk = [pass_at_k(len(s), sum(bool(r[ok]) for r in s), k) for s in problems.values()]
+            pass_k[k] = Estimate(*mean_ci95(pk), len(pk))
+        mk = [maj_at_k([r[ext] for r in s], [bool(r[ok]) for r in s], k) for s in problems.values()]
+        maj_k[k] = Estimate(*mean_ci95(mk), len(mk))
+    g_est = None
+    if greedy is not None:
+        wins = sum(bool(g[ok]) for g in greedy)
+        g_est = Estimate(wins / len(greedy), *wilson_ci95(wins, len(greedy)), len(greedy))
+    return acc, ModeMetrics(
+        avg_at_n=Estimate(*mean_ci95(list(acc.values())), len(acc)),
+        pass_at_k=pass_k,
+        maj_at_k=maj_k,
+        greedy=g_est,
+        parse_failure_rate=sum(r[ext] is None for r in rows) / len(rows),
+    )
+
+
+def _breakdown(
+    meta: Mapping[str, Mapping[str, Any]],
+    problems: Mapping[str, Sequence[Mapping[str, Any]]],
+    accuracy: Mapping[str, Mapping[str, float]],
+) -> dict[str, tuple[GroupMetrics, ...]]:
+    """Per metadata key present for some problem: avg@n of each group of problems."""
     breakdown: dict[str, tuple[GroupMetrics, ...]] = {}
-    meta = metadata or {}
     for key in BREAKDOWN_KEYS:
         if not any(key in (meta.get(pid) or {}) for pid in problems):
             continue
@@ -392,20 +429,7 @@ def evaluate(
             )
             for v, pids in sorted(groups.items(), key=lambda kv: _group_sort_key(kv[0]))
         )
-
-    return EvalReport(
-        label=label,
-        n_problems=len(problems),
-        n_samples=len(rows),
-        min_samples=n_min,
-        max_samples=n_max,
-        ks=tuple(used_ks),
-        strict=modes["strict"],
-        lenient=modes["lenient"],
-        truncation_rate=sum(bool(r["truncated"]) for r in rows) / len(rows),
-        breakdown=breakdown,
-        notes=tuple(notes),
-    )
+    return breakdown
 
 
 def _fmt(e: Estimate | None) -> str:

@@ -12,7 +12,7 @@ from ..backends.hf import Completion, HFSampler, Request, SamplingConfig
 from ..data.problems import Problem, problems_hash
 from ..data.prompts import PromptTemplate, render_prompt, template_fingerprint
 from ..errors import ReasonMaxxerError
-from ..store import RolloutStore
+from ..store import RolloutStore, ShardClaims
 
 
 def _grade_rows(rows: list[dict], workers: int | None) -> None:
@@ -78,19 +78,19 @@ def check_backend(backend: str | None, engine: EngineConfig | str | None) -> Non
 
 def record_engine(store: RolloutStore, stats: MapStats, **fields) -> None:
     """Note in the manifest which engine ran and how many workers (outside the config hash)."""
-    runs = store.manifest().get("engine_runs", [])
-    runs.append(
-        {
-            "engine": stats.engine,
-            "workers": stats.workers,
-            "shards": stats.shards,
-            "retries": stats.retries,
-            "seconds": stats.seconds,
-        }
-    )
-    store.update_manifest(
-        **{"complete": True, **fields, "engine": stats.engine, "workers": stats.workers, "engine_runs": runs}
-    )
+    run = {
+        "engine": stats.engine,
+        "workers": stats.workers,
+        "shards": stats.shards,
+        "retries": stats.retries,
+        "seconds": stats.seconds,
+    }
+
+    def edit(m):
+        runs = m.get("engine_runs", []) + [run]
+        m.update({"complete": True, **fields, "engine": stats.engine, "workers": stats.workers, "engine_runs": runs})
+
+    store.edit_manifest(edit)  # under the manifest lock: another process may record its run
 
 
 def sample_stage(
@@ -112,7 +112,8 @@ def sample_stage(
 ) -> RolloutStore:
     """Sample `cfg.n` completions per problem (or one greedy completion), grade them, store them.
 
-    Resumable: shards already on disk are skipped. `model`/`tokenizer` may be passed to
+    Resumable: shards already on disk are skipped. Processes sampling into one store with the
+    same inputs split its shards (per-shard locks, `store.ShardClaims`); each shard is computed once. `model`/`tokenizer` may be passed to
     reuse a loaded model (they must be what `model_spec` names; Ray workers load their own).
     `engine` spreads the shards over Ray workers (`engines`); the rows are the same.
     `sampler`: another backend (e.g. `vllm_backend.VLLMSampler` for `model_spec`; default: an
@@ -166,6 +167,7 @@ def sample_stage(
         progress=progress,
         model=model,
         tokenizer=tokenizer,
+        claims=ShardClaims(store),
     )
     record_engine(
         store,

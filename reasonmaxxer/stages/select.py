@@ -322,18 +322,7 @@ def select(rows: Sequence[dict], cfg: SelectionConfig = SelectionConfig(), *, ta
     Raises ReasonMaxxerError on a malformed row (naming its index and key), on no rows, or
     when no problem has mixed success (the message carries the pass-rate histogram).
     """
-    if not isinstance(cfg, SelectionConfig):
-        raise ReasonMaxxerError(f"select: cfg must be a SelectionConfig, got {type(cfg).__name__}")
-    if cfg.order == "clarity":
-        if tau is None:
-            raise ReasonMaxxerError("select: order='clarity' needs tau (the gate threshold, nats), e.g. tau=1.4")
-        if not math.isfinite(float(tau)):
-            raise ReasonMaxxerError(f"select: tau must be a finite number of nats, got {tau!r}")
-    _validate(rows)
-    if not rows:
-        raise ReasonMaxxerError(
-            "select: got no rollout rows; run the sample stage first (or check the rollout store path)"
-        )
+    _check_inputs(rows, cfg, tau)
 
     index_of = {(r["problem_id"], r["sample_index"]): i for i, r in enumerate(rows)}  # for error messages
     ordered = sorted(rows, key=lambda r: (r["problem_id"], r["sample_index"]))
@@ -345,22 +334,8 @@ def select(rows: Sequence[dict], cfg: SelectionConfig = SelectionConfig(), *, ta
         )
 
     # 1. truncation policy (rows copied here; the input is never mutated)
-    truncated_by_pid: dict[str, int] = {}
-    kept: list[dict] = []
-    n_dropped_trunc = n_masked = 0
+    kept, truncated_by_pid, n_dropped_trunc, n_masked = _apply_truncation(sampled, cfg)
     all_pids = sorted({r["problem_id"] for r in sampled})
-    for r in sampled:
-        is_trunc = bool(r["truncated"])
-        truncated_by_pid[r["problem_id"]] = truncated_by_pid.get(r["problem_id"], 0) + is_trunc
-        if is_trunc and cfg.truncated == "drop":
-            n_dropped_trunc += 1
-            continue
-        row = dict(r)
-        row["mask_decision"] = is_trunc and cfg.truncated == "mask"
-        if row["mask_decision"]:
-            row["reward"] = 0.0
-            n_masked += 1
-        kept.append(row)
 
     # 2. pass rates
     groups = _group_by_problem(kept)
@@ -384,52 +359,11 @@ def select(rows: Sequence[dict], cfg: SelectionConfig = SelectionConfig(), *, ta
     selected = [row for s in ranked for row in groups[s.problem_id]]
 
     # 4. keep the shortest fraction globally, then drop groups that lost mixed success
-    n_dropped_len = 0
-    if cfg.keep_shortest < 1.0:
-        n_keep = min(len(selected), int(math.floor(cfg.keep_shortest * len(selected) + 0.5)))
-        by_len = sorted(selected, key=lambda r: (len(r["token_ids"]), r["problem_id"], r["sample_index"]))
-        survivors = {(r["problem_id"], r["sample_index"]) for r in by_len[:n_keep]}
-        n_dropped_len = len(selected) - n_keep
-        selected = [r for r in selected if (r["problem_id"], r["sample_index"]) in survivors]
-    left = _group_by_problem(selected)
-    final = [s for s in ranked if s.problem_id in left and len({_is_correct(r) for r in left[s.problem_id]}) == 2]
-    final_ids = {s.problem_id for s in final}
-    n_dropped_unmixed = sum(
-        len(left[s.problem_id]) for s in ranked if s.problem_id in left and s.problem_id not in final_ids
-    )
-    if not final:
-        raise ReasonMaxxerError(
-            f"select: keep_shortest={cfg.keep_shortest} left no problem with mixed success "
-            f"(of {len(ranked)} selected); raise keep_shortest (1.0 keeps every rollout)"
-        )
+    final, left, n_dropped_len, n_dropped_unmixed = _keep_shortest(ranked, selected, cfg)
 
-    # 5. advantages on what remains
-    out: list[dict] = []
-    for g, s in enumerate(final):
-        for r in left[s.problem_id]:
-            r["group"] = g
-            out.append(r)
-    adv = _advantages([float(r["reward"]) for r in out], [r["group"] for r in out])
-    for r, a in zip(out, adv):
-        r["advantage"] = a
-
-    # 6. training order
-    if cfg.order == "shuffle":
-        random.Random(cfg.seed).shuffle(out)
-    elif cfg.order == "clarity":
-        for r in out:
-            ent = r.get("base_entropies")
-            where = f"rollout row {index_of[(r['problem_id'], r['sample_index'])]} (problem_id={r['problem_id']!r}, sample_index={r['sample_index']})"
-            if ent is None:
-                raise ReasonMaxxerError(
-                    f"{where}: missing key 'base_entropies', needed by order='clarity'; run the score stage first or use order='shuffle'"
-                )
-            if len(ent) != len(r["token_ids"]):
-                raise ReasonMaxxerError(
-                    f"{where}: {len(ent)} base_entropies for {len(r['token_ids'])} completion tokens; re-run the score stage"
-                )
-            r["clarity"] = signal_clarity(r["advantage"], ent, float(tau))
-        out.sort(key=lambda r: (-r["clarity"], r["group"], r["sample_index"]))
+    # 5. advantages on what remains; 6. training order
+    out = _with_advantages(final, left)
+    _order(out, cfg, tau, index_of)
 
     stats: dict[str, Any] = {
         "problems_total": counts["total"],
@@ -450,3 +384,99 @@ def select(rows: Sequence[dict], cfg: SelectionConfig = SelectionConfig(), *, ta
         "mean_pass_rate": (sum(s.pass_rate for s in with_rollouts) / len(with_rollouts)) if with_rollouts else math.nan,
     }
     return Selection(rows=out, problems=final, stats=stats)
+
+
+def _check_inputs(rows: Sequence[dict], cfg: SelectionConfig, tau: float | None) -> None:
+    if not isinstance(cfg, SelectionConfig):
+        raise ReasonMaxxerError(f"select: cfg must be a SelectionConfig, got {type(cfg).__name__}")
+    if cfg.order == "clarity":
+        if tau is None:
+            raise ReasonMaxxerError("select: order='clarity' needs tau (the gate threshold, nats), e.g. tau=1.4")
+        if not math.isfinite(float(tau)):
+            raise ReasonMaxxerError(f"select: tau must be a finite number of nats, got {tau!r}")
+    _validate(rows)
+    if not rows:
+        raise ReasonMaxxerError(
+            "select: got no rollout rows; run the sample stage first (or check the rollout store path)"
+        )
+
+
+def _apply_truncation(sampled: Sequence[dict], cfg: SelectionConfig) -> tuple[list[dict], dict[str, int], int, int]:
+    """Step 1: drop or mask (reward 0, mask_decision) truncated rollouts, on copies of the rows.
+    Returns (kept rows, truncated count per problem, rows dropped, rows masked)."""
+    truncated_by_pid: dict[str, int] = {}
+    kept: list[dict] = []
+    n_dropped_trunc = n_masked = 0
+    for r in sampled:
+        is_trunc = bool(r["truncated"])
+        truncated_by_pid[r["problem_id"]] = truncated_by_pid.get(r["problem_id"], 0) + is_trunc
+        if is_trunc and cfg.truncated == "drop":
+            n_dropped_trunc += 1
+            continue
+        row = dict(r)
+        row["mask_decision"] = is_trunc and cfg.truncated == "mask"
+        if row["mask_decision"]:
+            row["reward"] = 0.0
+            n_masked += 1
+        kept.append(row)
+    return kept, truncated_by_pid, n_dropped_trunc, n_masked
+
+
+def _keep_shortest(
+    ranked: list[ProblemStats], selected: list[dict], cfg: SelectionConfig
+) -> tuple[list[ProblemStats], dict[str, list[dict]], int, int]:
+    """Step 4: keep the shortest `cfg.keep_shortest` of the selected rollouts (globally), then
+    drop the problems that lost mixed success. Returns (problems kept in rank order, their rows
+    by problem, rollouts dropped for length, rollouts dropped with their unmixed problem)."""
+    n_dropped_len = 0
+    if cfg.keep_shortest < 1.0:
+        n_keep = min(len(selected), int(math.floor(cfg.keep_shortest * len(selected) + 0.5)))
+        by_len = sorted(selected, key=lambda r: (len(r["token_ids"]), r["problem_id"], r["sample_index"]))
+        survivors = {(r["problem_id"], r["sample_index"]) for r in by_len[:n_keep]}
+        n_dropped_len = len(selected) - n_keep
+        selected = [r for r in selected if (r["problem_id"], r["sample_index"]) in survivors]
+    left = _group_by_problem(selected)
+    final = [s for s in ranked if s.problem_id in left and len({_is_correct(r) for r in left[s.problem_id]}) == 2]
+    final_ids = {s.problem_id for s in final}
+    n_dropped_unmixed = sum(
+        len(left[s.problem_id]) for s in ranked if s.problem_id in left and s.problem_id not in final_ids
+    )
+    if not final:
+        raise ReasonMaxxerError(
+            f"select: keep_shortest={cfg.keep_shortest} left no problem with mixed success "
+            f"(of {len(ranked)} selected); raise keep_shortest (1.0 keeps every rollout)"
+        )
+    return final, left, n_dropped_len, n_dropped_unmixed
+
+
+def _with_advantages(final: list[ProblemStats], left: dict[str, list[dict]]) -> list[dict]:
+    """Step 5: the kept rows in rank order, each with its `group` and group-normalised `advantage`."""
+    out: list[dict] = []
+    for g, s in enumerate(final):
+        for r in left[s.problem_id]:
+            r["group"] = g
+            out.append(r)
+    adv = _advantages([float(r["reward"]) for r in out], [r["group"] for r in out])
+    for r, a in zip(out, adv):
+        r["advantage"] = a
+    return out
+
+
+def _order(out: list[dict], cfg: SelectionConfig, tau: float | None, index_of: dict) -> None:
+    """Step 6: put `out` in training order, in place (shuffle, or by signal clarity)."""
+    if cfg.order == "shuffle":
+        random.Random(cfg.seed).shuffle(out)
+    elif cfg.order == "clarity":
+        for r in out:
+            ent = r.get("base_entropies")
+            where = f"rollout row {index_of[(r['problem_id'], r['sample_index'])]} (problem_id={r['problem_id']!r}, sample_index={r['sample_index']})"
+            if ent is None:
+                raise ReasonMaxxerError(
+                    f"{where}: missing key 'base_entropies', needed by order='clarity'; run the score stage first or use order='shuffle'"
+                )
+            if len(ent) != len(r["token_ids"]):
+                raise ReasonMaxxerError(
+                    f"{where}: {len(ent)} base_entropies for {len(r['token_ids'])} completion tokens; re-run the score stage"
+                )
+            r["clarity"] = signal_clarity(r["advantage"], ent, float(tau))
+        out.sort(key=lambda r: (-r["clarity"], r["group"], r["sample_index"]))

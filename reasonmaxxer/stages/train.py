@@ -369,7 +369,6 @@ def train(
     progress: bool = True,
     export: bool = True,
     overwrite: bool = False,
-    _stop_after_step: int | None = None,
 ) -> dict:
     """Train on `examples` (already in training order if shuffle=False). Returns result.json's dict.
 
@@ -591,9 +590,6 @@ def train(
                 save_checkpoint(
                     ckdir, step + 1, state, None if dist.sharded else opt.state_dict(), {"history": history}
                 )
-        if _stop_after_step is not None and step + 1 >= _stop_after_step:
-            bar.close()
-            return {"stopped_at": step + 1}
     bar.close()
 
     if dist.is_main:

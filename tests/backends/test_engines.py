@@ -8,6 +8,10 @@ run in the same order on both sides and the log-probs and entropies match bit fo
 """
 
 import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -16,13 +20,39 @@ from reasonmaxxer.backends.hf import SamplingConfig
 from reasonmaxxer.data.problems import Problem
 from reasonmaxxer.data.prompts import get_template
 from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.stages.sample import sample_stage
+from reasonmaxxer.stages import sample as sample_module
+from reasonmaxxer.stages.sample import SampleTask, sample_stage
 from reasonmaxxer.stages.score import score_stage
 from reasonmaxxer.store import RolloutStore
 
 ray = pytest.importorskip("ray")
 
 RAY2 = EngineConfig(engine="ray", workers=2)
+
+
+@dataclass
+class _DiesOnce(SampleTask):
+    """A SampleTask whose worker process exits (a crash) when it starts shard `fault_shard`,
+    once: the marker file records that it happened."""
+
+    fault_shard: int = -1
+    marker: str = ""
+
+    def run(self, shard, chunk, progress):
+        if shard == self.fault_shard and not Path(self.marker).exists():
+            Path(self.marker).touch()
+            os._exit(1)
+        return super().run(shard, chunk, progress)
+
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this module
+
+
+def _dies_once_on(monkeypatch, shard, marker):
+    """sample_stage's shards run as `_DiesOnce` tasks dying on `shard`."""
+    monkeypatch.setattr(sample_module, "SampleTask", lambda *a: _DiesOnce(*a, fault_shard=shard, marker=str(marker)))
+
+
 PROBLEMS = [Problem(f"p/{i}", f"What is {i} + {i}?", str(2 * i)) for i in range(6)]  # as read from p.jsonl
 CFG = SamplingConfig(n=3, temperature=1.0, max_new_tokens=24, batch_size=4, seed=7)
 TMPL = get_template("raw")
@@ -93,7 +123,7 @@ def test_ray_rows_identical_to_local(tmp_path, ckpt, local_ref, ray_local):
 
 def test_worker_death_mid_shard_is_retried(tmp_path, ckpt, local_ref, ray_local, monkeypatch):
     marker = tmp_path / "died-once"
-    monkeypatch.setenv("REASONMAXXER_FAULT_SHARD", f"1:{marker}")
+    _dies_once_on(monkeypatch, 1, marker)
     st = _sample(tmp_path / "ray", ckpt, RAY2)
     assert marker.exists(), "the worker should have died on shard 1"
     assert _rows(st) == _rows(local_ref)
@@ -103,7 +133,7 @@ def test_worker_death_mid_shard_is_retried(tmp_path, ckpt, local_ref, ray_local,
 
 
 def test_retries_exhausted_is_one_line_error(tmp_path, ckpt, ray_local, monkeypatch):
-    monkeypatch.setenv("REASONMAXXER_FAULT_SHARD", f"0:{tmp_path / 'marker'}")
+    _dies_once_on(monkeypatch, 0, tmp_path / "marker")
     with pytest.raises(ReasonMaxxerError, match=r"ray: shard 0 lost its worker 1 times") as e:
         _sample(tmp_path / "ray", ckpt, EngineConfig(engine="ray", workers=2, max_retries=0))
     assert "\n" not in str(e.value)
@@ -253,3 +283,71 @@ def test_eval_cli_and_pipeline_scoring_with_ray(tmp_path, ckpt, local_ref, ray_l
         engine=RAY2,
     )
     assert [r["base_entropies"] for r in got] == ref and not info["reused_sampler_entropies"]
+
+
+def test_local_map_skips_a_shard_another_process_holds_then_finds_it_done(tmp_path):
+    """Shard 1's lock is held elsewhere (a thread standing in for another process, which writes
+    shard 1 and lets go): the map computes 0 and 2 first, then waits for 1, finds it written
+    and does not compute it."""
+    import threading
+
+    from filelock import FileLock
+
+    from reasonmaxxer.store import ShardClaims
+
+    st = RolloutStore(tmp_path / "s")
+    st.open({"a": 1})
+    held, order = threading.Event(), []
+
+    def other_process():
+        with FileLock(st.shard_lock_path(1)):
+            held.set()
+            while len(order) < 2:  # until this process has done shards 0 and 2
+                threading.Event().wait(0.01)
+            st.write_shard(1, [])
+
+    t = threading.Thread(target=other_process)
+    t.start()
+    held.wait(10)
+
+    class Record:
+        def setup(self, model=None, tokenizer=None):
+            pass
+
+        def run(self, shard, payload, progress):
+            order.append(shard)
+            return []
+
+    stats = map_shards(
+        Record(), {0: 0, 1: 1, 2: 2}, None, st.write_shard, total=3, desc="t", progress=False, claims=ShardClaims(st)
+    )
+    t.join(10)
+    assert order == [0, 2] and stats.shards == 2 and st.done_shards() == {0, 1, 2}
+
+
+def test_ray_queue_waits_for_a_busy_shard_only_when_holding_no_lock():
+    from collections import deque
+
+    from reasonmaxxer.backends.engines import _next_shard
+    from reasonmaxxer.store import BUSY, DONE, MINE
+
+    class Claims:
+        def __init__(self):
+            self.held, self.calls = set(), []
+
+        def claim(self, i, wait=False):
+            self.calls.append((i, wait))
+            got = MINE if wait else {0: MINE, 1: BUSY, 2: DONE, 3: MINE}[i]
+            if got == MINE:
+                self.held.add(i)
+            return got
+
+    c = Claims()
+    todo, pending, busy = deque(), deque([0, 1, 2, 3]), deque()
+    assert _next_shard(todo, pending, busy, c) == 0
+    assert _next_shard(todo, pending, busy, c) == 3  # 1 is busy, 2 is done
+    assert list(busy) == [1] and _next_shard(todo, pending, busy, c) is None  # holds 0 and 3: no waiting
+    c.held.clear()  # shards 0 and 3 written and released
+    assert _next_shard(todo, pending, busy, c) == 1 and c.calls[-1] == (1, True)
+    todo.append(5)  # a retry comes first, without a claim
+    assert _next_shard(todo, pending, busy, c) == 5 and len(c.calls) == 5

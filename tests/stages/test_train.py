@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -162,12 +161,36 @@ def test_export_adapter_and_merged_load(tmp_path, tiny_tokenizer):
 
 
 _SCRIPT = r"""
-import sys, torch
+import os, signal, sys, torch
 sys.path.insert(0, {tests!r})
 sys.path.insert(0, {tests!r} + '/stages')
 from conftest import _tiny_tokenizer, make_tiny_model
 from test_train import _examples
+import reasonmaxxer.stages.checkpoint as ck
+import reasonmaxxer.stages.train as tr
 from reasonmaxxer.stages.train import TrainConfig, train
+
+# argv[2] (test only): SIGKILL this process at a precise point of step KILL_STEP's checkpoint
+KILL_STEP, mode = 4, sys.argv[2] if len(sys.argv) > 2 else ""
+if mode == "after_latest":  # the checkpoint and latest.json are written
+    real_save = tr.save_checkpoint
+
+    def save(ckdir, step, *a, **k):
+        out = real_save(ckdir, step, *a, **k)
+        if step == KILL_STEP:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    tr.save_checkpoint = save
+elif mode == "before_latest":  # the checkpoint dir is renamed into place, latest.json not updated
+    real_write = ck.atomic_write_json
+
+    def write(path, obj):
+        if path.name == "latest.json" and obj["step"] == KILL_STEP:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_write(path, obj)
+
+    ck.atomic_write_json = write
 torch.set_num_threads(1)
 tok = _tiny_tokenizer()
 cfg = TrainConfig(tau=1.0, micro_batch=1, grad_accum=2, lora_rank=4, lr=1e-2, checkpoint_every=1, epochs=3)
@@ -175,31 +198,43 @@ train(_examples(8), cfg, sys.argv[1], make_tiny_model(len(tok), seed=1), tok, pr
 """
 
 
-def test_sigkill_and_resume_gives_the_same_adapter(tmp_path):
-    script = tmp_path / "t.py"
+@pytest.fixture(scope="module")
+def train_script(tmp_path_factory):
+    """The child training script, and the adapter of an uninterrupted run of it."""
+    d = tmp_path_factory.mktemp("sigkill")
+    script = d / "t.py"
     script.write_text(_SCRIPT.format(tests=str(ROOT / "tests")))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     r = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "ref")], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, str(script), str(d / "ref")], env=_child_env(), capture_output=True, text=True, timeout=300
     )
     assert r.returncode == 0, r.stderr
+    return script, torch.load(d / "ref" / "checkpoints" / "step-000012" / "state.pt", weights_only=False)["model"]
+
+
+def _child_env():
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
+@pytest.mark.parametrize(("mode", "latest"), [("after_latest", 4), ("before_latest", 3)])
+def test_sigkill_and_resume_gives_the_same_adapter(tmp_path, train_script, mode, latest):
+    """The child SIGKILLs itself at step 4's checkpoint, after latest.json names it or between the
+    checkpoint dir's rename and latest.json's update; resuming gives the uninterrupted adapter."""
+    script, ref = train_script
     run = tmp_path / "killed"
-    p = subprocess.Popen([sys.executable, str(script), str(run)], env=env, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 200
-    while time.time() < deadline and not (run / "checkpoints" / "step-000004").exists():
-        time.sleep(0.02)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    done = json.loads((run / "checkpoints" / "latest.json").read_text())["step"]
-    # killed mid-run; latest.json may still name the checkpoint before step-000004 when the kill
-    # lands between that dir's rename and latest.json's update
-    assert 1 <= done < 12, done
-    r = subprocess.run([sys.executable, str(script), str(run)], env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, str(script), str(run), mode], env=_child_env(), capture_output=True, timeout=300
+    )
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] == latest
+    assert sorted(d.name for d in (run / "checkpoints").glob("step-*")) == [f"step-{i:06d}" for i in range(1, 5)]
+    r = subprocess.run(
+        [sys.executable, str(script), str(run)], env=_child_env(), capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
-    a = torch.load(tmp_path / "ref" / "checkpoints" / "step-000012" / "state.pt", weights_only=False)["model"]
     b = torch.load(run / "checkpoints" / "step-000012" / "state.pt", weights_only=False)["model"]
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert sorted(ref) == sorted(b)
+    for k in ref:
+        assert torch.equal(ref[k], b[k]), k
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
     assert not list((run / "checkpoints").glob(".*"))  # no temp files or dirs left by the kill
