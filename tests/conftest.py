@@ -193,3 +193,26 @@ def store_and_ckpt(tmp_path_factory, tiny_tokenizer):
             )
     st.write_shard(0, rows)
     return d, ckpt
+
+
+def random_train_examples(n=8, seed=0, vocab=100):
+    """n random TrainExamples (prompts, completions, entropies in [0, 3) nats), alternating correct/incorrect."""
+    from reasonmaxxer.stages.train import TrainExample
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        p = torch.randint(4, vocab, (int(torch.randint(5, 12, (1,), generator=g)),), generator=g).tolist()
+        c = torch.randint(4, vocab, (int(torch.randint(4, 10, (1,), generator=g)),), generator=g).tolist()
+        ent = (torch.rand(len(c), generator=g) * 3).tolist()
+        out.append(
+            TrainExample(
+                tuple(p),
+                tuple(c),
+                tuple(ent),
+                advantage=1.0 if i % 2 == 0 else -1.0,
+                correct=i % 2 == 0,
+                key=(f"p{i // 2}", i % 2),
+            )
+        )
+    return out

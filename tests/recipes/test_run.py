@@ -103,13 +103,13 @@ def test_fork_changes_counts_argmax_differences_exactly(tiny_tokenizer):
     """fork_changes against a plain per-example forward: the same changed positions, top-5 hits
     and gated hits; a model against itself changes nothing."""
     import torch
-    from test_train import _examples
+    from conftest import random_train_examples
 
     from reasonmaxxer.analysis.forks import fork_changes, report_examples
 
     vocab = len(tiny_tokenizer)
     base, tuned = make_tiny_model(vocab, seed=0, init_std=0.2), make_tiny_model(vocab, seed=1, init_std=0.2)
-    exs = _examples(6, vocab=vocab)
+    exs = random_train_examples(6, vocab=vocab)
     gates = [torch.arange(len(e.completion_ids)) % 2 == 0 for e in exs]
     same = fork_changes(base, base, tiny_tokenizer, exs, gates, batch=4)
     n_pos = sum(len(e.completion_ids) for e in exs)

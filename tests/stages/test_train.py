@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny_model, random_train_examples
 
 from reasonmaxxer.errors import ReasonMaxxerError
 from reasonmaxxer.stages.train import (
@@ -25,26 +25,6 @@ from reasonmaxxer.stages.train import (
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _examples(n=8, seed=0, vocab=100):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        p = torch.randint(4, vocab, (int(torch.randint(5, 12, (1,), generator=g)),), generator=g).tolist()
-        c = torch.randint(4, vocab, (int(torch.randint(4, 10, (1,), generator=g)),), generator=g).tolist()
-        ent = (torch.rand(len(c), generator=g) * 3).tolist()
-        out.append(
-            TrainExample(
-                tuple(p),
-                tuple(c),
-                tuple(ent),
-                advantage=1.0 if i % 2 == 0 else -1.0,
-                correct=i % 2 == 0,
-                key=(f"p{i // 2}", i % 2),
-            )
-        )
-    return out
-
-
 def _lora_state(model):
     from peft import get_peft_model_state_dict
 
@@ -58,7 +38,7 @@ def _train_once(tmp, tok, cfg, exs, **kw):
 
 
 def test_loss_does_not_depend_on_micro_batch_split(tmp_path, tiny_tokenizer):
-    exs = _examples(8)
+    exs = random_train_examples(8)
     states = []
     for mb, acc in ((1, 8), (4, 2), (8, 1)):
         cfg = TrainConfig(
@@ -85,7 +65,7 @@ def test_loss_does_not_depend_on_micro_batch_split(tmp_path, tiny_tokenizer):
 
 
 def test_tau_quantile_and_random_gate_have_the_same_count():
-    exs = _examples(10)
+    exs = random_train_examples(10)
     cfg = TrainConfig(tau_fraction=0.2)
     tau, how = resolve_tau(exs, cfg)
     gates = example_gates(exs, cfg, tau)
@@ -103,7 +83,7 @@ def test_tau_quantile_and_random_gate_have_the_same_count():
 
 def test_empty_gate_is_an_error(tmp_path, tiny_tokenizer):
     with pytest.raises(ReasonMaxxerError, match="gate is empty"):
-        _train_once(tmp_path, tiny_tokenizer, TrainConfig(tau=50.0), _examples(4))
+        _train_once(tmp_path, tiny_tokenizer, TrainConfig(tau=50.0), random_train_examples(4))
 
 
 def test_schedule_and_order():
@@ -115,7 +95,7 @@ def test_schedule_and_order():
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny_tokenizer):
-    exs = _examples(8)
+    exs = random_train_examples(8)
     bad = list(exs)
     bad[5] = TrainExample(bad[5].prompt_ids, bad[5].completion_ids, bad[5].entropies, float("nan"), True)
     cfg = TrainConfig(tau=1.0, micro_batch=1, grad_accum=2, lora_rank=4, checkpoint_every=1)
@@ -136,7 +116,7 @@ def test_export_adapter_and_merged_load(tmp_path, tiny_tokenizer):
     cfg = TrainConfig(tau=1.0, micro_batch=2, grad_accum=1, lora_rank=4, lr=1e-2, checkpoint_every=2)
     calls = []
     res = train(
-        _examples(8),
+        random_train_examples(8),
         cfg,
         tmp_path / "run",
         model,
@@ -155,7 +135,14 @@ def test_export_adapter_and_merged_load(tmp_path, tiny_tokenizer):
         assert not torch.allclose(merged(x).logits, make_tiny_model(len(tok), seed=1)(x).logits, atol=1e-4)
     # re-running a finished run is a no-op that returns the same result
     again = train(
-        _examples(8), cfg, tmp_path / "run", model, tok, base_spec=str(base_dir), shuffle=False, progress=False
+        random_train_examples(8),
+        cfg,
+        tmp_path / "run",
+        model,
+        tok,
+        base_spec=str(base_dir),
+        shuffle=False,
+        progress=False,
     )
     assert again["selected_step"] == res["selected_step"]
 
@@ -165,7 +152,7 @@ import os, signal, sys, torch
 sys.path.insert(0, {tests!r})
 sys.path.insert(0, {tests!r} + '/stages')
 from conftest import _tiny_tokenizer, make_tiny_model
-from test_train import _examples
+from conftest import random_train_examples
 import reasonmaxxer.stages.checkpoint as ck
 import reasonmaxxer.stages.train as tr
 from reasonmaxxer.stages.train import TrainConfig, train
@@ -194,7 +181,7 @@ elif mode == "before_latest":  # the checkpoint dir is renamed into place, lates
 torch.set_num_threads(1)
 tok = _tiny_tokenizer()
 cfg = TrainConfig(tau=1.0, micro_batch=1, grad_accum=2, lora_rank=4, lr=1e-2, checkpoint_every=1, epochs=3)
-train(_examples(8), cfg, sys.argv[1], make_tiny_model(len(tok), seed=1), tok, progress=False, export=False)
+train(random_train_examples(8), cfg, sys.argv[1], make_tiny_model(len(tok), seed=1), tok, progress=False, export=False)
 """
 
 
