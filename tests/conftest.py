@@ -158,8 +158,7 @@ def model_dirs(tmp_path_factory, base_model, tiny_tokenizer):
 def store_and_ckpt(tmp_path_factory, tiny_tokenizer):
     d = tmp_path_factory.mktemp("tc")
     ckpt = d / "tiny"
-    make_tiny_model(len(tiny_tokenizer), seed=3, init_std=0.2).save_pretrained(ckpt)
-    tiny_tokenizer.save_pretrained(ckpt)
+    save_tiny_checkpoint(ckpt, tiny_tokenizer)
     st = RolloutStore(d / "rollouts")
     st.open({"synthetic": 1}, {"model_spec": str(ckpt)})
     g = torch.Generator().manual_seed(0)

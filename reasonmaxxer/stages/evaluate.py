@@ -34,7 +34,6 @@ import json
 import operator
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,6 +45,7 @@ from ..core.stats import mean_ci95, pass_at_k, wilson_ci95
 from ..data.problems import Problem
 from ..data.prompts import render_prompt
 from ..errors import ReasonMaxxerError
+from ..io import atomic_write_bytes
 from ..store import RolloutStore
 
 
@@ -57,33 +57,6 @@ class EvalConfig:
     max_new_tokens: int = field(default=256, metadata={"help": "completion length cap, tokens", "ge": 1})
     batch_size: int = field(default=32, metadata={"help": "rows decoded together", "ge": 1})
     seed: int = field(default=1234, metadata={"help": "sampling seed"})
-
-
-def evaluate_stores(
-    sampled: RolloutStore | None,
-    greedy: RolloutStore | None,
-    problems: Sequence[Problem],
-    *,
-    ks=(1, 4, 8, 16),
-    label: str = "",
-):
-    """An `evaluate.EvalReport` over a sampled store and/or a greedy store."""
-
-    cols = [
-        "problem_id",
-        "sample_index",
-        "strict_correct",
-        "lenient_correct",
-        "strict_extracted",
-        "lenient_extracted",
-        "truncated",
-    ]
-    meta = {p.id: p.metadata for p in problems}
-    rows = sampled.read_rows(cols) if sampled else None
-    grows = greedy.read_rows(cols) if greedy else None
-    if rows is None:
-        rows = grows  # greedy-only evaluation: the greedy completions are the samples
-    return evaluate(rows, meta, ks=ks, greedy_rows=grows, label=label)
 
 
 MODES = ("strict", "lenient")
@@ -467,26 +440,29 @@ def to_markdown(report: EvalReport) -> str:
     return "\n".join(out) + "\n"
 
 
-def _atomic_write(path: str | os.PathLike, text: str) -> None:
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_report(report: EvalReport, path_json: str | os.PathLike, path_md: str | os.PathLike | None = None) -> None:
     """Write the report as JSON (and optionally markdown); each file is replaced atomically."""
-    _atomic_write(path_json, json.dumps(report.to_dict(), indent=2) + "\n")
+    atomic_write_bytes(Path(path_json), (json.dumps(report.to_dict(), indent=2) + "\n").encode())
     if path_md is not None:
-        _atomic_write(path_md, to_markdown(report))
+        atomic_write_bytes(Path(path_md), to_markdown(report).encode())
+
+
+def evaluate_stores(
+    sampled: RolloutStore | None,
+    greedy: RolloutStore | None,
+    problems: Sequence[Problem],
+    *,
+    ks=(1, 4, 8, 16),
+    label: str = "",
+):
+    """An `EvalReport` over a sampled store and/or a greedy store."""
+    cols = list(ROW_FIELDS)
+    meta = {p.id: p.metadata for p in problems}
+    rows = sampled.read_rows(cols) if sampled else None
+    grows = greedy.read_rows(cols) if greedy else None
+    if rows is None:
+        rows = grows  # greedy-only evaluation: the greedy completions are the samples
+    return evaluate(rows, meta, ks=ks, greedy_rows=grows, label=label)
 
 
 def greedy_accuracy_fn(problems, template, tokenizer, max_new_tokens: int, batch_size: int):
