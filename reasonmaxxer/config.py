@@ -13,7 +13,6 @@ annotations) and the metadata checks, with errors like
 from __future__ import annotations
 
 import argparse
-import json
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -23,6 +22,7 @@ from .backends.hf import SamplingConfig
 from .backends.vllm import VLLMOptions
 from .errors import ReasonMaxxerError
 from .io import read_toml
+from .schema import check_value_meta, choices_of, show_value
 from .stages.evaluate import EvalConfig
 from .stages.select import SelectionConfig
 from .stages.train import TrainConfig
@@ -104,18 +104,6 @@ class RunConfig:
 _TYPE_NAMES = {int: "an integer", float: "a float", bool: "a boolean (true/false)", str: "a string"}
 
 
-def _show(v) -> str:
-    try:
-        return json.dumps(v)
-    except (TypeError, ValueError):
-        return repr(v)
-
-
-def _choices(meta) -> tuple | None:
-    c = meta.get("choices")
-    return tuple(c()) if callable(c) else c
-
-
 def _check_value(tp, v, where: str):
     """`v` checked against the annotation `tp` (lists become tuples); a one-line error otherwise."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -127,14 +115,14 @@ def _check_value(tp, v, where: str):
             return _check_value(inner[0], v, where)
     elif origin is tuple:
         if not isinstance(v, (list, tuple)):
-            raise ReasonMaxxerError(f"{where}: expected a list, got {_show(v)}")
+            raise ReasonMaxxerError(f"{where}: expected a list, got {show_value(v)}")
         item = args[0] if args else typing.Any
         return tuple(_check_value(item, x, f"{where}[{i}]") for i, x in enumerate(v))
     elif is_dataclass(tp):
         if isinstance(v, tp):
             return v
         if not isinstance(v, dict):
-            raise ReasonMaxxerError(f"{where}: expected a table, got {_show(v)}")
+            raise ReasonMaxxerError(f"{where}: expected a table, got {show_value(v)}")
         return build_config(tp, v, where)
     elif tp is bool:
         if isinstance(v, bool):
@@ -151,24 +139,8 @@ def _check_value(tp, v, where: str):
     else:
         return v  # an annotation this checker does not know: accept as is
     raise ReasonMaxxerError(
-        f"{where}: expected {_TYPE_NAMES.get(tp, getattr(tp, '__name__', str(tp)))}, got {_show(v)}"
+        f"{where}: expected {_TYPE_NAMES.get(tp, getattr(tp, '__name__', str(tp)))}, got {show_value(v)}"
     )
-
-
-def _check_meta(meta, v, where: str) -> None:
-    if v is None:
-        return
-    c = _choices(meta)
-    if c is not None and v not in c:
-        raise ReasonMaxxerError(f"{where}: expected one of {', '.join(map(str, c))}; got {_show(v)}")
-    for key, op, ok in (
-        ("ge", ">=", lambda a, b: a >= b),
-        ("gt", ">", lambda a, b: a > b),
-        ("le", "<=", lambda a, b: a <= b),
-        ("lt", "<", lambda a, b: a < b),
-    ):
-        if key in meta and not ok(v, meta[key]):
-            raise ReasonMaxxerError(f"{where}: must be {op} {meta[key]}, got {_show(v)}")
 
 
 def build_config(cls, d: dict, where: str, base=None):
@@ -187,7 +159,7 @@ def build_config(cls, d: dict, where: str, base=None):
             kw[k] = build_config(hints[k], v, f"{where} [{k}]", base=sub_base)
             continue
         kw[k] = _check_value(hints[k], v, f"{where} {k}")
-        _check_meta(flds[k].metadata, kw[k], f"{where} {k}")
+        check_value_meta(flds[k].metadata, kw[k], f"{where} {k}")
     if base is not None:
         kw = {f.name: kw.get(f.name, getattr(base, f.name)) for f in fields(cls)}
     return cls(**kw)
@@ -278,7 +250,7 @@ def add_config_flags(p: argparse.ArgumentParser, cls=RunConfig, only=None, title
         elif typing.get_origin(st) is tuple:
             g.add_argument(*names, nargs="+", metavar="S", **kw)
         else:
-            c = _choices(f.metadata)
+            c = choices_of(f.metadata)
             meta = None if c else {int: "N", float: "X"}.get(st, "S")
             g.add_argument(*names, type=st if st in (int, float) else str, choices=c, metavar=meta, **kw)
 

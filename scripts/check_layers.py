@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parent.parent / "reasonmaxxer"
 
 # Lower layers first; a module may import from its own layer or any layer before it.
 LAYERS = [
-    ("errors", "io"),
+    ("errors", "io", "schema"),
     ("core",),
     ("verify", "data"),
     ("models", "store", "config_base"),

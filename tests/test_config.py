@@ -8,10 +8,14 @@ from pathlib import Path
 import pytest
 
 import reasonmaxxer
+from reasonmaxxer.backends.hf import SamplingConfig
+from reasonmaxxer.backends.vllm import VLLMOptions
 from reasonmaxxer.cli import build_parser
 from reasonmaxxer.config import RunConfig, build_config, config_overrides, load_run_config
 from reasonmaxxer.core.losses import LOSS_VARIANTS
 from reasonmaxxer.errors import ReasonMaxxerError
+from reasonmaxxer.stages.evaluate import EvalConfig
+from reasonmaxxer.stages.select import SelectionConfig
 from reasonmaxxer.stages.train import TrainConfig
 
 DEMO = Path(reasonmaxxer.__file__).parent / "configs" / "demo.toml"
@@ -183,3 +187,25 @@ def test_baseline_config_is_checked_by_the_same_loader(tmp_path):
     assert load_baseline_config(p).eval.max_new_tokens == 256
     with pytest.raises(ReasonMaxxerError, match="method: expected one of grpo"):
         load_baseline_config(None, method="ppo")
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: SamplingConfig(top_p=1.5), "sampling top_p: must be <= 1, got 1.5"),
+        (lambda: SamplingConfig(n=0), "sampling n: must be >= 1, got 0"),
+        (lambda: TrainConfig(gate="both"), 'train gate: expected one of entropy, random; got "both"'),
+        (lambda: TrainConfig(variant="nope"), "train variant: expected one of reasonmaxxer, "),
+        (lambda: TrainConfig(micro_batch=0), "train micro_batch: must be >= 1, got 0"),
+        (lambda: EvalConfig(n=-1), "eval n: must be >= 0, got -1"),
+        (lambda: VLLMOptions(gpu_memory_utilization=0), "vllm gpu_memory_utilization: must be > 0, got 0"),
+        (
+            lambda: SelectionConfig(order="random"),
+            'SelectionConfig order: expected one of shuffle, clarity, none; got "random"',
+        ),
+    ],
+)
+def test_configs_built_in_code_are_checked_by_the_same_field_metadata(make, message):
+    with pytest.raises(ReasonMaxxerError) as e:
+        make()
+    assert str(e.value).startswith(message)

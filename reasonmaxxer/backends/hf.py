@@ -48,6 +48,7 @@ from ..core.entropy import entropy_and_logprob
 from ..core.padding import pad_left
 from ..errors import ReasonMaxxerError
 from ..models import cache_kwarg
+from ..schema import check_fields
 
 
 @dataclass(frozen=True)
@@ -64,14 +65,7 @@ class SamplingConfig:
     stop: tuple[str, ...] = field(default=(), metadata={"help": "extra stop strings (EOS always stops)"})
 
     def __post_init__(self):
-        if self.n < 1:
-            raise ReasonMaxxerError(f"sampling: n must be >= 1 (got {self.n})")
-        if self.temperature < 0:
-            raise ReasonMaxxerError(f"sampling: temperature must be >= 0 (got {self.temperature})")
-        if not 0 < self.top_p <= 1:
-            raise ReasonMaxxerError(f"sampling: top_p must be in (0, 1] (got {self.top_p})")
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ReasonMaxxerError("sampling: max_new_tokens and batch_size must be >= 1")
+        check_fields(self, "sampling")
 
     @property
     def greedy(self) -> bool:

@@ -53,6 +53,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import ReasonMaxxerError
+from ..schema import check_fields
 from .hf import Completion, Request, SamplingConfig, decode_completion, eos_token_ids, request_seed
 
 INSTALL = "pip install 'reasonmaxxer[vllm]'"
@@ -92,12 +93,7 @@ class VLLMOptions:
     seed: int = field(default=0, metadata={"help": "vllm: engine seed (each request also has its own)"})
 
     def __post_init__(self):
-        if self.tensor_parallel_size < 1 or self.data_parallel_size < 1:
-            raise ReasonMaxxerError("vllm: tensor_parallel_size and data_parallel_size must be >= 1")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ReasonMaxxerError(
-                f"vllm: gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})"
-            )
+        check_fields(self, "vllm")
 
 
 def require_vllm():

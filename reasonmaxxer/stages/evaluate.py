@@ -46,6 +46,7 @@ from ..data.problems import Problem
 from ..data.prompts import render_prompt
 from ..errors import ReasonMaxxerError
 from ..io import atomic_write_bytes
+from ..schema import check_fields
 from ..store import RolloutStore
 
 
@@ -57,6 +58,9 @@ class EvalConfig:
     max_new_tokens: int = field(default=256, metadata={"help": "completion length cap, tokens", "ge": 1})
     batch_size: int = field(default=32, metadata={"help": "rows decoded together", "ge": 1})
     seed: int = field(default=1234, metadata={"help": "sampling seed"})
+
+    def __post_init__(self):
+        check_fields(self, "eval")
 
 
 MODES = ("strict", "lenient")

@@ -46,6 +46,7 @@ from fractions import Fraction
 from typing import Any
 
 from ..errors import ReasonMaxxerError
+from ..schema import check_fields
 
 __all__ = [
     "SelectionConfig",
@@ -111,16 +112,11 @@ class SelectionConfig:
             raise ReasonMaxxerError(
                 f"SelectionConfig.max_problems must be a positive integer or None, got {self.max_problems!r}"
             )
-        if not (isinstance(self.keep_shortest, (int, float)) and 0.0 < float(self.keep_shortest) <= 1.0):
+        if not isinstance(self.keep_shortest, (int, float)):
             raise ReasonMaxxerError(
-                f"SelectionConfig.keep_shortest must be in (0, 1] (official recipe 0.8), got {self.keep_shortest!r}"
+                f"SelectionConfig.keep_shortest must be a number in (0, 1] (official recipe 0.8), got {self.keep_shortest!r}"
             )
-        if self.truncated not in TRUNCATION_POLICIES:
-            raise ReasonMaxxerError(
-                f"SelectionConfig.truncated must be one of {', '.join(TRUNCATION_POLICIES)}, got {self.truncated!r}"
-            )
-        if self.order not in ORDERS:
-            raise ReasonMaxxerError(f"SelectionConfig.order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        check_fields(self, "SelectionConfig")  # bounds and choices from the field metadata
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ from ..core.padding import pad_right
 from ..errors import ReasonMaxxerError
 from ..io import atomic_write_bytes, atomic_write_json, package_versions
 from ..models import cache_kwarg
+from ..schema import check_fields
 from .checkpoint import export_model, latest_checkpoint, load_trainable_state, save_checkpoint
 
 
@@ -118,12 +119,7 @@ class TrainConfig:
     )
 
     def __post_init__(self):
-        if self.gate not in GATES:
-            raise ReasonMaxxerError(f"train: gate must be 'entropy' or 'random' (got {self.gate!r})")
-        if self.micro_batch < 1 or self.grad_accum < 1:
-            raise ReasonMaxxerError("train: micro_batch and grad_accum must be >= 1")
-        if self.tau is None and not 0 < self.tau_fraction < 1:
-            raise ReasonMaxxerError(f"train: tau_fraction must be in (0, 1) (got {self.tau_fraction})")
+        check_fields(self, "train")
 
 
 @dataclass(frozen=True)
