@@ -47,7 +47,7 @@ from ..core.entropy import entropy_logprob_inplace
 from ..core.padding import pad_right
 from ..errors import ReasonMaxxerError
 from ..io import atomic_write_table, config_hash
-from ..store import RolloutStore
+from ..store import RolloutStore, ShardClaims
 from .sample import record_engine
 
 
@@ -161,6 +161,7 @@ def score_stage(
         progress=progress,
         model=model,
         tokenizer=tokenizer,
+        claims=ShardClaims(store),
     )
     record_engine(store, stats, score_seconds=stats.seconds, complete=complete)
     return store
