@@ -53,16 +53,22 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float, float]:
     return m, max(0.0, lo), min(1.0, hi)
 
 
+def wilson_interval(p: float, n: int) -> tuple[float, float]:
+    """Wilson score 95% interval (low, high) for a proportion p in [0, 1] observed over n >= 1
+    trials. p may be fractional (an avg@n accuracy over n problems); see `wilson_ci95` for counts."""
+    z2 = Z95 * Z95
+    denom = 1.0 + z2 / n
+    center = (p + z2 / (2 * n)) / denom
+    half = Z95 * math.sqrt(max(p * (1 - p), 0.0) / n + z2 / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
 def wilson_ci95(successes: int, n: int) -> tuple[float, float]:
     """Wilson score 95% interval (low, high) for a binomial proportion successes/n."""
     successes, n = operator.index(successes), operator.index(n)
     if n < 1 or not 0 <= successes <= n:
         raise ReasonMaxxerError(f"wilson_ci95: need n >= 1 and 0 <= successes <= n, got {successes}/{n}")
-    p, z2 = successes / n, Z95 * Z95
-    denom = 1.0 + z2 / n
-    center = (p + z2 / (2 * n)) / denom
-    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
+    return wilson_interval(successes / n, n)
 
 
 def paired_difference(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, Any]:

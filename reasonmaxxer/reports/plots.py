@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.stats import roc_curve
+from ..core.stats import roc_curve, wilson_interval
 from .format import as_float, fmt_number
 
 Z95 = 1.959963984540054
@@ -27,17 +27,6 @@ class Plot:
     name: str  # file name under plots/
     png: bytes
     alt: str
-
-
-def wilson_interval(p: float, n: int) -> tuple[float, float]:
-    """Wilson score 95% interval for a proportion p over n problems. p may be fractional (avg@n);
-    for p = k/n it is `core.stats.wilson_ci95(k, n)` (same formula, same floats; pinned by a test),
-    which takes integer counts only."""
-    z2 = Z95 * Z95
-    denom = 1.0 + z2 / n
-    centre = (p + z2 / (2 * n)) / denom
-    half = Z95 * math.sqrt(max(p * (1 - p), 0.0) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def series(curves: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:

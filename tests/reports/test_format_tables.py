@@ -5,9 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from reasonmaxxer.core.stats import wilson_ci95
+from reasonmaxxer.core.stats import wilson_ci95, wilson_interval
 from reasonmaxxer.reports.format import fmt_number, fmt_pct, fmt_prob, fmt_value, visible_whitespace
-from reasonmaxxer.reports.plots import wilson_interval
 from reasonmaxxer.reports.render import environment, script_json
 from reasonmaxxer.reports.tables import Link, Raw, Table
 
