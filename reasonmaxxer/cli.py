@@ -85,19 +85,22 @@ def _run_flags(p):
     add_config_flags(p)
 
 
+# the TrainConfig / SelectionConfig fields that `train` and `calibrate` take as flags
+_TRAIN_KEYS = tuple(
+    "tau_fraction variant gate lam lr epochs max_steps micro_batch grad_accum warmup_steps checkpoint_every "
+    "lora_rank lora_alpha seed full_finetune".split()
+)
+_SELECTION_KEYS = ("max_problems", "keep_shortest", "truncated", "order")
+
+
 def _train_flags(p, with_tau: bool):
     from .config import add_config_flags
     from .stages.select import SelectionConfig
     from .stages.train import TrainConfig
 
-    names = (
-        "tau_fraction variant gate lam lr epochs max_steps micro_batch grad_accum warmup_steps checkpoint_every "
-        "lora_rank lora_alpha seed full_finetune"
-    ).split() + (["tau"] if with_tau else [])
+    names = _TRAIN_KEYS + (("tau",) if with_tau else ())
     add_config_flags(p, TrainConfig, only=names, title="training (TrainConfig)")
-    add_config_flags(
-        p, SelectionConfig, only=("max_problems", "keep_shortest", "truncated", "order"), title="selection"
-    )
+    add_config_flags(p, SelectionConfig, only=_SELECTION_KEYS, title="selection")
 
 
 def _add_engine(p):
@@ -396,38 +399,16 @@ def cmd_run(a, config=None):
 def _train_config(a):
     from .stages.train import TrainConfig
 
-    kw = {
-        k: getattr(a, k)
-        for k in (
-            "tau",
-            "tau_fraction",
-            "variant",
-            "gate",
-            "lam",
-            "lr",
-            "epochs",
-            "max_steps",
-            "micro_batch",
-            "grad_accum",
-            "lora_rank",
-            "lora_alpha",
-            "seed",
-            "checkpoint_every",
-            "warmup_steps",
-        )
-        if getattr(a, k, None) is not None
-    }
-    if getattr(a, "full_finetune", False):
-        kw["full_finetune"] = True
-    return TrainConfig(**kw)
+    return TrainConfig(**_given(a, _TRAIN_KEYS + ("tau",)))
 
 
 def _selection(a) -> dict:
-    return {
-        k: getattr(a, k)
-        for k in ("max_problems", "keep_shortest", "truncated", "order")
-        if getattr(a, k, None) is not None
-    }
+    return _given(a, _SELECTION_KEYS)
+
+
+def _given(a, keys) -> dict:
+    """The flags among `keys` that were given (not None)."""
+    return {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
 
 
 def _store_model(a, store):
