@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ReasonMaxxerError
+from .errors import ReasonMaxxerError, first_line
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -185,7 +185,7 @@ def _hf_load(path_or_id: str, dtype, device):
         tok = AutoTokenizer.from_pretrained(path_or_id)
         model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype or torch.float32)
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ReasonMaxxerError(f"{path_or_id}: could not load model ({first})") from e
     return model.to(device).eval(), prepare_tokenizer(tok)
 

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ..core.entropy import token_entropy
 from ..core.stats import auroc
-from ..errors import ReasonMaxxerError
+from ..errors import ReasonMaxxerError, first_line
 from ..models import model_device
 
 CLS_NAMES = ("unshifted", "reranked", "shifted")
@@ -458,7 +458,7 @@ def _load(spec: str, role: str, what: str):
     except ReasonMaxxerError as e:
         raise ReasonMaxxerError(f"{what}: {role} model: {e}") from e
     except Exception as e:  # noqa: BLE001 -- transformers, peft and safetensors raise many types for bad files
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise ReasonMaxxerError(
             f"{what}: could not load the {role} model {spec!r} ({type(e).__name__}: {first})"
         ) from e

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import ReasonMaxxerError
+from ..errors import ReasonMaxxerError, first_line
 from ..store import BUSY, MINE, ShardClaims
 
 ENGINES = ("local", "ray")
@@ -343,7 +343,7 @@ def _map_ray(task, payloads, engine, on_result, stats, bar, on_tokens, claims=No
                 result, n_units, n_tokens = ray.get(ref)
             except (RayActorError, WorkerCrashedError) as e:
                 attempts[i] += 1
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                reason = first_line(e)
                 if attempts[i] > engine.max_retries:
                     raise ReasonMaxxerError(
                         f"ray: shard {i} lost its worker {attempts[i]} times (last: {reason}); "

@@ -52,7 +52,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import ReasonMaxxerError
+from ..errors import ReasonMaxxerError, first_line
 from ..schema import check_fields
 from .hf import Completion, Request, SamplingConfig, decode_completion, eos_token_ids, request_seed
 
@@ -309,9 +309,7 @@ def load_tokenizer(path: str):
     try:
         return prepare_tokenizer(AutoTokenizer.from_pretrained(path))
     except OSError as e:
-        raise ReasonMaxxerError(
-            f"{path}: could not load the tokenizer ({str(e).strip().splitlines()[0] if str(e).strip() else e})"
-        ) from e
+        raise ReasonMaxxerError(f"{path}: could not load the tokenizer ({first_line(e, empty='')})") from e
 
 
 def _generation_config(path: str):

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ReasonMaxxerError
+from ..errors import ReasonMaxxerError, first_line
 from ..verify import last_boxed
 from .problems import (
     DATA_DIR_ENV,
@@ -224,7 +224,7 @@ def _hub_rows(key: str, src: _Benchmark, split: str) -> Iterator[tuple[str, dict
     try:
         ds = datasets.load_dataset(src.hub_path, src.hub_config, split=hub_split)
     except Exception as exc:  # network, auth, renamed dataset: one actionable line
-        first = (str(exc).strip().splitlines() or [""])[0]
+        first = first_line(exc, empty="")
         raise ReasonMaxxerError(
             f"could not load {src.hub_path} ({hub_split}) from the Hugging Face Hub: "
             f"{type(exc).__name__}: {first}; pass --data-dir with local files instead"

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ReasonMaxxerError
+from ..errors import ReasonMaxxerError, first_line
 from ..io import read_jsonl
 
 DATA_DIR_ENV = "REASONMAXXER_DATA_DIR"
@@ -140,7 +140,7 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
     try:
         table = pq.read_table(path)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0]
+        first = first_line(exc, empty="")
         raise ReasonMaxxerError(f"{path}: cannot read Parquet: {type(exc).__name__}: {first}") from None
     if table.num_rows == 0:
         raise ReasonMaxxerError(f"{path}:row 0: empty file (no rows)")
