@@ -402,8 +402,10 @@ def _train_config(a):
     return TrainConfig(**_given(a, _TRAIN_KEYS + ("tau",)))
 
 
-def _selection(a) -> dict:
-    return _given(a, _SELECTION_KEYS)
+def _selection(a):
+    from .stages.select import SelectionConfig
+
+    return SelectionConfig(**_given(a, _SELECTION_KEYS))
 
 
 def _given(a, keys) -> dict:
@@ -428,7 +430,6 @@ def cmd_train(a):
     from .models import load_model
     from .recipes.run import prepare_training_data
     from .stages.evaluate import greedy_accuracy_fn
-    from .stages.select import SelectionConfig
     from .stages.train import examples_from_selection, train
     from .store import RolloutStore
 
@@ -445,7 +446,7 @@ def cmd_train(a):
         sel, rows, info = prepare_training_data(
             store, spec, model, tok, sel_cfg, cfg, out / "scores.parquet", rescore=a.rescore, progress=main
         )
-    examples = examples_from_selection(rows, SelectionConfig(**sel_cfg).truncated)
+    examples = examples_from_selection(rows, sel_cfg.truncated)
     validate = None
     if a.validation:
         tmpl = get_template(a.template or man.get("config", {}).get("template", {}).get("name") or "fewshot")

@@ -12,7 +12,7 @@ from ..stages.evaluate import greedy_accuracy_fn
 from ..stages.select import SelectionConfig
 from ..stages.train import TrainConfig, examples_from_selection
 from ..store import RolloutStore
-from .run import as_selection_config, prepare_training_data
+from .run import prepare_training_data
 
 
 def calibrate(
@@ -24,7 +24,7 @@ def calibrate(
     validation,
     *,
     taus: Sequence[float],
-    selection: SelectionConfig | dict,
+    selection: SelectionConfig,
     train_cfg: TrainConfig,
     out: Path,
     max_steps: int = 8,
@@ -45,7 +45,7 @@ def calibrate(
     sel, srows, _ = prepare_training_data(
         store, model_spec, model, tokenizer, selection, train_cfg, out / "scores.parquet", progress=progress
     )
-    examples = examples_from_selection(srows, as_selection_config(selection).truncated)
+    examples = examples_from_selection(srows, selection.truncated)
     validate = greedy_accuracy_fn(validation, template, tokenizer, max_new_tokens, 32)
     base_acc = validate(model)
     rows = []

@@ -37,17 +37,12 @@ from ..stages.train import TrainConfig, examples_from_selection
 from ..store import RolloutStore
 
 
-def as_selection_config(selection: SelectionConfig | dict) -> SelectionConfig:
-    """A `SelectionConfig` as is, or one built from a dict of its fields (the `train` command's flags)."""
-    return selection if isinstance(selection, SelectionConfig) else SelectionConfig(**selection)
-
-
 def prepare_training_data(
     store: RolloutStore,
     model_spec: str,
     model,
     tokenizer,
-    selection: SelectionConfig | dict,
+    selection: SelectionConfig,
     train_cfg: TrainConfig,
     scores_path: Path,
     *,
@@ -60,9 +55,8 @@ def prepare_training_data(
     from ..stages.train import resolve_tau
 
     rows = [r for r in store.read_rows() if r["sample_index"] >= 0]
-    scfg = as_selection_config(selection)
-    clarity = scfg.order == "clarity"
-    sel = select(rows, replace(scfg, order="none") if clarity else scfg)
+    clarity = selection.order == "clarity"
+    sel = select(rows, replace(selection, order="none") if clarity else selection)
     if progress:
         st = sel.stats
         print(
@@ -82,9 +76,9 @@ def prepare_training_data(
         engine=engine,
     )
     if clarity:
-        tau0, _ = resolve_tau(examples_from_selection(srows, scfg.truncated), train_cfg)
+        tau0, _ = resolve_tau(examples_from_selection(srows, selection.truncated), train_cfg)
         first = sel
-        sel = select(srows, scfg, tau=tau0)
+        sel = select(srows, selection, tau=tau0)
         sel = type(sel)(rows=sel.rows, problems=first.problems, stats=first.stats)  # stats of the real selection
         srows = sel.rows
     return sel, srows, info
