@@ -150,9 +150,7 @@ def test_export_adapter_and_merged_load(tmp_path, tiny_tokenizer):
 _SCRIPT = r"""
 import os, signal, sys, torch
 sys.path.insert(0, {tests!r})
-sys.path.insert(0, {tests!r} + '/stages')
-from conftest import _tiny_tokenizer, make_tiny_model
-from conftest import random_train_examples
+from conftest import _tiny_tokenizer, make_tiny_model, random_train_examples
 import reasonmaxxer.stages.checkpoint as ck
 import reasonmaxxer.stages.train as tr
 from reasonmaxxer.stages.train import TrainConfig, train
