@@ -169,10 +169,25 @@ def test_right_padding_and_bf16(tiny_tokenizer):
         T = ids.shape[1]
         torch.testing.assert_close(ent_r[b, : T - s], ent_l[b, s:], atol=1e-5, rtol=0)
         torch.testing.assert_close(lp_r[b, : T - s], lp_l[b, s:], atol=1e-5, rtol=0)
-    bf = model.to(torch.bfloat16)
-    ent_b, _ = score_sequences(bf, ids, mask)
-    ref_b, _ = _naive(bf, ids, mask)  # naive in bf16 logits -> fp32, same rounding as ours
-    torch.testing.assert_close(ent_b, ref_b, atol=1e-4, rtol=0)
+
+
+def test_bf16_model_scores_from_fp32_logits(tiny_tokenizer):
+    """A bf16 model's head runs in fp32 on its (bf16) hidden states: the scores equal the
+    fp32 head's, not those of the bf16-rounded logits that model(...).logits returns."""
+    bf = make_tiny_model(len(tiny_tokenizer), seed=5).to(torch.bfloat16)
+    ids, mask = _batch(tiny_tokenizer, TEXTS)
+    ent_b, lp_b = score_sequences(bf, ids, mask, chunk_tokens=5)
+    pos = position_ids_from_mask(mask)
+    hidden = bf.model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state  # [B, T, H] bf16
+    logits32 = hidden.float() @ bf.lm_head.weight.float().t()  # [B, T, V] fp32 head
+    logp = logits32.log_softmax(-1)[:, :-1]
+    valid = (mask[:, 1:] * mask[:, :-1]).bool()
+    ref_ent = torch.where(valid, -(logp.exp() * logp).sum(-1), 0.0)
+    ref_lp = torch.where(valid, logp.gather(-1, ids[:, 1:, None]).squeeze(-1), 0.0)
+    torch.testing.assert_close(ent_b[:, 1:], ref_ent, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lp_b[:, 1:], ref_lp, atol=1e-5, rtol=0)
+    rounded, _ = _naive(bf, ids, mask)  # from bf16 logits: what the scorer computed before
+    assert (ent_b - rounded).abs().max() > 1e-4
 
 
 def test_peft_wrapped_model(tiny_tokenizer):
