@@ -422,7 +422,6 @@ def _store_model(a, store):
 
 
 def cmd_train(a):
-    import copy
 
     from .backends.distributed import is_main_process, main_process_first
     from .data.benchmarks import load_problems
@@ -451,9 +450,7 @@ def cmd_train(a):
     if a.validation:
         tmpl = get_template(a.template or man.get("config", {}).get("template", {}).get("name") or "fewshot")
         validate = greedy_accuracy_fn(load_problems(a.validation, data_dir=a.data_dir), tmpl, tok, a.max_new_tokens, 32)
-    res = train(
-        examples, cfg, out, copy.deepcopy(model), tok, base_spec=spec, validate=validate, shuffle=False, progress=main
-    )
+    res = train(examples, cfg, out, model, tok, base_spec=spec, validate=validate, shuffle=False, progress=main)
     if not main:
         return
     print(

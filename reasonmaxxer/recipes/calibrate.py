@@ -37,8 +37,7 @@ def calibrate(
     validation problems; tau=None rows are never produced (the gate must be non-empty).
     Writes out/calibrate.json and out/calibrate.md; returns the dict.
     """
-    import copy
-
+    from ..models import load_model
     from ..stages.train import example_gates, train
 
     out = Path(out)
@@ -61,7 +60,7 @@ def calibrate(
             examples,
             tcfg,
             out / f"tau-{float(tau):g}",
-            copy.deepcopy(model),
+            model if not tcfg.full_finetune else load_model(model_spec)[0],  # LoRA: handed back unchanged
             tokenizer,
             base_spec=model_spec,
             validate=validate,

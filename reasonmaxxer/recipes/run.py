@@ -239,8 +239,6 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
     validate = greedy_accuracy_fn(val_p, tmpl, tok, cfg.eval.max_new_tokens, cfg.eval.batch_size) if val_p else None
 
     with stage("train"):
-        import copy
-
         from ..backends.engines import release_workers
 
         release_workers()  # free the Ray workers' models while this process trains
@@ -249,7 +247,7 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
             examples,
             cfg.train,
             out / "train",
-            copy.deepcopy(model),
+            model,  # LoRA: handed back unchanged (no copy); a full fine-tune trains it in place
             tok,
             base_spec=cfg.model,
             validate=validate,
@@ -257,6 +255,8 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
             progress=progress,  # selection already ordered the rows
             overwrite=overwrite,
         )
+    if cfg.train.full_finetune:  # the base for evaluation and the fork analysis
+        model, tok = load_model(cfg.model)
     tau = res["tau"]
     gates = example_gates(examples, cfg.train, tau)
 

@@ -58,9 +58,43 @@ def save_adapter(model, tokenizer, d: Path, base_spec: str | None, trained_state
     tokenizer.save_pretrained(d)
 
 
-def export_model(model, tokenizer, out: Path, base_spec: str, full: bool, *, trained_state: dict | None = None) -> dict:
+def merged_state_dict(peft_model, dtype=None) -> dict:
+    """The base model's state dict with each LoRA delta merged in: W + (B @ A) * scaling,
+    added in fp32 and rounded once to `dtype` (default: the base weight's dtype). Neither the
+    model nor its weights are copied: only the merged matrices are new tensors (PEFT's own
+    ``merge_and_unload`` changes the model in place, hence a deep copy of the whole model).
+    Keys are the plain model's (no ``base_layer``/``lora_`` names)."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    merged = {}
+    for name, mod in base.named_modules():
+        if not isinstance(mod, LoraLayer):
+            continue
+        if getattr(mod, "lora_variant", None):
+            raise ValueError(f"{name}: DoRA and other LoRA variants are not merged here; use merge_and_unload()")
+        w = mod.get_base_layer().weight.detach()
+        delta = sum(mod.get_delta_weight(a).float() for a in mod.active_adapters if a in mod.lora_A)
+        merged[f"{name}.weight"] = (w.float() + delta).to(dtype or w.dtype)
+    out = {}
+    for key, t in base.state_dict().items():
+        if any(f".{n}." in key for n in LoraLayer.adapter_layer_names):
+            continue
+        key = key.replace(".base_layer.", ".")
+        if key not in merged and dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        out[key] = merged.get(key, t)
+    return out
+
+
+def export_model(
+    model, tokenizer, out: Path, base_spec: str, full: bool, *, trained_state: dict | None = None, dtype=None
+) -> dict:
     """Write adapter/ (PEFT) and merged/ (plain HF checkpoint), each atomically.
 
+    merged/ holds the base + adapter merged in fp32 and rounded once to `dtype` (default: the
+    base weights' dtype; training passes the dtype the model was loaded in, so a full
+    fine-tune's fp32 master weights are saved as the bf16 checkpoint a user deploys).
     trained_state: the trained weights (the adapter state with PEFT names, or the full state dict),
     gathered, for a model that holds FSDP/ZeRO-3 shards. With LoRA, only adapter/ is written then
     (merge later: `models.load_model(adapter dir)` and `merge_and_unload()`).
@@ -76,14 +110,19 @@ def export_model(model, tokenizer, out: Path, base_spec: str, full: bool, *, tra
         write("adapter", lambda d: save_adapter(model, tokenizer, d, base_spec, trained_state))
         if trained_state is not None:
             return {"adapter": paths["adapter"], "merged": None}
-        import copy
-
-        merged = copy.deepcopy(model).merge_and_unload()
+        plain, state = model.get_base_model(), merged_state_dict(model, dtype)
     else:
-        merged = model
+        plain, state = model, trained_state
+        if dtype is not None:
+            state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in (state or model.state_dict()).items()}
 
     def save_merged(d):
-        merged.save_pretrained(d, **({} if trained_state is None else {"state_dict": trained_state}))
+        plain.save_pretrained(d, **({} if state is None else {"state_dict": state}))
+        if dtype is not None:  # config.json names the dtype of the weights actually saved
+            cfgp = Path(d) / "config.json"
+            c = json.loads(cfgp.read_text())
+            c["dtype"] = str(dtype).replace("torch.", "")
+            cfgp.write_text(json.dumps(c, indent=2) + "\n")
         tokenizer.save_pretrained(d)
 
     write("merged", save_merged)

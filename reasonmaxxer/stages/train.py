@@ -36,8 +36,10 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -211,17 +213,42 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 # -- model set-up --------------------------------------------------------------------------
-def attach_adapter(model, cfg: TrainConfig):
-    """LoRA (default) or full fine-tune. Returns (trainable model, base_logits_fn context)."""
+HALF = (torch.bfloat16, torch.float16)
+
+
+class Trainable(NamedTuple):
+    """What `attach_adapter` makes of a model for training."""
+
+    model: object  # the PeftModel (LoRA) or the model itself (full fine-tune), in train mode
+    frozen: object | None  # full fine-tune: a frozen copy of the base, for the anchor; LoRA: None
+    autocast: torch.dtype | None  # full fine-tune of a bf16/fp16 model: forward under autocast to it
+    export_dtype: torch.dtype  # the dtype the model came in: the merged checkpoint is saved in it
+
+
+def attach_adapter(model, cfg: TrainConfig) -> Trainable:
+    """LoRA (default) or full fine-tune, with fp32 weights wherever they are trained.
+
+    LoRA: the adapter's weights are fp32 whatever the base's dtype (PEFT's
+    ``autocast_adapter_dtype``, peft/tuners/tuners_utils.py ``cast_adapter_dtype``, checked
+    here); the base stays in its dtype, frozen. Full fine-tune of a bf16/fp16 model: the
+    model is cast to fp32 (master weights, AdamW state in fp32) and the forward runs under
+    autocast to the original dtype. A bf16 weight under AdamW at lr 1e-5 would otherwise
+    mostly not move: updates below half its 2^-8 relative spacing round away. The frozen
+    copy for the anchor keeps the original dtype. `detach_adapter` undoes the LoRA wrapping.
+    """
     torch.manual_seed(cfg.seed)
+    dtype = next(model.parameters()).dtype
     if cfg.full_finetune:
         import copy
 
         frozen = copy.deepcopy(model).eval()
         for p in frozen.parameters():
             p.requires_grad_(False)
+        autocast = dtype if dtype in HALF else None
+        if autocast is not None:
+            model.float()
         model.train()
-        return model, frozen
+        return Trainable(model, frozen, autocast, dtype)
     from peft import LoraConfig, get_peft_model
 
     names = {n.split(".")[-1] for n, _ in model.named_modules()}
@@ -239,9 +266,22 @@ def attach_adapter(model, cfg: TrainConfig):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    pm = get_peft_model(model, lc)
+    pm = get_peft_model(model, lc, autocast_adapter_dtype=True)
+    for p in pm.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
     pm.train()
-    return pm, None
+    return Trainable(pm, None, None, dtype)
+
+
+def detach_adapter(trainable: Trainable) -> None:
+    """Give the caller its model back: a LoRA model loses its adapter layers (PEFT's ``unload``,
+    no merge: the base weights were never changed) and returns to eval mode. A full
+    fine-tune's model keeps its trained (fp32) weights: the caller passed it to be trained."""
+    if trainable.frozen is None and hasattr(trainable.model, "unload"):
+        trainable.model.unload().eval()
+    else:
+        trainable.model.eval()
 
 
 def _unwrapped(model):
@@ -352,6 +392,124 @@ def micro_batch_loss(model, frozen, ids, att, m, prefix_len: int, dec_denom: flo
 LOSS_HINT = ". Lower --lr or check the data"
 
 
+class RunPlan(NamedTuple):
+    """The examples a run trains on, their gates, order and length (from `plan_run`)."""
+
+    examples: list[TrainExample]
+    gates: list[torch.Tensor]
+    order: list[int]
+    total_steps: int
+    resolved: dict  # train_config.json
+
+
+def plan_run(examples: Sequence[TrainExample], cfg: TrainConfig, shuffle: bool, base_spec: str) -> RunPlan:
+    """tau, the gates, the examples kept (skip_ungated, rft), the order and number of steps."""
+    tau, tau_source = resolve_tau(examples, cfg)
+    gates = example_gates(examples, cfg, tau)
+    all_gate = torch.cat(gates)[None]
+    all_ent = torch.tensor([h for e in examples for h in e.entropies])
+    if cfg.variant != "all_tokens":
+        check_gate_nonempty(all_gate, tau, max_entropy=float(all_ent.max()) if all_ent.numel() else None)
+    gfrac = gated_fraction(all_gate, torch.ones_like(all_gate))
+    n_selected = len(examples)
+    keep = range(len(examples))
+    if cfg.skip_ungated and cfg.variant not in ("all_tokens", "rft"):
+        keep = [i for i in keep if bool(gates[i].any())]
+    if cfg.variant == "rft":  # SFT on the correct rollouts: the others contribute nothing
+        keep = [i for i in keep if examples[i].advantage > 0]
+    examples, gates = [examples[i] for i in keep], [gates[i] for i in keep]
+    order = training_order(len(examples), cfg, shuffle)
+    total_steps = math.ceil(len(order) / (cfg.micro_batch * cfg.grad_accum))
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    resolved = {
+        "config": json.loads(json.dumps(asdict(cfg))),
+        "tau": tau,
+        "tau_source": tau_source,
+        "gated_fraction": gfrac,
+        "n_examples": len(examples),
+        "n_selected": n_selected,
+        "total_steps": total_steps,
+        "base": base_spec,
+        "versions": package_versions(),
+    }
+    return RunPlan(examples, gates, order, total_steps, resolved)
+
+
+def claim_out_dir(out: Path, resolved: dict, dist: Dist, overwrite: bool) -> None:
+    """Write train_config.json, or check it matches the run already in `out` (resumption);
+    --overwrite clears a different run's checkpoints, metrics and exports first."""
+    cfg_path = out / "train_config.json"
+    if cfg_path.is_file():
+        old = json.loads(cfg_path.read_text())
+        keys = ("config", "n_examples", "tau")
+        if any(old.get(k) != resolved[k] for k in keys):
+            if not overwrite:
+                raise ReasonMaxxerError(
+                    f"{out}: holds a training run with a different config; choose another --out or pass --overwrite"
+                )
+            if dist.is_main:
+                for name in ("checkpoints", "adapter", "merged"):
+                    shutil.rmtree(out / name, ignore_errors=True)
+                for name in ("metrics.jsonl", "result.json"):
+                    (out / name).unlink(missing_ok=True)
+                atomic_write_json(cfg_path, resolved)
+    elif dist.is_main:
+        atomic_write_json(cfg_path, resolved)
+    dist.barrier()
+
+
+def resume_state(model, opt, ckdir: Path, full: bool, dist: Dist, say) -> tuple[int, list]:
+    """Remove half-written checkpoints, load the last complete one. Returns (step, history)."""
+    if dist.is_main:
+        for stale in list(ckdir.glob(".step-*")) + list(ckdir.glob(".*.tmp")) + list(ckdir.parent.glob(".*.tmp")):
+            # left by a process killed mid-write (checkpoints are temp + rename, so the real ones are intact)
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    last = latest_checkpoint(ckdir)
+    if last is None:
+        return 0, []
+    st = torch.load(last / "state.pt", weights_only=False)
+    load_trainable_state(model, st["model"], full)
+    if st["optim"] is not None and not dist.sharded:
+        opt.load_state_dict(st["optim"])
+    else:
+        say("[train] the optimizer state is not restored (FSDP/DeepSpeed checkpoints hold weights only)")
+    say(f"[train] resuming from {last.name}")
+    return st["step"], st["extra"].get("history", [])
+
+
+def trim_metrics(metrics_path: Path, start: int) -> None:
+    """Keep metric lines up to the checkpoint we resume from (a torn last line is dropped)."""
+
+    def step_of(line):
+        try:
+            return json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return None
+
+    lines = [l for l in metrics_path.read_text().splitlines() if (step_of(l) or start + 1) <= start]
+    atomic_write_bytes(metrics_path, "".join(l + "\n" for l in lines).encode())
+
+
+def step_inputs(plan: RunPlan, idx: Sequence[int], cfg: TrainConfig, pad: int):
+    """One optimizer step's micro-batches: [(ids, att, completion)], their `LossMasks`, and the
+    step's decision and anchor denominators (every process computes them from the full step)."""
+    batches, masks = [], []
+    for a in range(0, len(idx), cfg.micro_batch):
+        mb = idx[a : a + cfg.micro_batch]
+        ids, att, comp, ent, adv, correct = batch_tensors([plan.examples[i] for i in mb], pad)
+        gate = torch.zeros_like(comp)
+        for j, i in enumerate(mb):
+            gate[j, comp[j]] = plan.gates[i]
+        batches.append((ids, att, comp))
+        masks.append(
+            loss_masks(cfg.variant, gate=gate, completion_mask=comp, attention_mask=att, advantages=adv, lam=cfg.lam)
+        )
+    dec_denom = max(1, sum(int(m.decision.sum()) for m in masks))
+    anc_denom = max(1, sum(int(m.anchor.sum()) for m in masks))
+    return batches, masks, dec_denom, anc_denom
+
+
 def train(
     examples: Sequence[TrainExample],
     cfg: TrainConfig,
@@ -372,13 +530,15 @@ def train(
     the one with the best validation accuracy (ties: the later one). Without `validate`, the
     last checkpoint is selected.
 
+    The model: with LoRA it is handed back unchanged when this returns (or fails): the
+    adapter is removed, no copy is made. A full fine-tune trains its weights in place (in
+    fp32, see `attach_adapter`): pass a model you do not need as the base afterwards.
+
     Under `accelerate launch` with N processes (see `distributed`), every process calls this with
     the same arguments; the step's micro-batches are split over the processes, and only the main
     process writes train_config.json, metrics, checkpoints and exports (and runs `validate`).
     `out_dir` must be on a filesystem every process sees (for resumption and result.json).
     """
-    from tqdm.auto import tqdm
-
     dist = Dist.from_env()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -389,108 +549,43 @@ def train(
             "train: validation during training is not supported under FSDP/DeepSpeed; train "
             "without --validation and evaluate the checkpoints afterwards"
         )
-    tau, tau_source = resolve_tau(examples, cfg)
-    gates = example_gates(examples, cfg, tau)
-    all_gate = torch.cat(gates)[None]
-    all_ent = torch.tensor([h for e in examples for h in e.entropies])
-    if cfg.variant != "all_tokens":
-        check_gate_nonempty(all_gate, tau, max_entropy=float(all_ent.max()) if all_ent.numel() else None)
-    gfrac = gated_fraction(all_gate, torch.ones_like(all_gate))
-    n_selected = len(examples)
-    if cfg.skip_ungated and cfg.variant not in ("all_tokens", "rft"):
-        keep = [i for i, g in enumerate(gates) if bool(g.any())]
-        examples, gates = [examples[i] for i in keep], [gates[i] for i in keep]
-    if cfg.variant == "rft":  # SFT on the correct rollouts: the others contribute nothing
-        keep = [i for i, e in enumerate(examples) if e.advantage > 0]
-        examples, gates = [examples[i] for i in keep], [gates[i] for i in keep]
-
-    order = training_order(len(examples), cfg, shuffle)
-    per_step = cfg.micro_batch * cfg.grad_accum
-    total_steps = math.ceil(len(order) / per_step)
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    resolved = {
-        "config": json.loads(json.dumps(asdict(cfg))),
-        "tau": tau,
-        "tau_source": tau_source,
-        "gated_fraction": gfrac,
-        "n_examples": len(examples),
-        "n_selected": n_selected,
-        "total_steps": total_steps,
-        "base": base_spec,
-        "versions": package_versions(),
-    }
-    cfg_path = out / "train_config.json"
-    if cfg_path.is_file():
-        old = json.loads(cfg_path.read_text())
-        if old.get("config") != resolved["config"] or old.get("n_examples") != len(examples) or old.get("tau") != tau:
-            if not overwrite:
-                raise ReasonMaxxerError(
-                    f"{out}: holds a training run with a different config; choose another --out or pass --overwrite"
-                )
-            if dist.is_main:
-                for name in ("checkpoints", "adapter", "merged"):
-                    shutil.rmtree(out / name, ignore_errors=True)
-                for name in ("metrics.jsonl", "result.json"):
-                    (out / name).unlink(missing_ok=True)
-                atomic_write_json(cfg_path, resolved)
-    elif dist.is_main:
-        atomic_write_json(cfg_path, resolved)
-    dist.barrier()
+    plan = plan_run(examples, cfg, shuffle, base_spec)
+    claim_out_dir(out, plan.resolved, dist, overwrite)
     if (out / "result.json").is_file():
         return json.loads((out / "result.json").read_text())
+    trainable = attach_adapter(model, cfg)
+    try:
+        return run_steps(plan, cfg, out, trainable, tokenizer, dist, validate, progress, export, base_spec)
+    finally:
+        detach_adapter(trainable)
 
-    model, frozen = attach_adapter(model, cfg)
+
+def run_steps(plan, cfg, out, trainable: Trainable, tokenizer, dist: Dist, validate, progress, export, base_spec):
+    """The optimizer steps of `train` (from the last checkpoint), then selection and export."""
+    from tqdm.auto import tqdm
+
+    def say(msg):
+        if progress and dist.is_main:
+            print(msg, flush=True)
+
+    model, frozen = trainable.model, trainable.frozen
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
     ckdir = out / "checkpoints"
-    if dist.is_main:
-        for stale in list(ckdir.glob(".step-*")) + list(ckdir.glob(".*.tmp")) + list(out.glob(".*.tmp")):
-            # left by a process killed mid-write (checkpoints are temp + rename, so the real ones are intact)
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-    start, history = 0, []
-    last = latest_checkpoint(ckdir)
-    if last is not None:
-        st = torch.load(last / "state.pt", weights_only=False)
-        load_trainable_state(model, st["model"], cfg.full_finetune)
-        if st["optim"] is not None and not dist.sharded:
-            opt.load_state_dict(st["optim"])
-        elif progress and dist.is_main:
-            print(
-                "[train] the optimizer state is not restored (FSDP/DeepSpeed checkpoints hold weights only)", flush=True
-            )
-        start, history = st["step"], st["extra"].get("history", [])
-        if progress and dist.is_main:
-            print(f"[train] resuming from {last.name}", flush=True)
+    start, history = resume_state(model, opt, ckdir, cfg.full_finetune, dist, say)
     model, opt = dist.prepare(model, opt, cfg.micro_batch)
     if dist.acc is not None:
         params = [p for p in model.parameters() if p.requires_grad]
         if frozen is not None:
             frozen.to(dist.device)
     metrics_path = out / "metrics.jsonl"
-    if (
-        metrics_path.is_file() and dist.is_main
-    ):  # keep metric lines up to the checkpoint we resume from (a torn last line is dropped)
-
-        def _step(line):
-            try:
-                return json.loads(line)["step"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                return None
-
-        lines = [l for l in metrics_path.read_text().splitlines() if (_step(l) or start + 1) <= start]
-        atomic_write_bytes(metrics_path, "".join(l + "\n" for l in lines).encode())
-
+    if metrics_path.is_file() and dist.is_main:
+        trim_metrics(metrics_path, start)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     dev = dist.device if dist.acc is not None else next(model.parameters()).device
-    bar = tqdm(
-        total=total_steps,
-        initial=start,
-        desc="train",
-        unit="step",
-        disable=not (progress and dist.is_main),
-        dynamic_ncols=True,
-    )
+    total_steps, per_step = plan.total_steps, cfg.micro_batch * cfg.grad_accum
+    show = progress and dist.is_main
+    bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not show, dynamic_ncols=True)
 
     def fail(what: str, detail: str = "", hint: str = ""):
         bar.close()
@@ -502,24 +597,8 @@ def train(
     t_run = time.time()
     for step in range(start, total_steps):
         t0 = time.time()
-        idx = order[step * per_step : (step + 1) * per_step]
-        micro = [idx[i : i + cfg.micro_batch] for i in range(0, len(idx), cfg.micro_batch)]
-        batches, masks = [], []
-        for mb in micro:
-            exs = [examples[i] for i in mb]
-            ids, att, comp, ent, adv, correct = batch_tensors(exs, pad)
-            gate = torch.zeros_like(comp)
-            for j, i in enumerate(mb):
-                gate[j, comp[j]] = gates[i]
-            batches.append((ids, att, comp))
-            masks.append(
-                loss_masks(
-                    cfg.variant, gate=gate, completion_mask=comp, attention_mask=att, advantages=adv, lam=cfg.lam
-                )
-            )
-        # denominators of the whole step (every process computes them from the step's full example list)
-        dec_denom = max(1, sum(int(m.decision.sum()) for m in masks))
-        anc_denom = max(1, sum(int(m.anchor.sum()) for m in masks))
+        idx = plan.order[step * per_step : (step + 1) * per_step]
+        batches, masks, dec_denom, anc_denom = step_inputs(plan, idx, cfg, pad)
         lr = lr_at(step, total_steps, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -532,8 +611,10 @@ def train(
             m = masks[k]
             m = type(m)(m.advantages.to(dev), m.decision.to(dev), m.anchor.to(dev), m.lam)
             P = shared_prefix_len(ids, att, comps) if cfg.share_prefix and not dist.sharded else 0
+            amp = torch.autocast(dev.type, dtype=trainable.autocast) if trainable.autocast else nullcontext()
             with dist.micro_pass(model, last=j == len(passes) - 1):
-                loss, stats = micro_batch_loss(model, frozen, ids, att, m, P, dec_denom, anc_denom)
+                with amp:
+                    loss, stats = micro_batch_loss(model, frozen, ids, att, m, P, dec_denom, anc_denom)
                 if weight and not torch.isfinite(loss):
                     if dist.acc is None:
                         fail("loss", f" (decision {stats['decision']}, anchor {stats['anchor']})", LOSS_HINT)
@@ -554,7 +635,7 @@ def train(
             fail("gradient norm")
         opt.step()
         dt = time.time() - t0
-        comp_tokens = sum(len(examples[i].completion_ids) for i in idx)
+        comp_tokens = sum(len(plan.examples[i].completion_ids) for i in idx)
         rec = {
             "step": step + 1,
             **{k: round(v, 6) if isinstance(v, float) else v for k, v in agg.items()},
@@ -587,36 +668,50 @@ def train(
                     ckdir, step + 1, state, None if dist.sharded else opt.state_dict(), {"history": history}
                 )
     bar.close()
-
+    t_run = round(time.time() - t_run, 1)
+    result = None
     if dist.is_main:
-        # select the checkpoint: best validation accuracy (ties -> later), else the last
-        scored = [h for h in history if h.get("val_accuracy") is not None]
-        chosen = max(scored, key=lambda h: (h["val_accuracy"], h["step"])) if scored else history[-1]
-        st = torch.load(ckdir / f"step-{chosen['step']:06d}" / "state.pt", weights_only=False)
-        inner = dist.unwrap(model)
-        if not dist.sharded:
-            load_trainable_state(inner, st["model"], cfg.full_finetune)
-        result = {
-            "selected_step": chosen["step"],
-            "selected_val_accuracy": chosen.get("val_accuracy"),
-            "history": history,
-            "tau": tau,
-            "tau_source": tau_source,
-            "gated_fraction": gfrac,
-            "train_seconds": round(time.time() - t_run, 1),
-            "total_steps": total_steps,
-        }
-        if export:
-            result.update(
-                export_model(
-                    inner,
-                    tokenizer,
-                    out,
-                    base_spec,
-                    cfg.full_finetune,
-                    trained_state=st["model"] if dist.sharded else None,
-                )
-            )
+        result = select_and_export(
+            dist.unwrap(model), tokenizer, out, history, cfg, dist, export, base_spec, trainable, t_run
+        )
         atomic_write_json(out / "result.json", result)
     dist.barrier()
     return result if dist.is_main else json.loads((out / "result.json").read_text())
+
+
+def select_and_export(
+    inner, tokenizer, out: Path, history, cfg, dist, export, base_spec, trainable, train_seconds
+) -> dict:
+    """Load the selected checkpoint (best validation accuracy, ties -> later; else the last)
+    into the model and write adapter/ and merged/ (`export_model`). Returns result.json's dict."""
+    resolved = json.loads((out / "train_config.json").read_text())
+    scored = [h for h in history if h.get("val_accuracy") is not None]
+    chosen = max(scored, key=lambda h: (h["val_accuracy"], h["step"])) if scored else history[-1]
+    st = torch.load(out / "checkpoints" / f"step-{chosen['step']:06d}" / "state.pt", weights_only=False)
+    if not dist.sharded:
+        load_trainable_state(inner, st["model"], cfg.full_finetune)
+    result = {
+        "selected_step": chosen["step"],
+        "selected_val_accuracy": chosen.get("val_accuracy"),
+        "history": history,
+        "tau": resolved["tau"],
+        "tau_source": resolved["tau_source"],
+        "gated_fraction": resolved["gated_fraction"],
+        "train_seconds": train_seconds,
+        "total_steps": resolved["total_steps"],
+        "export_dtype": str(trainable.export_dtype).replace("torch.", ""),
+    }
+    if export:
+        trained_state = st["model"] if dist.sharded else None
+        result.update(
+            export_model(
+                inner,
+                tokenizer,
+                out,
+                base_spec,
+                cfg.full_finetune,
+                trained_state=trained_state,
+                dtype=trainable.export_dtype,
+            )
+        )
+    return result

@@ -25,10 +25,9 @@ from reasonmaxxer.stages.train import (
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _lora_state(model):
-    from peft import get_peft_model_state_dict
-
-    return {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+def _ck_state(run_dir, step=1):
+    """The trained weights saved at a checkpoint (the adapter state, or the full state dict)."""
+    return torch.load(Path(run_dir) / "checkpoints" / f"step-{step:06d}" / "state.pt", weights_only=False)["model"]
 
 
 def _train_once(tmp, tok, cfg, exs, **kw):
@@ -54,7 +53,7 @@ def test_loss_does_not_depend_on_micro_batch_split(tmp_path, tiny_tokenizer):
         )
         model = make_tiny_model(len(tiny_tokenizer), seed=1)
         train(exs, cfg, tmp_path / f"r{mb}", model, tiny_tokenizer, shuffle=False, progress=False, export=False)
-        states.append(_lora_state(model))
+        states.append(_ck_state(tmp_path / f"r{mb}"))
         line = json.loads((tmp_path / f"r{mb}" / "metrics.jsonl").read_text().splitlines()[0])
         states[-1]["_loss"] = torch.tensor(line["loss"])
     for other in states[1:]:
@@ -145,6 +144,92 @@ def test_export_adapter_and_merged_load(tmp_path, tiny_tokenizer):
         progress=False,
     )
     assert again["selected_step"] == res["selected_step"]
+
+
+def test_lora_training_hands_the_model_back_unchanged(tmp_path, tiny_tokenizer):
+    """No copy of the model for training: the adapter is removed afterwards (also on failure),
+    and the base weights and outputs are those of an untrained model."""
+    model = make_tiny_model(len(tiny_tokenizer), seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(tau=1.0, micro_batch=2, grad_accum=1, lora_rank=4, lr=1e-2, checkpoint_every=2, max_steps=2)
+    train(random_train_examples(8), cfg, tmp_path / "ok", model, tiny_tokenizer, shuffle=False, progress=False)
+    assert not hasattr(model, "peft_config") and not model.training
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    bad = list(random_train_examples(8))
+    bad[1] = TrainExample(bad[1].prompt_ids, bad[1].completion_ids, bad[1].entropies, float("nan"), True)
+    with pytest.raises(ReasonMaxxerError, match="non-finite loss"):
+        train(bad, cfg, tmp_path / "bad", model, tiny_tokenizer, shuffle=False, progress=False)
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+
+
+def test_lora_adapter_of_a_bf16_model_trains_in_fp32(tmp_path, tiny_tokenizer):
+    model = make_tiny_model(len(tiny_tokenizer), seed=1).to(torch.bfloat16)
+    cfg = TrainConfig(tau=1.0, micro_batch=2, grad_accum=1, lora_rank=4, lr=1e-2, checkpoint_every=2, max_steps=2)
+    res = train(random_train_examples(8), cfg, tmp_path, model, tiny_tokenizer, shuffle=False, progress=False)
+    st = _ck_state(tmp_path, 2)
+    assert st and all(v.dtype == torch.float32 for v in st.values())
+    assert res["export_dtype"] == "bfloat16"
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())  # the base is untouched
+
+
+def _full_ft_update(tmp, tok, dtype):
+    """(fp32 master weights after 5 full fine-tune steps at lr 1e-5, the initial fp32 weights)."""
+    model = make_tiny_model(len(tok), seed=1)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    model = model.to(dtype)
+    cfg = TrainConfig(
+        tau=1.0,
+        full_finetune=True,
+        micro_batch=2,
+        grad_accum=1,
+        lr=1e-5,
+        warmup_steps=0,
+        checkpoint_every=5,
+        max_steps=5,
+    )
+    res = train(random_train_examples(10), cfg, tmp, model, tok, shuffle=False, progress=False)
+    return _ck_state(tmp, 5), init, res
+
+
+def test_full_finetune_of_a_bf16_model_keeps_fp32_master_weights(tmp_path, tiny_tokenizer):
+    """At lr 1e-5, a bf16 weight updated in bf16 mostly does not move (the update is below its
+    rounding); with fp32 master weights it moves as in an fp32 run."""
+    w32, init, _ = _full_ft_update(tmp_path / "fp32", tiny_tokenizer, torch.float32)
+    wbf, _, res = _full_ft_update(tmp_path / "bf16", tiny_tokenizer, torch.bfloat16)
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert wbf[key].dtype == torch.float32
+    d32, dbf = w32[key] - init[key], wbf[key] - init[key].to(torch.bfloat16).float()
+    assert (dbf != 0).float().mean() > 0.95  # nearly every weight moved ...
+    cos = torch.nn.functional.cosine_similarity(d32.flatten(), dbf.flatten(), dim=0)
+    assert cos > 0.9, cos  # ... in the direction the fp32 run moved it
+    # the export is the deployable bf16 checkpoint, recorded as such
+    assert res["export_dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "bf16" / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_merged_state_dict_equals_peft_merge_without_copying(tiny_tokenizer):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from reasonmaxxer.stages.checkpoint import merged_state_dict
+
+    pm = get_peft_model(
+        make_tiny_model(len(tiny_tokenizer), seed=2),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    ref = copy.deepcopy(pm).merge_and_unload().state_dict()
+    sd = merged_state_dict(pm)
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
+    # in bf16: added in fp32, rounded once
+    bf = merged_state_dict(pm, torch.bfloat16)
+    k = "model.layers.0.self_attn.q_proj.weight"
+    assert bf[k].dtype == torch.bfloat16 and torch.equal(bf[k], ref[k].to(torch.bfloat16))
 
 
 _SCRIPT = r"""
