@@ -633,3 +633,13 @@ def test_vllm_and_transformers_versions_are_checked(fake_vllm, ckpt, monkeypatch
     monkeypatch.setattr(transformers, "__version__", "5.2.0")
     with pytest.raises(ReasonMaxxerError, match="transformers 5.2.0 is installed"):
         VLLMSampler(str(ckpt))
+
+
+def test_close_keeps_a_process_group_the_caller_created(fake_vllm, ckpt, tiny_tokenizer, monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # e.g. an accelerate launch, before the engine
+    s = VLLMSampler(str(ckpt))
+    s.generate(_requests(tiny_tokenizer, 1), SamplingConfig(n=1, max_new_tokens=3))
+    s.close()
+    assert fake_vllm.teardown == ["destroy_model_parallel"]  # not destroy_distributed_environment
