@@ -148,7 +148,7 @@ def _add_backend(p):
         "--gpu-memory-utilization",
         type=float,
         default=None,
-        help="vllm: fraction of each GPU's memory the engine may take (default 0.9)",
+        help="vllm: fraction of each GPU's memory the engine may take (default: what is free, less 5%%, at most 0.9)",
     )
 
 

@@ -31,10 +31,16 @@ them. This does not use vLLM's own ``data_parallel_size`` engine argument, whose
 needs one launcher process per rank with ``VLLM_DP_*`` environment variables and whose
 behaviour has changed between releases.
 
+Memory (`vllm_runtime`): an unset ``gpu_memory_utilization`` is sized from what is free when
+the engine starts (the HF model of `reasonmaxxer run` may already hold part of the GPU);
+`suspend` / `resume` put the engine to sleep (vLLM sleep mode) or close it while the HF model
+scores and trains (``between_stages``); `close` frees the engine's GPU memory.
+
 vLLM is imported lazily; without it every entry point raises one `ReasonMaxxerError`
-naming the install command. It is not installable on the CPU machines this project is
+naming the install command, and a vllm older than 0.19.1 (transformers < 5) is refused the same way. It is not installable on the CPU machines this project is
 developed on: this module is tested against a fake ``vllm`` module (what is passed in, how
-what comes back is converted), never against vLLM itself. Written against vLLM >= 0.8
+what comes back is converted), never against vLLM itself. Written against vLLM >= 0.8 (the
+API), installed as >= 0.19.1 (transformers 5)
 (``LLM``, ``SamplingParams(seed=, logprobs=, stop_token_ids=)``, ``vllm.inputs.TokensPrompt``,
 ``vllm.lora.request.LoRARequest(name, int_id, path)``, ``RequestOutput.outputs[0]`` with
 ``token_ids``, ``logprobs`` (a list of {token_id: Logprob}), ``finish_reason``, ``stop_reason``).
@@ -45,21 +51,28 @@ from __future__ import annotations
 import atexit
 import copy
 import gc
-import json
 import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from ..errors import ReasonMaxxerError, first_line
+from ..errors import ReasonMaxxerError
 from ..schema import check_fields
 from .hf import Completion, Request, SamplingConfig, decode_completion, eos_token_ids, request_seed
+from .vllm_runtime import (
+    BETWEEN_STAGES,
+    auto_memory_utilization,
+    blocks,
+    check_versions,
+    free_engine_memory,
+    generation_config,
+    gpu_groups,
+    load_tokenizer,
+    lora_rank_bucket,
+    served_model,
+)
 
 INSTALL = "pip install 'reasonmaxxer[vllm]'"
-
-
-LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # max_lora_rank values vLLM accepts
 
 
 @dataclass(frozen=True)
@@ -71,10 +84,11 @@ class VLLMOptions:
         default=1,
         metadata={"help": "vllm: independent engines, one process each, on tensor_parallel_size GPUs", "ge": 1},
     )
-    gpu_memory_utilization: float = field(
-        default=0.9,
+    gpu_memory_utilization: float | None = field(
+        default=None,
         metadata={
-            "help": "vllm: fraction of each GPU's memory the engine may take (weights + KV cache)",
+            "help": "vllm: fraction of each GPU's memory the engine may take (weights + KV cache); "
+            "default: what is free when it starts, less 5%, at most 0.9",
             "gt": 0,
             "le": 1,
         },
@@ -91,6 +105,15 @@ class VLLMOptions:
         default=None, metadata={"help": "vllm: max LoRA rank (default: the adapter's, or 64 with enable_lora)"}
     )
     seed: int = field(default=0, metadata={"help": "vllm: engine seed (each request also has its own)"})
+    between_stages: str = field(
+        default="auto",
+        metadata={
+            "help": "vllm (run): the engine while the HF model scores and trains: sleep (vLLM sleep mode), "
+            "close (restart for eval), keep, or auto (keep unless it shares the HF model's GPU; then sleep, "
+            "or close when CPU memory cannot hold the weights)",
+            "choices": BETWEEN_STAGES,
+        },
+    )
 
     def __post_init__(self):
         check_fields(self, "vllm")
@@ -105,36 +128,6 @@ def require_vllm():
             f"the vLLM backend needs the vllm package ({e}): run `{INSTALL}` on a CUDA machine"
         ) from None
     return vllm
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """What vLLM loads for a model spec: a base checkpoint (dir or Hub id) and an optional LoRA adapter dir."""
-
-    base: str
-    adapter: str | None = None
-    lora_rank: int | None = None
-
-
-def served_model(spec: str) -> ServedModel:
-    from ..models import base_dir_for, resolve_spec
-
-    r = resolve_spec(spec)
-    if r.kind != "adapter":
-        return ServedModel(base_dir_for(spec))
-    cfg = json.loads((Path(r.path) / "adapter_config.json").read_text())
-    base = cfg.get("base_model_name_or_path")
-    if not base:
-        raise ReasonMaxxerError(f"{r.path}/adapter_config.json: no base_model_name_or_path to serve the adapter on")
-    return ServedModel(base_dir_for(base), r.path, int(cfg.get("r") or 8))
-
-
-def lora_rank_bucket(rank: int) -> int:
-    """The smallest max_lora_rank vLLM accepts that holds `rank`."""
-    for b in LORA_RANKS:
-        if rank <= b:
-            return b
-    raise ReasonMaxxerError(f"vllm: LoRA rank {rank} is above vLLM's maximum {LORA_RANKS[-1]}")
 
 
 def sampling_params_kwargs(req: Request, cfg: SamplingConfig, eos: Sequence[int]) -> dict:
@@ -200,11 +193,27 @@ def _generate(llm, prompts: Sequence[Sequence[int]], params: Sequence[dict], lor
 
 
 class _LocalEngine:
-    """One vLLM engine in this process."""
+    """One vLLM engine in this process.
+
+    ``gpu_memory_utilization`` None is sized here, from what is free on this process's GPUs
+    (`auto_memory_utilization`); a replica process sizes its own. Sleep and wake are vLLM's
+    ``LLM.sleep(level=)`` / ``LLM.wake_up()`` (vllm/entrypoints/llm.py: level 1 offloads the
+    weights to CPU memory and discards the KV cache; the engine must have been started with
+    ``enable_sleep_mode=True``, a ModelConfig field, CUDA only).
+    """
 
     def __init__(self, llm_kwargs: dict):
-        self.llm = require_vllm().LLM(**llm_kwargs)
+        import torch.distributed as dist
+
+        kw = dict(llm_kwargs)
+        if kw.get("gpu_memory_utilization") is None:
+            kw["gpu_memory_utilization"] = auto_memory_utilization(kw.get("tensor_parallel_size", 1))
+        self.owns_process_group = not (dist.is_available() and dist.is_initialized())
+        self.llm = require_vllm().LLM(**kw)
         self._out = None
+
+    def wait_ready(self) -> None:
+        """Started in __init__ already (a replica process reports here)."""
 
     def submit(self, prompts, params, lora):
         self._out = _generate(self.llm, prompts, params, lora)
@@ -213,26 +222,53 @@ class _LocalEngine:
         out, self._out = self._out, None
         return out
 
+    def sleep(self, level: int) -> None:
+        self.llm.sleep(level=level)
+
+    def wake_up(self) -> None:
+        import torch
+
+        gc.collect()  # what training left in PyTorch's cache goes back to the driver before vLLM reallocates
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.llm.wake_up()
+
     def close(self):
-        self.llm = None
-        gc.collect()
+        if self.llm is None:
+            return
+        llm, self.llm = self.llm, None
+        del llm
+        free_engine_memory(self.owns_process_group)
 
 
 def _replica_main(conn, env: dict, llm_kwargs: dict) -> None:
-    """A data-parallel replica process: its own GPUs, its own engine, requests over a pipe."""
+    """A data-parallel replica process: its own GPUs, its own engine, commands over a pipe.
+
+    Commands: ("generate", prompts, params, lora) -> ("ok", plain outputs); ("sleep", level) and
+    ("wake_up",) -> ("ok", None); None -> close the engine and exit.
+    """
     os.environ.update(env)
     try:
         eng = _LocalEngine(llm_kwargs)
         conn.send(("ready", None))
         while (msg := conn.recv()) is not None:
-            eng.submit(*msg)
-            conn.send(("ok", eng.result()))
+            if msg[0] == "generate":
+                eng.submit(*msg[1:])
+                conn.send(("ok", eng.result()))
+            else:
+                getattr(eng, msg[0])(*msg[1:])
+                conn.send(("ok", None))
+        eng.close()
     except BaseException as e:  # reported to the parent, which raises it as a ReasonMaxxerError
         conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
 class _ProcessEngine:
-    """One vLLM engine in a child process pinned to `gpus` (spawned: CUDA must not be initialised here)."""
+    """One vLLM engine in a child process pinned to `gpus` (spawned: CUDA must not be initialised here).
+
+    The process starts loading in __init__; `wait_ready` waits for its engine, so that several
+    replicas load at the same time.
+    """
 
     def __init__(self, llm_kwargs: dict, gpus: Sequence[str]):
         import multiprocessing as mp
@@ -243,6 +279,8 @@ class _ProcessEngine:
         self.proc = ctx.Process(target=_replica_main, args=(child, {"CUDA_VISIBLE_DEVICES": self.gpus}, llm_kwargs))
         self.proc.start()  # not a daemon: vLLM starts its own worker processes for tensor parallelism
         atexit.register(self.close)  # runs before multiprocessing joins its non-daemon children at exit
+
+    def wait_ready(self) -> None:
         self._recv()
 
     def _recv(self):
@@ -257,10 +295,18 @@ class _ProcessEngine:
         return payload
 
     def submit(self, prompts, params, lora):
-        self.conn.send((list(prompts), list(params), lora))
+        self.conn.send(("generate", list(prompts), list(params), lora))
 
     def result(self) -> list[dict]:
         return self._recv()
+
+    def sleep(self, level: int) -> None:
+        self.conn.send(("sleep", level))
+        self._recv()
+
+    def wake_up(self) -> None:
+        self.conn.send(("wake_up",))
+        self._recv()
 
     def close(self):
         if self.proc.is_alive():
@@ -273,66 +319,18 @@ class _ProcessEngine:
                 self.proc.terminate()
 
 
-def _gpu_groups(dp: int, tp: int) -> list[list[str]]:
-    """Disjoint groups of `tp` visible GPU ids, one per data-parallel replica."""
-    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if vis:
-        ids = [g.strip() for g in vis.split(",") if g.strip()]
-    else:
-        import torch
-
-        ids = [str(i) for i in range(torch.cuda.device_count())]
-    if len(ids) < dp * tp:
-        raise ReasonMaxxerError(
-            f"vllm: data_parallel_size {dp} x tensor_parallel_size {tp} needs {dp * tp} GPUs; {len(ids)} visible"
-        )
-    return [ids[r * tp : (r + 1) * tp] for r in range(dp)]
-
-
-def _blocks(n: int, k: int) -> list[tuple[int, int]]:
-    """Split range(n) into k contiguous blocks of near-equal size: [(start, end), ...]."""
-    q, r = divmod(n, k)
-    out, a = [], 0
-    for i in range(k):
-        b = a + q + (i < r)
-        out.append((a, b))
-        a = b
-    return out
-
-
-def load_tokenizer(path: str):
-    """The HF tokenizer of a checkpoint (left padding, a pad token), without loading the weights."""
-    from transformers import AutoTokenizer
-
-    from ..models import prepare_tokenizer
-
-    try:
-        return prepare_tokenizer(AutoTokenizer.from_pretrained(path))
-    except OSError as e:
-        raise ReasonMaxxerError(f"{path}: could not load the tokenizer ({first_line(e, empty='')})") from e
-
-
-def _generation_config(path: str):
-    try:
-        from transformers import GenerationConfig
-
-        return GenerationConfig.from_pretrained(path)
-    except (OSError, ValueError):
-        return None
-
-
 class VLLMSampler:
     """The vLLM backend of `Sampler` (see the module docstring). Engines start on first use."""
 
     name = "vllm"
 
     def __init__(self, model_spec: str, options: VLLMOptions | None = None, *, tokenizer=None):
-        require_vllm()
+        check_versions(require_vllm())
         self.spec = model_spec
         self.options = options or VLLMOptions()
         self.served = served_model(model_spec)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.served.base)
-        self.eos = eos_token_ids(_generation_config(self.served.base), self.tokenizer)
+        self.eos = eos_token_ids(generation_config(self.served.base), self.tokenizer)
         o = self.options
         kw = {
             "model": self.served.base,
@@ -345,11 +343,14 @@ class VLLMSampler:
         }
         if o.max_model_len:
             kw["max_model_len"] = o.max_model_len
+        if o.between_stages == "sleep":
+            kw["enable_sleep_mode"] = True
         if o.enable_lora or self.served.adapter:
             rank = o.max_lora_rank or self.served.lora_rank or 64
             kw.update(enable_lora=True, max_lora_rank=lora_rank_bucket(rank), max_loras=1)
         self.llm_kwargs = kw
-        self._shared = {"engines": None, "lora_ids": {}}  # shared with the samplers `for_model` returns
+        # shared with the samplers `for_model` returns
+        self._shared = {"engines": None, "lora_ids": {}, "asleep": False}
 
     def describe(self) -> dict:
         """For the store manifest: the backend, its options and what it serves."""
@@ -382,22 +383,47 @@ class VLLMSampler:
         return other
 
     def _engines(self) -> list:
+        """The running engine(s): started on first use (replicas all at once), woken if asleep."""
         if self._shared["engines"] is None:
             o = self.options
             if o.data_parallel_size == 1:
                 self._shared["engines"] = [_LocalEngine(self.llm_kwargs)]
             else:
-                groups = _gpu_groups(o.data_parallel_size, o.tensor_parallel_size)
+                groups = gpu_groups(o.data_parallel_size, o.tensor_parallel_size)
                 engines = []
                 try:
-                    for g in groups:
+                    for g in groups:  # every replica process starts loading now ...
                         engines.append(_ProcessEngine(self.llm_kwargs, g))
+                    for e in engines:  # ... then we wait for them, so they load side by side
+                        e.wait_ready()
                 except BaseException:
                     for e in engines:
                         e.close()
                     raise
                 self._shared["engines"] = engines
+        self.resume()
         return self._shared["engines"]
+
+    def suspend(self) -> None:
+        """Free the GPU(s) for the HF model between sampling and evaluation, per ``between_stages``:
+        "sleep": vLLM sleep mode, level 1 (weights to CPU memory, KV cache dropped; the weights
+        are still the base's, which the base evaluation after training needs); "close": stop the
+        engine(s), started again on next use; "keep" (and "auto" outside `run`): nothing."""
+        mode = self.options.between_stages
+        engines = self._shared["engines"]
+        if mode == "close":
+            self.close()
+        elif mode == "sleep" and engines and not self._shared["asleep"]:
+            for e in engines:
+                e.sleep(1)
+            self._shared["asleep"] = True
+
+    def resume(self) -> None:
+        """Wake the engine(s) after `suspend` (a closed engine restarts on next use)."""
+        if self._shared["asleep"]:
+            for e in self._shared["engines"]:
+                e.wake_up()
+            self._shared["asleep"] = False
 
     def _lora(self) -> tuple | None:
         """(name, int id, path) of the adapter served, or None for the base. A rewritten adapter dir gets a new id."""
@@ -430,12 +456,12 @@ class VLLMSampler:
         prompts = [r.prompt_ids for r in requests]
         lora = self._lora()
         engines = self._engines()
-        blocks = _blocks(len(requests), len(engines))
-        for eng, (a, b) in zip(engines, blocks):
+        spans = blocks(len(requests), len(engines))
+        for eng, (a, b) in zip(engines, spans):
             if b > a:
                 eng.submit(prompts[a:b], params[a:b], lora)
         plain = []
-        for eng, (a, b) in zip(engines, blocks):
+        for eng, (a, b) in zip(engines, spans):
             if b > a:
                 plain.extend(eng.result())
         comps = []
@@ -459,8 +485,10 @@ class VLLMSampler:
         return comps
 
     def close(self) -> None:
-        """Stop the engine(s) (replica processes exit; an in-process engine is dropped, best effort)."""
+        """Stop the engine(s): replica processes exit; an in-process engine is dropped and its GPU
+        memory and process groups freed (`free_engine_memory`). The next use starts new ones."""
         engines, self._shared["engines"] = self._shared["engines"], None
+        self._shared["asleep"] = False
         for e in engines or []:
             e.close()
 

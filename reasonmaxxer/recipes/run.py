@@ -157,8 +157,38 @@ def _reuse_base_stores(src: Path, out: Path) -> None:
             (d.with_name(d.name + ".reuse-tmp")).rename(d)
 
 
+def _vllm_options(cfg: RunConfig, model, progress: bool):
+    """The [vllm] options of the run's engine: LoRA serving for the trained adapter, and
+    ``between_stages`` "auto" resolved against the HF model's device (`plan_between_stages`)."""
+    from ..backends.vllm_runtime import plan_between_stages
+
+    o = cfg.vllm
+    if not cfg.train.full_finetune:
+        o = replace(o, enable_lora=True, max_lora_rank=o.max_lora_rank or cfg.train.lora_rank)
+    if cfg.backend != "vllm":
+        return o
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    device = next(model.parameters()).device
+    mode = plan_between_stages(o.between_stages, o.data_parallel_size, o.tensor_parallel_size, device, weights)
+    if progress and o.between_stages == "auto":
+        print(f"vllm: while the HF model ({device}) scores and trains, the engine will {mode}", flush=True)
+    return replace(o, between_stages=mode)
+
+
 def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = False) -> dict:
-    """sample -> grade -> select -> score -> train -> eval (base, trained) -> report. Returns summary."""
+    """sample -> grade -> select -> score -> train -> eval (base, trained) -> report. Returns summary.
+
+    Every vLLM engine the run starts is closed when it ends, whether it returns or a stage fails.
+    """
+    samplers: list = []  # the vLLM samplers started, closed in `finally`
+    try:
+        return _pipeline(cfg, progress, overwrite, samplers)
+    finally:
+        for s in samplers:
+            s.close()
+
+
+def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -> dict:
     from ..backends.vllm import make_sampler
     from ..core.stats import paired_difference
     from ..data.benchmarks import load_problems
@@ -201,12 +231,9 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
         _reuse_base_stores(Path(cfg.reuse), out)
     engine = cfg.engine_config()
     # vLLM: one engine for sampling and both evals; it serves the trained adapter as a LoRA
-    vopts = (
-        cfg.vllm
-        if cfg.train.full_finetune
-        else replace(cfg.vllm, enable_lora=True, max_lora_rank=cfg.vllm.max_lora_rank or cfg.train.lora_rank)
-    )
-    sampler = make_sampler(cfg.backend, cfg.model, vopts, tokenizer=tok)
+    sampler = make_sampler(cfg.backend, cfg.model, _vllm_options(cfg, model, progress), tokenizer=tok)
+    if sampler is not None:
+        samplers.append(sampler)
 
     with stage("sample"):
         store = sample_stage(
@@ -222,6 +249,8 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
             engine=engine,
             sampler=sampler,
         )
+    if sampler is not None:  # the GPU is the HF model's until the evaluations (between_stages)
+        sampler.suspend()
     with stage("select + score"):
         sel, srows, score_info = prepare_training_data(
             store,
@@ -262,6 +291,8 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
 
     reports, stores = {}, {}
     trained_model = None
+    if sampler is not None:
+        sampler.resume()
     for name, spec in (("base", cfg.model), ("trained", str(out / "train" / "merged"))):
         with stage(f"eval {name}"):
             if name == "trained":
@@ -272,6 +303,7 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
                 if cfg.train.full_finetune:  # no adapter to serve: a new engine on the merged weights
                     sampler.close()
                     sampler = esampler = make_sampler(cfg.backend, spec, cfg.vllm, tokenizer=tok)
+                    samplers.append(sampler)
                 else:  # the trained adapter, as a LoRA on the same engine
                     spec = str(out / "train" / "adapter")
                     esampler = sampler.for_model(spec)

@@ -71,15 +71,31 @@ class FakeLoRARequest:
 
 
 class FakeLLM:
+    """vllm.LLM: records its kwargs, generate calls, and sleep / wake_up / generate in `log` (shared)."""
+
     instances: list = []
     stop_tokens: tuple = ()
+    log: list = []
 
     def __init__(self, **kwargs):
         self.kwargs = kwargs
         self.calls = []
+        self.asleep = False
         FakeLLM.instances.append(self)
+        FakeLLM.log.append("start")
+
+    def sleep(self, level=1):
+        assert self.kwargs.get("enable_sleep_mode"), "vLLM: sleep mode is not enabled"
+        self.asleep = True
+        FakeLLM.log.append(f"sleep:{level}")
+
+    def wake_up(self, tags=None):
+        self.asleep = False
+        FakeLLM.log.append("wake")
 
     def generate(self, prompts, sampling_params=None, use_tqdm=True, lora_request=None):
+        assert not self.asleep, "vLLM: generate on a sleeping engine"
+        FakeLLM.log.append("generate")
         self.calls.append({"prompts": prompts, "params": sampling_params, "lora": lora_request})
         return [self._one(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, sampling_params))]
 
@@ -115,9 +131,19 @@ class FakeLLM:
 
 @pytest.fixture
 def fake_vllm(monkeypatch):
-    FakeLLM.instances = []
+    """A fake `vllm` (version 0.19.1); `vllm.teardown` records vllm.distributed.parallel_state's destroy calls."""
+    FakeLLM.instances, FakeLLM.log = [], []
     vllm = types.ModuleType("vllm")
+    vllm.__version__ = "0.19.1"
     vllm.LLM, vllm.SamplingParams = FakeLLM, FakeSamplingParams
+    vllm.teardown = []
+    dist = types.ModuleType("vllm.distributed")
+    ps = types.ModuleType("vllm.distributed.parallel_state")
+    ps.destroy_model_parallel = lambda: vllm.teardown.append("destroy_model_parallel")
+    ps.destroy_distributed_environment = lambda: vllm.teardown.append("destroy_distributed_environment")
+    dist.parallel_state = ps
+    monkeypatch.setitem(sys.modules, "vllm.distributed", dist)
+    monkeypatch.setitem(sys.modules, "vllm.distributed.parallel_state", ps)
     inputs = types.ModuleType("vllm.inputs")
     inputs.TokensPrompt = lambda **kw: dict(kw)  # a TypedDict in vLLM
     lora = types.ModuleType("vllm.lora")
@@ -206,12 +232,17 @@ def test_adapter_is_served_as_lora(fake_vllm, ckpt, adapter, tiny_tokenizer):
 
 
 def test_data_parallel_replicas_split_requests(fake_vllm, ckpt, tiny_tokenizer, monkeypatch):
-    started = []
+    started, events = [], []
 
     class InProcess(vllm_backend._LocalEngine):  # stands in for the spawned replica process
         def __init__(self, llm_kwargs, gpus):
             super().__init__(llm_kwargs)
             started.append(list(gpus))
+            self.gpus = gpus
+            events.append(("start", gpus[0]))
+
+        def wait_ready(self):
+            events.append(("ready", self.gpus[0]))
 
     monkeypatch.setattr(vllm_backend, "_ProcessEngine", InProcess)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4")
@@ -219,6 +250,8 @@ def test_data_parallel_replicas_split_requests(fake_vllm, ckpt, tiny_tokenizer, 
     cfg = SamplingConfig(n=2, max_new_tokens=6, seed=1)
     out = VLLMSampler(str(ckpt), VLLMOptions(tensor_parallel_size=2, data_parallel_size=2)).generate(reqs, cfg)
     assert started == [["0", "1"], ["2", "3"]]
+    # every replica starts loading before we wait for any: they load side by side
+    assert events == [("start", "0"), ("start", "2"), ("ready", "0"), ("ready", "2")]
     assert [len(llm.calls[0]["prompts"]) for llm in FakeLLM.instances] == [4, 4]  # contiguous blocks
     assert [c.key for c in out] == [r.key for r in reqs]
     single = VLLMSampler(str(ckpt)).generate(reqs, cfg)  # seeds per request: the split does not change samples
@@ -397,7 +430,10 @@ def test_run_config_backend_section(tmp_path):
 
 def test_vllm_is_an_extra_not_a_dependency():
     py = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
-    assert py["optional-dependencies"]["vllm"] == ["vllm>=0.8"]
+    assert py["optional-dependencies"]["vllm"] == ["vllm>=0.19.1"]  # the first vllm on transformers 5
+    from reasonmaxxer.backends.vllm_runtime import MIN_VLLM
+
+    assert py["optional-dependencies"]["vllm"] == ["vllm>=" + ".".join(map(str, MIN_VLLM))]
     assert not any(d.startswith("vllm") for d in py["dependencies"])
 
 
@@ -413,6 +449,16 @@ class LLM:
         if kw["model"] == "boom":
             raise RuntimeError("CUDA out of memory")
         self.gpus = os.environ["CUDA_VISIBLE_DEVICES"]
+        if kw.get("rendezvous"):  # wait until every replica has started loading
+            import pathlib, time
+            d = pathlib.Path(kw["rendezvous"])
+            d.mkdir(exist_ok=True)
+            (d / self.gpus).write_text("")
+            t = time.time()
+            while len(list(d.iterdir())) < kw["n_replicas"]:
+                if time.time() - t > 60:
+                    raise RuntimeError("the other replicas never started loading")
+                time.sleep(0.05)
 
     def generate(self, prompts, sampling_params=None, use_tqdm=True, lora_request=None):
         outs = []
@@ -434,6 +480,8 @@ def test_replica_processes(tmp_path, monkeypatch, ckpt, tiny_tokenizer):
     engines = [vllm_backend._ProcessEngine(kw, ["3"]), vllm_backend._ProcessEngine(kw, ["5", "6"])]
     try:
         for e in engines:
+            e.wait_ready()
+        for e in engines:
             e.submit([[1, 2, 3]], [{"seed": 1}], None)
         assert [e.result()[0]["token_ids"] for e in engines] == [[13, 2], [15, 2]]  # each saw its own GPUs
     finally:
@@ -441,4 +489,157 @@ def test_replica_processes(tmp_path, monkeypatch, ckpt, tiny_tokenizer):
             e.close()
     assert all(e.proc.exitcode == 0 for e in engines)
     with pytest.raises(ReasonMaxxerError, match=r"replica on GPUs 0 failed: RuntimeError: CUDA out of memory"):
-        vllm_backend._ProcessEngine({"model": "boom"}, ["0"])
+        vllm_backend._ProcessEngine({"model": "boom"}, ["0"]).wait_ready()
+
+
+def test_replicas_load_side_by_side(fake_vllm, tmp_path, monkeypatch, ckpt):
+    """Each spawned replica's engine waits (up to 60 s) until every replica has started loading:
+    started one after another, the first would time out; started together, both load."""
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text(FAKE_VLLM_PACKAGE)
+    monkeypatch.syspath_prepend(str(tmp_path))  # the children import this vllm; the parent keeps the fake
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    s = VLLMSampler(str(ckpt), VLLMOptions(data_parallel_size=2))
+    s.llm_kwargs = {**s.llm_kwargs, "rendezvous": str(tmp_path / "rv"), "n_replicas": 2}
+    try:
+        s.generate([Request(("p", 0), (1, 2, 3)), Request(("p", 1), (1, 2, 3))], SamplingConfig(n=1))
+        s.suspend()  # "auto" outside `run`: nothing happens
+        assert sorted(p.name for p in (tmp_path / "rv").iterdir()) == ["3", "5"]
+    finally:
+        s.close()
+
+
+# -- memory: sizing, sleep, close --------------------------------------------------------------
+@pytest.fixture
+def gpu(monkeypatch):
+    """torch.cuda on a fake 100 GB GPU; set `gpu.free` (bytes); `gpu.emptied` counts empty_cache calls."""
+    import torch
+
+    state = types.SimpleNamespace(free=99e9, total=100e9, emptied=0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=0: (state.free, state.total))
+
+    def empty_cache():
+        state.emptied += 1
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+    return state
+
+
+def test_gpu_memory_utilization_is_sized_from_free_memory(fake_vllm, ckpt, tiny_tokenizer, gpu):
+    reqs, cfg = _requests(tiny_tokenizer, 1), SamplingConfig(n=1, max_new_tokens=3)
+    VLLMSampler(str(ckpt)).generate(reqs, cfg)
+    assert FakeLLM.instances[-1].kwargs["gpu_memory_utilization"] == 0.9  # an empty GPU: vLLM's default
+    gpu.free = 62.5e9  # an HF model holds the rest
+    VLLMSampler(str(ckpt)).generate(reqs, cfg)
+    assert FakeLLM.instances[-1].kwargs["gpu_memory_utilization"] == 0.57  # 0.625 - 0.05, rounded down
+    VLLMSampler(str(ckpt), VLLMOptions(gpu_memory_utilization=0.8)).generate(reqs, cfg)
+    assert FakeLLM.instances[-1].kwargs["gpu_memory_utilization"] == 0.8  # set by the user: as is
+    gpu.free = 5e9
+    with pytest.raises(ReasonMaxxerError, match="only 5% of the GPU memory is free"):
+        VLLMSampler(str(ckpt)).generate(reqs, cfg)
+
+
+def test_sleep_between_stages_and_close_frees_memory(fake_vllm, ckpt, tiny_tokenizer, gpu):
+    import gc
+    import weakref
+
+    reqs, cfg = _requests(tiny_tokenizer, 1), SamplingConfig(n=1, max_new_tokens=3)
+    s = VLLMSampler(str(ckpt), VLLMOptions(between_stages="sleep"))
+    s.suspend()  # no engine yet: nothing to put to sleep
+    s.generate(reqs, cfg)
+    (llm,) = FakeLLM.instances
+    assert llm.kwargs["enable_sleep_mode"] is True
+    s.suspend()
+    s.suspend()  # already asleep: once
+    emptied = gpu.emptied
+    s.for_model(str(ckpt)).generate(reqs, cfg)  # a sampler of the same engine wakes it
+    assert FakeLLM.log == ["start", "generate", "sleep:1", "wake", "generate"]
+    assert gpu.emptied > emptied  # PyTorch's cache emptied before vLLM reallocates
+    s.suspend()
+    s.resume()
+    assert FakeLLM.log[-2:] == ["sleep:1", "wake"]
+    ref = weakref.ref(llm)
+    del llm
+    FakeLLM.instances.clear()  # the test's own reference
+    emptied = gpu.emptied
+    s.close()
+    gc.collect()
+    assert ref() is None and gpu.emptied > emptied
+    assert fake_vllm.teardown == ["destroy_model_parallel", "destroy_distributed_environment"]
+    s.close()  # twice: nothing more
+    assert len(fake_vllm.teardown) == 2
+    s.generate(reqs, cfg)  # a closed sampler starts a new engine on next use
+    assert len(FakeLLM.instances) == 1 and FakeLLM.log[-2:] == ["start", "generate"]
+
+
+def test_close_between_stages_restarts_the_engine(fake_vllm, ckpt, tiny_tokenizer):
+    reqs, cfg = _requests(tiny_tokenizer, 1), SamplingConfig(n=1, max_new_tokens=3)
+    s = VLLMSampler(str(ckpt), VLLMOptions(between_stages="close"))
+    s.generate(reqs, cfg)
+    s.suspend()
+    assert "enable_sleep_mode" not in FakeLLM.instances[0].kwargs and len(fake_vllm.teardown) == 2
+    s.resume()
+    s.generate(reqs, cfg)
+    assert FakeLLM.log == ["start", "generate", "start", "generate"]
+    for keep in ("keep", "auto"):  # "auto" unresolved (sample / eval commands): keep
+        k = VLLMSampler(str(ckpt), VLLMOptions(between_stages=keep))
+        k.generate(reqs, cfg)
+        k.suspend()
+        k.generate(reqs, cfg)
+        assert FakeLLM.log[-3:] == ["start", "generate", "generate"]
+
+
+def test_plan_between_stages(monkeypatch):
+    from reasonmaxxer.backends.vllm_runtime import plan_between_stages
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    gb = 10**9
+    assert plan_between_stages("auto", 1, 1, "cpu", gb) == "keep"  # the HF model is not on a GPU
+    assert plan_between_stages("auto", 1, 1, "cuda:1", gb, cpu_available=100 * gb) == "keep"  # not the engine's
+    assert plan_between_stages("auto", 1, 1, "cuda:0", gb, cpu_available=100 * gb) == "sleep"
+    assert plan_between_stages("auto", 1, 1, "cuda", gb, cpu_available=gb) == "close"  # weights do not fit in RAM
+    assert plan_between_stages("auto", 2, 1, "cuda:1", 30 * gb, cpu_available=100 * gb) == "close"  # 2 copies
+    assert plan_between_stages("keep", 1, 1, "cuda:0", gb) == "keep"  # an explicit choice is kept
+    with pytest.raises(ReasonMaxxerError, match="between_stages: expected one of auto, sleep, close, keep"):
+        VLLMOptions(between_stages="nap")
+
+
+# -- versions ------------------------------------------------------------------------------------
+def test_vllm_and_transformers_versions_are_checked(fake_vllm, ckpt, monkeypatch):
+    from importlib import metadata
+
+    import transformers
+
+    fake_vllm.__version__ = "0.10.1"
+    with pytest.raises(ReasonMaxxerError, match=r"vllm 0.10.1 needs transformers < 5.*pip install 'vllm>=0.19.1'") as e:
+        VLLMSampler(str(ckpt))
+    assert len(str(e.value).splitlines()) == 1
+    fake_vllm.__version__ = "0.19.1.dev12+gabc"  # a build of 0.19.1: accepted
+    declared = {"vllm": ["torch==2.9.0", "transformers >= 4.56.0, < 5", 'transformers<4; python_version < "3"']}
+
+    def requires(name):
+        if name not in declared:
+            raise metadata.PackageNotFoundError(name)
+        return declared[name]
+
+    monkeypatch.setattr(metadata, "requires", requires)
+    monkeypatch.setattr(transformers, "__version__", "5.5.1")
+    with pytest.raises(ReasonMaxxerError, match=r"declares 'transformers >= 4.56.0, < 5' but transformers 5.5.1"):
+        VLLMSampler(str(ckpt))
+    declared["vllm"][1] = "transformers>=5.5.1"
+    VLLMSampler(str(ckpt))  # the declared range admits the installed transformers
+    monkeypatch.setattr(transformers, "__version__", "5.2.0")
+    with pytest.raises(ReasonMaxxerError, match="transformers 5.2.0 is installed"):
+        VLLMSampler(str(ckpt))
+
+
+def test_close_keeps_a_process_group_the_caller_created(fake_vllm, ckpt, tiny_tokenizer, monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # e.g. an accelerate launch, before the engine
+    s = VLLMSampler(str(ckpt))
+    s.generate(_requests(tiny_tokenizer, 1), SamplingConfig(n=1, max_new_tokens=3))
+    s.close()
+    assert fake_vllm.teardown == ["destroy_model_parallel"]  # not destroy_distributed_environment

@@ -1,8 +1,15 @@
-"""The run pipeline's config handling and its early stop when nothing can be selected."""
+"""The run pipeline's config handling, its early stop when nothing can be selected, and the
+lifecycle of its vLLM engine (a fake `vllm`, the one of tests/backends/test_vllm.py)."""
+
+import importlib.util
+import types
+import weakref
+from pathlib import Path
 
 import pytest
 from conftest import make_tiny_model
 
+from reasonmaxxer.backends.hf import Request, SamplingConfig
 from reasonmaxxer.config import load_run_config
 from reasonmaxxer.errors import ReasonMaxxerError
 from reasonmaxxer.recipes.run import run_pipeline
@@ -131,3 +138,79 @@ def test_fork_changes_counts_argmax_differences_exactly(tiny_tokenizer):
     rep = report_examples(base, tiny_tokenizer, exs, gates, k=2)
     assert len(rep) == 2 and all(len(r["tokens"]) > 0 for r in rep)
     assert all(("top5" in t) == t["gated"] for r in rep for t in r["tokens"])
+
+
+# -- the vLLM engine of a run: asleep while the HF model scores and trains, closed on any failure --
+_spec = importlib.util.spec_from_file_location("vllm_fakes", Path(__file__).parents[1] / "backends" / "test_vllm.py")
+_fakes = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_fakes)
+fake_vllm = _fakes.fake_vllm  # the fixture
+FakeLLM = _fakes.FakeLLM
+
+
+def _vllm_config(tmp_path, tiny_tokenizer, between="sleep"):
+    ckpt = tmp_path / "tiny"
+    make_tiny_model(len(tiny_tokenizer), seed=3, init_std=0.2).save_pretrained(ckpt)
+    tiny_tokenizer.save_pretrained(ckpt)
+    p = tmp_path / "c.toml"
+    p.write_text(
+        f'model = "{ckpt}"\ntemplate = "raw"\nout = "{tmp_path / "run"}"\ntrain_problems = "arith:train:3"\n'
+        'validation_problems = ""\ntest_problems = "arith:test:2"\nbackend = "vllm"\n'
+        f'[sampling]\nn = 2\nmax_new_tokens = 8\n[vllm]\nbetween_stages = "{between}"\n'
+    )
+    return load_run_config(p)
+
+
+def _closed(fake_vllm):
+    """The run's one engine was closed: vLLM's groups destroyed and the LLM object collected."""
+    import gc
+
+    (llm,) = FakeLLM.instances
+    ref = weakref.ref(llm)
+    del llm
+    FakeLLM.instances.clear()
+    gc.collect()
+    return ref() is None and fake_vllm.teardown == ["destroy_model_parallel", "destroy_distributed_environment"]
+
+
+def test_a_failing_stage_closes_the_vllm_engine(fake_vllm, tmp_path, tiny_tokenizer):
+    cfg = _vllm_config(tmp_path, tiny_tokenizer)
+    with pytest.raises(ReasonMaxxerError, match="mixed success"):  # the select stage fails
+        run_pipeline(cfg, progress=False)
+    assert FakeLLM.log[-1] == "sleep:1" and "generate" in FakeLLM.log  # sampled, then asleep for scoring
+    assert FakeLLM.instances[0].kwargs["enable_sleep_mode"] is True
+    assert _closed(fake_vllm)
+
+
+def test_engine_sleeps_for_scoring_and_training_and_wakes_for_eval(fake_vllm, tmp_path, tiny_tokenizer, monkeypatch):
+    from reasonmaxxer.recipes import run
+    from reasonmaxxer.stages import train as train_mod
+
+    def prepare(*a, **k):
+        FakeLLM.log.append("score")
+        return types.SimpleNamespace(stats={}), [], {}
+
+    def train(*a, **k):
+        FakeLLM.log.append("train")
+        return {"tau": 1.0}
+
+    def evaluate(*a, sampler=None, **k):
+        FakeLLM.log.append("eval")
+        sampler.generate([Request(("q", 0), (1, 2))], SamplingConfig(n=1, max_new_tokens=2))
+        raise RuntimeError("stop after the base evaluation")
+
+    monkeypatch.setattr(run, "prepare_training_data", prepare)
+    monkeypatch.setattr(train_mod, "train", train)
+    monkeypatch.setattr(run, "evaluate_model", evaluate)
+    with pytest.raises(RuntimeError, match="stop after"):
+        run_pipeline(_vllm_config(tmp_path, tiny_tokenizer), progress=False)
+    log = [e for i, e in enumerate(FakeLLM.log) if e != "generate" or FakeLLM.log[i - 1] != "generate"]
+    assert log == ["start", "generate", "sleep:1", "score", "train", "wake", "eval", "generate"]
+    assert _closed(fake_vllm)
+
+
+def test_auto_keeps_the_engine_when_the_hf_model_is_on_the_cpu(fake_vllm, tmp_path, tiny_tokenizer):
+    with pytest.raises(ReasonMaxxerError, match="mixed success"):
+        run_pipeline(_vllm_config(tmp_path, tiny_tokenizer, between="auto"), progress=False)
+    assert "enable_sleep_mode" not in FakeLLM.instances[0].kwargs and "sleep:1" not in FakeLLM.log
+    assert _closed(fake_vllm)
