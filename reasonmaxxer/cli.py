@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import ReasonMaxxerError
+from .errors import ReasonMaxxerError, out_of_memory_error
 
 
 def _add_model(p, default="smollm2-135m"):
@@ -751,7 +751,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.fn(args)
+        try:
+            args.fn(args)
+        except Exception as e:  # an out-of-memory anywhere: one line naming the knob
+            err = out_of_memory_error(args.cmd, e)
+            if err is None:
+                raise
+            raise err from e
     except ReasonMaxxerError as e:
         if os.environ.get("REASONMAXXER_DEBUG"):
             raise

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import torch
 
 from ..analysis.forks import fork_changes, report_examples
 from ..config import RunConfig
-from ..errors import ReasonMaxxerError
+from ..errors import ReasonMaxxerError, out_of_memory_error
 from ..io import atomic_write_json, read_jsonl
 from ..stages.evaluate import evaluate_model, greedy_accuracy_fn
 from ..stages.score import attach_scores
@@ -206,21 +207,22 @@ def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
 
+    @contextmanager
     def stage(name):
-        class _T:
-            def __enter__(s):
-                s.t = time.time()
-                if progress:
-                    print(f"\n== {name} ==", flush=True)
-
-            def __exit__(s, *exc):
-                if exc[0] is None:
-                    dt = round(time.time() - s.t, 1)
-                    if dt > 1.0 or name not in timings:  # keep the first real measurement of a skipped stage
-                        timings[name] = dt
-                    atomic_write_json(timings_path, timings)
-
-        return _T()
+        t = time.time()
+        if progress:
+            print(f"\n== {name} ==", flush=True)
+        try:
+            yield
+        except Exception as e:  # out of memory: one line naming the stage's knob
+            err = out_of_memory_error(name, e)
+            if err is None:
+                raise
+            raise err from e
+        dt = round(time.time() - t, 1)
+        if dt > 1.0 or name not in timings:  # keep the first real measurement of a skipped stage
+            timings[name] = dt
+        atomic_write_json(timings_path, timings)
 
     tmpl = get_template(cfg.template)
     train_p = load_problems(cfg.train_problems, data_dir=cfg.data_dir)

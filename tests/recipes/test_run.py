@@ -214,3 +214,20 @@ def test_auto_keeps_the_engine_when_the_hf_model_is_on_the_cpu(fake_vllm, tmp_pa
         run_pipeline(_vllm_config(tmp_path, tiny_tokenizer, between="auto"), progress=False)
     assert "enable_sleep_mode" not in FakeLLM.instances[0].kwargs and "sleep:1" not in FakeLLM.log
     assert _closed(fake_vllm)
+
+
+def test_out_of_memory_in_a_stage_is_one_line_and_closes_the_engine(fake_vllm, tmp_path, tiny_tokenizer, monkeypatch):
+    import torch
+
+    from reasonmaxxer.recipes import run
+
+    def prepare(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB. GPU 0 has 1 GiB free")
+
+    monkeypatch.setattr(run, "prepare_training_data", prepare)
+    with pytest.raises(ReasonMaxxerError) as ei:
+        run_pipeline(_vllm_config(tmp_path, tiny_tokenizer), progress=False)
+    msg = str(ei.value)
+    assert msg.startswith("select + score: out of GPU memory (CUDA out of memory)") and "\n" not in msg
+    assert (tmp_path / "run" / "rollouts" / "manifest.json").is_file()  # the sampled rollouts are kept
+    assert _closed(fake_vllm)
