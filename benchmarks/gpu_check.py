@@ -1,4 +1,4 @@
-"""GPU path check: sampling, scoring and ReasonMaxxer training steps on one GPU, in bf16.
+"""GPU path check: every stage of the library on one GPU, in bf16, with peak memory per stage.
 
     bash benchmarks/gpu_check.sh                  # on a CUDA machine (checks the Python, then runs this)
     python benchmarks/gpu_check.py --tiny         # the same code on a tiny CPU model (tests/test_gpu_check.py)
@@ -9,28 +9,41 @@ weights, and the tokenizer is a word-level one built in code whose vocabulary co
 model id ("w4", "w5", ...). A random model puts ~1/151936 on EOS, so every completion runs to
 `--max-new-tokens`: the token counts are fixed and the figures compare across runs.
 
-The workload runs the library's own code paths, in pipeline order:
+The workload runs the library's own code paths, in pipeline order; each stage is timed, its
+peak GPU memory recorded (`torch.cuda.max_memory_allocated`, reset per stage), and a stage
+that fails is reported (one line) without stopping the others:
 
 1. sample: `HFSampler` on `--problems` x `--samples` requests (prompts of `--shared-prefix`
    shared + `--unique` own tokens, as few-shot prompts are), T=0.7, batch `--batch-size`;
-2. score: `pipeline.score_rows` (teacher-forced full-vocabulary entropy) on those rollouts;
-3. train: `train.train` (LoRA r32 on q/k/v/o, the ReasonMaxxer loss) for `--train-steps`
-   optimizer steps of `--micro-batch` rollouts, entropies from step 2, random +-1 advantages;
-4. vllm (only if vllm imports): `VLLMSampler` on the same requests, from the model saved to
+2. score: `stages.score.score_rows` (teacher-forced full-vocabulary entropy, fp32 head) on those rollouts;
+3. score_long: the same on `--long-rows` sequences of `--long-len` tokens (4096: real reasoning lengths);
+4. train_lora: `stages.train.train` (LoRA r32 on q/k/v/o, the ReasonMaxxer loss) for
+   `--train-steps` optimizer steps on sequences of `--train-len` tokens, random +-1 advantages,
+   then the export (adapter + merged, fp32 merge rounded once to bf16);
+5. merge_agreement: teacher-forced argmax on the training sequences of the adapter served by
+   PEFT on the bf16 base, of the bf16 merged checkpoint, and of the fp32 reference (fp32 base +
+   adapter): agreement with the reference, and how many of its changes from the base each keeps;
+6. train_full: a full fine-tune of the bf16 model for `--train-steps` steps at lr 1e-5 (fp32
+   master weights): the fraction of a weight matrix that moved;
+7. oom: a deliberate out-of-memory becomes the library's one-line message;
+8. vllm (only if vllm imports): `VLLMSampler` on the same requests, from the model saved to
    a temp dir; engine start-up is timed apart from generation.
 
-Prints one table (tokens/s, s/step, peak GPU memory) and writes it as JSON with `--json`.
+Prints one table (figure and peak GPU memory per stage) and writes JSON with `--json` after
+every stage (a run cut short keeps what finished).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -65,6 +78,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model and a small workload (CPU smoke test)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--dtype", default=None, choices=("bfloat16", "float32"), help="default: bf16 on cuda, else fp32")
     ap.add_argument("--problems", type=int, default=64)
     ap.add_argument("--samples", type=int, default=2, help="completions per problem")
     ap.add_argument("--shared-prefix", type=int, default=192, help="prompt tokens shared by all problems")
@@ -72,16 +86,25 @@ def parse_args(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--score-batch", type=int, default=8)
-    ap.add_argument("--train-steps", type=int, default=6)
-    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--long-len", type=int, default=4096, help="sequence length of the long scoring stage")
+    ap.add_argument("--long-rows", type=int, default=8)
+    ap.add_argument("--long-batch", type=int, default=2)
+    ap.add_argument("--train-len", type=int, default=1024, help="tokens per training sequence")
+    ap.add_argument("--train-steps", type=int, default=5)
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--stages", default="all", help="comma-separated subset of: " + ",".join(STAGES))
     ap.add_argument("--no-vllm", action="store_true", help="skip the vLLM measurement")
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.6, help="for the vLLM engine")
-    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None, help="for the vLLM engine")
+    ap.add_argument("--json", default=None, help="also write the results here (after every stage)")
     a = ap.parse_args(argv)
     if a.tiny:
         a.problems, a.samples, a.shared_prefix, a.unique = 4, 2, 12, 6
-        a.max_new_tokens, a.batch_size, a.score_batch, a.train_steps, a.micro_batch = 8, 4, 4, 2, 2
+        a.max_new_tokens, a.batch_size, a.score_batch, a.micro_batch = 8, 4, 4, 2
+        a.long_len, a.long_rows, a.long_batch, a.train_len, a.train_steps = 96, 2, 2, 40, 2
     return a
+
+
+STAGES = ("sample", "score", "score_long", "train_lora", "merge_agreement", "train_full", "oom", "vllm")
 
 
 def word_tokenizer(vocab_size: int):
@@ -124,86 +147,209 @@ def sync(device: str):
         torch.cuda.synchronize()
 
 
-def peak_gb(device: str) -> float | None:
-    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.startswith("cuda") else None
-
-
-def bench_sample(model, tok, reqs, a, device) -> tuple[dict, list]:
-    sampler = HFSampler(model, tok)
+def bench_sample(ctx, a) -> dict:
+    sampler = HFSampler(ctx["model"], ctx["tok"])
     cfg = SamplingConfig(n=a.samples, temperature=0.7, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
-    sampler.generate(reqs[:2], SamplingConfig(n=1, max_new_tokens=4, batch_size=2))  # warm-up (kernels, allocator)
-    sync(device)
+    sampler.generate(ctx["reqs"][:2], SamplingConfig(n=1, max_new_tokens=4, batch_size=2))  # warm-up
+    sync(ctx["device"])
     t0 = time.perf_counter()
-    comps = sampler.generate(reqs, cfg)
-    sync(device)
+    ctx["comps"] = comps = sampler.generate(ctx["reqs"], cfg)
+    sync(ctx["device"])
     dt = time.perf_counter() - t0
     n = sum(len(c.token_ids) for c in comps)
     return {
-        "what": f"HFSampler, {len(reqs)} requests, batch {a.batch_size}",
+        "what": f"HFSampler, {len(ctx['reqs'])} requests, batch {a.batch_size}",
         "tokens": n,
         "seconds": round(dt, 2),
         "tokens_per_s": round(n / dt, 1),
-    }, comps
+        "figure": f"{n / dt:.1f} tokens/s ({n} tokens in {dt:.2f} s)",
+    }
 
 
-def bench_score(model, tok, reqs, comps, a, device) -> tuple[dict, list]:
+def _score(ctx, rows, batch) -> tuple[list, float, int]:
     from reasonmaxxer.stages.score import score_rows
 
-    rows = [{"prompt_ids": list(r.prompt_ids), "token_ids": c.token_ids} for r, c in zip(reqs, comps)]
-    score_rows(rows[:1], model, tok, batch_size=1, progress=False)  # warm-up
-    sync(device)
+    score_rows(rows[:1], ctx["model"], ctx["tok"], batch_size=1, progress=False)  # warm-up
+    sync(ctx["device"])
     t0 = time.perf_counter()
-    ents = score_rows(rows, model, tok, batch_size=a.score_batch, progress=False)
-    sync(device)
-    dt = time.perf_counter() - t0
-    n = sum(len(r["prompt_ids"]) + len(r["token_ids"]) for r in rows)
+    ents = score_rows(rows, ctx["model"], ctx["tok"], batch_size=batch, progress=False)
+    sync(ctx["device"])
+    return ents, time.perf_counter() - t0, sum(len(r["prompt_ids"]) + len(r["token_ids"]) for r in rows)
+
+
+def bench_score(ctx, a) -> dict:
+    rows = [{"prompt_ids": list(r.prompt_ids), "token_ids": c.token_ids} for r, c in zip(ctx["reqs"], ctx["comps"])]
+    ents, dt, n = _score(ctx, rows, a.score_batch)
+    ctx["ents"] = ents
+    finite = all(math.isfinite(h) for e in ents for h in e)
     return {
-        "what": f"pipeline.score_rows, {len(rows)} sequences, batch {a.score_batch} (all tokens counted)",
+        "what": f"score_rows, {len(rows)} sequences, batch {a.score_batch} (all tokens counted)",
         "tokens": n,
         "seconds": round(dt, 2),
         "tokens_per_s": round(n / dt, 1),
-    }, ents
+        "all_finite": finite,
+        "figure": f"{n / dt:.1f} tokens/s ({n} tokens in {dt:.2f} s); entropies finite: {finite}",
+    }
 
 
-def bench_train(model, tok, reqs, comps, ents, a, device, workdir: Path) -> dict:
-    from reasonmaxxer.stages.train import TrainConfig, TrainExample, train
+def bench_score_long(ctx, a) -> dict:
+    rng = random.Random(2)
+    V = ctx["vocab"]
+    P = min(256, a.long_len // 4)
+    rows = [
+        {
+            "prompt_ids": [rng.randrange(4, V) for _ in range(P)],
+            "token_ids": [rng.randrange(4, V) for _ in range(a.long_len - P)],
+        }
+        for _ in range(a.long_rows)
+    ]
+    ents, dt, n = _score(ctx, rows, a.long_batch)
+    mean_h = statistics.fmean(h for e in ents for h in e)
+    return {
+        "what": f"score_rows, {a.long_rows} sequences of {a.long_len} tokens, batch {a.long_batch}",
+        "tokens": n,
+        "seconds": round(dt, 2),
+        "tokens_per_s": round(n / dt, 1),
+        "mean_entropy": round(mean_h, 4),
+        "figure": f"{n / dt:.1f} tokens/s; mean entropy {mean_h:.3f} nats (log V = {math.log(V):.3f})",
+    }
+
+
+def train_examples(ctx, a) -> list:
+    """`--train-len`-token sequences (a shared 64-token prompt + own tokens), random entropies, +-1 advantages."""
+    from reasonmaxxer.stages.train import TrainExample
 
     rng = random.Random(1)
-    examples = [
+    V = ctx["vocab"]
+    P = min(64, a.train_len // 4)
+    prompt = tuple(rng.randrange(4, V) for _ in range(P))
+    n = a.micro_batch * a.train_steps
+    return [
         TrainExample(
-            prompt_ids=r.prompt_ids,
-            completion_ids=tuple(c.token_ids),
-            entropies=tuple(e),
+            prompt_ids=prompt,
+            completion_ids=tuple(rng.randrange(4, V) for _ in range(a.train_len - P)),
+            entropies=tuple(rng.random() * 3 for _ in range(a.train_len - P)),
             advantage=rng.choice([-1.0, 1.0]),
             correct=False,
-            key=r.key,
+            key=(f"p{i // 2}", i % 2),
         )
-        for r, c, e in zip(reqs, comps, ents)
+        for i in range(n)
     ]
+
+
+def _train(ctx, a, work: Path, model, **cfg_kw) -> tuple[dict, list[float]]:
+    from reasonmaxxer.stages.train import TrainConfig, train
+
+    kw = {"warmup_steps": 1, **cfg_kw}
     cfg = TrainConfig(
-        lora_rank=32,
-        lora_alpha=64,
-        micro_batch=a.micro_batch,
-        grad_accum=1,
-        max_steps=a.train_steps,
-        warmup_steps=1,
-        checkpoint_every=10_000,
-        skip_ungated=False,
+        micro_batch=a.micro_batch, grad_accum=1, max_steps=a.train_steps, checkpoint_every=a.train_steps, **kw
     )
-    t0 = time.perf_counter()
-    train(examples, cfg, workdir / "train", model, tok, progress=False, export=False, shuffle=False)
-    sync(device)
-    total = time.perf_counter() - t0
-    steps = [json.loads(l)["seconds"] for l in (workdir / "train" / "metrics.jsonl").read_text().splitlines()]
-    toks = sum(len(e.prompt_ids) + len(e.completion_ids) for e in examples[: a.micro_batch])
+    res = train(ctx["examples"], cfg, work, model, ctx["tok"], progress=False, shuffle=False)
+    sync(ctx["device"])
+    steps = [json.loads(l)["seconds"] for l in (work / "metrics.jsonl").read_text().splitlines()]
+    return res, steps
+
+
+def bench_train_lora(ctx, a) -> dict:
+    ctx["examples"] = train_examples(ctx, a)
+    work = ctx["work"] / "train_lora"
+    res, steps = _train(ctx, a, work, ctx["model"], lora_rank=32, lora_alpha=64, lr=1e-3)
+    ctx["lora_dir"] = work
     later = steps[1:] or steps
+    base_intact = all(type(m).__name__ != "Linear" or not hasattr(m, "base_layer") for m in ctx["model"].modules())
     return {
-        "what": f"train, LoRA r32 q/k/v/o, {len(steps)} steps of {a.micro_batch} rollouts (~{toks} tokens)",
+        "what": f"train, LoRA r32 q/k/v/o, {len(steps)} steps of {a.micro_batch} x {a.train_len} tokens, + export",
         "steps": len(steps),
         "first_step_s": round(steps[0], 3),
         "s_per_step": round(statistics.median(later), 3),
-        "total_seconds": round(total, 2),
+        "export_dtype": res.get("export_dtype"),
+        "base_handed_back": base_intact,
+        "figure": (
+            f"{statistics.median(later):.3f} s/step (first {steps[0]:.2f} s); export {res.get('export_dtype')}; "
+            f"base handed back without adapter: {base_intact}"
+        ),
     }
+
+
+@torch.no_grad()
+def _argmax(model, examples, device) -> torch.Tensor:
+    out = []
+    for e in examples:
+        ids = torch.tensor([e.prompt_ids + e.completion_ids], device=device)
+        out.append(model(input_ids=ids).logits[0, len(e.prompt_ids) - 1 : -1].argmax(-1).cpu())
+    return torch.cat(out)
+
+
+def bench_merge_agreement(ctx, a) -> dict:
+    """Argmax of what a user can deploy vs the fp32 reference (fp32 base + the fp32 adapter)."""
+    import copy
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    dev, exs = ctx["device"], ctx["examples"][: max(2, a.micro_batch)]
+    base = ctx["model"]
+    arg_base = _argmax(base, exs, dev)
+    ref = PeftModel.from_pretrained(copy.deepcopy(base).float(), str(ctx["lora_dir"] / "adapter")).eval()
+    arg_ref = _argmax(ref, exs, dev)
+    del ref
+    served = PeftModel.from_pretrained(base, str(ctx["lora_dir"] / "adapter")).eval()
+    arg_served = _argmax(served, exs, dev)
+    served.unload()
+    merged = AutoModelForCausalLM.from_pretrained(str(ctx["lora_dir"] / "merged"), dtype=torch.bfloat16).to(dev).eval()
+    arg_merged = _argmax(merged, exs, dev)
+    del merged
+    changed = arg_ref != arg_base
+    n_changed = int(changed.sum())
+
+    def stats(arg):
+        return {
+            "agree_with_fp32": round(float((arg == arg_ref).float().mean()), 4),
+            "changes_kept": int((arg == arg_ref)[changed].sum()),
+        }
+
+    r = {"positions": int(arg_ref.numel()), "fp32_changes_from_base": n_changed}
+    r["adapter_on_bf16_base"] = stats(arg_served)
+    r["bf16_merged"] = stats(arg_merged)
+    r["what"] = f"teacher-forced argmax on {r['positions']} positions; fp32 reference changes {n_changed} from the base"
+    r["figure"] = (
+        f"adapter on bf16 base {r['adapter_on_bf16_base']['agree_with_fp32']:.2%} "
+        f"(keeps {r['adapter_on_bf16_base']['changes_kept']}/{n_changed} changes); bf16 merged "
+        f"{r['bf16_merged']['agree_with_fp32']:.2%} (keeps {r['bf16_merged']['changes_kept']}/{n_changed})"
+    )
+    return r
+
+
+def bench_train_full(ctx, a) -> dict:
+    model = build_model(ctx["dims"], ctx["device"], ctx["dtype"])
+    key = "model.layers.0.mlp.down_proj.weight"
+    init = model.state_dict()[key].detach().float().cpu().clone()
+    work = ctx["work"] / "train_full"
+    res, steps = _train(ctx, a, work, model, full_finetune=True, lr=1e-5, warmup_steps=0)
+    st = torch.load(work / "checkpoints" / f"step-{a.train_steps:06d}" / "state.pt", weights_only=False)["model"]
+    moved_master = float((st[key].float().cpu() != init).float().mean())
+    later = steps[1:] or steps
+    del model, st
+    return {
+        "what": f"train, full fine-tune (fp32 master weights), {len(steps)} steps at lr 1e-5, + export",
+        "master_dtype": "float32",
+        "moved_fraction": round(moved_master, 4),
+        "s_per_step": round(statistics.median(later), 3),
+        "export_dtype": res.get("export_dtype"),
+        "figure": f"{moved_master:.2%} of {key} moved (bf16 updates: ~10%); {statistics.median(later):.3f} s/step",
+    }
+
+
+def bench_oom(ctx, a) -> dict:
+    from reasonmaxxer.errors import out_of_memory_error
+
+    try:
+        torch.empty(2**40 if ctx["device"].startswith("cuda") else 2**62, dtype=torch.uint8, device=ctx["device"])
+        msg = "no out-of-memory raised"
+    except Exception as e:  # noqa: BLE001 - the point is to see what the device raises
+        err = out_of_memory_error("train", e)
+        msg = str(err) if err is not None else f"NOT recognised: {type(e).__name__}: {e}"
+    return {"what": "a 1 TiB allocation, through errors.out_of_memory_error", "message": msg[:300], "figure": msg[:140]}
 
 
 def vllm_missing() -> str | None:
@@ -214,34 +360,56 @@ def vllm_missing() -> str | None:
     return None
 
 
-def bench_vllm(d: Path, reqs, a) -> dict:
+def bench_vllm(ctx, a) -> dict:
     import vllm
 
     from reasonmaxxer.backends.vllm import VLLMOptions, VLLMSampler
 
+    d = ctx["work"] / "model"
     cfg = SamplingConfig(n=a.samples, temperature=0.7, max_new_tokens=a.max_new_tokens)
     t0 = time.perf_counter()
     s = VLLMSampler(str(d), VLLMOptions(gpu_memory_utilization=a.gpu_memory_utilization))
-    s.generate(reqs[:2], SamplingConfig(n=1, max_new_tokens=4))  # starts the engine
+    s.generate(ctx["reqs"][:2], SamplingConfig(n=1, max_new_tokens=4))  # starts the engine
     start = time.perf_counter() - t0
     t0 = time.perf_counter()
-    comps = s.generate(reqs, cfg)
+    comps = s.generate(ctx["reqs"], cfg)
     dt = time.perf_counter() - t0
     s.close()
     n = sum(len(c.token_ids) for c in comps)
     return {
-        "what": f"VLLMSampler (vllm {vllm.__version__}), {len(reqs)} requests",
+        "what": f"VLLMSampler (vllm {vllm.__version__}), {len(ctx['reqs'])} requests",
         "tokens": n,
         "seconds": round(dt, 2),
         "tokens_per_s": round(n / dt, 1),
         "engine_start_s": round(start, 1),
+        "figure": f"{n / dt:.1f} tokens/s; engine start {start:.1f} s",
     }
+
+
+def run_stage(name, fn, ctx, a) -> dict:
+    """Run one stage: its result with seconds and peak GPU memory, or the error (one line + where)."""
+    dev = ctx["device"]
+    if dev.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    try:
+        r = fn(ctx, a)
+    except Exception as e:  # noqa: BLE001 - a failing stage is reported, the others still run
+        tb = traceback.extract_tb(e.__traceback__)
+        where = next((f"{Path(f.filename).name}:{f.lineno}" for f in reversed(tb) if "reasonmaxxer" in f.filename), "")
+        r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} [{where}]"[:400]}
+        r["figure"] = "FAILED " + r["error"]
+        traceback.print_exc()
+    r["stage_seconds"] = round(time.perf_counter() - t0, 1)
+    r["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.startswith("cuda") else None
+    return r
 
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = getattr(torch, a.dtype) if a.dtype else torch.bfloat16 if device.startswith("cuda") else torch.float32
     dims = TINY if a.tiny else QWEN2_05B
     env = {
         "torch": torch.__version__,
@@ -254,47 +422,35 @@ def main(argv=None) -> dict:
     tok = word_tokenizer(dims["vocab_size"])
     model = build_model(dims, device, dtype)
     env["parameters_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
-    reqs = make_requests(a, dims["vocab_size"])
-    results = {}
+    wanted = STAGES if a.stages == "all" else tuple(x.strip() for x in a.stages.split(","))
     skip_vllm = "--no-vllm" if a.no_vllm else vllm_missing()
-    with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
-        work = Path(tmp)
-        if not skip_vllm:  # saved before training wraps the model in LoRA layers
-            model.save_pretrained(work / "model")
-            tok.save_pretrained(work / "model")
-        results["sample"], comps = bench_sample(model, tok, reqs, a, device)
-        print(f"sample: {results['sample']}", flush=True)
-        results["score"], ents = bench_score(model, tok, reqs, comps, a, device)
-        print(f"score: {results['score']}", flush=True)
-        results["train"] = bench_train(model, tok, reqs, comps, ents, a, device, work)
-        results["train"]["peak_gpu_gb"] = peak_gb(device)
-        print(f"train: {results['train']}", flush=True)
-        if skip_vllm:
-            results["vllm"] = {"what": "VLLMSampler", "skipped": skip_vllm}
-        else:
-            del model, comps, ents
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
-            results["vllm"] = bench_vllm(work / "model", reqs, a)
-    env["total_seconds"] = round(time.perf_counter() - t_all, 1)
-    print("\n| stage | what | figure |\n|---|---|---:|")
-    for k in ("sample", "score", "train", "vllm"):
-        r = results[k]
-        if k == "train":
-            fig = (
-                f"{r['s_per_step']} s/step (median after the first, which took {r['first_step_s']} s); "
-                f"peak GPU memory {r['peak_gpu_gb']} GB"
-            )
-        else:
-            fig = r.get("skipped") or f"{r['tokens_per_s']} tokens/s ({r['tokens']} tokens in {r['seconds']} s)"
-        if "engine_start_s" in r:
-            fig += f"; engine start {r['engine_start_s']} s"
-        print(f"| {k} | {r['what']} | {fig} |")
-    print(f"\ntotal {env['total_seconds']} s", flush=True)
+    results = {}
     out = {"env": env, "results": results}
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
+
+    def save():
+        if a.json:
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
+
+    with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
+        ctx = {"model": model, "tok": tok, "device": device, "dtype": dtype, "dims": dims, "work": Path(tmp)}
+        ctx["vocab"], ctx["reqs"] = dims["vocab_size"], make_requests(a, dims["vocab_size"])
+        if "vllm" in wanted and not skip_vllm:  # saved before training
+            model.save_pretrained(ctx["work"] / "model")
+            tok.save_pretrained(ctx["work"] / "model")
+        for name in wanted:
+            if name == "vllm" and skip_vllm:
+                results[name] = {"what": "VLLMSampler", "skipped": skip_vllm, "figure": f"skipped: {skip_vllm}"}
+            else:
+                results[name] = run_stage(name, globals()[f"bench_{name}"], ctx, a)
+            print(f"{name}: {results[name]}", flush=True)
+            save()
+    env["total_seconds"] = round(time.perf_counter() - t_all, 1)
+    print("\n| stage | what | figure | peak GPU memory (GiB) | seconds |\n|---|---|---|---:|---:|")
+    for k, r in results.items():
+        print(f"| {k} | {r.get('what', '')} | {r['figure']} | {r.get('peak_gpu_gb')} | {r.get('stage_seconds', '')} |")
+    print(f"\ntotal {env['total_seconds']} s", flush=True)
+    save()
     return out
 
 

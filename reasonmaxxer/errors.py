@@ -35,11 +35,13 @@ OOM_KNOBS = {
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """A CUDA (or other accelerator) out-of-memory error: torch.OutOfMemoryError, or a
-    RuntimeError whose message says so (some kernels raise plain "CUDA error: out of memory")."""
+    """An out-of-memory error: torch.OutOfMemoryError (CUDA and other accelerators), or a
+    RuntimeError whose message says so (some kernels raise plain "CUDA error: out of memory";
+    the CPU allocator says "can't allocate memory")."""
     if any(t.__name__ == "OutOfMemoryError" for t in type(exc).__mro__):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def out_of_memory_error(stage: str, exc: BaseException) -> ReasonMaxxerError | None:
@@ -53,7 +55,8 @@ def out_of_memory_error(stage: str, exc: BaseException) -> ReasonMaxxerError | N
     key = stage if stage in OOM_KNOBS else next((k for k in OOM_KNOBS if k in words[:1]), None)
     key = key or next((k for k in OOM_KNOBS if k in words), None)
     hint = OOM_KNOBS.get(key, "lower the batch size or the sequence length")
-    what = first_line(exc).split(". ")[0][:160]
+    sentences = first_line(exc).split(". ")
+    what = next((x for x in sentences if "memory" in x.lower()), sentences[0])[:160]
     return ReasonMaxxerError(
-        f"{stage}: out of GPU memory ({what}); {hint}. Finished artifacts are kept: re-run the same command to resume"
+        f"{stage}: out of memory ({what}); {hint}. Finished artifacts are kept: re-run the same command to resume"
     )

@@ -22,7 +22,7 @@ def test_out_of_memory_becomes_one_line_naming_the_knob():
     e = _FakeOOM("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB\nmore")
     err = out_of_memory_error("train", e)
     msg = str(err)
-    assert "\n" not in msg and msg.startswith("train: out of GPU memory (CUDA out of memory)")
+    assert "\n" not in msg and msg.startswith("train: out of memory (CUDA out of memory)")
     assert "micro_batch" in msg and "re-run" in msg
     assert "[eval] batch_size" in str(out_of_memory_error("eval trained", RuntimeError("CUDA error: out of memory")))
     assert "score fewer rows" in str(out_of_memory_error("select + score", e))
@@ -48,4 +48,4 @@ def test_cli_reports_an_out_of_memory_as_one_line(monkeypatch, capsys):
     rc = cli.main(["train", "--rollouts", "x", "--out", "y"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0
-    assert err.startswith("reasonmaxxer: error: train: out of GPU memory") and "micro_batch" in err
+    assert err.startswith("reasonmaxxer: error: train: out of memory") and "micro_batch" in err

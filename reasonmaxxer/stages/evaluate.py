@@ -36,7 +36,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +192,7 @@ class EvalReport:
     truncation_rate: float  # fraction of samples truncated
     breakdown: dict[str, tuple[GroupMetrics, ...]]  # metadata key -> groups
     notes: tuple[str, ...]
+    weights: dict = field(default_factory=dict)  # what was evaluated: see `weights_record`
 
     def mode(self, name: str) -> ModeMetrics:
         if name not in MODES:
@@ -426,6 +427,14 @@ def to_markdown(report: EvalReport) -> str:
         "",
         f"{report.n_problems} problems, {report.n_samples} samples ({spp} per problem), "
         f"truncated {report.truncation_rate:.1%}. Intervals: 95%, normal approx. over problems; greedy: Wilson.",
+        *(
+            [
+                f"Weights: {report.weights['kind']} `{report.weights['spec']}` in {report.weights['dtype']}, "
+                f"served by {report.weights['served_by']}."
+            ]
+            if report.weights
+            else []
+        ),
         "",
         "| metric | strict | lenient |",
         "|---|---|---|",
@@ -526,5 +535,32 @@ def evaluate_model(
     rep = evaluate_stores(
         s_store, g_store, problems, ks=tuple(k for k in (1, 2, 4, 8) if k <= max(ecfg.n, 1)), label=label or spec
     )
+    rep = replace(rep, weights=weights_record(model, spec, sampler))
     save_report(rep, d / "eval.json", d / "eval.md")
     return rep, (s_store, g_store)
+
+
+def weights_record(model, spec: str, sampler=None) -> dict:
+    """What an evaluation ran: the spec, its kind (a PEFT adapter served on its base, a merged
+    or plain checkpoint, ...), the weights' dtype and the backend that served them. bf16 moves
+    ~1% of a tuned model's argmax either way, so eval.json says which the figures are of."""
+    from ..models import resolve_spec
+
+    try:
+        kind = resolve_spec(spec).kind
+    except Exception:  # noqa: BLE001 - a record, not a check: the stores already loaded it
+        kind = "unknown"
+    if kind == "hf_dir" and Path(spec).name == "merged":
+        kind = "merged checkpoint"
+    elif kind == "adapter" or hasattr(model, "peft_config"):
+        kind = "adapter (unmerged, on its base)"
+    if sampler is not None:
+        opts = getattr(sampler, "options", None)
+        return {
+            "spec": spec,
+            "kind": kind,
+            "dtype": getattr(opts, "dtype", "unknown"),
+            "served_by": type(sampler).__name__,
+        }
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "") if model is not None else "unknown"
+    return {"spec": spec, "kind": kind, "dtype": dtype, "served_by": "HFSampler"}

@@ -228,6 +228,6 @@ def test_out_of_memory_in_a_stage_is_one_line_and_closes_the_engine(fake_vllm, t
     with pytest.raises(ReasonMaxxerError) as ei:
         run_pipeline(_vllm_config(tmp_path, tiny_tokenizer), progress=False)
     msg = str(ei.value)
-    assert msg.startswith("select + score: out of GPU memory (CUDA out of memory)") and "\n" not in msg
+    assert msg.startswith("select + score: out of memory (CUDA out of memory)") and "\n" not in msg
     assert (tmp_path / "run" / "rollouts" / "manifest.json").is_file()  # the sampled rollouts are kept
     assert _closed(fake_vllm)

@@ -6,6 +6,7 @@ import math
 import os
 
 import pytest
+import torch
 
 from reasonmaxxer.core.stats import mean_ci95, paired_difference, pass_at_k, wilson_ci95
 from reasonmaxxer.errors import ReasonMaxxerError
@@ -326,3 +327,31 @@ def test_report_round_trip_and_save(report, tmp_path):
     assert (tmp_path / "out" / "eval.md").read_text() == to_markdown(report)
     with pytest.raises(ReasonMaxxerError, match="not an evaluation report"):
         EvalReport.from_dict({"label": "x"})
+
+
+def test_eval_json_records_what_was_evaluated(tmp_path, tiny_tokenizer):
+    """eval.json names the weights' kind (merged checkpoint / adapter on its base), dtype and backend."""
+    from conftest import make_tiny_model
+    from peft import LoraConfig, get_peft_model
+
+    from reasonmaxxer.data.problems import Problem
+    from reasonmaxxer.data.prompts import get_template
+    from reasonmaxxer.stages.evaluate import EvalConfig, evaluate_model
+
+    merged = tmp_path / "train" / "merged"
+    model = make_tiny_model(len(tiny_tokenizer), seed=3).to(torch.bfloat16)
+    model.save_pretrained(merged)
+    tiny_tokenizer.save_pretrained(merged)
+    probs = [Problem(id="p0", question="1+1?", answer="2")]
+    ecfg = EvalConfig(n=1, greedy=False, max_new_tokens=3, batch_size=2)
+    args = (probs, get_template("raw"), ecfg)
+    evaluate_model(model, tiny_tokenizer, str(merged), *args, tmp_path / "e1", progress=False)
+    rec = json.loads((tmp_path / "e1" / "eval.json").read_text())["weights"]
+    assert rec == {"spec": str(merged), "kind": "merged checkpoint", "dtype": "bfloat16", "served_by": "HFSampler"}
+    assert "Weights: merged checkpoint" in (tmp_path / "e1" / "eval.md").read_text()
+    pm = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    adapter = tmp_path / "train" / "adapter"
+    pm.save_pretrained(adapter)
+    evaluate_model(pm, tiny_tokenizer, str(adapter), *args, tmp_path / "e2", progress=False)
+    rec = json.loads((tmp_path / "e2" / "eval.json").read_text())["weights"]
+    assert rec["kind"] == "adapter (unmerged, on its base)" and rec["dtype"] == "bfloat16"
