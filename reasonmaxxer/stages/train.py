@@ -119,6 +119,13 @@ class TrainConfig:
     skip_ungated: bool = field(
         default=True, metadata={"help": "drop rollouts with no gated token (they would train the anchor only)"}
     )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "recompute each layer's activations in backward (less memory, ~1/3 more compute); "
+            "micro-batches then run per row, without the shared-prefix cache"
+        },
+    )
 
     def __post_init__(self):
         check_fields(self, "train")
@@ -238,6 +245,13 @@ def attach_adapter(model, cfg: TrainConfig) -> Trainable:
     """
     torch.manual_seed(cfg.seed)
     dtype = next(model.parameters()).dtype
+    if cfg.gradient_checkpointing:
+        # non-reentrant: gradients reach LoRA weights inside checkpointed layers even though the
+        # frozen embeddings' outputs need no grad (transformers' enable_input_require_grads is
+        # the reentrant variant's workaround; added too, it is harmless)
+        set_checkpointing(model, True)
+        if not cfg.full_finetune:
+            model.enable_input_require_grads()
     if cfg.full_finetune:
         import copy
 
@@ -279,9 +293,27 @@ def detach_adapter(trainable: Trainable) -> None:
     no merge: the base weights were never changed) and returns to eval mode. A full
     fine-tune's model keeps its trained (fp32) weights: the caller passed it to be trained."""
     if trainable.frozen is None and hasattr(trainable.model, "unload"):
-        trainable.model.unload().eval()
+        model = trainable.model.unload()
     else:
-        trainable.model.eval()
+        model = trainable.model
+    if set_checkpointing(model, False) and hasattr(model, "_require_grads_hook"):  # enable_input_require_grads
+        model.disable_input_require_grads()
+    model.eval()
+
+
+def set_checkpointing(model, on: bool) -> bool:
+    """Turn transformers' activation checkpointing on (non-reentrant) or off. Returns whether it
+    was on before. transformers >= 5.2x names it activation_checkpointing_*, earlier 5.x
+    gradient_checkpointing_* (kept as a deprecated alias)."""
+    new = hasattr(model, "activation_checkpointing_enable")
+    was = bool(getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False))
+    if on and new:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif was:
+        model.activation_checkpointing_disable() if new else model.gradient_checkpointing_disable()
+    return was
 
 
 def _unwrapped(model):
@@ -610,7 +642,10 @@ def run_steps(plan, cfg, out, trainable: Trainable, tokenizer, dist: Dist, valid
             ids, att, comps = (t.to(dev) for t in batches[k])
             m = masks[k]
             m = type(m)(m.advantages.to(dev), m.decision.to(dev), m.anchor.to(dev), m.lam)
-            P = shared_prefix_len(ids, att, comps) if cfg.share_prefix and not dist.sharded else 0
+            # transformers drops the KV cache in checkpointed layers (modeling_layers.py,
+            # GradientCheckpointingLayer): the shared-prefix path needs it, so rows run whole
+            shared = cfg.share_prefix and not dist.sharded and not cfg.gradient_checkpointing
+            P = shared_prefix_len(ids, att, comps) if shared else 0
             amp = torch.autocast(dev.type, dtype=trainable.autocast) if trainable.autocast else nullcontext()
             with dist.micro_pass(model, last=j == len(passes) - 1):
                 with amp:

@@ -377,3 +377,32 @@ def test_micro_batch_loss_with_shared_prefix_equals_plain(tiny_tokenizer, varian
     assert out[0][1]["gated_tokens"] == out[1][1]["gated_tokens"] == int(m.decision.sum())
     for n, g in out[0][2].items():
         assert (g - out[1][2][n]).abs().max() <= 1e-5 * g.abs().max() + 1e-6, n
+
+
+def test_gradient_checkpointing_gives_the_same_step_and_is_undone(tmp_path, tiny_tokenizer, monkeypatch):
+    """Same LoRA weights after a step with and without checkpointing; with share_prefix on, the
+    checkpointed run goes per row (transformers drops the cache the prefix path needs: were it
+    used, the rows would not see the prompt and the weights would differ); the MLPs really run
+    again in backward; the model comes back without checkpointing."""
+    exs = random_train_examples(4)
+    prompt = exs[0].prompt_ids  # a shared prompt: the shared-prefix path would apply
+    exs = [TrainExample(prompt, e.completion_ids, e.entropies, e.advantage, e.correct, key=e.key) for e in exs]
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    calls = []
+    real = LlamaMLP.forward
+    monkeypatch.setattr(LlamaMLP, "forward", lambda s, *a, **k: calls.append(1) or real(s, *a, **k))
+    states, n_calls = [], []
+    for gc in (False, True):
+        cfg = TrainConfig(
+            tau=1.0, micro_batch=4, lora_rank=4, lr=1e-2, max_steps=1, gradient_checkpointing=gc, share_prefix=gc
+        )
+        model = make_tiny_model(len(tiny_tokenizer), seed=1)
+        calls.clear()
+        train(exs, cfg, tmp_path / f"gc{gc}", model, tiny_tokenizer, shuffle=False, progress=False, export=False)
+        states.append(_ck_state(tmp_path / f"gc{gc}"))
+        n_calls.append(len(calls))
+        assert not model.is_gradient_checkpointing and not hasattr(model, "_require_grads_hook")
+    for k in states[0]:
+        torch.testing.assert_close(states[0][k], states[1][k], atol=1e-6, rtol=1e-5)
+    assert n_calls == [2 * 2, 2 * 3]  # 2 layers: trained + base forward; + the recompute
