@@ -350,6 +350,8 @@ def test_template_stops_reach_sampling_params(fake_vllm, ckpt, tmp_path):
         )
         params = [sp for call in FakeLLM.instances[0].calls for sp in call["params"]]
         assert len(params) == 2 and all(sp.stop == want for sp in params), (name, stop)
+    direct = vllm_backend.sampling_params_kwargs(Request(("p", 0), (5,)), SamplingConfig(stop=("", "###")), [EOS])
+    assert direct["stop"] == ["###"]  # an empty string never reaches vLLM (it would stop at once)
 
 
 def test_stop_tokens_are_cut_in_the_store(fake_vllm, ckpt, tiny_tokenizer, tmp_path):
