@@ -52,6 +52,13 @@ def _add_sampling(p, n=4, temperature=0.7, max_new_tokens=256):
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--stop",
+        nargs="+",
+        default=[],
+        metavar="S",
+        help="stop strings, cut from the completion (default: the template's; --stop '' = none)",
+    )
     p.add_argument("--shard-size", type=int, default=64, help="problems per rollout-store shard (resumption unit)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 
@@ -193,6 +200,7 @@ def _sampling_config(a):
         max_new_tokens=a.max_new_tokens,
         seed=a.seed,
         batch_size=a.batch_size,
+        stop=tuple(a.stop),
     )
 
 
@@ -342,7 +350,7 @@ def run_eval(a, label=None):
         a.out
         or Path("runs")
         / "eval"
-        / f"{Path(a.model).name}-{_slug(a.model, a.problems, a.limit, a.template, vars(a).get('n'), a.temperature, a.top_p, a.top_k, a.max_new_tokens, a.seed, *(['vllm'] if a.backend == 'vllm' else []))}"
+        / f"{Path(a.model).name}-{_slug(a.model, a.problems, a.limit, a.template, vars(a).get('n'), a.temperature, a.top_p, a.top_k, a.max_new_tokens, a.seed, *(['vllm'] if a.backend == 'vllm' else []), *([f'stop={a.stop}'] if a.stop else []))}"
     )
     engine = _engine(a)
     model = tok = None

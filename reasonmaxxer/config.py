@@ -205,6 +205,7 @@ _ALIASES = {
     "vllm.tensor_parallel_size": "--tensor-parallel-size",
     "vllm.data_parallel_size": "--data-parallel-size",
     "vllm.gpu_memory_utilization": "--gpu-memory-utilization",
+    "sampling.stop": "--stop",  # the name `sample` and `eval` use
 }
 
 

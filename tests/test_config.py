@@ -209,3 +209,17 @@ def test_configs_built_in_code_are_checked_by_the_same_field_metadata(make, mess
     with pytest.raises(ReasonMaxxerError) as e:
         make()
     assert str(e.value).startswith(message)
+
+
+def test_stop_flags():
+    """--stop on sample/eval; on run/demo the generated --sampling-stop (alias --stop) and --eval-stop."""
+    from reasonmaxxer.cli import _sampling_config
+
+    a = build_parser().parse_args(["demo", "--stop", "Problem:", "Human:", "--eval-stop", "###"])
+    assert config_overrides(a) == {"sampling.stop": ["Problem:", "Human:"], "eval.stop": ["###"]}
+    c = load_run_config(None, **config_overrides(a))
+    assert (c.sampling.stop, c.eval.stop) == (("Problem:", "Human:"), ("###",))
+    for cmd in (["sample", "--out", "o"], ["eval"]):
+        a = build_parser().parse_args([*cmd, "--stop", "Q:", "A:"])
+        assert _sampling_config(a).stop == ("Q:", "A:")
+        assert _sampling_config(build_parser().parse_args(cmd)).stop == ()  # the template's

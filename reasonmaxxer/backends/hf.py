@@ -62,7 +62,12 @@ class SamplingConfig:
     max_new_tokens: int = field(default=256, metadata={"help": "completion length cap, tokens", "ge": 1})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     batch_size: int = field(default=32, metadata={"help": "rows decoded together", "ge": 1})
-    stop: tuple[str, ...] = field(default=(), metadata={"help": "extra stop strings (EOS always stops)"})
+    stop: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "stop strings, cut from the completion (EOS always stops; the stages default to the template's)"
+        },
+    )
 
     def __post_init__(self):
         check_fields(self, "sampling")
@@ -127,9 +132,31 @@ def decode_completion(tokenizer, token_ids: Sequence[int], finish_reason: str, s
     """The completion's text: special tokens skipped; cut before the first stop string if it stopped on one."""
     text = tokenizer.decode(token_ids, skip_special_tokens=True)
     if finish_reason == "stop":
-        cut = min((text.find(s) for s in stop if s in text), default=-1)
+        cut = min((text.find(s) for s in stop if s and s in text), default=-1)
         text = text[:cut] if cut >= 0 else text
     return text
+
+
+def cut_at_stop(tokenizer, c: Completion, stop: Sequence[str]) -> Completion:
+    """`c` with its tokens (and their logprobs/entropies) cut before the stop string it ended on.
+
+    The text is `decode_completion`'s (cut before the first stop string, as vLLM's
+    ``include_stop_str_in_output=False`` cuts its text; vLLM keeps the token ids, this does
+    not). Tokens kept: the longest prefix whose decoded text is no longer than the cut text,
+    so a token that straddles the stop string is dropped (its text part before the stop
+    string stays in `text`). Idempotent; a completion that did not end on a stop string
+    (finish_reason "eos"/"length") is returned unchanged.
+    """
+    if c.finish_reason != "stop":
+        return c
+    text = decode_completion(tokenizer, c.token_ids, "stop", stop)
+    if len(text) == len(tokenizer.decode(c.token_ids, skip_special_tokens=True)):
+        return c  # no stop string in the tokens: already cut
+    k = len(c.token_ids)
+    while k > 0 and len(tokenizer.decode(c.token_ids[:k], skip_special_tokens=True)) > len(text):
+        k -= 1
+    ents = c.entropies[:k] if c.entropies is not None else None
+    return Completion(c.key, c.token_ids[:k], c.logprobs[:k], ents, "stop", text)
 
 
 def sample_from_logits(
@@ -314,9 +341,13 @@ class HFSampler:
         last = torch.zeros((0,), dtype=torch.long)  # [B] token to feed next
         B = cfg.batch_size
 
+        stop = tuple(s for s in cfg.stop if s)
+
         def finish(row: _Row):
-            text = decode_completion(self.tok, row.tokens, row.done, cfg.stop)
-            c = Completion(row.req.key, row.tokens, row.logprobs, row.entropies, row.done, text)
+            text = decode_completion(self.tok, row.tokens, row.done, stop)
+            c = cut_at_stop(
+                self.tok, Completion(row.req.key, row.tokens, row.logprobs, row.entropies, row.done, text), stop
+            )
             results[row.req.key] = c
             if on_done:
                 on_done(c)
@@ -337,7 +368,7 @@ class HFSampler:
             row.logprobs.append(lp)
             if t in self.eos:
                 row.done = "eos"
-            elif cfg.stop and any(s in self.tok.decode(row.tokens[-12:], skip_special_tokens=True) for s in cfg.stop):
+            elif stop and any(s in self.tok.decode(row.tokens[-12:], skip_special_tokens=True) for s in stop):
                 row.done = "stop"
             elif len(row.tokens) >= cfg.max_new_tokens:
                 row.done = "length"
@@ -406,15 +437,21 @@ class HFSampler:
                 continue
 
             # one decode step for every row in the batch (dead rows ride along until compaction)
-            if self.max_positions and int(next_pos.max()) >= self.max_positions:
-                for r in rows:
-                    if not r.done:
-                        r.done = "length"
-                        finish(r)
-                continue
+            if self.max_positions:
+                # per row: a row whose prompt + completion fill the context (next_pos + 1 tokens, the
+                # last not yet fed) ends, truncated; the others go on. As vLLM's check_stop
+                # (vllm/v1/core/sched/utils.py: num_tokens >= max_model_len -> length-capped).
+                full = [r for r, p in zip(rows, next_pos.tolist()) if not r.done and p + 1 >= self.max_positions]
+                for r in full:
+                    r.done = "length"
+                    finish(r)
+                if all(r.done for r in rows):
+                    continue
             mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], 1)
             dev = self.device
-            logits = self._forward(last[:, None].to(dev), mask.to(dev), next_pos[:, None].to(dev), cache)
+            # dead rows' positions are clamped so they stay valid (their outputs are ignored)
+            pos = next_pos.clamp_max(self.max_positions - 1) if self.max_positions else next_pos
+            logits = self._forward(last[:, None].to(dev), mask.to(dev), pos[:, None].to(dev), cache)
             active = [i for i, r in enumerate(rows) if not r.done]
             tok, ent, lp = choose(logits[active], [rows[i] for i in active])
             new_last = last.clone()

@@ -144,8 +144,9 @@ def sampling_params_kwargs(req: Request, cfg: SamplingConfig, eos: Sequence[int]
         kw.update(temperature=0.0, top_p=1.0, top_k=-1)
     else:  # top_k -1 = off (accepted by every release; newer ones also take 0, 0.8 rejects 0)
         kw.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k if cfg.top_k > 0 else -1)
-    if cfg.stop:
-        kw["stop"] = list(cfg.stop)
+    stop = [s for s in cfg.stop if s]  # "" means none (stages.sample.resolve_stop); vLLM would stop at once
+    if stop:  # vLLM cuts the text before it (include_stop_str_in_output=False, its default)
+        kw["stop"] = stop
     return kw
 
 

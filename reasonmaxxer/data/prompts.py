@@ -17,6 +17,8 @@ want a small instruct model (SmolLM2-135M-Instruct) to copy. Each shows one step
 two-step arithmetic example made SmolLM2-135M-Instruct append a spurious second step to
 one-step sums. The example names (Mia, Sam) are not used by `reasonmaxxer.arith` and it
 never writes a three-digit operand, so an example is never also a generated problem.
+``raw`` and ``mistral`` declare stop strings (``Problem:``/``Question:``, ``Human:``,
+``Assistant:``); the chat kinds and custom templates declare none.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "render_prompt",
     "build_messages",
     "template_fingerprint",
+    "RAW_STOP",
 ]
 
 
@@ -51,7 +54,9 @@ class PromptTemplate:
 
     ``fewshot`` holds (question, worked answer) pairs shown before the real question (chat
     kinds only); ``system`` is an optional system message (chat kinds), or a preamble followed
-    by a blank line (raw kinds).
+    by a blank line (raw kinds). ``stop``: the template's stop strings, the default of the
+    sampling/eval ``stop`` (a completion prompt runs on into the next "Problem:" or a
+    "Human:" turn; a chat template ends its turn with an EOS token and needs none).
     """
 
     name: str
@@ -59,6 +64,7 @@ class PromptTemplate:
     template: str
     fewshot: tuple[tuple[str, str], ...] = ()
     system: str | None = None
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -87,16 +93,25 @@ FEWSHOT_EXAMPLES: tuple[tuple[str, str], ...] = (
 )
 
 
+# where a completion prompt's continuation starts a new problem or a dialogue turn
+RAW_STOP: tuple[str, ...] = ("Problem:", "Human:", "Assistant:")
+
+
 TEMPLATES: dict[str, PromptTemplate] = {
     "raw": PromptTemplate(
         "raw",
         "raw",
         "Solve the following math problem step by step. Put your final answer in \\boxed{}. "
         "Problem: {question} Solution:",
+        stop=RAW_STOP,
     ),
+    # chat kinds: no stop strings (the turn ends with an EOS token). The demo's template is
+    # `fewshot`; it must keep stop=() so the demo's completions (and figures) do not change.
     "chat": PromptTemplate("chat", "chat", _CHAT_INSTRUCTION),
     "fewshot": PromptTemplate("fewshot", "fewshot", _CHAT_INSTRUCTION, fewshot=FEWSHOT_EXAMPLES),
-    "mistral": PromptTemplate("mistral", "raw", "Question: {question} Answer: Let's think step by step."),
+    "mistral": PromptTemplate(
+        "mistral", "raw", "Question: {question} Answer: Let's think step by step.", stop=("Question:",) + RAW_STOP[1:]
+    ),
 }
 
 
@@ -178,6 +193,7 @@ def render_prompt(template: PromptTemplate, question: str, tokenizer=None) -> st
 
 
 def template_fingerprint(t: PromptTemplate) -> str:
-    """sha256 hex digest of what shapes the prompt (kind, template, examples, system); not the name."""
-    payload = {k: v for k, v in asdict(t).items() if k != "name"}
+    """sha256 hex digest of what shapes the prompt (kind, template, examples, system); not the
+    name, nor the stop strings (the resolved stop is part of the sampling config's hash)."""
+    payload = {k: v for k, v in asdict(t).items() if k not in ("name", "stop")}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()

@@ -58,6 +58,7 @@ class EvalConfig:
     max_new_tokens: int = field(default=256, metadata={"help": "completion length cap, tokens", "ge": 1})
     batch_size: int = field(default=32, metadata={"help": "rows decoded together", "ge": 1})
     seed: int = field(default=1234, metadata={"help": "sampling seed"})
+    stop: tuple[str, ...] = field(default=(), metadata={"help": "stop strings (default: the template's; '' = none)"})
 
     def __post_init__(self):
         check_fields(self, "eval")
@@ -478,15 +479,20 @@ def evaluate_stores(
     return evaluate(rows, meta, ks=ks, greedy_rows=grows, label=label)
 
 
-def greedy_accuracy_fn(problems, template, tokenizer, max_new_tokens: int, batch_size: int):
-    """validate(model) -> strict greedy accuracy on `problems` (used to pick the checkpoint)."""
+def greedy_accuracy_fn(problems, template, tokenizer, max_new_tokens: int, batch_size: int, stop=()):
+    """validate(model) -> strict greedy accuracy on `problems` (used to pick the checkpoint).
+
+    `stop`: stop strings, default the template's (as in `stages.sample.resolve_stop`)."""
     from ..verify import grade_many
+    from .sample import resolve_stop
 
     enc = [
         tuple(tokenizer(render_prompt(template, p.question, tokenizer), add_special_tokens=False)["input_ids"])
         for p in problems
     ]
-    cfg = SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    cfg = SamplingConfig(
+        n=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size, stop=resolve_stop(stop, template)
+    )
 
     def validate(model) -> float:
         comps = HFSampler(model, tokenizer).generate([Request((p.id, -1), e) for p, e in zip(problems, enc)], cfg)
@@ -528,6 +534,7 @@ def evaluate_model(
         max_new_tokens=ecfg.max_new_tokens,
         batch_size=ecfg.batch_size,
         seed=ecfg.seed,
+        stop=ecfg.stop,  # () -> the template's (sample_stage resolves it)
     )
     kw = dict(model=model, tokenizer=tokenizer, overwrite=overwrite, progress=progress, engine=engine, sampler=sampler)
     s_store = sample_stage(d / "samples", spec, problems, template, scfg, **kw) if ecfg.n > 0 else None

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..backends.engines import EngineConfig, MapStats, Progress, map_shards
-from ..backends.hf import Completion, HFSampler, Request, SamplingConfig
+from ..backends.hf import Completion, HFSampler, Request, SamplingConfig, cut_at_stop
 from ..data.problems import Problem, problems_hash
 from ..data.prompts import PromptTemplate, render_prompt, template_fingerprint
 from ..errors import ReasonMaxxerError
@@ -61,8 +61,16 @@ class SampleTask:
         idxs = [-1] if self.greedy else list(range(self.cfg.n))
         reqs = [Request((p.id, s), enc[p.id]) for p in chunk for s in idxs]
         comps = self._sampler.generate(reqs, self.cfg, on_done=lambda c: progress.units(1), progress=progress.tokens)
+        # the tokens of a stop string are cut for every backend (vLLM keeps them; HF has cut already)
+        comps = [cut_at_stop(tok, c, self.cfg.stop) for c in comps]
         gold = {p.id: p.answer for p in chunk}
         return [_row(c, prompts[c.key[0]], enc[c.key[0]], gold[c.key[0]]) for c in comps]
+
+
+def resolve_stop(stop: Sequence[str], template: PromptTemplate) -> tuple[str, ...]:
+    """The stop strings to sample with: `stop` if given, else the template's; ``""`` entries are
+    dropped, so ``("",)`` (``--stop ''``) means none, not even the template's."""
+    return tuple(s for s in (stop or template.stop) if s)
 
 
 def check_backend(backend: str | None, engine: EngineConfig | str | None) -> None:
@@ -112,6 +120,9 @@ def sample_stage(
 ) -> RolloutStore:
     """Sample `cfg.n` completions per problem (or one greedy completion), grade them, store them.
 
+    Stop strings: `cfg.stop`, else the template's (`resolve_stop`); the resolved tuple is in
+    the config hash, so a template without stops (the chat kinds) keeps its stores' hash.
+
     Resumable: shards already on disk are skipped. Processes sampling into one store with the
     same inputs split its shards (per-shard locks, `store.ShardClaims`); each shard is computed once. `model`/`tokenizer` may be passed to
     reuse a loaded model (they must be what `model_spec` names; Ray workers load their own).
@@ -126,8 +137,9 @@ def sample_stage(
         raise ReasonMaxxerError("sample: the problem set is empty")
     backend = getattr(sampler, "name", "hf")
     check_backend(backend, engine)
-    if greedy:
-        cfg = SamplingConfig(**{**asdict(cfg), "n": 1, "temperature": 0.0})
+    stop = resolve_stop(cfg.stop, template)
+    if greedy or stop != cfg.stop:
+        cfg = SamplingConfig(**{**asdict(cfg), "stop": stop, **({"n": 1, "temperature": 0.0} if greedy else {})})
     store = RolloutStore(out)
     config = {
         "stage": "sample",

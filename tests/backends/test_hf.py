@@ -130,3 +130,82 @@ def test_bad_config_is_a_clear_error():
         SamplingConfig(temperature=-1)
     with pytest.raises(ReasonMaxxerError, match="top_p"):
         SamplingConfig(top_p=0)
+
+
+def test_stop_string_ends_a_row_and_is_cut_from_text_and_tokens(peaky_model, tiny_tokenizer):
+    reqs = _requests(tiny_tokenizer)
+    s = HFSampler(peaky_model, tiny_tokenizer)
+    s.eos = set()  # only the stop string (or the length cap) ends a row
+    free = s.generate(reqs, SamplingConfig(n=1, temperature=0, max_new_tokens=24, batch_size=3))
+    stop = free[1].text[6:9]  # a 3-character string row 1 writes (one token per character, no specials)
+    out = s.generate(reqs, SamplingConfig(n=1, temperature=0, max_new_tokens=24, batch_size=3, stop=(stop,)))
+    n_stopped = 0
+    for f, c in zip(free, out):
+        if stop not in f.text:
+            assert (c.token_ids, c.finish_reason) == (f.token_ids, "length")
+            continue
+        n_stopped += 1
+        cut = f.text.index(stop)
+        assert c.finish_reason == "stop" and not c.truncated
+        assert c.text == f.text[:cut] and stop not in c.text
+        k = len(c.token_ids)  # the stop string's tokens are gone, the ones before it kept
+        assert k < len(f.token_ids) and c.token_ids == f.token_ids[:k]
+        assert tiny_tokenizer.decode(c.token_ids, skip_special_tokens=True) == c.text
+        assert c.logprobs == f.logprobs[:k] and c.entropies == f.entropies[:k]
+    assert n_stopped >= 1 and out[1].token_ids == free[1].token_ids[:6]
+
+
+def test_cut_at_stop_drops_a_token_that_straddles_the_stop_string():
+    from reasonmaxxer.backends.hf import Completion, cut_at_stop
+
+    class Tok:
+        pieces = {1: "The answer is 7.", 2: "\nProb", 3: "lem:", 4: " 5"}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(self.pieces[i] for i in ids)
+
+    c = Completion(("p", 0), [1, 2, 3, 4], [-1.0, -2.0, -3.0, -4.0], [0.1, 0.2, 0.3, 0.4], "stop", "")
+    got = cut_at_stop(Tok(), c, ("Problem:",))
+    assert (got.text, got.token_ids, got.logprobs, got.entropies) == ("The answer is 7.\n", [1], [-1.0], [0.1])
+    assert cut_at_stop(Tok(), got, ("Problem:",)) == got  # idempotent
+    eos = Completion(("p", 0), [1, 2, 3], [0.0] * 3, None, "eos", "x")
+    assert cut_at_stop(Tok(), eos, ("Problem:",)) is eos  # only a stop-string ending is cut
+
+
+def test_generation_config_eos_list_ends_rows(peaky_model, tiny_tokenizer):
+    """Chat end-of-turn tokens (e.g. <|im_end|>, <|eot_id|>) listed in generation_config.eos_token_id."""
+    import copy
+
+    reqs = _requests(tiny_tokenizer)
+    base = HFSampler(peaky_model, tiny_tokenizer)
+    base.eos = set()
+    free = base.generate(reqs, SamplingConfig(n=1, temperature=0, max_new_tokens=24, batch_size=3))
+    turn_end = free[0].token_ids[4]
+    model = copy.deepcopy(peaky_model)
+    model.generation_config.eos_token_id = [2, turn_end]  # a list, as chat models ship it
+    s = HFSampler(model, tiny_tokenizer)
+    assert s.eos == {2, turn_end, tiny_tokenizer.eos_token_id}
+    out = s.generate(reqs, SamplingConfig(n=1, temperature=0, max_new_tokens=24, batch_size=3))
+    assert out[0].finish_reason == "eos" and out[0].token_ids == free[0].token_ids[:5]
+    for f, c in zip(free, out):
+        ends = [i for i, t in enumerate(f.token_ids) if t in s.eos]
+        assert c.token_ids == (f.token_ids[: ends[0] + 1] if ends else f.token_ids)
+
+
+@pytest.mark.parametrize("batch_size", [2, 6])
+def test_context_limit_is_per_row(peaky_model, tiny_tokenizer, batch_size):
+    """A row whose prompt + completion fill max_position_embeddings ends (truncated); the others go on."""
+    reqs = _requests(tiny_tokenizer)
+    s = HFSampler(peaky_model, tiny_tokenizer)
+    s.eos = set()
+    free = s.generate(reqs, SamplingConfig(n=1, temperature=0, max_new_tokens=24, batch_size=batch_size))
+    longest = max(len(r.prompt_ids) for r in reqs)
+    s.max_positions = longest + 6
+    out = s.generate(reqs, SamplingConfig(n=1, temperature=0, max_new_tokens=24, batch_size=batch_size))
+    n_capped = 0
+    for r, f, c in zip(reqs, free, out):
+        room = s.max_positions - len(r.prompt_ids)  # completion tokens that fit in the context
+        assert c.token_ids == f.token_ids[:room] and c.finish_reason == "length" and c.truncated
+        n_capped += room < 24
+        assert len(r.prompt_ids) + len(c.token_ids) <= s.max_positions
+    assert n_capped >= 1 and any(len(c.token_ids) == 24 for c in out)  # short prompts ran to max_new_tokens

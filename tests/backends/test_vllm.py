@@ -359,6 +359,51 @@ def test_evaluate_model_with_a_vllm_sampler(fake_vllm, ckpt, tmp_path):
     assert (tmp_path / "e" / "eval.json").is_file()
 
 
+def test_template_stops_reach_sampling_params(fake_vllm, ckpt, tmp_path):
+    """`stop` defaults to the template's (raw: Problem:/Human:/Assistant:; chat kinds: none)."""
+    from reasonmaxxer.data.prompts import RAW_STOP
+    from reasonmaxxer.stages.evaluate import EvalConfig, evaluate_model
+
+    problems = [Problem(id=f"q{i}", question=f"{i}+1", answer=str(i + 1)) for i in range(2)]
+    spec = str(ckpt)
+    cases = (("raw", (), list(RAW_STOP)), ("raw", ("###",), ["###"]), ("raw", ("",), None), ("fewshot", (), None))
+    for i, (name, stop, want) in enumerate(cases):
+        FakeLLM.instances = []
+        ecfg = EvalConfig(n=1, greedy=False, max_new_tokens=4, stop=stop)
+        evaluate_model(
+            None,
+            None,
+            spec,
+            problems,
+            get_template(name),
+            ecfg,
+            tmp_path / str(i),
+            sampler=VLLMSampler(spec),
+            progress=False,
+        )
+        params = [sp for call in FakeLLM.instances[0].calls for sp in call["params"]]
+        assert len(params) == 2 and all(sp.stop == want for sp in params), (name, stop)
+    direct = vllm_backend.sampling_params_kwargs(Request(("p", 0), (5,)), SamplingConfig(stop=("", "###")), [EOS])
+    assert direct["stop"] == ["###"]  # an empty string never reaches vLLM (it would stop at once)
+
+
+def test_stop_tokens_are_cut_in_the_store(fake_vllm, ckpt, tiny_tokenizer, tmp_path):
+    """vLLM keeps a stop string's tokens (it cuts only the text); the sample stage cuts them too."""
+    from reasonmaxxer.data.prompts import PromptTemplate
+    from reasonmaxxer.stages.sample import sample_stage
+
+    assert tiny_tokenizer.convert_ids_to_tokens(STOP_PROMPT_TOKEN) == "\t"
+    FakeLLM.stop_tokens = tuple(tiny_tokenizer("ab###c", add_special_tokens=False)["input_ids"])
+    tmpl = PromptTemplate("tab", "custom", "{question}\t")  # its prompts end in the fake's stop trigger
+    problems = [Problem(id="q0", question="1+1", answer="2")]
+    cfg = SamplingConfig(n=1, max_new_tokens=8, stop=("###",))
+    store = sample_stage(tmp_path / "s", str(ckpt), problems, tmpl, cfg, sampler=VLLMSampler(str(ckpt)), progress=False)
+    (row,) = store.read_rows()
+    assert row["finish_reason"] == "stop" and not row["truncated"] and row["completion"] == "ab"
+    assert row["token_ids"] == list(tiny_tokenizer("ab", add_special_tokens=False)["input_ids"])
+    assert len(row["logprobs"]) == 2
+
+
 # -- errors and packaging ------------------------------------------------------------------------
 def test_missing_vllm_is_one_clear_error(monkeypatch, ckpt, tmp_path, capsys):
     from reasonmaxxer.cli import main

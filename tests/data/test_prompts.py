@@ -182,3 +182,34 @@ def test_fingerprint():
     assert template_fingerprint(same) == fps["raw"]  # the name does not shape the prompt
     assert template_fingerprint(PromptTemplate("raw", "raw", raw.template + " ")) != fps["raw"]
     assert template_fingerprint(PromptTemplate("c", "chat", TEMPLATES["chat"].template, system="s")) != fps["chat"]
+
+
+def test_template_stops():
+    """Completion prompts stop where a new problem or a dialogue turn would start; chat kinds
+    (the demo's `fewshot` included: its completions and figures must not change) stop at nothing."""
+    from dataclasses import replace
+
+    from reasonmaxxer.config import load_run_config
+    from reasonmaxxer.data.prompts import RAW_STOP
+
+    assert TEMPLATES["raw"].stop == RAW_STOP == ("Problem:", "Human:", "Assistant:")
+    assert TEMPLATES["mistral"].stop == ("Question:", "Human:", "Assistant:")
+    assert TEMPLATES["chat"].stop == TEMPLATES["fewshot"].stop == get_template("Q: {question} A:").stop == ()
+    demo = load_run_config(None)  # the defaults are the demo's (tests/test_config.py)
+    assert get_template(demo.template).stop == () and demo.sampling.stop == demo.eval.stop == ()
+    # the stop strings are not part of the prompt's fingerprint (stores keep their hashes; the
+    # resolved stop is in the sampling config's hash instead): these are the values before stops existed
+    for name, t in TEMPLATES.items():
+        assert template_fingerprint(replace(t, stop=("x",))) == template_fingerprint(t), name
+    assert template_fingerprint(TEMPLATES["fewshot"]).startswith("9f9e2da9328e114f")
+    assert template_fingerprint(TEMPLATES["raw"]).startswith("ce44f787cfa144f9")
+
+
+def test_resolve_stop():
+    from reasonmaxxer.stages.sample import resolve_stop
+
+    raw = TEMPLATES["raw"]
+    assert resolve_stop((), raw) == raw.stop  # default: the template's
+    assert resolve_stop(("###",), raw) == ("###",)  # given: replaces them
+    assert resolve_stop(("",), raw) == ()  # --stop '': none
+    assert resolve_stop((), TEMPLATES["fewshot"]) == ()
