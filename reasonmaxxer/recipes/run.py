@@ -267,7 +267,11 @@ def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -
             engine=engine,
         )
     examples = examples_from_selection(srows, cfg.selection.truncated)
-    validate = greedy_accuracy_fn(val_p, tmpl, tok, cfg.eval.max_new_tokens, cfg.eval.batch_size) if val_p else None
+    validate = (
+        greedy_accuracy_fn(val_p, tmpl, tok, cfg.eval.max_new_tokens, cfg.eval.batch_size, cfg.eval.stop)
+        if val_p
+        else None
+    )
 
     with stage("train"):
         from ..backends.engines import release_workers
