@@ -222,6 +222,59 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
+def split_decoder_head(model):
+    """(decoder body returning hidden states, output head module) of a causal LM / PeftModel."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or decoder is model:
+        decoder = getattr(model, "model", None)
+    if head is None or decoder is None or decoder is model:
+        raise ReasonMaxxerError(
+            f"cannot split {type(model).__name__} into a decoder body and an output head "
+            "(needs get_decoder()/.model and get_output_embeddings()); score it with "
+            "token_entropy(model(...).logits) instead"
+        )
+    return decoder, head
+
+
+def logit_postprocess(model):
+    """The elementwise logits transform the model applies after its head, from its config."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    scale = getattr(cfg, "logit_scale", None)  # Cohere: logits * logit_scale
+    div = getattr(cfg, "logits_scaling", None)  # Granite: logits / logits_scaling
+
+    if cap is None and scale is None and div is None:
+        return None
+    import torch
+
+    def post(logits):  # [c, V] model dtype -> same
+        if scale is not None:
+            logits = logits * scale
+        if div is not None:
+            logits = logits / div
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return post
+
+
+def fp32_head_weight(head):
+    """An fp32 copy [V, H] of a plain bias-free half-precision (bf16/fp16) nn.Linear head's
+    weight, else None. With it the head runs in fp32 on the (upcast) hidden states, so
+    entropies and log-probs of a bf16 model come from fp32 logits, not bf16-rounded ones
+    (bf16 keeps 8 mantissa bits: a logit of 20 is off by up to 0.06). Costs V * H * 4 bytes
+    while scoring (0.9 GB for Qwen2.5-1.5B)."""
+    import torch
+
+    half = (torch.bfloat16, torch.float16)
+    if type(head) is torch.nn.Linear and head.bias is None and head.weight.dtype in half:
+        return head.weight.detach().float()
+    return None
+
+
 def model_device(model):
     """The torch device of a model's (first) parameters."""
     return next(model.parameters()).device

@@ -47,7 +47,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from ..core.entropy import entropy_and_logprob
 from ..core.padding import pad_left
 from ..errors import ReasonMaxxerError
-from ..models import cache_kwarg
+from ..models import cache_kwarg, fp32_head_weight, logit_postprocess, split_decoder_head
 from ..schema import check_fields
 
 
@@ -240,6 +240,22 @@ class _Row:
     done: str | None = None
 
 
+def fp32_head(model):
+    """(decoder body, fp32 head weight [V, H]) of a bf16/fp16 model whose head is a plain linear
+    map with no logit post-processing, so sampling and the recorded entropies/log-probs use
+    fp32 logits (as scoring does); (None, None) otherwise (fp32 models: unchanged path)."""
+    if logit_postprocess(model) is not None:
+        return None, None
+    try:
+        decoder, head = split_decoder_head(model)
+    except ReasonMaxxerError:
+        return None, None
+    w32 = fp32_head_weight(head)
+    if w32 is None or cache_kwarg(decoder) != cache_kwarg(model):
+        return None, None
+    return decoder, w32
+
+
 def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
     first = seqs[0]
     n = min(len(s) for s in seqs)
@@ -272,10 +288,15 @@ class HFSampler:
         self.eos = eos_token_ids(getattr(model, "generation_config", None), tokenizer)
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         self._cache_kw = cache_kwarg(model)
+        self._decoder, self._w32 = fp32_head(model)
 
     # -- building blocks -------------------------------------------------------------
     def _forward(self, ids, mask, pos, cache):
+        """fp32 logits [B, V] of the last position of each row."""
         kw = {self._cache_kw: cache}
+        if self._w32 is not None:  # a bf16/fp16 model: the decoder body, then the head in fp32
+            out = self._decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
+            return out.last_hidden_state[:, -1, :].float() @ self._w32.t()  # [B, V]
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
         return out.logits[:, -1, :].float()  # [B, V]
 

@@ -47,6 +47,7 @@ from ..core.entropy import entropy_logprob_inplace
 from ..core.padding import pad_right
 from ..errors import ReasonMaxxerError
 from ..io import atomic_write_table, config_hash
+from ..models import fp32_head_weight, logit_postprocess, split_decoder_head
 from ..store import RolloutStore, ShardClaims
 from .sample import record_engine
 
@@ -182,61 +183,11 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
 
 
-def _decoder_and_head(model):
-    """(decoder body returning hidden states, output head module) of a causal LM / PeftModel."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if decoder is None or decoder is model:
-        decoder = getattr(model, "model", None)
-    if head is None or decoder is None or decoder is model:
-        raise ReasonMaxxerError(
-            f"score_sequences: cannot split {type(model).__name__} into a decoder body and an output head "
-            "(needs get_decoder()/.model and get_output_embeddings()); score it with "
-            "token_entropy(model(...).logits) instead"
-        )
-    return decoder, head
-
-
-def _logit_postprocess(model):
-    """The elementwise logits transform the model applies after its head, from its config."""
-    cfg = getattr(model, "config", None)
-    cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    scale = getattr(cfg, "logit_scale", None)  # Cohere: logits * logit_scale
-    div = getattr(cfg, "logits_scaling", None)  # Granite: logits / logits_scaling
-
-    if cap is None and scale is None and div is None:
-        return None
-
-    def post(logits: Tensor) -> Tensor:  # [c, V] model dtype -> same
-        if scale is not None:
-            logits = logits * scale
-        if div is not None:
-            logits = logits / div
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
-
-    return post
-
-
 def _autocast_on(device_type: str) -> bool:
     try:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4 takes no argument
         return torch.is_autocast_enabled()
-
-
-def fp32_head_weight(head) -> Tensor | None:
-    """An fp32 copy [V, H] of a plain bias-free half-precision (bf16/fp16) nn.Linear head's
-    weight, else None. With it the head runs in fp32 on the (upcast) hidden states, so
-    entropies and log-probs of a bf16 model come from fp32 logits, not bf16-rounded ones
-    (bf16 keeps 8 mantissa bits: a logit of 20 is off by up to 0.06). Costs V * H * 4 bytes
-    while scoring (0.9 GB for Qwen2.5-1.5B)."""
-    half = (torch.bfloat16, torch.float16)
-    if type(head) is torch.nn.Linear and head.bias is None and head.weight.dtype in half:
-        return head.weight.detach().float()
-    return None
 
 
 def _apply_head(head, post, h: Tensor, out: Tensor, w32: Tensor | None = None) -> Tensor:
@@ -336,8 +287,8 @@ def score_sequences(
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)  # [B, T]
 
-    decoder, head = _decoder_and_head(model)
-    post = _logit_postprocess(model)
+    decoder, head = split_decoder_head(model)
+    post = logit_postprocess(model)
     _check_head_matches(model, decoder, head, post, input_ids)
 
     hidden = _hidden_states(decoder, input_ids, attention_mask, position_ids)  # [B, T, H]

@@ -209,3 +209,24 @@ def test_context_limit_is_per_row(peaky_model, tiny_tokenizer, batch_size):
         n_capped += room < 24
         assert len(r.prompt_ids) + len(c.token_ids) <= s.max_positions
     assert n_capped >= 1 and any(len(c.token_ids) == 24 for c in out)  # short prompts ran to max_new_tokens
+
+
+def test_bf16_model_samples_from_fp32_logits(tiny_tokenizer):
+    """A bf16 model's head runs in fp32 on its hidden states (as in scoring); an fp32 model keeps
+    the plain path. Recorded entropies and log-probs are those of the fp32-head logits."""
+    fp32 = make_tiny_model(len(tiny_tokenizer), seed=3, init_std=0.2)
+    assert HFSampler(fp32, tiny_tokenizer)._w32 is None
+    bf = make_tiny_model(len(tiny_tokenizer), seed=3, init_std=0.2).to(torch.bfloat16)
+    sampler = HFSampler(bf, tiny_tokenizer)
+    assert sampler._w32 is not None and sampler._w32.dtype == torch.float32
+    reqs = _requests(tiny_tokenizer)[:1]
+    (c,) = sampler.generate(reqs, SamplingConfig(n=1, temperature=0, max_new_tokens=6, batch_size=1))
+    ids = torch.tensor([list(reqs[0].prompt_ids) + c.token_ids])
+    with torch.no_grad():
+        hidden = bf.model(input_ids=ids).last_hidden_state[0].float()  # [T, H] (full forward, no cache)
+    P = len(reqs[0].prompt_ids)
+    logits32 = hidden[P - 1 : P - 1 + len(c.token_ids)] @ bf.lm_head.weight.float().t()  # [n, V]
+    assert logits32.argmax(-1).tolist() == c.token_ids  # greedy on the fp32 logits
+    ent, lp = entropy_and_logprob(logits32, torch.tensor(c.token_ids))
+    torch.testing.assert_close(torch.tensor(c.entropies), ent, atol=0.05, rtol=0)  # bf16 cache vs full forward
+    torch.testing.assert_close(torch.tensor(c.logprobs), lp, atol=0.05, rtol=0)
