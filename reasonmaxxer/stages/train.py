@@ -107,6 +107,10 @@ class TrainConfig:
     warmup_steps: int = field(default=5, metadata={"help": "linear warmup, optimizer steps", "ge": 0})
     epochs: float = field(default=1.0, metadata={"help": "passes over the selected rollouts", "gt": 0})
     max_steps: int | None = field(default=None, metadata={"help": "cap on optimizer steps", "ge": 1})
+    schedule_steps: int | None = field(
+        default=None,
+        metadata={"help": "lay the lr schedule out for this many steps (default: the run's own length)", "ge": 1},
+    )
     micro_batch: int = field(default=1, metadata={"help": "sequences per forward pass", "ge": 1})
     grad_accum: int = field(default=8, metadata={"help": "micro-batches per optimizer step", "ge": 1})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm", "gt": 0})
@@ -212,7 +216,10 @@ def training_order(n: int, cfg: TrainConfig, shuffle: bool) -> list[int]:
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warmup over warmup_steps, then linear decay to 0 at `total` (step is 0-based)."""
+    """Linear warmup over warmup_steps, then linear decay to 0 at `total` (step is 0-based), or
+    at cfg.schedule_steps when set (the official recipe lays the schedule out for 200 steps and
+    stops at max_steps = 149, so the lr never reaches 0)."""
+    total = cfg.schedule_steps or total
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     rest = max(1, total - cfg.warmup_steps)

@@ -88,6 +88,8 @@ def test_empty_gate_is_an_error(tmp_path, tiny_tokenizer):
 def test_schedule_and_order():
     cfg = TrainConfig(lr=1.0, warmup_steps=2)
     assert [round(lr_at(s, 6, cfg), 4) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    laid_out = TrainConfig(lr=1.0, warmup_steps=2, schedule_steps=10)  # schedule for 10, stopped at 6
+    assert [round(lr_at(s, 6, laid_out), 4) for s in range(6)] == [0.5, 1.0, 1.0, 0.875, 0.75, 0.625]
     o = training_order(4, TrainConfig(epochs=1.5, seed=3), shuffle=True)
     assert len(o) == 6 and sorted(o[:4]) == [0, 1, 2, 3]
     assert training_order(4, TrainConfig(epochs=1.5, seed=3), True) == o
