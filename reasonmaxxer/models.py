@@ -280,6 +280,34 @@ def model_device(model):
     return next(model.parameters()).device
 
 
+BASE_RECORD = "reasonmaxxer_base.json"  # in an adapter dir: the base spec this library loads
+
+
+def adapter_base(adapter_dir: str | Path) -> str:
+    """The base model spec of a PEFT adapter dir: the spec it was trained on (our alias, a local
+    path: `BASE_RECORD`, written by `stages.checkpoint.save_adapter`), else PEFT's
+    ``base_model_name_or_path``."""
+    d = Path(adapter_dir)
+    if (d / BASE_RECORD).is_file():
+        return json.loads((d / BASE_RECORD).read_text())["spec"]
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    if not cfg.get("base_model_name_or_path"):
+        raise ReasonMaxxerError(f"{d}/adapter_config.json: no base_model_name_or_path; pass --base")
+    return cfg["base_model_name_or_path"]
+
+
+def peft_base_name(spec: str) -> str:
+    """The base as plain PEFT / transformers can load it (``AutoPeftModelForCausalLM``): an
+    alias's Hub id (the original the GGUF was quantised from), a local checkpoint's absolute
+    path, a GGUF file's dequantised cache dir, a Hub id as is."""
+    r = resolve_spec(spec)
+    if r.kind == "alias":
+        return ALIASES[r.spec]["hub_id"]
+    if r.kind == "gguf":
+        return str(_gguf_cache_path(Path(r.path)))
+    return r.path
+
+
 def load_model(
     spec: str = DEFAULT_MODEL, *, base: str | None = None, dtype=None, device: str | None = None, merge: bool = False
 ):
@@ -298,11 +326,7 @@ def load_model(
     r = resolve_spec(spec)
     if r.kind != "adapter":
         return _hf_load(base_dir_for(spec), dtype, device)
-    cfg = json.loads((Path(r.path) / "adapter_config.json").read_text())
-    base_spec = base or cfg.get("base_model_name_or_path")
-    if not base_spec:
-        raise ReasonMaxxerError(f"{r.path}/adapter_config.json: no base_model_name_or_path; pass --base")
-    model, tok = load_model(base_spec, dtype=dtype, device=device)
+    model, tok = load_model(base or adapter_base(r.path), dtype=dtype, device=device)
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(model, r.path).eval()
@@ -338,9 +362,10 @@ def model_fingerprint(spec: str) -> dict:
         h.update(_file_digest(f).encode())
     out["weights_sha256"] = h.hexdigest()
     if r.kind == "adapter":
-        cfg = json.loads((p / "adapter_config.json").read_text())
-        if cfg.get("base_model_name_or_path"):
-            out["base"] = model_fingerprint(cfg["base_model_name_or_path"])
+        try:
+            out["base"] = model_fingerprint(adapter_base(p))
+        except ReasonMaxxerError:
+            pass
     return out
 
 

@@ -185,16 +185,13 @@ class ServedModel:
 
 
 def served_model(spec: str) -> ServedModel:
-    from ..models import base_dir_for, resolve_spec
+    from ..models import adapter_base, base_dir_for, resolve_spec
 
     r = resolve_spec(spec)
     if r.kind != "adapter":
         return ServedModel(base_dir_for(spec))
     cfg = json.loads((Path(r.path) / "adapter_config.json").read_text())
-    base = cfg.get("base_model_name_or_path")
-    if not base:
-        raise ReasonMaxxerError(f"{r.path}/adapter_config.json: no base_model_name_or_path to serve the adapter on")
-    return ServedModel(base_dir_for(base), r.path, int(cfg.get("r") or 8))
+    return ServedModel(base_dir_for(adapter_base(r.path)), r.path, int(cfg.get("r") or 8))
 
 
 def lora_rank_bucket(rank: int) -> int:

@@ -422,17 +422,47 @@ def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -
         "n_tokens": len(summary["entropy"]["values"]),
     }
     atomic_write_json(out / "summary.json", small)
+    adapter = out / "train" / "adapter"
+    if (adapter / "adapter_config.json").is_file():  # the model card gets the held-out figures
+        from ..stages.checkpoint import write_model_card
+
+        run_info = [json.loads((out / "train" / f).read_text()) for f in ("train_config.json", "result.json")]
+        write_model_card(adapter, *run_info, results_markdown(small["accuracy"], cfg.test_problems))
     if progress:
-        print("\n== result (held-out, same problems) ==")
-        b, t = small["accuracy"]["base"], small["accuracy"]["trained"]
-        for metric in ("greedy", "avg_at_n"):
-            if b.get(metric) is not None:
-                p = paired.get(metric, {})
-                ci = (
-                    f" (paired diff {p['mean_diff']:+.3f}, 95% CI [{p['low']:+.3f}, {p['high']:+.3f}], n={p['n']})"
-                    if p
-                    else ""
-                )
-                print(f"{metric:9s} base {b[metric]:.3f} -> trained {t[metric]:.3f}{ci}")
-        print(f"tau {tau:.3f} nats, gated fraction {res['gated_fraction']:.2%}; report: {md} , {html}")
+        print_result(small, paired, tau, res["gated_fraction"], md, html)
     return small
+
+
+def results_markdown(accuracy: dict, test_problems: str) -> str:
+    """The held-out table of a run's summary, for the model card: base, trained, paired diff."""
+    rows = [
+        f"On `{test_problems}` ({accuracy['base']['n_problems']} problems), strict grading; paired difference "
+        "over problems with its 95% interval.",
+        "",
+        "| metric | base | trained | paired difference (95% CI) |",
+        "|---|---|---|---|",
+    ]
+    for metric in ("greedy", "avg_at_n"):
+        b, t = accuracy["base"].get(metric), accuracy["trained"].get(metric)
+        if b is None:
+            continue
+        p = accuracy["paired_all"].get(metric) or {}
+        diff = f"{p['mean_diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}]" if p else "-"
+        name = f"avg@{accuracy['base']['n_samples']}" if metric == "avg_at_n" else metric
+        rows.append(f"| {name} | {b:.3f} | {t:.3f} | {diff} |")
+    return "\n".join(rows) + "\n"
+
+
+def print_result(small: dict, paired: dict, tau: float, gated_fraction: float, md, html) -> None:
+    print("\n== result (held-out, same problems) ==")
+    b, t = small["accuracy"]["base"], small["accuracy"]["trained"]
+    for metric in ("greedy", "avg_at_n"):
+        if b.get(metric) is not None:
+            p = paired.get(metric, {})
+            ci = (
+                f" (paired diff {p['mean_diff']:+.3f}, 95% CI [{p['low']:+.3f}, {p['high']:+.3f}], n={p['n']})"
+                if p
+                else ""
+            )
+            print(f"{metric:9s} base {b[metric]:.3f} -> trained {t[metric]:.3f}{ci}")
+    print(f"tau {tau:.3f} nats, gated fraction {gated_fraction:.2%}; report: {md} , {html}")

