@@ -424,7 +424,7 @@ def _store_model(a, store):
 def cmd_train(a):
     import copy
 
-    from .backends.distributed import is_main_process, main_process_first
+    from .backends.distributed import is_main_process, main_process_first, set_timeout_minutes
     from .data.benchmarks import load_problems
     from .data.prompts import get_template
     from .models import load_model
@@ -436,16 +436,17 @@ def cmd_train(a):
     _threads(a)
     store = RolloutStore(a.rollouts)
     spec, man = _store_model(a, store)
+    set_timeout_minutes(a.dist_timeout_minutes)  # before the first collective initialises the process group
     main = is_main_process()  # under `accelerate launch` every process runs this command
-    with main_process_first():  # the main process converts / scores and caches; the others read the caches
+    with main_process_first():  # the main process converts the model and caches it; the others read the cache
         model, tok = load_model(spec)
     cfg = _train_config(a)
     out = Path(a.out)
     sel_cfg = _selection(a)
-    with main_process_first():
-        sel, rows, info = prepare_training_data(
-            store, spec, model, tok, sel_cfg, cfg, out / "scores.parquet", rescore=a.rescore, progress=main
-        )
+    # every process scores its share of the rows (all get every row's entropies; the main one caches them)
+    sel, rows, info = prepare_training_data(
+        store, spec, model, tok, sel_cfg, cfg, out / "scores.parquet", rescore=a.rescore, progress=main
+    )
     examples = examples_from_selection(rows, sel_cfg.truncated)
     validate = None
     if a.validation:
@@ -667,6 +668,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-new-tokens", type=int, default=256, help="for validation decoding")
         p.add_argument("--threads", type=int, default=0)
         if name == "train":
+            p.add_argument(
+                "--dist-timeout-minutes",
+                type=float,
+                default=60.0,
+                help="under `accelerate launch`: how long a process waits for the others in a collective "
+                "(torch's NCCL default is 10) (default: 60)",
+            )
             p.add_argument(
                 "--rescore", action="store_true", help="re-score base entropies even if the sampler's can be reused"
             )

@@ -566,7 +566,8 @@ def train(
             "seconds": round(dt, 3),
         }
         is_ck = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total_steps
-        if dist.is_main and validate is not None and (is_ck or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+        # every process calls validate (a collective that splits the problems, e.g. greedy_accuracy_fn)
+        if validate is not None and (is_ck or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
             inner = dist.unwrap(model)
             inner.eval()
             rec["val_accuracy"] = float(validate(inner))
