@@ -104,7 +104,7 @@ def _train_flags(p, with_tau: bool):
 
 
 def _add_engine(p):
-    """--engine/--workers/--ray-address."""
+    """--engine/--workers/--gpus-per-worker/--ray-address."""
     p.add_argument(
         "--engine",
         choices=("local", "ray"),
@@ -113,6 +113,13 @@ def _add_engine(p):
     )
     p.add_argument(
         "--workers", type=int, default=2, help="Ray workers (actors), each loads the model once (default: 2)"
+    )
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="GPUs each Ray worker reserves, one model per GPU; a fraction shares a GPU; 0 = CPU workers "
+        "(default: 1 when the cluster has a GPU per worker, an equal share when fewer, 0 without GPUs)",
     )
     p.add_argument(
         "--ray-address",
@@ -125,7 +132,11 @@ def _engine(a):
     from .backends.engines import EngineConfig
 
     return EngineConfig(
-        engine=a.engine, workers=a.workers, threads=getattr(a, "threads", 0) or 0, ray_address=a.ray_address
+        engine=a.engine,
+        workers=a.workers,
+        threads=getattr(a, "threads", 0) or 0,
+        ray_address=a.ray_address,
+        gpus_per_worker=a.gpus_per_worker,
     )
 
 

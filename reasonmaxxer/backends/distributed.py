@@ -17,8 +17,13 @@ a step (a short last step, or grad_accum < N) runs one with weight 0 so that eve
 the same collectives; under FSDP/ZeRO-3, where every forward is collective, every rank runs
 the same number of passes (padded with weight-0 passes) and the shared-prefix encoding is off.
 
+Scoring and validation (`sharded_map`): the single-process batches dealt round-robin to the
+ranks, the results gathered to every rank, so no rank waits in a collective while another does
+a long job alone. The process-group timeout (`set_timeout_minutes`, the CLI's
+--dist-timeout-minutes) goes to init_process_group through the first `partial_state()`.
+
 Tested: DDP on CPU (gloo, 2 processes): same adapter as one process within 1e-5 (see
-tests/test_distributed_train.py). Not exercised here: GPUs, FSDP and DeepSpeed (the code goes
+tests/backends/test_distributed.py). Not exercised here: GPUs, FSDP and DeepSpeed (the code goes
 through accelerate's APIs for them: `prepare`, `backward`, `no_sync`, `clip_grad_norm_`,
 `get_state_dict`; checkpoints hold the gathered adapter weights but not the sharded optimizer
 state, so a resumed FSDP/ZeRO-3 run restarts the Adam moments).

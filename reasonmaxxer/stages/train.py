@@ -374,7 +374,8 @@ def train(
 
     Under `accelerate launch` with N processes (see `distributed`), every process calls this with
     the same arguments; the step's micro-batches are split over the processes, and only the main
-    process writes train_config.json, metrics, checkpoints and exports (and runs `validate`).
+    process writes train_config.json, metrics, checkpoints and exports. Every process calls
+    `validate` (a collective, e.g. `greedy_accuracy_fn`'s, that splits the problems over them).
     `out_dir` must be on a filesystem every process sees (for resumption and result.json).
     """
     from tqdm.auto import tqdm
