@@ -111,7 +111,7 @@ def _train_flags(p, with_tau: bool):
 
 
 def _add_engine(p):
-    """--engine/--workers/--ray-address."""
+    """--engine/--workers/--gpus-per-worker/--ray-address."""
     p.add_argument(
         "--engine",
         choices=("local", "ray"),
@@ -120,6 +120,13 @@ def _add_engine(p):
     )
     p.add_argument(
         "--workers", type=int, default=2, help="Ray workers (actors), each loads the model once (default: 2)"
+    )
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="GPUs each Ray worker reserves, one model per GPU; a fraction shares a GPU; 0 = CPU workers "
+        "(default: 1 when the cluster has a GPU per worker, an equal share when fewer, 0 without GPUs)",
     )
     p.add_argument(
         "--ray-address",
@@ -132,7 +139,11 @@ def _engine(a):
     from .backends.engines import EngineConfig
 
     return EngineConfig(
-        engine=a.engine, workers=a.workers, threads=getattr(a, "threads", 0) or 0, ray_address=a.ray_address
+        engine=a.engine,
+        workers=a.workers,
+        threads=getattr(a, "threads", 0) or 0,
+        ray_address=a.ray_address,
+        gpus_per_worker=a.gpus_per_worker,
     )
 
 
@@ -431,7 +442,7 @@ def _store_model(a, store):
 
 def cmd_train(a):
 
-    from .backends.distributed import is_main_process, main_process_first
+    from .backends.distributed import is_main_process, main_process_first, set_timeout_minutes
     from .data.benchmarks import load_problems
     from .data.prompts import get_template
     from .models import load_model
@@ -443,16 +454,17 @@ def cmd_train(a):
     _threads(a)
     store = RolloutStore(a.rollouts)
     spec, man = _store_model(a, store)
+    set_timeout_minutes(a.dist_timeout_minutes)  # before the first collective initialises the process group
     main = is_main_process()  # under `accelerate launch` every process runs this command
-    with main_process_first():  # the main process converts / scores and caches; the others read the caches
+    with main_process_first():  # the main process converts the model and caches it; the others read the cache
         model, tok = load_model(spec)
     cfg = _train_config(a)
     out = Path(a.out)
     sel_cfg = _selection(a)
-    with main_process_first():
-        sel, rows, info = prepare_training_data(
-            store, spec, model, tok, sel_cfg, cfg, out / "scores.parquet", rescore=a.rescore, progress=main
-        )
+    # every process scores its share of the rows (all get every row's entropies; the main one caches them)
+    sel, rows, info = prepare_training_data(
+        store, spec, model, tok, sel_cfg, cfg, out / "scores.parquet", rescore=a.rescore, progress=main
+    )
     examples = examples_from_selection(rows, sel_cfg.truncated)
     validate = None
     if a.validation:
@@ -672,6 +684,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-new-tokens", type=int, default=256, help="for validation decoding")
         p.add_argument("--threads", type=int, default=0)
         if name == "train":
+            p.add_argument(
+                "--dist-timeout-minutes",
+                type=float,
+                default=60.0,
+                help="under `accelerate launch`: how long a process waits for the others in a collective "
+                "(torch's NCCL default is 10) (default: 60)",
+            )
             p.add_argument(
                 "--rescore", action="store_true", help="re-score base entropies even if the sampler's can be reused"
             )

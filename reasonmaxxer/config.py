@@ -80,6 +80,14 @@ class RunConfig:
     ray_address: str | None = field(
         default=None, metadata={"help": "a running Ray cluster ('auto' or host:port); default: a local Ray instance"}
     )
+    gpus_per_worker: float | None = field(
+        default=None,
+        metadata={
+            "help": "GPUs each Ray worker reserves (a fraction shares a GPU; 0: CPU workers; "
+            "default: 1 per worker when there are enough, else an equal share, 0 without GPUs)",
+            "ge": 0,
+        },
+    )
     reuse: str | None = field(
         default=None, metadata={"help": "a run dir whose base rollouts and base eval to reuse when inputs match"}
     )
@@ -96,7 +104,11 @@ class RunConfig:
         from .backends.engines import EngineConfig
 
         return EngineConfig(
-            engine=self.engine, workers=self.workers, threads=self.threads, ray_address=self.ray_address
+            engine=self.engine,
+            workers=self.workers,
+            threads=self.threads,
+            ray_address=self.ray_address,
+            gpus_per_worker=self.gpus_per_worker,
         )
 
 

@@ -17,8 +17,13 @@ a step (a short last step, or grad_accum < N) runs one with weight 0 so that eve
 the same collectives; under FSDP/ZeRO-3, where every forward is collective, every rank runs
 the same number of passes (padded with weight-0 passes) and the shared-prefix encoding is off.
 
+Scoring and validation (`sharded_map`): the single-process batches dealt round-robin to the
+ranks, the results gathered to every rank, so no rank waits in a collective while another does
+a long job alone. The process-group timeout (`set_timeout_minutes`, the CLI's
+--dist-timeout-minutes) goes to init_process_group through the first `partial_state()`.
+
 Tested: DDP on CPU (gloo, 2 processes): same adapter as one process within 1e-5 (see
-tests/test_distributed_train.py). Not exercised here: GPUs, FSDP and DeepSpeed (the code goes
+tests/backends/test_distributed.py). Not exercised here: GPUs, FSDP and DeepSpeed (the code goes
 through accelerate's APIs for them: `prepare`, `backward`, `no_sync`, `clip_grad_norm_`,
 `get_state_dict`; checkpoints hold the gathered adapter weights but not the sharded optimizer
 state, so a resumed FSDP/ZeRO-3 run restarts the Adam moments).
@@ -28,8 +33,34 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable, Sequence
+from datetime import timedelta
 
 import torch
+
+from ..errors import ReasonMaxxerError
+
+# How long a collective waits for the other processes before the job is killed. torch's NCCL
+# default is 10 min, which rank 0 alone loading or converting a real model exceeds. The first
+# `partial_state()` call initialises the process group (accelerate's PartialState is a singleton:
+# accelerate/state.py passes its kwargs to torch.distributed.init_process_group once), so the
+# CLI sets this before anything else (`--dist-timeout-minutes`).
+DEFAULT_TIMEOUT_MINUTES = 60.0
+_TIMEOUT = {"minutes": DEFAULT_TIMEOUT_MINUTES}
+
+
+def set_timeout_minutes(minutes: float) -> None:
+    """The process-group timeout for this process (call before the first collective)."""
+    if not minutes > 0:
+        raise ReasonMaxxerError(f"--dist-timeout-minutes must be > 0 (got {minutes})")
+    _TIMEOUT["minutes"] = float(minutes)
+
+
+def _init_kwargs():
+    """accelerate's InitProcessGroupKwargs with our timeout (accelerate/utils/dataclasses.py)."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return InitProcessGroupKwargs(timeout=timedelta(minutes=_TIMEOUT["minutes"]))
 
 
 def _flag(name: str) -> bool:
@@ -48,7 +79,8 @@ def partial_state():
     get gloo: accelerate would otherwise fall back to one process when no GPU is visible."""
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    # the timeout as such (InitProcessGroupKwargs.to_kwargs() would drop a value equal to its default)
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=_init_kwargs().timeout)
 
 
 @contextlib.contextmanager
@@ -64,6 +96,43 @@ def main_process_first():
 
 def is_main_process() -> bool:
     return not launched() or partial_state().is_main_process
+
+
+def rank_world() -> tuple[int, int]:
+    """(this process's rank, number of processes); (0, 1) when not launched."""
+    if not launched():
+        return 0, 1
+    st = partial_state()
+    return st.process_index, st.num_processes
+
+
+def gather_objects(obj) -> list:
+    """[rank 0's obj, rank 1's, ...] on every rank (picklable objects); [obj] when not launched."""
+    if not launched():
+        return [obj]
+    from accelerate.utils import gather_object
+
+    partial_state()
+    return gather_object([obj])  # accelerate/utils/operations.py: all_gather_object, lists concatenated
+
+
+def sharded_map(items: Sequence, batch: int, fn: Callable[[list], list]) -> list:
+    """`fn` over `items` in consecutive batches of `batch`, the batches dealt to the processes
+    (rank r: batches r, r + N, ...), results gathered to every process, in item order.
+
+    Each batch is the one a single process forms, so a batch-dependent `fn` (padding) gives
+    the single-process results. Collective when launched: every process must call it with
+    the same items. `fn(batch_items)` returns one result per item.
+    """
+    rank, world = rank_world()
+    starts = range(0, len(items), batch)
+    mine = {a: fn(list(items[a : a + batch])) for i, a in enumerate(starts) if i % world == rank}
+    if world == 1:
+        return [r for a in starts for r in mine[a]]
+    done: dict = {}
+    for part in gather_objects(mine):
+        done.update(part)
+    return [r for a in starts for r in done[a]]
 
 
 class Dist:
@@ -90,7 +159,7 @@ class Dist:
         return cls(
             Accelerator(
                 cpu=not torch.cuda.is_available(),
-                kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+                kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False), _init_kwargs()],
             )
         )
 

@@ -9,6 +9,11 @@ a `ShardTask` over shard payloads and hands each result to `on_result` on the dr
   the shards run in order. This is the single-process behaviour.
 - ``ray``: `workers` actors, each sets its torch thread count (`threads`, default 1), loads
   the model once (from the task's picklable `model_spec`) and computes one shard at a time.
+  Each actor asks Ray for `gpus_per_worker` GPUs (`worker_gpus`: unset = one GPU per worker
+  when the cluster has that many, an equal share of the GPUs when it has fewer, 0 without
+  GPUs). Ray sets CUDA_VISIBLE_DEVICES in an actor to the GPUs it was given, so the actor's
+  "cuda" (`models.default_device`) is its own GPU: one model per GPU. An actor given no GPU
+  hides the GPUs and runs on the CPU.
   The actors stay up between maps in the same process (the next map on the same model
   reuses the loaded model; `release_workers()` frees them). The rows come back to the
   driver, which grades them, writes the store shard atomically and updates the manifest
@@ -32,6 +37,7 @@ outside its config hash: a local run and a ray run of the same inputs are the sa
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import deque
@@ -50,19 +56,26 @@ ENGINES = ("local", "ray")
 class EngineConfig:
     """engine "local" | "ray"; workers: Ray actors; threads: torch threads per worker
     (0 = torch's default in local mode, 1 on Ray); ray_address: None = start a local Ray
-    instance, "auto" or "host:port" = join a running cluster; max_retries: per shard."""
+    instance, "auto" or "host:port" = join a running cluster; max_retries: per shard;
+    gpus_per_worker: GPUs each Ray worker requests (fractions share a GPU; None = `worker_gpus`'s
+    choice; 0 = CPU workers)."""
 
     engine: str = "local"
     workers: int = 2
     threads: int = 0
     ray_address: str | None = None
     max_retries: int = 2
+    gpus_per_worker: float | None = None
 
     def __post_init__(self):
         if self.engine not in ENGINES:
             raise ReasonMaxxerError(f"engine must be one of {', '.join(ENGINES)} (got {self.engine!r})")
         if self.workers < 1 or self.threads < 0 or self.max_retries < 0:
             raise ReasonMaxxerError("engine: workers must be >= 1, threads and max_retries >= 0")
+        g = self.gpus_per_worker
+        if g is not None and (g < 0 or (g > 1 and not float(g).is_integer())):
+            # Ray places a fractional request on one GPU; above 1 it takes whole GPUs only
+            raise ReasonMaxxerError(f"engine: gpus_per_worker must be in [0, 1] or a whole number (got {g})")
 
     @property
     def worker_threads(self) -> int:
@@ -227,7 +240,9 @@ class _Worker:
     keeping the last model it loaded, so consecutive maps over the same model (eval's sampled
     and greedy passes) load it once per worker."""
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, gpus: float = 0.0):
+        if not gpus:  # a worker without a GPU reservation must not load onto one (GPU 0) anyway
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
         import torch
 
         torch.set_num_threads(threads)
@@ -262,20 +277,40 @@ def _pool(engine: EngineConfig) -> list:
     """The live actors (created on first use, kept between maps in this Ray session)."""
     import ray
 
-    key = (ray.get_runtime_context().get_node_id(), engine.worker_threads)
+    gpus = worker_gpus(engine, ray.cluster_resources().get("GPU", 0))
+    key = (ray.get_runtime_context().get_node_id(), engine.worker_threads, gpus)
     if _POOL["key"] != key:
         release_workers()
         _POOL["key"] = key
     actors = _POOL["actors"]
     while len(actors) < engine.workers:
-        actors.append(_new_actor(engine))
+        actors.append(_new_actor(engine, gpus))
     return actors
 
 
-def _new_actor(engine: EngineConfig):
+def worker_gpus(engine: EngineConfig, cluster_gpus: float) -> float:
+    """GPUs each Ray worker asks for: `engine.gpus_per_worker` if set; else, on a cluster with
+    `cluster_gpus` GPUs, 1 when there is one per worker, 1/k when k workers must share each GPU
+    (k = ceil(workers / GPUs), so that all fit), 0 without GPUs. Raises when the request can
+    never be met (Ray would leave the workers pending forever)."""
+    g, n = engine.gpus_per_worker, int(cluster_gpus)
+    if g is None:
+        return 0.0 if n < 1 else 1.0 if n >= engine.workers else 1.0 / math.ceil(engine.workers / n)
+    if g * engine.workers > cluster_gpus + 1e-9:
+        raise ReasonMaxxerError(
+            f"ray: {engine.workers} workers x {g:g} GPUs each need {g * engine.workers:g} GPUs, the cluster has "
+            f"{cluster_gpus:g}: lower --workers or --gpus-per-worker (0 = CPU workers)"
+        )
+    return float(g)
+
+
+def _new_actor(engine: EngineConfig, gpus: float):
     import ray
 
-    return ray.remote(num_cpus=engine.worker_threads, max_restarts=0)(_Worker).remote(engine.worker_threads)
+    # num_gpus: Ray reserves the GPUs and sets CUDA_VISIBLE_DEVICES in the actor to them
+    # (ray/_private/utils.py set_visible_accelerator_ids); with 0 it leaves the variable alone
+    opts = dict(num_cpus=engine.worker_threads, num_gpus=gpus, max_restarts=0)
+    return ray.remote(**opts)(_Worker).remote(engine.worker_threads, gpus)
 
 
 def release_workers() -> None:
@@ -350,7 +385,7 @@ def _map_ray(task, payloads, engine, on_result, stats, bar, on_tokens, claims=No
                         "finished shards are kept, re-run to resume"
                     ) from None
                 ray.kill(actors[slot], no_restart=True)
-                actors[slot] = _new_actor(engine)
+                actors[slot] = _new_actor(engine, _POOL["key"][2])  # the pool's GPUs per worker
                 idle.append(slot)
                 todo.appendleft(i)
                 stats.retries += 1

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..backends.distributed import rank_world, sharded_map
 from ..backends.hf import HFSampler, Request, SamplingConfig
 from ..core.stats import mean_ci95, pass_at_k, wilson_ci95
 from ..data.problems import Problem
@@ -482,7 +483,8 @@ def evaluate_stores(
 def greedy_accuracy_fn(problems, template, tokenizer, max_new_tokens: int, batch_size: int, stop=()):
     """validate(model) -> strict greedy accuracy on `problems` (used to pick the checkpoint).
 
-    `stop`: stop strings, default the template's (as in `stages.sample.resolve_stop`)."""
+    `stop`: stop strings, default the template's (as in `stages.sample.resolve_stop`). Under
+    `accelerate launch` every process calls it (the problems are split, the accuracy gathered)."""
     from ..verify import grade_many
     from .sample import resolve_stop
 
@@ -495,9 +497,16 @@ def greedy_accuracy_fn(problems, template, tokenizer, max_new_tokens: int, batch
     )
 
     def validate(model) -> float:
-        comps = HFSampler(model, tokenizer).generate([Request((p.id, -1), e) for p, e in zip(problems, enc)], cfg)
-        grades = grade_many([p.answer for p in problems], [c.text for c in comps], workers=0)
-        return sum(g.strict.correct for g in grades) / len(grades)
+        def correct(batch: list) -> list[bool]:
+            comps = HFSampler(model, tokenizer).generate([Request((p.id, -1), e) for p, e in batch], cfg)
+            grades = grade_many([p.answer for p, _ in batch], [c.text for c in comps], workers=0)
+            return [bool(g.strict.correct) for g in grades]
+
+        items = list(zip(problems, enc))
+        # one process: one call over all problems, as before; under `accelerate launch` every
+        # process calls validate and decodes every N-th batch of `batch_size` problems (collective)
+        ok = correct(items) if rank_world()[1] == 1 else sharded_map(items, batch_size, correct)
+        return sum(ok) / len(ok)
 
     return validate
 

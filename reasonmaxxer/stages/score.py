@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
+from ..backends.distributed import is_main_process, sharded_map
 from ..backends.engines import EngineConfig, Progress, map_shards
 from ..core.entropy import entropy_logprob_inplace
 from ..core.padding import pad_right
@@ -342,11 +343,19 @@ def score_tokens(
 
 
 def score_rows(rows: list[dict], model, tokenizer, *, batch_size: int = 4, progress: bool = True) -> list[list[float]]:
-    """Teacher-forced base entropies (nats) of each row's completion tokens."""
+    """Teacher-forced base entropies (nats) of each row's completion tokens.
+
+    Under `accelerate launch` (N processes) each process scores every N-th batch of
+    `batch_size` rows and all get every row's entropies (`distributed.sharded_map`: the
+    single-process batches, so the same numbers); every process must call it (collective).
+    """
     from tqdm.auto import tqdm
 
+    def run(batch: list[dict]) -> list[list[float]]:
+        return [e for e, _ in score_tokens(batch, model, tokenizer, batch_size=batch_size, on_batch=bar.update)]
+
     with tqdm(total=len(rows), desc="score", unit="row", disable=not progress, dynamic_ncols=True) as bar:
-        return [e for e, _ in score_tokens(rows, model, tokenizer, batch_size=batch_size, on_batch=bar.update)]
+        return sharded_map(rows, batch_size, run)
 
 
 def attach_scores(
@@ -362,7 +371,8 @@ def attach_scores(
     engine=None,
 ) -> tuple[list[dict], dict]:
     """Add `base_entropies` to rows (scored or reused, see module docstring); cache in out_path.
-    `engine` (`engines.EngineConfig`) scores on Ray workers when it says so (same numbers)."""
+    `engine` (`engines.EngineConfig`) scores on Ray workers when it says so (same numbers).
+    Under `accelerate launch` every process calls it: the scoring is split over them (`score_rows`)."""
     from ..models import model_fingerprint
 
     man = store.manifest()
@@ -397,6 +407,7 @@ def attach_scores(
     table = pa.table(
         {"problem_id": [k[0] for k in keys], "sample_index": [k[1] for k in keys], "base_entropies": ents}
     ).replace_schema_metadata({"config_hash": h})
-    atomic_write_table(out_path, table)
+    if is_main_process():  # launched: every process has every row's scores; one writes the cache
+        atomic_write_table(out_path, table)
     info["score_seconds"] = round(time.time() - t0, 2)
     return rows, info

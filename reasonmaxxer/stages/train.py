@@ -575,7 +575,8 @@ def train(
 
     Under `accelerate launch` with N processes (see `distributed`), every process calls this with
     the same arguments; the step's micro-batches are split over the processes, and only the main
-    process writes train_config.json, metrics, checkpoints and exports (and runs `validate`).
+    process writes train_config.json, metrics, checkpoints and exports. Every process calls
+    `validate` (a collective, e.g. `greedy_accuracy_fn`'s, that splits the problems over them).
     `out_dir` must be on a filesystem every process sees (for resumption and result.json).
     """
     dist = Dist.from_env()
@@ -689,7 +690,8 @@ def run_steps(plan, cfg, out, trainable: Trainable, tokenizer, dist: Dist, valid
             "seconds": round(dt, 3),
         }
         is_ck = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total_steps
-        if dist.is_main and validate is not None and (is_ck or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+        # every process calls validate (a collective that splits the problems, e.g. greedy_accuracy_fn)
+        if validate is not None and (is_ck or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
             inner = dist.unwrap(model)
             inner.eval()
             rec["val_accuracy"] = float(validate(inner))
