@@ -69,41 +69,51 @@ def _log_softmax_(z: Tensor) -> Tensor:
     return z.sub_(torch.logsumexp(z, -1, keepdim=True)).clamp_(min=torch.finfo(z.dtype).min)
 
 
+def _active_chunks(w: Tensor | None, chunk: int) -> frozenset[int]:
+    """Indices of the chunks holding a nonzero entry of w [N] (one device sync)."""
+    if w is None:
+        return frozenset()
+    return frozenset((w.nonzero().squeeze(1) // chunk).unique().tolist())
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, hidden_base, weight_base, bias_base, targets, dec, anc, ent, chunk):
+    def forward(ctx, hidden, weight, bias, hidden_base, weight_base, bias_base, targets, dec, anc, ent, chunk, active):
+        anc_on, ent_on = active  # chunk indices with a nonzero anc / ent weight
         N = hidden.shape[0]
         w32 = weight.detach().float()  # [V, H]; a copy only if weight is not fp32
         wb32 = w32 if weight_base is None else weight_base.detach().float()
         bb = bias if weight_base is None else bias_base
         stats = torch.zeros(len(_STATS), dtype=torch.float64, device=hidden.device)
         lse = torch.empty(N, dtype=torch.float32, device=hidden.device)  # [N] logsumexp of theta
-        lse_b = torch.zeros_like(lse)  # [N] of base (rows with anc != 0 only)
-        ent_val = torch.zeros_like(lse)  # [N] H(p_theta) (only when ent is given)
-        for s in range(0, N, chunk):
+        lse_b = torch.zeros_like(lse)  # [N] of base (anchored chunks only)
+        ent_val = torch.zeros_like(lse)  # [N] H(p_theta) (chunks with an entropy weight only)
+        fmin = torch.finfo(torch.float32).min
+        for k, s in enumerate(range(0, N, chunk)):
             e = min(s + chunk, N)
             lq = _logits(hidden[s:e], w32, bias)  # [c, V]
             lse[s:e] = torch.logsumexp(lq, -1)
-            lq.sub_(lse[s:e, None]).clamp_(min=torch.finfo(lq.dtype).min)  # log q
-            stats[0] += (dec[s:e] * lq.gather(1, targets[s:e, None]).squeeze(1)).sum().double()
-            if ent is not None and bool((ent[s:e] != 0).any()):
-                h = -(lq.exp().mul_(lq)).sum(-1)  # [c]
-                ent_val[s:e] = h
-                on = ent[s:e] != 0
-                stats[3] += (ent[s:e] * h).sum().double()
-                stats[4] += torch.where(on, h, torch.zeros_like(h)).sum().double()
-            a = anc[s:e]
-            if hidden_base is None or not bool((a != 0).any()):
+            stats[0] += (dec[s:e] * (lq.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e])).sum().double()
+            if k not in anc_on and k not in ent_on:
                 continue
-            lp = _logits(hidden_base[s:e], wb32, bb)  # [c, V]
-            lse_b[s:e] = torch.logsumexp(lp, -1)
-            lp.sub_(lse_b[s:e, None]).clamp_(min=torch.finfo(lp.dtype).min)  # log p
-            kl = lp.exp().mul_(lp.sub_(lq)).sum(-1)  # [c] sum_v p (log p - log q), as anchor_kl
-            stats[1] += (a * kl).sum().double()
-            stats[2] += torch.where(a != 0, kl, torch.zeros_like(kl)).sum().double()
+            lq.sub_(lse[s:e, None]).clamp_(min=fmin)  # log q
+            if k in ent_on:
+                w = ent[s:e]
+                h = -(lq.exp().mul_(lq)).sum(-1)  # [c] H(q)
+                ent_val[s:e] = h
+                stats[3] += (w * h).sum().double()
+                stats[4] += torch.where(w != 0, h, torch.zeros_like(h)).sum().double()
+            if k in anc_on:
+                a = anc[s:e]
+                lp = _logits(hidden_base[s:e], wb32, bb)  # [c, V]
+                lse_b[s:e] = torch.logsumexp(lp, -1)
+                lp.sub_(lse_b[s:e, None]).clamp_(min=fmin)  # log p
+                kl = lp.exp().mul_(lp.sub_(lq)).sum(-1)  # [c] sum_v p (log p - log q), as anchor_kl
+                stats[1] += (a * kl).sum().double()
+                stats[2] += torch.where(a != 0, kl, torch.zeros_like(kl)).sum().double()
         ctx.save_for_backward(hidden, weight, bias, hidden_base, weight_base, bias_base, targets, dec, anc, ent)
         ctx.small = (lse, lse_b, ent_val)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.active = chunk, active
         ctx.mark_non_differentiable(stats)
         loss = (stats[0] + stats[1] + stats[3]).float()
         return loss, stats
@@ -113,6 +123,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_stats):
         hidden, weight, bias, hidden_base, weight_base, bias_base, targets, dec, anc, ent = ctx.saved_tensors
         lse, lse_b, ent_val = ctx.small
+        anc_on, ent_on = ctx.active
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         g = grad_loss.float()
         dec, anc = dec * g, anc * g  # fold d(outer)/d(loss) into the coefficients, [N]
@@ -123,18 +134,23 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         gh = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None  # [N, H]
         gw = torch.zeros_like(w32) if need_w else None  # [V, H] fp32
         gb = torch.zeros(w32.shape[0], dtype=torch.float32, device=w32.device) if need_b else None  # [V]
-        for s in range(0, hidden.shape[0], ctx.chunk):
+        for k, s in enumerate(range(0, hidden.shape[0], ctx.chunk)):
             e = min(s + ctx.chunk, hidden.shape[0])
-            G = _chunk_grad(hidden[s:e], w32, bias, targets[s:e], dec[s:e], anc[s:e], lse[s:e])  # [c, V]
-            if ent is not None and bool((ent[s:e] != 0).any()):
-                lq = _logits(hidden[s:e], w32, bias).sub_(lse[s:e, None])  # log q, [c, V]
-                q = lq.exp()
-                G.sub_(lq.add_(ent_val[s:e, None]).mul_(q).mul_(ent[s:e, None]))  # - ent q (log q + H)
-                del lq, q
-            a = anc[s:e]
-            if hidden_base is not None and bool((a != 0).any()):
+            lq = _logits(hidden[s:e], w32, bias).sub_(lse[s:e, None])  # log q, [c, V]
+            d, a = dec[s:e, None], anc[s:e, None]
+            if k in ent_on:  # d H / d z = -q (log q + H)
+                G = lq.exp()  # q
+                lq.clamp_(min=torch.finfo(torch.float32).min).add_(ent_val[s:e, None]).mul_(G).mul_(
+                    ent[s:e, None]
+                )  # ent q (log q + H)
+                G.mul_(a - d).sub_(lq)
+            else:
+                G = lq.exp_().mul_(a - d)  # (anc - dec) q, in place
+            del lq
+            G.scatter_add_(1, targets[s:e, None], d)  # + dec onehot(y)
+            if k in anc_on:
                 p = _logits(hidden_base[s:e], wb32, bb).sub_(lse_b[s:e, None]).exp_()  # [c, V]
-                G.sub_(p.mul_(a[:, None]))  # - anc * p
+                G.addcmul_(p, a, value=-1.0)  # - anc p
                 del p
             if need_h:
                 gh[s:e] = torch.mm(G, w32)  # [c, H]
@@ -146,14 +162,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             None if gh is None else gh.to(hidden.dtype),
             None if gw is None else gw.to(weight.dtype),
             None if gb is None else gb.to(bias.dtype),
-            *([None] * 8),
+            *([None] * 9),
         )
-
-
-def _chunk_grad(h: Tensor, w32: Tensor, b: Tensor | None, y: Tensor, dec: Tensor, anc: Tensor, lse: Tensor) -> Tensor:
-    """dec*(onehot(y) - q) + anc*q for one chunk: [c, V] fp32, q recomputed from h."""
-    G = _logits(h, w32, b).sub_(lse[:, None]).exp_().mul_((anc - dec)[:, None])  # (anc - dec) * q
-    return G.scatter_add_(1, y[:, None], dec[:, None])  # + dec * onehot(y)
 
 
 def chunked_head_loss(
@@ -224,6 +234,7 @@ def chunked_head_loss(
         anc,
         ent,
         int(chunk),
+        (_active_chunks(anc, chunk), _active_chunks(ent, chunk)),
     )
     out = dict(zip(_STATS, stats.tolist()))  # one device sync
     return loss, {"loss": out["decision"] + out["anchor_loss"] + out["entropy_loss"], **out}

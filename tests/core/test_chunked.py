@@ -195,6 +195,28 @@ def test_large_logits_are_stable():
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-4)
 
 
+def test_masked_vocabulary_minus_inf_bias_equals_the_smaller_vocabulary():
+    # a -inf bias entry is a token of probability 0 in both models: the loss and the
+    # gradients equal those on the vocabulary without it (0 * log 0 counts as 0, not nan)
+    h, hb, w, b, y, dec, anc, ent = _random_rows(11, 5, 20, seed=6)
+    keep = torch.ones(20, dtype=torch.bool)
+    keep[[3, 7, 19]] = False
+    y = torch.where(keep[y], y, torch.zeros_like(y))  # targets are never a masked token
+    bias = b.detach().masked_fill(~keep, -torch.inf)
+    loss, st = chunked_head_loss(h, hb, w, y, dec, anc, bias=bias, ent_weight=ent, chunk=4)
+    loss.backward()
+    w_small = w.detach()[keep].requires_grad_()
+    h2 = h.detach().clone().requires_grad_()
+    y_small = torch.cumsum(keep.long(), 0)[y] - 1  # index of each target among the kept tokens
+    loss2, st2 = chunked_head_loss(h2, hb, w_small, y_small, dec, anc, bias=b.detach()[keep], ent_weight=ent, chunk=4)
+    loss2.backward()
+    assert all(math.isfinite(v) for v in st.values())
+    torch.testing.assert_close(loss, loss2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(h.grad, h2.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.grad[keep], w_small.grad, rtol=1e-6, atol=1e-6)
+    assert (w.grad[~keep] == 0).all()
+
+
 def test_bf16_inputs_computed_in_fp32():
     h, hb, w, b, y, dec, anc, ent = _random_rows(33, 16, 1000, seed=4, dtype=torch.bfloat16)
     h64, w64, b64 = (x.detach().double().requires_grad_() for x in (h, w, b))
