@@ -277,3 +277,51 @@ def test_head_loss_weights_and_errors():
         chunked_head_loss(h, None, w, torch.zeros(3, dtype=torch.long), torch.zeros(2), torch.zeros(2))
     with pytest.raises(ValueError, match="chunk must be"):
         chunked_head_loss(h, None, w, torch.zeros(2, dtype=torch.long), torch.zeros(2), torch.zeros(2), chunk=0)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_matches_unchunked_at_qwen_vocab():
+    cpu = _problem(2, 12, 32, 151_936, seed=7)
+    hidden, hidden_base, weight, targets, adv, gate, anchor = (x.detach().cuda() for x in cpu)
+    hidden.requires_grad_(), weight.requires_grad_()
+    args = (hidden, hidden_base, weight, targets, adv, gate, anchor, 0.2, float(gate.sum()) + 1, float(anchor.sum()))
+    ref_loss, ref_stats = _unchunked(*args)
+    ref_gh, ref_gw = _grads(ref_loss, hidden, weight)
+    loss, st = _chunked(*args, chunk=7)
+    gh, gw = _grads(loss, hidden, weight)
+    assert loss.device.type == gh.device.type == gw.device.type == "cuda"
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh, ref_gh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, ref_gw, rtol=1e-5, atol=1e-6)
+    assert st["decision"] == pytest.approx(ref_stats["decision"], rel=1e-5, abs=1e-7)
+
+
+@cuda
+def test_cuda_bf16_matches_fp64_and_peak_memory_is_bounded():
+    N, H, V, chunk = 8192, 64, 151_936, 256  # [N, V] fp32 = 5 GB; a chunk's = 0.16 GB
+    h, hb, w, b, y, dec, anc, ent = (x.detach().cuda() for x in _random_rows(N, H, V, seed=8, dtype=torch.bfloat16))
+    h.requires_grad_(), w.requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    loss, _ = chunked_head_loss(h, hb, w, y, dec, anc, bias=b, ent_weight=ent, chunk=chunk)
+    loss.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - start
+    # at most ~6 [chunk, V] fp32 buffers + fp32 copies/grads of the head and of hidden
+    bound = 6 * chunk * V * 4 + 3 * V * H * 4 + 2 * N * H * 4
+    assert peak < bound < N * V * 4 / 4, (peak, bound)
+    n = 512  # the fp64 reference on the first rows only (it materialises [n, V])
+    h64, w64 = h.detach()[:n].double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = _fp64_reference(h64, hb[:n], w64, b, w64.detach(), b, y[:n], dec[:n], anc[:n], ent[:n])
+    ref.backward()
+    h2, w2 = h.detach()[:n].clone().requires_grad_(), w.detach().clone().requires_grad_()
+    loss2, _ = chunked_head_loss(h2, hb[:n], w2, y[:n], dec[:n], anc[:n], bias=b, ent_weight=ent[:n], chunk=chunk)
+    loss2.backward()
+    assert h2.grad.dtype == w2.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss2.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h2.grad.double(), h64.grad, rtol=1e-2, atol=1e-4)
+    torch.testing.assert_close(w2.grad.double(), w64.grad, rtol=1e-2, atol=1e-4)
