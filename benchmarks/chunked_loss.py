@@ -1,6 +1,6 @@
 """Chunked ReasonMaxxer loss from hidden states vs today's [N, V] logits path.
 
-    python benchmarks/chunked_loss.py                       # CPU, fp32, N=1024 (2 cores: ~1 min)
+    python benchmarks/chunked_loss.py                       # CPU, fp32, N=512 (2 cores: about 1 min)
     python benchmarks/chunked_loss.py --device cuda --n 8192 --dtype bf16
 
 Workload: N positions (30% gated, the rest anchored), H=1536, V=151,936 (Qwen2.5-1.5B's head),
@@ -114,7 +114,7 @@ def run(fn, inputs, args, device, warmup):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=1024, help="positions (default 1024: ~1 min on 2 CPU cores)")
+    ap.add_argument("--n", type=int, default=512, help="positions (default 512: about 1 min on 2 CPU cores)")
     ap.add_argument("--h", type=int, default=1536)
     ap.add_argument("--v", type=int, default=151_936)
     ap.add_argument("--chunk", type=int, default=128)
