@@ -64,11 +64,6 @@ def _logits(h: Tensor, w32: Tensor, b: Tensor | None) -> Tensor:
     return torch.mm(h, w32.t()) if b is None else torch.addmm(b.float(), h, w32.t())
 
 
-def _log_softmax_(z: Tensor) -> Tensor:
-    """In place: [c, V] fp32 logits -> log-probabilities (-inf clamped to the fp32 minimum)."""
-    return z.sub_(torch.logsumexp(z, -1, keepdim=True)).clamp_(min=torch.finfo(z.dtype).min)
-
-
 def _active_chunks(w: Tensor | None, chunk: int) -> frozenset[int]:
     """Indices of the chunks holding a nonzero entry of w [N] (one device sync)."""
     if w is None:
@@ -182,20 +177,21 @@ def chunked_head_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """Weighted decision + anchor (+ entropy) loss of N positions from their hidden states.
 
-    hidden [N, H] (differentiable; the output head's input at the positions that matter);
-    hidden_base [N, H] the base model's at the same positions (no gradient; None when
-    anc_weight is all 0); weight [V, H], bias [V] or None: the trained output head (they get
-    the right gradient when they require one, e.g. a tied embedding); weight_base/bias_base:
-    the base model's head (default: weight/bias, detached: a LoRA run). targets [N] int64;
-    dec_weight, anc_weight, ent_weight [N] (constants, e.g. from `head_loss_weights`).
+        hidden [N, H] (differentiable; the output head's input at the positions that matter);
+        hidden_base [N, H] the base model's at the same positions (no gradient; None when
+        anc_weight is all 0); weight [V, H], bias [V] or None: the trained output head (they get
+        the right gradient when they require one, e.g. a tied embedding); weight_base/bias_base:
+        the base model's head (default: weight and bias, detached: a LoRA run; bias_base is read
+    only with weight_base, None meaning no bias). targets [N] int64;
+        dec_weight, anc_weight, ent_weight [N] (constants, e.g. from `head_loss_weights`).
 
-    loss = sum dec_i log q_i(y_i) + sum anc_i KL(p_i || q_i) + sum ent_i H(q_i), a 0-dim fp32
-    tensor. Stats (plain floats, detached): "loss"; "decision" (the first sum: what
-    `reasonmaxxer_loss` reports as "decision"); "anchor_loss" (the second sum, = lam *
-    "anchor"); "anchor_kl_sum" (sum of KL over rows with anc_i != 0: divide by the step's
-    anc_denom for `reasonmaxxer_loss`'s "anchor"); "entropy_loss", "entropy_sum" (0 without
-    ent_weight). Peak memory: about four [chunk, V] fp32 buffers, plus fp32 copies of the
-    [V, H] head (and its [V, H] fp32 gradient when it requires one), plus [N, H] fp32 grads.
+        loss = sum dec_i log q_i(y_i) + sum anc_i KL(p_i || q_i) + sum ent_i H(q_i), a 0-dim fp32
+        tensor. Stats (plain floats, detached): "loss"; "decision" (the first sum: what
+        `reasonmaxxer_loss` reports as "decision"); "anchor_loss" (the second sum, = lam *
+        "anchor"); "anchor_kl_sum" (sum of KL over rows with anc_i != 0: divide by the step's
+        anc_denom for `reasonmaxxer_loss`'s "anchor"); "entropy_loss", "entropy_sum" (0 without
+        ent_weight). Peak memory: about four [chunk, V] fp32 buffers, plus fp32 copies of the
+        [V, H] head (and its [V, H] fp32 gradient when it requires one), plus [N, H] fp32 grads.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"need hidden [N, H] and weight [V, H]; got {tuple(hidden.shape)} and {tuple(weight.shape)}")
@@ -219,7 +215,8 @@ def chunked_head_loss(
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     anc = anc_weight.detach().float()
-    if hidden_base is None and bool((anc != 0).any()):
+    anc_on = _active_chunks(anc, chunk)
+    if hidden_base is None and anc_on:
         raise ValueError("hidden_base is None but anc_weight has nonzero entries")
     ent = None if ent_weight is None else ent_weight.detach().float()
     loss, stats = _ChunkedHeadLoss.apply(
@@ -234,7 +231,7 @@ def chunked_head_loss(
         anc,
         ent,
         int(chunk),
-        (_active_chunks(anc, chunk), _active_chunks(ent, chunk)),
+        (anc_on, _active_chunks(ent, chunk)),
     )
     out = dict(zip(_STATS, stats.tolist()))  # one device sync
     return loss, {"loss": out["decision"] + out["anchor_loss"] + out["entropy_loss"], **out}

@@ -180,6 +180,25 @@ def test_bias_entropy_separate_base_head_and_outer_gradient_match_fp64():
         torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_tied_embedding_gets_both_gradients():
+    # the head is the input embedding: its gradient is the head's plus the lookup's
+    g = torch.Generator().manual_seed(10)
+    emb = torch.randn(23, 6, generator=g).requires_grad_()
+    mix = torch.randn(6, 6, generator=g)
+    ids, y = torch.randint(0, 23, (1, 9), generator=g), torch.randint(0, 23, (1, 9), generator=g)
+    adv, gate = torch.tensor([0.8]), torch.rand(1, 9, generator=g) < 0.4
+    hidden_base = torch.randn(1, 9, 6, generator=g)
+    hidden = torch.tanh(emb[ids] @ mix)  # [1, 9, 6]
+    args = (hidden_base, emb, y, adv, gate, ~gate, 0.2, 5.0, 7.0)
+    (ref_g,) = _grads(_unchunked(hidden, *args)[0], emb)
+    hidden = torch.tanh(emb[ids] @ mix)
+    (g_emb,) = _grads(_chunked(hidden, *args, chunk=4)[0], emb)
+    torch.testing.assert_close(g_emb, ref_g, rtol=1e-5, atol=1e-6)
+    hidden = torch.tanh(emb[ids] @ mix)
+    (lookup_only,) = _grads(_chunked(hidden, hidden_base, emb.detach(), *args[2:], chunk=4)[0], emb)
+    assert not torch.allclose(lookup_only, ref_g)  # the head's own gradient is really there
+
+
 def test_large_logits_are_stable():
     # logits of order 1e4: exp overflows without the max shift, and log q of the rest is ~-1e4
     h, hb, w, b, y, dec, anc, ent = _random_rows(9, 4, 50, seed=3, scale=2_000.0)
