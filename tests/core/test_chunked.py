@@ -344,3 +344,13 @@ def test_cuda_bf16_matches_fp64_and_peak_memory_is_bounded():
     torch.testing.assert_close(loss2.double(), ref.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h2.grad.double(), h64.grad, rtol=1e-2, atol=1e-4)
     torch.testing.assert_close(w2.grad.double(), w64.grad, rtol=1e-2, atol=1e-4)
+
+
+def test_no_positions_gives_zero_loss_and_zero_gradients():
+    h, w = torch.zeros(0, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)
+    loss, st = chunked_head_loss(
+        h, torch.zeros(0, 4), w, torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0)
+    )
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and set(st.values()) == {0.0}
+    assert h.grad.shape == (0, 4) and (w.grad == 0).all()
