@@ -63,7 +63,8 @@ def fork_changes(
     (nats) at changed vs unchanged positions, how many changes sit at gated positions, and
     the most frequent (base token -> tuned token) changes with their counts.
     """
-    from ..stages.train import batch_tensors, shared_prefix_len, split_prefix_logits
+    from ..stages.batch_loss import shared_prefix_len, split_prefix_logits
+    from ..stages.train import batch_tensors
 
     pad = tokenizer.pad_token_id or 0
     n_pos = n_changed = n_top5 = n_gated_changed = 0

@@ -252,7 +252,7 @@ def check_same_tokenizer(tok_a, tok_b) -> None:
 @torch.no_grad()
 def _completion_logits(model, ids: Tensor, att: Tensor, prefix_len: int, spans: list[tuple[int, int]]) -> list[Tensor]:
     """Teacher-forced logits predicting each completion token: [c_i, V] per row (model dtype and device)."""
-    from ..stages.train import split_prefix_logits
+    from ..stages.batch_loss import split_prefix_logits
 
     dev = model_device(model)
     _, rest = split_prefix_logits(model, ids.to(dev), att.to(dev), prefix_len)  # [B, T - P, V]
@@ -284,7 +284,8 @@ def analyze(
     teacher-forced argmax differs from the token it emitted (``teacher_forced_argmax_mismatch``).
     """
     from ..backends.hf import HFSampler, Request, SamplingConfig
-    from ..stages.train import TrainExample, batch_tensors, shared_prefix_len
+    from ..stages.batch_loss import shared_prefix_len
+    from ..stages.train import TrainExample, batch_tensors
 
     if source not in SOURCES:
         raise ReasonMaxxerError(f"analysis: unknown trajectory source {source!r}; valid: {', '.join(SOURCES)}")

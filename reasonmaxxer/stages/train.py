@@ -44,14 +44,13 @@ from typing import NamedTuple
 import torch
 
 from ..backends.distributed import Dist
-from ..core.entropy import token_logprobs
 from ..core.gating import check_gate_nonempty, entropy_gate, gated_fraction, random_gate_like, tau_for_fraction
-from ..core.losses import LOSS_VARIANTS, anchor_kl, loss_masks, reasonmaxxer_loss
+from ..core.losses import LOSS_VARIANTS, loss_masks
 from ..core.padding import pad_right
 from ..errors import ReasonMaxxerError
 from ..io import atomic_write_bytes, atomic_write_json, package_versions
-from ..models import cache_kwarg
 from ..schema import check_fields
+from .batch_loss import chunked_head, chunked_micro_batch_loss, micro_batch_loss, shared_prefix_len
 from .checkpoint import export_model, latest_checkpoint, load_trainable_state, save_checkpoint
 
 
@@ -122,6 +121,15 @@ class TrainConfig:
     )
     skip_ungated: bool = field(
         default=True, metadata={"help": "drop rollouts with no gated token (they would train the anchor only)"}
+    )
+    loss_impl: str = field(
+        default="auto",
+        metadata={
+            "help": "logits: the [B, T, V] logits, then the loss | chunked: from hidden states, one [chunk, V] "
+            "block of logits at a time (real lengths and vocabularies) | auto: chunked when a micro-batch's "
+            "fp32 logits would exceed 1 GiB",
+            "choices": ("auto", "chunked", "logits"),
+        },
     )
     gradient_checkpointing: bool = field(
         default=False,
@@ -323,110 +331,6 @@ def set_checkpointing(model, on: bool) -> bool:
     return was
 
 
-def _unwrapped(model):
-    """The model inside a DDP/FSDP/DeepSpeed wrapper (the model itself when not wrapped)."""
-    from accelerate.utils import extract_model_from_parallel
-
-    return extract_model_from_parallel(model)
-
-
-def shared_prefix_len(ids: torch.Tensor, att: torch.Tensor, completion: torch.Tensor | None = None) -> int:
-    """Length P of the token prefix shared by every row of a right-padded batch [B, T].
-
-    P stays inside every row's prompt (P < first completion position, when `completion` [B, T]
-    is given) and below the shortest row; 0 for a single row (nothing to share).
-    """
-    if ids.shape[0] < 2:
-        return 0
-    lengths = att.sum(1)
-    same = (ids == ids[:1]).all(0) & att.bool().all(0)  # [T]
-    p = int(same.long().cumprod(0).sum())
-    p = min(p, int(lengths.min()) - 1)
-    if completion is not None and completion.any():
-        first = torch.where(completion.any(1), completion.float().argmax(1), lengths)  # [B]
-        p = min(p, int(first.min()) - 1)
-    return max(0, p)
-
-
-def split_prefix_logits(model, ids: torch.Tensor, att: torch.Tensor, prefix_len: int):
-    """(prefix logits [1, P, V] or None, remainder logits [B, T - P, V]) of a right-padded batch.
-
-    The first `prefix_len` tokens are identical in every row (the few-shot examples, the system
-    prompt): they go through the model once (batch 1), their KV cache is broadcast to the B rows
-    and each row's remainder attends to it. Together the two parts equal ``model(ids, att).logits``
-    (up to float rounding); gradients flow through the shared part once, summed over the rows
-    that use it, which is what the per-row computation gives, at a fraction of the compute.
-    """
-    B, T = ids.shape
-    if prefix_len <= 0:
-        return None, model(input_ids=ids, attention_mask=att).logits
-    kw = cache_kwarg(model)
-    out = model(input_ids=ids[:1, :prefix_len], use_cache=True)
-    cache = out[kw] if kw in out else out["past_key_values"]
-    for layer in cache.layers:
-        layer.keys = layer.keys.expand(B, -1, -1, -1)
-        layer.values = layer.values.expand(B, -1, -1, -1)
-    mask = torch.cat([torch.ones((B, prefix_len), dtype=att.dtype, device=att.device), att[:, prefix_len:]], 1)
-    pos = (prefix_len + torch.arange(T - prefix_len, device=ids.device)).expand(B, -1)
-    rest = model(
-        input_ids=ids[:, prefix_len:], attention_mask=mask, position_ids=pos, use_cache=True, **{kw: cache}
-    ).logits
-    return out.logits, rest
-
-
-def shared_prefix_logits(model, ids: torch.Tensor, att: torch.Tensor, prefix_len: int) -> torch.Tensor:
-    """The full logits [B, T, V] computed with `split_prefix_logits` (for checks and scoring)."""
-    pre, rest = split_prefix_logits(model, ids, att, prefix_len)
-    return rest if pre is None else torch.cat([pre.expand(ids.shape[0], -1, -1), rest], 1)
-
-
-def micro_batch_loss(model, frozen, ids, att, m, prefix_len: int, dec_denom: float, anc_denom: float):
-    """`reasonmaxxer_loss` of one micro-batch, its shared prefix encoded and anchored once.
-
-    ids/att [B, T] right-padded; m: the variant's `LossMasks` ([B, T], column t = token t).
-    Columns 1..P (P = prefix_len) are predicted by the shared prefix logits, identical in every
-    row and never gated (prompt tokens): their anchor KL is computed once and weighted by the
-    number of rows anchored there. Columns P+1.. come from each row's own logits. Equal, up to
-    float rounding, to the plain per-row computation (tested).
-    """
-    P = prefix_len
-    pre_t, rest_t = split_prefix_logits(model, ids, att, P)
-    with torch.no_grad():
-        if frozen is not None:
-            pre_b, rest_b = split_prefix_logits(frozen, ids, att, P)
-        else:
-            with _unwrapped(model).disable_adapter():  # forward through the wrapper (FSDP gathers there)
-                pre_b, rest_b = split_prefix_logits(model, ids, att, P)
-    logits, base = rest_t[:, :-1], rest_b[:, :-1]  # predict columns P+1 .. T-1
-    loss, stats = reasonmaxxer_loss(
-        token_logprob=token_logprobs(logits, ids[:, P + 1 :]),
-        logits_theta=logits,
-        logits_base=base,
-        advantages=m.advantages,
-        gate=m.decision[:, P + 1 :],
-        anchor_mask=m.anchor[:, P + 1 :],
-        lam=m.lam,
-        dec_denom=dec_denom,
-        anc_denom=anc_denom,
-    )
-    if P == 0:
-        return loss, stats
-    if m.decision[:, 1 : P + 1].any():
-        raise ValueError("shared prefix positions cannot be gated (they are prompt tokens)")
-    pre_anchor = m.anchor[:, 1 : P + 1]  # [B, P]
-    rows = pre_anchor.all(1)
-    if not torch.equal(rows, pre_anchor.any(1)):
-        raise ValueError("anchor mask must be uniform over the shared prefix")
-    w = int(rows.sum())
-    if w and m.lam:
-        kl = anchor_kl(pre_b, pre_t, torch.ones((1, P), dtype=torch.bool, device=pre_t.device), denom=anc_denom / w)
-        loss = loss + m.lam * kl
-        stats["anchor"] += float(kl.detach())
-        stats["anchor_tokens"] += w * P
-        stats["loss"] = float(loss.detach())
-    return loss, stats
-
-
 # -- the loop ------------------------------------------------------------------------------
 LOSS_HINT = ". Lower --lr or check the data"
 
@@ -549,6 +453,16 @@ def step_inputs(plan: RunPlan, idx: Sequence[int], cfg: TrainConfig, pad: int):
     return batches, masks, dec_denom, anc_denom
 
 
+CHUNKED_ABOVE_BYTES = 2**30  # loss_impl = "auto": the chunked loss above this many bytes of fp32 logits
+
+
+def use_chunked(cfg: TrainConfig, head, ids: torch.Tensor, dist: Dist) -> bool:
+    """Whether this micro-batch [B, T] takes the chunked loss (see TrainConfig.loss_impl)."""
+    if head is None or dist.sharded or cfg.loss_impl == "logits":
+        return False
+    return cfg.loss_impl == "chunked" or ids.numel() * head.weight.shape[0] * 4 > CHUNKED_ABOVE_BYTES
+
+
 def train(
     examples: Sequence[TrainExample],
     cfg: TrainConfig,
@@ -621,6 +535,12 @@ def run_steps(plan, cfg, out, trainable: Trainable, tokenizer, dist: Dist, valid
     metrics_path = out / "metrics.jsonl"
     if metrics_path.is_file() and dist.is_main:
         trim_metrics(metrics_path, start)
+    head = chunked_head(model)  # None: the chunked loss does not apply to this model
+    if cfg.loss_impl == "chunked" and (head is None or dist.sharded):
+        raise ReasonMaxxerError(
+            "train: loss_impl = 'chunked' needs a plain output head (no LoRA on lm_head, no logit soft-capping) "
+            "and no FSDP/ZeRO-3 sharding; use loss_impl = 'logits'"
+        )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     dev = dist.device if dist.acc is not None else next(model.parameters()).device
     total_steps, per_step = plan.total_steps, cfg.micro_batch * cfg.grad_accum
@@ -655,9 +575,10 @@ def run_steps(plan, cfg, out, trainable: Trainable, tokenizer, dist: Dist, valid
             shared = cfg.share_prefix and not dist.sharded and not cfg.gradient_checkpointing
             P = shared_prefix_len(ids, att, comps) if shared else 0
             amp = torch.autocast(dev.type, dtype=trainable.autocast) if trainable.autocast else nullcontext()
+            loss_fn = chunked_micro_batch_loss if use_chunked(cfg, head, ids, dist) else micro_batch_loss
             with dist.micro_pass(model, last=j == len(passes) - 1):
                 with amp:
-                    loss, stats = micro_batch_loss(model, frozen, ids, att, m, P, dec_denom, anc_denom)
+                    loss, stats = loss_fn(model, frozen, ids, att, m, P, dec_denom, anc_denom)
                 if weight and not torch.isfinite(loss):
                     if dist.acc is None:
                         fail("loss", f" (decision {stats['decision']}, anchor {stats['anchor']})", LOSS_HINT)

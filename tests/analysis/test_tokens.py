@@ -23,7 +23,7 @@ from reasonmaxxer.analysis.tokens import (
     summarize,
 )
 from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.stages.train import shared_prefix_logits
+from reasonmaxxer.stages.batch_loss import shared_prefix_logits
 
 LN2 = math.log(2)
 

@@ -326,7 +326,7 @@ def test_sigkill_and_resume_gives_the_same_adapter(tmp_path, train_script, mode,
 def test_shared_prefix_logits_and_grads_equal_the_plain_forward(tiny_tokenizer):
     from peft import LoraConfig, get_peft_model
 
-    from reasonmaxxer.stages.train import shared_prefix_len, shared_prefix_logits
+    from reasonmaxxer.stages.batch_loss import shared_prefix_len, shared_prefix_logits
 
     torch.manual_seed(0)
     prefix = torch.randint(4, 100, (12,)).tolist()
@@ -354,12 +354,19 @@ def test_shared_prefix_logits_and_grads_equal_the_plain_forward(tiny_tokenizer):
         assert (a - b).abs().max() <= 1e-5 * a.abs().max() + 1e-6, n  # same up to fp32 summation order
 
 
-@pytest.mark.parametrize("variant", ["reasonmaxxer", "positive_only"])
-def test_micro_batch_loss_with_shared_prefix_equals_plain(tiny_tokenizer, variant):
+@pytest.mark.parametrize("variant", ["reasonmaxxer", "positive_only", "no_anchor", "all_tokens"])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_micro_batch_loss_shared_prefix_and_chunked_equal_plain(tiny_tokenizer, variant, frozen):
+    """The four ways to compute one micro-batch's loss (logits or chunked from hidden states;
+    shared prefix or not) give the same loss, stats and gradients; LoRA (base = adapters off)
+    and a frozen copy of the base (full fine-tune) alike."""
+    import copy
+
     from peft import LoraConfig, get_peft_model
 
     from reasonmaxxer.core.losses import loss_masks
-    from reasonmaxxer.stages.train import batch_tensors, micro_batch_loss, shared_prefix_len
+    from reasonmaxxer.stages.batch_loss import chunked_micro_batch_loss, micro_batch_loss, shared_prefix_len
+    from reasonmaxxer.stages.train import batch_tensors
 
     torch.manual_seed(1)
     prefix = tuple(torch.randint(4, 100, (10,)).tolist())
@@ -377,19 +384,47 @@ def test_micro_batch_loss_with_shared_prefix_equals_plain(tiny_tokenizer, varian
     P = shared_prefix_len(ids, att, comp)
     assert P == 10 and shared_prefix_len(ids[:1], att[:1]) == 0
     out = []
-    for p in (0, P):
-        model = get_peft_model(
-            make_tiny_model(len(tiny_tokenizer), seed=2, init_std=0.2),
-            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
-        )
-        loss, stats = micro_batch_loss(model, None, ids, att, m, p, dec, anc)
-        loss.backward()
-        out.append((float(loss), stats, {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}))
-    assert out[0][0] == pytest.approx(out[1][0], rel=1e-5, abs=1e-6)
-    assert out[0][1]["anchor_tokens"] == out[1][1]["anchor_tokens"] == int(m.anchor.sum())
-    assert out[0][1]["gated_tokens"] == out[1][1]["gated_tokens"] == int(m.decision.sum())
-    for n, g in out[0][2].items():
-        assert (g - out[1][2][n]).abs().max() <= 1e-5 * g.abs().max() + 1e-6, n
+    for fn in (micro_batch_loss, chunked_micro_batch_loss):
+        for p in (0, P):
+            base = make_tiny_model(len(tiny_tokenizer), seed=2, init_std=0.2)
+            if frozen:  # a full fine-tune: the trained model has moved away from its frozen copy
+                model, ref = base.train(), copy.deepcopy(base)
+                with torch.no_grad():
+                    model.lm_head.weight.add_(0.05 * torch.randn_like(model.lm_head.weight))
+                    model.model.layers[0].mlp.up_proj.weight.mul_(1.1)
+            else:
+                model, ref = (
+                    get_peft_model(
+                        base,
+                        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+                    ),
+                    None,
+                )
+            loss, stats = fn(model, ref, ids, att, m, p, dec, anc)
+            loss.backward()
+            grads = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+            out.append((float(loss), stats, grads))
+    ref_loss, ref_stats, ref_grads = out[0]
+    for loss, stats, grads in out[1:]:
+        assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
+        assert stats["anchor_tokens"] == ref_stats["anchor_tokens"] == (int(m.anchor.sum()) if m.lam else 0)
+        assert stats["gated_tokens"] == ref_stats["gated_tokens"] == int(m.decision.sum())
+        for k in ("decision", "anchor", "loss"):
+            assert stats[k] == pytest.approx(ref_stats[k], rel=1e-5, abs=1e-6), k
+        assert grads.keys() == ref_grads.keys() and grads
+        for n, g in ref_grads.items():
+            assert (g - grads[n]).abs().max() <= 1e-5 * g.abs().max() + 1e-6, n
+
+
+def test_loss_impl_chunked_trains_like_logits(tmp_path, tiny_tokenizer):
+    states = []
+    for impl in ("logits", "chunked"):
+        cfg = TrainConfig(tau=1.0, micro_batch=4, grad_accum=1, lora_rank=4, lr=1e-2, max_steps=2, loss_impl=impl)
+        model = make_tiny_model(len(tiny_tokenizer), seed=1)
+        train(random_train_examples(8), cfg, tmp_path / impl, model, tiny_tokenizer, progress=False, export=False)
+        states.append(_ck_state(tmp_path / impl, 2))
+    for k in states[0]:
+        torch.testing.assert_close(states[0][k], states[1][k], atol=1e-5, rtol=1e-4)
 
 
 def test_gradient_checkpointing_gives_the_same_step_and_is_undone(tmp_path, tiny_tokenizer, monkeypatch):
