@@ -17,16 +17,17 @@ that fails is reported (one line) without stopping the others:
    shared + `--unique` own tokens, as few-shot prompts are), T=0.7, batch `--batch-size`;
 2. score: `stages.score.score_rows` (teacher-forced full-vocabulary entropy, fp32 head) on those rollouts;
 3. score_long: the same on `--long-rows` sequences of `--long-len` tokens (4096: real reasoning lengths);
-4. train_lora: `stages.train.train` (LoRA r32 on q/k/v/o, the ReasonMaxxer loss) for
-   `--train-steps` optimizer steps on sequences of `--train-len` tokens, random +-1 advantages,
-   then the export (adapter + merged, fp32 merge rounded once to bf16);
+4. train_lora: `stages.train.train` (LoRA r32 on q/k/v/o, the chunked ReasonMaxxer loss) for
+   `--train-steps` optimizer steps of `--micro-batch` sequences of `--train-len` tokens, random
+   +-1 advantages, then the export (adapter + merged, fp32 merge rounded once to bf16);
 5. merge_agreement: teacher-forced argmax on the training sequences of the adapter served by
    PEFT on the bf16 base, of the bf16 merged checkpoint, and of the fp32 reference (fp32 base +
    adapter): agreement with the reference, and how many of its changes from the base each keeps;
-6. train_full: a full fine-tune of the bf16 model for `--train-steps` steps at lr 1e-5 (fp32
+6. train_lora_logits: the same steps through the [B, T, V] logits (for the memory beside 4.);
+7. train_full: a full fine-tune of the bf16 model for `--train-steps` steps at lr 1e-5 (fp32
    master weights): the fraction of a weight matrix that moved;
-7. oom: a deliberate out-of-memory becomes the library's one-line message;
-8. vllm (only if vllm imports): `VLLMSampler` on the same requests, from the model saved to
+8. oom: a deliberate out-of-memory becomes the library's one-line message;
+9. vllm (only if vllm imports): `VLLMSampler` on the same requests, from the model saved to
    a temp dir; engine start-up is timed apart from generation.
 
 Prints one table (figure and peak GPU memory per stage) and writes JSON with `--json` after
@@ -89,7 +90,7 @@ def parse_args(argv=None):
     ap.add_argument("--long-len", type=int, default=4096, help="sequence length of the long scoring stage")
     ap.add_argument("--long-rows", type=int, default=8)
     ap.add_argument("--long-batch", type=int, default=2)
-    ap.add_argument("--train-len", type=int, default=1024, help="tokens per training sequence")
+    ap.add_argument("--train-len", type=int, default=4096, help="tokens per training sequence")
     ap.add_argument("--train-steps", type=int, default=5)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--stages", default="all", help="comma-separated subset of: " + ",".join(STAGES))
@@ -104,7 +105,17 @@ def parse_args(argv=None):
     return a
 
 
-STAGES = ("sample", "score", "score_long", "train_lora", "merge_agreement", "train_full", "oom", "vllm")
+STAGES = (
+    "sample",
+    "score",
+    "score_long",
+    "train_lora",
+    "merge_agreement",
+    "train_lora_logits",
+    "train_full",
+    "oom",
+    "vllm",
+)
 
 
 def word_tokenizer(vocab_size: int):
@@ -253,12 +264,12 @@ def _train(ctx, a, work: Path, model, **cfg_kw) -> tuple[dict, list[float]]:
 def bench_train_lora(ctx, a) -> dict:
     ctx["examples"] = train_examples(ctx, a)
     work = ctx["work"] / "train_lora"
-    res, steps = _train(ctx, a, work, ctx["model"], lora_rank=32, lora_alpha=64, lr=1e-3)
+    res, steps = _train(ctx, a, work, ctx["model"], lora_rank=32, lora_alpha=64, lr=1e-3, loss_impl="chunked")
     ctx["lora_dir"] = work
     later = steps[1:] or steps
     base_intact = all(type(m).__name__ != "Linear" or not hasattr(m, "base_layer") for m in ctx["model"].modules())
     return {
-        "what": f"train, LoRA r32 q/k/v/o, {len(steps)} steps of {a.micro_batch} x {a.train_len} tokens, + export",
+        "what": f"train, LoRA r32 q/k/v/o, chunked loss, {len(steps)} steps of {a.micro_batch} x {a.train_len} tokens, + export",
         "steps": len(steps),
         "first_step_s": round(steps[0], 3),
         "s_per_step": round(statistics.median(later), 3),
@@ -268,6 +279,18 @@ def bench_train_lora(ctx, a) -> dict:
             f"{statistics.median(later):.3f} s/step (first {steps[0]:.2f} s); export {res.get('export_dtype')}; "
             f"base handed back without adapter: {base_intact}"
         ),
+    }
+
+
+def bench_train_lora_logits(ctx, a) -> dict:
+    """train_lora's steps with the [B, T, V] logits path, for its peak memory beside the chunked loss."""
+    work = ctx["work"] / "train_lora_logits"
+    res, steps = _train(ctx, a, work, ctx["model"], lora_rank=32, lora_alpha=64, lr=1e-3, loss_impl="logits")
+    later = steps[1:] or steps
+    return {
+        "what": f"train_lora with loss_impl = logits ([{a.micro_batch}, {a.train_len}, V] logits), for comparison",
+        "s_per_step": round(statistics.median(later), 3),
+        "figure": f"{statistics.median(later):.3f} s/step",
     }
 
 
@@ -325,13 +348,13 @@ def bench_train_full(ctx, a) -> dict:
     key = "model.layers.0.mlp.down_proj.weight"
     init = model.state_dict()[key].detach().float().cpu().clone()
     work = ctx["work"] / "train_full"
-    res, steps = _train(ctx, a, work, model, full_finetune=True, lr=1e-5, warmup_steps=0)
+    res, steps = _train(ctx, a, work, model, full_finetune=True, lr=1e-5, warmup_steps=0, loss_impl="chunked")
     st = torch.load(work / "checkpoints" / f"step-{a.train_steps:06d}" / "state.pt", weights_only=False)["model"]
     moved_master = float((st[key].float().cpu() != init).float().mean())
     later = steps[1:] or steps
     del model, st
     return {
-        "what": f"train, full fine-tune (fp32 master weights), {len(steps)} steps at lr 1e-5, + export",
+        "what": f"train, full fine-tune (fp32 master weights, chunked loss), {len(steps)} steps at lr 1e-5, + export",
         "master_dtype": "float32",
         "moved_fraction": round(moved_master, 4),
         "s_per_step": round(statistics.median(later), 3),

@@ -22,6 +22,8 @@ All math is fp32 (fp64 for the running sums) whatever the input dtype.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -71,8 +73,22 @@ def _active_chunks(w: Tensor | None, chunk: int) -> frozenset[int]:
     return frozenset((w.nonzero().squeeze(1) // chunk).unique().tolist())
 
 
+def _no_autocast(fn):
+    """Run an autograd Function's forward/backward with autocast off: its matmuls must stay fp32
+    (under an enclosing bf16 autocast, e.g. a full fine-tune's, torch.mm would run in bf16)."""
+
+    @functools.wraps(fn)
+    def wrapped(ctx, *args):
+        dev = next(a.device.type for a in args if isinstance(a, Tensor))
+        with torch.autocast(dev, enabled=False):
+            return fn(ctx, *args)
+
+    return wrapped
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
+    @_no_autocast
     def forward(ctx, hidden, weight, bias, hidden_base, weight_base, bias_base, targets, dec, anc, ent, chunk, active):
         anc_on, ent_on = active  # chunk indices with a nonzero anc / ent weight
         N = hidden.shape[0]
@@ -115,6 +131,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @_no_autocast
     def backward(ctx, grad_loss, _grad_stats):
         hidden, weight, bias, hidden_base, weight_base, bias_base, targets, dec, anc, ent = ctx.saved_tensors
         lse, lse_b, ent_val = ctx.small

@@ -354,3 +354,23 @@ def test_no_positions_gives_zero_loss_and_zero_gradients():
     loss.backward()
     assert float(loss.detach()) == 0.0 and set(st.values()) == {0.0}
     assert h.grad.shape == (0, 4) and (w.grad == 0).all()
+
+
+def test_an_enclosing_bf16_autocast_does_not_reach_the_fp32_math():
+    """A full fine-tune of a bf16 model runs its forward under bf16 autocast; the chunked loss
+    keeps its own matmuls fp32 (value and gradients as without autocast)."""
+    g = torch.Generator().manual_seed(3)
+    N, H, V = 6, 8, 50
+    h = torch.randn(N, H, generator=g, requires_grad=True)
+    w = torch.randn(V, H, generator=g, requires_grad=True)
+    hb = torch.randn(N, H, generator=g)
+    t = torch.randint(0, V, (N,), generator=g)
+    dec, anc = torch.randn(N, generator=g), torch.rand(N, generator=g)
+    outs = []
+    for amp in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss, _ = chunked_head_loss(h, hb, w, t, dec, anc, chunk=4)
+        gh, gw = torch.autograd.grad(loss, (h, w))
+        outs.append((loss, gh, gw))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
