@@ -93,6 +93,7 @@ def parse_args(argv=None):
     ap.add_argument("--train-len", type=int, default=4096, help="tokens per training sequence")
     ap.add_argument("--train-steps", type=int, default=5)
     ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="for the training stages")
     ap.add_argument("--stages", default="all", help="comma-separated subset of: " + ",".join(STAGES))
     ap.add_argument("--no-vllm", action="store_true", help="skip the vLLM measurement")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None, help="for the vLLM engine")
@@ -251,7 +252,7 @@ def train_examples(ctx, a) -> list:
 def _train(ctx, a, work: Path, model, **cfg_kw) -> tuple[dict, list[float]]:
     from reasonmaxxer.stages.train import TrainConfig, train
 
-    kw = {"warmup_steps": 1, **cfg_kw}
+    kw = {"warmup_steps": 1, "gradient_checkpointing": a.gradient_checkpointing, **cfg_kw}
     cfg = TrainConfig(
         micro_batch=a.micro_batch, grad_accum=1, max_steps=a.train_steps, checkpoint_every=a.train_steps, **kw
     )
