@@ -219,6 +219,8 @@ class Dist:
         if self.acc is None:
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
         gn = self.acc.clip_grad_norm_(model.parameters() if self.sharded else params, max_norm)
+        if gn is None and self.deepspeed:  # DeepSpeed clipped (its gradient_clipping) and stepped already
+            return torch.zeros((), dtype=torch.float32)
         return torch.as_tensor(float("nan") if gn is None else gn, dtype=torch.float32)
 
     def sum(self, values: list[float]) -> list[float]:

