@@ -1,17 +1,60 @@
-"""analysis.forks."""
+"""What training changed, teacher-forced on the training rollouts, in bounded memory.
+
+`fork_changes` (where the trained argmax differs from the base's) and `report_examples` (a
+few rollouts token by token, the base top-5 at gated positions) need per-position statistics
+over the full vocabulary, never the [B, T, V] logits: the final hidden states [B, T, H] come
+from one forward (`stages.batch_loss.split_prefix`), and the output head is applied to
+`chunk` positions at a time in fp32 (`position_logits`), keeping only the few numbers per
+position the reports use. A model whose head is not a plain linear map (LoRA on lm_head, a
+logit soft-cap) takes the logits of one micro-batch instead.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
-from ..models import model_device
-from ..stages.train import TrainExample
+from ..models import fp32_head_weight, model_device
+from ..stages.batch_loss import chunked_head, shared_prefix_len, split_prefix
+from ..stages.train import TrainExample, batch_tensors
 from .tokens import argmax_change
 
 
-def report_examples(model, tokenizer, examples: Sequence[TrainExample], gates, k: int = 4) -> list[dict]:
+def position_logits(model, ids, att, rows: Sequence[tuple[int, int]], chunk: int = 256) -> Iterator[torch.Tensor]:
+    """fp32 logits [c, V] at the positions `rows` ((row, column) pairs of the right-padded batch
+    ids/att [B, T]; column j predicts token j + 1), `chunk` positions at a time, in order.
+
+    The hidden states come from one forward (shared prefix encoded once); the head is applied
+    per chunk, so at most [chunk, V] logits exist. Without a plain head: one forward's logits."""
+    P = shared_prefix_len(ids, att)
+    head = chunked_head(model)
+    b = torch.tensor([r for r, _ in rows], dtype=torch.long, device=ids.device)
+    t = torch.tensor([c for _, c in rows], dtype=torch.long, device=ids.device)
+    if head is None:
+        pre, rest = split_prefix(model, ids, att, P, "logits")
+        full = rest if pre is None else torch.cat([pre.expand(ids.shape[0], -1, -1), rest], 1)
+        for s in range(0, len(rows), chunk):
+            yield full[b[s : s + chunk], t[s : s + chunk]].float()
+        return
+    pre, rest = split_prefix(model, ids, att, P, "hidden")
+    hidden = rest if pre is None else torch.cat([pre.expand(ids.shape[0], -1, -1), rest], 1)  # [B, T, H]
+    w = fp32_head_weight(head)
+    w = head.weight.float() if w is None else w  # [V, H] fp32
+    bias = None if head.bias is None else head.bias.float()
+    for s in range(0, len(rows), chunk):
+        h = hidden[b[s : s + chunk], t[s : s + chunk]].float()  # [c, H]
+        yield h @ w.t() if bias is None else torch.addmm(bias, h, w.t())
+
+
+def completion_rows(examples: Sequence[TrainExample]) -> list[tuple[int, int]]:
+    """(row, column) of the positions predicting each completion token, example by example."""
+    return [(j, len(e.prompt_ids) - 1 + k) for j, e in enumerate(examples) for k in range(len(e.completion_ids))]
+
+
+def report_examples(
+    model, tokenizer, examples: Sequence[TrainExample], gates, k: int = 4, chunk: int = 256
+) -> list[dict]:
     """A few training rollouts token by token, with the base top-5 at gated positions."""
     picks, seen = [], set()
     for i, e in enumerate(examples):
@@ -25,22 +68,27 @@ def report_examples(model, tokenizer, examples: Sequence[TrainExample], gates, k
             break
     out = []
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    pad = tokenizer.pad_token_id or 0
     for i in picks:
         e = examples[i]
-        ids = torch.tensor([list(e.prompt_ids) + list(e.completion_ids)], device=model_device(base))
+        ids, att, *_ = batch_tensors([e], pad)
+        gated = [t for t in range(len(e.completion_ids)) if bool(gates[i][t])]
+        rows = [(0, len(e.prompt_ids) - 1 + t) for t in gated]
+        top5 = {}
         with torch.no_grad():
-            logits = base(input_ids=ids).logits[0, len(e.prompt_ids) - 1 : -1].float().cpu()  # [C, V]
-        probs = logits.softmax(-1)
+            dev = model_device(base)
+            logits = position_logits(base, ids.to(dev), att.to(dev), rows, chunk)
+            for s, block in zip(range(0, len(rows), chunk), logits):
+                pv, pi = block.softmax(-1).topk(5)  # [c, 5]
+                for j in range(block.shape[0]):
+                    top5[gated[s + j]] = [
+                        [tokenizer.decode([int(x)]), round(float(q), 4)] for q, x in zip(pv[j].tolist(), pi[j].tolist())
+                    ]
         toks = []
         for t, tid in enumerate(e.completion_ids):
-            item = {
-                "text": tokenizer.decode([tid]),
-                "entropy": round(float(e.entropies[t]), 4),
-                "gated": bool(gates[i][t]),
-            }
+            item = {"text": tokenizer.decode([tid]), "entropy": round(float(e.entropies[t]), 4), "gated": t in top5}
             if item["gated"]:
-                pv, pi = probs[t].topk(5)
-                item["top5"] = [[tokenizer.decode([int(j)]), round(float(p), 4)] for p, j in zip(pv, pi)]
+                item["top5"] = top5[t]
             toks.append(item)
         out.append(
             {
@@ -54,51 +102,59 @@ def report_examples(model, tokenizer, examples: Sequence[TrainExample], gates, k
 
 
 def fork_changes(
-    base, tuned, tokenizer, examples: Sequence[TrainExample], gates, *, limit: int = 32, batch: int = 8, top: int = 12
+    base,
+    tuned,
+    tokenizer,
+    examples: Sequence[TrainExample],
+    gates,
+    *,
+    limit: int = 32,
+    batch: int = 8,
+    top: int = 12,
+    chunk: int = 256,
 ) -> dict:
     """Where the trained model's argmax differs from the base's, teacher-forced on training rollouts.
 
     Over the completion tokens of up to `limit` rollouts: the % of positions whose argmax
     changed, the % of those whose new token is in the base top-5, the mean base entropy
     (nats) at changed vs unchanged positions, how many changes sit at gated positions, and
-    the most frequent (base token -> tuned token) changes with their counts.
+    the most frequent (base token -> tuned token) changes with their counts. Memory: the
+    hidden states of `batch` rollouts and two [chunk, V] blocks of logits (`position_logits`).
     """
-    from ..stages.batch_loss import shared_prefix_len, split_prefix_logits
-    from ..stages.train import batch_tensors
-
     pad = tokenizer.pad_token_id or 0
     n_pos = n_changed = n_top5 = n_gated_changed = 0
     ent_changed, ent_same = [], []
     pairs: dict[tuple[str, str], list] = {}
     exs = list(examples[:limit])
     for i in range(0, len(exs), batch):
-        chunk = exs[i : i + batch]
-        ids, att, comp, ent, _, _ = batch_tensors(chunk, pad)
-        P = shared_prefix_len(ids, att, comp)
+        part = exs[i : i + batch]
+        ids, att, *_ = batch_tensors(part, pad)
+        rows = completion_rows(part)
+        b_arg, t_arg, cls = [], [], []
         with torch.no_grad():
-            outs = []
-            for mdl in (base, tuned):
-                dev = model_device(mdl)
-                pre, rest = split_prefix_logits(mdl, ids.to(dev), att.to(dev), P)
-                full = rest if pre is None else torch.cat([pre.expand(len(chunk), -1, -1), rest], 1)
-                outs.append(full[:, :-1].float().cpu())  # column t+1 predicted at t
-        b_log, t_log = outs
-        for j, e in enumerate(chunk):
-            p, c = len(e.prompt_ids), len(e.completion_ids)
-            rows = slice(p - 1, p + c - 1)  # logits predicting the completion tokens
-            b_arg, t_arg, _, cls = argmax_change(b_log[j, rows], t_log[j, rows], k=5)  # [c] each
-            n_pos += c
-            for k in range(c):
+            streams = [
+                position_logits(m, ids.to(model_device(m)), att.to(model_device(m)), rows, chunk) for m in (base, tuned)
+            ]
+            for bl, tl in zip(*streams):
+                ba, ta, _, c = argmax_change(bl, tl.to(bl.device), k=5)  # [c] each
+                b_arg += ba.tolist()
+                t_arg += ta.tolist()
+                cls += c.tolist()
+        n = 0
+        for j, e in enumerate(part):
+            for k in range(len(e.completion_ids)):
                 h = e.entropies[k]
-                if int(cls[k]) != 0:
+                n_pos += 1
+                if cls[n] != 0:
                     n_changed += 1
                     ent_changed.append(h)
-                    n_top5 += int(cls[k]) == 1
+                    n_top5 += cls[n] == 1
                     n_gated_changed += int(bool(gates[i + j][k]))
-                    key = (tokenizer.decode([int(b_arg[k])]), tokenizer.decode([int(t_arg[k])]))
+                    key = (tokenizer.decode([b_arg[n]]), tokenizer.decode([t_arg[n]]))
                     pairs.setdefault(key, []).append(h)
                 else:
                     ent_same.append(h)
+                n += 1
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
     common = sorted(pairs.items(), key=lambda kv: -len(kv[1]))[:top]
     return {
