@@ -5,7 +5,7 @@ completion at ``max_new_tokens``, capped at the model's context), the FLOPs, the
 memory and the GPU-hours and dollars on a named GPU; `render_plan` prints it. Pure functions:
 the only inputs are the config, the model's shape (`model_shape`: a local ``config.json`` or
 the `KNOWN_SHAPES` table), problem counts (`count_problems`: local data only, never the Hub)
-and an optional token counter (`local_token_counter`: a tokenizer already on disk).
+and an optional tokenizer (`local_tokenizer`: one already on disk).
 
 Formulas (also printed with the plan):
 - FLOPs: 2*N per token through a forward pass, 6*N per token trained (forward + backward),
@@ -22,12 +22,12 @@ Formulas (also printed with the plan):
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import ReasonMaxxerError
+from .model_shapes import GB, dims, kv_cache_bytes, local_tokenizer, lora_params, model_shape, n_params
 
 # peak dense bf16 FLOP/s (vendor data sheets: A100 SXM 312 TFLOP/s, H100 SXM 989 TFLOP/s),
 # memory, and an assumed rental price ($/GPU-hour)
@@ -42,56 +42,6 @@ ASSUMED_QUESTION_TOKENS = 100  # a question's length when its problems cannot be
 CHARS_PER_TOKEN = 4  # when no tokenizer is on disk
 ACT_BYTES = 34  # activation bytes per token, per hidden unit, per layer (bf16)
 
-# config.json fields of models the paper uses (from their Hub config.json files), for when no
-# local copy exists. Parameter counts follow from them (`n_params`).
-KNOWN_SHAPES: dict[str, dict] = {
-    "Qwen/Qwen2.5-Math-1.5B": {
-        "model_type": "qwen2",
-        "vocab_size": 151936,
-        "hidden_size": 1536,
-        "intermediate_size": 8960,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 12,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 4096,
-        "tie_word_embeddings": True,
-    },
-    "Qwen/Qwen2.5-1.5B": {
-        "model_type": "qwen2",
-        "vocab_size": 151936,
-        "hidden_size": 1536,
-        "intermediate_size": 8960,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 12,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 131072,
-        "tie_word_embeddings": True,
-    },
-    "Qwen/Qwen3-0.6B": {
-        "model_type": "qwen3",
-        "vocab_size": 151936,
-        "hidden_size": 1024,
-        "intermediate_size": 3072,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "max_position_embeddings": 40960,
-        "tie_word_embeddings": True,
-    },
-    "HuggingFaceTB/SmolLM2-135M-Instruct": {
-        "model_type": "llama",
-        "vocab_size": 49152,
-        "hidden_size": 576,
-        "intermediate_size": 1536,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "max_position_embeddings": 8192,
-        "tie_word_embeddings": True,
-    },
-}
-KNOWN_SHAPES["smollm2-135m"] = KNOWN_SHAPES["HuggingFaceTB/SmolLM2-135M-Instruct"]
 # row counts of the benchmark splits in ../shared/data (tests/data/test_benchmarks.py COUNTS)
 PUBLISHED_SIZES = {
     ("gsm8k", "train"): 7473,
@@ -103,98 +53,6 @@ PUBLISHED_SIZES = {
     ("olympiadbench", "test"): 675,
     ("minerva", "test"): 272,
 }
-
-
-# -- the model ----------------------------------------------------------------------------
-def _dims(c: dict) -> tuple[int, int, int, int, int, int, int]:
-    """(vocab, hidden, intermediate, layers, heads, kv_heads, head_dim) of a config dict."""
-    h, nh = int(c["hidden_size"]), int(c["num_attention_heads"])
-    kv = int(c.get("num_key_value_heads") or nh)
-    hd = int(c.get("head_dim") or h // nh)
-    return int(c["vocab_size"]), h, int(c["intermediate_size"]), int(c["num_hidden_layers"]), nh, kv, hd
-
-
-def n_params(c: dict) -> int:
-    """Parameters of a Llama/Qwen-style decoder from its config.json fields: embeddings (and an
-    untied head), per layer q/k/v/o (+ q/k/v biases for qwen2 or ``attention_bias``; q/k
-    RMSNorms for qwen3), a gated MLP (3 * hidden * intermediate) and two RMSNorms, a final norm."""
-    v, h, i, n_layers, nh, kv, hd = _dims(c)
-    bias = c.get("attention_bias", c.get("model_type") == "qwen2")
-    attn = h * nh * hd + 2 * h * kv * hd + nh * hd * h
-    attn += (nh * hd + 2 * kv * hd) if bias else 0
-    attn += 2 * hd if c.get("model_type") == "qwen3" else 0
-    layer = attn + 3 * h * i + 2 * h
-    head = 0 if c.get("tie_word_embeddings", True) else v * h
-    return n_layers * layer + v * h + head + h
-
-
-def lora_params(c: dict, rank: int, modules: tuple[str, ...]) -> int:
-    """Adapter parameters: rank * (in + out) per targeted projection per layer."""
-    v, h, i, n_layers, nh, kv, hd = _dims(c)
-    shapes = {
-        "q_proj": (h, nh * hd),
-        "k_proj": (h, kv * hd),
-        "v_proj": (h, kv * hd),
-        "o_proj": (nh * hd, h),
-        "gate_proj": (h, i),
-        "up_proj": (h, i),
-        "down_proj": (i, h),
-    }
-    return n_layers * sum(rank * sum(shapes[m]) for m in modules if m in shapes)
-
-
-def _local_model_dir(spec: str) -> Path | None:
-    """A directory on disk holding `spec`'s config.json (and tokenizer), or None. Never downloads."""
-    from ..models import ALIASES, adapter_base, list_models, resolve_spec
-
-    if spec.lower() in ALIASES:
-        row = next((r for r in list_models() if r["alias"] == spec.lower()), {})
-        return Path(row["cache"]) if row.get("converted") else None
-    try:
-        rs = resolve_spec(spec)
-    except ReasonMaxxerError:
-        return None
-    if rs.kind == "hf_dir":
-        return Path(rs.path)
-    if rs.kind == "adapter":
-        return _local_model_dir(adapter_base(rs.path))
-    if rs.kind == "hub":
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            hit = try_to_load_from_cache(spec, "config.json")
-        except ImportError:
-            return None
-        return Path(hit).parent if isinstance(hit, str) else None
-    return None
-
-
-def model_shape(spec: str) -> tuple[dict | None, str]:
-    """(config dict, where it came from): a local config.json, else `KNOWN_SHAPES`, else None."""
-    d = _local_model_dir(spec)
-    if d is not None and (d / "config.json").is_file():
-        return json.loads((d / "config.json").read_text()), f"{d / 'config.json'}"
-    if spec in KNOWN_SHAPES:
-        return KNOWN_SHAPES[spec], "known-shapes table (reasonmaxxer/recipes/plan.py)"
-    from ..models import ALIASES
-
-    hub = ALIASES.get(spec.lower(), {}).get("hub_id")
-    if hub in KNOWN_SHAPES:
-        return KNOWN_SHAPES[hub], f"known-shapes table ({hub})"
-    return None, "unknown (no local config.json, not in the known-shapes table)"
-
-
-def local_tokenizer(spec: str):
-    """(tokenizer, where) for a tokenizer already on disk; (None, "") when there is none."""
-    d = _local_model_dir(spec)
-    if d is None:
-        return None, ""
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(d), local_files_only=True), f"tokenizer in {d}"
-    except Exception:  # a missing/odd tokenizer: the plan falls back to an estimate
-        return None, ""
 
 
 # -- problems and prompts -------------------------------------------------------------------
@@ -266,19 +124,11 @@ def prompt_lengths(problems, template: str, tokenizer=None, count_tokens=None) -
 
 
 # -- memory ----------------------------------------------------------------------------------
-GB = 1e9
-
-
-def kv_cache_bytes(c: dict, rows: int, seq: int) -> float:
-    """KV cache of `rows` sequences of `seq` tokens: rows * seq * 2 (K, V) * layers * kv_heads *
-    head_dim * 2 bytes (bf16)."""
-    _, _, _, n_layers, _, kv, hd = _dims(c)
-    return rows * seq * 2 * n_layers * kv * hd * 2.0
 
 
 def train_memory_bytes(c: dict, tcfg, seq: int) -> tuple[float, str]:
     """Peak training memory and its formula (see the module docstring)."""
-    v, h, _, n_layers, _, _, _ = _dims(c)
+    v, h, _, n_layers, _, _, _ = dims(c)
     n = n_params(c)
     trainable = n if tcfg.full_finetune else lora_params(c, tcfg.lora_rank, tcfg.target_modules)
     weights = 2.0 * n if not tcfg.full_finetune else 0.0
@@ -294,6 +144,20 @@ def train_memory_bytes(c: dict, tcfg, seq: int) -> tuple[float, str]:
     return weights + states + acts + logits, formula
 
 
+def _decode_memory(backend, shape, n, rows, max_prompt, gen) -> tuple[float | None, str]:
+    """Peak memory of decoding `rows` sequences together, and how it is counted."""
+    if not n:
+        return None, ""
+    seq = math.ceil(max_prompt) + gen
+    full = 2.0 * n + kv_cache_bytes(shape, rows, seq)
+    if backend == "vllm":
+        return 2.0 * n + kv_cache_bytes(shape, 1, seq), (
+            f"vLLM: weights + the KV cache of one {seq}-token sequence must fit in gpu_memory_utilization; "
+            f"it batches what fits ({rows} rows at once: {full / GB:.1f} GB)"
+        )
+    return full, f"weights 2 B x params + KV cache {rows} rows x {seq} tok x 2 x layers x kv_heads x head_dim x 2 B"
+
+
 # -- the stages --------------------------------------------------------------------------------
 def _sample_stage(cfg, shape, n, tr, ctx, g, warnings) -> dict:
     sc = cfg.sampling
@@ -307,17 +171,7 @@ def _sample_stage(cfg, shape, n, tr, ctx, g, warnings) -> dict:
     prompt, generated = _mul(rows, tr["mean_prompt"]), _mul(rows, gen)
     tokens = {"prompt": prompt, "generated": generated}
     flops = _mul(2, n, None if prompt is None else prompt + generated)
-    seq = math.ceil(tr["max_prompt"]) + gen
-    if cfg.backend == "vllm":
-        mem = 2.0 * n + kv_cache_bytes(shape, 1, seq) if n else None
-        how = (
-            f"vLLM: weights + one {seq}-token sequence's KV cache must fit in gpu_memory_utilization; "
-            f"it batches what fits (a full batch of {sc.batch_size}: "
-            f"{(2.0 * n + kv_cache_bytes(shape, sc.batch_size, seq)) / GB if n else float('nan'):.1f} GB)"
-        )
-    else:
-        mem = 2.0 * n + kv_cache_bytes(shape, sc.batch_size, seq) if n else None
-        how = f"weights 2 B x params + KV cache {sc.batch_size} rows x {seq} tok"
+    mem, how = _decode_memory(cfg.backend, shape, n, min(sc.batch_size, rows or 1), tr["max_prompt"], gen)
     return _stage("sample", rows, tokens, flops, mem, how, UTILISATION["sample"], g)
 
 
@@ -329,7 +183,7 @@ def _train_stages(cfg, shape, n, tr, va, ctx, g, warnings) -> list[dict]:
     rows = None if kept is None else math.floor(kept * sc.n * sel.keep_shortest + 0.5)  # round half up
     rescored = cfg.backend == "vllm" or cfg.rescore
     scored = _mul(rows, seq_mean) if rescored else 0
-    smem = (2.0 * n + 2 * seq_max * _dims(shape)[0] * 4.0) if n else None
+    smem = (2.0 * n + 2 * seq_max * dims(shape)[0] * 4.0) if n else None
     out = [
         _stage(
             "select + score",
@@ -363,14 +217,15 @@ def _train_stages(cfg, shape, n, tr, va, ctx, g, warnings) -> list[dict]:
         vgen = _gen_cap(ec.max_new_tokens, va["mean_prompt"], ctx)
         vrows = _mul(n_val, va["count"])
         vtok = _mul(vrows, va["mean_prompt"] + vgen)
-        vmem = 2.0 * n + kv_cache_bytes(shape, ec.batch_size, math.ceil(va["max_prompt"]) + vgen) if n else None
+        # HF greedy decoding in the training process (recipes/run.py greedy_accuracy_fn), even with vLLM
+        vmem, vhow = _decode_memory("hf", shape, n, min(ec.batch_size, va["count"]), va["max_prompt"], vgen)
         vs = _stage(
             "validate (greedy, per checkpoint)",
             vrows,
             {"prompt+generated": vtok},
             _mul(2, n, vtok),
             vmem,
-            "weights + KV cache",
+            vhow,
             UTILISATION["sample"],
             g,
         )
@@ -481,18 +336,9 @@ def plan(
     rows_e = _mul(te["count"], ec.n + (1 if ec.greedy else 0))
     tok_e = _mul(rows_e, te["mean_prompt"] + gen_e)
     for name in ("eval base", "eval trained"):
-        mem = 2.0 * n + kv_cache_bytes(shape, ec.batch_size, math.ceil(te["max_prompt"]) + gen_e) if n else None
+        mem, how = _decode_memory(cfg.backend, shape, n, min(ec.batch_size, rows_e or 1), te["max_prompt"], gen_e)
         stages.append(
-            _stage(
-                name,
-                rows_e,
-                {"prompt+generated": tok_e},
-                _mul(2, n, tok_e),
-                mem,
-                "weights + KV cache",
-                UTILISATION["sample"],
-                g,
-            )
+            _stage(name, rows_e, {"prompt+generated": tok_e}, _mul(2, n, tok_e), mem, how, UTILISATION["sample"], g)
         )
     _fit(stages, g, warnings)
     known = [s for s in stages if s["flops"] is not None]
