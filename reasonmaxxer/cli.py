@@ -100,6 +100,16 @@ _TRAIN_KEYS = tuple(
 _SELECTION_KEYS = ("max_problems", "keep_shortest", "truncated", "order")
 
 
+def _add_dry_run(p):
+    g = p.add_argument_group("--dry-run: the plan (problems, tokens, FLOPs, memory, GPU-hours, $) without running")
+    g.add_argument("--dry-run", action="store_true", help="print the plan and exit (loads no model)")
+    g.add_argument("--gpu", default="A100", choices=("A100", "H100"), help="GPU to plan for (default: A100)")
+    g.add_argument("--gpu-memory-gb", type=float, default=None, help="its memory (default: 80)")
+    g.add_argument(
+        "--dollars-per-hour", type=float, default=None, help="assumed price per GPU-hour (default: A100 2.0, H100 3.0)"
+    )
+
+
 def _train_flags(p, with_tau: bool):
     from .config import add_config_flags
     from .stages.select import SelectionConfig
@@ -412,6 +422,11 @@ def cmd_run(a, config=None):
             "(the README's 'Multi-process training')"
         )
     cfg = load_run_config(config or a.config, **config_overrides(a))
+    if a.dry_run:
+        from .recipes.plan import dry_run
+
+        print(dry_run(cfg, gpu=a.gpu, gpu_memory_gb=a.gpu_memory_gb, dollars_per_hour=a.dollars_per_hour))
+        return
     run_pipeline(cfg, overwrite=a.overwrite)
 
 
@@ -664,6 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             p.add_argument("config", help="TOML run config (see configs/demo.toml)")
         p.add_argument("--overwrite", action="store_true", help="replace stages whose inputs changed")
+        _add_dry_run(p)
         p.set_defaults(fn=fn)
 
     for name, fn, hlp in (

@@ -223,3 +223,26 @@ def test_stop_flags():
         a = build_parser().parse_args([*cmd, "--stop", "Q:", "A:"])
         assert _sampling_config(a).stop == ("Q:", "A:")
         assert _sampling_config(build_parser().parse_args(cmd)).stop == ()  # the template's
+
+
+PAPER = Path(reasonmaxxer.__file__).parent / "configs" / "paper"
+
+
+@pytest.mark.parametrize("path", sorted(PAPER.glob("*.toml")), ids=lambda p: p.name)
+def test_paper_configs_load_through_the_typed_loader(path):
+    cfg = load_run_config(path)  # every key type- and range-checked; nothing runs
+    assert cfg.backend == "vllm" and cfg.train_problems == "simplerl:train:levels=3,4,5:per_level=100:seed=42"
+    assert (cfg.sampling.n, cfg.sampling.temperature, cfg.sampling.top_p) == (20, 0.6, 0.95)
+    assert cfg.sampling.max_new_tokens == 8192 and cfg.eval.max_new_tokens == 8192
+    assert (cfg.train.tau, cfg.train.lr, cfg.train.warmup_steps) == (1.4, 1e-4, 50)
+    assert (cfg.train.schedule_steps, cfg.train.max_steps, cfg.train.checkpoint_every) == (200, 149, 15)
+    assert cfg.train.micro_batch * cfg.train.grad_accum == 8
+    assert (cfg.selection.max_problems, cfg.selection.keep_shortest) == (50, 0.8)
+    assert cfg.validation_problems == "math500:test:n=60:seed=42" and cfg.test_problems == "math500"
+    assert (cfg.eval.n, cfg.eval.temperature) == (4, 0.6)
+    assert "{question}" in cfg.template and "\\boxed{}" in cfg.template
+
+
+def test_paper_configs_are_there():
+    assert sorted(p.name for p in PAPER.glob("*.toml")) == ["qwen2.5-math-1.5b.toml", "qwen3-0.6b.toml"]
+    assert load_run_config(PAPER / "qwen3-0.6b.toml").model == "Qwen/Qwen3-0.6B"

@@ -103,6 +103,17 @@ def _minerva(row: dict, where: str) -> tuple[str, str, dict]:
     return q, a, meta
 
 
+def _simplerl(row: dict, where: str) -> tuple[str, str, dict]:
+    """SimpleRL-Zoo's MATH parquet: ``question``, ``gt_answer`` (else ``answer``/``target``,
+    the order of the official scripts/sample_simplerl_records.py), ``level``."""
+    q = text_value(row_field(row, "question", where), "question", where)
+    a = normalise_answer(row_field(row, ("gt_answer", "answer", "target"), where))
+    meta = {k: row[k] for k in ("subject", "data_source") if row.get(k) not in (None, "")}
+    if row.get("level") is not None:
+        meta["level"] = int(row["level"]) if str(row["level"]).isdigit() else row["level"]
+    return q, a, meta
+
+
 @dataclass(frozen=True)
 class _Benchmark:
     """Where a benchmark lives locally and on the Hub, and how its rows become Problems."""
@@ -114,6 +125,7 @@ class _Benchmark:
     hub_config: str | None = None
     hub_split: dict = field(default_factory=dict)  # our split -> Hub split (default: same)
     hub_filter: Callable[[dict], bool] | None = None
+    hub_files: str | None = None  # a file in a Hub dataset repo, "{split}" filled in (datasets' data_files)
 
 
 def _amc23_filter(row: dict) -> bool:
@@ -144,10 +156,22 @@ _SOURCES: dict[str, _Benchmark] = {
         hub_split={"test": "train"},
     ),
     "minerva": _Benchmark(("minerva_math", "minerva"), ("test",), _minerva, "math-ai/minervamath"),
+    # the paper's training pool: MATH levels 3-5 as published by SimpleRL-Zoo (the official
+    # scripts/download_simplerl_data.py: repo hkust-nlp/SimpleRL-Zoo-Data, file
+    # simplelr_abel_level3to5/<split>.parquet); local: <data_dir>/simplerl/<split>.parquet
+    "simplerl": _Benchmark(
+        ("simplerl", "simplelr_abel_level3to5"),
+        ("train", "test"),
+        _simplerl,
+        "hkust-nlp/SimpleRL-Zoo-Data",
+        hub_files="simplelr_abel_level3to5/{split}.parquet",
+    ),
 }
 
 
 BENCHMARKS: tuple[str, ...] = ("gsm8k", "math500", "aime24", "aime25", "amc23", "olympiadbench", "minerva")
+# problem pools that are not evaluation benchmarks (loadable by name, not in BENCHMARKS)
+TRAINING_POOLS: tuple[str, ...] = ("simplerl",)
 
 
 _ALIASES = {"minerva_math": "minerva", "math-500": "math500", "math_500": "math500"}
@@ -163,7 +187,7 @@ def _benchmark_name(name: str) -> str:
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
     if key not in _SOURCES:
-        raise ReasonMaxxerError(f"unknown benchmark {name!r}; valid names: {', '.join(BENCHMARKS)}")
+        raise ReasonMaxxerError(f"unknown benchmark {name!r}; valid names: {', '.join(BENCHMARKS + TRAINING_POOLS)}")
     return key
 
 
@@ -221,8 +245,9 @@ def _hub_rows(key: str, src: _Benchmark, split: str) -> Iterator[tuple[str, dict
             f"from the Hugging Face Hub needs `datasets`: pip install datasets"
         ) from None
     hub_split = src.hub_split.get(split, split)
+    kw = {"data_files": {hub_split: src.hub_files.format(split=split)}} if src.hub_files else {}
     try:
-        ds = datasets.load_dataset(src.hub_path, src.hub_config, split=hub_split)
+        ds = datasets.load_dataset(src.hub_path, src.hub_config, split=hub_split, **kw)
     except Exception as exc:  # network, auth, renamed dataset: one actionable line
         first = first_line(exc, empty="")
         raise ReasonMaxxerError(
@@ -233,6 +258,80 @@ def _hub_rows(key: str, src: _Benchmark, split: str) -> Iterator[tuple[str, dict
     for i, row in enumerate(ds):
         if src.hub_filter is None or src.hub_filter(row):
             yield f"{label}:row {i}", dict(row)
+
+
+@dataclass(frozen=True)
+class Pick:
+    """Options after ``<benchmark>:<split>:`` (``key=value`` joined by ``:``): ``levels=3,4,5``
+    (or ``3-5``: keep these MATH levels), ``per_level=N`` (a seeded sample of N problems per
+    level), ``n=N`` (a seeded sample of N problems), ``seed=S`` (default 42). Samples keep
+    the source order; ids stay ``<name>/<split>/<row index>``."""
+
+    levels: tuple[int, ...] | None = None
+    per_level: int | None = None
+    n: int | None = None
+    seed: int = 42
+
+    def count(self) -> int | None:
+        """Problems this pick yields when the source has enough of them (None: the source's)."""
+        if self.per_level is not None and self.levels:
+            return self.per_level * len(self.levels)
+        return self.n
+
+
+def _levels(text: str, spec: str) -> tuple[int, ...]:
+    lo, dash, hi = text.partition("-")
+    try:
+        if dash:
+            return tuple(range(int(lo), int(hi) + 1))
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ReasonMaxxerError(f"{spec}: levels={text!r} is not a list (3,4,5) or a range (3-5)") from None
+
+
+def parse_pick(opts: str, spec: str) -> Pick | None:
+    """The `Pick` in the options part of a benchmark spec (None when there is none)."""
+    if not opts.strip():
+        return None
+    kw: dict = {}
+    for part in opts.split(":"):
+        k, eq, v = part.strip().partition("=")
+        if not eq or k not in ("levels", "per_level", "n", "seed"):
+            raise ReasonMaxxerError(
+                f"{spec}: bad option {part!r}; expected levels=3,4,5 | per_level=N | n=N | seed=S, joined by ':'"
+            )
+        if k == "levels":
+            kw[k] = _levels(v, spec)
+        elif not v.strip().isdigit():
+            raise ReasonMaxxerError(f"{spec}: {k}={v!r} is not a non-negative integer")
+        else:
+            kw[k] = int(v)
+    return Pick(**kw)
+
+
+def apply_pick(problems: list[Problem], pick: Pick, spec: str) -> list[Problem]:
+    """`problems` filtered by level and sampled as `pick` says (the official recipe draws
+    ``--per_level 100`` per level with seed 42 + offset + 1; pandas' sampler there, a
+    `random.Random` here: the same design, not the same rows)."""
+    import random
+
+    if pick.levels is not None:
+        problems = [p for p in problems if p.metadata.get("level") in pick.levels]
+    if pick.per_level is not None:
+        if not pick.levels:
+            raise ReasonMaxxerError(f"{spec}: per_level needs levels=...")
+        out = []
+        for offset, level in enumerate(pick.levels):
+            pool = [i for i, p in enumerate(problems) if p.metadata.get("level") == level]
+            if len(pool) < pick.per_level:
+                raise ReasonMaxxerError(f"{spec}: level {level} has {len(pool)} problems, fewer than {pick.per_level}")
+            out += random.Random(pick.seed + offset + 1).sample(pool, pick.per_level)
+        problems = [problems[i] for i in sorted(out)]
+    if pick.n is not None:
+        if len(problems) < pick.n:
+            raise ReasonMaxxerError(f"{spec}: n={pick.n} but only {len(problems)} problems match")
+        problems = [problems[i] for i in sorted(random.Random(pick.seed).sample(range(len(problems)), pick.n))]
+    return problems
 
 
 def load_problems(
@@ -248,7 +347,8 @@ def load_problems(
 
     - ``arith:<split>:<n>[:<tier>,<tier>...]``: procedural arithmetic (`reasonmaxxer.data.arith`),
       seeded by seed; a tier may carry a weight (``add1=3,word1=1``).
-    - ``<benchmark>`` or ``<benchmark>:<split>`` (e.g. ``gsm8k:train``): `load_benchmark`.
+    - ``<benchmark>`` or ``<benchmark>:<split>`` (e.g. ``gsm8k:train``): `load_benchmark`;
+      ``<benchmark>:<split>:levels=3-5:per_level=100`` filters and samples (`Pick`).
     - anything else: a JSONL/Parquet file for `load_problem_file` with the field mapping.
     limit keeps the first problems only.
     """
@@ -266,7 +366,12 @@ def load_problems(
         return problems[:limit] if limit is not None else problems
     key = _ALIASES.get(head.strip().lower(), head.strip().lower())
     if key in _SOURCES:
-        return load_benchmark(key, rest.strip() or "test", data_dir=data_dir, limit=limit)
+        split, _, opts = rest.partition(":")
+        pick = parse_pick(opts, spec)
+        problems = load_benchmark(key, split.strip() or "test", data_dir=data_dir, limit=None if pick else limit)
+        if pick:
+            problems = apply_pick(problems, pick, spec)
+        return problems[:limit] if limit is not None else problems
     path = Path(spec).expanduser()
     if path.is_file():
         return load_problem_file(path, question_field=question_field, answer_field=answer_field, limit=limit)

@@ -17,7 +17,8 @@ want a small instruct model (SmolLM2-135M-Instruct) to copy. Each shows one step
 two-step arithmetic example made SmolLM2-135M-Instruct append a spurious second step to
 one-step sums. The example names (Mia, Sam) are not used by `reasonmaxxer.arith` and it
 never writes a three-digit operand, so an example is never also a generated problem.
-``raw`` and ``mistral`` declare stop strings (``Problem:``/``Question:``, ``Human:``,
+``paper`` is the official code's base-model prompt (``qwen_boxed``), line breaks included.
+``raw``, ``paper`` and ``mistral`` declare stop strings (``Problem:``/``Question:``, ``Human:``,
 ``Assistant:``); the chat kinds and custom templates declare none.
 """
 
@@ -111,6 +112,17 @@ TEMPLATES: dict[str, PromptTemplate] = {
     "fewshot": PromptTemplate("fewshot", "fewshot", _CHAT_INSTRUCTION, fewshot=FEWSHOT_EXAMPLES),
     "mistral": PromptTemplate(
         "mistral", "raw", "Question: {question} Answer: Let's think step by step.", stop=("Question:",) + RAW_STOP[1:]
+    ),
+    # the official prompt for base models: prompt_style "qwen_boxed" of the official
+    # reasonmaxxer/eval_lib.py (build_prompt, l. 258-269) with its "legacy" stop profile
+    # (reasonmaxxer/config.py l. 44-51: "Human:"/"Assistant:", each also after 1-2 newlines,
+    # which these substrings cover). `raw` above is the same words on one line.
+    "paper": PromptTemplate(
+        "paper",
+        "raw",
+        "Solve the following math problem step by step. Put your final answer in \\boxed{}.\n\n"
+        "Problem: {question}\n\nSolution:",
+        stop=("Human:", "Assistant:"),
     ),
 }
 

@@ -429,3 +429,59 @@ def test_problems_hash_and_problem_dataclass():
     assert Problem.from_dict(json.loads(json.dumps(a[0].to_dict()))) == a[0]
     with pytest.raises(AttributeError):
         a[0].answer = "5"
+
+
+# ----------------------------------------------------------------- SimpleRL pool, level picks
+def _simplerl_dir(tmp_path, per_level=5):
+    d = tmp_path / "simplerl"
+    d.mkdir()
+    rows = [
+        {"question": f"L{lv} q{i}", "gt_answer": str(10 * lv + i), "level": lv}
+        for lv in (1, 3, 4, 5)
+        for i in range(per_level)
+    ]
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def test_level_filter_and_per_level_sample_keep_row_ids(tmp_path):
+    root = _simplerl_dir(tmp_path)
+    every = load_problems("simplerl:train", data_dir=root)
+    assert len(every) == 20 and every[5].id == "simplerl/train/5" and every[5].answer == "30"
+    assert every[5].metadata == {"source": "simplerl", "level": 3}
+    lv = load_problems("simplerl:train:levels=3-5", data_dir=root)
+    assert [p.metadata["level"] for p in lv] == [3] * 5 + [4] * 5 + [5] * 5
+    assert [p.id for p in lv] == [f"simplerl/train/{i}" for i in range(5, 20)]  # row ids, not positions
+    pick = load_problems("simplerl:train:levels=3,4,5:per_level=2:seed=42", data_dir=root)
+    assert [p.metadata["level"] for p in pick] == [3, 3, 4, 4, 5, 5]
+    assert pick == load_problems("simplerl:train:levels=3,4,5:per_level=2", data_dir=root)  # seed 42 default
+    assert pick != load_problems("simplerl:train:levels=3,4,5:per_level=2:seed=1", data_dir=root)
+    n = load_problems("simplerl:train:levels=3-5:n=4:seed=7", data_dir=root)
+    assert len(n) == 4 and [p.id for p in n] == sorted((p.id for p in n), key=lambda s: int(s.rsplit("/", 1)[1]))
+
+
+@pytest.mark.parametrize(
+    "spec, msg",
+    [
+        ("simplerl:train:level=3", r"bad option 'level=3'"),
+        ("simplerl:train:levels=a", r"levels='a' is not a list"),
+        ("simplerl:train:per_level=2", r"per_level needs levels"),
+        ("simplerl:train:levels=3:per_level=9", r"level 3 has 5 problems, fewer than 9"),
+        ("simplerl:train:n=x", r"n='x' is not a non-negative integer"),
+    ],
+)
+def test_bad_pick_options_are_one_line(tmp_path, spec, msg):
+    with pytest.raises(ReasonMaxxerError, match=msg):
+        load_problems(spec, data_dir=_simplerl_dir(tmp_path))
+
+
+def test_simplerl_from_the_hub_names_the_parquet_file(monkeypatch):
+    calls = []
+
+    def load_dataset(path, config=None, split=None, data_files=None):
+        calls.append((path, config, split, data_files))
+        return [{"question": "Q", "gt_answer": "2", "level": 4}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert load_problems("simplerl:train:levels=4")[0].answer == "2"
+    assert calls == [("hkust-nlp/SimpleRL-Zoo-Data", None, "train", {"train": "simplelr_abel_level3to5/train.parquet"})]

@@ -39,6 +39,7 @@ def test_builtin_names_and_kinds():
         "chat": "chat",
         "fewshot": "fewshot",
         "mistral": "raw",
+        "paper": "raw",
     }
     assert all(t.name == n for n, t in TEMPLATES.items())
 
@@ -51,6 +52,16 @@ def test_raw_and_mistral_render_exactly(tiny_tokenizer):
     assert render_prompt(TEMPLATES["mistral"], "What is 2 + 2?") == (
         "Question: What is 2 + 2? Answer: Let's think step by step."
     )
+
+
+def test_paper_template_is_the_official_qwen_boxed_prompt():
+    # the official reasonmaxxer/eval_lib.py build_prompt(prompt_style="qwen_boxed"), verbatim,
+    # and its "legacy" stops (reasonmaxxer/config.py STOP_SEQUENCES, newline variants covered)
+    assert render_prompt(TEMPLATES["paper"], "What is $\\frac{1}{2}$?") == (
+        "Solve the following math problem step by step. Put your final answer in \\boxed{}.\n\n"
+        "Problem: What is $\\frac{1}{2}$?\n\nSolution:"
+    )
+    assert TEMPLATES["paper"].stop == ("Human:", "Assistant:")
 
 
 def test_chat_without_chat_template_falls_back_to_transcript(tiny_tokenizer):
