@@ -135,13 +135,21 @@ def train_memory_bytes(c: dict, tcfg, seq: int) -> tuple[float, str]:
     states = 16.0 * trainable
     per_layer = 2 if tcfg.gradient_checkpointing else ACT_BYTES
     acts = tcfg.micro_batch * seq * h * (n_layers * per_layer + (ACT_BYTES if tcfg.gradient_checkpointing else 0))
-    logits = 3 * tcfg.micro_batch * seq * v * 4.0
+    from ..stages.train import CHUNKED_ABOVE_BYTES
+
+    naive = tcfg.micro_batch * seq * v * 4.0
+    chunked = tcfg.loss_impl == "chunked" or (tcfg.loss_impl == "auto" and naive > CHUNKED_ABOVE_BYTES)
+    if chunked:  # core/chunked.py: ~4 fp32 [chunk, V] buffers + an fp32 copy of the head
+        logits, what = 4 * 1024 * v * 4.0 + v * h * 4.0, f"chunked loss 4 x 1024 x {v} x 4 B + head {v} x {h} x 4 B"
+    else:
+        logits, what = 3 * naive, f"logits 3 x {tcfg.micro_batch} x {seq} x {v} x 4 B"
+    frozen = 2.0 * n if tcfg.full_finetune else 0.0  # the full fine-tune's frozen bf16 copy (anchor)
     formula = (
-        f"weights 2 B x {n:,} + states 16 B x {trainable:,} trainable + activations "
-        f"{tcfg.micro_batch} x {seq} tok x {h} x {n_layers} layers x {per_layer} B + logits 3 x {tcfg.micro_batch} "
-        f"x {seq} x {v} x 4 B"
+        f"weights 2 B x {n:,} + states 16 B x {trainable:,} trainable"
+        + (f" + frozen copy 2 B x {n:,}" if frozen else "")
+        + f" + activations {tcfg.micro_batch} x {seq} tok x {h} x {n_layers} layers x {per_layer} B + {what}"
     )
-    return weights + states + acts + logits, formula
+    return weights + states + frozen + acts + logits, formula
 
 
 def _decode_memory(backend, shape, n, rows, max_prompt, gen) -> tuple[float | None, str]:
