@@ -37,6 +37,17 @@ KNOWN_SHAPES: dict[str, dict] = {
         "max_position_embeddings": 131072,
         "tie_word_embeddings": True,
     },
+    "Qwen/Qwen2.5-Math-7B": {
+        "model_type": "qwen2",
+        "vocab_size": 152064,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    },
     "Qwen/Qwen3-0.6B": {
         "model_type": "qwen3",
         "vocab_size": 151936,
