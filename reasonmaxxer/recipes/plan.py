@@ -16,7 +16,9 @@ Formulas (also printed with the plan):
 - training memory: frozen weights 2 bytes/param + trainable params * 16 bytes (fp32 weight,
   grad, Adam m and v; LoRA: the adapter only) + activations micro_batch * seq * hidden *
   layers * 34 bytes (Korthikanti et al. 2022, bf16, flash/SDPA attention; gradient
-  checkpointing: 2 bytes + one layer's 34) + 3 fp32 logit buffers micro_batch * seq * vocab * 4.
+  checkpointing: 2 bytes + one layer's 34) + 3 fp32 logit buffers micro_batch * seq * vocab * 4,
+  or, with the chunked loss (`loss_impl`, auto above 1 GiB of logits), 4 fp32 [1024, V] blocks
+  and an fp32 head; a full fine-tune adds its frozen bf16 copy (2 bytes/param).
 - GPU-hours: FLOPs / (peak bf16 FLOP/s * utilisation) / 3600, utilisation assumed (stated).
 """
 
@@ -191,7 +193,10 @@ def _train_stages(cfg, shape, n, tr, va, ctx, g, warnings) -> list[dict]:
     rows = None if kept is None else math.floor(kept * sc.n * sel.keep_shortest + 0.5)  # round half up
     rescored = cfg.backend == "vllm" or cfg.rescore
     scored = _mul(rows, seq_mean) if rescored else 0
-    smem = (2.0 * n + 2 * seq_max * dims(shape)[0] * 4.0) if n else None
+    v, h = dims(shape)[0], dims(shape)[1]
+    # stages/score.py streams the head over 256 positions at a time: 2 fp32 [256, V] blocks, an
+    # fp32 copy of a bf16 head, and the batch's (4 rows) hidden states
+    smem = (2.0 * n + 2 * 256 * v * 4.0 + v * h * 4.0 + 4 * seq_max * h * 4.0) if n else None
     out = [
         _stage(
             "select + score",
@@ -199,7 +204,7 @@ def _train_stages(cfg, shape, n, tr, va, ctx, g, warnings) -> list[dict]:
             {"scored": scored},
             _mul(2, n, scored),
             smem,
-            "weights + 2 fp32 logit buffers, one sequence per forward"
+            "weights + 2 fp32 [256, V] logit blocks + fp32 head + hidden states of 4 rows (the head is streamed)"
             + ("" if rescored else " (entropies from the HF sampler: nothing re-scored)"),
             UTILISATION["score"],
             g,
