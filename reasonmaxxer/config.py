@@ -22,7 +22,7 @@ from .backends.hf import SamplingConfig
 from .backends.vllm import VLLMOptions
 from .errors import ReasonMaxxerError
 from .io import read_toml
-from .schema import check_value_meta, choices_of, show_value
+from .schema import check_fields, check_value_meta, choices_of, show_value
 from .stages.evaluate import EvalConfig
 from .stages.select import SelectionConfig
 from .stages.train import TrainConfig
@@ -30,6 +30,19 @@ from .stages.train import TrainConfig
 
 # -- the run config ------------------------------------------------------------------------
 # The defaults are the demo's (configs/demo.toml sets the same values explicitly).
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """``[calibrate]``: choose tau on the validation split before training (`recipes.tau_sweep`)."""
+
+    taus: tuple[float, ...] = field(
+        default=(), metadata={"help": "candidate taus, nats; empty (default): tau from [train]"}
+    )
+    max_steps: int = field(default=8, metadata={"help": "optimizer steps of each candidate's training", "ge": 1})
+
+    def __post_init__(self):
+        check_fields(self, "calibrate")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """A whole run, as read from a TOML file (see configs/demo.toml); flags override it."""
@@ -68,6 +81,7 @@ class RunConfig:
     eval: EvalConfig = field(
         default_factory=lambda: EvalConfig(n=4, temperature=0.7, greedy=True, max_new_tokens=96, batch_size=32)
     )
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     rescore: bool = field(default=False, metadata={"help": "re-score base entropies even if the sampler's fit"})
     threads: int = field(
         default=0, metadata={"help": "torch threads (0 = torch's default); per Ray worker: this or 1", "ge": 0}
@@ -261,7 +275,9 @@ def add_config_flags(p: argparse.ArgumentParser, cls=RunConfig, only=None, title
         if st is bool:
             g.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(st) is tuple:
-            g.add_argument(*names, nargs="+", metavar="S", **kw)
+            item = (typing.get_args(st) or (str,))[0]
+            meta = {int: "N", float: "X"}.get(item, "S")
+            g.add_argument(*names, nargs="+", type=item if item in (int, float) else str, metavar=meta, **kw)
         else:
             c = choices_of(f.metadata)
             meta = None if c else {int: "N", float: "X"}.get(st, "S")

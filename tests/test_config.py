@@ -246,3 +246,19 @@ def test_paper_configs_load_through_the_typed_loader(path):
 def test_paper_configs_are_there():
     assert sorted(p.name for p in PAPER.glob("*.toml")) == ["qwen2.5-math-1.5b.toml", "qwen3-0.6b.toml"]
     assert load_run_config(PAPER / "qwen3-0.6b.toml").model == "Qwen/Qwen3-0.6B"
+
+
+def test_calibrate_table_and_flags_are_typed(tmp_path):
+    """[calibrate] taus: floats from TOML and from --calibrate-taus; a wrong type is one line."""
+    from reasonmaxxer.cli import build_parser
+    from reasonmaxxer.config import config_overrides, load_run_config
+
+    c = tmp_path / "c.toml"
+    c.write_text('extends = "' + str(Path("configs/demo.toml").resolve()) + '"\n[calibrate]\ntaus = [1.0, 2]\n')
+    assert load_run_config(c).calibrate.taus == (1.0, 2)
+    a = build_parser().parse_args(["run", str(c), "--calibrate-taus", "0.5", "1.5", "--calibrate-max-steps", "3"])
+    cfg = load_run_config(c, **config_overrides(a))
+    assert cfg.calibrate.taus == (0.5, 1.5) and cfg.calibrate.max_steps == 3
+    c.write_text('[calibrate]\ntaus = ["low"]\n')
+    with pytest.raises(ReasonMaxxerError, match=r"\[calibrate\] taus\[0\]: expected a float"):
+        load_run_config(c)

@@ -1,18 +1,15 @@
-"""recipes.calibrate."""
+"""recipes.calibrate: `reasonmaxxer calibrate` (select + score a rollout store, then `tau_sweep.sweep_tau`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
-from ..errors import ReasonMaxxerError
-from ..io import atomic_write_json
-from ..stages.evaluate import greedy_accuracy_fn
 from ..stages.select import SelectionConfig
 from ..stages.train import TrainConfig, examples_from_selection
 from ..store import RolloutStore
 from .run import prepare_training_data
+from .tau_sweep import sweep_tau
 
 
 def calibrate(
@@ -37,67 +34,22 @@ def calibrate(
     validation problems; tau=None rows are never produced (the gate must be non-empty).
     Writes out/calibrate.json and out/calibrate.md; returns the dict.
     """
-    from ..models import load_model
-    from ..stages.train import example_gates, train
-
     out = Path(out)
     sel, srows, _ = prepare_training_data(
         store, model_spec, model, tokenizer, selection, train_cfg, out / "scores.parquet", progress=progress
     )
     examples = examples_from_selection(srows, selection.truncated)
-    validate = greedy_accuracy_fn(validation, template, tokenizer, max_new_tokens, 32)
-    base_acc = validate(model)
-    rows = []
-    for tau in taus:
-        tcfg = replace(train_cfg, tau=float(tau), max_steps=max_steps, checkpoint_every=max_steps)
-        gates = example_gates(examples, tcfg, float(tau))
-        n_comp = sum(len(e.completion_ids) for e in examples)
-        frac = sum(int(g.sum()) for g in gates) / max(1, n_comp)
-        if frac == 0:
-            rows.append({"tau": float(tau), "gated_fraction": 0.0, "val_accuracy": None, "note": "empty gate"})
-            continue
-        res = train(
-            examples,
-            tcfg,
-            out / f"tau-{float(tau):g}",
-            model if not tcfg.full_finetune else load_model(model_spec)[0],  # LoRA: handed back unchanged
-            tokenizer,
-            base_spec=model_spec,
-            validate=validate,
-            shuffle=False,
-            progress=progress,
-            export=False,
-        )
-        rows.append(
-            {
-                "tau": float(tau),
-                "gated_fraction": round(frac, 5),
-                "val_accuracy": res["history"][-1].get("val_accuracy"),
-                "steps": res["total_steps"],
-            }
-        )
-    scored = [r for r in rows if r["val_accuracy"] is not None]
-    if not scored:
-        raise ReasonMaxxerError("calibrate: every candidate tau gives an empty gate; try lower values")
-    best = max(scored, key=lambda r: (r["val_accuracy"], -abs(r["gated_fraction"] - 0.05)))
-    result = {
-        "base_val_accuracy": base_acc,
-        "n_validation": len(validation),
-        "candidates": rows,
-        "best_tau": best["tau"],
-        "max_steps": max_steps,
-    }
-    md = [
-        "| tau (nats) | gated fraction | val greedy accuracy |",
-        "|---|---|---|",
-        f"| (base, no training) | - | {base_acc:.3f} |",
-    ]
-    for r in rows:
-        acc = "-" if r["val_accuracy"] is None else f"{r['val_accuracy']:.3f}"
-        md.append(f"| {r['tau']:g} | {r['gated_fraction']:.2%} | {acc}{' (best)' if r is best else ''} |")
-    atomic_write_json(out / "calibrate.json", result)
-    from ..io import atomic_write_bytes
-
-    atomic_write_bytes(out / "calibrate.md", ("\n".join(md) + "\n").encode())
-    result["markdown"] = "\n".join(md)
-    return result
+    return sweep_tau(
+        examples,
+        model_spec,
+        model,
+        tokenizer,
+        template,
+        validation,
+        taus=taus,
+        train_cfg=train_cfg,
+        out=out,
+        max_steps=max_steps,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+    )

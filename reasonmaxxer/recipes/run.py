@@ -273,11 +273,30 @@ def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -
         else None
     )
 
+    from ..backends.engines import release_workers
+
+    release_workers()  # free the Ray workers' models while this process trains
+    if cfg.calibrate.taus:  # tau chosen on the validation split; the test split is not touched
+        from .tau_sweep import sweep_tau
+
+        with stage("calibrate tau"):
+            cal = sweep_tau(
+                examples,
+                cfg.model,
+                model,
+                tok,
+                tmpl,
+                val_p,
+                taus=cfg.calibrate.taus,
+                train_cfg=cfg.train,
+                out=out / "calibrate",
+                max_steps=cfg.calibrate.max_steps,
+                max_new_tokens=cfg.eval.max_new_tokens,
+                progress=progress,
+            )
+        cfg = replace(cfg, train=replace(cfg.train, tau=cal["best_tau"]))
+        atomic_write_json(out / "run_config.json", json.loads(json.dumps(asdict(cfg), default=str)))
     with stage("train"):
-        from ..backends.engines import release_workers
-
-        release_workers()  # free the Ray workers' models while this process trains
-
         res = train(
             examples,
             cfg.train,
@@ -380,7 +399,11 @@ def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -
             "gate": cfg.train.gate,
             "lam": cfg.train.lam,
             "tau": round(tau, 4),
-            "tau_source": res["tau_source"],
+            "tau_source": (
+                f"calibrated: best validation accuracy of {list(cfg.calibrate.taus)} (calibrate/calibrate.md)"
+                if cfg.calibrate.taus
+                else res["tau_source"]
+            ),
             "steps": res["total_steps"],
             "selected step": res["selected_step"],
             "selected val accuracy": res["selected_val_accuracy"],

@@ -2,6 +2,7 @@
 lifecycle of its vLLM engine (a fake `vllm`, the one of tests/backends/test_vllm.py)."""
 
 import importlib.util
+import json
 import types
 import weakref
 from pathlib import Path
@@ -231,3 +232,39 @@ def test_out_of_memory_in_a_stage_is_one_line_and_closes_the_engine(fake_vllm, t
     assert msg.startswith("select + score: out of memory (CUDA out of memory)") and "\n" not in msg
     assert (tmp_path / "run" / "rollouts" / "manifest.json").is_file()  # the sampled rollouts are kept
     assert _closed(fake_vllm)
+
+
+def test_calibrate_table_chooses_tau_on_validation_before_training(tmp_path, tiny_tokenizer, monkeypatch):
+    """[calibrate] taus: the sweep sees the validation problems (never the test ones), its best
+    tau is what training gets and what run_config.json records."""
+    from reasonmaxxer.recipes import run, tau_sweep
+    from reasonmaxxer.stages import train as train_mod
+
+    ckpt = tmp_path / "tiny"
+    make_tiny_model(len(tiny_tokenizer), seed=3, init_std=0.2).save_pretrained(ckpt)
+    tiny_tokenizer.save_pretrained(ckpt)
+    p = tmp_path / "c.toml"
+    p.write_text(
+        f'model = "{ckpt}"\ntemplate = "raw"\nout = "{tmp_path / "run"}"\ntrain_problems = "arith:train:3"\n'
+        'validation_problems = "arith:validation:4"\ntest_problems = "arith:test:2"\n'
+        "[sampling]\nn = 2\nmax_new_tokens = 4\n[calibrate]\ntaus = [0.5, 1.5]\nmax_steps = 2\n"
+    )
+    seen = {}
+
+    def sweep(examples, spec, model, tok, tmpl, validation, **kw):
+        seen["validation"] = [q.id for q in validation]
+        seen["taus"] = kw["taus"]
+        return {"best_tau": 1.5}
+
+    def train(examples, cfg, *a, **k):
+        seen["train_tau"] = cfg.tau
+        raise RuntimeError("stop after training starts")
+
+    monkeypatch.setattr(run, "prepare_training_data", lambda *a, **k: (types.SimpleNamespace(stats={}), [], {}))
+    monkeypatch.setattr(tau_sweep, "sweep_tau", sweep)
+    monkeypatch.setattr(train_mod, "train", train)
+    with pytest.raises(RuntimeError, match="stop after"):
+        run_pipeline(load_run_config(p), progress=False)
+    assert seen["taus"] == (0.5, 1.5) and seen["train_tau"] == 1.5
+    assert len(seen["validation"]) == 4 and all("test" not in q for q in seen["validation"])
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text())["train"]["tau"] == 1.5
