@@ -18,7 +18,9 @@ Artifacts in ``out``: ``baseline_config.json``, ``curve.jsonl``, ``trl/checkpoin
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -58,7 +60,15 @@ class BaselineConfig:
     lora_rank: int = 32
     lora_alpha: int = 64
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    full_finetune: bool = False
+    full_finetune: bool = False  # trained weights in fp32 (bf16 autocast on CUDA), see `fp32_trainable`
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step", "ge": 1})
+    vllm: str = field(
+        default="off", metadata={"help": "TRL generation through vLLM", "choices": ("off", "colocate", "server")}
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "GPU memory share of colocated vLLM (TRL's default)", "gt": 0, "le": 1}
+    )
+    vllm_server_url: str | None = None  # vllm = "server": e.g. http://host:8000 (None: TRL's 0.0.0.0:8000)
     max_steps: int = 200
     max_train_seconds: float | None = None  # wall-clock cap on training (evaluation excluded)
     eval_every: int = 10  # steps; 0 = only at the end
@@ -74,6 +84,29 @@ class BaselineConfig:
             raise ReasonMaxxerError("baseline: num_generations must be >= 2 (group-relative advantages)")
         if self.prompts_per_step < 1 or self.max_steps < 1:
             raise ReasonMaxxerError("baseline: prompts_per_step and max_steps must be >= 1")
+        per_device_batch(self, world_size())  # the batch must split evenly over grad_accum x processes
+
+
+def world_size() -> int:
+    """Processes of this run: ``WORLD_SIZE`` as set by ``accelerate launch`` / torchrun, else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def per_device_batch(cfg: BaselineConfig, processes: int) -> int:
+    """Completions per device per micro-step: one optimizer step trains on ``prompts_per_step x
+    num_generations`` completions (whatever the hardware), split over ``grad_accum`` micro-steps on
+    each of `processes` processes. TRL then generates them all at once: its GRPOConfig/RLOOConfig set
+    ``steps_per_generation = gradient_accumulation_steps`` and ``generation_batch_size =
+    per_device_train_batch_size x processes x steps_per_generation``, which must be divisible by
+    ``num_generations`` (trl/trainer/grpo_config.py, ``__post_init__``); here it is
+    ``prompts_per_step x num_generations``, so that always holds."""
+    total, split = cfg.prompts_per_step * cfg.num_generations, cfg.grad_accum * processes
+    if total % split:
+        raise ReasonMaxxerError(
+            f"baseline grad_accum: prompts_per_step x num_generations ({total}) must be divisible by "
+            f"grad_accum x processes ({cfg.grad_accum} x {processes}); change grad_accum or prompts_per_step"
+        )
+    return total // split
 
 
 def load_baseline_config(path: str | Path | None = None, **overrides) -> BaselineConfig:
@@ -147,6 +180,30 @@ def step_compute(counters: dict, n_params: int, *, beta: float) -> dict:
 
 
 # -- the run -------------------------------------------------------------------------------------
+def require_vllm(cfg: BaselineConfig) -> None:
+    """One clear line instead of TRL's ImportError deep inside the trainer (raised by
+    trl/generation/vllm_generation.py ``_init_vllm`` after the model is loaded)."""
+    if cfg.vllm != "off" and importlib.util.find_spec("vllm") is None:
+        raise ReasonMaxxerError(
+            f"baseline vllm = {cfg.vllm!r}: vllm is not installed; pip install 'trl[vllm]' or set vllm = \"off\""
+        )
+
+
+def _vllm_args(cfg: BaselineConfig) -> dict:
+    """GRPOConfig/RLOOConfig fields (trl 1.16, trl/trainer/grpo_config.py): ``use_vllm``; ``vllm_mode``
+    "colocate" (vLLM in each training process, sharing its GPU: ``vllm_gpu_memory_utilization``,
+    default 0.3) or "server" (a separate ``trl vllm-serve``; ``vllm_server_base_url``, the memory
+    share is then the server's own flag)."""
+    if cfg.vllm == "off":
+        return {}
+    kw = {"use_vllm": True, "vllm_mode": cfg.vllm}
+    if cfg.vllm == "colocate":
+        kw["vllm_gpu_memory_utilization"] = cfg.vllm_gpu_memory_utilization
+    elif cfg.vllm_server_url:
+        kw["vllm_server_base_url"] = cfg.vllm_server_url
+    return kw
+
+
 def _trl_args(cfg: BaselineConfig, out: Path):
     from trl import GRPOConfig, RLOOConfig
 
@@ -158,7 +215,7 @@ def _trl_args(cfg: BaselineConfig, out: Path):
     kw = dict(
         output_dir=str(out / "trl"),
         max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.prompts_per_step * cfg.num_generations,
+        per_device_train_batch_size=per_device_batch(cfg, world_size()),
         num_generations=cfg.num_generations,
         max_completion_length=cfg.max_new_tokens,
         temperature=cfg.temperature,
@@ -172,7 +229,7 @@ def _trl_args(cfg: BaselineConfig, out: Path):
         bf16=on_gpu,
         use_cpu=not on_gpu,
         disable_tqdm=False,
-        gradient_accumulation_steps=1,
+        gradient_accumulation_steps=cfg.grad_accum,
         lr_scheduler_type="constant",
         warmup_steps=0,
         # TRL turns it on by default, which also turns off the KV cache in generation: on
@@ -180,6 +237,7 @@ def _trl_args(cfg: BaselineConfig, out: Path):
         gradient_checkpointing=on_gpu,
     )
     kw.update(over)
+    kw.update(_vllm_args(cfg))
     if cfg.loss_type is not None:
         kw["loss_type"] = cfg.loss_type
     if cfg.beta is not None:
@@ -188,7 +246,14 @@ def _trl_args(cfg: BaselineConfig, out: Path):
     missing = sorted(set(kw) - known)
     if missing:
         raise ReasonMaxxerError(f"baseline {cfg.method}: this TRL's {cls.__name__} lacks {missing}; upgrade trl")
-    return cls(**kw)
+    args = cls(**kw)
+    want = cfg.prompts_per_step * cfg.num_generations
+    if args.generation_batch_size != want:  # one generation per optimizer step, as the compute accounting assumes
+        raise ReasonMaxxerError(
+            f"baseline grad_accum: TRL generates {args.generation_batch_size} completions per batch, not "
+            f"prompts_per_step x num_generations = {want}; check grad_accum against the number of processes"
+        )
+    return args
 
 
 def _read_curve(path: Path) -> list[dict]:
@@ -201,9 +266,10 @@ def _write_curve(path: Path, rows: Sequence[dict]) -> None:
     atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
 
 
-def _check_run_dir(cfg: BaselineConfig, out: Path, train_p, test_p) -> dict | None:
-    """Write ``baseline_config.json``; refuse a directory holding another config. Returns the
-    finished result when this run is already done with the same limits (a no-op), else None."""
+def _check_run_dir(cfg: BaselineConfig, out: Path, train_p, test_p, write: bool = True) -> dict | None:
+    """Write ``baseline_config.json`` (when `write`: the main process); refuse a directory holding
+    another config. Returns the finished result when this run is already done with the same
+    limits (a no-op), else None."""
     from ..data.problems import problems_hash
 
     config = {
@@ -220,7 +286,8 @@ def _check_run_dir(cfg: BaselineConfig, out: Path, train_p, test_p) -> dict | No
             raise ReasonMaxxerError(
                 f"{cpath}: this directory holds a baseline run with a different config; use another --out"
             )
-    atomic_write_json(cpath, {**config, "versions": package_versions()})
+    if write:
+        atomic_write_json(cpath, {**config, "versions": package_versions()})
     result_path = out / "result.json"
     if result_path.is_file():
         res = json.loads(result_path.read_text())
@@ -249,9 +316,9 @@ def _training_prompts(train_p, tokenizer, tmpl) -> tuple[list[dict], dict[str, i
     return rows, plen, golds
 
 
-def _restore(out: Path, curve_path: Path) -> tuple[dict, str | None]:
+def _restore(out: Path, curve_path: Path, write: bool = True) -> tuple[dict, str | None]:
     """(counters, last TRL checkpoint or None): counters saved with the checkpoint, and the
-    curve cut back to that checkpoint's step (rows after it are redone)."""
+    curve cut back to that checkpoint's step (rows after it are redone; when `write`)."""
     from transformers.trainer_utils import get_last_checkpoint
 
     counters: dict = {"train_seconds": 0.0, "eval_seconds": 0.0}
@@ -261,8 +328,9 @@ def _restore(out: Path, curve_path: Path) -> tuple[dict, str | None]:
         if saved.is_file():
             counters.update(json.loads(saved.read_text()))
         step0 = int(Path(last).name.split("-")[-1])
-        _write_curve(curve_path, [r for r in _read_curve(curve_path) if r["step"] <= step0])
-    else:
+        if write:
+            _write_curve(curve_path, [r for r in _read_curve(curve_path) if r["step"] <= step0])
+    elif write:
         _write_curve(curve_path, [])
     return counters, last
 
@@ -331,9 +399,33 @@ class _EvalContext:
             print(f"[{cfg.method}] step {step}: {acc} after {row['train_seconds']:.0f} s of training", flush=True)
 
 
+COUNTED = ("generated_tokens", "prompt_tokens", "completions", "correct")  # summed over processes
+
+
+def agree_across_processes(delta: dict, stop: bool) -> tuple[dict, bool]:
+    """(`delta` summed over all processes, the main process's `stop`); unchanged with one process.
+
+    Under ``accelerate launch`` each process grades only its own completions (TRL calls the
+    reward on each process's share), so the counters are summed; and every process must stop
+    at the same step (``TrainerControl.should_training_stop`` is per process, and a process
+    that stops early would leave the others waiting in a collective), so the main's clock
+    decides. One ``torch.distributed.all_gather_object`` per step."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return delta, stop
+    got: list = [None] * dist.get_world_size()
+    dist.all_gather_object(got, (delta, stop))
+    return {k: sum(d[k] for d, _ in got) for k in delta}, bool(got[0][1])
+
+
 def _make_clock(ctx: _EvalContext):
     """A TRL callback: training wall-clock (evaluation excluded), held-out evals every
-    `eval_every` steps and at the end, the wall-clock cap, counters saved in checkpoints."""
+    `eval_every` steps and at the end, the wall-clock cap, counters saved in checkpoints.
+
+    Only the main process (``state.is_world_process_zero``, set by the Trainer on every
+    process) evaluates and writes files; the stop and save decisions are the same on all
+    processes (`agree_across_processes`)."""
     from transformers import TrainerCallback
 
     cfg, counters = ctx.cfg, ctx.counters
@@ -341,9 +433,13 @@ def _make_clock(ctx: _EvalContext):
     class Clock(TrainerCallback):
         def __init__(self):
             self.t = None
+            self.synced = {}
 
         def on_train_begin(self, args, state, control, **kw):
+            self.synced = {k: counters.get(k, 0) for k in COUNTED}
             self.t = time.time()
+            if not state.is_world_process_zero:
+                return
             done = any(r["step"] == 0 for r in _read_curve(ctx.curve_path))
             if cfg.eval_at_start and state.global_step == 0 and not done:
                 ctx.evaluate(kw["model"], 0)
@@ -353,21 +449,45 @@ def _make_clock(ctx: _EvalContext):
             now = time.time()
             counters["train_seconds"] += now - self.t
             capped = cfg.max_train_seconds is not None and counters["train_seconds"] >= cfg.max_train_seconds
+            delta = {k: counters.get(k, 0) - self.synced[k] for k in COUNTED}
+            total, capped = agree_across_processes(delta, capped)
+            for k in COUNTED:
+                counters[k] = self.synced[k] + total[k]
+            self.synced = {k: counters[k] for k in COUNTED}
             if capped:
                 control.should_training_stop = True
             last_step = capped or state.global_step >= state.max_steps
             if last_step or (cfg.eval_every and state.global_step % cfg.eval_every == 0):
-                ctx.evaluate(kw["model"], state.global_step)
+                if state.is_world_process_zero:
+                    ctx.evaluate(kw["model"], state.global_step)
                 control.should_save = True
             self.t = time.time()
             return control
 
         def on_save(self, args, state, control, **kw):
             ck = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ck.is_dir():
+            if state.is_world_process_zero and ck.is_dir():
                 atomic_write_json(ck / "reasonmaxxer_counters.json", counters)
 
     return Clock()
+
+
+def fp32_trainable(model) -> int:
+    """Cast the trainable parameters of `model` that are bf16/fp16 to fp32, in place; returns
+    how many were cast. Master weights must be fp32: a bf16 weight cannot take an update smaller
+    than ~1/256 of itself. Compute stays bf16 on CUDA through autocast (``bf16=True``, i.e.
+    accelerate's mixed precision). PEFT already upcasts LoRA adapters (``autocast_adapter_dtype``,
+    peft/tuners/tuners_utils.py ``_cast_adapter_dtype``) except under DeepSpeed ZeRO-3, where
+    TRL keeps them bf16 (trl/trainer/grpo_trainer.py): `run_baseline` does not call this under
+    DeepSpeed, whose optimizer keeps its own fp32 master copy."""
+    import torch
+
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+            n += 1
+    return n
 
 
 def run_baseline(
@@ -389,6 +509,7 @@ def run_baseline(
     from ..data.prompts import get_template
     from ..models import load_model
 
+    require_vllm(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -397,7 +518,9 @@ def run_baseline(
     test_p = load_problems(cfg.test_problems, data_dir=cfg.data_dir)
     if not train_p or not test_p:
         raise ReasonMaxxerError("baseline: the training or test problem set is empty")
-    done = _check_run_dir(cfg, out, train_p, test_p)
+    args = _trl_args(cfg, out)  # also sets up the processes under `accelerate launch`
+    main = args.process_index == 0
+    done = _check_run_dir(cfg, out, train_p, test_p, write=main)
     if done is not None:
         return done
 
@@ -408,9 +531,8 @@ def run_baseline(
     tmpl = get_template(cfg.template)
     rows, plen, golds = _training_prompts(train_p, tokenizer, tmpl)
     n_params = sum(p.numel() for p in model.parameters())
-    counters, last = _restore(out, out / "curve.jsonl")
+    counters, last = _restore(out, out / "curve.jsonl", write=main)
     kind, _ = METHODS[cfg.method]
-    args = _trl_args(cfg, out)
     beta = float(args.beta)
     lora = dict(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules), lora_dropout=0.0)
     ctx = _EvalContext(cfg, out, tokenizer, test_p, tmpl, counters, n_params, beta, progress)
@@ -423,9 +545,12 @@ def run_baseline(
         peft_config=None if cfg.full_finetune else LoraConfig(**lora, task_type="CAUSAL_LM"),
         callbacks=[_make_clock(ctx)],
     )
+    if args.deepspeed_plugin is None:
+        fp32_trainable(trainer.model)  # before train(), which builds the optimizer
     trainer.train(resume_from_checkpoint=last)
     final_dir = out / ("model" if cfg.full_finetune else "adapter")
-    _save_trained(trainer.model, tokenizer, final_dir, cfg)
+    if main:
+        _save_trained(trainer.model, tokenizer, final_dir, cfg)
     curve = _read_curve(ctx.curve_path)
     trl_keys = ("loss_type", "beta", "top_entropy_quantile", "num_generations", "scale_rewards")
     res = {
@@ -442,7 +567,8 @@ def run_baseline(
         "final": curve[-1] if curve else None,
         final_dir.name: str(final_dir),
     }
-    atomic_write_json(out / "result.json", res)
+    if main:
+        atomic_write_json(out / "result.json", res)
     return res
 
 
