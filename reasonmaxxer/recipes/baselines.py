@@ -227,6 +227,10 @@ def _write_curve(path: Path, rows: Sequence[dict]) -> None:
     atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
 
 
+# keys added after runs were made, with the value those runs had
+_ADDED_KEYS = {"grad_accum": 1, "vllm": "off", "vllm_gpu_memory_utilization": 0.3, "vllm_server_url": None}
+
+
 def _check_run_dir(cfg: BaselineConfig, out: Path, train_p, test_p, write: bool = True) -> dict | None:
     """Write ``baseline_config.json`` (when `write`: the main process); refuse a directory holding
     another config. Returns the finished result when this run is already done with the same
@@ -241,7 +245,8 @@ def _check_run_dir(cfg: BaselineConfig, out: Path, train_p, test_p, write: bool 
     cpath = out / "baseline_config.json"
     if cpath.is_file():
         old = json.loads(cpath.read_text())
-        keep = ("max_steps", "max_train_seconds", "threads")  # may be raised to continue a run
+        old["baseline"] = {**_ADDED_KEYS, **old["baseline"]}  # a run dir from before these keys
+        keep = ("max_steps", "max_train_seconds", "threads", "vllm_gpu_memory_utilization")  # may change on resume
         strip = lambda c: {k: v for k, v in c["baseline"].items() if k not in keep}
         if strip(old) != strip(config) or old.get("train_data_hash") != config["train_data_hash"]:
             raise ReasonMaxxerError(

@@ -277,3 +277,22 @@ def test_bf16_model_trains_fp32_weights(tmp_path, tiny_dir, tiny_tokenizer):
     m = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)
     m.lm_head.weight.requires_grad_(False)
     assert fp32_trainable(m) > 0 and m.lm_head.weight.dtype == torch.bfloat16  # frozen: left as is
+
+
+def test_a_run_dir_from_before_the_scale_keys_still_resumes(tmp_path, monkeypatch):
+    from reasonmaxxer.data.benchmarks import load_problems
+    from reasonmaxxer.recipes.baselines import _check_run_dir
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    tr, te = load_problems("arith:train:4"), load_problems("arith:test:2")
+    cfg = BaselineConfig(out=str(tmp_path))
+    _check_run_dir(cfg, tmp_path, tr, te)
+    p = tmp_path / "baseline_config.json"
+    old = json.loads(p.read_text())
+    for k in ("grad_accum", "vllm", "vllm_gpu_memory_utilization", "vllm_server_url"):
+        del old["baseline"][k]
+    p.write_text(json.dumps(old))
+    assert _check_run_dir(cfg, tmp_path, tr, te) is None  # the same run: accepted
+    _check_run_dir(BaselineConfig(out=str(tmp_path), vllm_gpu_memory_utilization=0.5), tmp_path, tr, te)
+    with pytest.raises(ReasonMaxxerError, match="different config"):
+        _check_run_dir(BaselineConfig(out=str(tmp_path), grad_accum=2), tmp_path, tr, te)
