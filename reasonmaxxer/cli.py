@@ -593,6 +593,9 @@ def cmd_baseline(a):
         "max_new_tokens",
         "lora_rank",
         "full_finetune",
+        "grad_accum",
+        "vllm",
+        "vllm_gpu_memory_utilization",
         "max_steps",
         "max_train_seconds",
         "eval_every",
@@ -760,6 +763,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--lora-rank", type=int, default=None)
     p.add_argument("--full-finetune", action="store_true", default=None)
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step")
+    p.add_argument("--vllm", choices=["off", "colocate", "server"], default=None, help="generate through vLLM (TRL)")
+    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=None, help="colocated vLLM's GPU share")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--max-train-seconds", type=float, default=None, help="wall-clock cap on training (evals excluded)")
     p.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every N steps (0: at the end)")

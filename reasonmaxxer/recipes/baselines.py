@@ -27,6 +27,15 @@ from pathlib import Path
 from ..errors import ReasonMaxxerError
 from ..io import atomic_dir, atomic_write_bytes, atomic_write_json, package_versions, read_jsonl, read_toml
 from ..stages.evaluate import EvalConfig
+from .trl_scale import (
+    COUNTED,
+    agree_across_processes,
+    fp32_trainable,
+    per_device_batch,
+    require_vllm,
+    vllm_args,
+    world_size,
+)
 
 # method -> (trainer, TRL config overrides). Anything else is TRL's own default.
 METHODS: dict[str, tuple[str, dict]] = {
@@ -58,7 +67,15 @@ class BaselineConfig:
     lora_rank: int = 32
     lora_alpha: int = 64
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    full_finetune: bool = False
+    full_finetune: bool = False  # trained weights in fp32 (bf16 autocast on CUDA), see `fp32_trainable`
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step", "ge": 1})
+    vllm: str = field(
+        default="off", metadata={"help": "TRL generation through vLLM", "choices": ("off", "colocate", "server")}
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "GPU memory share of colocated vLLM (TRL's default)", "gt": 0, "le": 1}
+    )
+    vllm_server_url: str | None = None  # vllm = "server": e.g. http://host:8000 (None: TRL's 0.0.0.0:8000)
     max_steps: int = 200
     max_train_seconds: float | None = None  # wall-clock cap on training (evaluation excluded)
     eval_every: int = 10  # steps; 0 = only at the end
@@ -74,6 +91,7 @@ class BaselineConfig:
             raise ReasonMaxxerError("baseline: num_generations must be >= 2 (group-relative advantages)")
         if self.prompts_per_step < 1 or self.max_steps < 1:
             raise ReasonMaxxerError("baseline: prompts_per_step and max_steps must be >= 1")
+        per_device_batch(self, world_size())  # the batch must split evenly over grad_accum x processes
 
 
 def load_baseline_config(path: str | Path | None = None, **overrides) -> BaselineConfig:
@@ -158,7 +176,7 @@ def _trl_args(cfg: BaselineConfig, out: Path):
     kw = dict(
         output_dir=str(out / "trl"),
         max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.prompts_per_step * cfg.num_generations,
+        per_device_train_batch_size=per_device_batch(cfg, world_size()),
         num_generations=cfg.num_generations,
         max_completion_length=cfg.max_new_tokens,
         temperature=cfg.temperature,
@@ -172,7 +190,7 @@ def _trl_args(cfg: BaselineConfig, out: Path):
         bf16=on_gpu,
         use_cpu=not on_gpu,
         disable_tqdm=False,
-        gradient_accumulation_steps=1,
+        gradient_accumulation_steps=cfg.grad_accum,
         lr_scheduler_type="constant",
         warmup_steps=0,
         # TRL turns it on by default, which also turns off the KV cache in generation: on
@@ -180,6 +198,7 @@ def _trl_args(cfg: BaselineConfig, out: Path):
         gradient_checkpointing=on_gpu,
     )
     kw.update(over)
+    kw.update(vllm_args(cfg))
     if cfg.loss_type is not None:
         kw["loss_type"] = cfg.loss_type
     if cfg.beta is not None:
@@ -188,7 +207,14 @@ def _trl_args(cfg: BaselineConfig, out: Path):
     missing = sorted(set(kw) - known)
     if missing:
         raise ReasonMaxxerError(f"baseline {cfg.method}: this TRL's {cls.__name__} lacks {missing}; upgrade trl")
-    return cls(**kw)
+    args = cls(**kw)
+    want = cfg.prompts_per_step * cfg.num_generations
+    if args.generation_batch_size != want:  # one generation per optimizer step, as the compute accounting assumes
+        raise ReasonMaxxerError(
+            f"baseline grad_accum: TRL generates {args.generation_batch_size} completions per batch, not "
+            f"prompts_per_step x num_generations = {want}; check grad_accum against the number of processes"
+        )
+    return args
 
 
 def _read_curve(path: Path) -> list[dict]:
@@ -201,9 +227,14 @@ def _write_curve(path: Path, rows: Sequence[dict]) -> None:
     atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
 
 
-def _check_run_dir(cfg: BaselineConfig, out: Path, train_p, test_p) -> dict | None:
-    """Write ``baseline_config.json``; refuse a directory holding another config. Returns the
-    finished result when this run is already done with the same limits (a no-op), else None."""
+# keys added after runs were made, with the value those runs had
+_ADDED_KEYS = {"grad_accum": 1, "vllm": "off", "vllm_gpu_memory_utilization": 0.3, "vllm_server_url": None}
+
+
+def _check_run_dir(cfg: BaselineConfig, out: Path, train_p, test_p, write: bool = True) -> dict | None:
+    """Write ``baseline_config.json`` (when `write`: the main process); refuse a directory holding
+    another config. Returns the finished result when this run is already done with the same
+    limits (a no-op), else None."""
     from ..data.problems import problems_hash
 
     config = {
@@ -214,13 +245,15 @@ def _check_run_dir(cfg: BaselineConfig, out: Path, train_p, test_p) -> dict | No
     cpath = out / "baseline_config.json"
     if cpath.is_file():
         old = json.loads(cpath.read_text())
-        keep = ("max_steps", "max_train_seconds", "threads")  # may be raised to continue a run
+        old["baseline"] = {**_ADDED_KEYS, **old["baseline"]}  # a run dir from before these keys
+        keep = ("max_steps", "max_train_seconds", "threads", "vllm_gpu_memory_utilization")  # may change on resume
         strip = lambda c: {k: v for k, v in c["baseline"].items() if k not in keep}
         if strip(old) != strip(config) or old.get("train_data_hash") != config["train_data_hash"]:
             raise ReasonMaxxerError(
                 f"{cpath}: this directory holds a baseline run with a different config; use another --out"
             )
-    atomic_write_json(cpath, {**config, "versions": package_versions()})
+    if write:
+        atomic_write_json(cpath, {**config, "versions": package_versions()})
     result_path = out / "result.json"
     if result_path.is_file():
         res = json.loads(result_path.read_text())
@@ -249,9 +282,9 @@ def _training_prompts(train_p, tokenizer, tmpl) -> tuple[list[dict], dict[str, i
     return rows, plen, golds
 
 
-def _restore(out: Path, curve_path: Path) -> tuple[dict, str | None]:
+def _restore(out: Path, curve_path: Path, write: bool = True) -> tuple[dict, str | None]:
     """(counters, last TRL checkpoint or None): counters saved with the checkpoint, and the
-    curve cut back to that checkpoint's step (rows after it are redone)."""
+    curve cut back to that checkpoint's step (rows after it are redone; when `write`)."""
     from transformers.trainer_utils import get_last_checkpoint
 
     counters: dict = {"train_seconds": 0.0, "eval_seconds": 0.0}
@@ -261,8 +294,9 @@ def _restore(out: Path, curve_path: Path) -> tuple[dict, str | None]:
         if saved.is_file():
             counters.update(json.loads(saved.read_text()))
         step0 = int(Path(last).name.split("-")[-1])
-        _write_curve(curve_path, [r for r in _read_curve(curve_path) if r["step"] <= step0])
-    else:
+        if write:
+            _write_curve(curve_path, [r for r in _read_curve(curve_path) if r["step"] <= step0])
+    elif write:
         _write_curve(curve_path, [])
     return counters, last
 
@@ -333,7 +367,11 @@ class _EvalContext:
 
 def _make_clock(ctx: _EvalContext):
     """A TRL callback: training wall-clock (evaluation excluded), held-out evals every
-    `eval_every` steps and at the end, the wall-clock cap, counters saved in checkpoints."""
+    `eval_every` steps and at the end, the wall-clock cap, counters saved in checkpoints.
+
+    Only the main process (``state.is_world_process_zero``, set by the Trainer on every
+    process) evaluates and writes files; the stop and save decisions are the same on all
+    processes (`agree_across_processes`)."""
     from transformers import TrainerCallback
 
     cfg, counters = ctx.cfg, ctx.counters
@@ -341,9 +379,13 @@ def _make_clock(ctx: _EvalContext):
     class Clock(TrainerCallback):
         def __init__(self):
             self.t = None
+            self.synced = {}
 
         def on_train_begin(self, args, state, control, **kw):
+            self.synced = {k: counters.get(k, 0) for k in COUNTED}
             self.t = time.time()
+            if not state.is_world_process_zero:
+                return
             done = any(r["step"] == 0 for r in _read_curve(ctx.curve_path))
             if cfg.eval_at_start and state.global_step == 0 and not done:
                 ctx.evaluate(kw["model"], 0)
@@ -353,18 +395,24 @@ def _make_clock(ctx: _EvalContext):
             now = time.time()
             counters["train_seconds"] += now - self.t
             capped = cfg.max_train_seconds is not None and counters["train_seconds"] >= cfg.max_train_seconds
+            delta = {k: counters.get(k, 0) - self.synced[k] for k in COUNTED}
+            total, capped = agree_across_processes(delta, capped)
+            for k in COUNTED:
+                counters[k] = self.synced[k] + total[k]
+            self.synced = {k: counters[k] for k in COUNTED}
             if capped:
                 control.should_training_stop = True
             last_step = capped or state.global_step >= state.max_steps
             if last_step or (cfg.eval_every and state.global_step % cfg.eval_every == 0):
-                ctx.evaluate(kw["model"], state.global_step)
+                if state.is_world_process_zero:
+                    ctx.evaluate(kw["model"], state.global_step)
                 control.should_save = True
             self.t = time.time()
             return control
 
         def on_save(self, args, state, control, **kw):
             ck = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ck.is_dir():
+            if state.is_world_process_zero and ck.is_dir():
                 atomic_write_json(ck / "reasonmaxxer_counters.json", counters)
 
     return Clock()
@@ -389,6 +437,7 @@ def run_baseline(
     from ..data.prompts import get_template
     from ..models import load_model
 
+    require_vllm(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -397,7 +446,9 @@ def run_baseline(
     test_p = load_problems(cfg.test_problems, data_dir=cfg.data_dir)
     if not train_p or not test_p:
         raise ReasonMaxxerError("baseline: the training or test problem set is empty")
-    done = _check_run_dir(cfg, out, train_p, test_p)
+    args = _trl_args(cfg, out)  # also sets up the processes under `accelerate launch`
+    main = args.process_index == 0
+    done = _check_run_dir(cfg, out, train_p, test_p, write=main)
     if done is not None:
         return done
 
@@ -408,9 +459,8 @@ def run_baseline(
     tmpl = get_template(cfg.template)
     rows, plen, golds = _training_prompts(train_p, tokenizer, tmpl)
     n_params = sum(p.numel() for p in model.parameters())
-    counters, last = _restore(out, out / "curve.jsonl")
+    counters, last = _restore(out, out / "curve.jsonl", write=main)
     kind, _ = METHODS[cfg.method]
-    args = _trl_args(cfg, out)
     beta = float(args.beta)
     lora = dict(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules), lora_dropout=0.0)
     ctx = _EvalContext(cfg, out, tokenizer, test_p, tmpl, counters, n_params, beta, progress)
@@ -423,9 +473,12 @@ def run_baseline(
         peft_config=None if cfg.full_finetune else LoraConfig(**lora, task_type="CAUSAL_LM"),
         callbacks=[_make_clock(ctx)],
     )
+    if args.deepspeed_plugin is None:
+        fp32_trainable(trainer.model)  # before train(), which builds the optimizer
     trainer.train(resume_from_checkpoint=last)
     final_dir = out / ("model" if cfg.full_finetune else "adapter")
-    _save_trained(trainer.model, tokenizer, final_dir, cfg)
+    if main:
+        _save_trained(trainer.model, tokenizer, final_dir, cfg)
     curve = _read_curve(ctx.curve_path)
     trl_keys = ("loss_type", "beta", "top_entropy_quantile", "num_generations", "scale_rewards")
     res = {
@@ -442,7 +495,8 @@ def run_baseline(
         "final": curve[-1] if curve else None,
         final_dir.name: str(final_dir),
     }
-    atomic_write_json(out / "result.json", res)
+    if main:
+        atomic_write_json(out / "result.json", res)
     return res
 
 

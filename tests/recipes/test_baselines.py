@@ -177,3 +177,122 @@ def test_read_curve_drops_a_torn_last_line_only(tmp_path):
     p.write_text('{"step": 1}\n{"step": \n{"step": 3}\n')  # not a torn tail: an error
     with pytest.raises(ReasonMaxxerError, match=f"^{p}:2: invalid JSON"):
         _read_curve(p)
+
+
+# -- at scale: vLLM, gradient accumulation, processes, precision --------------------------------
+def test_vllm_colocate_and_grad_accum_reach_grpo_config(tmp_path, monkeypatch):
+    from reasonmaxxer.recipes.baselines import _trl_args
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = BaselineConfig(
+        out=str(tmp_path), prompts_per_step=4, num_generations=4, grad_accum=2,
+        vllm="colocate", vllm_gpu_memory_utilization=0.45,
+    )  # fmt: skip
+    a = _trl_args(cfg, tmp_path)
+    assert a.use_vllm is True and a.vllm_mode == "colocate" and a.vllm_gpu_memory_utilization == 0.45
+    # 16 completions per optimizer step, in 2 micro-batches of 8, generated once per step
+    assert a.gradient_accumulation_steps == 2 and a.per_device_train_batch_size == 8
+    assert a.steps_per_generation == 2 and a.generation_batch_size == 16
+    srv = _trl_args(BaselineConfig(out=str(tmp_path), vllm="server", vllm_server_url="http://h:8001"), tmp_path)
+    assert srv.use_vllm and srv.vllm_mode == "server" and srv.vllm_server_base_url == "http://h:8001"
+    off = _trl_args(BaselineConfig(out=str(tmp_path)), tmp_path)
+    assert off.use_vllm is False and off.gradient_accumulation_steps == 1 and off.per_device_train_batch_size == 16
+
+
+def test_vllm_missing_is_one_clear_line(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "vllm" else real(n, *a))
+    with pytest.raises(ReasonMaxxerError, match=r"^baseline vllm = 'colocate': vllm is not installed; [^\n]*$"):
+        run_baseline(BaselineConfig(out=str(tmp_path / "o"), vllm="colocate"), progress=False)
+    assert not (tmp_path / "o").exists()  # refused before anything was loaded or written
+
+
+def test_effective_batch_is_checked_at_config_load(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    # 4 prompts x 4 generations = 16 completions per step over 3 micro-batches x 4 processes: no
+    with pytest.raises(ReasonMaxxerError, match=r"^baseline grad_accum: .*\(16\).*\(3 x 4\)"):
+        BaselineConfig(prompts_per_step=4, num_generations=4, grad_accum=3)
+    p = tmp_path / "b.toml"
+    p.write_text("grad_accum = 8\n")
+    with pytest.raises(ReasonMaxxerError, match="grad_accum"):
+        load_baseline_config(p)
+    assert BaselineConfig(prompts_per_step=4, num_generations=4, grad_accum=2).grad_accum == 2  # 16 / (2 x 4)
+    with pytest.raises(ReasonMaxxerError, match="vllm"):
+        load_baseline_config(p, grad_accum=1, vllm="sometimes")
+
+
+class _State:
+    def __init__(self, main, step=1, max_steps=5):
+        self.is_world_process_zero, self.global_step, self.max_steps = main, step, max_steps
+
+
+def _clock_ctx(tmp_path, **kw):
+    from reasonmaxxer.recipes.baselines import _EvalContext
+
+    calls = []
+
+    class Ctx(_EvalContext):
+        def evaluate(self, m, step):
+            calls.append(step)
+
+    cfg = BaselineConfig(out=str(tmp_path), eval_every=1, eval_at_start=True, **kw)
+    counters = {"train_seconds": 0.0, "eval_seconds": 0.0}
+    return Ctx(cfg, tmp_path, None, [], None, counters, 10, 0.0, False), calls
+
+
+@pytest.mark.parametrize("main", [True, False])
+def test_only_the_main_process_evaluates_and_writes(tmp_path, main):
+    from transformers import TrainerControl
+
+    from reasonmaxxer.recipes.baselines import _make_clock
+
+    ctx, calls = _clock_ctx(tmp_path, max_train_seconds=1e-9)
+    clock = _make_clock(ctx)
+    args = type("A", (), {"output_dir": str(tmp_path / "trl")})()
+    (tmp_path / "trl" / "checkpoint-1").mkdir(parents=True)
+    clock.on_train_begin(args, _State(main, step=0), TrainerControl(), model=None)
+    ctl = clock.on_step_end(args, _State(main), TrainerControl(), model=None)
+    clock.on_save(args, _State(main), ctl)
+    assert calls == ([0, 1] if main else [])
+    assert (tmp_path / "trl" / "checkpoint-1" / "reasonmaxxer_counters.json").exists() == main
+    # the cap and the save are decided the same way on every process
+    assert ctl.should_training_stop and ctl.should_save
+
+
+def test_bf16_model_trains_fp32_weights(tmp_path, tiny_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from reasonmaxxer.recipes.trl_scale import fp32_trainable
+
+    for full in (False, True):
+        m = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)
+        cfg = _cfg(tmp_path, tiny_dir, "grpo", max_steps=1, full_finetune=full, out=str(tmp_path / f"ft-{full}"))
+        run_baseline(cfg, model=m, tokenizer=tiny_tokenizer, grade_fn=_alternating(), progress=False)
+        trained = [p for n, p in m.named_parameters() if full or "lora_" in n]
+        assert trained and all(p.dtype == torch.float32 for p in trained)
+        if not full:  # the frozen base stays bf16
+            assert any(p.dtype == torch.bfloat16 for n, p in m.named_parameters() if "lora_" not in n)
+    m = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)
+    m.lm_head.weight.requires_grad_(False)
+    assert fp32_trainable(m) > 0 and m.lm_head.weight.dtype == torch.bfloat16  # frozen: left as is
+
+
+def test_a_run_dir_from_before_the_scale_keys_still_resumes(tmp_path, monkeypatch):
+    from reasonmaxxer.data.benchmarks import load_problems
+    from reasonmaxxer.recipes.baselines import _check_run_dir
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    tr, te = load_problems("arith:train:4"), load_problems("arith:test:2")
+    cfg = BaselineConfig(out=str(tmp_path))
+    _check_run_dir(cfg, tmp_path, tr, te)
+    p = tmp_path / "baseline_config.json"
+    old = json.loads(p.read_text())
+    for k in ("grad_accum", "vllm", "vllm_gpu_memory_utilization", "vllm_server_url"):
+        del old["baseline"][k]
+    p.write_text(json.dumps(old))
+    assert _check_run_dir(cfg, tmp_path, tr, te) is None  # the same run: accepted
+    _check_run_dir(BaselineConfig(out=str(tmp_path), vllm_gpu_memory_utilization=0.5), tmp_path, tr, te)
+    with pytest.raises(ReasonMaxxerError, match="different config"):
+        _check_run_dir(BaselineConfig(out=str(tmp_path), grad_accum=2), tmp_path, tr, te)
