@@ -99,6 +99,38 @@ def paired_difference(a: Mapping[str, float], b: Mapping[str, float]) -> dict[st
     }
 
 
+def paired_bootstrap(
+    a: Mapping[str, float], b: Mapping[str, float], *, n_boot: int = 10_000, seed: int = 0
+) -> dict[str, Any]:
+    """Per-problem paired difference a - b with a 95% percentile bootstrap interval.
+
+    Resamples the problems both contain (with replacement, `n_boot` times, numpy's seeded
+    generator) and takes the 2.5% and 97.5% quantiles of the resampled mean difference. Same
+    keys as `paired_difference` ("n", "mean_diff", "low", "high", "wins", "losses", "ties"),
+    plus "n_boot". Use it where the normal approximation is doubtful (few problems, 0/1
+    outcomes, skewed differences).
+    """
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise ReasonMaxxerError(
+            "paired_bootstrap: the two results share no problem ids; evaluate both on the same problems"
+        )
+    d = np.array([float(a[p]) - float(b[p]) for p in common])  # [n]
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(d), size=(n_boot, len(d)))  # [n_boot, n]
+    means = d[idx].mean(1)  # [n_boot]
+    return {
+        "n": len(d),
+        "mean_diff": float(d.mean()),
+        "low": float(np.quantile(means, 0.025)),
+        "high": float(np.quantile(means, 0.975)),
+        "wins": int((d > 0).sum()),
+        "losses": int((d < 0).sum()),
+        "ties": int((d == 0).sum()),
+        "n_boot": n_boot,
+    }
+
+
 def roc_curve(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray, float]:
     """ROC of ``scores`` [N] (higher = more positive) for boolean ``labels`` [N]: (fpr [G+1],
     tpr [G+1], auroc), G the number of distinct scores; arrays, tensors or lists.

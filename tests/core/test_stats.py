@@ -34,3 +34,24 @@ def test_roc_curve_drops_nan_scores():
     assert auroc([0.1, float("nan"), 0.9], [0, 1, 1]) == 1.0
     fpr, tpr, auc = roc_curve(np.ones(3), np.zeros(3, bool))
     assert math.isnan(auc) and fpr.tolist() == tpr.tolist() == [0.0, 1.0]
+
+
+def test_paired_bootstrap_hand_values_and_interval():
+    from reasonmaxxer.core.stats import paired_bootstrap, paired_difference
+
+    a = {"p1": 1.0, "p2": 0.5, "p3": 0.0, "p4": 1.0, "x": 1.0}
+    b = {"p1": 0.0, "p2": 0.5, "p3": 0.25, "p4": 0.0}
+    r = paired_bootstrap(a, b, n_boot=4000, seed=1)
+    assert r["n"] == 4 and r["mean_diff"] == pytest.approx((1 + 0 - 0.25 + 1) / 4)
+    assert (r["wins"], r["losses"], r["ties"]) == (2, 1, 1)
+    assert r["low"] < r["mean_diff"] < r["high"]
+    assert -0.25 <= r["low"] and r["high"] <= 1.0  # a resampled mean lies between the extreme differences
+    assert paired_bootstrap(a, b, n_boot=4000, seed=1) == r  # seeded
+    # on many problems the bootstrap interval approaches the normal one
+    g = np.random.default_rng(0)
+    big_a = {str(i): float(g.random() < 0.6) for i in range(2000)}
+    big_b = {str(i): float(g.random() < 0.5) for i in range(2000)}
+    boot, norm = paired_bootstrap(big_a, big_b, seed=2), paired_difference(big_a, big_b)
+    assert boot["low"] == pytest.approx(norm["low"], abs=0.006) and boot["high"] == pytest.approx(
+        norm["high"], abs=0.006
+    )
