@@ -27,7 +27,9 @@ that fails is reported (one line) without stopping the others:
 7. train_full: a full fine-tune of the bf16 model for `--train-steps` steps at lr 1e-5 (fp32
    master weights): the fraction of a weight matrix that moved;
 8. oom: a deliberate out-of-memory becomes the library's one-line message;
-9. vllm (only if vllm imports): `VLLMSampler` on the same requests, from the model saved to
+9. pipeline: `reasonmaxxer run` end to end on a small random model in the device's default
+   dtype (a coin instead of grading, since a random model never answers right);
+10. vllm (only if vllm imports): `VLLMSampler` on the same requests, from the model saved to
    a temp dir; engine start-up is timed apart from generation.
 
 Prints one table (figure and peak GPU memory per stage) and writes JSON with `--json` after
@@ -115,6 +117,7 @@ STAGES = (
     "train_lora_logits",
     "train_full",
     "oom",
+    "pipeline",
     "vllm",
 )
 
@@ -374,6 +377,83 @@ def bench_oom(ctx, a) -> dict:
         err = out_of_memory_error("train", e)
         msg = str(err) if err is not None else f"NOT recognised: {type(e).__name__}: {e}"
     return {"what": "a 1 TiB allocation, through errors.out_of_memory_error", "message": msg[:300], "figure": msg[:140]}
+
+
+SMALL = dict(
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=512,
+    vocab_size=4096,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+)
+
+
+def fake_grade_many(golds, texts, workers=None):
+    """A deterministic coin (crc32 of the completion) instead of grading: a random model never
+    answers right, and the pipeline needs mixed-success problems to select."""
+    import zlib
+
+    from reasonmaxxer.verify import Grade, Verdict
+
+    out = []
+    for t in texts:
+        ok = zlib.crc32(t.encode()) % 3 == 0
+        v = Verdict(ok, "1" if ok else "0", "boxed", "match" if ok else "mismatch")
+        out.append(Grade(v, v))
+    return out
+
+
+def bench_pipeline(ctx, a) -> dict:
+    """`reasonmaxxer run` end to end on the device's defaults (bf16, HF backend) with a small
+    random model and a coin for a grader: sample, select + score, train (validation), eval
+    base and trained (merged, bf16), fork analysis, report."""
+    import reasonmaxxer.verify as verify
+    from reasonmaxxer.config import load_run_config
+    from reasonmaxxer.recipes.run import run_pipeline
+
+    d = ctx["work"] / "pipe_model"
+    build_model(SMALL, ctx["device"], ctx["dtype"]).save_pretrained(d)
+    word_tokenizer(SMALL["vocab_size"]).save_pretrained(d)
+    cfg = ctx["work"] / "pipe.toml"
+    n = 4 if a.tiny else 24
+    cfg.write_text(
+        f'model = "{d}"\ntemplate = "raw"\nout = "{ctx["work"] / "pipe_run"}"\ntrain_problems = "arith:train:{n}"\n'
+        f'validation_problems = "arith:validation:{n // 2}"\ntest_problems = "arith:test:{n}"\n'
+        "[sampling]\nn = 4\nmax_new_tokens = 32\nbatch_size = 32\n[selection]\nmax_problems = 64\ntruncated = \"keep\"\n"
+        "[train]\nmicro_batch = 4\ngrad_accum = 1\nepochs = 1.0\ncheckpoint_every = 2\nwarmup_steps = 1\n"
+        "[eval]\nn = 2\nmax_new_tokens = 32\nbatch_size = 32\n"
+    )
+    import transformers
+
+    real, real_tok = verify.grade_many, transformers.AutoTokenizer.from_pretrained
+
+    def auto_tok(path, *args, **kw):  # transformers maps a qwen2 config to Qwen2Tokenizer, which
+        # rebuilds a byte-level pre-tokenizer over our word-level vocabulary: load it as saved
+        if str(path) == str(d):
+            return transformers.PreTrainedTokenizerFast.from_pretrained(path)
+        return real_tok(path, *args, **kw)
+
+    verify.grade_many, transformers.AutoTokenizer.from_pretrained = fake_grade_many, auto_tok
+    try:
+        summary = run_pipeline(load_run_config(cfg), progress=False)
+    finally:
+        verify.grade_many, transformers.AutoTokenizer.from_pretrained = real, real_tok
+    ev = json.loads((ctx["work"] / "pipe_run" / "eval" / "trained" / "eval.json").read_text())["weights"]
+    acc = summary["accuracy"]
+    return {
+        "what": f"reasonmaxxer run, small random model, {n} train problems, coin grader",
+        "steps": summary["summary"]["steps"],
+        "trained_eval_weights": ev,
+        "fork_positions": summary["fork_changes"]["positions"],
+        "figure": (
+            f"all stages ran; {summary['summary']['steps']} steps; trained eval on {ev['kind']} in {ev['dtype']}; "
+            f"fork analysis over {summary['fork_changes']['positions']} positions; "
+            f"greedy {acc['base']['greedy']} -> {acc['trained']['greedy']} (coin)"
+        ),
+    }
 
 
 def vllm_missing() -> str | None:
