@@ -82,3 +82,11 @@ def test_distill_cli_end_to_end_and_resume(tmp_path, tiny_tokenizer, monkeypatch
     assert spec == 0
     d = json.loads((tmp_path / "delta" / "delta.json").read_text())
     assert d["kind"] == "lora" and all(m["rank_99"] <= 2 for m in d["modules"])
+
+
+def test_analyze_needs_tuned_or_delta(tmp_path, capsys):
+    from reasonmaxxer.cli import main
+
+    assert main(["analyze", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--tuned" in err and "--delta" in err
