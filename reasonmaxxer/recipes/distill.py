@@ -233,8 +233,8 @@ def run_distill(
     examples = examples_of(rows, ents)
     students = {}
     for r in sorted(set(ranks)):
-        say = print if progress else (lambda *_: None)
-        say(f"[distill] rank {r}")
+        if progress:
+            print(f"[distill] rank {r}", flush=True)
         students[r] = distill_rank(
             examples,
             r,

@@ -183,6 +183,10 @@ def distill_rank(
         "teacher": teacher_spec,
         "versions": package_versions(),
     }
+    if not resolved["positions"]:
+        raise ReasonMaxxerError(
+            f"distill: no position to match ({cfg.positions}; tau {tau}); use --positions all or check the base entropies"
+        )
     dist = Dist.from_env()
     claim_out_dir(out, resolved, dist, overwrite=False)
     trainable = attach_adapter(model, tcfg)

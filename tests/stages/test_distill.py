@@ -121,3 +121,20 @@ def test_a_finished_rank_is_skipped_and_a_killed_one_resumes(tmp_path, tiny_toke
 
     monkeypatch.setattr(dm, "attach_adapter", lambda *a: pytest.fail("a finished rank was trained again"))
     assert distill_rank(ex, 1, cfg, out, base, teacher, tiny_tokenizer, progress=False) == res
+
+
+def test_gated_positions_follow_the_base_entropies_and_none_is_an_error(tmp_path, tiny_tokenizer):
+    from dataclasses import replace
+
+    from reasonmaxxer.errors import ReasonMaxxerError
+    from reasonmaxxer.stages.distill import position_masks
+
+    ex = random_train_examples(6, vocab=len(tiny_tokenizer))
+    masks, tau = position_masks(ex, DistillConfig(positions="gated", tau_fraction=0.2))
+    for e, m in zip(ex, masks):
+        assert m.tolist() == [h > tau for h in e.entropies]
+    assert 0 < sum(int(m.sum()) for m in masks) < sum(len(m) for m in masks)
+    flat = [replace(e, entropies=(0.0,) * len(e.entropies)) for e in ex]
+    base = make_tiny_model(len(tiny_tokenizer))
+    with pytest.raises(ReasonMaxxerError, match="no position to match"):
+        distill_rank(flat, 1, DistillConfig(positions="gated"), tmp_path, base, base, tiny_tokenizer, progress=False)
