@@ -195,12 +195,12 @@ def _sampler(a, spec: str):
     return make_sampler(a.backend, spec, VLLMOptions(**opts))
 
 
-def _add_pair(p):
+def _add_pair(p, tuned_required: bool = True):
     """Flags shared by analyze and intervene: a base/tuned pair and the problems to decode."""
     p.add_argument("--base", default="smollm2-135m", help="base model spec")
     p.add_argument(
         "--tuned",
-        required=True,
+        required=tuned_required,
         help="tuned model: PEFT adapter dir, merged checkpoint or any HF model (same tokenizer)",
     )
     p.add_argument("--problems", default="arith:test:30")
@@ -529,6 +529,10 @@ def cmd_analyze(a):
     from .analysis.tokens import run_analyze
 
     _threads(a)
+    if a.delta:
+        return cmd_delta(a)
+    if not a.tuned:
+        raise ReasonMaxxerError("analyze: pass --tuned MODEL (token-level comparison) or --delta ADAPTER (spectrum)")
     res = run_analyze(
         a.base,
         a.tuned,
@@ -551,6 +555,34 @@ def cmd_analyze(a):
         atlas = f" (no fork atlas: {e})"
     print((Path(a.out) / "analysis.md").read_text())
     print(f"written: {a.out}/analysis.json, analysis.md, trajectories.jsonl, explorer.html, plots/{atlas}")
+    return res
+
+
+def cmd_delta(a):
+    from .analysis.delta import run_delta
+
+    res = run_delta(a.delta, a.out, base=a.base)  # --base: read for a full fine-tune only
+    for mod, v in res["summary"].items():
+        print(f"{mod}: {v['n']} modules, effective rank 90% mean {v['mean_rank_90']:.1f} (max {v['max_rank_90']}), "
+              f"99% mean {v['mean_rank_99']:.1f} (max {v['max_rank_99']})")  # fmt: skip
+    print(f"written: {a.out}/delta.json, delta.png")
+    return res
+
+
+def cmd_distill(a):
+    from .recipes.distill import run_distill
+    from .stages.distill import DistillConfig
+
+    _threads(a)
+    keys = ("positions", "lr", "epochs", "max_steps", "micro_batch", "grad_accum", "seed", "alpha_per_rank")
+    cfg = DistillConfig(**{k: getattr(a, k) for k in keys if getattr(a, k) is not None})
+    res = run_distill(
+        a.teacher, a.base, a.ranks, a.problems, a.out, cfg=cfg, rollouts=a.rollouts, test_problems=a.test_problems,
+        template=a.template, data_dir=a.data_dir, limit=a.limit, n=a.n, max_new_tokens=a.max_new_tokens,
+        eval_n=a.eval_n, heldout_rollouts=a.heldout_rollouts, progress=True,
+    )  # fmt: skip
+    print((Path(a.out) / "distill.md").read_text())
+    print(f"written: {a.out}/distill.json, distill.md, recovery_vs_rank.png, rank-*/")
     return res
 
 
@@ -723,7 +755,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "analyze", help="token-level comparison of a tuned model with its base (reranked/shifted, entropy, KL/JS)"
     )
-    _add_pair(p)
+    _add_pair(p, tuned_required=False)
+    p.add_argument(
+        "--delta",
+        default=None,
+        help="instead: the spectrum of a weight change (a LoRA adapter dir, or a full fine-tune with --base)",
+    )
     p.add_argument(
         "--trajectories",
         choices=("base", "tuned", "both"),
@@ -734,6 +771,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_analyze)
+
+    p = sub.add_parser("distill", help="rank sweep of KL-LoRA students of a tuned teacher: how low-dimensional is it?")
+    p.add_argument(
+        "--teacher", required=True, help="tuned model: PEFT adapter dir, merged or any HF model (same tokenizer)"
+    )
+    p.add_argument("--base", required=True, help="base model spec the students are LoRAs of")
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--problems", required=True, help="problems the teacher's rollouts are sampled on")
+    p.add_argument("--rollouts", default=None, help="a rollout store of the teacher to distill on (default: sample)")
+    p.add_argument(
+        "--positions", choices=("all", "gated"), default=None, help="all completion tokens | the base's forks"
+    )
+    p.add_argument("--test-problems", default=None, help="held-out problems for the table (default: no evaluation)")
+    p.add_argument("--template", default="fewshot")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--limit", type=int, default=None, help="first N of --problems")
+    p.add_argument("--n", type=int, default=4, help="teacher rollouts per problem")
+    p.add_argument("--eval-n", type=int, default=4, help="held-out samples per problem (avg@n)")
+    p.add_argument("--heldout-rollouts", type=int, default=64, help="teacher's held-out rollouts for KL/agreement")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    for flag, typ in (("lr", float), ("epochs", float), ("max-steps", int), ("micro-batch", int), ("grad-accum", int),
+                      ("seed", int), ("alpha-per-rank", float)):  # fmt: skip
+        p.add_argument(f"--{flag}", type=typ, default=None, help="stages.distill.DistillConfig")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default="runs/distill", help="run dir; re-run to resume (finished ranks are skipped)")
+    p.set_defaults(fn=cmd_distill)
 
     p = sub.add_parser("intervene", help="causal checks: oracle, random control, entropy-gated sweep, cross-sampling")
     _add_pair(p)
