@@ -456,6 +456,7 @@ def _store_model(a, store):
 
 
 def cmd_train(a):
+    from dataclasses import asdict
 
     from .backends.distributed import is_main_process, main_process_first, set_timeout_minutes
     from .data.benchmarks import load_problems
@@ -463,10 +464,14 @@ def cmd_train(a):
     from .models import load_model
     from .recipes.run import prepare_training_data
     from .stages.evaluate import greedy_accuracy_fn
+    from .stages.publish import check_push, push_adapter
+    from .stages.tracking import check_tracker, make_tracker
     from .stages.train import examples_from_selection, train
     from .store import RolloutStore
 
     _threads(a)
+    check_tracker(a.report_to)  # a missing package or Hub token: one line before any model loads
+    check_push(a.push_to_hub, full_finetune=bool(a.full_finetune))
     store = RolloutStore(a.rollouts)
     spec, man = _store_model(a, store)
     set_timeout_minutes(a.dist_timeout_minutes)  # before the first collective initialises the process group
@@ -485,9 +490,16 @@ def cmd_train(a):
     if a.validation:
         tmpl = get_template(a.template or man.get("config", {}).get("template", {}).get("name") or "fewshot")
         validate = greedy_accuracy_fn(load_problems(a.validation, data_dir=a.data_dir), tmpl, tok, a.max_new_tokens, 32)
-    res = train(examples, cfg, out, model, tok, base_spec=spec, validate=validate, shuffle=False, progress=main)
+    # only the main process logs; the tracker's config is the run's, not part of TrainConfig (resume compares that)
+    run_info = {"train": asdict(cfg), "selection": asdict(sel_cfg), "rollouts": a.rollouts, "model": spec}
+    tracker = make_tracker(a.report_to, out, run_info, out.name) if main else None
+    res = train(
+        examples, cfg, out, model, tok, base_spec=spec, validate=validate, shuffle=False, progress=main, tracker=tracker
+    )
     if not main:
         return
+    if a.push_to_hub:
+        print(f"pushed {res.get('adapter')} to {push_adapter(res['adapter'], a.push_to_hub)}", flush=True)
     print(
         f"tau {res['tau']:.3f} nats ({res['tau_source']}), gated fraction {res['gated_fraction']:.2%}; "
         f"selected step {res['selected_step']} (val accuracy {res['selected_val_accuracy']})\n"
@@ -744,6 +756,18 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.add_argument(
                 "--rescore", action="store_true", help="re-score base entropies even if the sampler's can be reused"
+            )
+            p.add_argument(
+                "--report-to",
+                default="none",
+                choices=("none", "tensorboard", "wandb"),  # stages/tracking.py REPORT_TO (not imported here)
+                help="log each step's metrics (metrics.jsonl's) to TensorBoard (OUT/tb) or W&B (default: none)",
+            )
+            p.add_argument(
+                "--push-to-hub",
+                metavar="REPO",
+                default="",
+                help="after export, upload the adapter and its model card to this Hub model repo (created private)",
             )
         else:
             p.add_argument(

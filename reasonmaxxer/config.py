@@ -25,6 +25,7 @@ from .io import read_toml
 from .schema import check_fields, check_value_meta, choices_of, show_value
 from .stages.evaluate import EvalConfig
 from .stages.select import SelectionConfig
+from .stages.tracking import REPORT_TO
 from .stages.train import TrainConfig
 
 
@@ -113,6 +114,17 @@ class RunConfig:
         },
     )
     vllm: VLLMOptions = field(default_factory=VLLMOptions)  # [vllm] engine options (backend = "vllm")
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": "log each training step's metrics to: none | tensorboard (out/train/tb) | wandb",
+            "choices": REPORT_TO,
+        },
+    )
+    push_to_hub: str = field(
+        default="",
+        metadata={"help": "after the run, upload the adapter (with its model card) to this Hub repo ('' = no)"},
+    )
 
     def engine_config(self):
         from .backends.engines import EngineConfig

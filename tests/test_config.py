@@ -262,3 +262,36 @@ def test_calibrate_table_and_flags_are_typed(tmp_path):
     c.write_text('[calibrate]\ntaus = ["low"]\n')
     with pytest.raises(ReasonMaxxerError, match=r"\[calibrate\] taus\[0\]: expected a float"):
         load_run_config(c)
+
+
+def test_report_to_and_push_to_hub_flags(tmp_path, capsys):
+    """run/demo: generated from RunConfig (report_to, push_to_hub); train: its own flags. Not TrainConfig fields."""
+    from dataclasses import fields
+
+    from reasonmaxxer.cli import build_parser
+    from reasonmaxxer.config import RunConfig, config_overrides, load_run_config
+    from reasonmaxxer.stages.train import TrainConfig
+
+    assert not {"report_to", "push_to_hub"} & {f.name for f in fields(TrainConfig)}
+    a = build_parser().parse_args(["demo", "--report-to", "wandb", "--push-to-hub", "me/tiny"])
+    assert config_overrides(a) == {"report_to": "wandb", "push_to_hub": "me/tiny"}
+    c = load_run_config(None, **config_overrides(a))
+    assert (c.report_to, c.push_to_hub) == ("wandb", "me/tiny")
+    assert (RunConfig().report_to, RunConfig().push_to_hub) == ("none", "")
+    p = tmp_path / "c.toml"
+    p.write_text('report_to = "mlflow"\n')
+    with pytest.raises(ReasonMaxxerError, match="report_to"):
+        load_run_config(p)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "c.toml", "--report-to", "mlflow"])
+    assert "{none,tensorboard,wandb}" in capsys.readouterr().err
+    t = build_parser().parse_args(["train", "--rollouts", "r", "--out", "o", "--report-to", "tensorboard"])
+    assert (t.report_to, t.push_to_hub) == ("tensorboard", "")
+    t = build_parser().parse_args(["train", "--rollouts", "r", "--out", "o", "--push-to-hub", "me/x"])
+    assert (t.report_to, t.push_to_hub) == ("none", "me/x")
+    from reasonmaxxer.stages.tracking import REPORT_TO
+
+    for kind in REPORT_TO:  # train's choices (written out in cli.py) are the tracker registry's
+        assert (
+            build_parser().parse_args(["train", "--rollouts", "r", "--out", "o", "--report-to", kind]).report_to == kind
+        )

@@ -195,10 +195,14 @@ def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -
     from ..data.benchmarks import load_problems
     from ..data.prompts import get_template
     from ..models import load_model
+    from ..stages.publish import check_push, push_adapter
     from ..stages.sample import check_backend, sample_stage
+    from ..stages.tracking import check_tracker, make_tracker
     from ..stages.train import example_gates, train
 
     check_backend(cfg.backend, cfg.engine)
+    check_tracker(cfg.report_to)  # a missing package or Hub token: one line now, not after sampling
+    check_push(cfg.push_to_hub, full_finetune=cfg.train.full_finetune)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -308,6 +312,7 @@ def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -
             shuffle=False,
             progress=progress,  # selection already ordered the rows
             overwrite=overwrite,
+            tracker=make_tracker(cfg.report_to, out / "train", asdict(cfg), out.name),
         )
     if cfg.train.full_finetune:  # the base for evaluation and the fork analysis
         model, tok = load_model(cfg.model)
@@ -451,6 +456,8 @@ def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -
 
         run_info = [json.loads((out / "train" / f).read_text()) for f in ("train_config.json", "result.json")]
         write_model_card(adapter, *run_info, results_markdown(small["accuracy"], cfg.test_problems))
+    if cfg.push_to_hub:  # after the card has the held-out results
+        print(f"pushed {adapter} to {push_adapter(adapter, cfg.push_to_hub)}", flush=True)
     if progress:
         print_result(small, paired, tau, res["gated_fraction"], md, html)
     return small

@@ -476,6 +476,7 @@ def train(
     progress: bool = True,
     export: bool = True,
     overwrite: bool = False,
+    tracker=None,
 ) -> dict:
     """Train on `examples` (already in training order if shuffle=False). Returns result.json's dict.
 
@@ -492,6 +493,9 @@ def train(
     process writes train_config.json, metrics, checkpoints and exports. Every process calls
     `validate` (a collective, e.g. `greedy_accuracy_fn`'s, that splits the problems over them).
     `out_dir` must be on a filesystem every process sees (for resumption and result.json).
+
+    tracker: a `tracking.make_tracker` object; the main process logs each step's metrics.jsonl
+    record to it (``tracker.log(rec, step)``); closed when this returns or fails.
     """
     dist = Dist.from_env()
     out = Path(out_dir)
@@ -506,15 +510,21 @@ def train(
     plan = plan_run(examples, cfg, shuffle, base_spec)
     claim_out_dir(out, plan.resolved, dist, overwrite)
     if (out / "result.json").is_file():
+        if tracker is not None:
+            tracker.close()
         return json.loads((out / "result.json").read_text())
     trainable = attach_adapter(model, cfg)
     try:
-        return run_steps(plan, cfg, out, trainable, tokenizer, dist, validate, progress, export, base_spec)
+        return run_steps(plan, cfg, out, trainable, tokenizer, dist, validate, progress, export, base_spec, tracker)
     finally:
         detach_adapter(trainable)
+        if tracker is not None:
+            tracker.close()
 
 
-def run_steps(plan, cfg, out, trainable: Trainable, tokenizer, dist: Dist, validate, progress, export, base_spec):
+def run_steps(
+    plan, cfg, out, trainable: Trainable, tokenizer, dist: Dist, validate, progress, export, base_spec, tracker=None
+):
     """The optimizer steps of `train` (from the last checkpoint), then selection and export."""
     from tqdm.auto import tqdm
 
@@ -624,6 +634,8 @@ def run_steps(plan, cfg, out, trainable: Trainable, tokenizer, dist: Dist, valid
         if dist.is_main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            if tracker is not None:
+                tracker.log(rec, step + 1)
         bar.update(1)
         bar.set_postfix_str(
             f"loss {agg['loss']:.3f} gated {rec['gated_fraction']:.1%} {rec['tokens_per_s']:.0f} tok/s", refresh=False

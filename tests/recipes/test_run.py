@@ -268,3 +268,50 @@ def test_calibrate_table_chooses_tau_on_validation_before_training(tmp_path, tin
     assert seen["taus"] == (0.5, 1.5) and seen["train_tau"] == 1.5
     assert len(seen["validation"]) == 4 and all("test" not in q for q in seen["validation"])
     assert json.loads((tmp_path / "run" / "run_config.json").read_text())["train"]["tau"] == 1.5
+
+
+def test_report_to_and_push_to_hub_are_checked_up_front_and_the_tracker_reaches_train(
+    tmp_path, tiny_tokenizer, monkeypatch
+):
+    """A missing tracker package or HF_HUB_OFFLINE with push_to_hub: one line before the run dir
+    is made; otherwise train() gets the tracker (logging under out/train)."""
+    import sys
+
+    from huggingface_hub import constants
+
+    from reasonmaxxer.config import RunConfig
+    from reasonmaxxer.recipes import run
+    from reasonmaxxer.stages import train as train_mod
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ReasonMaxxerError, match=r"pip install wandb"):
+        run_pipeline(RunConfig(out=str(tmp_path / "a"), report_to="wandb"), progress=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ReasonMaxxerError, match=r"--push-to-hub me/x: HF_HUB_OFFLINE is set"):
+        run_pipeline(RunConfig(out=str(tmp_path / "b"), push_to_hub="me/x"), progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+    made, seen = [], {}
+    writer = types.SimpleNamespace(
+        add_text=lambda *a, **k: None, add_scalar=lambda *a, **k: None, flush=lambda: None, close=lambda: None
+    )
+    fake_tb = types.SimpleNamespace(SummaryWriter=lambda log_dir=None, **k: made.append(log_dir) or writer)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake_tb)
+
+    def train(examples, cfg, *a, tracker=None, **k):
+        seen["tracker"] = tracker
+        raise RuntimeError("stop after training starts")
+
+    ckpt = tmp_path / "tiny"
+    make_tiny_model(len(tiny_tokenizer), seed=3, init_std=0.2).save_pretrained(ckpt)
+    tiny_tokenizer.save_pretrained(ckpt)
+    cfg = RunConfig(
+        model=str(ckpt), template="raw", out=str(tmp_path / "run"), train_problems="arith:train:2",
+        validation_problems="", test_problems="arith:test:2", report_to="tensorboard",
+        sampling=SamplingConfig(n=2, max_new_tokens=4),
+    )  # fmt: skip
+    monkeypatch.setattr(run, "prepare_training_data", lambda *a, **k: (types.SimpleNamespace(stats={}), [], {}))
+    monkeypatch.setattr(train_mod, "train", train)
+    with pytest.raises(RuntimeError, match="stop after"):
+        run_pipeline(cfg, progress=False)
+    assert made == [str(tmp_path / "run" / "train" / "tb")] and seen["tracker"].writer is writer

@@ -526,3 +526,30 @@ def test_deepspeed_nonfinite_loss_stops_before_the_engine_steps(tmp_path, tiny_t
     # and a finite run under the fake DeepSpeed completes: the grad norm DeepSpeed keeps is not an error
     ok = TrainConfig(tau=1.0, micro_batch=2, grad_accum=2, lora_rank=4, max_steps=1, skip_ungated=False)
     train(random_train_examples(4), ok, tmp_path / "ok", model, tiny_tokenizer, shuffle=False, progress=False)
+
+
+class RecordingTracker:
+    def __init__(self):
+        self.logged, self.closed = [], 0
+
+    def log(self, metrics, step):
+        self.logged.append((dict(metrics), step))
+
+    def close(self):
+        self.closed += 1
+
+
+def test_tracker_gets_every_steps_metrics_jsonl_record(tmp_path, tiny_tokenizer):
+    cfg = TrainConfig(tau=1.0, micro_batch=2, grad_accum=1, lora_rank=4, checkpoint_every=2, eval_every=1)
+    tracker = RecordingTracker()
+    res = _train_once(tmp_path, tiny_tokenizer, cfg, random_train_examples(8), validate=lambda m: 0.5, tracker=tracker)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == res["total_steps"] == 4 and tracker.closed == 1
+    assert tracker.logged == [(rec, rec["step"]) for rec in lines]  # exactly metrics.jsonl, every step
+    assert {"loss", "decision", "anchor", "grad_norm", "lr", "gated_fraction", "tokens_per_s", "val_accuracy"} <= set(
+        lines[0]
+    )
+    # the tracker is not part of the run's config: the finished run is found again, and the tracker closed
+    again = RecordingTracker()
+    assert _train_once(tmp_path, tiny_tokenizer, cfg, random_train_examples(8), tracker=again) == res
+    assert again.logged == [] and again.closed == 1

@@ -79,3 +79,59 @@ def test_calibrate_cli_reports_gated_fraction_vs_accuracy(store_and_ckpt):
     fr = {c["tau"]: c["gated_fraction"] for c in res["candidates"]}
     assert fr[0.5] == 1.0 and 0 < fr[3.6] < 1 and fr[99.0] == 0.0  # the tiny model: entropies 2.2-4.0 nats
     assert res["best_tau"] in (0.5, 3.6) and "| 99 | 0.00% | - |" in r.stdout
+
+
+def test_train_cli_track_and_push(store_and_ckpt, monkeypatch, capsys):
+    """`train --report-to tensorboard --push-to-hub REPO` in-process: a fake SummaryWriter gets every
+    step's metrics, a recording HfApi gets the exported adapter dir (with its model card)."""
+    import types
+
+    import huggingface_hub
+
+    from reasonmaxxer.cli import main
+
+    scalars, uploads = [], []
+
+    class Writer:
+        def __init__(self, log_dir=None, **kw):
+            pass
+
+        def add_scalar(self, tag, value, global_step=None, walltime=None):
+            scalars.append((tag, global_step))
+
+        def add_text(self, *a, **k):
+            pass
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    class Api:
+        def create_repo(self, repo_id, **kw):
+            uploads.append(("create", repo_id, kw["exist_ok"]))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, *, repo_id, folder_path, repo_type=None, **kw):
+            uploads.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_fake")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    d, _ = store_and_ckpt
+    out = d / "run-push"
+    args = ["train", "--rollouts", str(d / "rollouts"), "--out", str(out), "--micro-batch", "4", "--grad-accum", "1"]
+    args += ["--lora-rank", "4", "--tau", "1.0", "--order", "none", "--report-to", "tensorboard"]
+    assert main([*args, "--push-to-hub", "me/tiny"]) == 0, capsys.readouterr().err
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted({s for tag, s in scalars if tag == "train/loss"}) == steps and len(steps) >= 1
+    assert uploads[0] == ("create", "me/tiny", True)
+    assert uploads[1][:2] == ("upload", "me/tiny") and {"adapter_config.json", "README.md"} <= set(uploads[1][2])
+    assert "pushed" in capsys.readouterr().out
+    # a missing tracker package: one line, before any model is loaded
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    assert main([*args[:4], str(d / "run-x"), *args[5:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "pip install tensorboard" in err and not (d / "run-x").exists()
