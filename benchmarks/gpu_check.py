@@ -422,7 +422,7 @@ def bench_pipeline(ctx, a) -> dict:
     cfg.write_text(
         f'model = "{d}"\ntemplate = "raw"\nout = "{ctx["work"] / "pipe_run"}"\ntrain_problems = "arith:train:{n}"\n'
         f'validation_problems = "arith:validation:{n // 2}"\ntest_problems = "arith:test:{n}"\n'
-        "[sampling]\nn = 4\nmax_new_tokens = 32\nbatch_size = 32\n[selection]\nmax_problems = 64\ntruncated = \"keep\"\n"
+        '[sampling]\nn = 4\nmax_new_tokens = 32\nbatch_size = 32\n[selection]\nmax_problems = 64\ntruncated = "keep"\n'
         "[train]\nmicro_batch = 4\ngrad_accum = 1\nepochs = 1.0\ncheckpoint_every = 2\nwarmup_steps = 1\n"
         "[eval]\nn = 2\nmax_new_tokens = 32\nbatch_size = 32\n"
     )
