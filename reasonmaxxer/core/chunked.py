@@ -27,6 +27,8 @@ import functools
 import torch
 from torch import Tensor
 
+from .losses import decision_diagnostics
+
 __all__ = ["chunked_head_loss", "head_loss_weights"]
 
 # stats slots, in the order of the float64 vector the autograd function returns
@@ -34,27 +36,44 @@ _STATS = ("decision", "anchor_loss", "anchor_kl_sum", "entropy_loss", "entropy_s
 
 
 def head_loss_weights(
-    advantages: Tensor, gate: Tensor, anchor_mask: Tensor, lam: float, dec_denom: float, anc_denom: float
+    advantages: Tensor,
+    gate: Tensor,
+    anchor_mask: Tensor,
+    lam: float,
+    dec_denom: float | Tensor,
+    anc_denom: float | Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The rows that matter and their coefficients, from `reasonmaxxer_loss`'s inputs.
 
     advantages [B]; gate, anchor_mask [B, T] bool (same columns as the hidden states passed
-    later); dec_denom, anc_denom > 0 (the step's counts). Returns (positions [N] int64 into
-    the flattened [B*T], dec_weight [N] fp32 = -A_b/dec_denom where gated else 0,
-    anc_weight [N] fp32 = lam/anc_denom where anchored else 0); positions are the rows
-    where gate | anchor_mask, in row-major order.
+    later); dec_denom, anc_denom > 0 (the step's counts), or [B] tensors of per-row
+    denominators (per-sequence normalisation: row b's weights use denom[b]). Returns
+    (positions [N] int64 into the flattened [B*T], dec_weight [N] fp32 = -A_b/dec_denom where
+    gated else 0, anc_weight [N] fp32 = lam/anc_denom where anchored else 0); positions are
+    the rows where gate | anchor_mask, in row-major order.
     """
     if gate.shape != anchor_mask.shape or gate.dim() != 2 or advantages.shape != gate.shape[:1]:
         raise ValueError(
             f"need advantages [B], gate and anchor_mask [B, T]; got {tuple(advantages.shape)}, "
             f"{tuple(gate.shape)}, {tuple(anchor_mask.shape)}"
         )
-    if float(dec_denom) <= 0 or float(anc_denom) <= 0:
-        raise ValueError(f"dec_denom and anc_denom must be > 0, got {dec_denom} and {anc_denom}")
     g, a = gate.bool(), anchor_mask.bool()
     pos = (g | a).reshape(-1).nonzero().squeeze(1)  # [N]
     adv = advantages.float()[:, None].expand(gate.shape).reshape(-1)[pos]  # [N]
     zero = torch.zeros((), dtype=torch.float32, device=adv.device)
+    if isinstance(dec_denom, Tensor) or isinstance(anc_denom, Tensor):
+        if not (isinstance(dec_denom, Tensor) and isinstance(anc_denom, Tensor)):
+            raise ValueError("dec_denom and anc_denom must both be floats or both be [B] tensors")
+        for d in (dec_denom, anc_denom):
+            if d.shape != advantages.shape or not bool((d > 0).all()):
+                raise ValueError(f"per-row denominators must be [B] and > 0, got {d.tolist()}")
+        row = pos // gate.shape[1]  # [N] the row of each position
+        dd, ad = dec_denom.to(adv.device, torch.float32)[row], anc_denom.to(adv.device, torch.float32)[row]
+        dec = torch.where(g.reshape(-1)[pos], -adv / dd, zero)
+        anc = torch.where(a.reshape(-1)[pos], float(lam) / ad, zero) if lam else torch.zeros_like(adv)
+        return pos, dec, anc
+    if float(dec_denom) <= 0 or float(anc_denom) <= 0:
+        raise ValueError(f"dec_denom and anc_denom must be > 0, got {dec_denom} and {anc_denom}")
     dec = torch.where(g.reshape(-1)[pos], -adv / float(dec_denom), zero)
     anc = torch.where(a.reshape(-1)[pos], zero + float(lam) / float(anc_denom), zero) if lam else torch.zeros_like(adv)
     return pos, dec, anc
@@ -90,7 +109,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     @_no_autocast
     def forward(ctx, hidden, weight, bias, hidden_base, weight_base, bias_base, targets, dec, anc, ent, chunk, active):
-        anc_on, ent_on = active  # chunk indices with a nonzero anc / ent weight
+        anc_on, ent_on, diag_on = active  # chunk indices with a nonzero anc / ent weight, or diagnostics rows
         N = hidden.shape[0]
         w32 = weight.detach().float()  # [V, H]; a copy only if weight is not fp32
         wb32 = w32 if weight_base is None else weight_base.detach().float()
@@ -99,13 +118,16 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         lse = torch.empty(N, dtype=torch.float32, device=hidden.device)  # [N] logsumexp of theta
         lse_b = torch.zeros_like(lse)  # [N] of base (anchored chunks only)
         ent_val = torch.zeros_like(lse)  # [N] H(p_theta) (chunks with an entropy weight only)
+        tlp = torch.empty_like(lse)  # [N] log p_theta(target)
+        blp = torch.full_like(lse, float("nan"))  # [N] log p_base(target) (chunks with base logits only)
         fmin = torch.finfo(torch.float32).min
         for k, s in enumerate(range(0, N, chunk)):
             e = min(s + chunk, N)
             lq = _logits(hidden[s:e], w32, bias)  # [c, V]
             lse[s:e] = torch.logsumexp(lq, -1)
-            stats[0] += (dec[s:e] * (lq.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e])).sum().double()
-            if k not in anc_on and k not in ent_on:
+            tlp[s:e] = lq.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e]
+            stats[0] += (dec[s:e] * tlp[s:e]).sum().double()
+            if k not in anc_on and k not in ent_on and k not in diag_on:
                 continue
             lq.sub_(lse[s:e, None]).clamp_(min=fmin)  # log q
             if k in ent_on:
@@ -114,28 +136,30 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 ent_val[s:e] = h
                 stats[3] += (w * h).sum().double()
                 stats[4] += torch.where(w != 0, h, torch.zeros_like(h)).sum().double()
-            if k in anc_on:
-                a = anc[s:e]
+            if k in anc_on or k in diag_on:
                 lp = _logits(hidden_base[s:e], wb32, bb)  # [c, V]
                 lse_b[s:e] = torch.logsumexp(lp, -1)
                 lp.sub_(lse_b[s:e, None]).clamp_(min=fmin)  # log p
+                blp[s:e] = lp.gather(1, targets[s:e, None]).squeeze(1)
+            if k in anc_on:
+                a = anc[s:e]
                 kl = lp.exp().mul_(lp.sub_(lq)).sum(-1)  # [c] sum_v p (log p - log q), as anchor_kl
                 stats[1] += (a * kl).sum().double()
                 stats[2] += torch.where(a != 0, kl, torch.zeros_like(kl)).sum().double()
         ctx.save_for_backward(hidden, weight, bias, hidden_base, weight_base, bias_base, targets, dec, anc, ent)
         ctx.small = (lse, lse_b, ent_val)
         ctx.chunk, ctx.active = chunk, active
-        ctx.mark_non_differentiable(stats)
+        ctx.mark_non_differentiable(stats, tlp, blp)
         loss = (stats[0] + stats[1] + stats[3]).float()
-        return loss, stats
+        return loss, stats, tlp, blp
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     @_no_autocast
-    def backward(ctx, grad_loss, _grad_stats):
+    def backward(ctx, grad_loss, _grad_stats, _grad_tlp, _grad_blp):
         hidden, weight, bias, hidden_base, weight_base, bias_base, targets, dec, anc, ent = ctx.saved_tensors
         lse, lse_b, ent_val = ctx.small
-        anc_on, ent_on = ctx.active
+        anc_on, ent_on, _ = ctx.active
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         g = grad_loss.float()
         dec, anc = dec * g, anc * g  # fold d(outer)/d(loss) into the coefficients, [N]
@@ -190,6 +214,7 @@ def chunked_head_loss(
     weight_base: Tensor | None = None,
     bias_base: Tensor | None = None,
     ent_weight: Tensor | None = None,
+    adv_rows: Tensor | None = None,
     chunk: int = 1024,
 ) -> tuple[Tensor, dict[str, float]]:
     """Weighted decision + anchor (+ entropy) loss of N positions from their hidden states.
@@ -207,7 +232,10 @@ def chunked_head_loss(
         `reasonmaxxer_loss` reports as "decision"); "anchor_loss" (the second sum, = lam *
         "anchor"); "anchor_kl_sum" (sum of KL over rows with anc_i != 0: divide by the step's
         anc_denom for `reasonmaxxer_loss`'s "anchor"); "entropy_loss", "entropy_sum" (0 without
-        ent_weight). Peak memory: about four [chunk, V] fp32 buffers, plus fp32 copies of the
+        ent_weight). adv_rows [N] (optional): each decision row's advantage A (0 on other rows):
+        the stats then also hold `core.losses.decision_diagnostics` over the rows with A != 0
+        (log p_base(y) from the base logits of their chunks, when hidden_base is given: a chunk
+        with such a row and no anchored row computes its base logits for that). Peak memory: about four [chunk, V] fp32 buffers, plus fp32 copies of the
         [V, H] head (and its [V, H] fp32 gradient when it requires one), plus [N, H] fp32 grads.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -236,7 +264,10 @@ def chunked_head_loss(
     if hidden_base is None and anc_on:
         raise ValueError("hidden_base is None but anc_weight has nonzero entries")
     ent = None if ent_weight is None else ent_weight.detach().float()
-    loss, stats = _ChunkedHeadLoss.apply(
+    if adv_rows is not None and adv_rows.shape != (N,):
+        raise ValueError(f"adv_rows must be [N]={N}, got {tuple(adv_rows.shape)}")
+    diag_on = _active_chunks(adv_rows, chunk) if adv_rows is not None and hidden_base is not None else frozenset()
+    loss, stats, tlp, blp = _ChunkedHeadLoss.apply(
         hidden,
         weight,
         bias,
@@ -248,7 +279,11 @@ def chunked_head_loss(
         anc,
         ent,
         int(chunk),
-        (anc_on, _active_chunks(ent, chunk)),
+        (anc_on, _active_chunks(ent, chunk), diag_on),
     )
     out = dict(zip(_STATS, stats.tolist()))  # one device sync
-    return loss, {"loss": out["decision"] + out["anchor_loss"] + out["entropy_loss"], **out}
+    out = {"loss": out["decision"] + out["anchor_loss"] + out["entropy_loss"], **out}
+    if adv_rows is not None:
+        sel = adv_rows != 0
+        out.update(decision_diagnostics(tlp[sel], adv_rows[sel], None if hidden_base is None else blp[sel]))
+    return loss, out

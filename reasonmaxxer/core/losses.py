@@ -18,9 +18,16 @@ Variants (the ablations of the paper, and ours) are entries of `LOSS_VARIANTS`. 
 variant does not change the arithmetic, only what goes into it: it maps the batch's raw
 masks to a `LossMasks` (decision mask, anchor mask, advantages, lam). Registered:
 
-- ``reasonmaxxer`` (default): decision = gate & completion; anchor = the other valid positions.
+- ``reasonmaxxer`` (default): decision = gate & completion & (A != 0); anchor = the other valid
+  positions. A rollout with A == 0 (a group whose rewards are all equal) has no decision term:
+  its gated positions are anchored instead, as the official code does (OFFICIAL
+  scripts/train_reasonmaxxer.py:1035-1036,1045: the decision mask is gate & (A > 0 | A < 0);
+  :1155: the KL mask is every valid position outside it).
 - ``positive_only``: only rollouts with A > 0 (the correct ones) are trained on; rows with
   A <= 0 drop out of BOTH terms and both denominators (paper: recovers about half the gain).
+- ``positive_only_paper``: the official positive-only run: incorrect rollouts are dropped and
+  every correct one gets A = 1 (all-correct groups included) (OFFICIAL
+  scripts/prepare_training_data.py:218-219,254-255 ``--positive_only``). Needs ``correct``.
 - ``no_anchor``: lam = 0 (decision term alone).
 - ``all_tokens``: decision over every completion position, anchor over the prompt only.
 
@@ -47,6 +54,16 @@ How a training loop composes them (gradient accumulation over micro-batches)::
                 gate=m.decision[:, 1:], anchor_mask=m.anchor[:, 1:], lam=m.lam,
                 dec_denom=dec_denom, anc_denom=anc_denom)
             loss.backward()
+
+Normalisation (`TrainConfig.normalisation`): with scalar denominators each term is a mean over
+the step's tokens ("per_token"). Pass [B] tensors instead (one per row: S * that row's own
+count, S = the step's number of sequences) and each sequence's terms are averaged over its own
+tokens, then over the step's sequences ("per_sequence", the official code's: batch_size 1,
+each sequence's loss is its own decision mean + lam * its own KL mean, divided by grad_accum,
+OFFICIAL scripts/train_reasonmaxxer.py:1126-1130,1164-1169,1173,1183 with --batch_size 1; a
+sequence with no decision token contributes a decision term of 0 and still counts in S,
+:1131-1132). Official normalisation has no other mode in the paper's run (no
+--normalize_by_problem, no --separate_pos_neg_norm: :1032-1033, :1106).
 """
 
 from __future__ import annotations
@@ -64,6 +81,8 @@ __all__ = [
     "masked_sum_and_count",
     "decision_loss",
     "anchor_kl",
+    "decision_diagnostics",
+    "DIAGNOSTICS",
     "LossMasks",
     "LOSS_VARIANTS",
     "register_loss",
@@ -117,13 +136,25 @@ def _resolve_denom(denom: float | None, count: int, name: str) -> float:
     return float(denom)
 
 
-def decision_loss(token_logprob: Tensor, advantages: Tensor, gate: Tensor, denom: float | None = None) -> Tensor:
+def _row_denom(denom: Tensor, B: int, name: str) -> Tensor:
+    """Check a per-row denominator: [B], every entry > 0."""
+    if denom.shape != (B,):
+        raise ValueError(f"{name} as a tensor must be [B]={B}, got {tuple(denom.shape)}")
+    if not bool((denom > 0).all()):
+        raise ValueError(f"{name} must be > 0 in every row, got {denom.tolist()}")
+    return denom
+
+
+def decision_loss(
+    token_logprob: Tensor, advantages: Tensor, gate: Tensor, denom: float | Tensor | None = None
+) -> Tensor:
     """-(1/denom) * sum over gated (b, t) of A_b * log p_theta(x_t): scalar.
 
     token_logprob: [B, T] (differentiable); advantages: [B]; gate: [B, T] bool.
     denom defaults to the number of gated positions here (1 if none: the loss is then 0).
     Under gradient accumulation pass the gated count of the whole optimizer step, so the
-    summed loss and its gradient do not depend on how the step is split.
+    summed loss and its gradient do not depend on how the step is split. A [B] tensor
+    denom divides row b's terms by denom[b] (per-sequence normalisation, module docstring).
     """
     if token_logprob.dim() != 2 or gate.shape != token_logprob.shape:
         raise ValueError(
@@ -131,21 +162,26 @@ def decision_loss(token_logprob: Tensor, advantages: Tensor, gate: Tensor, denom
         )
     if advantages.shape != (token_logprob.shape[0],):
         raise ValueError(f"advantages must be [B]={token_logprob.shape[0]}, got {tuple(advantages.shape)}")
+    if isinstance(denom, Tensor):
+        d = _row_denom(denom, token_logprob.shape[0], "denom").to(token_logprob.device, token_logprob.dtype)
+        weighted = (advantages.to(token_logprob.dtype) / d)[:, None] * token_logprob  # [B, T]
+        return -masked_sum_and_count(weighted, gate)[0]
     weighted = advantages.to(token_logprob.dtype)[:, None] * token_logprob  # [B, T]
     total, count = masked_sum_and_count(weighted, gate)
     return -total / _resolve_denom(denom, count, "denom")
 
 
 class _AnchorKL(torch.autograd.Function):
-    """sum over selected rows of KL(softmax(base) || softmax(theta)) / denom, chunked.
+    """sum over selected rows of KL(softmax(base) || softmax(theta)) / denom, chunked; with
+    weights [M] (one per selected row), sum of weight * KL / denom instead.
 
     Backward uses d KL / d theta_logits = softmax(theta) - softmax(base) per row, so no
     [N, V] activation is saved; base gets no gradient.
     """
 
     @staticmethod
-    def forward(ctx, base: Tensor, theta: Tensor, idx: Tensor, denom: float, chunk: int) -> Tensor:
-        # base, theta: [N, V]; idx: [M] selected rows
+    def forward(ctx, base: Tensor, theta: Tensor, idx: Tensor, denom: float, chunk: int, weights=None) -> Tensor:
+        # base, theta: [N, V]; idx: [M] selected rows; weights: [M] fp32 or None
         cdt = torch.promote_types(theta.dtype, torch.float32)
         total = torch.zeros((), dtype=torch.float64, device=theta.device)
         for s in range(0, idx.numel(), chunk):
@@ -155,7 +191,11 @@ class _AnchorKL(torch.autograd.Function):
             lb.sub_(torch.logsumexp(lb, -1, keepdim=True)).clamp_(min=torch.finfo(cdt).min)  # log p_base
             lt.sub_(torch.logsumexp(lt, -1, keepdim=True)).clamp_(min=torch.finfo(cdt).min)  # log p_theta
             p = lb.exp()  # [c, V]
-            total += p.mul_(lb.sub_(lt)).sum().double()  # sum_v p (log p - log q), all rows
+            if weights is None:
+                total += p.mul_(lb.sub_(lt)).sum().double()  # sum_v p (log p - log q), all rows
+            else:
+                total += (p.mul_(lb.sub_(lt)).sum(-1) * weights[s : s + chunk].to(cdt)).sum().double()
+        ctx.weights = weights
         ctx.save_for_backward(base, theta, idx)
         ctx.denom, ctx.chunk = denom, chunk
         return (total / denom).to(cdt)
@@ -173,15 +213,17 @@ class _AnchorKL(torch.autograd.Function):
                 rows = idx[s : s + ctx.chunk]
                 q = torch.softmax(theta[rows].to(cdt), -1)  # [c, V]
                 q.sub_(torch.softmax(base[rows].to(cdt), -1)).mul_(scale)  # (q - p) * g / denom
+                if ctx.weights is not None:
+                    q.mul_(ctx.weights[s : s + ctx.chunk, None].to(cdt))
                 grad[rows] = q.to(grad.dtype)
-        return None, grad, None, None, None
+        return None, grad, None, None, None, None
 
 
 def anchor_kl(
     logits_base: Tensor,
     logits_theta: Tensor,
     mask: Tensor,
-    denom: float | None = None,
+    denom: float | Tensor | None = None,
     chunk_size: int = 128,
 ) -> Tensor:
     """Mean over masked positions of KL(p_base || p_theta), nats: scalar (fp32).
@@ -193,7 +235,8 @@ def anchor_kl(
     gradient accumulation. Forward and backward work on ``chunk_size`` positions at a
     time and save no [B, T, V] activation (the backward writes one gradient of
     logits_theta's size). Non-contiguous inputs are copied by reshape; slice the masks,
-    not the logits, where possible.
+    not the logits, where possible. A [B] tensor denom divides row b's KL terms by denom[b]
+    (per-sequence normalisation, module docstring).
     """
     if logits_base.shape != logits_theta.shape or logits_theta.dim() != 3:
         raise ValueError(
@@ -205,8 +248,13 @@ def anchor_kl(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     V = logits_theta.shape[-1]
     idx = mask.reshape(-1).bool().nonzero().squeeze(1)  # [M]
+    base, theta = logits_base.detach().reshape(-1, V), logits_theta.reshape(-1, V)
+    if isinstance(denom, Tensor):
+        d = _row_denom(denom, mask.shape[0], "denom").to(idx.device, torch.float32)
+        w = 1.0 / d[idx // mask.shape[1]]  # [M] 1 / (the row's denominator)
+        return _AnchorKL.apply(base, theta, idx, 1.0, chunk_size, w)
     d = _resolve_denom(denom, idx.numel(), "denom")
-    return _AnchorKL.apply(logits_base.detach().reshape(-1, V), logits_theta.reshape(-1, V), idx, d, chunk_size)
+    return _AnchorKL.apply(base, theta, idx, d, chunk_size)
 
 
 @dataclass(frozen=True)
@@ -226,7 +274,8 @@ LOSS_VARIANTS: dict[str, LossVariant] = {}
 
 
 def register_loss(name: str) -> Callable[[LossVariant], LossVariant]:
-    """Decorator: register ``fn(*, gate, completion_mask, attention_mask, advantages, lam) -> LossMasks``."""
+    """Decorator: register ``fn(*, gate, completion_mask, attention_mask, advantages, lam, correct) -> LossMasks``
+    (correct: [B] bool or None when the caller has no grades)."""
 
     def deco(fn: LossVariant) -> LossVariant:
         if name in LOSS_VARIANTS:
@@ -246,14 +295,14 @@ def _valid_predictions(attention_mask: Tensor) -> Tensor:
 
 
 @register_loss("reasonmaxxer")
-def _reasonmaxxer_masks(*, gate, completion_mask, attention_mask, advantages, lam) -> LossMasks:
+def _reasonmaxxer_masks(*, gate, completion_mask, attention_mask, advantages, lam, correct=None) -> LossMasks:
     valid = _valid_predictions(attention_mask)
-    decision = gate.bool() & completion_mask.bool() & valid
+    decision = gate.bool() & completion_mask.bool() & valid & (advantages != 0)[:, None]
     return LossMasks(advantages.float(), decision, valid & ~decision, float(lam))
 
 
 @register_loss("positive_only")
-def _positive_only_masks(*, gate, completion_mask, attention_mask, advantages, lam) -> LossMasks:
+def _positive_only_masks(*, gate, completion_mask, attention_mask, advantages, lam, correct=None) -> LossMasks:
     base = _reasonmaxxer_masks(
         gate=gate, completion_mask=completion_mask, attention_mask=attention_mask, advantages=advantages, lam=lam
     )
@@ -262,8 +311,21 @@ def _positive_only_masks(*, gate, completion_mask, attention_mask, advantages, l
     return LossMasks(adv, base.decision & keep, base.anchor & keep, float(lam))
 
 
+@register_loss("positive_only_paper")
+def _positive_only_paper_masks(*, gate, completion_mask, attention_mask, advantages, lam, correct=None) -> LossMasks:
+    """OFFICIAL scripts/prepare_training_data.py:218-219 (incorrect rollouts skipped) and :254-255
+    (advantage = 1.0 on every kept one); decisions and anchor as ``reasonmaxxer`` on what is left."""
+    if correct is None:
+        raise ReasonMaxxerError("loss variant 'positive_only_paper' needs each rollout's correct flag (pass correct=)")
+    keep = correct.bool().to(advantages.device)  # [B]
+    base = _reasonmaxxer_masks(
+        gate=gate, completion_mask=completion_mask, attention_mask=attention_mask, advantages=keep.float(), lam=lam
+    )
+    return LossMasks(keep.float(), base.decision & keep[:, None], base.anchor & keep[:, None], float(lam))
+
+
 @register_loss("no_anchor")
-def _no_anchor_masks(*, gate, completion_mask, attention_mask, advantages, lam) -> LossMasks:
+def _no_anchor_masks(*, gate, completion_mask, attention_mask, advantages, lam, correct=None) -> LossMasks:
     base = _reasonmaxxer_masks(
         gate=gate, completion_mask=completion_mask, attention_mask=attention_mask, advantages=advantages, lam=lam
     )
@@ -271,14 +333,14 @@ def _no_anchor_masks(*, gate, completion_mask, attention_mask, advantages, lam) 
 
 
 @register_loss("all_tokens")
-def _all_tokens_masks(*, gate, completion_mask, attention_mask, advantages, lam) -> LossMasks:
+def _all_tokens_masks(*, gate, completion_mask, attention_mask, advantages, lam, correct=None) -> LossMasks:
     valid = _valid_predictions(attention_mask)
     completion = completion_mask.bool() & valid
     return LossMasks(advantages.float(), completion, valid & ~completion_mask.bool(), float(lam))
 
 
 @register_loss("rft")
-def _rft_masks(*, gate, completion_mask, attention_mask, advantages, lam) -> LossMasks:
+def _rft_masks(*, gate, completion_mask, attention_mask, advantages, lam, correct=None) -> LossMasks:
     """Rejection-sampling fine-tune: plain SFT (weight 1) on every completion token of the
     rollouts with A > 0 (the correct ones of a mixed-success group); no gate, no anchor."""
     valid = _valid_predictions(attention_mask)
@@ -295,8 +357,10 @@ def loss_masks(
     attention_mask: Tensor,
     advantages: Tensor,
     lam: float = 0.2,
+    correct: Tensor | None = None,
 ) -> LossMasks:
-    """Apply the named variant: gate/completion/attention [B, T], advantages [B] -> `LossMasks`."""
+    """Apply the named variant: gate/completion/attention [B, T], advantages [B] (correct [B]
+    bool, needed by ``positive_only_paper``) -> `LossMasks`."""
     try:
         fn = LOSS_VARIANTS[variant]
     except KeyError:
@@ -306,7 +370,50 @@ def loss_masks(
             raise ValueError(f"{name} shape {tuple(x.shape)} != attention_mask shape {tuple(attention_mask.shape)}")
     if advantages.shape != (attention_mask.shape[0],):
         raise ValueError(f"advantages must be [B]={attention_mask.shape[0]}, got {tuple(advantages.shape)}")
-    return fn(gate=gate, completion_mask=completion_mask, attention_mask=attention_mask, advantages=advantages, lam=lam)
+    return fn(
+        gate=gate,
+        completion_mask=completion_mask,
+        attention_mask=attention_mask,
+        advantages=advantages,
+        lam=lam,
+        correct=correct,
+    )
+
+
+DIAGNOSTICS = ("dlogp_pos_sum", "dlogp_pos_tokens", "dlogp_neg_sum", "dlogp_neg_tokens", "pos_pressure", "neg_pressure")
+
+
+def decision_diagnostics(token_logprob: Tensor, advantages: Tensor, base_token_logprob: Tensor | None) -> dict:
+    """The official per-step decision diagnostics, as sums over the given decision positions.
+
+    token_logprob [K]: log p_theta(x_t) at K decision positions; advantages [K]: their rows' A;
+    base_token_logprob [K] or None: log p_base(x_t) there (None: the Delta-logp sums are 0 over 0
+    tokens). Returns floats/ints: "dlogp_pos_sum" = sum over A > 0 of log p_theta - log p_base,
+    "dlogp_pos_tokens" their count, the same for A < 0 ("dlogp_neg_*"); "pos_pressure" = sum
+    over A > 0 of A * (-log p_theta), "neg_pressure" = sum over A < 0 of |A| * (-log p_theta).
+    OFFICIAL scripts/train_reasonmaxxer.py:1018-1020 (delta_logp = student - base log-prob of the
+    taken token), :1148-1151 (Delta-logp+/- = its mean over A > 0 / A < 0 decision tokens),
+    :1134-1141 (pos/neg pressure sums), :1153 (neg_pos_pressure_ratio = neg / pos). Divide the
+    step's sums by the step's counts for the means. No gradient.
+    """
+    with torch.no_grad():
+        lp, a = token_logprob.detach().float(), advantages.detach().float()
+        pos, neg = a > 0, a < 0
+        zero = torch.zeros((), dtype=torch.float32, device=lp.device)
+        vals = [torch.where(pos, a * -lp, zero).sum(), torch.where(neg, -a * -lp, zero).sum()]
+        have_base = base_token_logprob is not None
+        if have_base:
+            d = lp - base_token_logprob.detach().float()
+            vals += [torch.where(pos, d, zero).sum(), torch.where(neg, d, zero).sum()]
+        out = torch.stack(vals).double().tolist()  # one device sync
+    return {
+        "dlogp_pos_sum": out[2] if have_base else 0.0,
+        "dlogp_pos_tokens": int(pos.sum()) if have_base else 0,
+        "dlogp_neg_sum": out[3] if have_base else 0.0,
+        "dlogp_neg_tokens": int(neg.sum()) if have_base else 0,
+        "pos_pressure": out[0],
+        "neg_pressure": out[1],
+    }
 
 
 def reasonmaxxer_loss(
@@ -318,9 +425,10 @@ def reasonmaxxer_loss(
     gate: Tensor,
     anchor_mask: Tensor,
     lam: float = 0.2,
-    dec_denom: float | None = None,
-    anc_denom: float | None = None,
+    dec_denom: float | Tensor | None = None,
+    anc_denom: float | Tensor | None = None,
     chunk_size: int = 128,
+    base_token_logprob: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """total = decision_loss + lam * anchor_kl, each averaged over its own mask.
 
@@ -328,11 +436,13 @@ def reasonmaxxer_loss(
     logits_theta); logits_theta, logits_base: [B, T, V]; advantages: [B]; gate,
     anchor_mask: [B, T] bool (normally from `loss_masks`; the anchor mask is every valid
     non-gated position, prompt included). dec_denom/anc_denom: the whole optimizer step's
-    counts under gradient accumulation (default: this batch's counts). With lam == 0 the
-    anchor is not computed (reported as 0 over 0 tokens).
-    Returns (loss scalar, {"loss", "decision", "anchor", "gated_tokens", "anchor_tokens"});
-    with global denominators "decision"/"anchor" are this micro-batch's share, so they sum
-    over the step's micro-batches to the step's values.
+    counts under gradient accumulation (default: this batch's counts), or [B] per-row
+    denominators (per-sequence normalisation). With lam == 0 the anchor is not computed
+    (reported as 0 over 0 tokens). base_token_logprob [B, T]: log p_base of each token (read at
+    gated positions only) for the Delta-logp diagnostics (None: not reported).
+    Returns (loss scalar, {"loss", "decision", "anchor", "gated_tokens", "anchor_tokens"} and
+    the `decision_diagnostics` keys); with global denominators "decision"/"anchor" are this
+    micro-batch's share, so they sum over the step's micro-batches to the step's values.
     """
     dec = decision_loss(token_logprob, advantages, gate, dec_denom)
     if lam != 0:
@@ -348,4 +458,8 @@ def reasonmaxxer_loss(
         "gated_tokens": int(gate.bool().sum()),
         "anchor_tokens": n_anchor,
     }
+    g = gate.bool()
+    adv = advantages[:, None].expand(g.shape)[g]
+    blp = None if base_token_logprob is None else base_token_logprob[g]
+    stats.update(decision_diagnostics(token_logprob[g], adv, blp))
     return loss, stats

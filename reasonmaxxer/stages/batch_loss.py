@@ -17,7 +17,7 @@ import torch
 
 from ..core.chunked import chunked_head_loss, head_loss_weights
 from ..core.entropy import token_logprobs
-from ..core.losses import anchor_kl, reasonmaxxer_loss
+from ..core.losses import DIAGNOSTICS, anchor_kl, reasonmaxxer_loss
 from ..models import cache_kwarg, logit_postprocess, split_decoder_head
 
 
@@ -131,22 +131,30 @@ def micro_batch_loss(model, frozen, ids, att, m, prefix_len: int, dec_denom: flo
             with _unwrapped(model).disable_adapter():  # forward through the wrapper (FSDP gathers there)
                 pre_b, rest_b = split_prefix_logits(model, ids, att, P)
     logits, base = rest_t[:, :-1], rest_b[:, :-1]  # predict columns P+1 .. T-1
+    targets, gate = ids[:, P + 1 :], m.decision[:, P + 1 :]
+    with torch.no_grad():  # log p_base(x_t) at the gated positions only (the Delta-logp diagnostics)
+        base_lp = torch.zeros(targets.shape, dtype=torch.float32, device=base.device)
+        base_lp[gate] = token_logprobs(base[gate], targets[gate])
     loss, stats = reasonmaxxer_loss(
-        token_logprob=token_logprobs(logits, ids[:, P + 1 :]),
+        token_logprob=token_logprobs(logits, targets),
         logits_theta=logits,
         logits_base=base,
         advantages=m.advantages,
-        gate=m.decision[:, P + 1 :],
+        gate=gate,
         anchor_mask=m.anchor[:, P + 1 :],
         lam=m.lam,
         dec_denom=dec_denom,
         anc_denom=anc_denom,
+        base_token_logprob=base_lp,
     )
     if P == 0:
         return loss, stats
     w = prefix_anchor_rows(m, P)
     if w and m.lam:
-        kl = anchor_kl(pre_b, pre_t, torch.ones((1, P), dtype=torch.bool, device=pre_t.device), denom=anc_denom / w)
+        ones = torch.ones((1, P), dtype=torch.bool, device=pre_t.device)
+        per_row = isinstance(anc_denom, torch.Tensor)
+        denom = 1.0 / prefix_anchor_weight(m, P, anc_denom, w) if per_row else anc_denom / w
+        kl = anchor_kl(pre_b, pre_t, ones, denom=denom)
         loss = loss + m.lam * kl
         stats["anchor"] += float(kl.detach())
         stats["anchor_tokens"] += w * P
@@ -187,6 +195,7 @@ def chunked_micro_batch_loss(model, frozen, ids, att, m, prefix_len: int, dec_de
     gate, anchor = m.decision[:, P + 1 :], m.anchor[:, P + 1 :]
     anchored = anchor if lam else torch.zeros_like(anchor)
     pos, dec_w, anc_w = head_loss_weights(m.advantages, gate, anchored, lam, dec_denom, anc_denom)
+    adv_rows = torch.where(gate.reshape(-1)[pos], m.advantages.float()[:, None].expand(gate.shape).reshape(-1)[pos], 0)
     H = rest_t.shape[-1]
 
     def rows(x):  # [B, T-P, H] -> [N, H]: the positions predicting columns P+1.. that matter
@@ -201,20 +210,24 @@ def chunked_micro_batch_loss(model, frozen, ids, att, m, prefix_len: int, dec_de
         dec_w,
         anc_w,
         bias=head.bias,
+        adv_rows=adv_rows,
         **base_kw,
     )
+    per_row = isinstance(anc_denom, torch.Tensor)  # per-sequence: anchor_loss / lam = sum of KL / row denom
     stats = {
         "loss": st["loss"],
         "decision": st["decision"],
-        "anchor": st["anchor_kl_sum"] / anc_denom if lam else 0.0,
+        "anchor": (st["anchor_loss"] / lam if per_row else st["anchor_kl_sum"] / anc_denom) if lam else 0.0,
         "gated_tokens": int(gate.bool().sum()),
         "anchor_tokens": int(anchor.bool().sum()) if lam else 0,
+        **{k: st[k] for k in DIAGNOSTICS},
     }
     if P == 0:
         return loss, stats
     w = prefix_anchor_rows(m, P)
     if w and lam:
-        weight = torch.full((P,), lam * w / anc_denom, device=pre_t.device)
+        factor = prefix_anchor_weight(m, P, anc_denom, w)
+        weight = torch.full((P,), lam * factor if per_row else lam * w / anc_denom, device=pre_t.device)
         kl, st = chunked_head_loss(
             pre_t[0],
             pre_b[0],
@@ -226,7 +239,7 @@ def chunked_micro_batch_loss(model, frozen, ids, att, m, prefix_len: int, dec_de
             **base_kw,
         )
         loss = loss + kl
-        stats["anchor"] += w * st["anchor_kl_sum"] / anc_denom
+        stats["anchor"] += factor * st["anchor_kl_sum"] if per_row else w * st["anchor_kl_sum"] / anc_denom
         stats["anchor_tokens"] += w * P
         stats["loss"] = float(loss.detach())
     return loss, stats
@@ -242,3 +255,13 @@ def prefix_anchor_rows(m, P: int) -> int:
     if not torch.equal(rows, pre_anchor.any(1)):
         raise ValueError("anchor mask must be uniform over the shared prefix")
     return int(rows.sum())
+
+
+def prefix_anchor_weight(m, P: int, anc_denom, w: int) -> float:
+    """The total anchor weight of one shared-prefix position, summed over the w rows that anchor
+    it: w / anc_denom (a step count), or sum over those rows of 1 / anc_denom[b] ([B] per-row
+    denominators, per-sequence normalisation)."""
+    if not isinstance(anc_denom, torch.Tensor):
+        return w / anc_denom
+    rows = m.anchor[:, 1 : P + 1].all(1)  # [B]
+    return float((1.0 / anc_denom.double().to(rows.device))[rows].sum())

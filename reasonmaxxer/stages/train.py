@@ -45,7 +45,7 @@ import torch
 
 from ..backends.distributed import Dist
 from ..core.gating import check_gate_nonempty, entropy_gate, gated_fraction, random_gate_like, tau_for_fraction
-from ..core.losses import LOSS_VARIANTS, loss_masks
+from ..core.losses import DIAGNOSTICS, LOSS_VARIANTS, loss_masks
 from ..core.padding import pad_right
 from ..errors import ReasonMaxxerError
 from ..io import atomic_write_bytes, atomic_write_json, package_versions
@@ -70,6 +70,7 @@ def examples_from_selection(rows: Sequence[dict], truncated_policy: str) -> list
 
 
 GATES = ("entropy", "random")
+NORMALISATIONS = ("per_token", "per_sequence")
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,14 @@ class TrainConfig:
     )
     skip_ungated: bool = field(
         default=True, metadata={"help": "drop rollouts with no gated token (they would train the anchor only)"}
+    )
+    normalisation: str = field(
+        default="per_token",
+        metadata={
+            "help": "per_token: each loss term is a mean over the step's tokens | per_sequence: each sequence's "
+            "terms are means over its own tokens, then the mean over the step's sequences (the official code's)",
+            "choices": NORMALISATIONS,
+        },
     )
     loss_impl: str = field(
         default="auto",
@@ -435,8 +444,9 @@ def trim_metrics(metrics_path: Path, start: int) -> None:
 
 
 def step_inputs(plan: RunPlan, idx: Sequence[int], cfg: TrainConfig, pad: int):
-    """One optimizer step's micro-batches: [(ids, att, completion)], their `LossMasks`, and the
-    step's decision and anchor denominators (every process computes them from the full step)."""
+    """One optimizer step's micro-batches: [(ids, att, completion)], their `LossMasks`, and each
+    micro-batch's decision and anchor denominators (every process computes them from the full
+    step): the step's counts (per_token), or [b] per-row tensors (per_sequence)."""
     batches, masks = [], []
     for a in range(0, len(idx), cfg.micro_batch):
         mb = idx[a : a + cfg.micro_batch]
@@ -446,11 +456,49 @@ def step_inputs(plan: RunPlan, idx: Sequence[int], cfg: TrainConfig, pad: int):
             gate[j, comp[j]] = plan.gates[i]
         batches.append((ids, att, comp))
         masks.append(
-            loss_masks(cfg.variant, gate=gate, completion_mask=comp, attention_mask=att, advantages=adv, lam=cfg.lam)
+            loss_masks(
+                cfg.variant,
+                gate=gate,
+                completion_mask=comp,
+                attention_mask=att,
+                advantages=adv,
+                lam=cfg.lam,
+                correct=correct,
+            )
         )
+    if cfg.normalisation == "per_sequence":
+        # S = the step's sequences that take part (any decision or anchor position); row b's
+        # terms are divided by S * its own count (OFFICIAL scripts/train_reasonmaxxer.py:1126-1130,
+        # 1164-1169, 1183: per-sequence means, / grad_accum; core.losses module docstring)
+        S = max(1, sum(int((m.decision | m.anchor).any(1).sum()) for m in masks))
+        dec = [S * m.decision.sum(1).clamp(min=1).double() for m in masks]  # [b] each
+        anc = [S * m.anchor.sum(1).clamp(min=1).double() for m in masks]
+        return batches, masks, dec, anc
     dec_denom = max(1, sum(int(m.decision.sum()) for m in masks))
     anc_denom = max(1, sum(int(m.anchor.sum()) for m in masks))
-    return batches, masks, dec_denom, anc_denom
+    return batches, masks, [dec_denom] * len(masks), [anc_denom] * len(masks)
+
+
+def step_diagnostics(agg: dict) -> dict:
+    """metrics.jsonl's decision diagnostics from a step's summed `core.losses.decision_diagnostics`:
+    dlogp_pos / dlogp_neg (mean log p_theta - log p_base of the taken token over the step's gated
+    tokens of rollouts with A > 0 / A < 0, nats; None without them or without base log-probs),
+    pos_pressure / neg_pressure (sums of |A| * -log p_theta there) and pressure_ratio = neg / pos
+    (the official Delta-logp+/-, pos/neg_pressure_sum and neg_pos_pressure_ratio,
+    scripts/train_reasonmaxxer.py:1134-1153)."""
+
+    def mean(key):
+        n = agg[f"{key}_tokens"]
+        return round(agg[f"{key}_sum"] / n, 6) if n else None
+
+    pos, neg = agg["pos_pressure"], agg["neg_pressure"]
+    return {
+        "dlogp_pos": mean("dlogp_pos"),
+        "dlogp_neg": mean("dlogp_neg"),
+        "pos_pressure": round(pos, 6),
+        "neg_pressure": round(neg, 6),
+        "pressure_ratio": round(neg / pos, 6) if pos else None,
+    }
 
 
 CHUNKED_ABOVE_BYTES = 2**30  # loss_impl = "auto": the chunked loss above this many bytes of fp32 logits
@@ -574,6 +622,7 @@ def run_steps(
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
         agg = {"loss": 0.0, "decision": 0.0, "anchor": 0.0, "gated_tokens": 0, "anchor_tokens": 0}
+        agg.update({k: 0 if k.endswith("_tokens") else 0.0 for k in DIAGNOSTICS})
         ntok, bad = 0, False
         passes = dist.passes(len(batches))
         for j, (k, weight) in enumerate(passes):
@@ -588,7 +637,7 @@ def run_steps(
             loss_fn = chunked_micro_batch_loss if use_chunked(cfg, head, ids, dist) else micro_batch_loss
             with dist.micro_pass(model, last=j == len(passes) - 1):
                 with amp:
-                    loss, stats = loss_fn(model, frozen, ids, att, m, P, dec_denom, anc_denom)
+                    loss, stats = loss_fn(model, frozen, ids, att, m, P, dec_denom[k], anc_denom[k])
                 if weight and not torch.isfinite(loss):
                     if dist.acc is None:
                         fail("loss", f" (decision {stats['decision']}, anchor {stats['anchor']})", LOSS_HINT)
@@ -616,7 +665,8 @@ def run_steps(
         comp_tokens = sum(len(plan.examples[i].completion_ids) for i in idx)
         rec = {
             "step": step + 1,
-            **{k: round(v, 6) if isinstance(v, float) else v for k, v in agg.items()},
+            **{k: round(v, 6) if isinstance(v, float) else v for k, v in agg.items() if k not in DIAGNOSTICS},
+            **step_diagnostics(agg),
             "gated_fraction": round(agg["gated_tokens"] / max(1, comp_tokens), 6),
             "grad_norm": round(float(gn), 6),
             "lr": lr,

@@ -169,8 +169,22 @@ def test_total_with_lambda_hand_value():
         token_logprob=LOGP, logits_theta=theta, logits_base=base, advantages=ADV, gate=GATE, anchor_mask=anchor, lam=0.2
     )
     assert loss.item() == pytest.approx(1.0 + 0.2 * KL0 / 3, abs=1e-6)
+    # diagnostics over the gated (0,0) lp -1, (0,2) lp -3 (A = 1) and (1,1) lp -1 (A = -1):
+    # pos pressure 1*1 + 1*3 = 4, neg pressure 1*1 = 1; no base log-probs -> no Delta-logp
     assert stats == pytest.approx(
-        {"loss": 1.0 + 0.2 * KL0 / 3, "decision": 1.0, "anchor": KL0 / 3, "gated_tokens": 3, "anchor_tokens": 3},
+        {
+            "loss": 1.0 + 0.2 * KL0 / 3,
+            "decision": 1.0,
+            "anchor": KL0 / 3,
+            "gated_tokens": 3,
+            "anchor_tokens": 3,
+            "pos_pressure": 4.0,
+            "neg_pressure": 1.0,
+            "dlogp_pos_sum": 0.0,
+            "dlogp_pos_tokens": 0,
+            "dlogp_neg_sum": 0.0,
+            "dlogp_neg_tokens": 0,
+        },
         abs=1e-6,
     )
     loss0, stats0 = reasonmaxxer_loss(
