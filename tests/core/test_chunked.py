@@ -374,3 +374,87 @@ def test_an_enclosing_bf16_autocast_does_not_reach_the_fp32_math():
         outs.append((loss, gh, gw))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 64])
+def test_per_row_denominators_and_diagnostics_match_unchunked(chunk):
+    """Per-sequence normalisation ([B] per-row denominators) and the Delta-logp / pressure
+    diagnostics: the chunked loss equals the logits path in value, gradient and stats."""
+    B, T, H, V = 3, 6, 8, 11
+    hidden, hidden_base, weight, targets, adv, gate, anchor = _problem(B, T, H, V, seed=3)
+    gate[2] = False  # a row with no gated token
+    adv = torch.tensor([1.2, -0.7, 0.5])
+    S = 4  # the step's sequences (one more, in another micro-batch)
+    dec_d = S * gate.sum(1).clamp(min=1).double()
+    anc_d = S * anchor.sum(1).clamp(min=1).double()
+    logits = hidden @ weight.t()
+    with torch.no_grad():
+        base = hidden_base @ weight.t()
+    ref_loss, ref = reasonmaxxer_loss(
+        token_logprob=token_logprobs(logits, targets),
+        logits_theta=logits,
+        logits_base=base,
+        advantages=adv,
+        gate=gate,
+        anchor_mask=anchor,
+        lam=0.2,
+        dec_denom=dec_d,
+        anc_denom=anc_d,
+        base_token_logprob=token_logprobs(base, targets),
+    )
+    # by hand: the mean over rows of (row decision mean + lam * row KL mean), / S
+    lp = token_logprobs(logits, targets).detach()
+    kl = (base.softmax(-1) * (base.log_softmax(-1) - logits.detach().log_softmax(-1))).sum(-1)
+    by_row = [
+        -(adv[b] * lp[b][gate[b]]).sum() / max(1, int(gate[b].sum())) + 0.2 * kl[b][anchor[b]].mean() for b in range(B)
+    ]
+    assert ref_loss.item() == pytest.approx(float(sum(by_row)) / S, rel=1e-5)
+    ref_gh, ref_gw = _grads(ref_loss, hidden, weight)
+    pos, dec, anc = head_loss_weights(adv, gate, anchor, 0.2, dec_d, anc_d)
+    adv_rows = torch.where(gate.reshape(-1)[pos], adv[:, None].expand(B, T).reshape(-1)[pos], 0.0)
+    loss, st = chunked_head_loss(
+        hidden.reshape(-1, H)[pos],
+        hidden_base.reshape(-1, H)[pos],
+        weight,
+        targets.reshape(-1)[pos],
+        dec,
+        anc,
+        adv_rows=adv_rows,
+        chunk=chunk,
+    )
+    gh, gw = _grads(loss, hidden, weight)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh, ref_gh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, ref_gw, rtol=1e-5, atol=1e-6)
+    assert st["anchor_loss"] / 0.2 == pytest.approx(ref["anchor"], rel=1e-5)
+    for k in ("dlogp_pos_sum", "dlogp_neg_sum", "pos_pressure", "neg_pressure"):
+        assert st[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), k
+    for k in ("dlogp_pos_tokens", "dlogp_neg_tokens"):
+        assert st[k] == ref[k] > 0, k
+    assert ref["dlogp_pos_tokens"] + ref["dlogp_neg_tokens"] == int(gate.sum())
+    with pytest.raises(ValueError, match="both"):
+        head_loss_weights(adv, gate, anchor, 0.2, dec_d, 5.0)
+
+
+def test_diagnostics_base_logprobs_in_chunks_without_anchor():
+    """A chunk of decision rows only (no anchored row) still gets its log p_base(y)."""
+    B, T, H, V = 1, 4, 8, 11
+    hidden, hidden_base, weight, targets, adv, _, _ = _problem(B, T, H, V, seed=4)
+    gate = torch.ones(B, T, dtype=torch.bool)
+    anchor = torch.zeros(B, T, dtype=torch.bool)
+    pos, dec, anc = head_loss_weights(adv, gate, anchor, 0.2, 4.0, 1.0)
+    _, st = chunked_head_loss(
+        hidden.reshape(-1, H),
+        hidden_base.reshape(-1, H),
+        weight,
+        targets.reshape(-1),
+        dec,
+        anc,
+        adv_rows=adv.expand(T).clone(),
+        chunk=2,
+    )
+    d = token_logprobs(hidden.detach() @ weight.detach().t(), targets) - token_logprobs(
+        hidden_base @ weight.detach().t(), targets
+    )
+    key = "dlogp_pos" if adv.item() > 0 else "dlogp_neg"
+    assert st[f"{key}_tokens"] == T and st[f"{key}_sum"] == pytest.approx(float(d.sum()), rel=1e-5)

@@ -317,3 +317,112 @@ def test_micro_batch_split_invariance_of_loss_and_grads():
         assert total == pytest.approx(loss_all.item(), abs=1e-6)
         assert dec_sum == pytest.approx(stats_all["decision"], abs=1e-6)
         torch.testing.assert_close(theta.grad, g_all, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- per-sequence normalisation
+
+
+def test_per_sequence_normalisation_hand_values():
+    # LOGP/ADV/GATE above: row 0 gated (0,0) lp -1, (0,2) lp -3, A = 1; row 1 gated (1,1) lp -1, A = -1.
+    # per_sequence with S = 2 sequences: row b's denominator is S * its own gated count.
+    #   row 0 mean: -(1*-1 + 1*-3)/2 = 2 ; row 1 mean: -(-1*-1)/1 = -1 ; step mean (2 - 1)/2 = 0.5
+    # (per_token: -(-1 - 3 + 1)/3 = 1.0)
+    d = torch.tensor([2 * 2.0, 2 * 1.0])
+    assert decision_loss(LOGP, ADV, GATE, denom=d).item() == pytest.approx(0.5)
+    assert decision_loss(LOGP, ADV, GATE).item() == pytest.approx(1.0)
+    # anchor: row 0 anchors (0,1) with KL0, row 1 anchors (1,0) and (1,2) with KL 0:
+    #   row means KL0/1 and 0/2, step mean (KL0 + 0)/2 = KL0/2 (per_token: KL0/3)
+    base = torch.full((2, 3, 3), 1.0 / 3).log()
+    theta = base.clone().requires_grad_()
+    base[0, 1] = P_BASE[0, 0].log()
+    anchor = torch.tensor([[0, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    a = torch.tensor([2 * 1.0, 2 * 2.0])
+    kl = anchor_kl(base, theta, anchor, denom=a, chunk_size=2)
+    assert kl.item() == pytest.approx(KL0 / 2, abs=1e-7)
+    # gradient: row 0 position (0,1) carries weight 1/2, the others 1/4 (and KL 0 -> grad 0)
+    kl.backward()
+    expected = torch.zeros(2, 3, 3)
+    expected[0, 1] = (torch.softmax(theta.detach()[0, 1], -1) - P_BASE[0, 0]) / 2
+    torch.testing.assert_close(theta.grad, expected, atol=1e-7, rtol=0)
+    loss, stats = reasonmaxxer_loss(
+        token_logprob=LOGP,
+        logits_theta=theta.detach(),
+        logits_base=base,
+        advantages=ADV,
+        gate=GATE,
+        anchor_mask=anchor,
+        lam=0.2,
+        dec_denom=d,
+        anc_denom=a,
+    )
+    assert loss.item() == pytest.approx(0.5 + 0.2 * KL0 / 2, abs=1e-6)
+    assert stats["decision"] == pytest.approx(0.5) and stats["anchor"] == pytest.approx(KL0 / 2, abs=1e-7)
+    with pytest.raises(ValueError, match="denom"):
+        decision_loss(LOGP, ADV, GATE, denom=torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValueError, match="denom"):
+        anchor_kl(base, theta.detach(), anchor, denom=torch.ones(3))
+
+
+def test_per_sequence_row_without_gated_token_counts_in_the_mean():
+    # official: a sequence with no decision token contributes decision 0 and still counts in S
+    # (scripts/train_reasonmaxxer.py:1131-1132, 1183). Row 1 ungated: (2 + 0) / 2 = 1.
+    gate = torch.tensor([[1, 0, 1], [0, 0, 0]], dtype=torch.bool)
+    d = torch.tensor([2 * 2.0, 2 * 1.0])  # row 1: S * max(1, 0)
+    assert decision_loss(LOGP, ADV, gate, denom=d).item() == pytest.approx(1.0)
+
+
+def test_decision_diagnostics_hand_values():
+    from reasonmaxxer.core.losses import decision_diagnostics
+
+    lp = torch.tensor([-1.0, -3.0, -1.0, -2.0])
+    base_lp = torch.tensor([-2.0, -3.5, -0.5, -2.0])
+    adv = torch.tensor([1.0, 0.5, -2.0, 0.0])  # the A = 0 position counts nowhere
+    d = decision_diagnostics(lp, adv, base_lp)
+    # Delta-logp+: (-1 - -2) + (-3 - -3.5) = 1.5 over 2; Delta-logp-: (-1 - -0.5) = -0.5 over 1
+    # pos pressure 1*1 + 0.5*3 = 2.5; neg pressure 2*1 = 2
+    assert d == pytest.approx(
+        {
+            "dlogp_pos_sum": 1.5,
+            "dlogp_pos_tokens": 2,
+            "dlogp_neg_sum": -0.5,
+            "dlogp_neg_tokens": 1,
+            "pos_pressure": 2.5,
+            "neg_pressure": 2.0,
+        }
+    )
+    assert decision_diagnostics(lp, adv, None)["dlogp_pos_tokens"] == 0
+
+
+def test_positive_only_paper_and_zero_advantage_rows_by_hand():
+    # rows: 0 correct A>0, 1 incorrect A<0 (G5/COMP/ATTN/A5 above)
+    p = loss_masks(
+        "positive_only_paper",
+        gate=G5,
+        completion_mask=COMP,
+        attention_mask=ATTN,
+        advantages=A5,
+        correct=torch.tensor([True, False]),
+    )
+    # the incorrect row is dropped from both terms; the correct one trains with A = 1, not 1.5
+    assert torch.equal(p.decision, _m([[0, 0, 1, 0, 1], [0, 0, 0, 0, 0]]))
+    assert torch.equal(p.anchor, _m([[0, 1, 0, 1, 0], [0, 0, 0, 0, 0]]))
+    assert p.advantages.tolist() == [1.0, 0.0]
+    # an all-correct group (A = 0 from group_advantages) is kept with A = 1 (official --positive_only)
+    q = loss_masks(
+        "positive_only_paper",
+        gate=G5,
+        completion_mask=COMP,
+        attention_mask=ATTN,
+        advantages=torch.zeros(2),
+        correct=torch.tensor([True, True]),
+    )
+    assert q.advantages.tolist() == [1.0, 1.0] and torch.equal(q.decision[1], _m([0, 0, 0, 1, 0]))
+    with pytest.raises(ReasonMaxxerError, match="correct"):
+        loss_masks("positive_only_paper", gate=G5, completion_mask=COMP, attention_mask=ATTN, advantages=A5)
+    # reasonmaxxer: a row with A == 0 has no decision term; its gated positions are anchored
+    # (official decision mask gate & A != 0, KL over the rest)
+    z = loss_masks(
+        "reasonmaxxer", gate=G5, completion_mask=COMP, attention_mask=ATTN, advantages=torch.tensor([1.5, 0.0])
+    )
+    assert torch.equal(z.decision, _m([[0, 0, 1, 0, 1], [0, 0, 0, 0, 0]]))
+    assert torch.equal(z.anchor, _m([[0, 1, 0, 1, 0], [0, 0, 1, 1, 1]]))
