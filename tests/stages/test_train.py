@@ -63,6 +63,42 @@ def test_loss_does_not_depend_on_micro_batch_split(tmp_path, tiny_tokenizer):
     assert any(v.abs().sum() > 0 for k, v in states[0].items() if "lora_B" in k)
 
 
+@pytest.mark.parametrize("loss_impl", ["logits", "chunked"])
+def test_per_sequence_loss_does_not_depend_on_micro_batch_split(tmp_path, tiny_tokenizer, loss_impl):
+    """normalisation = per_sequence: the same step (weights, loss, diagnostics) whatever the
+    micro-batch split, and not the per_token step (the key changes the loss)."""
+    exs = random_train_examples(8)
+    states, lines = [], []
+    for norm, mb, acc in (("per_sequence", 1, 8), ("per_sequence", 2, 4), ("per_sequence", 8, 1), ("per_token", 8, 1)):
+        cfg = TrainConfig(
+            tau=1.0,
+            micro_batch=mb,
+            grad_accum=acc,
+            lora_rank=4,
+            lora_alpha=8,
+            lr=1e-2,
+            warmup_steps=1,
+            checkpoint_every=100,
+            max_steps=1,
+            normalisation=norm,
+            loss_impl=loss_impl,
+        )
+        d = tmp_path / f"{norm}{mb}"
+        model = make_tiny_model(len(tiny_tokenizer), seed=1)
+        train(exs, cfg, d, model, tiny_tokenizer, shuffle=False, progress=False, export=False)
+        states.append(_ck_state(d))
+        lines.append(json.loads((d / "metrics.jsonl").read_text().splitlines()[0]))
+    for other, line in zip(states[1:3], lines[1:3]):
+        for k in states[0]:
+            assert torch.allclose(states[0][k], other[k], atol=1e-5), k
+        for k in ("loss", "decision", "anchor", "dlogp_pos", "dlogp_neg", "pos_pressure", "neg_pressure"):
+            assert line[k] == pytest.approx(lines[0][k], rel=1e-4, abs=1e-6), k
+    assert lines[0]["loss"] != pytest.approx(lines[3]["loss"], rel=1e-4)  # per_token differs
+    # the diagnostics are in every record (before any update theta = base: Delta-logp = 0)
+    assert lines[0]["dlogp_pos"] == pytest.approx(0.0, abs=1e-6) and lines[0]["pos_pressure"] > 0
+    assert lines[0]["pressure_ratio"] == pytest.approx(lines[0]["neg_pressure"] / lines[0]["pos_pressure"], rel=1e-4)
+
+
 def test_tau_quantile_and_random_gate_have_the_same_count():
     exs = random_train_examples(10)
     cfg = TrainConfig(tau_fraction=0.2)
@@ -354,9 +390,10 @@ def test_shared_prefix_logits_and_grads_equal_the_plain_forward(tiny_tokenizer):
         assert (a - b).abs().max() <= 1e-5 * a.abs().max() + 1e-6, n  # same up to fp32 summation order
 
 
+@pytest.mark.parametrize("norm", ["per_token", "per_sequence"])
 @pytest.mark.parametrize("variant", ["reasonmaxxer", "positive_only", "no_anchor", "all_tokens"])
 @pytest.mark.parametrize("frozen", [False, True])
-def test_micro_batch_loss_shared_prefix_and_chunked_equal_plain(tiny_tokenizer, variant, frozen):
+def test_micro_batch_loss_shared_prefix_and_chunked_equal_plain(tiny_tokenizer, variant, frozen, norm):
     """The four ways to compute one micro-batch's loss (logits or chunked from hidden states;
     shared prefix or not) give the same loss, stats and gradients; LoRA (base = adapters off)
     and a frozen copy of the base (full fine-tune) alike."""
@@ -381,6 +418,8 @@ def test_micro_batch_loss_shared_prefix_and_chunked_equal_plain(tiny_tokenizer, 
     gate = comp & (ent > 1.0)
     m = loss_masks(variant, gate=gate, completion_mask=comp, attention_mask=att, advantages=adv, lam=0.2)
     dec, anc = max(1, int(m.decision.sum())), max(1, int(m.anchor.sum()))
+    if norm == "per_sequence":  # per-row denominators, as step_inputs makes them (S = 5: two more rows elsewhere)
+        dec, anc = 5 * m.decision.sum(1).clamp(min=1).double(), 5 * m.anchor.sum(1).clamp(min=1).double()
     P = shared_prefix_len(ids, att, comp)
     assert P == 10 and shared_prefix_len(ids[:1], att[:1]) == 0
     out = []
@@ -409,8 +448,11 @@ def test_micro_batch_loss_shared_prefix_and_chunked_equal_plain(tiny_tokenizer, 
         assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
         assert stats["anchor_tokens"] == ref_stats["anchor_tokens"] == (int(m.anchor.sum()) if m.lam else 0)
         assert stats["gated_tokens"] == ref_stats["gated_tokens"] == int(m.decision.sum())
-        for k in ("decision", "anchor", "loss"):
+        for k in ("decision", "anchor", "loss", "pos_pressure", "neg_pressure"):
             assert stats[k] == pytest.approx(ref_stats[k], rel=1e-5, abs=1e-6), k
+        if m.lam:  # the chunked path has base log-probs only where it runs the base (lam > 0)
+            for k in ("dlogp_pos_sum", "dlogp_neg_sum", "dlogp_pos_tokens", "dlogp_neg_tokens"):
+                assert stats[k] == pytest.approx(ref_stats[k], rel=1e-5, abs=1e-6), k
         assert grads.keys() == ref_grads.keys() and grads
         for n, g in ref_grads.items():
             assert (g - grads[n]).abs().max() <= 1e-5 * g.abs().max() + 1e-6, n
