@@ -158,6 +158,35 @@ def plot_curves(steps: np.ndarray, curves: Sequence[Mapping[str, Any]]) -> Plot:
     )
 
 
+def plot_diagnostics(steps: np.ndarray, curves: Sequence[Mapping[str, Any]]) -> Plot:
+    """The decision diagnostics of metrics.jsonl (`stages.train.step_diagnostics`): Delta-logp+/-
+    of the taken gated tokens (trained vs base, nats) and the negative/positive pressure ratio."""
+    fig = new_figure(10, 3.5)
+    a_dlp, a_pr = fig.subplots(1, 2, sharex=True)
+    for key, lab, color in (("dlogp_pos", "Δlogp+ (A > 0)", "#2f7d32"), ("dlogp_neg", "Δlogp− (A < 0)", "#a00000")):
+        s = series(curves, key)
+        ok = np.isfinite(s)
+        if ok.any():
+            a_dlp.plot(steps[ok], s[ok], label=lab, color=color, marker="o" if ok.sum() < 30 else None, ms=3)
+    a_dlp.axhline(0, color="grey", lw=0.6)
+    a_dlp.set_title("Mean change of log p(taken gated token) since the start, nats")
+    a_dlp.set_xlabel("optimizer step")
+    if a_dlp.lines[1:]:
+        a_dlp.legend(fontsize=8)
+    s = series(curves, "pressure_ratio")
+    ok = np.isfinite(s)
+    if ok.any():
+        a_pr.plot(steps[ok], s[ok], color="#4878a8", marker="o" if ok.sum() < 30 else None, ms=3)
+    a_pr.set_title("Negative / positive pressure")
+    a_pr.set_xlabel("optimizer step")
+    return Plot(
+        "diagnostics.png",
+        png_bytes(fig),
+        "Decision diagnostics: Δlogp+ and Δlogp− of the gated tokens (trained vs base model) and the "
+        "ratio of negative to positive pressure, against optimizer step",
+    )
+
+
 def plot_entropy_by_class(ent: np.ndarray, cls: np.ndarray, source: str = "base"):
     fig = new_figure(7, 3.8)
     ax = fig.add_subplot()

@@ -37,11 +37,11 @@ from ..errors import ReasonMaxxerError
 from ..io import atomic_write_bytes
 from .examples import Example, example_html, example_markdown, is_gated
 from .format import as_float, fmt_acc, fmt_duration, fmt_number, fmt_pct, fmt_signed, fmt_value
-from .plots import Plot, plot_accuracy, plot_curves, plot_entropy_hist, series
+from .plots import Plot, plot_accuracy, plot_curves, plot_diagnostics, plot_entropy_hist, series
 from .render import render
 from .tables import Link, Raw, Table, md_escape
 
-PLOT_NAMES = ("accuracy.png", "entropy_hist.png", "curves.png")
+PLOT_NAMES = ("accuracy.png", "entropy_hist.png", "curves.png", "diagnostics.png")
 
 
 # A block is one of: ("h2", str) | ("p", str) | ("note", str) | ("img", Plot)
@@ -316,7 +316,10 @@ def _sec_curves(curves: Sequence[Mapping[str, Any]], data, **_) -> list[Block]:
     if np.isfinite(val).any():
         b = int(np.nanargmax(val))
         parts.append(f"best validation accuracy {fmt_acc(val[b])} at step {fmt_number(steps[b])}")
-    return [("p", "; ".join(parts) + "."), _try_plot(plot_curves, steps, curves)]
+    blocks = [("p", "; ".join(parts) + "."), _try_plot(plot_curves, steps, curves)]
+    if any(np.isfinite(series(curves, k)).any() for k in ("dlogp_pos", "dlogp_neg", "pressure_ratio")):
+        blocks.append(_try_plot(plot_diagnostics, steps, curves))
+    return blocks
 
 
 def _sec_timings(timings: Mapping[str, Any], data, **_) -> list[Block]:

@@ -17,7 +17,12 @@ From the graded rollouts of the frozen base model (G samples per problem):
    rollouts, shortest completions first, GLOBALLY over all selected problems (ties by
    problem_id, sample_index; the count is round-half-up). A problem whose surviving
    rollouts no longer have mixed rewards (including one left with a single rollout) is
-   then dropped; its place is NOT back-filled by the next-ranked problem.
+   then dropped (``keep_unmixed=False``, the default) or kept with advantage 0 on every
+   rollout, training the anchor only (``keep_unmixed=True``, the official recipe's: its
+   prepare_training_data.py keeps every problem of the trimmed file, ``--min_pass 0.0
+   --max_pass 1.0``, and an all-equal group gets (r - mean) / eps = 0, OFFICIAL
+   examples/qwen25_1p5b/04_train_tau1p4.sh:11, scripts/prepare_training_data.py:35-41,68,
+   212-214,257); a dropped problem's place is NOT back-filled by the next-ranked problem.
 5. Advantages are computed on what remains, per problem over ITS kept rollouts:
    A = (r - mean) / (population std + 1e-6), clipped to [-2.5, 2.5]
    (`reasonmaxxer.losses.group_advantages`, float32 precision).
@@ -88,6 +93,14 @@ class SelectionConfig:
     order: "shuffle" (seeded) | "clarity" (signal clarity descending; needs tau and
         base_entropies) | "none" (problem rank, then sample_index).
     seed: seed of the "shuffle" order.
+    keep_unmixed: keep the problems the keep_shortest cut left without mixed rewards, with
+        advantage 0 (they train the anchor only; official recipe: True); default drop them.
+
+    Fixed choices, as the official code makes them (no key): pass rates from all of a
+    problem's rollouts before the trim (OFFICIAL scripts/select_mid_pool.py:51-58), the trim
+    global over all selected problems (:86-96), advantages computed after the trim
+    (examples/qwen25_1p5b/04_train_tau1p4.sh:11 feeds the trimmed file to
+    scripts/prepare_training_data.py, which computes them at :212-257).
     """
 
     max_problems: int | None = field(
@@ -104,6 +117,10 @@ class SelectionConfig:
         default="shuffle", metadata={"help": "training order: shuffle | clarity | none", "choices": ORDERS}
     )
     seed: int = field(default=0, metadata={"help": "seed of the shuffle order"})
+    keep_unmixed: bool = field(
+        default=False,
+        metadata={"help": "keep problems left without mixed rewards by keep_shortest, with advantage 0 (anchor only)"},
+    )
 
     def __post_init__(self) -> None:
         if self.max_problems is not None and (
@@ -432,7 +449,11 @@ def _keep_shortest(
         n_dropped_len = len(selected) - n_keep
         selected = [r for r in selected if (r["problem_id"], r["sample_index"]) in survivors]
     left = _group_by_problem(selected)
-    final = [s for s in ranked if s.problem_id in left and len({_is_correct(r) for r in left[s.problem_id]}) == 2]
+    final = [
+        s
+        for s in ranked
+        if s.problem_id in left and (cfg.keep_unmixed or len({_is_correct(r) for r in left[s.problem_id]}) == 2)
+    ]
     final_ids = {s.problem_id for s in final}
     n_dropped_unmixed = sum(
         len(left[s.problem_id]) for s in ranked if s.problem_id in left and s.problem_id not in final_ids

@@ -61,6 +61,9 @@ def _data():
             "lr": 1e-4 * min(1, s / 5),
             "tokens_per_s": 5000.0,
             "val_accuracy": (0.40 + 0.005 * s if s % 5 == 0 else None),
+            "dlogp_pos": 0.01 * s,
+            "dlogp_neg": -0.02 * s,
+            "pressure_ratio": 0.9 - 0.01 * s,
         }
         for s in range(1, 21)
     ]

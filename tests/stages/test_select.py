@@ -247,6 +247,20 @@ def test_keep_shortest_tie_and_empty():
         select(short_pool(), SelectionConfig(keep_shortest=0.1, order="none"))
 
 
+def test_keep_unmixed_keeps_the_trimmed_all_equal_group_with_advantage_zero():
+    # the official recipe: q2 left [0, 0] by the cut stays, A = 0 on both rows (anchor only)
+    sel = select(short_pool(), SelectionConfig(keep_shortest=0.7, order="none", keep_unmixed=True))
+    assert [p.problem_id for p in sel.problems] == ["q3", "q2", "q1"]
+    a = adv_of(sel)
+    assert a[("q2", 2)] == a[("q2", 3)] == 0.0
+    assert [a[("q1", i)] for i in (0, 2, 3)] == pytest.approx([SQRT2, -1 / SQRT2, -1 / SQRT2], abs=TOL)
+    st = sel.stats
+    assert (st["problems_dropped_length"], st["rollouts_dropped_unmixed"], st["rollouts_kept"]) == (0, 0, 7)
+    # a single rollout left is kept too (0.4 -> q3 both, q2/2, q1/0)
+    sel = select(short_pool(), SelectionConfig(keep_shortest=0.4, order="none", keep_unmixed=True))
+    assert [p.problem_id for p in sel.problems] == ["q3", "q2", "q1"] and adv_of(sel)[("q1", 0)] == 0.0
+
+
 # --------------------------------------------------------------------------- order
 
 

@@ -1,5 +1,6 @@
 """Training loop: accumulation invariance, gates, resumption after SIGKILL, export, errors."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -97,6 +98,26 @@ def test_per_sequence_loss_does_not_depend_on_micro_batch_split(tmp_path, tiny_t
     # the diagnostics are in every record (before any update theta = base: Delta-logp = 0)
     assert lines[0]["dlogp_pos"] == pytest.approx(0.0, abs=1e-6) and lines[0]["pos_pressure"] > 0
     assert lines[0]["pressure_ratio"] == pytest.approx(lines[0]["neg_pressure"] / lines[0]["pos_pressure"], rel=1e-4)
+
+
+def test_positive_only_paper_trains_like_the_correct_rollouts_with_advantage_one(tmp_path, tiny_tokenizer):
+    """variant positive_only_paper (official --positive_only): the incorrect rollouts drop out and
+    the correct ones train with A = 1: the step equals the reasonmaxxer step on the correct
+    rollouts alone with advantage 1."""
+    exs = random_train_examples(8)  # alternating correct / incorrect
+    common = dict(tau=1.0, lora_rank=4, lora_alpha=8, lr=1e-2, warmup_steps=1, checkpoint_every=100, max_steps=1)
+    _train_once(
+        tmp_path / "p",
+        tiny_tokenizer,
+        TrainConfig(variant="positive_only_paper", micro_batch=8, grad_accum=1, **common),
+        exs,
+    )
+    ones = [dataclasses.replace(e, advantage=1.0) for e in exs if e.correct]
+    _train_once(tmp_path / "r", tiny_tokenizer, TrainConfig(micro_batch=len(ones), grad_accum=1, **common), ones)
+    a, b = _ck_state(tmp_path / "p"), _ck_state(tmp_path / "r")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
 
 
 def test_tau_quantile_and_random_gate_have_the_same_count():
