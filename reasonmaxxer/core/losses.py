@@ -83,6 +83,7 @@ __all__ = [
     "anchor_kl",
     "decision_diagnostics",
     "DIAGNOSTICS",
+    "diagnostics_summary",
     "LossMasks",
     "LOSS_VARIANTS",
     "register_loss",
@@ -413,6 +414,29 @@ def decision_diagnostics(token_logprob: Tensor, advantages: Tensor, base_token_l
         "dlogp_neg_tokens": int(neg.sum()) if have_base else 0,
         "pos_pressure": out[0],
         "neg_pressure": out[1],
+    }
+
+
+def diagnostics_summary(agg: dict) -> dict:
+    """metrics.jsonl's decision diagnostics from a step's summed `decision_diagnostics` (agg: those keys):
+    dlogp_pos / dlogp_neg (mean log p_theta - log p_base of the taken token over the step's gated
+    tokens of rollouts with A > 0 / A < 0, nats; None without them or without base log-probs),
+    pos_pressure / neg_pressure (sums of |A| * -log p_theta there) and pressure_ratio = neg / pos
+    (the official Delta-logp+/-, pos/neg_pressure_sum and neg_pos_pressure_ratio, OFFICIAL
+    scripts/train_reasonmaxxer.py:1134-1153; it logs them per micro-batch and, per checkpoint
+    window, decision_pressure = sum neg / sum pos, :895-911)."""
+
+    def mean(key):
+        n = agg[f"{key}_tokens"]
+        return round(agg[f"{key}_sum"] / n, 6) if n else None
+
+    pos, neg = agg["pos_pressure"], agg["neg_pressure"]
+    return {
+        "dlogp_pos": mean("dlogp_pos"),
+        "dlogp_neg": mean("dlogp_neg"),
+        "pos_pressure": round(pos, 6),
+        "neg_pressure": round(neg, 6),
+        "pressure_ratio": round(neg / pos, 6) if pos else None,
     }
 
 

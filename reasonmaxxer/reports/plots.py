@@ -159,7 +159,7 @@ def plot_curves(steps: np.ndarray, curves: Sequence[Mapping[str, Any]]) -> Plot:
 
 
 def plot_diagnostics(steps: np.ndarray, curves: Sequence[Mapping[str, Any]]) -> Plot:
-    """The decision diagnostics of metrics.jsonl (`stages.train.step_diagnostics`): Delta-logp+/-
+    """The decision diagnostics of metrics.jsonl (`core.losses.diagnostics_summary`): Delta-logp+/-
     of the taken gated tokens (trained vs base, nats) and the negative/positive pressure ratio."""
     fig = new_figure(10, 3.5)
     a_dlp, a_pr = fig.subplots(1, 2, sharex=True)

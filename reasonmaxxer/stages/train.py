@@ -45,7 +45,7 @@ import torch
 
 from ..backends.distributed import Dist
 from ..core.gating import check_gate_nonempty, entropy_gate, gated_fraction, random_gate_like, tau_for_fraction
-from ..core.losses import DIAGNOSTICS, LOSS_VARIANTS, loss_masks
+from ..core.losses import DIAGNOSTICS, LOSS_VARIANTS, diagnostics_summary, loss_masks
 from ..core.padding import pad_right
 from ..errors import ReasonMaxxerError
 from ..io import atomic_write_bytes, atomic_write_json, package_versions
@@ -479,28 +479,6 @@ def step_inputs(plan: RunPlan, idx: Sequence[int], cfg: TrainConfig, pad: int):
     return batches, masks, [dec_denom] * len(masks), [anc_denom] * len(masks)
 
 
-def step_diagnostics(agg: dict) -> dict:
-    """metrics.jsonl's decision diagnostics from a step's summed `core.losses.decision_diagnostics`:
-    dlogp_pos / dlogp_neg (mean log p_theta - log p_base of the taken token over the step's gated
-    tokens of rollouts with A > 0 / A < 0, nats; None without them or without base log-probs),
-    pos_pressure / neg_pressure (sums of |A| * -log p_theta there) and pressure_ratio = neg / pos
-    (the official Delta-logp+/-, pos/neg_pressure_sum and neg_pos_pressure_ratio,
-    scripts/train_reasonmaxxer.py:1134-1153)."""
-
-    def mean(key):
-        n = agg[f"{key}_tokens"]
-        return round(agg[f"{key}_sum"] / n, 6) if n else None
-
-    pos, neg = agg["pos_pressure"], agg["neg_pressure"]
-    return {
-        "dlogp_pos": mean("dlogp_pos"),
-        "dlogp_neg": mean("dlogp_neg"),
-        "pos_pressure": round(pos, 6),
-        "neg_pressure": round(neg, 6),
-        "pressure_ratio": round(neg / pos, 6) if pos else None,
-    }
-
-
 CHUNKED_ABOVE_BYTES = 2**30  # loss_impl = "auto": the chunked loss above this many bytes of fp32 logits
 
 
@@ -666,7 +644,7 @@ def run_steps(
         rec = {
             "step": step + 1,
             **{k: round(v, 6) if isinstance(v, float) else v for k, v in agg.items() if k not in DIAGNOSTICS},
-            **step_diagnostics(agg),
+            **diagnostics_summary(agg),
             "gated_fraction": round(agg["gated_tokens"] / max(1, comp_tokens), 6),
             "grad_norm": round(float(gn), 6),
             "lr": lr,
