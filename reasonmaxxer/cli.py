@@ -95,9 +95,9 @@ def _run_flags(p):
 # the TrainConfig / SelectionConfig fields that `train` and `calibrate` take as flags
 _TRAIN_KEYS = tuple(
     "tau_fraction variant gate lam lr epochs max_steps micro_batch grad_accum warmup_steps checkpoint_every "
-    "lora_rank lora_alpha seed full_finetune gradient_checkpointing schedule_steps loss_impl".split()
+    "lora_rank lora_alpha seed full_finetune gradient_checkpointing schedule_steps loss_impl normalisation skip_ungated".split()
 )
-_SELECTION_KEYS = ("max_problems", "keep_shortest", "truncated", "order")
+_SELECTION_KEYS = ("max_problems", "keep_shortest", "truncated", "order", "keep_unmixed")
 
 
 def _add_dry_run(p):
