@@ -277,10 +277,8 @@ class HFSampler:
     """The Hugging Face backend of `Sampler` (see the module docstring).
 
     `min_shared_prefix`: the shortest prefix common to ALL prompts worth encoding once (tokens).
-    `share_prompts`: rows admitted together with identical prompts are encoded once (False: each
-    row is encoded, as before; the same tokens, log-probs/entropies equal to float rounding,
-    since the encoding batch has fewer rows: ~1e-5 nats on CPU fp32, tested).
-    """
+    `share_prompts`: rows admitted together with identical prompts are encoded once (False: every
+    row is encoded; the same tokens, log-probs/entropies within ~1e-5 nats: tested)."""
 
     def __init__(self, model, tokenizer, min_shared_prefix: int = 8, share_prompts: bool = True):
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -321,12 +319,8 @@ class HFSampler:
     def _prefill(self, reqs: list[Request], prefix_len: int, prefix_kv):
         """Encode new rows: [prefix][pad][suffix]. Returns (per-layer (k, v), mask [b, m], next_pos [b], logits [b, V]).
 
-        With `share_prompts`, rows with identical prompts (the n samples of one problem) are
-        encoded once and their KV cache, mask, positions and logits copied to each such row.
-        The distinct prompts are padded to the same width as all rows would be (the longest
-        suffix is among them), so every encoded row sees the same padding and positions as
-        without sharing; only the number of rows in the batch differs.
-        """
+        `share_prompts`: each distinct prompt is encoded once (padded to the same width as all
+        rows: only the batch's row count differs) and its outputs copied to the rows that share it."""
         if self.share_prompts:
             first: dict[tuple[int, ...], int] = {}
             inv = [first.setdefault(r.prompt_ids, len(first)) for r in reqs]  # row -> distinct prompt
