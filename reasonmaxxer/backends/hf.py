@@ -29,8 +29,9 @@ re-running with the same requests, batch size and software gives identical compl
 across different batch compositions the random draws are identical, and completions are
 identical unless float rounding in batched kernels (which differs with batch shape and
 padding) flips the choice of a token, which is rare but possible (encoding a shared prompt
-once is such a change of batch shape: same tokens in the tests and the demo, log-probs and
-entropies within ~1e-5 nats of the unshared encoding). Greedy decoding
+once is such a change: MKL's fp32 GEMM rounds a row differently with the row count, e.g. in
+SmolLM2's down_proj; same tokens in the tests and the demo, log-probs/entropies within ~1e-5
+nats of the unshared encoding). Greedy decoding
 (temperature 0) matches HF ``generate`` token for token (tested).
 
 Models with sliding-window attention layers are not supported by this backend (error).
