@@ -17,10 +17,19 @@ measurements use the same model, prompts, settings and batch size:
   token processed: the model's compute throughput on this machine.
 
 Prints both ratios: ours / HF generate (goal >= 2x) and ours / forward (goal >= 60%).
+
+Prompt sharing (``--share-only`` runs just this part, e.g. with the demo's settings:
+``--share-only --problems 8 --max-new-tokens 96``): `HFSampler.generate` on the same requests
+with ``share_prompts=False`` (old: every sample's prompt encoded) and ``True`` (new: a prompt
+shared by rows admitted together encoded once); prints the new/old wall-time ratio, the prompt
+positions encoded by each (rows x padded width of every prefill, the global prefix included)
+and their FLOPs (~2 x parameters per position, attention excluded), and checks that both drew
+the same tokens. It samples with the template's stop strings, as the sample stage does.
 """
 
 import argparse
 import time
+from dataclasses import replace
 
 import torch
 
@@ -28,6 +37,7 @@ from reasonmaxxer.backends.hf import HFSampler, Request, SamplingConfig
 from reasonmaxxer.data.arith import generate as arith_problems
 from reasonmaxxer.data.prompts import get_template, render_prompt
 from reasonmaxxer.models import load_model
+from reasonmaxxer.stages.sample import resolve_stop
 
 
 def main():
@@ -40,6 +50,8 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--share-only", action="store_true", help="only the prompt-sharing comparison")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -52,12 +64,59 @@ def main():
     prompts = [p for p in prompts for _ in range(S)]
     enc = [e for e in enc for _ in range(S)]
     B, T, M = args.batch_size, args.temperature, args.max_new_tokens
-    eos = tok.eos_token_id
     print(
         f"model {args.model}, {len(prompts)} requests ({args.problems} problems x {S}) ({min(map(len, enc))}-{max(map(len, enc))} tokens), "
         f"batch {B}, T={T}, max_new_tokens {M}, torch threads {torch.get_num_threads()}"
     )
 
+    reqs = [Request((problems[i // S].id, i % S), e) for i, e in enumerate(enc)]
+    cfg = SamplingConfig(n=S, temperature=T, max_new_tokens=M, batch_size=B, seed=args.seed)
+    # the sample stage's stop strings (the template's) in the sharing comparison, as in the demo
+    share_comparison(model, tok, reqs, replace(cfg, stop=resolve_stop((), tmpl)))
+    if not args.share_only:
+        compare_hf_generate(args, model, tok, prompts, enc, reqs, cfg)
+
+
+def share_comparison(model, tok, reqs, cfg):
+    """Wall time and prompt positions encoded, share_prompts False (old) vs True (new)."""
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
+    HFSampler(model, tok).generate(reqs[:2], replace(cfg, max_new_tokens=2))  # warm-up, not timed
+    res = {}
+    for share in (False, True):
+        shapes = []
+
+        def hook(module, args, kwargs, shapes=shapes):
+            if kwargs["input_ids"].shape[1] > 1:  # a prefill (decode steps feed one position per row)
+                shapes.append(tuple(kwargs["input_ids"].shape))
+
+        handle = model.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            t0 = time.perf_counter()
+            comps = HFSampler(model, tok, share_prompts=share).generate(reqs, cfg)
+            wall = time.perf_counter() - t0
+        finally:
+            handle.remove()
+        positions = sum(r * w for r, w in shapes)
+        res[share] = (wall, positions, comps)
+        gen = sum(len(c.token_ids) for c in comps)
+        print(
+            f"share_prompts={share!s:5}: {wall:7.1f} s, {len(shapes)} prefills, {positions} prompt positions encoded "
+            f"(~{2 * n_params * positions / 1e12:.2f} TFLOP), {gen} tokens generated "
+            f"(~{2 * n_params * gen / 1e12:.2f} TFLOP)"
+        )
+    (old_s, old_p, old_c), (new_s, new_p, new_c) = res[False], res[True]
+    same = all(a.token_ids == b.token_ids for a, b in zip(old_c, new_c))
+    dlp = max((abs(x - y) for a, b in zip(old_c, new_c) for x, y in zip(a.logprobs, b.logprobs)), default=0.0)
+    print(
+        f"ratio new / old: wall {new_s / old_s:.2f}, prompt positions {new_p / old_p:.2f}; "
+        f"same tokens: {same}, max |log-prob diff| {dlp:.1e}"
+    )
+
+
+def compare_hf_generate(args, model, tok, prompts, enc, reqs, cfg):
+    """HF generate vs ours vs a teacher-forced forward (see the module docstring)."""
+    B, T, M = args.batch_size, args.temperature, args.max_new_tokens
+    eos = tok.eos_token_id
     # HF generate
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -84,8 +143,6 @@ def main():
 
     # ours
     sampler = HFSampler(model, tok)
-    reqs = [Request((problems[i // S].id, i % S), e) for i, e in enumerate(enc)]
-    cfg = SamplingConfig(n=1, temperature=T, max_new_tokens=M, batch_size=B, seed=0)
     t0 = time.perf_counter()
     comps = sampler.generate(reqs, cfg)
     ours_s = time.perf_counter() - t0

@@ -11,6 +11,8 @@ ends, re-encodes the same few-shot prefix for every prompt, and grows its KV cac
 
 - encodes the longest token prefix shared by all prompts (the few-shot examples, the
   system prompt) ONCE and copies its KV cache into each new row;
+- encodes the rest of a prompt once per admission however many of the admitted rows share it
+  (the n samples of one problem), copying its KV cache to each of them (`share_prompts`);
 - keeps a preallocated KV "slab" per layer that is written in place;
 - drops finished rows and admits waiting requests into the freed slots (continuous
   batching): rows are compacted, right-aligned, whenever a quarter of the batch is done,
@@ -26,7 +28,10 @@ sample) never depends on which other requests share its batch. What is guarantee
 re-running with the same requests, batch size and software gives identical completions;
 across different batch compositions the random draws are identical, and completions are
 identical unless float rounding in batched kernels (which differs with batch shape and
-padding) flips the choice of a token, which is rare but possible. Greedy decoding
+padding) flips the choice of a token, which is rare but possible (encoding a shared prompt
+once is such a change: MKL's fp32 GEMM rounds a row differently with the row count, e.g. in
+SmolLM2's down_proj; same tokens in the tests and a mini demo, log-probs/entropies within
+~3e-5 nats of the unshared encoding). Greedy decoding
 (temperature 0) matches HF ``generate`` token for token (tested).
 
 Models with sliding-window attention layers are not supported by this backend (error).
@@ -270,9 +275,13 @@ def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
 
 
 class HFSampler:
-    """The Hugging Face backend of `Sampler` (see the module docstring)."""
+    """The Hugging Face backend of `Sampler` (see the module docstring).
 
-    def __init__(self, model, tokenizer, min_shared_prefix: int = 8):
+    `min_shared_prefix`: the shortest prefix common to ALL prompts worth encoding once (tokens).
+    `share_prompts`: rows admitted together with identical prompts are encoded once (False: every
+    row is encoded; the same tokens, log-probs/entropies within ~3e-5 nats on SmolLM2)."""
+
+    def __init__(self, model, tokenizer, min_shared_prefix: int = 8, share_prompts: bool = True):
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         if any(t == "sliding_attention" for t in (getattr(cfg, "layer_types", None) or [])) or getattr(
             cfg, "use_sliding_window", False
@@ -284,6 +293,7 @@ class HFSampler:
         self.tok = tokenizer
         self.num_layers = cfg.num_hidden_layers
         self.min_shared_prefix = min_shared_prefix
+        self.share_prompts = share_prompts
         self.device = next(model.parameters()).device
         self.eos = eos_token_ids(getattr(model, "generation_config", None), tokenizer)
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
@@ -308,7 +318,24 @@ class HFSampler:
         return [(l.kbuf[:, :, : l.n], l.vbuf[:, :, : l.n]) for l in cache.layers] if prefix else None
 
     def _prefill(self, reqs: list[Request], prefix_len: int, prefix_kv):
-        """Encode new rows: [prefix][pad][suffix]. Returns (per-layer (k, v), mask [b, m], next_pos [b], logits [b, V])."""
+        """Encode new rows: [prefix][pad][suffix]. Returns (per-layer (k, v), mask [b, m], next_pos [b], logits [b, V]).
+
+        `share_prompts`: each distinct prompt is encoded once (padded to the same width as all
+        rows: only the batch's row count differs) and its outputs copied to the rows that share it."""
+        if self.share_prompts:
+            first: dict[tuple[int, ...], int] = {}
+            inv = [first.setdefault(r.prompt_ids, len(first)) for r in reqs]  # row -> distinct prompt
+            if len(first) < len(reqs):
+                uniq = [reqs[inv.index(j)] for j in range(len(first))]
+                kv, mask, next_pos, logits = self._encode(uniq, prefix_len, prefix_kv)
+                idx = torch.tensor(inv, dtype=torch.long)
+                di = idx.to(self.device)
+                kv = [(k.index_select(0, di), v.index_select(0, di)) for k, v in kv]
+                return kv, mask[idx], next_pos[idx], logits.index_select(0, di)
+        return self._encode(reqs, prefix_len, prefix_kv)
+
+    def _encode(self, reqs: list[Request], prefix_len: int, prefix_kv):
+        """`_prefill` for every row of `reqs`, each encoded in one batched forward."""
         b = len(reqs)
         sufs = [r.prompt_ids[prefix_len:] for r in reqs]
         ids, smask = pad_left(sufs, self.tok.pad_token_id or 0)  # [b, s_max]

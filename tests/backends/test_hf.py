@@ -230,3 +230,69 @@ def test_bf16_model_samples_from_fp32_logits(tiny_tokenizer):
     ent, lp = entropy_and_logprob(logits32, torch.tensor(c.token_ids))
     torch.testing.assert_close(torch.tensor(c.entropies), ent, atol=0.05, rtol=0)  # bf16 cache vs full forward
     torch.testing.assert_close(torch.tensor(c.logprobs), lp, atol=0.05, rtol=0)
+
+
+def _n_sample_requests(tok, n=4, questions=("1+2?", "what is 33 + 4?", "x" * 30)):
+    """n samples of each problem, as the sample stage forms them: one request per sample."""
+    return [
+        Request((f"p{i}", s), tuple(tok(PREFIX + q)["input_ids"])) for i, q in enumerate(questions) for s in range(n)
+    ]
+
+
+def _count_prompt_positions(model):
+    """Wrap the decoder body: a list of the (rows, positions) of every multi-token forward (prefills)."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        ids = kwargs["input_ids"]
+        if ids.shape[1] > 1:
+            calls.append(tuple(ids.shape))
+
+    return calls, model.model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("batch_size", [2, 4, 12, 5])
+def test_shared_prompts_give_the_same_samples(peaky_model, tiny_tokenizer, batch_size):
+    """n=4 samples of 3 problems, with and without encoding each problem's prompt once per
+    admission: the same tokens, log-probs and entropies (to float rounding: the encoding batch
+    has fewer rows), also when a batch splits a problem's samples (sizes 2, 5) and when rows
+    end at different steps (continuous batching admits a few rows at a time)."""
+    reqs = _n_sample_requests(tiny_tokenizer)
+    cfg = SamplingConfig(n=4, temperature=1.0, max_new_tokens=16, batch_size=batch_size, seed=7)
+    probe = HFSampler(peaky_model, tiny_tokenizer, share_prompts=False).generate(reqs, cfg)
+    eos = {probe[0].token_ids[4], probe[5].token_ids[9]}  # rows now end at different steps
+    out, rows = {}, {}
+    for share in (False, True):
+        s = HFSampler(peaky_model, tiny_tokenizer, share_prompts=share)
+        s.eos = eos
+        calls, handle = _count_prompt_positions(peaky_model)
+        try:
+            out[share] = s.generate(reqs, cfg)
+        finally:
+            handle.remove()
+        rows[share] = sum(r for r, _ in calls)
+    assert rows[True] < rows[False]  # some admissions held several samples of one problem
+    assert len({len(c.token_ids) for c in out[False]}) >= 3
+    assert len({tuple(c.token_ids) for c in out[False]}) == len(reqs)  # each sample draws its own tokens
+    for a, b in zip(out[False], out[True]):
+        assert a.key == b.key and a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+        torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(b.entropies), torch.tensor(a.entropies), atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prompts_encode_each_prompt_once_per_admission(peaky_model, tiny_tokenizer):
+    """The prompt positions actually fed to the model: 3 problems x 4 samples admitted together
+    encode 3 prompt rows, not 12 (the prefix shared by all prompts is encoded once either way)."""
+    reqs = _n_sample_requests(tiny_tokenizer)
+    cfg = SamplingConfig(n=4, temperature=1.0, max_new_tokens=4, batch_size=12, seed=7)
+    shapes = {}
+    for share in (False, True):
+        calls, handle = _count_prompt_positions(peaky_model)
+        try:
+            HFSampler(peaky_model, tiny_tokenizer, share_prompts=share).generate(reqs, cfg)
+        finally:
+            handle.remove()
+        shapes[share] = calls
+    (prefix_old, (rows_old, width)), (prefix_new, (rows_new, width_new)) = shapes[False], shapes[True]
+    assert prefix_old == prefix_new and prefix_old[0] == 1 and prefix_old[1] >= 8  # the global prefix
+    assert (rows_old, rows_new) == (12, 3) and width == width_new  # the same padding, 4x fewer rows
