@@ -189,16 +189,46 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, overwrite: bool = Fal
             s.close()
 
 
+class StageClock:
+    """``with clock("train"):`` prints the stage's name, times it into timings.json, and turns an
+    out-of-memory inside it into one line naming the stage's knob (`errors.out_of_memory_error`)."""
+
+    def __init__(self, out: Path, progress: bool):
+        self.path, self.progress = out / "timings.json", progress
+        self.timings = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t = time.time()
+        if self.progress:
+            print(f"\n== {name} ==", flush=True)
+        try:
+            yield
+        except Exception as e:
+            err = out_of_memory_error(name, e)
+            if err is None:
+                raise
+            raise err from e
+        dt = round(time.time() - t, 1)
+        if dt > 1.0 or name not in self.timings:  # keep the first real measurement of a skipped stage
+            self.timings[name] = dt
+        atomic_write_json(self.path, self.timings)
+
+
+def write_run_config(out: Path, cfg: RunConfig) -> None:
+    atomic_write_json(out / "run_config.json", json.loads(json.dumps(asdict(cfg), default=str)))
+
+
 def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -> dict:
+    from ..backends.engines import release_workers
     from ..backends.vllm import make_sampler
-    from ..core.stats import paired_difference
     from ..data.benchmarks import load_problems
     from ..data.prompts import get_template
     from ..models import load_model
-    from ..stages.publish import check_push, push_adapter
+    from ..stages.publish import check_push
     from ..stages.sample import check_backend, sample_stage
-    from ..stages.tracking import check_tracker, make_tracker
-    from ..stages.train import example_gates, train
+    from ..stages.tracking import check_tracker
+    from ..stages.train import example_gates
 
     check_backend(cfg.backend, cfg.engine)
     check_tracker(cfg.report_to)  # a missing package or Hub token: one line now, not after sampling
@@ -207,27 +237,8 @@ def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "run_config.json", json.loads(json.dumps(asdict(cfg), default=str)))
-    timings_path = out / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-
-    @contextmanager
-    def stage(name):
-        t = time.time()
-        if progress:
-            print(f"\n== {name} ==", flush=True)
-        try:
-            yield
-        except Exception as e:  # out of memory: one line naming the stage's knob
-            err = out_of_memory_error(name, e)
-            if err is None:
-                raise
-            raise err from e
-        dt = round(time.time() - t, 1)
-        if dt > 1.0 or name not in timings:  # keep the first real measurement of a skipped stage
-            timings[name] = dt
-        atomic_write_json(timings_path, timings)
-
+    write_run_config(out, cfg)
+    clock = StageClock(out, progress)
     tmpl = get_template(cfg.template)
     train_p = load_problems(cfg.train_problems, data_dir=cfg.data_dir)
     val_p = load_problems(cfg.validation_problems, data_dir=cfg.data_dir) if cfg.validation_problems else []
@@ -241,7 +252,7 @@ def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -
     if sampler is not None:
         samplers.append(sampler)
 
-    with stage("sample"):
+    with clock("sample"):
         store = sample_stage(
             out / "rollouts",
             cfg.model,
@@ -257,7 +268,7 @@ def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -
         )
     if sampler is not None:  # the GPU is the HF model's until the evaluations (between_stages)
         sampler.suspend()
-    with stage("select + score"):
+    with clock("select + score"):
         sel, srows, score_info = prepare_training_data(
             store,
             cfg.model,
@@ -271,19 +282,37 @@ def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -
             engine=engine,
         )
     examples = examples_from_selection(srows, cfg.selection.truncated)
-    validate = (
-        greedy_accuracy_fn(val_p, tmpl, tok, cfg.eval.max_new_tokens, cfg.eval.batch_size, cfg.eval.stop)
-        if val_p
-        else None
-    )
-
-    from ..backends.engines import release_workers
-
     release_workers()  # free the Ray workers' models while this process trains
-    if cfg.calibrate.taus:  # tau chosen on the validation split; the test split is not touched
+    cfg, res = calibrate_and_train(cfg, out, examples, model, tok, tmpl, val_p, clock, progress, overwrite)
+    if cfg.train.full_finetune:  # the base for evaluation and the fork analysis
+        model, tok = load_model(cfg.model)
+    gates = example_gates(examples, cfg.train, res["tau"])
+    if sampler is not None:
+        sampler.resume()
+    reports, stores, trained_model = evaluate_both(
+        cfg, out, model, tok, tmpl, test_p, clock, sampler, samplers, engine, progress, overwrite
+    )
+    tables = [t for t in (tier_table(test_p, stores),) if t]
+    with clock("fork analysis"):
+        fc = fork_changes(model, trained_model, tok, examples, gates)
+    tables.append(fork_table(fc))
+    paired = paired_accuracy(stores)
+    summary = build_summary(cfg, res, reports, paired, score_info, sel, fc, tables, clock.timings)
+    summary["entropy"]["values"] = [h for e in examples for h in e.entropies]
+    summary["examples"] = report_examples(model, tok, examples, gates)
+    return finish_run(cfg, out, summary, paired, res, progress)
+
+
+def calibrate_and_train(cfg: RunConfig, out: Path, examples, model, tok, tmpl, val_p, clock, progress, overwrite):
+    """tau from the [calibrate] sweep on the validation split (when taus are given; the chosen
+    tau is written back to run_config.json), then `stages.train.train`. Returns (cfg, result)."""
+    from ..stages.tracking import make_tracker
+    from ..stages.train import train
+
+    if cfg.calibrate.taus:  # the test split is not touched
         from .tau_sweep import sweep_tau
 
-        with stage("calibrate tau"):
+        with clock("calibrate tau"):
             cal = sweep_tau(
                 examples,
                 cfg.model,
@@ -299,8 +328,13 @@ def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -
                 progress=progress,
             )
         cfg = replace(cfg, train=replace(cfg.train, tau=cal["best_tau"]))
-        atomic_write_json(out / "run_config.json", json.loads(json.dumps(asdict(cfg), default=str)))
-    with stage("train"):
+        write_run_config(out, cfg)
+    validate = (
+        greedy_accuracy_fn(val_p, tmpl, tok, cfg.eval.max_new_tokens, cfg.eval.batch_size, cfg.eval.stop)
+        if val_p
+        else None
+    )
+    with clock("train"):
         res = train(
             examples,
             cfg.train,
@@ -314,17 +348,18 @@ def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -
             overwrite=overwrite,
             tracker=make_tracker(cfg.report_to, out / "train", asdict(cfg), out.name),
         )
-    if cfg.train.full_finetune:  # the base for evaluation and the fork analysis
-        model, tok = load_model(cfg.model)
-    tau = res["tau"]
-    gates = example_gates(examples, cfg.train, tau)
+    return cfg, res
 
-    reports, stores = {}, {}
-    trained_model = None
-    if sampler is not None:
-        sampler.resume()
+
+def evaluate_both(cfg, out, model, tok, tmpl, test_p, clock, sampler, samplers, engine, progress, overwrite):
+    """The base and the trained model (train/merged; with vLLM the adapter served as a LoRA, or a
+    new engine for a full fine-tune) on the test problems. Returns (reports, stores, trained model)."""
+    from ..backends.vllm import make_sampler
+    from ..models import load_model
+
+    reports, stores, trained_model = {}, {}, None
     for name, spec in (("base", cfg.model), ("trained", str(out / "train" / "merged"))):
-        with stage(f"eval {name}"):
+        with clock(f"eval {name}"):
             if name == "trained":
                 trained_model, _ = load_model(spec)
             m = model if name == "base" else trained_model
@@ -337,7 +372,7 @@ def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -
                 else:  # the trained adapter, as a LoRA on the same engine
                     spec = str(out / "train" / "adapter")
                     esampler = sampler.for_model(spec)
-            rep, stores[name] = evaluate_model(
+            reports[name], stores[name] = evaluate_model(
                 m,
                 tok,
                 spec,
@@ -351,17 +386,44 @@ def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -
                 engine=engine,
                 sampler=esampler,
             )
-            reports[name] = rep
-
     if sampler is not None:
         sampler.close()
+    return reports, stores, trained_model
+
+
+def paired_accuracy(stores: dict) -> dict:
+    """Paired per-problem differences trained - base, greedy and avg@n (`core.stats.paired_difference`)."""
+    from ..core.stats import paired_difference
+
     paired = {}
     for metric, idx in (("greedy", 1), ("avg_at_n", 0)):
         a, b = stores["trained"][idx], stores["base"][idx]
         if a is not None and b is not None:
             paired[metric] = paired_difference(per_problem_accuracy(a), per_problem_accuracy(b))
+    return paired
 
-    def acc(rep, name):
+
+def fork_table(fc: dict) -> dict:
+    """The report's "most-changed forks" table from `analysis.forks.fork_changes`."""
+    return {
+        "title": (
+            f"Most-changed forks: on {fc['positions']} completion tokens of training rollouts (teacher-forced), the "
+            f"trained argmax differs from the base at {fc['changed_fraction']:.2%} of positions; "
+            f"{fc['changed_in_base_top5']}/{fc['changed']} of the new tokens are in the base top-5; "
+            f"{fc['changed_at_gated']}/{fc['changed']} sit at gated positions; mean base entropy "
+            f"{fc['mean_entropy_changed']:.2f} nats at changed vs {fc['mean_entropy_unchanged']:.2f} at unchanged positions."
+        ),
+        "header": ["base argmax", "trained argmax", "count", "mean base entropy (nats)"],
+        "rows": [
+            [repr(r["base"]), repr(r["tuned"]), r["count"], f"{r['mean_base_entropy']:.2f}"] for r in fc["most_common"]
+        ],
+    }
+
+
+def build_summary(cfg: RunConfig, res, reports, paired, score_info, sel, fc, tables, timings) -> dict:
+    """The run's summary (report.md/html and, without the bulky parts, summary.json)."""
+
+    def acc(rep):
         return {
             "avg_at_n": rep.strict.avg_at_n.value if cfg.eval.n > 0 else None,
             "greedy": rep.strict.greedy.value if rep.strict.greedy else None,
@@ -369,31 +431,9 @@ def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -
             "n_samples": cfg.eval.n,
         }
 
-    metrics = [r for _, r in read_jsonl(out / "train" / "metrics.jsonl", allow_empty=True)]
-    tables = []
-    tt = tier_table(test_p, stores)
-    if tt:
-        tables.append(tt)
-    with stage("fork analysis"):
-        fc = fork_changes(model, trained_model, tok, examples, gates)
-    tables.append(
-        {
-            "title": (
-                f"Most-changed forks: on {fc['positions']} completion tokens of training rollouts (teacher-forced), the "
-                f"trained argmax differs from the base at {fc['changed_fraction']:.2%} of positions; "
-                f"{fc['changed_in_base_top5']}/{fc['changed']} of the new tokens are in the base top-5; "
-                f"{fc['changed_at_gated']}/{fc['changed']} sit at gated positions; mean base entropy "
-                f"{fc['mean_entropy_changed']:.2f} nats at changed vs {fc['mean_entropy_unchanged']:.2f} at unchanged positions."
-            ),
-            "header": ["base argmax", "trained argmax", "count", "mean base entropy (nats)"],
-            "rows": [
-                [repr(r["base"]), repr(r["tuned"]), r["count"], f"{r['mean_base_entropy']:.2f}"]
-                for r in fc["most_common"]
-            ],
-        }
-    )
     key = "greedy" if "greedy" in paired else "avg_at_n"
-    summary = {
+    out = Path(cfg.out)
+    return {
         "title": f"ReasonMaxxer run: {cfg.model}",
         "summary": {
             "model": cfg.model,
@@ -403,7 +443,7 @@ def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -
             "method": cfg.train.variant,
             "gate": cfg.train.gate,
             "lam": cfg.train.lam,
-            "tau": round(tau, 4),
+            "tau": round(res["tau"], 4),
             "tau_source": (
                 f"calibrated: best validation accuracy of {list(cfg.calibrate.taus)} (calibrate/calibrate.md)"
                 if cfg.calibrate.taus
@@ -415,22 +455,18 @@ def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -
             "entropies": "reused from the sampler" if score_info.get("reused_sampler_entropies") else "scored",
         },
         "accuracy": {
-            "base": acc(reports["base"], "base"),
-            "trained": acc(reports["trained"], "trained"),
+            "base": acc(reports["base"]),
+            "trained": acc(reports["trained"]),
             "paired": {"metric": key, **paired.get(key, {})},
             "paired_all": paired,
         },
-        "entropy": {
-            "values": [h for e in examples for h in e.entropies],
-            "tau": tau,
-            "gated_fraction": res["gated_fraction"],
-        },
-        "examples": report_examples(model, tok, examples, gates),
-        "curves": metrics,
+        "entropy": {"values": [], "tau": res["tau"], "gated_fraction": res["gated_fraction"]},
+        "examples": [],
+        "curves": [r for _, r in read_jsonl(out / "train" / "metrics.jsonl", allow_empty=True)],
         "timings": timings,
         "tables": tables,
         "fork_changes": fc,
-        "selection": {k: v for k, v in sel.stats.items()},
+        "selection": dict(sel.stats),
         "artifacts": {
             "adapter": "train/adapter",
             "merged": "train/merged",
@@ -440,12 +476,18 @@ def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -
             "metrics": "train/metrics.jsonl",
         },
     }
+
+
+def finish_run(cfg: RunConfig, out: Path, summary: dict, paired: dict, res: dict, progress: bool) -> dict:
+    """Write report.md/html and summary.json, fill the model card's held-out table, push the
+    adapter when asked, print the result. Returns summary.json's dict."""
     from ..reports.run_report import write_train_report
+    from ..stages.publish import push_adapter
 
     md, html = write_train_report(out, summary)
     small = {k: v for k, v in summary.items() if k not in ("entropy", "examples", "curves", "tables")}
     small["entropy"] = {
-        "tau": tau,
+        "tau": res["tau"],
         "gated_fraction": res["gated_fraction"],
         "n_tokens": len(summary["entropy"]["values"]),
     }
@@ -459,7 +501,7 @@ def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -
     if cfg.push_to_hub:  # after the card has the held-out results
         print(f"pushed {adapter} to {push_adapter(adapter, cfg.push_to_hub)}", flush=True)
     if progress:
-        print_result(small, paired, tau, res["gated_fraction"], md, html)
+        print_result(small, paired, res["tau"], res["gated_fraction"], md, html)
     return small
 
 
