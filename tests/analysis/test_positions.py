@@ -108,3 +108,16 @@ def test_no_batch_logits(pair):
     with _Largest() as m_old:
         _old_path(base, tuned, ids, att, spans)
     assert m_old.most >= B * T * V
+
+
+def test_mixed_decode_keeps_one_position(pair):
+    """The interventions' two-model decoder takes [b, V] logits per step, never [b, P, V]
+    of the prompt (`logits_to_keep=1`)."""
+    from reasonmaxxer.analysis.intervene import mixed_decode, oracle
+
+    base, tuned = pair
+    prompts = [list(range(5, 45)), list(range(7, 37))]  # 40 and 30 tokens
+    with _Largest() as m:
+        recs = mixed_decode(base, tuned, prompts, oracle(), max_new_tokens=3, eos_ids=set(), batch_size=2)
+    assert [len(r["token_ids"]) for r in recs] == [3, 3]
+    assert V * 2 <= m.most < 2 * 30 * V
