@@ -93,6 +93,13 @@ def tiny_ckpt(tmp_path_factory, tiny_tokenizer):
 
 
 # -- shared by several test modules ---------------------------------------------------------
+class _Signature:
+    """A model's forward (its signature) and nothing else."""
+
+    def __init__(self, model):
+        self.forward = model.forward
+
+
 class EditedLogits(nn.Module):
     """base model, except at absolute positions `edits` {pos: r}: swap argmax with base rank r.
 
@@ -109,7 +116,9 @@ class EditedLogits(nn.Module):
         self.config = base.config
 
     def get_base_model(self):
-        return self.base
+        # only the forward signature (for the cache-kwarg probe): no decoder or head to split off,
+        # so the hidden-state paths (`chunked_head` is None) take these edited logits
+        return _Signature(self.base)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, **kw):
         out = self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)

@@ -2,49 +2,21 @@
 
 `fork_changes` (where the trained argmax differs from the base's) and `report_examples` (a
 few rollouts token by token, the base top-5 at gated positions) need per-position statistics
-over the full vocabulary, never the [B, T, V] logits: the final hidden states [B, T, H] come
-from one forward (`stages.batch_loss.split_prefix`), and the output head is applied to
-`chunk` positions at a time in fp32 (`position_logits`), keeping only the few numbers per
-position the reports use. A model whose head is not a plain linear map (LoRA on lm_head, a
-logit soft-cap) takes the logits of one micro-batch instead.
+over the full vocabulary, never the [B, T, V] logits: `positions.position_logits` yields
+[chunk, V] fp32 blocks from the final hidden states, and only the few numbers per position
+the reports use are kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from ..models import fp32_head_weight, model_device
-from ..stages.batch_loss import chunked_head, shared_prefix_len, split_prefix
+from ..models import model_device
 from ..stages.train import TrainExample, batch_tensors
+from .positions import position_logits
 from .tokens import argmax_change
-
-
-def position_logits(model, ids, att, rows: Sequence[tuple[int, int]], chunk: int = 256) -> Iterator[torch.Tensor]:
-    """fp32 logits [c, V] at the positions `rows` ((row, column) pairs of the right-padded batch
-    ids/att [B, T]; column j predicts token j + 1), `chunk` positions at a time, in order.
-
-    The hidden states come from one forward (shared prefix encoded once); the head is applied
-    per chunk, so at most [chunk, V] logits exist. Without a plain head: one forward's logits."""
-    P = shared_prefix_len(ids, att)
-    head = chunked_head(model)
-    b = torch.tensor([r for r, _ in rows], dtype=torch.long, device=ids.device)
-    t = torch.tensor([c for _, c in rows], dtype=torch.long, device=ids.device)
-    if head is None:
-        pre, rest = split_prefix(model, ids, att, P, "logits")
-        full = rest if pre is None else torch.cat([pre.expand(ids.shape[0], -1, -1), rest], 1)
-        for s in range(0, len(rows), chunk):
-            yield full[b[s : s + chunk], t[s : s + chunk]].float()
-        return
-    pre, rest = split_prefix(model, ids, att, P, "hidden")
-    hidden = rest if pre is None else torch.cat([pre.expand(ids.shape[0], -1, -1), rest], 1)  # [B, T, H]
-    w = fp32_head_weight(head)
-    w = head.weight.float() if w is None else w  # [V, H] fp32
-    bias = None if head.bias is None else head.bias.float()
-    for s in range(0, len(rows), chunk):
-        h = hidden[b[s : s + chunk], t[s : s + chunk]].float()  # [c, H]
-        yield h @ w.t() if bias is None else torch.addmm(bias, h, w.t())
 
 
 def completion_rows(examples: Sequence[TrainExample]) -> list[tuple[int, int]]:

@@ -6,7 +6,10 @@ What it does, exactly:
    along the TUNED model's own greedy trajectories instead (`run_analyze(trajectories="both")`
    does both and reports each source separately).
 2. Teacher-force BOTH models over prompt + completion, in right-padded batches; the prompt
-   prefix shared by a batch (few-shot examples) is encoded once (`split_prefix_logits`).
+   prefix shared by a batch (few-shot examples) is encoded once (`split_prefix`). Memory is
+   bounded: the logits come `chunk` completion positions at a time from the final hidden states
+   (`positions.position_logits`, `completion_stats`), and only the per-position numbers below
+   are kept, never the [B, T, V] logits of a batch.
 3. At every generated position t (the logits that predicted completion token t, i.e. under the
    same prefix for both models) compare the two next-token distributions
    (`compare_distributions`) and classify the position [paper Eq. 3]:
@@ -250,13 +253,35 @@ def check_same_tokenizer(tok_a, tok_b) -> None:
 
 
 @torch.no_grad()
-def _completion_logits(model, ids: Tensor, att: Tensor, prefix_len: int, spans: list[tuple[int, int]]) -> list[Tensor]:
-    """Teacher-forced logits predicting each completion token: [c_i, V] per row (model dtype and device)."""
-    from ..stages.batch_loss import split_prefix_logits
+def completion_stats(
+    base_model, tuned_model, ids: Tensor, att: Tensor, prefix_len: int, spans, *, k: int, top_n: int, chunk: int = 256
+) -> list[dict[str, Tensor]]:
+    """Per completion token of each row, both models teacher-forced: the `compare_distributions`
+    arrays and each model's top_n (ids, probs), [c_i] / [c_i, top_n] per row, on the CPU.
 
-    dev = model_device(model)
-    _, rest = split_prefix_logits(model, ids.to(dev), att.to(dev), prefix_len)  # [B, T - P, V]
-    return [rest[i, p - 1 - prefix_len : p + c - 1 - prefix_len] for i, (p, c) in enumerate(spans)]
+    ids/att [B, T] right-padded; spans: (prompt length p_i, completion length c_i) per row; the
+    logits predicting completion token j sit at column p_i - 1 + j. Both models' logits come
+    `chunk` positions at a time (`positions.position_logits`): memory is two [chunk, V] fp32
+    blocks besides the hidden states, never the [B, T, V] logits of the batch.
+    """
+    from .positions import position_logits
+
+    rows = [(i, p - 1 + j) for i, (p, c) in enumerate(spans) for j in range(c)]
+    streams = [
+        position_logits(m, ids.to(model_device(m)), att.to(model_device(m)), rows, chunk, prefix_len=prefix_len)
+        for m in (base_model, tuned_model)
+    ]
+    parts: dict[str, list[Tensor]] = {}
+    for b, t in zip(*streams):  # [c, V] fp32 each
+        t = t.to(b.device)
+        d = compare_distributions(b, t, k=k)
+        for who, x in (("base", b), ("tuned", t)):
+            d[f"{who}_top_ids"], d[f"{who}_top_p"] = top_probs(x, top_n)  # [c, top_n] each
+        for name, v in d.items():
+            parts.setdefault(name, []).append(v.cpu())
+    lengths = [c for _, c in spans]
+    cat = {name: torch.cat(v) for name, v in parts.items()}
+    return [dict(zip(cat, vs)) for vs in zip(*(torch.split(v, lengths) for v in cat.values()))]
 
 
 def analyze(
@@ -271,6 +296,7 @@ def analyze(
     k: int = 5,
     js_threshold: float = 0.1,
     top_n: int = TOP_N,
+    chunk: int = 256,
 ) -> tuple[list[dict], dict]:
     """Greedy-decode each prompt with the `source` model ("base" or "tuned"), teacher-force both
     models over the same prefixes (prompt + that completion), compare per position.
@@ -306,24 +332,17 @@ def analyze(
     mismatch = 0
     todo = [(r, c) for r, c in zip(reqs, comps)]
     for s in range(0, len(todo), batch_size):
-        chunk = todo[s : s + batch_size]
-        ex = [TrainExample(r.prompt_ids, tuple(c.token_ids), (0.0,) * len(c.token_ids), 0.0, False) for r, c in chunk]
+        part = todo[s : s + batch_size]
+        ex = [TrainExample(r.prompt_ids, tuple(c.token_ids), (0.0,) * len(c.token_ids), 0.0, False) for r, c in part]
         live = [e for e in ex if e.completion_ids]  # nothing to compare for empty completions
         cmp: list[dict] = []
         if live:
             ids, att, comp, _, _, _ = batch_tensors(live, pad)  # [b, T]
             P = shared_prefix_len(ids, att, comp)
             spans = [(len(e.prompt_ids), len(e.completion_ids)) for e in live]
-            lb = _completion_logits(base_model, ids, att, P, spans)  # [c_i, V] each
-            lt = _completion_logits(tuned_model, ids, att, P, spans)
-            for b, t in zip(lb, lt):
-                d = {name: v.cpu() for name, v in compare_distributions(b, t.to(b.device), k=k).items()}
-                for who, x in (("base", b), ("tuned", t)):
-                    top_i, top_p = top_probs(x, top_n)  # [c_i, top_n] each
-                    d[f"{who}_top_ids"], d[f"{who}_top_p"] = top_i.cpu(), top_p.cpu()
-                cmp.append(d)
+            cmp = completion_stats(base_model, tuned_model, ids, att, P, spans, k=k, top_n=top_n, chunk=chunk)
         it = iter(cmp)
-        for r, c in chunk:
+        for r, c in part:
             n = len(c.token_ids)
             d = next(it) if n else {name: torch.zeros(0) for name in PER_POSITION_KEYS}
             toks = torch.tensor(c.token_ids, dtype=torch.long)
