@@ -215,11 +215,20 @@ def cache_kwarg(model) -> str:
     """
     import inspect
 
+    return "cache" if "cache" in inspect.signature(inner_model(model).forward).parameters else "past_key_values"
+
+
+def unwrap_parallel(model):
+    """The model inside a DDP/FSDP/DeepSpeed wrapper (the model itself when not wrapped)."""
     from accelerate.utils import extract_model_from_parallel
 
-    inner = extract_model_from_parallel(model)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+    return extract_model_from_parallel(model)
+
+
+def inner_model(model):
+    """The plain transformers model under any DDP/FSDP/DeepSpeed wrapper and PEFT model."""
+    inner = unwrap_parallel(model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
 def split_decoder_head(model):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..models import model_device
+from ..models import inner_model, model_device
 from ..stages.train import TrainExample, batch_tensors
 from .positions import position_logits
 from .tokens import argmax_change
@@ -39,7 +39,7 @@ def report_examples(
         if len(picks) >= k:
             break
     out = []
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = inner_model(model)
     pad = tokenizer.pad_token_id or 0
     for i in picks:
         e = examples[i]

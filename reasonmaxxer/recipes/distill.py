@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from ..analysis.delta import recovery_bootstrap
-from ..analysis.forks import completion_rows, position_logits
+from ..analysis.forks import completion_rows
+from ..analysis.positions import position_logits
 from ..analysis.tokens import argmax_change
 from ..errors import ReasonMaxxerError
 from ..io import atomic_write_bytes, atomic_write_json

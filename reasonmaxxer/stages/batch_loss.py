@@ -18,14 +18,7 @@ import torch
 from ..core.chunked import chunked_head_loss, head_loss_weights
 from ..core.entropy import token_logprobs
 from ..core.losses import DIAGNOSTICS, anchor_kl, reasonmaxxer_loss
-from ..models import cache_kwarg, logit_postprocess, split_decoder_head
-
-
-def _unwrapped(model):
-    """The model inside a DDP/FSDP/DeepSpeed wrapper (the model itself when not wrapped)."""
-    from accelerate.utils import extract_model_from_parallel
-
-    return extract_model_from_parallel(model)
+from ..models import cache_kwarg, inner_model, logit_postprocess, split_decoder_head, unwrap_parallel
 
 
 def shared_prefix_len(ids: torch.Tensor, att: torch.Tensor, completion: torch.Tensor | None = None) -> int:
@@ -52,8 +45,7 @@ def final_hidden(model, **kw) -> tuple[torch.Tensor, object]:
     the head applied to no position (``logits_to_keep`` = an empty index tensor). The hidden
     states come from a forward hook on the decoder body, so the forward still goes through
     the wrappers (DDP's gradient hooks, PEFT's adapters)."""
-    inner = _unwrapped(model)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    inner = inner_model(model)
     decoder, _ = split_decoder_head(inner)
     got = {}
 
@@ -128,7 +120,7 @@ def micro_batch_loss(model, frozen, ids, att, m, prefix_len: int, dec_denom: flo
         if frozen is not None:
             pre_b, rest_b = split_prefix_logits(frozen, ids, att, P)
         else:
-            with _unwrapped(model).disable_adapter():  # forward through the wrapper (FSDP gathers there)
+            with unwrap_parallel(model).disable_adapter():  # forward through the wrapper (FSDP gathers there)
                 pre_b, rest_b = split_prefix_logits(model, ids, att, P)
     logits, base = rest_t[:, :-1], rest_b[:, :-1]  # predict columns P+1 .. T-1
     targets, gate = ids[:, P + 1 :], m.decision[:, P + 1 :]
@@ -165,8 +157,7 @@ def micro_batch_loss(model, frozen, ids, att, m, prefix_len: int, dec_denom: flo
 def chunked_head(model):
     """The output head (a plain nn.Linear) if the chunked loss applies to `model`, else None
     (a LoRA on the head, a logit soft-cap or scale, no separable head)."""
-    inner = _unwrapped(model)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    inner = inner_model(model)
     if logit_postprocess(inner) is not None:
         return None
     try:
@@ -190,7 +181,7 @@ def chunked_micro_batch_loss(model, frozen, ids, att, m, prefix_len: int, dec_de
         elif frozen is not None:
             pre_b, rest_b = split_prefix(frozen, ids, att, P, "hidden")
         else:
-            with _unwrapped(model).disable_adapter():
+            with unwrap_parallel(model).disable_adapter():
                 pre_b, rest_b = split_prefix(model, ids, att, P, "hidden")
     gate, anchor = m.decision[:, P + 1 :], m.anchor[:, P + 1 :]
     anchored = anchor if lam else torch.zeros_like(anchor)

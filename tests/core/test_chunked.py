@@ -75,13 +75,16 @@ def test_matches_unchunked_value_grads_and_stats(B, T, H, V, chunks):
     ref_loss, ref_stats = _unchunked(hidden, hidden_base, weight, targets, adv, gate, anchor, lam, dec_denom, anc_denom)
     ref_gh, ref_gw = _grads(ref_loss, hidden, weight)
     N = int((gate | anchor).sum())
+    # fp32 sums over V terms in a different order: the error grows with V (measured up to 2e-6 at
+    # V = 152k on some CPUs); a wrong gradient is off by orders of magnitude more.
+    tol = {"rtol": 1e-5, "atol": 1e-6} if V < 1000 else {"rtol": 1e-4, "atol": 2e-5}
     for chunk in chunks:
         loss, st = _chunked(hidden, hidden_base, weight, targets, adv, gate, anchor, lam, dec_denom, anc_denom, chunk)
         gh, gw = _grads(loss, hidden, weight)
         assert loss.dtype == torch.float32 and loss.shape == ()
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(gh, ref_gh, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(gw, ref_gw, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gh, ref_gh, **tol)
+        torch.testing.assert_close(gw, ref_gw, **tol)
         assert st["decision"] == pytest.approx(ref_stats["decision"], rel=1e-5, abs=1e-7)
         assert st["anchor_kl_sum"] / anc_denom == pytest.approx(ref_stats["anchor"], rel=1e-5, abs=1e-7)
         assert st["anchor_loss"] == pytest.approx(lam * ref_stats["anchor"], rel=1e-5, abs=1e-7)
