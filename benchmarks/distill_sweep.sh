@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Issue #15 item 4: how many LoRA dimensions does each tuned adapter of the embedded default
+# need? Distil the demo's ReasonMaxxer adapter, the RFT ablation's and a GRPO baseline's into
+# LoRA students at ranks 1-32 and copy each table to benchmarks/results/distill/<teacher>.{json,md}.
+#
+#   bash benchmarks/distill_sweep.sh [teacher ...]     # default: demo rft grpo, in that order
+#
+# Resumable: every step is a run dir that is skipped (or resumed) when re-run; a teacher's
+# table is copied as soon as its sweep ends. Long: ~25-35 min per teacher on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+R=${REASONMAXXER:-.venv/bin/reasonmaxxer}
+RES=benchmarks/results/distill
+mkdir -p "$RES"
+COMMON=(--base smollm2-135m --ranks 1 2 4 8 16 32 --problems arith:train:80 --test-problems arith:test:96
+        --template fewshot --n 4 --eval-n 4 --max-new-tokens 96 --epochs 2 --threads 1)
+
+teacher_dir() {
+  case "$1" in
+    demo) $R demo >/dev/null; echo runs/demo/train/adapter ;;
+    rft) $R run configs/ablations/rft.toml >/dev/null; echo runs/ablation-rft/train/adapter ;;
+    # GRPO (TRL) for 40 steps of 4 prompts x 4 generations (~1-2x the demo's training FLOPs),
+    # evaluated once at the end.
+    grpo) $R baseline grpo --max-steps 40 --eval-every 0 --threads 1 --out runs/baseline-grpo >/dev/null
+          echo runs/baseline-grpo/adapter ;;
+    *) echo "unknown teacher $1 (demo, rft, grpo)" >&2; exit 2 ;;
+  esac
+}
+
+for t in "${@:-demo rft grpo}"; do
+  for name in $t; do
+    dir=$(teacher_dir "$name")
+    $R distill --teacher "$dir" "${COMMON[@]}" --out "runs/distill/$name"
+    $R analyze --delta "$dir" --out "runs/delta/$name"
+    cp "runs/distill/$name/distill.json" "$RES/$name.json"
+    cp "runs/distill/$name/distill.md" "$RES/$name.md"
+    cp "runs/distill/$name/recovery_vs_rank.png" "$RES/${name}_recovery_vs_rank.png"
+    cp "runs/delta/$name/delta.json" "$RES/${name}_delta.json"
+    echo "[distill_sweep] $name done: $RES/$name.md"
+  done
+done
