@@ -25,11 +25,19 @@ Design (what is run; ``--plan`` prints it):
   counts them, and the paired difference to ReasonMaxxer of the same seed over the same
   problems with a 95% paired bootstrap interval (`core.stats.paired_bootstrap`).
 
+- ``random_reward``: the random-reward control, ReasonMaxxer on the same rollouts with their
+  correctness labels permuted across the pool (``[selection] rewards = "shuffled"``).
+
+Across sessions (``runs/`` is not committed): each finished cell's row, with its per-problem
+accuracies (``benchmarks/results/method_study_problems.json``), is kept in the results; a
+later session skips those cells and pairs new cells against the stored per-problem values.
+Only the first cell (ReasonMaxxer seed 0, whose base stores the others reuse) is re-run when
+its directory is missing, which also checks that it reproduces its stored figures.
+
 Not yet in the study (the issue asks for them; they need code that is not there yet): GRPO
 and 80/20 gated GRPO at 1x/2x/4x ReasonMaxxer's FLOPs (`reasonmaxxer baseline` exists; the
-budget matching does not), the random-reward control (shuffled correctness labels), a
-long-solution regime (completions >= 100 tokens), and G >= 16 samples per problem. ``--plan``
-lists them as pending.
+budget matching does not), a long-solution regime (completions >= 100 tokens), and G >= 16
+samples per problem. ``--plan`` lists them as pending.
 """
 
 from __future__ import annotations
@@ -62,10 +70,12 @@ METHODS = {
     "random_gate": {"train": {"gate": "random"}},
     "all_tokens": {"train": {"variant": "all_tokens"}},
     "no_anchor": {"train": {"variant": "no_anchor"}},
+    # the random-reward control (arXiv:2506.10947): the demo's recipe on rollouts whose
+    # correctness labels are permuted across the selection pool (`[selection] rewards`)
+    "random_reward": {"selection": {"rewards": "shuffled"}},
 }
 PENDING = [
     "grpo and grpo 80/20 at 1x/2x/4x ReasonMaxxer's FLOPs (needs budget matching in `baseline`)",
-    "random-reward control (needs shuffled labels in selection)",
     "long-solution regime (completions >= 100 tokens)",
     "G >= 16 samples per problem (the faithful recipe's sampling)",
 ]
@@ -78,10 +88,10 @@ def cells(regime: str, seeds, methods) -> list[dict]:
         for m in methods:
             out.append({"regime": regime, "method": m, "seed": seed, "name": f"{m}-s{seed}"})
     # ReasonMaxxer seed 0 first (the others reuse its base stores), then ReasonMaxxer and RFT
-    # over the seeds (the comparison the study must decide), then the ablations
-    rank = {"reasonmaxxer": 0, "rft": 1}
+    # over the seeds (the comparison the study must decide), the random-reward control, then the ablations
+    rank = {"reasonmaxxer": 0, "rft": 1, "random_reward": 2}
     out.sort(
-        key=lambda c: (c["seed"] != seeds[0] or c["method"] != "reasonmaxxer", rank.get(c["method"], 2), c["seed"])
+        key=lambda c: (c["seed"] != seeds[0] or c["method"] != "reasonmaxxer", rank.get(c["method"], 3), c["seed"])
     )
     return out
 
@@ -147,47 +157,82 @@ def per_problem(d: Path, which: str) -> dict | None:
     return per_problem_accuracy(RolloutStore(p)) if (p / "manifest.json").is_file() else None
 
 
-def aggregate(root: Path, regime: str, seeds, methods) -> dict:
-    from reasonmaxxer.core.stats import mean_ci95, paired_bootstrap
+def stored() -> tuple[dict, dict]:
+    """(rows by (method, seed), per-problem accuracies by "method-sSEED") of the committed results."""
+    rows, probs = {}, {}
+    if (RESULTS / "method_study.json").is_file():
+        for r in json.loads((RESULTS / "method_study.json").read_text()).get("rows", []):
+            rows[(r["method"], r["seed"])] = r
+    if (RESULTS / "method_study_problems.json").is_file():
+        probs = json.loads((RESULTS / "method_study_problems.json").read_text())
+    return rows, probs
+
+
+def stored_cells() -> set[str]:
+    """Names ("method-sSEED") of the cells whose results are committed."""
+    rows, probs = stored()
+    return set(probs) | {f"{m}-s{seed}" for m, seed in rows}
+
+
+def cell_row(d: Path, method: str, seed: int) -> tuple[dict, dict]:
+    """(the table row, the per-problem accuracies {metric: {problem_id: acc}}) of a finished cell."""
     from reasonmaxxer.recipes.compare import read_reasonmaxxer_run
 
-    rows, done = [], {}
+    info = read_reasonmaxxer_run(d)
+    row = {"method": method, "seed": seed, "dir": f"{d.parent.name}/{d.name}", "flops": info.get("flops")}
+    accs = {
+        m: per_problem(d, sub) for m, sub in (("avg_at_4", "eval/trained/samples"), ("greedy", "eval/trained/greedy"))
+    }
+    for metric, acc in accs.items():
+        row[metric] = None if acc is None else sum(acc.values()) / len(acc)
+    base = per_problem(d, "eval/base/samples")
+    row["base_avg_at_4"] = None if base is None else sum(base.values()) / len(base)
+    tr = per_problem(d, "transfer/samples")
+    tb = per_problem(d.parent, "transfer_base/samples")
+    row["transfer_avg_at_4"] = None if tr is None else sum(tr.values()) / len(tr)
+    row["transfer_base_avg_at_4"] = None if tb is None else sum(tb.values()) / len(tb)
+    return row, {k: v for k, v in accs.items() if v is not None}
+
+
+def aggregate(root: Path, regime: str, seeds, methods) -> tuple[dict, dict]:
+    """(results, per-problem accuracies): the cells finished here, plus the committed rows of
+    cells not present under ``root`` (kept from an earlier session, marked ``carried``)."""
+    from reasonmaxxer.core.stats import mean_ci95, paired_bootstrap
+
+    old_rows, probs = stored()
+    rows = {}
     for cell in cells(regime, seeds, methods):
+        key = (cell["method"], cell["seed"])
         d = root / regime / cell["name"]
         if (d / "summary.json").is_file():
-            done[(cell["method"], cell["seed"])] = d
-    for (method, seed), d in sorted(done.items()):
-        info = read_reasonmaxxer_run(d)
-        row = {"method": method, "seed": seed, "dir": str(d.relative_to(root)), "flops": info.get("flops")}
-        for metric, sub in (("avg_at_4", "eval/trained/samples"), ("greedy", "eval/trained/greedy")):
-            acc = per_problem(d, sub)
-            row[metric] = None if acc is None else sum(acc.values()) / len(acc)
-            ref = done.get(("reasonmaxxer", seed))
-            if acc is not None and ref is not None and method != "reasonmaxxer":
-                row[f"{metric}_vs_reasonmaxxer"] = paired_bootstrap(acc, per_problem(ref, sub), seed=seed)
-        base = per_problem(d, "eval/base/samples")
-        row["base_avg_at_4"] = None if base is None else sum(base.values()) / len(base)
-        tr = per_problem(d, "transfer/samples")
-        tb = per_problem(d.parent, "transfer_base/samples")
-        row["transfer_avg_at_4"] = None if tr is None else sum(tr.values()) / len(tr)
-        row["transfer_base_avg_at_4"] = None if tb is None else sum(tb.values()) / len(tb)
-        rows.append(row)
+            rows[key], probs[cell["name"]] = cell_row(d, *key)
+        elif key in old_rows:
+            rows[key] = {**old_rows[key], "carried": True}
+    for (method, seed), row in rows.items():
+        ref = probs.get(f"reasonmaxxer-s{seed}", {})
+        mine = probs.get(f"{method}-s{seed}", {})
+        for metric in ("avg_at_4", "greedy"):
+            if method != "reasonmaxxer" and metric in mine and metric in ref:
+                row[f"{metric}_vs_reasonmaxxer"] = paired_bootstrap(mine[metric], ref[metric], seed=seed)
+    rows = [rows[k] for k in sorted(rows)]
     by_method = {}
     for m in methods:
         vals = [r["avg_at_4"] for r in rows if r["method"] == m and r["avg_at_4"] is not None]
         if vals:
             by_method[m] = {"seeds": len(vals), "avg_at_4_mean_ci95": mean_ci95(vals) if len(vals) > 1 else None}
+    done = {(r["method"], r["seed"]) for r in rows}
     pending = [
         f"{c['method']}-s{c['seed']}" for c in cells(regime, seeds, methods) if (c["method"], c["seed"]) not in done
     ]
-    return {
+    res = {
         "regime": regime,
-        "design": REGIMES[regime],
+        "design": {k: str(Path(v).relative_to(ROOT)) if k == "extends" else v for k, v in REGIMES[regime].items()},
         "rows": rows,
         "by_method": by_method,
         "cells_pending": pending,
         "not_in_study_yet": PENDING,
     }
+    return res, probs
 
 
 def markdown(res: dict) -> str:
@@ -244,11 +289,12 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def save(res: dict) -> None:
+def save(res: dict, probs: dict) -> None:
     from reasonmaxxer.io import atomic_write_bytes, atomic_write_json
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_json(RESULTS / "method_study.json", res)
+    atomic_write_json(RESULTS / "method_study_problems.json", probs)
     atomic_write_bytes(RESULTS / "method_study.md", markdown(res).encode())
     if res["rows"]:
         plot(res, RESULTS / "accuracy_vs_flops.png")
@@ -269,15 +315,18 @@ def main(argv=None) -> dict:
     todo = cells(a.regime, a.seeds, a.methods)
     first = root / a.regime / todo[0]["name"]
     if a.plan:
+        carried = stored_cells()
         for c in todo:
             done = (root / a.regime / c["name"] / "summary.json").is_file()
-            print(f"{'done' if done else 'todo'}  {a.regime}/{c['name']}")
+            print(f"{'done' if done else 'stored' if c['name'] in carried else 'todo'}  {a.regime}/{c['name']}")
         print("not in the study yet:\n  " + "\n  ".join(PENDING))
         return {}
     n_new = 0
+    carried = stored_cells()  # finished in an earlier session
     if not a.aggregate_only:
         for c in todo:
-            if (root / a.regime / c["name"] / "summary.json").is_file():
+            d = root / a.regime / c["name"]
+            if (d / "summary.json").is_file() or (c["name"] in carried and d != first):
                 continue
             if a.max_cells and n_new >= a.max_cells:
                 break
@@ -285,9 +334,9 @@ def main(argv=None) -> dict:
             dt = run_cell(c, root, first, a.threads)
             n_new += 1
             print(f"== cell {a.regime}/{c['name']} done in {dt:.0f} s ==", flush=True)
-            save(aggregate(root, a.regime, a.seeds, a.methods))
-    res = aggregate(root, a.regime, a.seeds, a.methods)
-    save(res)
+            save(*aggregate(root, a.regime, a.seeds, a.methods))
+    res, probs = aggregate(root, a.regime, a.seeds, a.methods)
+    save(res, probs)
     print(markdown(res))
     return res
 

@@ -69,6 +69,8 @@ TRUNCATION_POLICIES = ("drop", "mask", "keep")
 
 
 ORDERS = ("shuffle", "clarity", "none")
+# "graded": the grader's rewards; "shuffled": the random-reward control (see `shuffle_rewards`).
+REWARD_SOURCES = ("graded", "shuffled")
 
 
 REQUIRED_KEYS = ("problem_id", "sample_index", "token_ids", "truncated", "reward")
@@ -95,6 +97,9 @@ class SelectionConfig:
     seed: seed of the "shuffle" order.
     keep_unmixed: keep the problems the keep_shortest cut left without mixed rewards, with
         advantage 0 (they train the anchor only; official recipe: True); default drop them.
+    rewards: "graded" (the grader's) | "shuffled": the random-reward control
+        (arXiv:2506.10947), `shuffle_rewards` before step 1: a gain that survives it is not
+        learned from correctness.
 
     Fixed choices, as the official code makes them (no key): pass rates from all of a
     problem's rollouts before the trim (OFFICIAL scripts/select_mid_pool.py:51-58), the trim
@@ -120,6 +125,13 @@ class SelectionConfig:
     keep_unmixed: bool = field(
         default=False,
         metadata={"help": "keep problems left without mixed rewards by keep_shortest, with advantage 0 (anchor only)"},
+    )
+    rewards: str = field(
+        default="graded",
+        metadata={
+            "help": "graded | shuffled (random-reward control: the sampled rollouts' rewards permuted, seed `seed`)",
+            "choices": REWARD_SOURCES,
+        },
     )
 
     def __post_init__(self) -> None:
@@ -201,6 +213,16 @@ def _validate(rows: Sequence[dict], extra_keys: Sequence[str] = ()) -> None:
                 f"rollout row {i}: duplicate (problem_id={key[0]!r}, sample_index={key[1]}), same as row {seen[key]}; was a shard written twice?"
             )
         seen[key] = i
+
+
+def shuffle_rewards(rows: Sequence[dict], seed: int) -> list[dict]:
+    """Copies of `rows` with their ``reward`` values permuted among them (seeded): the same
+    number of correct rollouts overall, assigned to rollouts at random, so pass rates and
+    advantages no longer follow correctness (the random-reward control). The input is not
+    mutated; the order of the returned rows is that of `rows`."""
+    rewards = [r["reward"] for r in rows]
+    random.Random(seed).shuffle(rewards)
+    return [{**r, "reward": w} for r, w in zip(rows, rewards)]
 
 
 def _is_correct(row: dict) -> bool:
@@ -346,6 +368,8 @@ def select(rows: Sequence[dict], cfg: SelectionConfig = SelectionConfig(), *, ta
             f"select: all {n_greedy} rows are greedy completions (sample_index -1); sample with --n >= 2 instead of --greedy"
         )
 
+    if cfg.rewards == "shuffled":
+        sampled = shuffle_rewards(sampled, cfg.seed)
     # 1. truncation policy (rows copied here; the input is never mutated)
     kept, truncated_by_pid, n_dropped_trunc, n_masked = _apply_truncation(sampled, cfg)
     all_pids = sorted({r["problem_id"] for r in sampled})

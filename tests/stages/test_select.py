@@ -14,6 +14,7 @@ from reasonmaxxer.stages.select import (
     pass_rate_histogram,
     problem_stats,
     select,
+    shuffle_rewards,
     signal_clarity,
 )
 
@@ -314,7 +315,38 @@ def test_shuffle_seeded_permutation():
     assert key(select(pool(), SelectionConfig(seed=1)).rows) != key(s0)
 
 
-@pytest.mark.parametrize("cfg", [SelectionConfig(), NONE, SelectionConfig(keep_shortest=0.8, truncated="mask")])
+def test_random_reward_control_shuffles_labels_across_problems():
+    rows = pool()
+    before = copy.deepcopy(rows)
+    shuffled = shuffle_rewards(rows, seed=0)
+    assert rows == before  # not mutated
+    assert [(r["problem_id"], r["sample_index"]) for r in shuffled] == [
+        (r["problem_id"], r["sample_index"]) for r in rows
+    ]
+    assert sorted(r["reward"] for r in shuffled) == sorted(r["reward"] for r in rows)  # 13 correct of 24 still
+    assert [r["reward"] for r in shuffled] != [r["reward"] for r in rows]
+    assert shuffle_rewards(rows, 0) == shuffled and shuffle_rewards(rows, 1) != shuffled
+    # 10 all-correct and 10 all-wrong problems: nothing to learn from graded rewards, but the
+    # shuffled labels make problems mixed (P(a given group stays all-equal) is small)
+    flat = [g for k in range(10) for g in (group(f"c{k}", [1] * 4, 5), group(f"w{k}", [0] * 4, 5))]
+    rows = [r for g in flat for r in g]
+    with pytest.raises(ReasonMaxxerError, match="mixed"):
+        select(rows, NONE)
+    sel = select(rows, SelectionConfig(order="none", rewards="shuffled", max_problems=None))
+    assert sel.stats["problems_mixed"] >= 10 and sum(r["reward"] for r in rows) == 40
+    with pytest.raises(ReasonMaxxerError, match="rewards"):
+        SelectionConfig(rewards="random")
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SelectionConfig(),
+        NONE,
+        SelectionConfig(keep_shortest=0.8, truncated="mask"),
+        SelectionConfig(order="none", rewards="shuffled"),
+    ],
+)
 def test_input_order_invariance_and_purity(cfg):
     rows = pool() + short_pool()
     before = copy.deepcopy(rows)
