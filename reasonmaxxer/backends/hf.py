@@ -13,7 +13,7 @@ ends, re-encodes the same few-shot prefix for every prompt, and grows its KV cac
   system prompt) ONCE and copies its KV cache into each new row;
 - encodes the rest of a prompt once per admission however many of the admitted rows share it
   (the n samples of one problem), copying its KV cache to each of them (`share_prompts`);
-- keeps a preallocated KV "slab" per layer that is written in place;
+- keeps a preallocated KV "slab" per layer that is written in place (`kv_slab`);
 - drops finished rows and admits waiting requests into the freed slots (continuous
   batching): rows are compacted, right-aligned, whenever a quarter of the batch is done,
   so dead rows cost at most ~25% of a step and the copy is amortised.
@@ -47,13 +47,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ..core.entropy import entropy_and_logprob
 from ..core.padding import pad_left
 from ..errors import ReasonMaxxerError
 from ..models import cache_kwarg, fp32_head_weight, logit_postprocess, split_decoder_head
 from ..schema import check_fields
+from .kv_slab import SlabCache, filled_kv, repack, seed_with_prefix
 
 
 @dataclass(frozen=True)
@@ -193,50 +193,10 @@ def sample_from_logits(
     return pick.clamp_max(z.shape[-1] - 1).squeeze(-1)
 
 
-class _SlabLayer(DynamicLayer):
-    """KV cache layer backed by a preallocated [B, heads, capacity, head_dim] buffer."""
-
-    headroom = 64
-
-    def lazy_initialization(self, key_states, value_states):
-        b, h, _, d = key_states.shape
-        self.kbuf = key_states.new_empty((b, h, self.headroom, d))
-        self.vbuf = value_states.new_empty((b, h, self.headroom, d))
-        self.n = 0
-        self.is_initialized = True
-
-    def set(self, kbuf, vbuf, n):
-        self.kbuf, self.vbuf, self.n, self.is_initialized = kbuf, vbuf, n, True
-        self.keys, self.values = kbuf[:, :, :n], vbuf[:, :, :n]
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        q = key_states.shape[-2]
-        if self.n + q > self.kbuf.shape[-2]:
-            cap = max(self.n + q + self.headroom, int(self.kbuf.shape[-2] * 1.5))
-            k2 = self.kbuf.new_empty(self.kbuf.shape[:2] + (cap,) + self.kbuf.shape[3:])
-            v2 = self.vbuf.new_empty(k2.shape)
-            k2[:, :, : self.n] = self.kbuf[:, :, : self.n]
-            v2[:, :, : self.n] = self.vbuf[:, :, : self.n]
-            self.kbuf, self.vbuf = k2, v2
-        self.kbuf[:, :, self.n : self.n + q] = key_states
-        self.vbuf[:, :, self.n : self.n + q] = value_states
-        self.n += q
-        self.keys, self.values = self.kbuf[:, :, : self.n], self.vbuf[:, :, : self.n]
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.n if self.is_initialized else 0
-
-
-class _SlabCache(DynamicCache):
-    def __init__(self, num_layers: int):
-        Cache.__init__(self, layers=[_SlabLayer() for _ in range(num_layers)])
-
-
 @dataclass
 class _Row:
+    """One request being decoded: its own generator, what it has drawn so far, why it ended."""
+
     req: Request
     gen: torch.Generator
     tokens: list
@@ -310,12 +270,21 @@ class HFSampler:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
         return out.logits[:, -1, :].float()  # [B, V]
 
+    def _shared_prefix(self, prompts: Sequence[Sequence[int]]):
+        """(length, per-layer KV) of the token prefix common to all `prompts`, encoded once; (0, None)
+        when it is shorter than `min_shared_prefix`. At least one token of every prompt is left out."""
+        plen = _common_prefix(prompts)
+        plen = min(plen, min(len(p) for p in prompts) - 1)
+        if plen < self.min_shared_prefix:
+            plen = 0
+        return plen, (self._prefix_kv(tuple(prompts[0][:plen])) if plen else None)
+
     def _prefix_kv(self, prefix: tuple[int, ...]):
-        cache = _SlabCache(self.num_layers)
+        cache = SlabCache(self.num_layers)
         if prefix:
             ids = torch.tensor([prefix], device=self.device)
             self._forward(ids, torch.ones_like(ids), torch.arange(len(prefix), device=self.device)[None], cache)
-        return [(l.kbuf[:, :, : l.n], l.vbuf[:, :, : l.n]) for l in cache.layers] if prefix else None
+        return filled_kv(cache) if prefix else None
 
     def _prefill(self, reqs: list[Request], prefix_len: int, prefix_kv):
         """Encode new rows: [prefix][pad][suffix]. Returns (per-layer (k, v), mask [b, m], next_pos [b], logits [b, V]).
@@ -342,18 +311,12 @@ class HFSampler:
         s_max = ids.shape[1]
         pos = (prefix_len + smask.cumsum(-1) - 1).clamp_min(0)
         mask = torch.cat([torch.ones((b, prefix_len), dtype=torch.long), smask], 1)
-        cache = _SlabCache(self.num_layers)
+        cache = SlabCache(self.num_layers)
         if prefix_kv is not None:
-            for layer, (k, v) in zip(cache.layers, prefix_kv):
-                kb = k.new_empty((b, k.shape[1], prefix_len + s_max, k.shape[3]))
-                vb = v.new_empty(kb.shape)
-                kb[:, :, :prefix_len] = k
-                vb[:, :, :prefix_len] = v
-                layer.set(kb, vb, prefix_len)
+            seed_with_prefix(cache, prefix_kv, b, prefix_len, s_max)
         dev = self.device
         logits = self._forward(ids.to(dev), mask.to(dev), pos.to(dev), cache)
-        kv = [(l.kbuf[:, :, : l.n], l.vbuf[:, :, : l.n]) for l in cache.layers]
-        return kv, mask, (pos[:, -1] + 1), logits
+        return filled_kv(cache), mask, (pos[:, -1] + 1), logits
 
     # -- the loop --------------------------------------------------------------------
     @torch.no_grad()
@@ -367,147 +330,153 @@ class HFSampler:
         """Draw one completion per request; returns them in request order.
 
         `on_done(completion)` is called as each finishes; `progress(n_new_tokens)` after each step.
+        The batch is rebuilt (finished rows dropped, waiting requests admitted) when
+        `_Decoding.wants_refill` says so; otherwise every row decodes one token.
         """
         if not requests:
             return []
         for r in requests:
             if not r.prompt_ids:
                 raise ReasonMaxxerError(f"sampling: request {r.key} has an empty prompt")
-        prompts = [r.prompt_ids for r in requests]
-        plen = _common_prefix(prompts)
-        plen = min(plen, min(len(p) for p in prompts) - 1)
-        if plen < self.min_shared_prefix:
-            plen = 0
-        prefix_kv = self._prefix_kv(tuple(prompts[0][:plen])) if plen else None
-
+        plen, prefix_kv = self._shared_prefix([r.prompt_ids for r in requests])
+        run = _Decoding(self, cfg, plen, prefix_kv, on_done, progress)
         pending = deque(requests)
-        results: dict[tuple, Completion] = {}
-        rows: list[_Row] = []
-        cache = _SlabCache(self.num_layers)
-        mask = torch.zeros((0, 0), dtype=torch.long)  # [B, n] over cache columns
-        next_pos = torch.zeros((0,), dtype=torch.long)  # [B]
-        last = torch.zeros((0,), dtype=torch.long)  # [B] token to feed next
-        B = cfg.batch_size
+        while pending or run.rows:
+            if run.wants_refill(pending):
+                run.refill(pending)
+            else:
+                run.step()
+        return [run.results[r.key] for r in requests]
 
-        stop = tuple(s for s in cfg.stop if s)
 
-        def finish(row: _Row):
-            text = decode_completion(self.tok, row.tokens, row.done, stop)
-            c = cut_at_stop(
-                self.tok, Completion(row.req.key, row.tokens, row.logprobs, row.entropies, row.done, text), stop
-            )
-            results[row.req.key] = c
-            if on_done:
-                on_done(c)
+class _Decoding:
+    """The state of one `HFSampler.generate` call: the rows in the batch, their KV slab, attention
+    mask [B, n] over cache columns, next positions [B] and last tokens [B] (the one to feed
+    next), and the finished completions by key (`results`)."""
 
-        def choose(logits, active: list[_Row]):
-            u = (
-                torch.stack([torch.rand((), generator=r.gen) for r in active])
-                if not cfg.greedy
-                else torch.zeros(len(active))
-            )
-            tok = sample_from_logits(logits, u.to(logits.device), cfg.temperature, cfg.top_p, cfg.top_k)
-            ent, lp = entropy_and_logprob(logits, tok)
-            return tok.cpu(), ent.cpu(), lp.cpu()
+    def __init__(self, sampler: HFSampler, cfg: SamplingConfig, plen: int, prefix_kv, on_done, progress):
+        self.s, self.cfg = sampler, cfg
+        self.plen, self.prefix_kv = plen, prefix_kv
+        self.on_done, self.progress = on_done, progress
+        self.stop = tuple(s for s in cfg.stop if s)
+        self.results: dict[tuple, Completion] = {}
+        self.rows: list[_Row] = []
+        self.cache = SlabCache(sampler.num_layers)
+        self.mask = torch.zeros((0, 0), dtype=torch.long)  # [B, n] over cache columns
+        self.next_pos = torch.zeros((0,), dtype=torch.long)  # [B]
+        self.last = torch.zeros((0,), dtype=torch.long)  # [B] token to feed next
 
-        def record(row: _Row, t: int, e: float, lp: float):
-            row.tokens.append(t)
-            row.entropies.append(e)
-            row.logprobs.append(lp)
-            if t in self.eos:
-                row.done = "eos"
-            elif stop and any(s in self.tok.decode(row.tokens[-12:], skip_special_tokens=True) for s in stop):
-                row.done = "stop"
-            elif len(row.tokens) >= cfg.max_new_tokens:
-                row.done = "length"
-            if row.done:
-                finish(row)
+    # -- per token ---------------------------------------------------------------------
+    def _choose(self, logits, active: list[_Row]):
+        """The next token of each row of `active` (one uniform draw from each row's generator, in
+        row order; none when greedy) and its untempered entropy and log-prob, on the CPU."""
+        cfg = self.cfg
+        u = (
+            torch.stack([torch.rand((), generator=r.gen) for r in active])
+            if not cfg.greedy
+            else torch.zeros(len(active))
+        )
+        tok = sample_from_logits(logits, u.to(logits.device), cfg.temperature, cfg.top_p, cfg.top_k)
+        ent, lp = entropy_and_logprob(logits, tok)
+        return tok.cpu(), ent.cpu(), lp.cpu()
 
-        while pending or rows:
-            dead = [i for i, r in enumerate(rows) if r.done]
-            if (
-                not rows
-                or (dead and len(dead) >= max(1, len(rows) // 4))
-                or (pending and len(rows) - len(dead) < B // 2)
-            ):
-                keep = [i for i, r in enumerate(rows) if not r.done]
-                admit = [pending.popleft() for _ in range(min(len(pending), B - len(keep)))]
-                new_kv = new_mask = None
-                if admit:
-                    new_rows = [
-                        _Row(r, torch.Generator().manual_seed(request_seed(cfg.seed, r.key[0], r.key[1])), [], [], [])
-                        for r in admit
-                    ]
-                    new_kv, new_mask, new_pos, logits = self._prefill(admit, plen, prefix_kv)
-                    tok, ent, lp = choose(logits, new_rows)
-                # compact the live rows (trim all-padding left columns) and append the new ones, right-aligned
-                n_old = mask.shape[1]
-                if keep:
-                    used = mask[keep].any(0).nonzero()
-                    first = int(used[0]) if len(used) else n_old
-                else:
-                    first = n_old
-                live_len = n_old - first
-                m = new_mask.shape[1] if admit else 0
-                L = max(live_len, m)
-                tot = len(keep) + len(admit)
-                if tot == 0:
-                    rows = []
-                    continue
-                keep_t = torch.tensor(keep, dtype=torch.long)
-                cap = L + max(_SlabLayer.headroom, cfg.max_new_tokens // 2)
-                for li, layer in enumerate(cache.layers):
-                    ref = new_kv[li][0] if admit else layer.kbuf
-                    kb = ref.new_zeros((tot, ref.shape[1], cap, ref.shape[3]))
-                    vb = ref.new_zeros(kb.shape)
-                    if keep:
-                        idx = keep_t.to(layer.kbuf.device)
-                        kb[: len(keep), :, L - live_len : L] = layer.kbuf[idx, :, first:n_old]
-                        vb[: len(keep), :, L - live_len : L] = layer.vbuf[idx, :, first:n_old]
-                    if admit:
-                        kb[len(keep) :, :, L - m : L] = new_kv[li][0]
-                        vb[len(keep) :, :, L - m : L] = new_kv[li][1]
-                    layer.set(kb, vb, L)
-                mask2 = torch.zeros((tot, L), dtype=torch.long)
-                if keep:
-                    mask2[: len(keep), L - live_len :] = mask[keep_t, first:]
-                if admit:
-                    mask2[len(keep) :, L - m :] = new_mask
-                mask = mask2
-                next_pos = torch.cat([next_pos[keep_t] if keep else next_pos[:0], new_pos if admit else next_pos[:0]])
-                last = torch.cat([last[keep_t] if keep else last[:0], tok if admit else last[:0]])
-                rows = [rows[i] for i in keep] + (new_rows if admit else [])
-                if admit:
-                    for j, r in enumerate(new_rows):
-                        record(r, int(tok[j]), float(ent[j]), float(lp[j]))
-                    if progress:
-                        progress(len(new_rows))
-                continue
+    def _hit_stop(self, row: _Row) -> bool:
+        """Whether the text of the row's last 12 tokens contains a stop string."""
+        text = self.s.tok.decode(row.tokens[-12:], skip_special_tokens=True)
+        return any(s in text for s in self.stop)
 
-            # one decode step for every row in the batch (dead rows ride along until compaction)
-            if self.max_positions:
-                # per row: a row whose prompt + completion fill the context (next_pos + 1 tokens, the
-                # last not yet fed) ends, truncated; the others go on. As vLLM's check_stop
-                # (vllm/v1/core/sched/utils.py: num_tokens >= max_model_len -> length-capped).
-                full = [r for r, p in zip(rows, next_pos.tolist()) if not r.done and p + 1 >= self.max_positions]
-                for r in full:
-                    r.done = "length"
-                    finish(r)
-                if all(r.done for r in rows):
-                    continue
-            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], 1)
-            dev = self.device
-            # dead rows' positions are clamped so they stay valid (their outputs are ignored)
-            pos = next_pos.clamp_max(self.max_positions - 1) if self.max_positions else next_pos
-            logits = self._forward(last[:, None].to(dev), mask.to(dev), pos[:, None].to(dev), cache)
-            active = [i for i, r in enumerate(rows) if not r.done]
-            tok, ent, lp = choose(logits[active], [rows[i] for i in active])
-            new_last = last.clone()
-            new_last[active] = tok
-            last = new_last
-            next_pos = next_pos + 1
-            for j, i in enumerate(active):
-                record(rows[i], int(tok[j]), float(ent[j]), float(lp[j]))
-            if progress:
-                progress(len(active))
-        return [results[r.key] for r in requests]
+    def _record(self, row: _Row, t: int, e: float, lp: float) -> None:
+        """Append a drawn token to `row`; end the row on EOS, a stop string or the length cap."""
+        row.tokens.append(t)
+        row.entropies.append(e)
+        row.logprobs.append(lp)
+        if t in self.s.eos:
+            row.done = "eos"
+        elif self.stop and self._hit_stop(row):
+            row.done = "stop"
+        elif len(row.tokens) >= self.cfg.max_new_tokens:
+            row.done = "length"
+        if row.done:
+            self._finish(row)
+
+    def _finish(self, row: _Row) -> None:
+        """The row's `Completion` (text decoded, cut before a stop string) into `results`, and `on_done`."""
+        tok, stop = self.s.tok, self.stop
+        text = decode_completion(tok, row.tokens, row.done, stop)
+        c = cut_at_stop(tok, Completion(row.req.key, row.tokens, row.logprobs, row.entropies, row.done, text), stop)
+        self.results[row.req.key] = c
+        if self.on_done:
+            self.on_done(c)
+
+    # -- the batch ---------------------------------------------------------------------
+    def wants_refill(self, pending: deque) -> bool:
+        """Rebuild the batch now: at the start, once a quarter of the rows are done, or when
+        requests wait and fewer than half the slots hold live rows."""
+        rows, B = self.rows, self.cfg.batch_size
+        dead = [i for i, r in enumerate(rows) if r.done]
+        return bool(
+            not rows or (dead and len(dead) >= max(1, len(rows) // 4)) or (pending and len(rows) - len(dead) < B // 2)
+        )
+
+    def refill(self, pending: deque) -> None:
+        """Drop the finished rows and admit waiting requests into the free slots: prefill them,
+        draw their first tokens, and repack the live rows and the new ones, right-aligned, into
+        a new KV slab (`kv_slab.repack`)."""
+        cfg, rows = self.cfg, self.rows
+        keep = [i for i, r in enumerate(rows) if not r.done]
+        admit = [pending.popleft() for _ in range(min(len(pending), cfg.batch_size - len(keep)))]
+        new_rows = [
+            _Row(r, torch.Generator().manual_seed(request_seed(cfg.seed, r.key[0], r.key[1])), [], [], [])
+            for r in admit
+        ]
+        new_kv = new_mask = None
+        if admit:
+            new_kv, new_mask, new_pos, logits = self.s._prefill(admit, self.plen, self.prefix_kv)
+            tok, ent, lp = self._choose(logits, new_rows)
+        if not keep and not admit:
+            self.rows = []
+            return
+        self.mask = repack(self.cache, self.mask, keep, new_kv, new_mask, cfg.max_new_tokens // 2)
+        keep_t = torch.tensor(keep, dtype=torch.long)
+        self.next_pos = torch.cat(
+            [self.next_pos[keep_t] if keep else self.next_pos[:0], new_pos if admit else self.next_pos[:0]]
+        )
+        self.last = torch.cat([self.last[keep_t] if keep else self.last[:0], tok if admit else self.last[:0]])
+        self.rows = [rows[i] for i in keep] + new_rows
+        if admit:
+            for j, r in enumerate(new_rows):
+                self._record(r, int(tok[j]), float(ent[j]), float(lp[j]))
+            if self.progress:
+                self.progress(len(new_rows))
+
+    def _end_full_rows(self) -> None:
+        """End, truncated ("length"), each live row whose prompt + completion fill the context
+        (next_pos + 1 tokens, the last not yet fed); the others go on. As vLLM's check_stop
+        (vllm/v1/core/sched/utils.py: num_tokens >= max_model_len -> length-capped)."""
+        full = [r for r, p in zip(self.rows, self.next_pos.tolist()) if not r.done and p + 1 >= self.s.max_positions]
+        for r in full:
+            r.done = "length"
+            self._finish(r)
+
+    def step(self) -> None:
+        """One decode step for every row in the batch (dead rows ride along until the next refill)."""
+        s, rows = self.s, self.rows
+        if s.max_positions:
+            self._end_full_rows()
+            if all(r.done for r in rows):
+                return
+        self.mask = torch.cat([self.mask, torch.ones((len(rows), 1), dtype=torch.long)], 1)
+        dev = s.device
+        # dead rows' positions are clamped so they stay valid (their outputs are ignored)
+        pos = self.next_pos.clamp_max(s.max_positions - 1) if s.max_positions else self.next_pos
+        logits = s._forward(self.last[:, None].to(dev), self.mask.to(dev), pos[:, None].to(dev), self.cache)
+        active = [i for i, r in enumerate(rows) if not r.done]
+        tok, ent, lp = self._choose(logits[active], [rows[i] for i in active])
+        new_last = self.last.clone()
+        new_last[active] = tok
+        self.last = new_last
+        self.next_pos = self.next_pos + 1
+        for j, i in enumerate(active):
+            self._record(rows[i], int(tok[j]), float(ent[j]), float(lp[j]))
+        if self.progress:
+            self.progress(len(active))

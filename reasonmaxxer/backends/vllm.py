@@ -23,7 +23,7 @@ a trained adapter is evaluated without merging, and `for_model` serves another a
 the same base from the same engine.
 
 Parallelism: ``tensor_parallel_size`` is vLLM's own (one engine over that many GPUs).
-``data_parallel_size`` > 1 starts that many independent engines, one process each, pinned
+``data_parallel_size`` > 1 starts that many independent engines (`vllm_engines`), one process each, pinned
 to disjoint groups of ``tensor_parallel_size`` GPUs (``CUDA_VISIBLE_DEVICES``), and splits
 each batch of requests between them in contiguous blocks (a problem's samples stay together,
 for prefix caching). Per-request seeds make the samples independent of which engine drew
@@ -48,10 +48,7 @@ API), installed as >= 0.19.1 (transformers 5)
 
 from __future__ import annotations
 
-import atexit
 import copy
-import gc
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -59,20 +56,17 @@ from dataclasses import asdict, dataclass, field
 from ..errors import ReasonMaxxerError
 from ..schema import check_fields
 from .hf import Completion, Request, SamplingConfig, decode_completion, eos_token_ids, request_seed
+from .vllm_engines import LocalEngine, ProcessEngine, require_vllm
 from .vllm_runtime import (
     BETWEEN_STAGES,
-    auto_memory_utilization,
     blocks,
     check_versions,
-    free_engine_memory,
     generation_config,
     gpu_groups,
     load_tokenizer,
     lora_rank_bucket,
     served_model,
 )
-
-INSTALL = "pip install 'reasonmaxxer[vllm]'"
 
 
 @dataclass(frozen=True)
@@ -119,17 +113,6 @@ class VLLMOptions:
         check_fields(self, "vllm")
 
 
-def require_vllm():
-    """Import vllm, or raise one clear error saying how to install it."""
-    try:
-        import vllm
-    except ImportError as e:
-        raise ReasonMaxxerError(
-            f"the vLLM backend needs the vllm package ({e}): run `{INSTALL}` on a CUDA machine"
-        ) from None
-    return vllm
-
-
 def sampling_params_kwargs(req: Request, cfg: SamplingConfig, eos: Sequence[int]) -> dict:
     """The `vllm.SamplingParams` keyword arguments of one request (n=1, its own seed)."""
     kw = {
@@ -150,18 +133,6 @@ def sampling_params_kwargs(req: Request, cfg: SamplingConfig, eos: Sequence[int]
     return kw
 
 
-def plain_output(out) -> dict:
-    """A vLLM RequestOutput -> {token_ids, logprobs (sampled tokens, nats), finish_reason, stop_reason}."""
-    c = out.outputs[0]
-    ids = [int(t) for t in c.token_ids]
-    lps = []
-    for i, t in enumerate(ids):
-        step = c.logprobs[i] if c.logprobs is not None and i < len(c.logprobs) else None
-        lp = step.get(t) if step is not None else None
-        lps.append(float(getattr(lp, "logprob", lp)) if lp is not None else math.nan)
-    return {"token_ids": ids, "logprobs": lps, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-
-
 def finish_reason(plain: dict, key) -> str:
     """vLLM's finish reason -> ours: "length"; "stop" on a stop string -> "stop"; on EOS / a stop token -> "eos"."""
     fr = plain["finish_reason"]
@@ -170,154 +141,6 @@ def finish_reason(plain: dict, key) -> str:
     if fr == "stop":
         return "stop" if isinstance(plain["stop_reason"], str) else "eos"
     raise ReasonMaxxerError(f"vllm: request {key} ended with finish_reason={fr!r}")
-
-
-def _generate(llm, prompts: Sequence[Sequence[int]], params: Sequence[dict], lora: tuple | None) -> list[dict]:
-    """One `LLM.generate` call on token-id prompts; returns `plain_output`s in prompt order."""
-    vllm = require_vllm()
-    try:
-        from vllm.inputs import TokensPrompt
-    except ImportError:  # a TypedDict: a plain dict is the same thing
-        TokensPrompt = dict
-    kw = {}
-    if lora:
-        from vllm.lora.request import LoRARequest
-
-        kw["lora_request"] = LoRARequest(*lora)
-    outs = llm.generate(
-        [TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
-        sampling_params=[vllm.SamplingParams(**p) for p in params],
-        use_tqdm=False,
-        **kw,
-    )
-    return [plain_output(o) for o in outs]
-
-
-class _LocalEngine:
-    """One vLLM engine in this process.
-
-    ``gpu_memory_utilization`` None is sized here, from what is free on this process's GPUs
-    (`auto_memory_utilization`); a replica process sizes its own. Sleep and wake are vLLM's
-    ``LLM.sleep(level=)`` / ``LLM.wake_up()`` (vllm/entrypoints/llm.py: level 1 offloads the
-    weights to CPU memory and discards the KV cache; the engine must have been started with
-    ``enable_sleep_mode=True``, a ModelConfig field, CUDA only).
-    """
-
-    def __init__(self, llm_kwargs: dict):
-        import torch.distributed as dist
-
-        kw = dict(llm_kwargs)
-        if kw.get("gpu_memory_utilization") is None:
-            kw["gpu_memory_utilization"] = auto_memory_utilization(kw.get("tensor_parallel_size", 1))
-        self.owns_process_group = not (dist.is_available() and dist.is_initialized())
-        self.llm = require_vllm().LLM(**kw)
-        self._out = None
-
-    def wait_ready(self) -> None:
-        """Started in __init__ already (a replica process reports here)."""
-
-    def submit(self, prompts, params, lora):
-        self._out = _generate(self.llm, prompts, params, lora)
-
-    def result(self) -> list[dict]:
-        out, self._out = self._out, None
-        return out
-
-    def sleep(self, level: int) -> None:
-        self.llm.sleep(level=level)
-
-    def wake_up(self) -> None:
-        import torch
-
-        gc.collect()  # what training left in PyTorch's cache goes back to the driver before vLLM reallocates
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        self.llm.wake_up()
-
-    def close(self):
-        if self.llm is None:
-            return
-        llm, self.llm = self.llm, None
-        del llm
-        free_engine_memory(self.owns_process_group)
-
-
-def _replica_main(conn, env: dict, llm_kwargs: dict) -> None:
-    """A data-parallel replica process: its own GPUs, its own engine, commands over a pipe.
-
-    Commands: ("generate", prompts, params, lora) -> ("ok", plain outputs); ("sleep", level) and
-    ("wake_up",) -> ("ok", None); None -> close the engine and exit.
-    """
-    os.environ.update(env)
-    try:
-        eng = _LocalEngine(llm_kwargs)
-        conn.send(("ready", None))
-        while (msg := conn.recv()) is not None:
-            if msg[0] == "generate":
-                eng.submit(*msg[1:])
-                conn.send(("ok", eng.result()))
-            else:
-                getattr(eng, msg[0])(*msg[1:])
-                conn.send(("ok", None))
-        eng.close()
-    except BaseException as e:  # reported to the parent, which raises it as a ReasonMaxxerError
-        conn.send(("error", f"{type(e).__name__}: {e}"))
-
-
-class _ProcessEngine:
-    """One vLLM engine in a child process pinned to `gpus` (spawned: CUDA must not be initialised here).
-
-    The process starts loading in __init__; `wait_ready` waits for its engine, so that several
-    replicas load at the same time.
-    """
-
-    def __init__(self, llm_kwargs: dict, gpus: Sequence[str]):
-        import multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.gpus = ",".join(gpus)
-        self.proc = ctx.Process(target=_replica_main, args=(child, {"CUDA_VISIBLE_DEVICES": self.gpus}, llm_kwargs))
-        self.proc.start()  # not a daemon: vLLM starts its own worker processes for tensor parallelism
-        atexit.register(self.close)  # runs before multiprocessing joins its non-daemon children at exit
-
-    def wait_ready(self) -> None:
-        self._recv()
-
-    def _recv(self):
-        try:
-            kind, payload = self.conn.recv()
-        except EOFError:
-            raise ReasonMaxxerError(
-                f"vllm: the replica on GPUs {self.gpus} died (exit code {self.proc.exitcode})"
-            ) from None
-        if kind == "error":
-            raise ReasonMaxxerError(f"vllm: the replica on GPUs {self.gpus} failed: {payload}")
-        return payload
-
-    def submit(self, prompts, params, lora):
-        self.conn.send(("generate", list(prompts), list(params), lora))
-
-    def result(self) -> list[dict]:
-        return self._recv()
-
-    def sleep(self, level: int) -> None:
-        self.conn.send(("sleep", level))
-        self._recv()
-
-    def wake_up(self) -> None:
-        self.conn.send(("wake_up",))
-        self._recv()
-
-    def close(self):
-        if self.proc.is_alive():
-            try:
-                self.conn.send(None)
-            except (BrokenPipeError, OSError):
-                pass
-            self.proc.join(timeout=60)
-            if self.proc.is_alive():
-                self.proc.terminate()
 
 
 class VLLMSampler:
@@ -388,13 +211,13 @@ class VLLMSampler:
         if self._shared["engines"] is None:
             o = self.options
             if o.data_parallel_size == 1:
-                self._shared["engines"] = [_LocalEngine(self.llm_kwargs)]
+                self._shared["engines"] = [LocalEngine(self.llm_kwargs)]
             else:
                 groups = gpu_groups(o.data_parallel_size, o.tensor_parallel_size)
                 engines = []
                 try:
                     for g in groups:  # every replica process starts loading now ...
-                        engines.append(_ProcessEngine(self.llm_kwargs, g))
+                        engines.append(ProcessEngine(self.llm_kwargs, g))
                     for e in engines:  # ... then we wait for them, so they load side by side
                         e.wait_ready()
                 except BaseException:

@@ -234,7 +234,7 @@ def test_adapter_is_served_as_lora(fake_vllm, ckpt, adapter, tiny_tokenizer):
 def test_data_parallel_replicas_split_requests(fake_vllm, ckpt, tiny_tokenizer, monkeypatch):
     started, events = [], []
 
-    class InProcess(vllm_backend._LocalEngine):  # stands in for the spawned replica process
+    class InProcess(vllm_backend.LocalEngine):  # stands in for the spawned replica process
         def __init__(self, llm_kwargs, gpus):
             super().__init__(llm_kwargs)
             started.append(list(gpus))
@@ -244,7 +244,7 @@ def test_data_parallel_replicas_split_requests(fake_vllm, ckpt, tiny_tokenizer, 
         def wait_ready(self):
             events.append(("ready", self.gpus[0]))
 
-    monkeypatch.setattr(vllm_backend, "_ProcessEngine", InProcess)
+    monkeypatch.setattr(vllm_backend, "ProcessEngine", InProcess)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4")
     reqs = _requests(tiny_tokenizer, 4)  # 8 requests
     cfg = SamplingConfig(n=2, max_new_tokens=6, seed=1)
@@ -522,7 +522,7 @@ def test_replica_processes(tmp_path, monkeypatch, ckpt, tiny_tokenizer):
     (tmp_path / "vllm" / "__init__.py").write_text(FAKE_VLLM_PACKAGE)
     monkeypatch.syspath_prepend(str(tmp_path))  # a spawned child starts with the parent's sys.path
     kw = {"model": str(ckpt)}
-    engines = [vllm_backend._ProcessEngine(kw, ["3"]), vllm_backend._ProcessEngine(kw, ["5", "6"])]
+    engines = [vllm_backend.ProcessEngine(kw, ["3"]), vllm_backend.ProcessEngine(kw, ["5", "6"])]
     try:
         for e in engines:
             e.wait_ready()
@@ -534,7 +534,7 @@ def test_replica_processes(tmp_path, monkeypatch, ckpt, tiny_tokenizer):
             e.close()
     assert all(e.proc.exitcode == 0 for e in engines)
     with pytest.raises(ReasonMaxxerError, match=r"replica on GPUs 0 failed: RuntimeError: CUDA out of memory"):
-        vllm_backend._ProcessEngine({"model": "boom"}, ["0"]).wait_ready()
+        vllm_backend.ProcessEngine({"model": "boom"}, ["0"]).wait_ready()
 
 
 def test_replicas_load_side_by_side(fake_vllm, tmp_path, monkeypatch, ckpt):

@@ -10,8 +10,8 @@ import pytest
 
 from reasonmaxxer.errors import ReasonMaxxerError
 from reasonmaxxer.verify import (
-    _TEST_SLEEP_MARKER,
     MAX_ANSWER_CHARS,
+    TEST_SLEEP_MARKER,
     Grade,
     Verdict,
     extract_answer,
@@ -218,8 +218,8 @@ def test_adversarial_inputs_return_within_deadline():
 def test_stuck_worker_is_killed_and_later_items_are_graded():
     golds = ["1"] * 12
     comps = ["\\boxed{1}"] * 12
-    comps[1] = _TEST_SLEEP_MARKER + "60"  # sleeps 60 s ignoring signals; only the outer deadline stops it
-    comps[7] = _TEST_SLEEP_MARKER + "60"
+    comps[1] = TEST_SLEEP_MARKER + "60"  # sleeps 60 s ignoring signals; only the outer deadline stops it
+    comps[7] = TEST_SLEEP_MARKER + "60"
     t0 = time.monotonic()
     grades = grade_many(golds, comps, workers=1, timeout_s=1.0)
     assert time.monotonic() - t0 < 10.0
@@ -234,7 +234,7 @@ def test_stuck_worker_is_killed_and_later_items_are_graded():
 def test_crashing_worker_is_replaced_and_the_item_reported():
     golds = ["1"] * 6
     comps = ["\\boxed{1}"] * 6
-    comps[2] = _TEST_SLEEP_MARKER + "exit"  # the worker process exits mid-item, every time
+    comps[2] = TEST_SLEEP_MARKER + "exit"  # the worker process exits mid-item, every time
     grades = grade_many(golds, comps, workers=2, timeout_s=5.0)
     assert grades[2].strict.reason == grades[2].lenient.reason == "error: worker died (exit code 3)"
     assert all(g.strict.correct for i, g in enumerate(grades) if i != 2)
