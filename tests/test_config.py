@@ -213,7 +213,7 @@ def test_configs_built_in_code_are_checked_by_the_same_field_metadata(make, mess
 
 def test_stop_flags():
     """--stop on sample/eval; on run/demo the generated --sampling-stop (alias --stop) and --eval-stop."""
-    from reasonmaxxer.cli import _sampling_config
+    from reasonmaxxer.cli.options import sampling_config
 
     a = build_parser().parse_args(["demo", "--stop", "Problem:", "Human:", "--eval-stop", "###"])
     assert config_overrides(a) == {"sampling.stop": ["Problem:", "Human:"], "eval.stop": ["###"]}
@@ -221,8 +221,8 @@ def test_stop_flags():
     assert (c.sampling.stop, c.eval.stop) == (("Problem:", "Human:"), ("###",))
     for cmd in (["sample", "--out", "o"], ["eval"]):
         a = build_parser().parse_args([*cmd, "--stop", "Q:", "A:"])
-        assert _sampling_config(a).stop == ("Q:", "A:")
-        assert _sampling_config(build_parser().parse_args(cmd)).stop == ()  # the template's
+        assert sampling_config(a).stop == ("Q:", "A:")
+        assert sampling_config(build_parser().parse_args(cmd)).stop == ()  # the template's
 
 
 PAPER = Path(reasonmaxxer.__file__).parent / "configs" / "paper"
@@ -291,7 +291,7 @@ def test_report_to_and_push_to_hub_flags(tmp_path, capsys):
     assert (t.report_to, t.push_to_hub) == ("none", "me/x")
     from reasonmaxxer.stages.tracking import REPORT_TO
 
-    for kind in REPORT_TO:  # train's choices (written out in cli.py) are the tracker registry's
+    for kind in REPORT_TO:  # train's choices (written out in cli/parser.py) are the tracker registry's
         assert (
             build_parser().parse_args(["train", "--rollouts", "r", "--out", "o", "--report-to", kind]).report_to == kind
         )

@@ -40,11 +40,12 @@ def test_torch_out_of_memory_is_recognised():
 
 def test_cli_reports_an_out_of_memory_as_one_line(monkeypatch, capsys):
     import reasonmaxxer.cli as cli
+    import reasonmaxxer.cli.parser as cli_parser  # build_parser binds each subcommand's cmd_* from here
 
     def boom(a):
         raise _FakeOOM("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(cli, "cmd_train", boom)
+    monkeypatch.setattr(cli_parser, "cmd_train", boom)
     rc = cli.main(["train", "--rollouts", "x", "--out", "y"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0

@@ -102,15 +102,16 @@ def test_worker_without_gpus_hides_them(monkeypatch):
 
 
 def test_flags_reach_the_engine_config(tmp_path):
-    from reasonmaxxer.cli import _engine, build_parser
+    from reasonmaxxer.cli import build_parser
+    from reasonmaxxer.cli.options import engine_config
     from reasonmaxxer.config import load_run_config
 
     a = build_parser().parse_args(
         ["score", "--rollouts", "r", "--out", "o", "--engine", "ray", "--gpus-per-worker", "0.5"]
     )
-    assert _engine(a).gpus_per_worker == 0.5
+    assert engine_config(a).gpus_per_worker == 0.5
     a = build_parser().parse_args(["score", "--rollouts", "r", "--out", "o"])
-    assert _engine(a).gpus_per_worker is None
+    assert engine_config(a).gpus_per_worker is None
     p = tmp_path / "c.toml"
     p.write_text('engine = "ray"\ngpus_per_worker = 0.25\n')
     assert load_run_config(p).engine_config().gpus_per_worker == 0.25
