@@ -202,42 +202,12 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         )
 
 
-def chunked_head_loss(
-    hidden: Tensor,
-    hidden_base: Tensor | None,
-    weight: Tensor,
-    targets: Tensor,
-    dec_weight: Tensor,
-    anc_weight: Tensor,
-    *,
-    bias: Tensor | None = None,
-    weight_base: Tensor | None = None,
-    bias_base: Tensor | None = None,
-    ent_weight: Tensor | None = None,
-    adv_rows: Tensor | None = None,
-    chunk: int = 1024,
-) -> tuple[Tensor, dict[str, float]]:
-    """Weighted decision + anchor (+ entropy) loss of N positions from their hidden states.
-
-        hidden [N, H] (differentiable; the output head's input at the positions that matter);
-        hidden_base [N, H] the base model's at the same positions (no gradient; None when
-        anc_weight is all 0); weight [V, H], bias [V] or None: the trained output head (they get
-        the right gradient when they require one, e.g. a tied embedding); weight_base/bias_base:
-        the base model's head (default: weight and bias, detached: a LoRA run; bias_base is read
-    only with weight_base, None meaning no bias). targets [N] int64;
-        dec_weight, anc_weight, ent_weight [N] (constants, e.g. from `head_loss_weights`).
-
-        loss = sum dec_i log q_i(y_i) + sum anc_i KL(p_i || q_i) + sum ent_i H(q_i), a 0-dim fp32
-        tensor. Stats (plain floats, detached): "loss"; "decision" (the first sum: what
-        `reasonmaxxer_loss` reports as "decision"); "anchor_loss" (the second sum, = lam *
-        "anchor"); "anchor_kl_sum" (sum of KL over rows with anc_i != 0: divide by the step's
-        anc_denom for `reasonmaxxer_loss`'s "anchor"); "entropy_loss", "entropy_sum" (0 without
-        ent_weight). adv_rows [N] (optional): each decision row's advantage A (0 on other rows):
-        the stats then also hold `core.losses.decision_diagnostics` over the rows with A != 0
-        (log p_base(y) from the base logits of their chunks, when hidden_base is given: a chunk
-        with such a row and no anchored row computes its base logits for that). Peak memory: about four [chunk, V] fp32 buffers, plus fp32 copies of the
-        [V, H] head (and its [V, H] fp32 gradient when it requires one), plus [N, H] fp32 grads.
-    """
+def _check_shapes(
+    hidden, hidden_base, weight, bias, weight_base, bias_base, targets, dec_weight, anc_weight, ent_weight
+):
+    """Raise ValueError unless `chunked_head_loss`'s inputs have their documented shapes:
+    hidden [N, H], weight [V, H]; targets and the weights [N]; hidden_base, weight_base as
+    hidden, weight; bias, bias_base [V] (the optional ones may be None)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"need hidden [N, H] and weight [V, H]; got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     N, V = hidden.shape[0], weight.shape[0]
@@ -257,8 +227,51 @@ def chunked_head_loss(
     ):
         if x is not None and x.shape != shape:
             raise ValueError(f"{name} must be {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def chunked_head_loss(
+    hidden: Tensor,
+    hidden_base: Tensor | None,
+    weight: Tensor,
+    targets: Tensor,
+    dec_weight: Tensor,
+    anc_weight: Tensor,
+    *,
+    bias: Tensor | None = None,
+    weight_base: Tensor | None = None,
+    bias_base: Tensor | None = None,
+    ent_weight: Tensor | None = None,
+    adv_rows: Tensor | None = None,
+    chunk: int = 1024,
+) -> tuple[Tensor, dict[str, float]]:
+    """Weighted decision + anchor (+ entropy) loss of N positions from their hidden states.
+
+    hidden [N, H] (differentiable; the output head's input at the positions that matter);
+    hidden_base [N, H] the base model's at the same positions (no gradient; None when
+    anc_weight is all 0); weight [V, H], bias [V] or None: the trained output head (they get
+    the right gradient when they require one, e.g. a tied embedding); weight_base/bias_base:
+    the base model's head (default: weight and bias, detached: a LoRA run; bias_base is read
+    only with weight_base, None meaning no bias). targets [N] int64;
+    dec_weight, anc_weight, ent_weight [N] (constants, e.g. from `head_loss_weights`).
+
+    loss = sum dec_i log q_i(y_i) + sum anc_i KL(p_i || q_i) + sum ent_i H(q_i), a 0-dim fp32
+    tensor. Stats (plain floats, detached): "loss"; "decision" (the first sum: what
+    `reasonmaxxer_loss` reports as "decision"); "anchor_loss" (the second sum, = lam *
+    "anchor"); "anchor_kl_sum" (sum of KL over rows with anc_i != 0: divide by the step's
+    anc_denom for `reasonmaxxer_loss`'s "anchor"); "entropy_loss", "entropy_sum" (0 without
+    ent_weight). adv_rows [N] (optional): each decision row's advantage A (0 on other rows):
+    the stats then also hold `core.losses.decision_diagnostics` over the rows with A != 0
+    (log p_base(y) from the base logits of their chunks, when hidden_base is given: a chunk
+    with such a row and no anchored row computes its base logits for that). Peak memory:
+    about four [chunk, V] fp32 buffers, plus fp32 copies of the [V, H] head (and its [V, H]
+    fp32 gradient when it requires one), plus [N, H] fp32 grads.
+    """
+    _check_shapes(
+        hidden, hidden_base, weight, bias, weight_base, bias_base, targets, dec_weight, anc_weight, ent_weight
+    )
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
+    N = hidden.shape[0]
     anc = anc_weight.detach().float()
     anc_on = _active_chunks(anc, chunk)
     if hidden_base is None and anc_on:

@@ -28,22 +28,11 @@ from ..core.chunked import chunked_head_loss
 from ..errors import ReasonMaxxerError
 from ..io import atomic_dir, atomic_write_json, package_versions
 from ..schema import check_fields
+from .adapter import attach_adapter, detach_adapter
 from .batch_loss import chunked_head, shared_prefix_len, split_prefix
 from .checkpoint import latest_checkpoint, save_adapter, save_checkpoint
-from .train import (
-    TrainConfig,
-    TrainExample,
-    attach_adapter,
-    batch_tensors,
-    claim_out_dir,
-    detach_adapter,
-    example_gates,
-    lr_at,
-    resolve_tau,
-    resume_state,
-    training_order,
-    trim_metrics,
-)
+from .train_data import TrainConfig, TrainExample, batch_tensors, example_gates, resolve_tau
+from .train_setup import claim_out_dir, lr_at, resume_state, training_order, trim_metrics
 
 POSITIONS = ("all", "gated")
 

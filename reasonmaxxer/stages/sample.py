@@ -131,33 +131,14 @@ def sample_stage(
     `HFSampler` on `model`), run in this process (not with the Ray engine); its name is part of
     the config hash and its options are recorded. Returns the store.
     """
-    from ..models import model_fingerprint
-
     if not problems:
         raise ReasonMaxxerError("sample: the problem set is empty")
-    backend = getattr(sampler, "name", "hf")
-    check_backend(backend, engine)
+    check_backend(getattr(sampler, "name", "hf"), engine)
     stop = resolve_stop(cfg.stop, template)
     if greedy or stop != cfg.stop:
         cfg = SamplingConfig(**{**asdict(cfg), "stop": stop, **({"n": 1, "temperature": 0.0} if greedy else {})})
     store = RolloutStore(out)
-    config = {
-        "stage": "sample",
-        "model": model_fingerprint(model_spec),
-        "template": {"name": template.name, "fingerprint": template_fingerprint(template)},
-        "sampling": asdict(cfg),
-        "greedy": greedy,
-        "data_hash": problems_hash(problems),
-        "n_problems": len(problems),
-        "shard_size": shard_size,
-    }
-    describe = {"model_spec": model_spec, "template_text": template.template}
-    if backend != "hf":  # the HF backend stays implicit, so existing stores keep their hash
-        if sampler.spec != model_spec:
-            raise ReasonMaxxerError(f"sample: the {backend} sampler serves {sampler.spec}, not {model_spec}")
-        config["backend"] = backend
-        describe["backend"] = sampler.describe()
-    store.open(config, describe, overwrite=overwrite)
+    store.open(*store_config(model_spec, problems, template, cfg, greedy, shard_size, sampler), overwrite=overwrite)
     shards = [list(problems[i : i + shard_size]) for i in range(0, len(problems), shard_size)]
     done = store.done_shards()
     todo = {i: shards[i] for i in range(len(shards)) if i not in done}
@@ -189,6 +170,39 @@ def sample_stage(
         generated_tokens_last_run=stats.tokens,
     )
     return store
+
+
+def store_config(
+    model_spec: str,
+    problems: Sequence[Problem],
+    template: PromptTemplate,
+    cfg: SamplingConfig,
+    greedy: bool,
+    shard_size: int,
+    sampler=None,
+) -> tuple[dict, dict]:
+    """The rollout store's config (what its hash covers; `cfg` with its stop strings resolved)
+    and description, for `sample_stage`. A non-HF `sampler` must serve `model_spec`."""
+    from ..models import model_fingerprint
+
+    backend = getattr(sampler, "name", "hf")
+    config = {
+        "stage": "sample",
+        "model": model_fingerprint(model_spec),
+        "template": {"name": template.name, "fingerprint": template_fingerprint(template)},
+        "sampling": asdict(cfg),
+        "greedy": greedy,
+        "data_hash": problems_hash(problems),
+        "n_problems": len(problems),
+        "shard_size": shard_size,
+    }
+    describe = {"model_spec": model_spec, "template_text": template.template}
+    if backend != "hf":  # the HF backend stays implicit, so existing stores keep their hash
+        if sampler.spec != model_spec:
+            raise ReasonMaxxerError(f"sample: the {backend} sampler serves {sampler.spec}, not {model_spec}")
+        config["backend"] = backend
+        describe["backend"] = sampler.describe()
+    return config, describe
 
 
 def _row(c: Completion, prompt: str, prompt_ids, gold: str) -> dict:
