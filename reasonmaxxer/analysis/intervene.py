@@ -23,7 +23,8 @@ the positions where the tuned model's own token survived and differs from the ba
 `run_intervene` runs every condition on a problem set, grades the greedy completions strictly
 (`verify.grade_many(workers=0)`) and writes intervene.json / intervene.md and two plots:
 tau_sweep.png (touched % vs pass@1 over tau) and intervene_bars.png (pass@1 per condition, the
-random control as mean ± std over seeds, each bar annotated with the % of positions touched).
+random control as mean ± std over seeds, each bar annotated with the % of positions touched);
+the table and the plots are drawn by `intervene_report`.
 
 Limitations, honestly:
 - All decoding is greedy. Under greedy decoding the oracle emits argmax tuned at EVERY step
@@ -45,6 +46,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -53,6 +55,8 @@ from ..core.entropy import token_entropy
 from ..core.padding import pad_left
 from ..errors import ReasonMaxxerError
 from ..models import cache_kwarg, model_device
+from .intervene_report import plot_intervention_bars, plot_tau_sweep, render_markdown
+from .shared import jsonable, load_pair
 
 RANDOM_TOP_K = 20
 
@@ -166,6 +170,31 @@ def _row_generator(seed: int, row: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(row))
 
 
+@dataclass(frozen=True)
+class _Stream:
+    """One model of the pair with its device and KV-cache keyword (looked up once per decode)."""
+
+    model: Any
+    dev: torch.device
+    kw: str
+
+    @classmethod
+    def of(cls, model) -> _Stream:
+        return cls(model, model_device(model), cache_kwarg(model))
+
+    def logits(self, cache, ids: Tensor, att: Tensor, pos: Tensor) -> Tensor:
+        """One cached forward over ids/att/pos [b, L]; fp32 next-token logits [b, V] of the last column."""
+        out = self.model(
+            input_ids=ids.to(self.dev),
+            attention_mask=att.to(self.dev),
+            position_ids=pos.to(self.dev),
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.kw: cache},
+        )
+        return out.logits[:, -1, :].float()  # [b, V]
+
+
 @torch.no_grad()
 def mixed_decode(
     base,
@@ -188,73 +217,21 @@ def mixed_decode(
     {"token_ids", "text" (decoded, special tokens skipped; None without a tokenizer),
     "touched" [bool per token], "finish_reason" ("eos" | "length"), "prompt_len"}.
     """
-    from transformers import DynamicCache
-
     if max_new_tokens < 1 or batch_size < 1:
         raise ReasonMaxxerError(
             f"intervene: max_new_tokens and batch_size must be >= 1 (got {max_new_tokens}, {batch_size})"
         )
     if not prompts_ids or any(len(p) == 0 for p in prompts_ids):
         raise ReasonMaxxerError("intervene: need at least one prompt, and no empty prompts")
-    limits = [max_new_tokens] * len(prompts_ids)
-    for name, m in (("base", base), ("tuned", tuned)):
-        maxpos = getattr(m.config, "max_position_embeddings", None)
-        if maxpos:
-            for i, p in enumerate(prompts_ids):
-                if len(p) >= maxpos:
-                    raise ReasonMaxxerError(
-                        f"intervene: prompt {i} has {len(p)} tokens; the {name} model has only {maxpos} positions"
-                    )
-                limits[i] = min(limits[i], maxpos - len(p))
-    dev_b, dev_t = model_device(base), model_device(tuned)
-    kw_b, kw_t = cache_kwarg(base), cache_kwarg(tuned)
+    limits = _new_token_limits(base, tuned, prompts_ids, max_new_tokens)
+    pair = (_Stream.of(base), _Stream.of(tuned))
     seed = getattr(rule, "seed", 0)
     records: list[dict] = [None] * len(prompts_ids)  # type: ignore[list-item]
     for s in range(0, len(prompts_ids), batch_size):
         rows = list(range(s, min(s + batch_size, len(prompts_ids))))
-        ids, att = pad_left([prompts_ids[r] for r in rows], pad_id)  # [b, P] left-padded
-        pos = (att.cumsum(-1) - 1).clamp_min(0)  # [b, P]
-        next_pos = pos[:, -1] + 1  # [b]
-        caches = (DynamicCache(), DynamicCache())
         rng = [_row_generator(seed, r) for r in rows]
-        toks = [[] for _ in rows]
-        touched = [[] for _ in rows]
-        done: list[str | None] = [None] * len(rows)
-
-        def forward(model, dev, kw, cache, i, m, p):
-            out = model(
-                input_ids=i.to(dev),
-                attention_mask=m.to(dev),
-                position_ids=p.to(dev),
-                use_cache=True,
-                logits_to_keep=1,
-                **{kw: cache},
-            )
-            return out.logits[:, -1, :].float()  # [b, V]
-
-        lb = forward(base, dev_b, kw_b, caches[0], ids, att, pos)
-        lt = forward(tuned, dev_t, kw_t, caches[1], ids, att, pos)
-        for step in range(max(limits[r] for r in rows)):
-            tok, hit = rule(step, lb, lt.to(lb.device), rng)
-            tok, hit = tok.cpu(), hit.cpu()
-            for j, r in enumerate(rows):
-                if done[j]:
-                    continue
-                t = int(tok[j])
-                toks[j].append(t)
-                touched[j].append(bool(hit[j]))
-                if t in eos_ids:
-                    done[j] = "eos"
-                elif len(toks[j]) >= limits[r]:
-                    done[j] = "length"
-            if all(done):
-                break
-            feed = torch.where(torch.tensor([d is None for d in done]), tok, pad_id)[:, None]  # [b, 1]
-            att = torch.cat([att, torch.ones((len(rows), 1), dtype=torch.long)], 1)  # [b, P+step+1]
-            p1 = next_pos[:, None].clone()  # [b, 1]
-            next_pos = next_pos + 1
-            lb = forward(base, dev_b, kw_b, caches[0], feed, att, p1)
-            lt = forward(tuned, dev_t, kw_t, caches[1], feed, att, p1)
+        prompts = [prompts_ids[r] for r in rows]
+        toks, touched, done = _decode_batch(*pair, prompts, rule, rng, [limits[r] for r in rows], eos_ids, pad_id)
         for j, r in enumerate(rows):
             text = tokenizer.decode(toks[j], skip_special_tokens=True) if tokenizer is not None else None
             records[r] = {
@@ -267,6 +244,77 @@ def mixed_decode(
     return records
 
 
+def _new_token_limits(base, tuned, prompts_ids: list[list[int]], max_new_tokens: int) -> list[int]:
+    """Per prompt: max_new_tokens, capped so that neither model's ``max_position_embeddings`` is
+    exceeded; a prompt that already fills a model's positions is a ReasonMaxxerError."""
+    limits = [max_new_tokens] * len(prompts_ids)
+    for name, m in (("base", base), ("tuned", tuned)):
+        maxpos = getattr(m.config, "max_position_embeddings", None)
+        if maxpos:
+            for i, p in enumerate(prompts_ids):
+                if len(p) >= maxpos:
+                    raise ReasonMaxxerError(
+                        f"intervene: prompt {i} has {len(p)} tokens; the {name} model has only {maxpos} positions"
+                    )
+                limits[i] = min(limits[i], maxpos - len(p))
+    return limits
+
+
+def _decode_batch(
+    base: _Stream,
+    tuned: _Stream,
+    prompts: list[list[int]],
+    rule: Callable,
+    rng: list[torch.Generator],
+    limits: list[int],
+    eos_ids: set[int],
+    pad_id: int,
+) -> tuple[list[list[int]], list[list[bool]], list[str | None]]:
+    """Decode one batch of prompts (left-padded) step by step under `rule` until every row is done.
+
+    Returns per row: the emitted token ids, whether each was touched, and the finish reason
+    ("eos", "length", or None if the step loop ran out first)."""
+    from transformers import DynamicCache
+
+    ids, att = pad_left(prompts, pad_id)  # [b, P] left-padded
+    pos = (att.cumsum(-1) - 1).clamp_min(0)  # [b, P]
+    next_pos = pos[:, -1] + 1  # [b]
+    caches = (DynamicCache(), DynamicCache())
+    toks: list[list[int]] = [[] for _ in prompts]
+    touched: list[list[bool]] = [[] for _ in prompts]
+    done: list[str | None] = [None] * len(prompts)
+    lb = base.logits(caches[0], ids, att, pos)
+    lt = tuned.logits(caches[1], ids, att, pos)
+    for step in range(max(limits)):
+        tok, hit = rule(step, lb, lt.to(lb.device), rng)
+        tok, hit = tok.cpu(), hit.cpu()
+        _append_step(tok, hit, toks, touched, done, limits, eos_ids)
+        if all(done):
+            break
+        feed = torch.where(torch.tensor([d is None for d in done]), tok, pad_id)[:, None]  # [b, 1]
+        att = torch.cat([att, torch.ones((len(prompts), 1), dtype=torch.long)], 1)  # [b, P+step+1]
+        p1 = next_pos[:, None].clone()  # [b, 1]
+        next_pos = next_pos + 1
+        lb = base.logits(caches[0], feed, att, p1)
+        lt = tuned.logits(caches[1], feed, att, p1)
+    return toks, touched, done
+
+
+def _append_step(tok: Tensor, hit: Tensor, toks: list, touched: list, done: list, limits: list[int], eos_ids) -> None:
+    """Append one step's token and touched flag to every row not yet done; mark a row "eos" when
+    it emitted an EOS id, "length" when it reached its limit (in place)."""
+    for j in range(len(done)):
+        if done[j]:
+            continue
+        t = int(tok[j])
+        toks[j].append(t)
+        touched[j].append(bool(hit[j]))
+        if t in eos_ids:
+            done[j] = "eos"
+        elif len(toks[j]) >= limits[j]:
+            done[j] = "length"
+
+
 # -- the experiment --------------------------------------------------------------------------------
 def _touched_pct(records: list[dict]) -> float:
     n = sum(len(r["touched"]) for r in records)
@@ -277,101 +325,6 @@ def _spread(xs: list[float]) -> dict:
     m = sum(xs) / len(xs)
     sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
     return {"mean": m, "std": sd, "min": min(xs), "max": max(xs), "values": xs}
-
-
-def _f(x: float, nd: int = 1) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
-
-
-def render_markdown(rows: list[dict], config: dict) -> str:
-    """The results table (pass@1 %, touched %) with the paper's expectation beside each row."""
-    lines = [
-        f"# Oracle interventions: {config['base']} vs {config['tuned']}",
-        "",
-        (
-            f"Problems: {config['problems']} (n={config['n_problems']}), template {config['template']}, "
-            f"greedy, max_new_tokens={config['max_new_tokens']}, strict grading. "
-            "Touched = generated positions whose token differs from the base argmax."
-        ),
-        "",
-        "| condition | pass@1 % | touched % | paper expects |",
-        "|---|---|---|---|",
-    ]
-    for r in rows:
-        p = r["pass_at_1"]
-        if isinstance(p, dict):
-            ps = f"{100 * p['mean']:.1f} ± {100 * p['std']:.1f} ({100 * p['min']:.1f}-{100 * p['max']:.1f})"
-            ts = f"{_f(r['touched_pct']['mean'], 2)} ± {_f(r['touched_pct']['std'], 2)}"
-        else:
-            ps, ts = _f(100 * p), _f(r["touched_pct"], 2)
-        lines.append(f"| {r['condition']} | {ps} | {ts} | {r.get('paper', '')} |")
-    lines += [
-        "",
-        "Under greedy decoding the oracle trajectory is the tuned greedy trajectory by construction;",
-        "the random control is the mean ± sample std (min-max) over seeds.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def plot_tau_sweep(sweep: list[dict], base_pass: float, tuned_pass: float, path: Path) -> None:
-    """touched % (x) vs pass@1 % (y) for each tau, base / tuned as horizontal lines (PNG, atomic)."""
-    from ..io import atomic_write_bytes
-    from ..reports.plots import new_figure, png_bytes
-
-    fig = new_figure(5.5, 4)
-    ax = fig.add_subplot(1, 1, 1)
-    xs = [r["touched_pct"] for r in sweep]
-    ys = [100 * r["pass_at_1"] for r in sweep]
-    ax.plot(xs, ys, "o-", color="C2", label="entropy-gated")
-    for x, y, r in zip(xs, ys, sweep):
-        ax.annotate(f"τ={r['tau']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.axhline(100 * base_pass, color="C0", ls="--", label="base")
-    ax.axhline(100 * tuned_pass, color="C1", ls="--", label="tuned")
-    ax.set_xlabel("tokens touched (%)")
-    ax.set_ylabel("pass@1 (%)")
-    ax.set_ylim(-2, 102)
-    ax.set_title("Entropy-gated intervention: tau sweep")
-    ax.legend(loc="best", fontsize=8)
-    atomic_write_bytes(Path(path), png_bytes(fig))
-
-
-_BAR_COLOURS = {"base": "C0", "tuned": "C1", "oracle": "C3", "random": "C7", "entropy": "C2", "cross": "C4"}
-
-
-def plot_intervention_bars(rows: list[dict], path: Path) -> None:
-    """One bar per condition (the `run_intervene` rows, in order): greedy pass@1 %, the random
-    control as its mean with a ± sample-std error bar, each bar annotated with the % of positions
-    touched. The base's pass@1 is a dashed line. PNG, written atomically."""
-    from ..io import atomic_write_bytes
-    from ..reports.plots import new_figure, png_bytes
-
-    labels, ys, errs, colours, notes = [], [], [], [], []
-    for r in rows:
-        p, t = r["pass_at_1"], r["touched_pct"]
-        spread = isinstance(p, dict)
-        labels.append(r["condition"].replace(" (greedy)", "").replace("entropy-gated ", "gated ").replace(" (", "\n("))
-        ys.append(100 * (p["mean"] if spread else p))
-        errs.append(100 * p["std"] if spread else math.nan)  # nan: no error bar
-        tt = t["mean"] if isinstance(t, dict) else t
-        notes.append("n/a" if tt is None or math.isnan(tt) else f"{tt:.2f}%")
-        colours.append(next(c for k, c in _BAR_COLOURS.items() if r["condition"].startswith(k)))
-    fig = new_figure(max(6.0, 0.75 * len(rows) + 1.5), 4.4)
-    ax = fig.add_subplot(1, 1, 1)
-    x = list(range(len(rows)))
-    bars = ax.bar(x, ys, yerr=errs, capsize=4, color=colours)
-    ax.bar_label(
-        bars,
-        labels=[f"{y:.1f}" + ("" if math.isnan(e) else f" ± {e:.1f}") + f"\n{n}" for y, e, n in zip(ys, errs, notes)],
-        fontsize=7,
-        padding=2,
-    )
-    ax.axhline(ys[0], color="C0", ls="--", lw=1)
-    ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("greedy pass@1 (%)")
-    ax.set_ylim(0, min(105.0, max(y + (0 if math.isnan(e) else e) for y, e in zip(ys, errs)) + 15))
-    ax.set_title("Interventions: pass@1 (bar labels: pass@1 %, then % of positions touched)", fontsize=10)
-    atomic_write_bytes(Path(path), png_bytes(fig))
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -400,18 +353,48 @@ def run_intervene(
 ) -> dict:
     """Run every condition, grade strictly, write out_dir/intervene.json, intervene.md,
     tau_sweep.png and intervene_bars.png (atomically). Returns {"config", "rows", "tau_sweep", "paths"}."""
-    from ..io import atomic_write_bytes, atomic_write_json
-    from ..verify import grade_many
-    from .tokens import jsonable, load_pair
-
     if not random_seeds:
         raise ReasonMaxxerError("intervene: random_seeds must name at least one seed")
     problems, tmpl, base, tuned, btok, prompts = load_pair(
         base_spec, tuned_spec, problems_spec, template=template, limit=limit, data_dir=data_dir, what="intervene"
     )
-    eos = _eos_ids(base, btok)
-    pad = btok.pad_token_id if btok.pad_token_id is not None else (min(eos) if eos else 0)
-    golds = [p.answer for p in problems]
+    run = _condition_runner(base, tuned, btok, prompts, [p.answer for p in problems], max_new_tokens, batch_size)
+    res = {"base": run(base_greedy()), "tuned": run(tuned_greedy()), "oracle": run(oracle())}
+    rnd = [run(random_control(s)) for s in random_seeds]
+    sweep = [{"tau": float(t), **run(entropy_gated(t))} for t in taus]
+    fwd, rev = run(cross_forward(js_eps)), run(cross_reverse(js_eps))
+    rows = _result_rows(res, rnd, random_seeds, sweep, fwd, rev, js_eps)
+    config = {
+        "base": base_spec,
+        "tuned": tuned_spec,
+        "problems": problems_spec,
+        "limit": limit,
+        "n_problems": len(problems),
+        "template": tmpl.name,
+        "max_new_tokens": max_new_tokens,
+        "taus": [float(t) for t in taus],
+        "random_seeds": [int(s) for s in random_seeds],
+        "random_top_k": RANDOM_TOP_K,
+        "js_eps": js_eps,
+        "batch_size": batch_size,
+        "decoding": "greedy, two models, rule per step",
+        "grading": "strict",
+        "touched": "emitted token != base argmax",
+        "problem_ids": [p.id for p in problems],
+    }
+    paths = _write_outputs(Path(out_dir), config, rows, sweep, res["base"]["pass_at_1"], res["tuned"]["pass_at_1"])
+    return {"config": config, "rows": rows, "tau_sweep": sweep, "paths": {k: str(v) for k, v in paths.items()}}
+
+
+def _condition_runner(
+    base, tuned, tokenizer, prompts: list[list[int]], golds: list, max_new_tokens: int, batch_size: int
+) -> Callable[[Rule], dict]:
+    """run(rule) -> one condition's result: `mixed_decode` of every prompt under `rule`, graded
+    strictly: {"pass_at_1", "touched_pct", "n_tokens", "truncated", "correct" (per problem)}."""
+    from ..verify import grade_many
+
+    eos = _eos_ids(base, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos) if eos else 0)
 
     def run(rule: Rule) -> dict:
         recs = mixed_decode(
@@ -422,7 +405,7 @@ def run_intervene(
             max_new_tokens=max_new_tokens,
             eos_ids=eos,
             batch_size=batch_size,
-            tokenizer=btok,
+            tokenizer=tokenizer,
             pad_id=pad,
         )
         grades = grade_many(golds, [r["text"] for r in recs], workers=0)
@@ -435,10 +418,14 @@ def run_intervene(
             "correct": correct,
         }
 
-    res = {"base": run(base_greedy()), "tuned": run(tuned_greedy()), "oracle": run(oracle())}
-    rnd = [run(random_control(s)) for s in random_seeds]
-    sweep = [{"tau": float(t), **run(entropy_gated(t))} for t in taus]
-    fwd, rev = run(cross_forward(js_eps)), run(cross_reverse(js_eps))
+    return run
+
+
+def _result_rows(
+    res: dict, rnd: list[dict], random_seeds, sweep: list[dict], fwd: dict, rev: dict, js_eps: float
+) -> list[dict]:
+    """The results table, one row per condition in report order: base, tuned, oracle, the random
+    control (mean / std over seeds, each seed kept), the tau sweep, cross forward / reverse."""
     rows = [
         {"condition": "base (greedy)", **res["base"]},
         {"condition": "tuned (greedy)", **res["tuned"]},
@@ -463,25 +450,16 @@ def run_intervene(
         {"condition": f"cross forward (JS > {js_eps:g})", **fwd},
         {"condition": f"cross reverse (JS > {js_eps:g})", **rev},
     ]
-    config = {
-        "base": base_spec,
-        "tuned": tuned_spec,
-        "problems": problems_spec,
-        "limit": limit,
-        "n_problems": len(problems),
-        "template": tmpl.name,
-        "max_new_tokens": max_new_tokens,
-        "taus": [float(t) for t in taus],
-        "random_seeds": [int(s) for s in random_seeds],
-        "random_top_k": RANDOM_TOP_K,
-        "js_eps": js_eps,
-        "batch_size": batch_size,
-        "decoding": "greedy, two models, rule per step",
-        "grading": "strict",
-        "touched": "emitted token != base argmax",
-        "problem_ids": [p.id for p in problems],
-    }
-    out = Path(out_dir)
+    return rows
+
+
+def _write_outputs(
+    out: Path, config: dict, rows: list[dict], sweep: list[dict], base_pass: float, tuned_pass: float
+) -> dict[str, Path]:
+    """Write intervene.json, intervene.md, tau_sweep.png and intervene_bars.png under `out`
+    (atomically); returns their paths by kind ("json", "md", "plot", "bars")."""
+    from ..io import atomic_write_bytes, atomic_write_json
+
     paths = {
         "json": out / "intervene.json",
         "md": out / "intervene.md",
@@ -490,6 +468,6 @@ def run_intervene(
     }
     atomic_write_json(paths["json"], jsonable({"config": config, "rows": rows, "tau_sweep": sweep, "paper": PAPER}))
     atomic_write_bytes(paths["md"], render_markdown(rows, config).encode())
-    plot_tau_sweep(sweep, res["base"]["pass_at_1"], res["tuned"]["pass_at_1"], paths["plot"])
+    plot_tau_sweep(sweep, base_pass, tuned_pass, paths["plot"])
     plot_intervention_bars(rows, paths["bars"])
-    return {"config": config, "rows": rows, "tau_sweep": sweep, "paths": {k: str(v) for k, v in paths.items()}}
+    return paths

@@ -35,6 +35,10 @@ Limitations, honestly:
 
 Per position the records also keep both models' top-5 (ids and probabilities, for the explorer)
 and each record the last `PROMPT_TAIL` prompt tokens (fork contexts at the start of a completion).
+
+Where things are: the per-position tensor functions and `summarize` in `compare`, loading the
+model pair and `jsonable` in `shared` (both re-exported here); decoding, records, the Markdown
+table and `run_analyze` here.
 """
 
 from __future__ import annotations
@@ -46,25 +50,40 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..core.entropy import token_entropy
-from ..core.stats import auroc
-from ..errors import ReasonMaxxerError, first_line
-from ..models import model_device
-
-CLS_NAMES = ("unshifted", "reranked", "shifted")
-
-
-PER_POSITION_KEYS = (
-    "base_entropy",
-    "base_argmax",
-    "tuned_argmax",
-    "tuned_rank_in_base",
-    "kl_base_tuned",
-    "kl_tuned_base",
-    "js",
-    "cls",
+from ..errors import ReasonMaxxerError
+from .compare import (
+    CLS_NAMES,
+    PER_POSITION_KEYS,
+    TOP_N,
+    argmax_change,
+    compare_distributions,
+    completion_stats,
+    summarize,
+    top_probs,
 )
+from .shared import check_same_tokenizer, jsonable, load_pair
 
+__all__ = [
+    "CLS_NAMES",
+    "PAPER",
+    "PER_POSITION_KEYS",
+    "PROMPT_TAIL",
+    "SOURCES",
+    "TOP_N",
+    "TRAJECTORIES",
+    "analyze",
+    "argmax_change",
+    "check_same_tokenizer",
+    "compare_distributions",
+    "completion_stats",
+    "jsonable",
+    "load_pair",
+    "render_markdown",
+    "run_analyze",
+    "summarize",
+    "token_text",
+    "top_probs",
+]
 
 PAPER = {"reranked_pct": "1.0-4.1%", "shifted_pct": "0%", "entropy_ratio": "5-12x"}
 
@@ -75,213 +94,7 @@ SOURCES = ("base", "tuned")  # which model's greedy trajectories are analysed
 TRAJECTORIES = {"base": ("base",), "tuned": ("tuned",), "both": ("base", "tuned")}
 
 
-TOP_N = 5  # top tokens (with probabilities) stored per position
-
-
 PROMPT_TAIL = 8  # prompt tokens stored per record (fork-atlas context)
-
-
-_LN2 = math.log(2.0)
-
-
-# -- pure tensor functions --------------------------------------------------------------------
-@torch.no_grad()
-def argmax_change(b: Tensor, t: Tensor, k: int = 5) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Argmax change between base and tuned logits at the same positions: b, t [c, V] fp32 ->
-    (base_argmax, tuned_argmax, tuned_rank_in_base, cls), [c] each.
-
-    tuned_rank_in_base: 1 = base argmax; position of the tuned argmax in the base logits'
-    stable descending order (ties by token id). cls: 0 unshifted (same argmax) / 1 reranked
-    (tuned argmax in the base top-k) / 2 shifted. The one classification used by
-    `compare_distributions` and `analysis.forks.fork_changes`.
-    """
-    ba, ta = b.argmax(-1), t.argmax(-1)  # [c]
-    bt = b.gather(1, ta[:, None])  # [c, 1] base logit of tuned argmax
-    idx = torch.arange(b.shape[1], device=b.device)[None]  # [1, V]
-    rank = 1 + (b > bt).sum(-1) + ((b == bt) & (idx < ta[:, None])).sum(-1)  # [c]
-    cls = torch.where(ba == ta, 0, torch.where(rank <= k, 1, 2))  # [c]
-    return ba, ta, rank, cls
-
-
-def compare_distributions(
-    base_logits: Tensor, tuned_logits: Tensor, k: int = 5, chunk_size: int = 64
-) -> dict[str, Tensor]:
-    """Per-position comparison of two next-token distributions at the same positions.
-
-    base_logits, tuned_logits: [N, V] raw logits (teacher-forced, same prefixes). Returns [N] each:
-    base_entropy (nats, fp32), base_argmax / tuned_argmax (long), tuned_rank_in_base (long, 1 = base
-    argmax; position of the tuned argmax in base's stable descending order), kl_base_tuned =
-    KL(base || tuned), kl_tuned_base = KL(tuned || base), js = Jensen-Shannon (nats, <= ln 2), and
-    cls (long: 0 unshifted / 1 reranked: tuned argmax in base top-k / 2 shifted).
-    Identical rows give exactly 0 for KL and JS. Computed in fp32, ``chunk_size`` rows at a time.
-    """
-    if base_logits.shape != tuned_logits.shape or base_logits.dim() != 2:
-        raise ReasonMaxxerError(
-            f"analysis: logits must both be [N, V] of the same shape "
-            f"(got {tuple(base_logits.shape)} and {tuple(tuned_logits.shape)})"
-        )
-    if k < 1:
-        raise ReasonMaxxerError(f"analysis: k must be >= 1 (got {k})")
-    N = base_logits.shape[0]
-    out = {name: [] for name in PER_POSITION_KEYS if name != "base_entropy"}
-    for s in range(0, N, chunk_size):
-        b = base_logits[s : s + chunk_size].float()  # [c, V]
-        t = tuned_logits[s : s + chunk_size].to(b.device).float()  # [c, V]
-        lp = torch.log_softmax(b, -1)  # [c, V] log p (base)
-        lq = torch.log_softmax(t, -1)  # [c, V] log q (tuned)
-        p, q = lp.exp(), lq.exp()
-        ba, ta, rank, cls = argmax_change(b, t, k)  # [c] each
-        d = lq - lp  # [c, V] log q/p
-        kl_pq = torch.where(p > 0, p * -d, 0.0).sum(-1)  # [c] KL(p||q)
-        kl_qp = torch.where(q > 0, q * d, 0.0).sum(-1)  # [c] KL(q||p)
-        # m = (p + q) / 2: log p/m = ln2 - softplus(log q/p), exactly 0 where p == q
-        lpm = torch.where(d == 0, 0.0, _LN2 - torch.nn.functional.softplus(d))  # [c, V]
-        lqm = torch.where(d == 0, 0.0, _LN2 - torch.nn.functional.softplus(-d))  # [c, V]
-        js = 0.5 * (torch.where(p > 0, p * lpm, 0.0).sum(-1) + torch.where(q > 0, q * lqm, 0.0).sum(-1))
-        for name, v in (
-            ("base_argmax", ba),
-            ("tuned_argmax", ta),
-            ("tuned_rank_in_base", rank),
-            ("kl_base_tuned", kl_pq.clamp_min(0)),
-            ("kl_tuned_base", kl_qp.clamp_min(0)),
-            ("js", js.clamp_min(0)),
-            ("cls", cls),
-        ):
-            out[name].append(v)
-    res = {name: torch.cat(v) if v else torch.zeros(0) for name, v in out.items()}
-    res["base_entropy"] = token_entropy(base_logits) if N else torch.zeros(0)
-    for name in ("base_argmax", "tuned_argmax", "tuned_rank_in_base", "cls"):
-        res[name] = res[name].long()
-    return {name: res[name] for name in PER_POSITION_KEYS}
-
-
-@torch.no_grad()
-def top_probs(logits: Tensor, n: int = TOP_N, chunk_size: int = 64) -> tuple[Tensor, Tensor]:
-    """The n most probable tokens of each row of raw logits [N, V]: (ids [N, n] long, probs [N, n] fp32),
-    descending (softmax over the full vocabulary, no temperature)."""
-    n = min(n, logits.shape[-1])
-    ids, probs = [], []
-    for s in range(0, logits.shape[0], chunk_size):
-        p = torch.softmax(logits[s : s + chunk_size].float(), -1)  # [c, V]
-        v, i = torch.topk(p, n, dim=-1)  # [c, n]
-        ids.append(i)
-        probs.append(v)
-    if not ids:
-        return torch.zeros(0, n, dtype=torch.long), torch.zeros(0, n)
-    return torch.cat(ids), torch.cat(probs)
-
-
-def _mean(x: Tensor) -> float:
-    return float(x.double().mean()) if x.numel() else float("nan")
-
-
-def summarize(per_pos: dict, position_frac: Tensor | None = None, js_threshold: float = 0.1, k: int = 5) -> dict:
-    """Aggregate per-position comparisons (the `compare_distributions` keys, [N] each, all
-    trajectories concatenated) into the section-2 report. Percentages are 0-100; entropies nats.
-
-    position_frac [N]: relative position of each token in its completion, in [0, 1)
-    (j / length); gives where changes (cls != 0) sit, in 10 bins. The AUROC treats
-    "reranked" (cls 1) as positive and every other position (unshifted and shifted) as negative.
-    nan where a quantity is undefined (no positions of that class).
-    """
-    cls = torch.as_tensor(per_pos["cls"]).long()
-    n = cls.numel()
-    ent = torch.as_tensor(per_pos["base_entropy"], dtype=torch.float64)
-    rank = torch.as_tensor(per_pos["tuned_rank_in_base"]).long()
-    js = torch.as_tensor(per_pos["js"], dtype=torch.float64)
-    changed = cls != 0
-    pct = (lambda m: 100.0 * float(m.sum()) / n) if n else (lambda m: float("nan"))
-    hist = {str(r): int((rank == r).sum()) for r in range(1, k + 1)}
-    hist[f">{k}"] = int((rank > k).sum())
-    e_rr, e_un = _mean(ent[cls == 1]), _mean(ent[cls == 0])
-    qs = (0.5, 0.9, 0.99)
-    js_q = {f"p{round(q * 100)}": float(torch.quantile(js, q)) if n else float("nan") for q in qs}
-    js_q["max"] = float(js.max()) if n else float("nan")
-    js_q["mean"] = _mean(js)
-    out = {
-        "k": k,
-        "n_positions": n,
-        "n_unshifted": int((cls == 0).sum()),
-        "n_reranked": int((cls == 1).sum()),
-        "n_shifted": int((cls == 2).sum()),
-        "reranked_pct": pct(cls == 1),
-        "shifted_pct": pct(cls == 2),
-        "changed_pct": pct(changed),
-        "rank_hist": hist,
-        "mean_tuned_rank_changed": _mean(rank[changed].double()),
-        "entropy_reranked": e_rr,
-        "entropy_unshifted": e_un,
-        "entropy_shifted": _mean(ent[cls == 2]),
-        "entropy_ratio": e_rr / e_un if e_un > 0 else float("nan"),
-        "auroc_entropy_reranked": auroc(ent, cls == 1),
-        "js_quantiles": js_q,
-        "js_threshold": js_threshold,
-        "js_frac_above": float((js > js_threshold).double().mean()) if n else float("nan"),
-        "kl_base_tuned_mean": _mean(torch.as_tensor(per_pos["kl_base_tuned"])),
-        "kl_tuned_base_mean": _mean(torch.as_tensor(per_pos["kl_tuned_base"])),
-    }
-    if position_frac is not None:
-        f = torch.as_tensor(position_frac, dtype=torch.float64)
-        b = (f * 10).floor().long().clamp(0, 9)  # [N] bin of each position
-        all_h = torch.bincount(b, minlength=10)
-        ch_h = torch.bincount(b[changed], minlength=10)
-        out["change_position_hist"] = ch_h.tolist()
-        out["position_hist"] = all_h.tolist()
-        out["change_rate_by_position"] = [
-            float(c) / float(a) if a else float("nan") for c, a in zip(ch_h.tolist(), all_h.tolist())
-        ]
-    return out
-
-
-# -- tokenizers ---------------------------------------------------------------------------------
-def check_same_tokenizer(tok_a, tok_b) -> None:
-    """Raise ReasonMaxxerError unless both tokenizers map the same ids to the same tokens."""
-    na, nb = len(tok_a), len(tok_b)
-    if na != nb:
-        raise ReasonMaxxerError(
-            f"analysis: the base and tuned tokenizers differ in size ({na} vs {nb} tokens); "
-            "token-level comparison needs the same vocabulary"
-        )
-    ia = {i: t for t, i in tok_a.get_vocab().items()}
-    ib = {i: t for t, i in tok_b.get_vocab().items()}
-    for i in sorted(set(ia) | set(ib)):
-        if ia.get(i) != ib.get(i):
-            raise ReasonMaxxerError(
-                f"analysis: the base and tuned tokenizers differ at token id {i} "
-                f"({ia.get(i)!r} vs {ib.get(i)!r}); token-level comparison needs the same vocabulary"
-            )
-
-
-@torch.no_grad()
-def completion_stats(
-    base_model, tuned_model, ids: Tensor, att: Tensor, prefix_len: int, spans, *, k: int, top_n: int, chunk: int = 256
-) -> list[dict[str, Tensor]]:
-    """Per completion token of each row, both models teacher-forced: the `compare_distributions`
-    arrays and each model's top_n (ids, probs), [c_i] / [c_i, top_n] per row, on the CPU.
-
-    ids/att [B, T] right-padded; spans: (prompt length p_i, completion length c_i) per row; the
-    logits predicting completion token j sit at column p_i - 1 + j. Both models' logits come
-    `chunk` positions at a time (`positions.position_logits`): memory is two [chunk, V] fp32
-    blocks besides the hidden states, never the [B, T, V] logits of the batch.
-    """
-    from .positions import position_logits
-
-    rows = [(i, p - 1 + j) for i, (p, c) in enumerate(spans) for j in range(c)]
-    streams = [
-        position_logits(m, ids.to(model_device(m)), att.to(model_device(m)), rows, chunk, prefix_len=prefix_len)
-        for m in (base_model, tuned_model)
-    ]
-    parts: dict[str, list[Tensor]] = {}
-    for b, t in zip(*streams):  # [c, V] fp32 each
-        t = t.to(b.device)
-        d = compare_distributions(b, t, k=k)
-        for who, x in (("base", b), ("tuned", t)):
-            d[f"{who}_top_ids"], d[f"{who}_top_p"] = top_probs(x, top_n)  # [c, top_n] each
-        for name, v in d.items():
-            parts.setdefault(name, []).append(v.cpu())
-    lengths = [c for _, c in spans]
-    cat = {name: torch.cat(v) for name, v in parts.items()}
-    return [dict(zip(cat, vs)) for vs in zip(*(torch.split(v, lengths) for v in cat.values()))]
 
 
 def analyze(
@@ -309,10 +122,24 @@ def analyze(
     `summarize` over all positions, plus source, counts and the rate at which the decoding model's
     teacher-forced argmax differs from the token it emitted (``teacher_forced_argmax_mismatch``).
     """
-    from ..backends.hf import HFSampler, Request, SamplingConfig
-    from ..stages.batch_loss import shared_prefix_len
-    from ..stages.train import TrainExample, batch_tensors
+    _check_analyze_args(source, prompts_ids)
+    decoder = base_model if source == "base" else tuned_model
+    todo = _greedy_completions(decoder, tokenizer, prompts_ids, max_new_tokens, batch_size)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    records: list[dict] = []
+    kept: list[tuple[tuple[int, ...], dict[str, Tensor]]] = []  # (completion, its per-position arrays)
+    for s in range(0, len(todo), batch_size):
+        part = todo[s : s + batch_size]
+        stats = _batch_stats(base_model, tuned_model, part, pad, k=k, top_n=top_n, chunk=chunk)
+        for (r, c), d in zip(part, stats):
+            if len(c.token_ids):
+                kept.append((tuple(c.token_ids), {name: d[name] for name in PER_POSITION_KEYS}))
+            records.append(_record(r, c, d, source, tokenizer))
+    return records, _source_summary(records, kept, source, js_threshold=js_threshold, k=k)
 
+
+def _check_analyze_args(source: str, prompts_ids: list[list[int]]) -> None:
+    """A known trajectory source and at least one prompt, none empty (ReasonMaxxerError otherwise)."""
     if source not in SOURCES:
         raise ReasonMaxxerError(f"analysis: unknown trajectory source {source!r}; valid: {', '.join(SOURCES)}")
     if not prompts_ids:
@@ -320,53 +147,65 @@ def analyze(
     for i, p in enumerate(prompts_ids):
         if not p:
             raise ReasonMaxxerError(f"analysis: prompt {i} is empty")
+
+
+def _greedy_completions(model, tokenizer, prompts_ids: list[list[int]], max_new_tokens: int, batch_size: int) -> list:
+    """(request, completion) per prompt, in order: `model`'s greedy (T=0) decode (`HFSampler`);
+    a request's key is (str(prompt index), 0)."""
+    from ..backends.hf import HFSampler, Request, SamplingConfig
+
     cfg = SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
     reqs = [Request((str(i), 0), tuple(int(t) for t in p)) for i, p in enumerate(prompts_ids)]
-    comps = HFSampler(base_model if source == "base" else tuned_model, tokenizer).generate(reqs, cfg)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    own_argmax = f"{source}_argmax"  # what the decoding model's teacher-forced argmax is called
+    comps = HFSampler(model, tokenizer).generate(reqs, cfg)
+    return list(zip(reqs, comps))
 
-    records: list[dict] = []
-    per_pos: dict[str, list[Tensor]] = {name: [] for name in PER_POSITION_KEYS}
-    fracs: list[Tensor] = []
-    mismatch = 0
-    todo = [(r, c) for r, c in zip(reqs, comps)]
-    for s in range(0, len(todo), batch_size):
-        part = todo[s : s + batch_size]
-        ex = [TrainExample(r.prompt_ids, tuple(c.token_ids), (0.0,) * len(c.token_ids), 0.0, False) for r, c in part]
-        live = [e for e in ex if e.completion_ids]  # nothing to compare for empty completions
-        cmp: list[dict] = []
-        if live:
-            ids, att, comp, _, _, _ = batch_tensors(live, pad)  # [b, T]
-            P = shared_prefix_len(ids, att, comp)
-            spans = [(len(e.prompt_ids), len(e.completion_ids)) for e in live]
-            cmp = completion_stats(base_model, tuned_model, ids, att, P, spans, k=k, top_n=top_n, chunk=chunk)
-        it = iter(cmp)
-        for r, c in part:
-            n = len(c.token_ids)
-            d = next(it) if n else {name: torch.zeros(0) for name in PER_POSITION_KEYS}
-            toks = torch.tensor(c.token_ids, dtype=torch.long)
-            if n:
-                mismatch += int((d[own_argmax] != toks).sum())
-                for name in PER_POSITION_KEYS:
-                    per_pos[name].append(d[name])
-                fracs.append(torch.arange(n, dtype=torch.float64) / n)
-            rec = {
-                "index": int(r.key[0]),
-                "source": source,
-                "prompt_len": len(r.prompt_ids),
-                "prompt_tail_ids": list(r.prompt_ids[-PROMPT_TAIL:]),
-                "token_ids": list(c.token_ids),
-                "tokens": [tokenizer.decode([t]) for t in c.token_ids],
-                "text": c.text,
-                "finish_reason": c.finish_reason,
-            }
-            rec.update({name: d[name].tolist() for name in PER_POSITION_KEYS})
-            for who in ("base", "tuned"):
-                rec[f"{who}_top_ids"] = d[f"{who}_top_ids"].tolist() if n else []
-                rec[f"{who}_top_p"] = [[round(float(v), 5) for v in row] for row in d[f"{who}_top_p"]] if n else []
-            records.append(rec)
-    cat = {name: torch.cat(v) if v else torch.zeros(0) for name, v in per_pos.items()}
+
+def _batch_stats(base_model, tuned_model, part: list, pad: int, *, k: int, top_n: int, chunk: int) -> list[dict]:
+    """`completion_stats` of one batch of (request, completion) pairs, one dict per pair in order;
+    an empty completion (nothing to compare) gets empty `PER_POSITION_KEYS` arrays and no top lists."""
+    from ..stages.batch_loss import shared_prefix_len
+    from ..stages.train import TrainExample, batch_tensors
+
+    ex = [TrainExample(r.prompt_ids, tuple(c.token_ids), (0.0,) * len(c.token_ids), 0.0, False) for r, c in part]
+    live = [e for e in ex if e.completion_ids]  # nothing to compare for empty completions
+    cmp: list[dict] = []
+    if live:
+        ids, att, comp, _, _, _ = batch_tensors(live, pad)  # [b, T]
+        P = shared_prefix_len(ids, att, comp)
+        spans = [(len(e.prompt_ids), len(e.completion_ids)) for e in live]
+        cmp = completion_stats(base_model, tuned_model, ids, att, P, spans, k=k, top_n=top_n, chunk=chunk)
+    it = iter(cmp)
+    return [next(it) if len(c.token_ids) else {name: torch.zeros(0) for name in PER_POSITION_KEYS} for _, c in part]
+
+
+def _record(r, c, d: dict, source: str, tokenizer) -> dict:
+    """The trajectories.jsonl record of one (request, completion) and its per-position arrays `d`."""
+    n = len(c.token_ids)
+    rec = {
+        "index": int(r.key[0]),
+        "source": source,
+        "prompt_len": len(r.prompt_ids),
+        "prompt_tail_ids": list(r.prompt_ids[-PROMPT_TAIL:]),
+        "token_ids": list(c.token_ids),
+        "tokens": [tokenizer.decode([t]) for t in c.token_ids],
+        "text": c.text,
+        "finish_reason": c.finish_reason,
+    }
+    rec.update({name: d[name].tolist() for name in PER_POSITION_KEYS})
+    for who in ("base", "tuned"):
+        rec[f"{who}_top_ids"] = d[f"{who}_top_ids"].tolist() if n else []
+        rec[f"{who}_top_p"] = [[round(float(v), 5) for v in row] for row in d[f"{who}_top_p"]] if n else []
+    return rec
+
+
+def _source_summary(records: list[dict], kept: list, source: str, *, js_threshold: float, k: int) -> dict:
+    """`summarize` over every compared position of one source (`kept`: (completion ids, arrays)
+    per non-empty completion, in order), plus source, counts and the rate at which the decoding
+    model's teacher-forced argmax differs from the token it emitted."""
+    own_argmax = f"{source}_argmax"  # what the decoding model's teacher-forced argmax is called
+    mismatch = sum(int((d[own_argmax] != torch.tensor(ids, dtype=torch.long)).sum()) for ids, d in kept)
+    cat = {name: torch.cat([d[name] for _, d in kept]) if kept else torch.zeros(0) for name in PER_POSITION_KEYS}
+    fracs = [torch.arange(len(ids), dtype=torch.float64) / len(ids) for ids, _ in kept]
     summary = summarize(cat, torch.cat(fracs) if fracs else torch.zeros(0), js_threshold=js_threshold, k=k)
     n_pos = summary["n_positions"]
     summary.update(
@@ -375,7 +214,7 @@ def analyze(
         n_truncated=sum(r["finish_reason"] == "length" for r in records),
         teacher_forced_argmax_mismatch=mismatch / n_pos if n_pos else float("nan"),
     )
-    return records, summary
+    return summary
 
 
 def token_text(tokenizer, records: list[dict]) -> dict[str, str]:
@@ -390,18 +229,7 @@ def token_text(tokenizer, records: list[dict]) -> dict[str, str]:
     return {str(i): tokenizer.decode([i]) for i in sorted(int(i) for i in ids)}
 
 
-# -- entry point --------------------------------------------------------------------------------
-def jsonable(x):
-    """nan/inf -> None (strict JSON), recursively."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    return x
-
-
+# -- report and entry point -------------------------------------------------------------------
 def _fmt(x, unit: str = "") -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "n/a"
@@ -464,60 +292,6 @@ def render_markdown(summaries: dict[str, dict], config: dict) -> str:
     for i, (m, _, paper) in enumerate(tables[0]):
         lines.append(f"| {m} | " + " | ".join(t[i][1].replace("|", "/") for t in tables) + f" | {paper} |")
     return "\n".join(lines) + "\n"
-
-
-def _load(spec: str, role: str, what: str):
-    """`load_model(spec)`, any failure as one ReasonMaxxerError line naming the role (base/tuned).
-
-    Every exception counts as "fails to load" (a corrupt config, unknown architecture, truncated
-    weights each raise a different type); REASONMAXXER_DEBUG=1 shows the chained traceback."""
-    from ..models import load_model
-
-    try:
-        return load_model(spec)
-    except ReasonMaxxerError as e:
-        raise ReasonMaxxerError(f"{what}: {role} model: {e}") from e
-    except Exception as e:  # noqa: BLE001 -- transformers, peft and safetensors raise many types for bad files
-        first = first_line(e)
-        raise ReasonMaxxerError(
-            f"{what}: could not load the {role} model {spec!r} ({type(e).__name__}: {first})"
-        ) from e
-
-
-def load_pair(base_spec: str, tuned_spec: str, problems_spec: str, *, template: str, limit, data_dir, what: str):
-    """Problems, template, both models (same tokenizer checked) and the rendered prompt ids.
-
-    Returns (problems, template, base, tuned, tokenizer, prompts_ids). Shared by analyze and intervene.
-    """
-    from ..data.benchmarks import load_problems
-    from ..data.prompts import get_template, render_prompt
-    from ..models import resolve_spec
-
-    problems = load_problems(problems_spec, data_dir=data_dir, limit=limit)
-    if not problems:
-        raise ReasonMaxxerError(f"{what}: problem set {problems_spec!r} is empty (limit={limit})")
-    tmpl = get_template(template)
-    for spec, role in ((base_spec, "base"), (tuned_spec, "tuned")):  # missing files: fail before loading anything
-        try:
-            resolve_spec(spec)
-        except ReasonMaxxerError as e:
-            raise ReasonMaxxerError(f"{what}: {role} model: {e}") from e
-    base, btok = _load(base_spec, "base", what)
-    tuned, ttok = _load(tuned_spec, "tuned", what)
-    check_same_tokenizer(btok, ttok)
-    vb, vt = base.get_output_embeddings().weight.shape[0], tuned.get_output_embeddings().weight.shape[0]
-    if vb != vt:
-        raise ReasonMaxxerError(
-            f"{what}: the base and tuned models have different output vocabularies "
-            f"({vb} vs {vt} logits); token-level comparison needs the same vocabulary"
-        )
-    prompts = []
-    for p in problems:
-        ids = list(btok(render_prompt(tmpl, p.question, btok), add_special_tokens=False)["input_ids"])
-        if not ids:
-            raise ReasonMaxxerError(f"{what}: problem {p.id} renders to an empty prompt")
-        prompts.append(ids)
-    return problems, tmpl, base, tuned, btok, prompts
 
 
 def run_analyze(
