@@ -150,7 +150,7 @@ def transfer(cell: dict, d: Path) -> None:
 
 # -- aggregation ----------------------------------------------------------------------------
 def per_problem(d: Path, which: str) -> dict | None:
-    from reasonmaxxer.recipes.run import per_problem_accuracy
+    from reasonmaxxer.recipes.run_summary import per_problem_accuracy
     from reasonmaxxer.store import RolloutStore
 
     p = d / which

@@ -14,6 +14,7 @@ adds what a fair comparison needs:
 
 Artifacts in ``out``: ``baseline_config.json``, ``curve.jsonl``, ``trl/checkpoint-*``,
 ``evals/step-N/`` (adapter + eval stores + eval.md), ``adapter/`` (final), ``result.json``.
+The config, TRL's arguments and ``baseline_config.json`` are built in `recipes.baseline_config`.
 """
 
 from __future__ import annotations
@@ -21,88 +22,24 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ReasonMaxxerError
-from ..io import atomic_dir, atomic_write_bytes, atomic_write_json, package_versions, read_jsonl, read_toml
+from ..io import atomic_dir, atomic_write_bytes, atomic_write_json, read_jsonl
 from ..stages.evaluate import EvalConfig
-from .trl_scale import (
-    COUNTED,
-    agree_across_processes,
-    fp32_trainable,
-    per_device_batch,
-    require_vllm,
-    vllm_args,
-    world_size,
-)
+from .baseline_config import METHODS, BaselineConfig, check_run_dir, load_baseline_config, trl_args
+from .trl_scale import COUNTED, agree_across_processes, fp32_trainable, require_vllm
 
-# method -> (trainer, TRL config overrides). Anything else is TRL's own default.
-METHODS: dict[str, tuple[str, dict]] = {
-    "grpo": ("grpo", {}),
-    "grpo-entropy": ("grpo", {"top_entropy_quantile": 0.2}),  # "Beyond the 80/20 rule"
-    "dr-grpo": ("grpo", {"loss_type": "dr_grpo", "scale_rewards": "none"}),
-    "rloo": ("rloo", {}),
-}
-
-
-@dataclass(frozen=True)
-class BaselineConfig:
-    """One RL baseline run. Defaults match the demo's ReasonMaxxer run (configs/demo.toml)."""
-
-    method: str = field(default="grpo", metadata={"help": "RL method", "choices": tuple(METHODS)})
-    out: str = "runs/baseline-grpo"
-    model: str = "smollm2-135m"
-    template: str = "fewshot"
-    train_problems: str = "arith:train:80"
-    test_problems: str = "arith:test:96"
-    data_dir: str | None = None
-    loss_type: str | None = None  # None: the method's (TRL's default for grpo: "dapo")
-    prompts_per_step: int = 4
-    num_generations: int = 4
-    max_new_tokens: int = 96
-    temperature: float = 0.7
-    lr: float = 1e-4
-    beta: float | None = None  # KL coefficient; None: TRL's default (grpo 0.0, rloo 0.05)
-    lora_rank: int = 32
-    lora_alpha: int = 64
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    full_finetune: bool = False  # trained weights in fp32 (bf16 autocast on CUDA), see `fp32_trainable`
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step", "ge": 1})
-    vllm: str = field(
-        default="off", metadata={"help": "TRL generation through vLLM", "choices": ("off", "colocate", "server")}
-    )
-    vllm_gpu_memory_utilization: float = field(
-        default=0.3, metadata={"help": "GPU memory share of colocated vLLM (TRL's default)", "gt": 0, "le": 1}
-    )
-    vllm_server_url: str | None = None  # vllm = "server": e.g. http://host:8000 (None: TRL's 0.0.0.0:8000)
-    max_steps: int = 200
-    max_train_seconds: float | None = None  # wall-clock cap on training (evaluation excluded)
-    eval_every: int = 10  # steps; 0 = only at the end
-    eval_at_start: bool = False  # also evaluate the untrained model (step 0)
-    eval: EvalConfig = EvalConfig(n=4, temperature=0.7, greedy=True, max_new_tokens=96, batch_size=32)
-    seed: int = 0
-    threads: int = 0
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ReasonMaxxerError(f"baseline: unknown method {self.method!r}; choose one of {sorted(METHODS)}")
-        if self.num_generations < 2:
-            raise ReasonMaxxerError("baseline: num_generations must be >= 2 (group-relative advantages)")
-        if self.prompts_per_step < 1 or self.max_steps < 1:
-            raise ReasonMaxxerError("baseline: prompts_per_step and max_steps must be >= 1")
-        per_device_batch(self, world_size())  # the batch must split evenly over grad_accum x processes
-
-
-def load_baseline_config(path: str | Path | None = None, **overrides) -> BaselineConfig:
-    """A `BaselineConfig` from a TOML file (top-level keys + an [eval] table); non-None overrides win.
-    Keys, types and ranges are checked by `config.build_config` (an [eval] table fills in from
-    `EvalConfig`'s defaults, as before)."""
-    from ..config import build_config
-
-    raw = read_toml(path)
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    return build_config(BaselineConfig, raw, str(path or "baseline config"))
+__all__ = [
+    "METHODS",
+    "BaselineConfig",
+    "load_baseline_config",
+    "flops",
+    "make_reward",
+    "step_compute",
+    "run_baseline",
+]
 
 
 # -- pure helpers ------------------------------------------------------------------------------
@@ -165,58 +102,6 @@ def step_compute(counters: dict, n_params: int, *, beta: float) -> dict:
 
 
 # -- the run -------------------------------------------------------------------------------------
-def _trl_args(cfg: BaselineConfig, out: Path):
-    from trl import GRPOConfig, RLOOConfig
-
-    kind, over = METHODS[cfg.method]
-    cls = GRPOConfig if kind == "grpo" else RLOOConfig
-    import torch
-
-    on_gpu = torch.cuda.is_available()
-    kw = dict(
-        output_dir=str(out / "trl"),
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=per_device_batch(cfg, world_size()),
-        num_generations=cfg.num_generations,
-        max_completion_length=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        learning_rate=cfg.lr,
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=max(1, cfg.eval_every or cfg.max_steps),
-        save_total_limit=2,
-        report_to=[],
-        seed=cfg.seed,
-        bf16=on_gpu,
-        use_cpu=not on_gpu,
-        disable_tqdm=False,
-        gradient_accumulation_steps=cfg.grad_accum,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        # TRL turns it on by default, which also turns off the KV cache in generation: on
-        # the CPU, where memory is not short, that made each step minutes slower
-        gradient_checkpointing=on_gpu,
-    )
-    kw.update(over)
-    kw.update(vllm_args(cfg))
-    if cfg.loss_type is not None:
-        kw["loss_type"] = cfg.loss_type
-    if cfg.beta is not None:
-        kw["beta"] = cfg.beta
-    known = {f.name for f in fields(cls)}
-    missing = sorted(set(kw) - known)
-    if missing:
-        raise ReasonMaxxerError(f"baseline {cfg.method}: this TRL's {cls.__name__} lacks {missing}; upgrade trl")
-    args = cls(**kw)
-    want = cfg.prompts_per_step * cfg.num_generations
-    if args.generation_batch_size != want:  # one generation per optimizer step, as the compute accounting assumes
-        raise ReasonMaxxerError(
-            f"baseline grad_accum: TRL generates {args.generation_batch_size} completions per batch, not "
-            f"prompts_per_step x num_generations = {want}; check grad_accum against the number of processes"
-        )
-    return args
-
-
 def _read_curve(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -225,41 +110,6 @@ def _read_curve(path: Path) -> list[dict]:
 
 def _write_curve(path: Path, rows: Sequence[dict]) -> None:
     atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
-
-
-# keys added after runs were made, with the value those runs had
-_ADDED_KEYS = {"grad_accum": 1, "vllm": "off", "vllm_gpu_memory_utilization": 0.3, "vllm_server_url": None}
-
-
-def _check_run_dir(cfg: BaselineConfig, out: Path, train_p, test_p, write: bool = True) -> dict | None:
-    """Write ``baseline_config.json`` (when `write`: the main process); refuse a directory holding
-    another config. Returns the finished result when this run is already done with the same
-    limits (a no-op), else None."""
-    from ..data.problems import problems_hash
-
-    config = {
-        "baseline": json.loads(json.dumps(asdict(cfg), default=str)),
-        "train_data_hash": problems_hash(train_p),
-        "test_data_hash": problems_hash(test_p),
-    }
-    cpath = out / "baseline_config.json"
-    if cpath.is_file():
-        old = json.loads(cpath.read_text())
-        old["baseline"] = {**_ADDED_KEYS, **old["baseline"]}  # a run dir from before these keys
-        keep = ("max_steps", "max_train_seconds", "threads", "vllm_gpu_memory_utilization")  # may change on resume
-        strip = lambda c: {k: v for k, v in c["baseline"].items() if k not in keep}
-        if strip(old) != strip(config) or old.get("train_data_hash") != config["train_data_hash"]:
-            raise ReasonMaxxerError(
-                f"{cpath}: this directory holds a baseline run with a different config; use another --out"
-            )
-    if write:
-        atomic_write_json(cpath, {**config, "versions": package_versions()})
-    result_path = out / "result.json"
-    if result_path.is_file():
-        res = json.loads(result_path.read_text())
-        if res.get("max_steps") == cfg.max_steps and res.get("max_train_seconds") == cfg.max_train_seconds:
-            return res
-    return None
 
 
 def _training_prompts(train_p, tokenizer, tmpl) -> tuple[list[dict], dict[str, int], dict[str, str]]:
@@ -446,9 +296,9 @@ def run_baseline(
     test_p = load_problems(cfg.test_problems, data_dir=cfg.data_dir)
     if not train_p or not test_p:
         raise ReasonMaxxerError("baseline: the training or test problem set is empty")
-    args = _trl_args(cfg, out)  # also sets up the processes under `accelerate launch`
+    args = trl_args(cfg, out)  # also sets up the processes under `accelerate launch`
     main = args.process_index == 0
-    done = _check_run_dir(cfg, out, train_p, test_p, write=main)
+    done = check_run_dir(cfg, out, train_p, test_p, write=main)
     if done is not None:
         return done
 

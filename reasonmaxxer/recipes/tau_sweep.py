@@ -85,6 +85,16 @@ def sweep_tau(
         "best_tau": best["tau"],
         "max_steps": max_steps,
     }
+    md = calibrate_table(rows, base_acc, best)
+    atomic_write_json(out / "calibrate.json", result)
+    atomic_write_bytes(out / "calibrate.md", ("\n".join(md) + "\n").encode())
+    result["markdown"] = "\n".join(md)
+    return result
+
+
+def calibrate_table(rows: list[dict], base_acc: float, best: dict) -> list[str]:
+    """calibrate.md's lines: the base's validation accuracy, then each candidate tau's gated
+    fraction and validation greedy accuracy, the chosen one (`best`) marked."""
     md = [
         "| tau (nats) | gated fraction | val greedy accuracy |",
         "|---|---|---|",
@@ -93,7 +103,4 @@ def sweep_tau(
     for r in rows:
         acc = "-" if r["val_accuracy"] is None else f"{r['val_accuracy']:.3f}"
         md.append(f"| {r['tau']:g} | {r['gated_fraction']:.2%} | {acc}{' (best)' if r is best else ''} |")
-    atomic_write_json(out / "calibrate.json", result)
-    atomic_write_bytes(out / "calibrate.md", ("\n".join(md) + "\n").encode())
-    result["markdown"] = "\n".join(md)
-    return result
+    return md

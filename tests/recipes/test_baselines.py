@@ -181,21 +181,21 @@ def test_read_curve_drops_a_torn_last_line_only(tmp_path):
 
 # -- at scale: vLLM, gradient accumulation, processes, precision --------------------------------
 def test_vllm_colocate_and_grad_accum_reach_grpo_config(tmp_path, monkeypatch):
-    from reasonmaxxer.recipes.baselines import _trl_args
+    from reasonmaxxer.recipes.baseline_config import trl_args
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     cfg = BaselineConfig(
         out=str(tmp_path), prompts_per_step=4, num_generations=4, grad_accum=2,
         vllm="colocate", vllm_gpu_memory_utilization=0.45,
     )  # fmt: skip
-    a = _trl_args(cfg, tmp_path)
+    a = trl_args(cfg, tmp_path)
     assert a.use_vllm is True and a.vllm_mode == "colocate" and a.vllm_gpu_memory_utilization == 0.45
     # 16 completions per optimizer step, in 2 micro-batches of 8, generated once per step
     assert a.gradient_accumulation_steps == 2 and a.per_device_train_batch_size == 8
     assert a.steps_per_generation == 2 and a.generation_batch_size == 16
-    srv = _trl_args(BaselineConfig(out=str(tmp_path), vllm="server", vllm_server_url="http://h:8001"), tmp_path)
+    srv = trl_args(BaselineConfig(out=str(tmp_path), vllm="server", vllm_server_url="http://h:8001"), tmp_path)
     assert srv.use_vllm and srv.vllm_mode == "server" and srv.vllm_server_base_url == "http://h:8001"
-    off = _trl_args(BaselineConfig(out=str(tmp_path)), tmp_path)
+    off = trl_args(BaselineConfig(out=str(tmp_path)), tmp_path)
     assert off.use_vllm is False and off.gradient_accumulation_steps == 1 and off.per_device_train_batch_size == 16
 
 
@@ -281,18 +281,18 @@ def test_bf16_model_trains_fp32_weights(tmp_path, tiny_dir, tiny_tokenizer):
 
 def test_a_run_dir_from_before_the_scale_keys_still_resumes(tmp_path, monkeypatch):
     from reasonmaxxer.data.benchmarks import load_problems
-    from reasonmaxxer.recipes.baselines import _check_run_dir
+    from reasonmaxxer.recipes.baseline_config import check_run_dir
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     tr, te = load_problems("arith:train:4"), load_problems("arith:test:2")
     cfg = BaselineConfig(out=str(tmp_path))
-    _check_run_dir(cfg, tmp_path, tr, te)
+    check_run_dir(cfg, tmp_path, tr, te)
     p = tmp_path / "baseline_config.json"
     old = json.loads(p.read_text())
     for k in ("grad_accum", "vllm", "vllm_gpu_memory_utilization", "vllm_server_url"):
         del old["baseline"][k]
     p.write_text(json.dumps(old))
-    assert _check_run_dir(cfg, tmp_path, tr, te) is None  # the same run: accepted
-    _check_run_dir(BaselineConfig(out=str(tmp_path), vllm_gpu_memory_utilization=0.5), tmp_path, tr, te)
+    assert check_run_dir(cfg, tmp_path, tr, te) is None  # the same run: accepted
+    check_run_dir(BaselineConfig(out=str(tmp_path), vllm_gpu_memory_utilization=0.5), tmp_path, tr, te)
     with pytest.raises(ReasonMaxxerError, match="different config"):
-        _check_run_dir(BaselineConfig(out=str(tmp_path), grad_accum=2), tmp_path, tr, te)
+        check_run_dir(BaselineConfig(out=str(tmp_path), grad_accum=2), tmp_path, tr, te)
