@@ -29,3 +29,17 @@ def test_checker_finds_a_cycle_an_upward_import_and_a_private_name(tmp_path, mon
     assert "core.a (layer 1) imports stages.b (layer 5), an upper layer" in found
     assert "private name _helper imported from core.a" in found
     assert "import cycle: core.a -> stages.b -> core.a" in found
+
+
+def test_no_module_over_500_lines_and_no_function_over_80():
+    import ast
+
+    too_long = []
+    for p in sorted((ROOT / "reasonmaxxer").rglob("*.py")):
+        src = p.read_text()
+        if src.count("\n") > 500:
+            too_long.append(f"{p.relative_to(ROOT)}: {src.count(chr(10))} lines")
+        for f in ast.walk(ast.parse(src)):
+            if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and f.end_lineno - f.lineno + 1 > 80:
+                too_long.append(f"{p.relative_to(ROOT)}:{f.lineno} {f.name}: {f.end_lineno - f.lineno + 1} lines")
+    assert too_long == []

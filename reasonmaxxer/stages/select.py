@@ -52,6 +52,7 @@ from typing import Any
 
 from ..errors import ReasonMaxxerError
 from ..schema import check_fields
+from .select_histogram import format_histogram, pass_rate_histogram
 
 __all__ = [
     "SelectionConfig",
@@ -225,6 +226,19 @@ def shuffle_rewards(rows: Sequence[dict], seed: int) -> list[dict]:
     return [{**r, "reward": w} for r, w in zip(rows, rewards)]
 
 
+def _sampled_rows(rows: Sequence[dict], cfg: SelectionConfig) -> tuple[list[dict], int]:
+    """(the sampled rows in (problem_id, sample_index) order, rewards shuffled under
+    ``cfg.rewards == "shuffled"``; the number of greedy rows left out)."""
+    ordered = sorted(rows, key=lambda r: (r["problem_id"], r["sample_index"]))
+    sampled = [r for r in ordered if r["sample_index"] >= 0]
+    n_greedy = len(ordered) - len(sampled)
+    if not sampled:
+        raise ReasonMaxxerError(
+            f"select: all {n_greedy} rows are greedy completions (sample_index -1); sample with --n >= 2 instead of --greedy"
+        )
+    return (shuffle_rewards(sampled, cfg.seed) if cfg.rewards == "shuffled" else sampled), n_greedy
+
+
 def _is_correct(row: dict) -> bool:
     return float(row["reward"]) == 1.0
 
@@ -265,40 +279,6 @@ def _rank_key(s: ProblemStats) -> tuple:
     compares fine as a float: a correctly rounded quotient maps equal ratios to equal floats.
     """
     return (Fraction(abs(2 * s.n_correct - s.n), 2 * s.n), s.n_truncated, s.mean_length, s.problem_id)
-
-
-def pass_rate_histogram(stats: Sequence[ProblemStats], bins: int = 10) -> list[int]:
-    """Counts of problems per pass-rate bin: ``bins`` equal bins over [0, 1].
-
-    Bin k holds pass rates in [k/bins, (k+1)/bins); the last bin also holds 1.0. The bin
-    is computed exactly from (n_correct, n), so 3/10 lands in bin 3. Problems with n == 0
-    are not counted.
-    """
-    if bins < 1:
-        raise ReasonMaxxerError(f"pass_rate_histogram: bins must be >= 1, got {bins}")
-    hist = [0] * bins
-    for s in stats:
-        if s.n > 0:
-            hist[min(bins - 1, (s.n_correct * bins) // s.n)] += 1
-    return hist
-
-
-def format_histogram(hist: Sequence[int], width: int = 30) -> str:
-    """A text histogram, one line per bin over [0, 1], bars scaled to at most ``width`` '#'.
-
-    Example line: ``  [0.2, 0.3)  ########             4``.
-    """
-    bins = len(hist)
-    if bins == 0:
-        return "  (empty histogram)"
-    top = max(hist)
-    lines = []
-    for k, count in enumerate(hist):
-        lo, hi = k / bins, (k + 1) / bins
-        label = f"[{lo:.1f}, {hi:.1f}{']' if k == bins - 1 else ')'}"
-        bar = "#" * (math.ceil(count * width / top) if top else 0)
-        lines.append(f"  {label}  {bar:<{width}} {count}")
-    return "\n".join(lines)
 
 
 def signal_clarity(advantage: float, entropies: Sequence[float], tau: float) -> float:
@@ -360,16 +340,7 @@ def select(rows: Sequence[dict], cfg: SelectionConfig = SelectionConfig(), *, ta
     _check_inputs(rows, cfg, tau)
 
     index_of = {(r["problem_id"], r["sample_index"]): i for i, r in enumerate(rows)}  # for error messages
-    ordered = sorted(rows, key=lambda r: (r["problem_id"], r["sample_index"]))
-    sampled = [r for r in ordered if r["sample_index"] >= 0]
-    n_greedy = len(ordered) - len(sampled)
-    if not sampled:
-        raise ReasonMaxxerError(
-            f"select: all {n_greedy} rows are greedy completions (sample_index -1); sample with --n >= 2 instead of --greedy"
-        )
-
-    if cfg.rewards == "shuffled":
-        sampled = shuffle_rewards(sampled, cfg.seed)
+    sampled, n_greedy = _sampled_rows(rows, cfg)
     # 1. truncation policy (rows copied here; the input is never mutated)
     kept, truncated_by_pid, n_dropped_trunc, n_masked = _apply_truncation(sampled, cfg)
     all_pids = sorted({r["problem_id"] for r in sampled})
