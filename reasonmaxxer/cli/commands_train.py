@@ -13,7 +13,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
 _BASELINE_FLAGS = tuple(
     "out model template train_problems test_problems data_dir loss_type beta lr prompts_per_step num_generations "
     "max_new_tokens lora_rank full_finetune grad_accum vllm vllm_gpu_memory_utilization max_steps max_train_seconds "
-    "eval_every eval_at_start seed threads".split()
+    "max_train_flops eval_at_flops eval_every eval_at_start seed threads".split()
 )
 
 

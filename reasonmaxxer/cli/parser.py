@@ -237,6 +237,11 @@ def _baseline(sub):
     p.add_argument("--vllm-gpu-memory-utilization", type=float, default=None, help="colocated vLLM's GPU share")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--max-train-seconds", type=float, default=None, help="wall-clock cap on training (evals excluded)")
+    p.add_argument("--max-train-flops", type=float, default=None, help="compute cap on training (FLOPs as counted)")
+    p.add_argument(
+        "--eval-at-flops", type=float, nargs="+", default=None, metavar="X",
+        help="also evaluate at the first step reaching each of these FLOPs (e.g. 1x/2x/4x a ReasonMaxxer run's)",
+    )  # fmt: skip
     p.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every N steps (0: at the end)")
     p.add_argument("--eval-at-start", action="store_true", default=None)
     p.add_argument("--seed", type=int, default=None)

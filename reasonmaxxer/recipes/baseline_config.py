@@ -55,6 +55,12 @@ class BaselineConfig:
     vllm_server_url: str | None = None  # vllm = "server": e.g. http://host:8000 (None: TRL's 0.0.0.0:8000)
     max_steps: int = 200
     max_train_seconds: float | None = None  # wall-clock cap on training (evaluation excluded)
+    max_train_flops: float | None = field(
+        default=None, metadata={"help": "compute cap on training, FLOPs as `step_compute` counts them", "gt": 0}
+    )
+    eval_at_flops: tuple[float, ...] = field(
+        default=(), metadata={"help": "also evaluate at the first step whose counted FLOPs reach each of these"}
+    )
     eval_every: int = 10  # steps; 0 = only at the end
     eval_at_start: bool = False  # also evaluate the untrained model (step 0)
     eval: EvalConfig = EvalConfig(n=4, temperature=0.7, greedy=True, max_new_tokens=96, batch_size=32)
@@ -137,7 +143,16 @@ def trl_args(cfg: BaselineConfig, out: Path):
 
 
 # keys added after runs were made, with the value those runs had
-ADDED_KEYS = {"grad_accum": 1, "vllm": "off", "vllm_gpu_memory_utilization": 0.3, "vllm_server_url": None}
+ADDED_KEYS = {
+    "grad_accum": 1,
+    "vllm": "off",
+    "vllm_gpu_memory_utilization": 0.3,
+    "vllm_server_url": None,
+    "max_train_flops": None,
+    "eval_at_flops": [],
+}
+# the limits, which may change when a run is resumed (a longer budget continues the same run)
+LIMITS = ("max_steps", "max_train_seconds", "max_train_flops")
 
 
 def check_run_dir(cfg: BaselineConfig, out: Path, train_p, test_p, write: bool = True) -> dict | None:
@@ -155,7 +170,7 @@ def check_run_dir(cfg: BaselineConfig, out: Path, train_p, test_p, write: bool =
     if cpath.is_file():
         old = json.loads(cpath.read_text())
         old["baseline"] = {**ADDED_KEYS, **old["baseline"]}  # a run dir from before these keys
-        keep = ("max_steps", "max_train_seconds", "threads", "vllm_gpu_memory_utilization")  # may change on resume
+        keep = LIMITS + ("eval_at_flops", "threads", "vllm_gpu_memory_utilization")  # may change on resume
         strip = lambda c: {k: v for k, v in c["baseline"].items() if k not in keep}
         if strip(old) != strip(config) or old.get("train_data_hash") != config["train_data_hash"]:
             raise ReasonMaxxerError(
@@ -166,6 +181,6 @@ def check_run_dir(cfg: BaselineConfig, out: Path, train_p, test_p, write: bool =
     result_path = out / "result.json"
     if result_path.is_file():
         res = json.loads(result_path.read_text())
-        if res.get("max_steps") == cfg.max_steps and res.get("max_train_seconds") == cfg.max_train_seconds:
+        if all(res.get(k) == getattr(cfg, k) for k in LIMITS):
             return res
     return None

@@ -9,7 +9,9 @@ adds what a fair comparison needs:
   (`stages.evaluate.evaluate_model`, the same code that evaluates a ReasonMaxxer run), logged to
   ``curve.jsonl`` against training wall-clock (evaluation time excluded), generated tokens,
   trained tokens and estimated FLOPs (`flops`: 2N per forward token, 6N per trained token);
-- a wall-clock cap (`max_train_seconds`) besides `max_steps`;
+- a wall-clock cap (`max_train_seconds`) and a compute cap (`max_train_flops`) besides
+  `max_steps`, and held-out evaluations at given compute budgets (`eval_at_flops`: with TRL's
+  constant learning rate, the model at a budget is the model a run capped there would give);
 - stop/resume through TRL's checkpoints (our counters are saved inside each checkpoint).
 
 Artifacts in ``out``: ``baseline_config.json``, ``curve.jsonl``, ``trl/checkpoint-*``,
@@ -28,7 +30,7 @@ from pathlib import Path
 from ..errors import ReasonMaxxerError
 from ..io import atomic_dir, atomic_write_bytes, atomic_write_json, read_jsonl
 from ..stages.evaluate import EvalConfig
-from .baseline_config import METHODS, BaselineConfig, check_run_dir, load_baseline_config, trl_args
+from .baseline_config import LIMITS, METHODS, BaselineConfig, check_run_dir, load_baseline_config, trl_args
 from .trl_scale import COUNTED, agree_across_processes, fp32_trainable, require_vllm
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "flops",
     "make_reward",
     "step_compute",
+    "flops_budgets",
     "run_baseline",
 ]
 
@@ -99,6 +102,14 @@ def step_compute(counters: dict, n_params: int, *, beta: float) -> dict:
         "trained_tokens": seq_tokens,
         "flops": flops(n_params, forward, seq_tokens),
     }
+
+
+def flops_budgets(cfg: BaselineConfig, before: float, after: float) -> tuple[bool, bool]:
+    """(stop: the FLOPs cap is reached, evaluate: a budget of ``eval_at_flops`` was first reached)
+    after a step that took the counted FLOPs from `before` to `after` (the same on every process:
+    the counters are summed over processes)."""
+    capped = cfg.max_train_flops is not None and after >= cfg.max_train_flops
+    return capped, any(before < f <= after for f in cfg.eval_at_flops)
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -247,13 +258,18 @@ def _make_clock(ctx: _EvalContext):
             capped = cfg.max_train_seconds is not None and counters["train_seconds"] >= cfg.max_train_seconds
             delta = {k: counters.get(k, 0) - self.synced[k] for k in COUNTED}
             total, capped = agree_across_processes(delta, capped)
+            before = step_compute(self.synced, ctx.n_params, beta=ctx.beta)["flops"]
             for k in COUNTED:
                 counters[k] = self.synced[k] + total[k]
             self.synced = {k: counters[k] for k in COUNTED}
+            flops_capped, budget = flops_budgets(
+                cfg, before, step_compute(counters, ctx.n_params, beta=ctx.beta)["flops"]
+            )
+            capped = capped or flops_capped
             if capped:
                 control.should_training_stop = True
             last_step = capped or state.global_step >= state.max_steps
-            if last_step or (cfg.eval_every and state.global_step % cfg.eval_every == 0):
+            if last_step or budget or (cfg.eval_every and state.global_step % cfg.eval_every == 0):
                 if state.is_world_process_zero:
                     ctx.evaluate(kw["model"], state.global_step)
                 control.should_save = True
@@ -336,8 +352,7 @@ def run_baseline(
         "model": cfg.model,
         "n_params": n_params,
         "steps": trainer.state.global_step,
-        "max_steps": cfg.max_steps,
-        "max_train_seconds": cfg.max_train_seconds,
+        **{k: getattr(cfg, k) for k in LIMITS},  # max_steps, max_train_seconds, max_train_flops
         "train_seconds": round(counters["train_seconds"], 2),
         "eval_seconds": round(counters["eval_seconds"], 2),
         "trl": {k: getattr(args, k) for k in trl_keys if hasattr(args, k)},

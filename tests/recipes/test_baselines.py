@@ -155,6 +155,41 @@ def test_wall_clock_cap_stops_after_the_first_step(tmp_path, tiny_dir, tiny_toke
     assert [json.loads(l)["step"] for l in (tmp_path / "bl-grpo" / "curve.jsonl").read_text().splitlines()] == [1]
 
 
+def test_flops_cap_stops_and_a_larger_cap_resumes_the_run(tmp_path, tiny_dir, tiny_tokenizer):
+    model, tok = _load(tiny_dir, tiny_tokenizer)
+    cfg = _cfg(tmp_path, tiny_dir, "grpo", max_steps=5, max_train_flops=1.0)
+    res = run_baseline(cfg, model=model, tokenizer=tok, grade_fn=_alternating(), progress=False)
+    assert res["steps"] == 1 and res["max_train_flops"] == 1.0 and res["flops"] >= 1.0
+    # the same cap again is a no-op; a larger one continues the same run from its checkpoint
+    assert run_baseline(cfg, model=model, tokenizer=tok, grade_fn=_alternating(), progress=False) == res
+    more = _cfg(tmp_path, tiny_dir, "grpo", max_steps=5, max_train_flops=res["flops"] * 1.5)
+    model2, _ = _load(tiny_dir, tiny_tokenizer)
+    res2 = run_baseline(more, model=model2, tokenizer=tok, grade_fn=_alternating(), progress=False)
+    assert res2["steps"] == 2 and res2["flops"] > res["flops"]
+
+
+def test_evaluations_at_flops_budgets_and_the_flops_cap(tmp_path):
+    """One step counts 10 generated tokens = 2*10*10 + 6*10*10 = 800 FLOPs (N = 10, beta 0):
+    budgets 1000 and 2000 are first reached at steps 2 and 3; the 3000 cap stops at step 4."""
+    from transformers import TrainerControl
+
+    from reasonmaxxer.recipes.baselines import _make_clock
+
+    ctx, calls = _clock_ctx(
+        tmp_path, eval_every=0, eval_at_start=False, eval_at_flops=(1000.0, 2000.0), max_train_flops=3000.0
+    )
+    clock = _make_clock(ctx)
+    args = type("A", (), {"output_dir": str(tmp_path / "trl")})()
+    clock.on_train_begin(args, _State(True, step=0, max_steps=100), TrainerControl(), model=None)
+    stops = []
+    for step in range(1, 5):
+        ctx.counters["generated_tokens"] = ctx.counters.get("generated_tokens", 0) + 10
+        ctl = clock.on_step_end(args, _State(True, step=step, max_steps=100), TrainerControl(), model=None)
+        stops.append(ctl.should_training_stop)
+    assert calls == [2, 3, 4]
+    assert stops == [False, False, False, True]
+
+
 def test_config_file_and_bad_keys(tmp_path):
     p = tmp_path / "b.toml"
     p.write_text('method = "rloo"\nlr = 3e-5\n[eval]\nn = 2\n')
@@ -237,7 +272,7 @@ def _clock_ctx(tmp_path, **kw):
         def evaluate(self, m, step):
             calls.append(step)
 
-    cfg = BaselineConfig(out=str(tmp_path), eval_every=1, eval_at_start=True, **kw)
+    cfg = BaselineConfig(**{"out": str(tmp_path), "eval_every": 1, "eval_at_start": True, **kw})
     counters = {"train_seconds": 0.0, "eval_seconds": 0.0}
     return Ctx(cfg, tmp_path, None, [], None, counters, 10, 0.0, False), calls
 
