@@ -34,10 +34,17 @@ later session skips those cells and pairs new cells against the stored per-probl
 Only the first cell (ReasonMaxxer seed 0, whose base stores the others reuse) is re-run when
 its directory is missing, which also checks that it reproduces its stored figures.
 
-Not yet in the study (the issue asks for them; they need code that is not there yet): GRPO
-and 80/20 gated GRPO at 1x/2x/4x ReasonMaxxer's FLOPs (`reasonmaxxer baseline` exists; the
-budget matching does not), a long-solution regime (completions >= 100 tokens), and G >= 16
-samples per problem. ``--plan`` lists them as pending.
+- ``grpo`` and ``grpo_entropy`` (80/20 gated GRPO), through TRL (`reasonmaxxer baseline`) on the
+  same problems, prompt, grader and held-out sets, at 1x, 2x and 4x the FLOPs of ReasonMaxxer
+  seed 0 (counted as `compare` counts them): one run per method and seed, capped at 4x
+  (``--max-train-flops``) and evaluated where its counted FLOPs first reach 1x and 2x
+  (``--eval-at-flops``; TRL's learning rate is constant, so the model there is what a run
+  capped there would give). Rows ``grpo@1x`` ...; seed 0 only by default (``--baseline-seeds``):
+  a run is hours on 2 CPU cores, checkpointed every 10 steps, so it resumes across sessions.
+
+Not yet in the study (the issue asks for them): a long-solution regime (completions >= 100
+tokens), G >= 16 samples per problem, and the cheap methods at 2x/4x budgets. ``--plan`` lists
+them as pending.
 """
 
 from __future__ import annotations
@@ -74,24 +81,33 @@ METHODS = {
     # correctness labels are permuted across the selection pool (`[selection] rewards`)
     "random_reward": {"selection": {"rewards": "shuffled"}},
 }
+# RL through TRL: study method -> `reasonmaxxer baseline` method
+BASELINES = {"grpo": "grpo", "grpo_entropy": "grpo-entropy"}
+BUDGETS = (1, 2, 4)  # x the FLOPs of ReasonMaxxer seed 0
+ORDER = ("reasonmaxxer", "rft", "random_reward", "grpo", "grpo_entropy")  # run first, in this order
 PENDING = [
-    "grpo and grpo 80/20 at 1x/2x/4x ReasonMaxxer's FLOPs (needs budget matching in `baseline`)",
     "long-solution regime (completions >= 100 tokens)",
     "G >= 16 samples per problem (the faithful recipe's sampling)",
+    "the cheap methods (ReasonMaxxer, RFT, ablations) at 2x/4x budgets",
 ]
 
 
-def cells(regime: str, seeds, methods) -> list[dict]:
+def cells(regime: str, seeds, methods, baseline_seeds=(0,)) -> list[dict]:
     """The study's cells in run order: ReasonMaxxer seed 0 first (its base stores are reused)."""
     out = []
-    for seed in seeds:
-        for m in methods:
+    for m in methods:
+        for seed in baseline_seeds if m in BASELINES else seeds:
             out.append({"regime": regime, "method": m, "seed": seed, "name": f"{m}-s{seed}"})
     # ReasonMaxxer seed 0 first (the others reuse its base stores), then ReasonMaxxer and RFT
-    # over the seeds (the comparison the study must decide), the random-reward control, then the ablations
-    rank = {"reasonmaxxer": 0, "rft": 1, "random_reward": 2}
+    # over the seeds (the comparison the study must decide), the random-reward control, GRPO,
+    # then the ablations
+    rank = {m: i for i, m in enumerate(ORDER)}
     out.sort(
-        key=lambda c: (c["seed"] != seeds[0] or c["method"] != "reasonmaxxer", rank.get(c["method"], 3), c["seed"])
+        key=lambda c: (
+            c["seed"] != seeds[0] or c["method"] != "reasonmaxxer",
+            rank.get(c["method"], len(ORDER)),
+            c["seed"],
+        )
     )
     return out
 
@@ -124,6 +140,8 @@ def cell_config(cell: dict, root: Path, first: Path) -> str:
 def run_cell(cell: dict, root: Path, first: Path, threads: int) -> float:
     d = root / cell["regime"] / cell["name"]
     d.mkdir(parents=True, exist_ok=True)
+    if cell["method"] in BASELINES:
+        return run_baseline_cell(cell, d, first, threads)
     cfg = d.parent / f"{cell['name']}.toml"
     cfg.write_text(cell_config(cell, root, first))
     t0 = time.time()
@@ -133,19 +151,65 @@ def run_cell(cell: dict, root: Path, first: Path, threads: int) -> float:
     return time.time() - t0
 
 
+def reference_flops(first: Path) -> float:
+    """The FLOPs of ReasonMaxxer seed 0 (the budget unit), as `compare` counts them."""
+    from reasonmaxxer.recipes.compare import read_reasonmaxxer_run
+
+    if (first / "summary.json").is_file():
+        return float(read_reasonmaxxer_run(first)["flops"])
+    rows, _ = stored()
+    if ("reasonmaxxer", 0) not in rows:
+        raise SystemExit(f"method_study: {first} is not finished and no stored ReasonMaxxer seed-0 row")
+    return float(rows[("reasonmaxxer", 0)]["flops"])
+
+
+def run_baseline_cell(cell: dict, d: Path, first: Path, threads: int) -> float:
+    """`reasonmaxxer baseline` on the regime's problems (the prompt, model and lengths of the
+    ReasonMaxxer cells), capped at the largest budget and evaluated at the others."""
+    reg, ref = REGIMES[cell["regime"]], reference_flops(first)
+    rc = json.loads((first / "run_config.json").read_text())
+    t0 = time.time()
+    cmd = [sys.executable, "-m", "reasonmaxxer", "baseline", BASELINES[cell["method"]], "--out", str(d)]
+    cmd += ["--model", rc["model"], "--template", rc["template"], "--seed", str(cell["seed"])]
+    cmd += ["--train-problems", reg["train_problems"], "--test-problems", reg["test_problems"]]
+    cmd += ["--max-new-tokens", str(rc["sampling"]["max_new_tokens"]), "--max-steps", "100000", "--eval-every", "0"]
+    cmd += ["--max-train-flops", repr(BUDGETS[-1] * ref), "--eval-at-flops"] + [repr(b * ref) for b in BUDGETS[:-1]]
+    subprocess.run(cmd + (["--threads", str(threads)] if threads else []), check=True, cwd=ROOT)
+    transfer(cell, d)
+    return time.time() - t0
+
+
+def finished(cell: dict, d: Path) -> bool:
+    return (d / ("result.json" if cell["method"] in BASELINES else "summary.json")).is_file()
+
+
+def stored_name(cell: dict) -> str:
+    """The name under which a cell's (last) row is stored: "method-sSEED", "grpo@4x-sSEED"."""
+    m = f"{cell['method']}@{BUDGETS[-1]}x" if cell["method"] in BASELINES else cell["method"]
+    return f"{m}-s{cell['seed']}"
+
+
 def transfer(cell: dict, d: Path) -> None:
     """The trained model (and, once, the base) on the transfer family: `reasonmaxxer eval`."""
     reg = REGIMES[cell["regime"]]
-    for name, model in (("transfer", d / "train" / "merged"), ("transfer_base", None)):
+    trained = d / "adapter" if cell["method"] in BASELINES else d / "train" / "merged"
+    for name, model in (("transfer", trained), ("transfer_base", None)):
         if name == "transfer_base" and (d.parent / "transfer_base" / "eval.json").is_file():
             continue
         out = d / name if name == "transfer" else d.parent / "transfer_base"
         if (out / "eval.json").is_file():
             continue
-        spec = str(model) if model else json.loads((d / "run_config.json").read_text())["model"]
+        spec = str(model) if model else model_of(d)
         cmd = [sys.executable, "-m", "reasonmaxxer", "eval", "--model", spec, "--problems", reg["transfer_problems"]]
         cmd += ["--n", "4", "--temperature", "0.7", "--max-new-tokens", "96", "--greedy", "--out", str(out)]
         subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def model_of(d: Path) -> str:
+    """The base model of a cell: a `run` dir's or a `baseline` dir's."""
+    if (d / "run_config.json").is_file():
+        return json.loads((d / "run_config.json").read_text())["model"]
+    return json.loads((d / "baseline_config.json").read_text())["baseline"]["model"]
 
 
 # -- aggregation ----------------------------------------------------------------------------
@@ -194,36 +258,83 @@ def cell_row(d: Path, method: str, seed: int) -> tuple[dict, dict]:
     return row, {k: v for k, v in accs.items() if v is not None}
 
 
-def aggregate(root: Path, regime: str, seeds, methods) -> tuple[dict, dict]:
+def baseline_rows(d: Path, method: str, seed: int, first: Path) -> list[tuple[dict, dict]]:
+    """[(row, per-problem accuracies)] of a baseline cell, one per budget evaluated so far: the
+    evaluation at the first step whose counted FLOPs reach the budget (`eval_at_flops`)."""
+    from reasonmaxxer.io import read_jsonl
+
+    path = d / "curve.jsonl"
+    curve = [r for _, r in read_jsonl(path, allow_empty=True, torn_tail=True)] if path.is_file() else []
+    ref, out = reference_flops(first), []
+    base = per_problem(first, "eval/base/samples")
+    tb = per_problem(d.parent, "transfer_base/samples")
+    for b in BUDGETS:
+        pt = next((r for r in sorted(curve, key=lambda r: r["step"]) if r["flops"] >= b * ref * (1 - 1e-9)), None)
+        if pt is None:
+            continue
+        e = d / "evals" / f"step-{pt['step']:05d}"
+        accs = {m: per_problem(e, sub) for m, sub in (("avg_at_4", "samples"), ("greedy", "greedy"))}
+        tr = per_problem(d, "transfer/samples") if b == BUDGETS[-1] else None
+        row = {"method": f"{method}@{b}x", "seed": seed, "dir": f"{d.parent.name}/{d.name}", "flops": pt["flops"]}
+        row |= {"steps": pt["step"], "train_seconds": pt["train_seconds"]}
+        row |= {m: None if a is None else sum(a.values()) / len(a) for m, a in accs.items()}
+        row["base_avg_at_4"] = None if base is None else sum(base.values()) / len(base)
+        row["transfer_avg_at_4"] = None if tr is None else sum(tr.values()) / len(tr)
+        row["transfer_base_avg_at_4"] = None if tb is None else sum(tb.values()) / len(tb)
+        out.append((row, {k: v for k, v in accs.items() if v is not None}))
+    return out
+
+
+def aggregate(root: Path, regime: str, seeds, methods, baseline_seeds=(0,)) -> tuple[dict, dict]:
     """(results, per-problem accuracies): the cells finished here, plus the committed rows of
     cells not present under ``root`` (kept from an earlier session, marked ``carried``)."""
     from reasonmaxxer.core.stats import mean_ci95, paired_bootstrap
 
     old_rows, probs = stored()
     rows = {}
-    for cell in cells(regime, seeds, methods):
+    todo = cells(regime, seeds, methods, baseline_seeds)
+    first = root / regime / todo[0]["name"]
+    for cell in todo:
         key = (cell["method"], cell["seed"])
         d = root / regime / cell["name"]
-        if (d / "summary.json").is_file():
+        if cell["method"] in BASELINES and (d / "curve.jsonl").is_file():
+            for row, acc in baseline_rows(d, cell["method"], cell["seed"], first):
+                rows[(row["method"], row["seed"])], probs[f"{row['method']}-s{row['seed']}"] = row, acc
+        elif cell["method"] in BASELINES:
+            for b in BUDGETS:
+                k = (f"{cell['method']}@{b}x", cell["seed"])
+                if k in old_rows:
+                    rows[k] = {**old_rows[k], "carried": True}
+        elif (d / "summary.json").is_file():
             rows[key], probs[cell["name"]] = cell_row(d, *key)
         elif key in old_rows:
             rows[key] = {**old_rows[key], "carried": True}
+    if (first / "eval" / "base" / "samples" / "manifest.json").is_file():
+        probs["base"] = {
+            m: per_problem(first, f"eval/base/{sub}") for m, sub in (("avg_at_4", "samples"), ("greedy", "greedy"))
+        }
     for (method, seed), row in rows.items():
-        ref = probs.get(f"reasonmaxxer-s{seed}", {})
+        # the same seed's ReasonMaxxer; seed 0's where that one's per-problem values are not kept
+        ref_seed = seed if f"reasonmaxxer-s{seed}" in probs else 0
+        ref, base = probs.get(f"reasonmaxxer-s{ref_seed}", {}), probs.get("base", {})
         mine = probs.get(f"{method}-s{seed}", {})
         for metric in ("avg_at_4", "greedy"):
             if method != "reasonmaxxer" and metric in mine and metric in ref:
-                row[f"{metric}_vs_reasonmaxxer"] = paired_bootstrap(mine[metric], ref[metric], seed=seed)
-    rows = [rows[k] for k in sorted(rows)]
+                row[f"{metric}_vs_reasonmaxxer"] = {
+                    **paired_bootstrap(mine[metric], ref[metric], seed=seed),
+                    "ref_seed": ref_seed,
+                }
+            if metric in mine and base.get(metric):
+                row[f"{metric}_vs_base"] = paired_bootstrap(mine[metric], base[metric], seed=seed)
+    rank = {m: i for i, m in enumerate(ORDER)}
+    rows = [rows[k] for k in sorted(rows, key=lambda k: (rank.get(k[0].split("@")[0], len(ORDER)), k))]
     by_method = {}
-    for m in methods:
+    for m in sorted({r["method"] for r in rows}):
         vals = [r["avg_at_4"] for r in rows if r["method"] == m and r["avg_at_4"] is not None]
         if vals:
             by_method[m] = {"seeds": len(vals), "avg_at_4_mean_ci95": mean_ci95(vals) if len(vals) > 1 else None}
-    done = {(r["method"], r["seed"]) for r in rows}
-    pending = [
-        f"{c['method']}-s{c['seed']}" for c in cells(regime, seeds, methods) if (c["method"], c["seed"]) not in done
-    ]
+    done = {f"{r['method']}-s{r['seed']}" for r in rows}
+    pending = [stored_name(c) for c in todo if stored_name(c) not in done]
     res = {
         "regime": regime,
         "design": {k: str(Path(v).relative_to(ROOT)) if k == "extends" else v for k, v in REGIMES[regime].items()},
@@ -239,20 +350,25 @@ def markdown(res: dict) -> str:
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}"
 
-    def diff(d):
-        return "-" if not d else f"{100 * d['mean_diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+    def diff(d, seed=None):
+        if not d:
+            return "-"
+        other = f" (vs seed {d['ref_seed']})" if seed is not None and d.get("ref_seed", seed) != seed else ""
+        return f"{100 * d['mean_diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]{other}"
 
     out = [
         f"Regime `{res['regime']}`: test `{res['design']['test_problems']}`, transfer `{res['design']['transfer_problems']}`.",
         "",
-        "| method | seed | avg@4 | greedy | avg@4 - ReasonMaxxer (95% paired bootstrap) | greedy - ReasonMaxxer | transfer avg@4 (base) | FLOPs |",
-        "|---|---:|---:|---:|---|---|---|---:|",
+        "| method | seed | avg@4 | greedy | avg@4 - base (95% paired bootstrap) | avg@4 - ReasonMaxxer (95% paired bootstrap) "
+        "| greedy - ReasonMaxxer | transfer avg@4 (base) | FLOPs |",
+        "|---|---:|---:|---:|---|---|---|---|---:|",
     ]
     for r in res["rows"]:
         fl = "-" if r["flops"] is None else f"{r['flops']:.3g}"
         out.append(
             f"| {r['method']} | {r['seed']} | {pct(r['avg_at_4'])} (base {pct(r['base_avg_at_4'])}) | {pct(r['greedy'])} | "
-            f"{diff(r.get('avg_at_4_vs_reasonmaxxer'))} | {diff(r.get('greedy_vs_reasonmaxxer'))} | "
+            f"{diff(r.get('avg_at_4_vs_base'))} | {diff(r.get('avg_at_4_vs_reasonmaxxer'), r['seed'])} | "
+            f"{diff(r.get('greedy_vs_reasonmaxxer'), r['seed'])} | "
             f"{pct(r['transfer_avg_at_4'])} ({pct(r['transfer_base_avg_at_4'])}) | {fl} |"
         )
     if res["cells_pending"]:
@@ -303,8 +419,10 @@ def save(res: dict, probs: dict) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--regime", default="short", choices=tuple(REGIMES))
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=tuple(METHODS))
+    every = tuple(METHODS) + tuple(BASELINES)
+    ap.add_argument("--methods", nargs="+", default=list(every), choices=every)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--baseline-seeds", nargs="+", type=int, default=[0], help="seeds of the GRPO cells")
     ap.add_argument("--root", default=str(ROOT / "runs" / "method_study"))
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     ap.add_argument("--plan", action="store_true", help="print the cells and which are done; run nothing")
@@ -312,13 +430,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-cells", type=int, default=0, help="stop after this many new cells (0: all)")
     a = ap.parse_args(argv)
     root = Path(a.root)
-    todo = cells(a.regime, a.seeds, a.methods)
+    study = (a.regime, a.seeds, a.methods, a.baseline_seeds)
+    todo = cells(*study)
     first = root / a.regime / todo[0]["name"]
     if a.plan:
         carried = stored_cells()
         for c in todo:
-            done = (root / a.regime / c["name"] / "summary.json").is_file()
-            print(f"{'done' if done else 'stored' if c['name'] in carried else 'todo'}  {a.regime}/{c['name']}")
+            done = finished(c, root / a.regime / c["name"])
+            print(f"{'done' if done else 'stored' if stored_name(c) in carried else 'todo'}  {a.regime}/{c['name']}")
         print("not in the study yet:\n  " + "\n  ".join(PENDING))
         return {}
     n_new = 0
@@ -326,7 +445,7 @@ def main(argv=None) -> dict:
     if not a.aggregate_only:
         for c in todo:
             d = root / a.regime / c["name"]
-            if (d / "summary.json").is_file() or (c["name"] in carried and d != first):
+            if finished(c, d) or (stored_name(c) in carried and d != first):
                 continue
             if a.max_cells and n_new >= a.max_cells:
                 break
@@ -334,8 +453,8 @@ def main(argv=None) -> dict:
             dt = run_cell(c, root, first, a.threads)
             n_new += 1
             print(f"== cell {a.regime}/{c['name']} done in {dt:.0f} s ==", flush=True)
-            save(*aggregate(root, a.regime, a.seeds, a.methods))
-    res, probs = aggregate(root, a.regime, a.seeds, a.methods)
+            save(*aggregate(root, *study))
+    res, probs = aggregate(root, *study)
     save(res, probs)
     print(markdown(res))
     return res

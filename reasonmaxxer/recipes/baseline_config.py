@@ -108,7 +108,9 @@ def trl_args(cfg: BaselineConfig, out: Path):
         learning_rate=cfg.lr,
         logging_steps=1,
         save_strategy="steps",
-        save_steps=max(1, cfg.eval_every or cfg.max_steps),
+        # a checkpoint at every evaluation, or every 10 steps when evaluating only at the end or
+        # at FLOPs budgets (the clock also saves at those), so a long run loses little on a crash
+        save_steps=max(1, cfg.eval_every or min(10, cfg.max_steps)),
         save_total_limit=2,
         report_to=[],
         seed=cfg.seed,
