@@ -5,7 +5,7 @@
 
 Workload: N positions (30% gated, the rest anchored), H=1536, V=151,936 (Qwen2.5-1.5B's head),
 the head weight trained too (the hardest case: a [V, H] gradient). "naive" is what
-stages/train.py does today: logits = hidden @ W.T and the base logits as [N, V] tensors, then
+stages/batch_loss.py does without chunking: logits = hidden @ W.T and the base logits as [N, V] tensors, then
 `reasonmaxxer_loss` (token_logprobs + decision_loss + lam * anchor_kl). "chunked" is
 `chunked_head_loss` on the same rows. Each is run forward + backward once (after one warm-up
 on CUDA). Printed per method: seconds, the largest single tensor any op created (forward and

@@ -31,6 +31,7 @@ from ..errors import ReasonMaxxerError
 from ..io import atomic_write_bytes, atomic_write_json
 from ..stages.distill import DistillConfig, distill_rank
 from ..stages.train import TrainExample, batch_tensors
+from .run_summary import per_problem_accuracy
 
 
 def vocab_digest(tok) -> str:
@@ -70,14 +71,6 @@ def examples_of(rows: Sequence[dict], entropies: Sequence[Sequence[float]] | Non
             )
         )
     return out
-
-
-def per_problem_accuracy(store) -> dict[str, float]:
-    """{problem id: mean strict correctness} of a graded rollout store."""
-    acc: dict[str, list[float]] = {}
-    for r in store.read_rows(["problem_id", "strict_correct"]):
-        acc.setdefault(r["problem_id"], []).append(float(bool(r["strict_correct"])))
-    return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
 @torch.no_grad()

@@ -14,10 +14,11 @@ from ..store import RolloutStore
 
 
 def per_problem_accuracy(store: RolloutStore, col: str = "strict_correct") -> dict[str, float]:
-    """{problem id: mean of `col`} over a graded rollout store's rows."""
+    """{problem id: mean of `col` (a correctness flag; a missing grade counts as wrong)} over a
+    graded rollout store's rows."""
     acc: dict[str, list] = {}
     for r in store.read_rows(["problem_id", col]):
-        acc.setdefault(r["problem_id"], []).append(float(r[col]))
+        acc.setdefault(r["problem_id"], []).append(float(bool(r[col])))
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
 

@@ -26,7 +26,7 @@ def _problem(B, T, H, V, seed=0, scale=1.0):
 
 
 def _unchunked(hidden, hidden_base, weight, targets, adv, gate, anchor, lam, dec_denom, anc_denom):
-    """Today's path: full logits, then reasonmaxxer_loss (as stages/train.py calls it)."""
+    """The full-logits path: logits, then reasonmaxxer_loss (as stages/batch_loss.py does without chunking)."""
     logits = hidden @ weight.t()  # [B, T, V]
     with torch.no_grad():
         base = hidden_base @ weight.t()
