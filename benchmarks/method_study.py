@@ -27,6 +27,10 @@ Design (what is run; ``--plan`` prints it):
 
 - ``random_reward``: the random-reward control, ReasonMaxxer on the same rollouts with their
   correctness labels permuted across the pool (``[selection] rewards = "shuffled"``).
+- ``faithful``: the official recipe's choices at this scale (G = 16 rollouts per problem, 50
+  problems, the 80% trim with truncated rollouts counted wrong, unmixed groups kept,
+  per-sequence normalisation, lr 1e-4 with warmup); its seed-0 cell samples its own rollouts
+  and evaluates the base itself, its other seeds reuse them.
 
 Across sessions (``runs/`` is not committed): each finished cell's row, with its per-problem
 accuracies (``benchmarks/results/method_study_problems.json``), is kept in the results; a
@@ -43,7 +47,7 @@ its directory is missing, which also checks that it reproduces its stored figure
   a run is hours on 2 CPU cores, checkpointed every 10 steps, so it resumes across sessions.
 
 Not yet in the study (the issue asks for them): a long-solution regime (completions >= 100
-tokens), G >= 16 samples per problem, and the cheap methods at 2x/4x budgets. ``--plan`` lists
+tokens), and the cheap methods at 2x/4x budgets. ``--plan`` lists
 them as pending.
 """
 
@@ -80,14 +84,22 @@ METHODS = {
     # the random-reward control (arXiv:2506.10947): the demo's recipe on rollouts whose
     # correctness labels are permuted across the selection pool (`[selection] rewards`)
     "random_reward": {"selection": {"rewards": "shuffled"}},
+    # the official recipe's choices (configs/paper/*.toml cites the lines) at this scale: G = 16
+    # rollouts per problem, the 50 clearest mixed problems, the shortest 80% kept globally with
+    # truncated rollouts counted wrong and unmixed groups kept (A = 0, anchor only), per-sequence
+    # normalisation, rows without a gated token trained on the anchor, lr 1e-4 with 25% warmup
+    "faithful": {
+        "sampling": {"n": 16},
+        "selection": {"max_problems": 50, "keep_shortest": 0.8, "truncated": "keep", "keep_unmixed": True},
+        "train": {"normalisation": "per_sequence", "skip_ungated": False, "lr": 1e-4, "warmup_steps": 40},
+    },
 }
 # RL through TRL: study method -> `reasonmaxxer baseline` method
 BASELINES = {"grpo": "grpo", "grpo_entropy": "grpo-entropy"}
 BUDGETS = (1, 2, 4)  # x the FLOPs of ReasonMaxxer seed 0
-ORDER = ("reasonmaxxer", "rft", "random_reward", "grpo", "grpo_entropy")  # run first, in this order
+ORDER = ("reasonmaxxer", "rft", "random_reward", "grpo", "faithful", "grpo_entropy")  # run first, in this order
 PENDING = [
     "long-solution regime (completions >= 100 tokens)",
-    "G >= 16 samples per problem (the faithful recipe's sampling)",
     "the cheap methods (ReasonMaxxer, RFT, ablations) at 2x/4x budgets",
 ]
 
@@ -126,8 +138,11 @@ def cell_config(cell: dict, root: Path, first: Path) -> str:
     out = root / cell["regime"] / cell["name"]
     top = {k: v for k, v in reg.items() if k != "transfer_problems"}
     top["out"] = str(out)
-    if out != first:
-        top["reuse"] = str(first)
+    # reuse the base stores of the first cell; a method with its own sampling (faithful: G = 16)
+    # the rollouts of its own seed-0 cell (the first one samples and evaluates the base itself)
+    src = out.parent / f"{cell['method']}-s0" if "sampling" in METHODS[cell["method"]] else first
+    if out != src:
+        top["reuse"] = str(src)
     tables = {"eval": {"n": 4}, "train": {"seed": cell["seed"]}}
     for t, kv in METHODS[cell["method"]].items():
         tables.setdefault(t, {}).update(kv)
