@@ -47,8 +47,7 @@ its directory is missing, which also checks that it reproduces its stored figure
   a run is hours on 2 CPU cores, checkpointed every 10 steps, so it resumes across sessions.
 
 Not yet in the study (the issue asks for them): a long-solution regime (completions >= 100
-tokens), and the cheap methods at 2x/4x budgets. ``--plan`` lists
-them as pending.
+tokens), and the cheap methods at 2x/4x budgets. ``--plan`` lists them as pending.
 """
 
 from __future__ import annotations
@@ -111,8 +110,8 @@ def cells(regime: str, seeds, methods, baseline_seeds=(0,)) -> list[dict]:
         for seed in baseline_seeds if m in BASELINES else seeds:
             out.append({"regime": regime, "method": m, "seed": seed, "name": f"{m}-s{seed}"})
     # ReasonMaxxer seed 0 first (the others reuse its base stores), then ReasonMaxxer and RFT
-    # over the seeds (the comparison the study must decide), the random-reward control, GRPO,
-    # then the ablations
+    # over the seeds (the comparison the study must decide), then the rest of ORDER, then the
+    # ablations
     rank = {m: i for i, m in enumerate(ORDER)}
     out.sort(
         key=lambda c: (
@@ -228,6 +227,11 @@ def model_of(d: Path) -> str:
 
 
 # -- aggregation ----------------------------------------------------------------------------
+def mean(acc: dict | None) -> float | None:
+    """The mean of per-problem accuracies (None for a store that is not there)."""
+    return None if acc is None else sum(acc.values()) / len(acc)
+
+
 def per_problem(d: Path, which: str) -> dict | None:
     from reasonmaxxer.recipes.run_summary import per_problem_accuracy
     from reasonmaxxer.store import RolloutStore
@@ -263,13 +267,13 @@ def cell_row(d: Path, method: str, seed: int) -> tuple[dict, dict]:
         m: per_problem(d, sub) for m, sub in (("avg_at_4", "eval/trained/samples"), ("greedy", "eval/trained/greedy"))
     }
     for metric, acc in accs.items():
-        row[metric] = None if acc is None else sum(acc.values()) / len(acc)
+        row[metric] = mean(acc)
     base = per_problem(d, "eval/base/samples")
-    row["base_avg_at_4"] = None if base is None else sum(base.values()) / len(base)
+    row["base_avg_at_4"] = mean(base)
     tr = per_problem(d, "transfer/samples")
     tb = per_problem(d.parent, "transfer_base/samples")
-    row["transfer_avg_at_4"] = None if tr is None else sum(tr.values()) / len(tr)
-    row["transfer_base_avg_at_4"] = None if tb is None else sum(tb.values()) / len(tb)
+    row["transfer_avg_at_4"] = mean(tr)
+    row["transfer_base_avg_at_4"] = mean(tb)
     return row, {k: v for k, v in accs.items() if v is not None}
 
 
@@ -280,11 +284,12 @@ def baseline_rows(d: Path, method: str, seed: int, first: Path) -> list[tuple[di
 
     path = d / "curve.jsonl"
     curve = [r for _, r in read_jsonl(path, allow_empty=True, torn_tail=True)] if path.is_file() else []
+    curve.sort(key=lambda r: r["step"])
     ref, out = reference_flops(first), []
     base = per_problem(first, "eval/base/samples")
     tb = per_problem(d.parent, "transfer_base/samples")
     for b in BUDGETS:
-        pt = next((r for r in sorted(curve, key=lambda r: r["step"]) if r["flops"] >= b * ref * (1 - 1e-9)), None)
+        pt = next((r for r in curve if r["flops"] >= b * ref * (1 - 1e-9)), None)
         if pt is None:
             continue
         e = d / "evals" / f"step-{pt['step']:05d}"
@@ -292,10 +297,10 @@ def baseline_rows(d: Path, method: str, seed: int, first: Path) -> list[tuple[di
         tr = per_problem(d, "transfer/samples") if b == BUDGETS[-1] else None
         row = {"method": f"{method}@{b}x", "seed": seed, "dir": f"{d.parent.name}/{d.name}", "flops": pt["flops"]}
         row |= {"steps": pt["step"], "train_seconds": pt["train_seconds"]}
-        row |= {m: None if a is None else sum(a.values()) / len(a) for m, a in accs.items()}
-        row["base_avg_at_4"] = None if base is None else sum(base.values()) / len(base)
-        row["transfer_avg_at_4"] = None if tr is None else sum(tr.values()) / len(tr)
-        row["transfer_base_avg_at_4"] = None if tb is None else sum(tb.values()) / len(tb)
+        row |= {m: mean(a) for m, a in accs.items()}
+        row["base_avg_at_4"] = mean(base)
+        row["transfer_avg_at_4"] = mean(tr)
+        row["transfer_base_avg_at_4"] = mean(tb)
         out.append((row, {k: v for k, v in accs.items() if v is not None}))
     return out
 

@@ -39,10 +39,8 @@ def test_baseline_rows_take_the_first_evaluation_at_or_past_each_budget(study, t
     d.mkdir(parents=True)
     curve = [{"step": s, "flops": 10.0 * s, "train_seconds": s} for s in (7, 2, 3, 5)]
     (d / "curve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
-    seen = []
 
     def fake_per_problem(p, which):
-        seen.append((p.name, which))
         step = int(p.name.split("-")[1]) if p.name.startswith("step-") else 0
         return {"a": step / 10, "b": 0.0}
 
