@@ -3,7 +3,7 @@
     python benchmarks/compute_to_match.py                         # grpo, cap = 20x ReasonMaxxer
     python benchmarks/compute_to_match.py --methods grpo grpo-entropy --factor 20 --threads 1
 
-1. The ReasonMaxxer reference: the demo recipe (configs/demo.toml) run into OUT/reasonmaxxer
+1. The ReasonMaxxer reference: the reference recipe (configs/arith.toml) run into OUT/reasonmaxxer
    with the same thread count as the baselines (a no-op when already done). Its compute is
    its own work: sampling + scoring + training (with checkpoint validation), not its evaluation.
 2. Each RL baseline through TRL on the same model, training problems, prompt template, grader,
@@ -39,13 +39,13 @@ def main() -> None:
     ap.add_argument("--factor", type=float, default=20.0, help="RL training cap = factor x ReasonMaxxer's wall-clock")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for every run (the same for all)")
     ap.add_argument("--eval-every", type=int, default=15, help="held-out evaluation every N RL steps")
-    ap.add_argument("--config", default=str(ROOT / "reasonmaxxer" / "configs" / "demo.toml"))
+    ap.add_argument("--config", default=str(ROOT / "reasonmaxxer" / "configs" / "arith.toml"))
     ap.add_argument("--out", default="runs/compute_to_match")
     ap.add_argument("--metric", default="avg_at_n", choices=["avg_at_n", "greedy"])
     ap.add_argument(
         "--reference",
         default=None,
-        help="an existing ReasonMaxxer run dir of --config (e.g. runs/demo) to use instead of running it",
+        help="an existing ReasonMaxxer run dir of --config (e.g. runs/arith) to use instead of running it",
     )
     a = ap.parse_args()
     out = Path(a.out)

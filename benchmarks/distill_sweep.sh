@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Issue #15 item 4: how many LoRA dimensions does each tuned adapter of the embedded default
-# need? Distil the demo's ReasonMaxxer adapter, the RFT ablation's and a GRPO baseline's into
-# LoRA students at ranks 1-32 and copy each table to benchmarks/results/distill/<teacher>.{json,md}.
+# need? Distil the reference run's ReasonMaxxer adapter (configs/arith.toml, the demo's recipe
+# until issue #13), the RFT ablation's and a GRPO baseline's into LoRA students at ranks 1-32 and copy each table to benchmarks/results/distill/<teacher>.{json,md}.
 #
-#   bash benchmarks/distill_sweep.sh [teacher ...]     # default: demo rft grpo, in that order
+#   bash benchmarks/distill_sweep.sh [teacher ...]     # default: arith rft grpo, in that order
 #
 # Resumable: every step is a run dir that is skipped (or resumed) when re-run; a teacher's
-# table is copied as soon as its sweep ends. Long: ~30-60 min per teacher on 2 cores (GRPO's own training ~40 min more).
+# table is copied as soon as its sweep ends. Long: 20-35 min per rank, ~3 h per teacher on one
+# core of a 2-core machine shared with another job (GRPO's own 20 steps ~1.5 h more).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=${REASONMAXXER:-.venv/bin/reasonmaxxer}
@@ -17,17 +18,18 @@ COMMON=(--base smollm2-135m --ranks 1 2 4 8 16 32 --problems arith:train:80 --te
 
 teacher_dir() {
   case "$1" in
-    demo) $R demo >/dev/null; echo runs/demo/train/adapter ;;
-    rft) $R run configs/ablations/rft.toml >/dev/null; echo runs/ablation-rft/train/adapter ;;
-    # GRPO (TRL) for 20 steps of 4 prompts x 4 generations (~1.2x the demo's FLOPs: GRPO reached
-    # the demo's avg@4 at step 18 in the README's compute-to-match run), evaluated once at the end.
+    arith) $R run configs/arith.toml >/dev/null; echo runs/arith/train/adapter ;;
+    # the RFT ablation reuses the reference run's rollouts (runs/arith)
+    rft) $R run configs/arith.toml >/dev/null; $R run configs/ablations/rft.toml >/dev/null; echo runs/ablation-rft/train/adapter ;;
+    # GRPO (TRL) for 20 steps of 4 prompts x 4 generations (~1.2x the reference run's FLOPs:
+    # GRPO reached its avg@4 at step 18 in the README's compute-to-match run), evaluated once at the end.
     grpo) $R baseline grpo --max-steps 20 --eval-every 0 --threads 1 --out runs/baseline-grpo >/dev/null
           echo runs/baseline-grpo/adapter ;;
-    *) echo "unknown teacher $1 (demo, rft, grpo)" >&2; exit 2 ;;
+    *) echo "unknown teacher $1 (arith, rft, grpo)" >&2; exit 2 ;;
   esac
 }
 
-for t in "${@:-demo rft grpo}"; do
+for t in "${@:-arith rft grpo}"; do
   for name in $t; do
     dir=$(teacher_dir "$name")
     $R distill --teacher "$dir" "${COMMON[@]}" --out "runs/distill/$name"

@@ -13,12 +13,12 @@ markdown table (``method_study.md``) and ``accuracy_vs_flops.png``.
 
 Design (what is run; ``--plan`` prints it):
 
-- regime ``short``: the demo's task (procedural arithmetic, 3-shot, <= 96 new tokens), but
-  trained without the ``expr`` tier, so that ``arith:test:300:expr`` is a transfer column
+- regime ``short``: the reference run's task (configs/arith.toml, the demo's until issue #13
+  halved the demo: procedural arithmetic, 3-shot, <= 96 new tokens), but trained without the ``expr`` tier, so that ``arith:test:300:expr`` is a transfer column
   from a problem family no training problem comes from; held-out ``arith:test:300`` of the
   training mix (avg@4 and greedy). All methods share the base rollouts, the selection and the
   base evaluation (`reuse` of the first cell).
-- methods: ``reasonmaxxer`` (the demo's recipe), ``rft`` (SFT on the correct rollouts),
+- methods: ``reasonmaxxer`` (the reference run's recipe), ``rft`` (SFT on the correct rollouts),
   ``positive_only``, ``random_gate`` (the entropy gate's count at random positions),
   ``all_tokens``, ``no_anchor``; seeds 0, 1, 2 (the training seed; data fixed).
 - for each method and seed: held-out accuracy, FLOPs counted as `reasonmaxxer compare`
@@ -66,7 +66,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 TRAIN_TIERS = "add1,addsub2,word1,word2"  # the default mix without expr (the transfer family)
 REGIMES = {
     "short": {
-        "extends": str(ROOT / "configs" / "demo.toml"),
+        "extends": str(ROOT / "configs" / "arith.toml"),
         "train_problems": f"arith:train:80:{TRAIN_TIERS}",
         "validation_problems": f"arith:validation:32:{TRAIN_TIERS}",
         "test_problems": f"arith:test:300:{TRAIN_TIERS}",
@@ -80,7 +80,7 @@ METHODS = {
     "random_gate": {"train": {"gate": "random"}},
     "all_tokens": {"train": {"variant": "all_tokens"}},
     "no_anchor": {"train": {"variant": "no_anchor"}},
-    # the random-reward control (arXiv:2506.10947): the demo's recipe on rollouts whose
+    # the random-reward control (arXiv:2506.10947): the reference recipe on rollouts whose
     # correctness labels are permuted across the selection pool (`[selection] rewards`)
     "random_reward": {"selection": {"rewards": "shuffled"}},
     # the official recipe's choices (configs/paper/*.toml cites the lines) at this scale: G = 16
@@ -132,7 +132,7 @@ def toml_value(v) -> str:
 
 
 def cell_config(cell: dict, root: Path, first: Path) -> str:
-    """The TOML of one cell: the regime over the demo, the method's overrides, the seed."""
+    """The TOML of one cell: the regime over the reference run (arith.toml), the method's overrides, the seed."""
     reg = REGIMES[cell["regime"]]
     out = root / cell["regime"] / cell["name"]
     top = {k: v for k, v in reg.items() if k != "transfer_problems"}

@@ -30,7 +30,8 @@ from .stages.train import TrainConfig
 
 
 # -- the run config ------------------------------------------------------------------------
-# The defaults are the demo's (configs/demo.toml sets the same values explicitly).
+# The defaults are the reference run's (configs/arith.toml sets the same values explicitly;
+# the demo, configs/demo.toml, is a smaller version of it).
 @dataclass(frozen=True)
 class CalibrateConfig:
     """``[calibrate]``: choose tau on the validation split before training (`recipes.tau_sweep`)."""

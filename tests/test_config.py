@@ -1,5 +1,5 @@
 """The typed config loader: types, ranges and choices checked at load, flags generated from the
-dataclass fields (flags > file > defaults), defaults equal to the demo's."""
+dataclass fields (flags > file > defaults), defaults equal to the reference run's (configs/arith.toml)."""
 
 import re
 from dataclasses import fields, replace
@@ -19,6 +19,7 @@ from reasonmaxxer.stages.select import SelectionConfig
 from reasonmaxxer.stages.train import TrainConfig
 
 DEMO = Path(reasonmaxxer.__file__).parent / "configs" / "demo.toml"
+REFERENCE = Path(reasonmaxxer.__file__).parent / "configs" / "arith.toml"
 
 
 def _load(tmp_path, text, **over):
@@ -99,10 +100,17 @@ def test_non_utf8_config_names_the_file_and_byte_offset(tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_defaults_are_the_demo():
-    demo = load_run_config(DEMO)
-    assert replace(load_run_config(None), out=demo.out) == demo
-    assert RunConfig().out != demo.out  # `out` is the one key the demo must set
+def test_defaults_are_the_reference_run():
+    ref = load_run_config(REFERENCE)
+    assert replace(load_run_config(None), out=ref.out) == ref
+    assert RunConfig().out != ref.out  # `out` is the one key the reference run must set
+    demo = load_run_config(DEMO)  # the demo: a smaller version of it, the same recipe
+    assert (demo.train.lam, demo.train.tau_fraction, demo.train.variant) == (
+        ref.train.lam,
+        ref.train.tau_fraction,
+        ref.train.variant,
+    )
+    assert (demo.validation_problems, demo.eval.greedy, demo.train.epochs) == ("", False, 1.0)
 
 
 def test_precedence_flags_over_file_over_defaults(tmp_path):
@@ -112,7 +120,7 @@ def test_precedence_flags_over_file_over_defaults(tmp_path):
     c = load_run_config(a.config, **config_overrides(a))
     assert (c.train.lr, c.sampling.n, c.eval.n) == (5e-4, 6, 0)  # flags
     assert (c.out, c.train.lam) == ("from-file", 0.5)  # file
-    assert c.train.epochs == RunConfig().train.epochs == 2.0  # defaults (the demo's)
+    assert c.train.epochs == RunConfig().train.epochs == 2.0  # defaults (the reference run's)
     assert c.selection == RunConfig().selection
 
 

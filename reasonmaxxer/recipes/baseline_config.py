@@ -25,7 +25,7 @@ METHODS: dict[str, tuple[str, dict]] = {
 
 @dataclass(frozen=True)
 class BaselineConfig:
-    """One RL baseline run. Defaults match the demo's ReasonMaxxer run (configs/demo.toml)."""
+    """One RL baseline run. Defaults match the reference ReasonMaxxer run (configs/arith.toml)."""
 
     method: str = field(default="grpo", metadata={"help": "RL method", "choices": tuple(METHODS)})
     out: str = "runs/baseline-grpo"

@@ -52,8 +52,8 @@ def test_parameter_counts_by_hand():
     )
 
 
-def test_demo_plan_matches_hand_counts():
-    cfg = load_run_config(CONFIGS / "demo.toml")
+def test_reference_plan_matches_hand_counts():
+    cfg = load_run_config(CONFIGS / "arith.toml")
     p = plan(cfg, shape=SMOL, count_tokens=len)  # one "token" per character: countable by hand
     N = 134_515_008
     tmpl = get_template("fewshot")

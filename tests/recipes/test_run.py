@@ -74,11 +74,11 @@ def test_extends_merges_tables_and_ships_the_ablations(tmp_path):
     import reasonmaxxer
 
     shipped = Path(reasonmaxxer.__file__).parent / "configs" / "ablations"
-    demo = load_run_config(shipped.parent / "demo.toml")
+    demo = load_run_config(shipped.parent / "arith.toml")
     for f in sorted(shipped.glob("*.toml")):
         a = load_run_config(f)
-        assert a.reuse == "runs/demo" and a.out == f"runs/ablation-{f.stem}"
-        # the same data, sampling and budget as the demo; only the loss variant or the gate differs
+        assert a.reuse == "runs/arith" and a.out == f"runs/ablation-{f.stem}"
+        # the same data, sampling and budget as the reference run; only the loss variant or the gate differs
         assert (a.sampling, a.selection, a.eval, a.train_problems) == (
             demo.sampling,
             demo.selection,
