@@ -93,7 +93,10 @@ def _reuse_base_stores(src: Path, out: Path) -> None:
     import shutil
 
     if not src.is_dir():
-        raise ReasonMaxxerError(f"reuse: {src} is not a run dir")
+        raise ReasonMaxxerError(
+            f"reuse: {src} is not a run dir (run the config that writes it first, e.g. configs/arith.toml for the "
+            "ablations, or drop `reuse`)"
+        )
     for sub in ("rollouts", "eval/base/samples", "eval/base/greedy"):
         s, d = src / sub, out / sub
         if (s / "manifest.json").is_file() and not d.exists():

@@ -103,8 +103,9 @@ def test_reuse_copies_only_complete_base_stores(tmp_path):
     (out / "rollouts" / "shard-00000.parquet").write_bytes(b"mine")
     _reuse_base_stores(src, out)  # an existing store is never replaced
     assert (out / "rollouts" / "shard-00000.parquet").read_bytes() == b"mine"
-    with pytest.raises(ReasonMaxxerError, match="not a run dir"):
+    with pytest.raises(ReasonMaxxerError, match="not a run dir .run the config that writes it first") as e:
         _reuse_base_stores(tmp_path / "nope", out)
+    assert "\n" not in str(e.value)
 
 
 def test_fork_changes_counts_argmax_differences_exactly(tiny_tokenizer):
