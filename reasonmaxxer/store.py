@@ -95,6 +95,22 @@ class RolloutStore:
     def exists(self) -> bool:
         return self.manifest_path.is_file()
 
+    def copy_from(self, src: str | Path, config: dict) -> bool:
+        """Make this store a copy of the store at `src` when this one does not exist yet and `src`
+        was made with the same inputs (its manifest's config hash is `config`'s): another run's
+        base rollouts or base evaluation, reused. Copied to a temporary name, then renamed into
+        place. Returns whether it copied (a mismatch or a missing `src` copies nothing)."""
+        other = RolloutStore(src, self.schema)
+        if self.exists() or not other.exists() or other.manifest().get("config_hash") != config_hash(config):
+            return False
+        tmp = self.root.with_name(self.root.name + ".copy-tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(other.root, tmp)
+        if self.root.exists():  # an empty dir (or a stale lock) of a store never opened
+            shutil.rmtree(self.root)
+        tmp.rename(self.root)
+        return True
+
     def manifest(self) -> dict:
         if not self.exists():
             raise ReasonMaxxerError(

@@ -59,6 +59,24 @@ def test_open_resume_and_mismatch(tmp_path):
     assert st.done_shards() == set()
 
 
+def test_copy_from_copies_only_a_store_made_with_the_same_inputs(tmp_path):
+    """`reuse`: another run's store is copied when its config hash is this run's, never over an
+    existing store, and a mismatch (other problems, other sampling) copies nothing."""
+    src = RolloutStore(tmp_path / "src")
+    src.open({"a": 1})
+    src.write_shard(0, [_row("x", 0)])
+    assert not RolloutStore(tmp_path / "other").copy_from(src.root, {"a": 2})
+    assert not (tmp_path / "other").exists()
+    assert not RolloutStore(tmp_path / "other").copy_from(tmp_path / "missing", {"a": 1})
+    mine = RolloutStore(tmp_path / "mine")
+    assert mine.copy_from(src.root, {"a": 1})
+    assert mine.open({"a": 1})["config_hash"] == config_hash({"a": 1}) and mine.done_shards() == {0}
+    assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
+    mine.write_shard(1, [_row("y", 0)])
+    assert not mine.copy_from(src.root, {"a": 1})  # an existing store is never replaced
+    assert mine.done_shards() == {0, 1}
+
+
 def test_no_temp_files_left_and_corrupt_manifest_is_named(tmp_path):
     st = RolloutStore(tmp_path / "s")
     st.open({"a": 1})

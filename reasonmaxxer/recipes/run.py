@@ -86,23 +86,18 @@ def prepare_training_data(
     return sel, srows, info
 
 
-def _reuse_base_stores(src: Path, out: Path) -> None:
-    """Copy another run's base rollouts and base evaluation stores into `out` (when `out` has
-    none yet). The stages then reopen them: identical inputs make them no-ops, different
-    inputs are refused by the store's config hash, so reuse can never change a result."""
-    import shutil
-
+def reuse_dir(cfg: RunConfig) -> Path | None:
+    """The run dir named by `reuse` (its base rollouts and base evaluation are copied into this
+    run where they were made with the same inputs: `RolloutStore.copy_from`), or None."""
+    if not cfg.reuse:
+        return None
+    src = Path(cfg.reuse)
     if not src.is_dir():
         raise ReasonMaxxerError(
             f"reuse: {src} is not a run dir (run the config that writes it first, e.g. configs/arith.toml for the "
             "ablations, or drop `reuse`)"
         )
-    for sub in ("rollouts", "eval/base/samples", "eval/base/greedy"):
-        s, d = src / sub, out / sub
-        if (s / "manifest.json").is_file() and not d.exists():
-            d.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(s, d.with_name(d.name + ".reuse-tmp"), dirs_exist_ok=True)
-            (d.with_name(d.name + ".reuse-tmp")).rename(d)
+    return src
 
 
 def _vllm_options(cfg: RunConfig, model, progress: bool):
@@ -199,8 +194,7 @@ def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -
     val_p = load_problems(cfg.validation_problems, data_dir=cfg.data_dir) if cfg.validation_problems else []
     test_p = load_problems(cfg.test_problems, data_dir=cfg.data_dir)
     model, tok = load_model(cfg.model)
-    if cfg.reuse:
-        _reuse_base_stores(Path(cfg.reuse), out)
+    src = reuse_dir(cfg)
     engine = cfg.engine_config()
     # vLLM: one engine for sampling and both evals; it serves the trained adapter as a LoRA
     sampler = make_sampler(cfg.backend, cfg.model, _vllm_options(cfg, model, progress), tokenizer=tok)
@@ -220,6 +214,7 @@ def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -
             progress=progress,
             engine=engine,
             sampler=sampler,
+            reuse=src and src / "rollouts",
         )
     if sampler is not None:  # the GPU is the HF model's until the evaluations (between_stages)
         sampler.suspend()
@@ -245,7 +240,7 @@ def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -
     if sampler is not None:
         sampler.resume()
     reports, stores, trained_model = evaluate_both(
-        cfg, out, model, tok, tmpl, test_p, clock, sampler, samplers, engine, progress, overwrite
+        cfg, out, model, tok, tmpl, test_p, clock, sampler, samplers, engine, progress, overwrite, src
     )
     tables = [t for t in (tier_table(test_p, stores),) if t]
     with clock("fork analysis"):
@@ -306,9 +301,10 @@ def calibrate_and_train(cfg: RunConfig, out: Path, examples, model, tok, tmpl, v
     return cfg, res
 
 
-def evaluate_both(cfg, out, model, tok, tmpl, test_p, clock, sampler, samplers, engine, progress, overwrite):
+def evaluate_both(cfg, out, model, tok, tmpl, test_p, clock, sampler, samplers, engine, progress, overwrite, src=None):
     """The base and the trained model (train/merged; with vLLM the adapter served as a LoRA, or a
-    new engine for a full fine-tune) on the test problems. Returns (reports, stores, trained model)."""
+    new engine for a full fine-tune) on the test problems; the base's stores copied from the run
+    dir `src` (`reuse`) when made with the same inputs. Returns (reports, stores, trained model)."""
     from ..backends.vllm import make_sampler
     from ..models import load_model
 
@@ -340,6 +336,7 @@ def evaluate_both(cfg, out, model, tok, tmpl, test_p, clock, sampler, samplers, 
                 progress=progress,
                 engine=engine,
                 sampler=esampler,
+                reuse=src / "eval" / "base" if src is not None and name == "base" else None,
             )
     if sampler is not None:
         sampler.close()

@@ -136,13 +136,15 @@ def evaluate_model(
     progress: bool = True,
     engine=None,
     sampler=None,
+    reuse: str | Path | None = None,
 ):
     """Held-out evaluation of one model: `ecfg.n` samples and/or one greedy completion per problem.
 
     Writes ``out_dir/samples``, ``out_dir/greedy`` (rollout stores; a re-run with the same
     weights is a no-op) and ``eval.json``/``eval.md``. `spec` names the weights for the
     stores' manifests. `engine` (Ray) or `sampler` (another backend serving `spec`, e.g. a
-    `vllm_backend.VLLMSampler`; then `model` may be None): see `stages.sample_stage`.
+    `vllm_backend.VLLMSampler`; then `model` may be None): see `stages.sample_stage`. `reuse`:
+    another evaluation's dir whose stores are copied when made with the same inputs (`sample_stage`).
     Returns (EvalReport, (sampled store | None, greedy store | None)).
     """
     from .sample import sample_stage
@@ -157,8 +159,17 @@ def evaluate_model(
         stop=ecfg.stop,  # () -> the template's (sample_stage resolves it)
     )
     kw = dict(model=model, tokenizer=tokenizer, overwrite=overwrite, progress=progress, engine=engine, sampler=sampler)
-    s_store = sample_stage(d / "samples", spec, problems, template, scfg, **kw) if ecfg.n > 0 else None
-    g_store = sample_stage(d / "greedy", spec, problems, template, scfg, greedy=True, **kw) if ecfg.greedy else None
+    r = Path(reuse) if reuse is not None else None
+    s_store = (
+        sample_stage(d / "samples", spec, problems, template, scfg, reuse=r and r / "samples", **kw)
+        if ecfg.n > 0
+        else None
+    )
+    g_store = (
+        sample_stage(d / "greedy", spec, problems, template, scfg, greedy=True, reuse=r and r / "greedy", **kw)
+        if ecfg.greedy
+        else None
+    )
     rep = evaluate_stores(
         s_store, g_store, problems, ks=tuple(k for k in (1, 2, 4, 8) if k <= max(ecfg.n, 1)), label=label or spec
     )

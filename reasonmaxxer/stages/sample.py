@@ -117,6 +117,7 @@ def sample_stage(
     progress: bool = True,
     engine: EngineConfig | None = None,
     sampler=None,
+    reuse: str | Path | None = None,
 ) -> RolloutStore:
     """Sample `cfg.n` completions per problem (or one greedy completion), grade them, store them.
 
@@ -129,7 +130,9 @@ def sample_stage(
     `engine` spreads the shards over Ray workers (`engines`); the rows are the same.
     `sampler`: another backend (e.g. `vllm_backend.VLLMSampler` for `model_spec`; default: an
     `HFSampler` on `model`), run in this process (not with the Ray engine); its name is part of
-    the config hash and its options are recorded. Returns the store.
+    the config hash and its options are recorded. `reuse`: another store dir (e.g. another run's
+    base rollouts) copied here first when this store does not exist yet and it was made with the
+    same inputs (`RolloutStore.copy_from`); otherwise ignored. Returns the store.
     """
     if not problems:
         raise ReasonMaxxerError("sample: the problem set is empty")
@@ -137,8 +140,11 @@ def sample_stage(
     stop = resolve_stop(cfg.stop, template)
     if greedy or stop != cfg.stop:
         cfg = SamplingConfig(**{**asdict(cfg), "stop": stop, **({"n": 1, "temperature": 0.0} if greedy else {})})
+    config, describe = store_config(model_spec, problems, template, cfg, greedy, shard_size, sampler)
     store = RolloutStore(out)
-    store.open(*store_config(model_spec, problems, template, cfg, greedy, shard_size, sampler), overwrite=overwrite)
+    if reuse is not None:
+        store.copy_from(reuse, config)
+    store.open(config, describe, overwrite=overwrite)
     shards = [list(problems[i : i + shard_size]) for i in range(0, len(problems), shard_size)]
     done = store.done_shards()
     todo = {i: shards[i] for i in range(len(shards)) if i not in done}

@@ -61,6 +61,32 @@ def test_pipeline_stops_with_advice_when_no_problem_has_mixed_success(tmp_path, 
     assert (tmp_path / "run" / "rollouts" / "manifest.json").is_file()
 
 
+def test_reuse_copies_the_rollouts_only_when_made_with_the_same_inputs(tmp_path, tiny_tokenizer):
+    """`reuse` of a run whose rollouts match: copied, not sampled again (the manifest's creation
+    time is the source's and it generated nothing); of a run with other training problems:
+    sampled here, no error."""
+    ckpt = tmp_path / "tiny"
+    make_tiny_model(len(tiny_tokenizer), seed=3, init_std=0.2).save_pretrained(ckpt)
+    tiny_tokenizer.save_pretrained(ckpt)
+
+    def run_to_select(name, train, reuse=""):
+        p = tmp_path / f"{name}.toml"
+        p.write_text(
+            f'model = "{ckpt}"\ntemplate = "raw"\nout = "{tmp_path / name}"\ntrain_problems = "{train}"\n'
+            f'validation_problems = ""\ntest_problems = "arith:test:2"\n{reuse}[sampling]\nn = 2\nmax_new_tokens = 8\n'
+        )
+        with pytest.raises(ReasonMaxxerError, match="mixed success"):  # stops after sampling
+            run_pipeline(load_run_config(p), progress=False)
+        return json.loads((tmp_path / name / "rollouts" / "manifest.json").read_text())
+
+    src = run_to_select("src", "arith:train:3")
+    same = run_to_select("same", "arith:train:3", f'reuse = "{tmp_path / "src"}"\n')
+    assert same["config_hash"] == src["config_hash"] and same["created"] == src["created"]
+    assert src["generated_tokens_last_run"] > 0 and same["generated_tokens_last_run"] == 0
+    other = run_to_select("other", "arith:train:4", f'reuse = "{tmp_path / "src"}"\n')
+    assert other["config_hash"] != src["config_hash"] and other["config"]["n_problems"] == 4
+
+
 def test_extends_merges_tables_and_ships_the_ablations(tmp_path):
     (tmp_path / "base.toml").write_text('out = "a"\nmodel = "m"\n[train]\nlr = 1e-3\nlam = 0.5\n')
     (tmp_path / "child.toml").write_text('extends = "base.toml"\nout = "b"\n[train]\nvariant = "rft"\n')
@@ -89,22 +115,14 @@ def test_extends_merges_tables_and_ships_the_ablations(tmp_path):
         assert diff in ({"variant"}, {"gate"})
 
 
-def test_reuse_copies_only_complete_base_stores(tmp_path):
-    from reasonmaxxer.recipes.run import _reuse_base_stores
+def test_reuse_of_a_missing_run_dir_says_to_run_its_config_first(tmp_path):
+    from reasonmaxxer.config import RunConfig
+    from reasonmaxxer.recipes.run import reuse_dir
 
-    src, out = tmp_path / "src", tmp_path / "out"
-    (src / "rollouts").mkdir(parents=True)
-    (src / "rollouts" / "manifest.json").write_text("{}")
-    (src / "rollouts" / "shard-00000.parquet").write_bytes(b"x")
-    (src / "eval" / "base" / "greedy").mkdir(parents=True)  # no manifest: not a store, not copied
-    _reuse_base_stores(src, out)
-    assert (out / "rollouts" / "shard-00000.parquet").read_bytes() == b"x"
-    assert not (out / "eval").exists()
-    (out / "rollouts" / "shard-00000.parquet").write_bytes(b"mine")
-    _reuse_base_stores(src, out)  # an existing store is never replaced
-    assert (out / "rollouts" / "shard-00000.parquet").read_bytes() == b"mine"
+    assert reuse_dir(RunConfig()) is None
+    assert reuse_dir(RunConfig(reuse=str(tmp_path))) == tmp_path
     with pytest.raises(ReasonMaxxerError, match="not a run dir .run the config that writes it first") as e:
-        _reuse_base_stores(tmp_path / "nope", out)
+        reuse_dir(RunConfig(reuse=str(tmp_path / "nope")))
     assert "\n" not in str(e.value)
 
 
