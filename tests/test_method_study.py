@@ -1,6 +1,6 @@
-"""benchmarks/method_study.py: the cells' order and the GRPO cells' rows at FLOPs budgets."""
+"""benchmarks/method_study*.py: the cells' order, their configs, and the GRPO cells' rows at FLOPs budgets."""
 
-import importlib.util
+import importlib
 import json
 from pathlib import Path
 
@@ -10,26 +10,70 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def study():
-    spec = importlib.util.spec_from_file_location("method_study", ROOT / "benchmarks" / "method_study.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def design(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return importlib.import_module("method_study_design")
+
+
+@pytest.fixture
+def study(design):
+    """The results module (aggregation), whose functions the tests patch."""
+    mod = importlib.import_module("method_study_results")
+    assert importlib.import_module("method_study").aggregate is mod.aggregate  # the entry point's
     return mod
 
 
-def test_cells_run_reasonmaxxer_seed0_first_and_grpo_on_its_own_seeds(study):
-    names = [c["name"] for c in study.cells("short", [0, 1], ["rft", "grpo", "reasonmaxxer", "all_tokens"], [0])]
-    assert names == [
+def test_cells_run_reasonmaxxer_seed0_first_then_the_budgets_and_grpo_on_its_own_seeds(design):
+    todo = design.cells("short", [0, 1], ["rft", "grpo", "reasonmaxxer", "all_tokens"], [0], [0])
+    assert [c["name"] for c in todo] == [
         "reasonmaxxer-s0",
         "reasonmaxxer-s1",
         "rft-s0",
         "rft-s1",
         "grpo-s0",
+        "reasonmaxxer@2x-s0",
+        "rft@2x-s0",
+        "reasonmaxxer@4x-s0",
+        "rft@4x-s0",
         "all_tokens-s0",
         "all_tokens-s1",
     ]
-    assert study.stored_name({"method": "grpo", "seed": 0}) == "grpo@4x-s0"
-    assert study.stored_name({"method": "rft", "seed": 2}) == "rft-s2"
+    by = {c["name"]: c for c in todo}
+    assert by["rft@2x-s0"]["label"] == "rft@2x" and by["rft@2x-s0"]["budget"] == 2
+    assert design.stored_name(by["grpo-s0"]) == "grpo@4x-s0"
+    assert design.stored_name(by["rft-s1"]) == "rft-s1" and design.stored_name(by["rft@4x-s0"]) == "rft@4x-s0"
+
+
+def test_cell_configs_scale_the_problems_and_reuse_the_cell_that_samples_alike(design, tmp_path):
+    """Each cell's TOML loads as a run config; a 2x cell trains on 160 problems (the 80 first),
+    RFT's reuses ReasonMaxxer@2x's rollouts, ReasonMaxxer@2x only the first cell's base eval."""
+    from reasonmaxxer.config import load_run_config
+
+    todo = design.cells("short", [0, 1], ["reasonmaxxer", "rft", "faithful"], [0], [0])
+    by = {c["name"]: c for c in todo}
+    first = tmp_path / "short" / "reasonmaxxer-s0"
+
+    def cfg(name):
+        p = tmp_path / f"{name}.toml"
+        p.write_text(design.cell_config(by[name], tmp_path, first))
+        return load_run_config(p)
+
+    assert cfg("reasonmaxxer-s0").reuse is None
+    assert cfg("rft-s1").reuse == str(first) and cfg("rft-s1").train.seed == 1
+    assert cfg("rft-s1").train_problems == design.REGIMES["short"]["train_problems"]
+    two = cfg("rft@2x-s0")
+    assert two.train_problems == f"arith:train:160:{design.TRAIN_TIERS}" and two.train.variant == "rft"
+    assert two.reuse == str(tmp_path / "short" / "reasonmaxxer@2x-s0")
+    assert cfg("reasonmaxxer@4x-s0").reuse == str(first)
+    assert cfg("reasonmaxxer@4x-s0").train_problems.startswith("arith:train:320:")
+    assert cfg("faithful-s0").reuse == str(first) and cfg("faithful-s0").sampling.n == 16
+    assert cfg("faithful-s1").reuse == str(tmp_path / "short" / "faithful-s0")
+    from reasonmaxxer.data.benchmarks import load_problems
+
+    ids = [p.id for p in load_problems(two.train_problems)]
+    assert ids[:80] == [p.id for p in load_problems(cfg("rft-s1").train_problems)]
+    with pytest.raises(SystemExit, match="cannot scale the problem spec 'gsm8k'"):
+        design.scaled_problems("gsm8k", 2)
 
 
 def test_baseline_rows_take_the_first_evaluation_at_or_past_each_budget(study, tmp_path, monkeypatch):

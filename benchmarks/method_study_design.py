@@ -1,0 +1,166 @@
+"""The method study's design (issue 13): its regimes, methods, budgets and cells, and the
+`reasonmaxxer run` config of each cell. `benchmarks/method_study.py` runs the cells,
+`method_study_results.py` aggregates them.
+
+- regime ``short``: the reference run's task (configs/arith.toml, the demo's until issue #13
+  halved the demo: procedural arithmetic, 3-shot, <= 96 new tokens), but trained without the
+  ``expr`` tier, so that ``arith:test:300:expr`` is a transfer column from a problem family no
+  training problem comes from; held-out ``arith:test:300`` of the training mix (avg@4 and
+  greedy). All methods share the base evaluation, and the methods that sample alike share the
+  rollouts and the selection (`reuse` of the first cell of their sampling: see `reuse_source`).
+- methods: ``reasonmaxxer`` (the reference run's recipe), ``rft`` (SFT on the correct rollouts),
+  ``positive_only``, ``random_gate`` (the entropy gate's count at random positions),
+  ``all_tokens``, ``no_anchor``; seeds 0, 1, 2 (the training seed; data fixed).
+- ``random_reward``: the random-reward control, ReasonMaxxer on the same rollouts with their
+  correctness labels permuted across the pool (``[selection] rewards = "shuffled"``).
+- ``faithful``: the official recipe's choices at this scale (G = 16 rollouts per problem, 50
+  problems, the 80% trim with truncated rollouts counted wrong, unmixed groups kept,
+  per-sequence normalisation, lr 1e-4 with warmup); its seed-0 cell samples its own rollouts,
+  its other seeds reuse them.
+- budgets: every method at 1x, 2x and 4x the FLOPs of ReasonMaxxer seed 0 (counted as
+  `reasonmaxxer compare` counts them). ``grpo`` and ``grpo_entropy`` (80/20 gated GRPO, TRL
+  through `reasonmaxxer baseline`): one run per seed capped at 4x and evaluated where its counted
+  FLOPs first reach 1x and 2x (TRL's learning rate is constant, so the model there is what a run
+  capped there would give). The offline methods ``reasonmaxxer`` and ``rft`` spend a larger
+  budget the way an offline method can: the same recipe on 2x / 4x the training problems
+  (``arith:train:160`` / ``:320``, which begin with the 1x problems), so sampling and training
+  both scale; rows ``reasonmaxxer@2x`` ..., seed 0 (``--budget-seeds``), FLOPs as measured.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+TRAIN_TIERS = "add1,addsub2,word1,word2"  # the default mix without expr (the transfer family)
+REGIMES = {
+    "short": {
+        "extends": str(ROOT / "configs" / "arith.toml"),
+        "train_problems": f"arith:train:80:{TRAIN_TIERS}",
+        "validation_problems": f"arith:validation:32:{TRAIN_TIERS}",
+        "test_problems": f"arith:test:300:{TRAIN_TIERS}",
+        "transfer_problems": "arith:test:300:expr",
+    },
+}
+METHODS = {
+    "reasonmaxxer": {},
+    "rft": {"train": {"variant": "rft"}},
+    "positive_only": {"train": {"variant": "positive_only"}},
+    "random_gate": {"train": {"gate": "random"}},
+    "all_tokens": {"train": {"variant": "all_tokens"}},
+    "no_anchor": {"train": {"variant": "no_anchor"}},
+    # the random-reward control (arXiv:2506.10947): the reference recipe on rollouts whose
+    # correctness labels are permuted across the selection pool (`[selection] rewards`)
+    "random_reward": {"selection": {"rewards": "shuffled"}},
+    # the official recipe's choices (configs/paper/*.toml cites the lines) at this scale: G = 16
+    # rollouts per problem, the 50 clearest mixed problems, the shortest 80% kept globally with
+    # truncated rollouts counted wrong and unmixed groups kept (A = 0, anchor only), per-sequence
+    # normalisation, rows without a gated token trained on the anchor, lr 1e-4 with 25% warmup
+    "faithful": {
+        "sampling": {"n": 16},
+        "selection": {"max_problems": 50, "keep_shortest": 0.8, "truncated": "keep", "keep_unmixed": True},
+        "train": {"normalisation": "per_sequence", "skip_ungated": False, "lr": 1e-4, "warmup_steps": 40},
+    },
+}
+# RL through TRL: study method -> `reasonmaxxer baseline` method
+BASELINES = {"grpo": "grpo", "grpo_entropy": "grpo-entropy"}
+BUDGETS = (1, 2, 4)  # x the FLOPs of ReasonMaxxer seed 0
+BUDGET_METHODS = ("reasonmaxxer", "rft")  # the offline methods also run on 2x / 4x the problems
+# run first, in this order ("budgets": the offline methods' 2x and 4x cells)
+ORDER = ("reasonmaxxer", "rft", "random_reward", "grpo", "budgets", "faithful", "grpo_entropy")
+PENDING = ["long-solution regime (completions >= 100 tokens)"]
+
+
+def cells(regime: str, seeds, methods, baseline_seeds=(0,), budget_seeds=(0,)) -> list[dict]:
+    """The study's cells in run order: ReasonMaxxer seed 0 first (its base stores are reused).
+    A cell: regime, method, seed, budget (x the reference FLOPs; 1 for the 1x offline cells; a
+    GRPO cell's largest), label (the row's method: "rft", "rft@2x") and name (its run dir)."""
+    out = []
+    for m in methods:
+        if m in BASELINES:
+            out += [_cell(regime, m, s, BUDGETS[-1], m) for s in baseline_seeds]
+            continue
+        out += [_cell(regime, m, s, 1, m) for s in seeds]
+        if m in BUDGET_METHODS:
+            out += [_cell(regime, m, s, b, f"{m}@{b}x") for b in BUDGETS[1:] for s in budget_seeds]
+    # ReasonMaxxer seed 0 first (the others reuse its base stores), then ReasonMaxxer and RFT
+    # over the seeds (the comparison the study must decide), then the rest of ORDER, then the
+    # ablations
+    rank = {m: i for i, m in enumerate(ORDER)}
+
+    def key(c):
+        group = "budgets" if c["budget"] > 1 and c["method"] not in BASELINES else c["method"]
+        first = c["seed"] == seeds[0] and c["method"] == "reasonmaxxer" and c["budget"] == 1
+        return (not first, rank.get(group, len(ORDER)), c["budget"], rank.get(c["method"], 0), c["seed"])
+
+    return sorted(out, key=key)
+
+
+def _cell(regime: str, method: str, seed: int, budget: int, label: str) -> dict:
+    return {
+        "regime": regime,
+        "method": method,
+        "seed": seed,
+        "budget": budget,
+        "label": label,
+        "name": f"{label}-s{seed}",
+    }
+
+
+def stored_name(cell: dict) -> str:
+    """The name under which a cell's (last) row is stored: "rft-s2", "rft@2x-s0", "grpo@4x-s0"."""
+    return f"{cell['method']}@{cell['budget']}x-s{cell['seed']}" if cell["method"] in BASELINES else cell["name"]
+
+
+def scaled_problems(spec: str, factor: int) -> str:
+    """A ``source:split:N[:...]`` problem spec with N multiplied by `factor`."""
+    parts = spec.split(":")
+    if len(parts) < 3 or not parts[2].isdigit():
+        raise SystemExit(f"method_study: cannot scale the problem spec {spec!r} (expected source:split:N[:...])")
+    parts[2] = str(int(parts[2]) * factor)
+    return ":".join(parts)
+
+
+def reuse_source(cell: dict, root: Path, first: Path) -> Path | None:
+    """The run dir whose stores (rollouts, base evaluation) a cell copies where they were made
+    with the same inputs: the first cell that samples as it does (faithful's seed 0, the
+    ReasonMaxxer cell of its budget), else the study's first cell; None for the first cell."""
+    d = root / cell["regime"]
+    if cell["budget"] > 1:
+        src = d / f"reasonmaxxer@{cell['budget']}x-s0"
+    elif "sampling" in METHODS[cell["method"]]:
+        src = d / f"{cell['method']}-s0"
+    else:
+        src = first
+    out = d / cell["name"]
+    src = first if src == out else src  # the first of its sampling: the base evaluation only
+    return None if out == first else src
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    return repr(v)
+
+
+def cell_config(cell: dict, root: Path, first: Path) -> str:
+    """The TOML of one cell: the regime over the reference run (arith.toml), the method's
+    overrides, the budget's training problems, the seed, and what it reuses."""
+    reg = REGIMES[cell["regime"]]
+    top = {k: v for k, v in reg.items() if k != "transfer_problems"}
+    top["train_problems"] = scaled_problems(reg["train_problems"], cell["budget"])
+    top["out"] = str(root / cell["regime"] / cell["name"])
+    src = reuse_source(cell, root, first)
+    if src is not None:
+        top["reuse"] = str(src)
+    tables = {"eval": {"n": 4}, "train": {"seed": cell["seed"]}}
+    for t, kv in METHODS[cell["method"]].items():
+        tables.setdefault(t, {}).update(kv)
+    lines = [f"{k} = {toml_value(v)}" for k, v in top.items()]
+    for t, kv in tables.items():
+        lines += ["", f"[{t}]"] + [f"{k} = {toml_value(v)}" for k, v in kv.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,243 @@
+"""The method study's results: each finished cell's row (held-out avg@4 and greedy, transfer,
+FLOPs) with paired bootstrap intervals against the base and ReasonMaxxer of the same seed,
+aggregated into ``benchmarks/results/method_study.{json,md}``, the per-problem accuracies
+(``method_study_problems.json``) and ``accuracy_vs_flops.png``.
+
+Across sessions (``runs/`` is not committed): each finished cell's row, with its per-problem
+accuracies, is kept in the results; a later session skips those cells and pairs new cells
+against the stored per-problem values.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from method_study_design import BASELINES, BUDGETS, ORDER, PENDING, REGIMES, RESULTS, ROOT, cells, stored_name
+
+
+def mean(acc: dict | None) -> float | None:
+    """The mean of per-problem accuracies (None for a store that is not there)."""
+    return None if acc is None else sum(acc.values()) / len(acc)
+
+
+def per_problem(d: Path, which: str) -> dict | None:
+    from reasonmaxxer.recipes.run_summary import per_problem_accuracy
+    from reasonmaxxer.store import RolloutStore
+
+    p = d / which
+    return per_problem_accuracy(RolloutStore(p)) if (p / "manifest.json").is_file() else None
+
+
+def stored() -> tuple[dict, dict]:
+    """(rows by (method, seed), per-problem accuracies by "method-sSEED") of the committed results."""
+    rows, probs = {}, {}
+    if (RESULTS / "method_study.json").is_file():
+        for r in json.loads((RESULTS / "method_study.json").read_text()).get("rows", []):
+            rows[(r["method"], r["seed"])] = r
+    if (RESULTS / "method_study_problems.json").is_file():
+        probs = json.loads((RESULTS / "method_study_problems.json").read_text())
+    return rows, probs
+
+
+def stored_cells() -> set[str]:
+    """Names ("method-sSEED") of the cells whose results are committed."""
+    rows, probs = stored()
+    return set(probs) | {f"{m}-s{seed}" for m, seed in rows}
+
+
+def reference_flops(first: Path) -> float:
+    """The FLOPs of ReasonMaxxer seed 0 (the budget unit), as `compare` counts them."""
+    from reasonmaxxer.recipes.compare import read_reasonmaxxer_run
+
+    if (first / "summary.json").is_file():
+        return float(read_reasonmaxxer_run(first)["flops"])
+    rows, _ = stored()
+    if ("reasonmaxxer", 0) not in rows:
+        raise SystemExit(f"method_study: {first} is not finished and no stored ReasonMaxxer seed-0 row")
+    return float(rows[("reasonmaxxer", 0)]["flops"])
+
+
+def cell_row(d: Path, method: str, seed: int) -> tuple[dict, dict]:
+    """(the table row, the per-problem accuracies {metric: {problem_id: acc}}) of a finished cell."""
+    from reasonmaxxer.recipes.compare import read_reasonmaxxer_run
+
+    info = read_reasonmaxxer_run(d)
+    row = {"method": method, "seed": seed, "dir": f"{d.parent.name}/{d.name}", "flops": info.get("flops")}
+    accs = {
+        m: per_problem(d, sub) for m, sub in (("avg_at_4", "eval/trained/samples"), ("greedy", "eval/trained/greedy"))
+    }
+    for metric, acc in accs.items():
+        row[metric] = mean(acc)
+    base = per_problem(d, "eval/base/samples")
+    row["base_avg_at_4"] = mean(base)
+    tr = per_problem(d, "transfer/samples")
+    tb = per_problem(d.parent, "transfer_base/samples")
+    row["transfer_avg_at_4"] = mean(tr)
+    row["transfer_base_avg_at_4"] = mean(tb)
+    return row, {k: v for k, v in accs.items() if v is not None}
+
+
+def baseline_rows(d: Path, method: str, seed: int, first: Path) -> list[tuple[dict, dict]]:
+    """[(row, per-problem accuracies)] of a baseline cell, one per budget evaluated so far: the
+    evaluation at the first step whose counted FLOPs reach the budget (`eval_at_flops`)."""
+    from reasonmaxxer.io import read_jsonl
+
+    path = d / "curve.jsonl"
+    curve = [r for _, r in read_jsonl(path, allow_empty=True, torn_tail=True)] if path.is_file() else []
+    curve.sort(key=lambda r: r["step"])
+    ref, out = reference_flops(first), []
+    base = per_problem(first, "eval/base/samples")
+    tb = per_problem(d.parent, "transfer_base/samples")
+    for b in BUDGETS:
+        pt = next((r for r in curve if r["flops"] >= b * ref * (1 - 1e-9)), None)
+        if pt is None:
+            continue
+        e = d / "evals" / f"step-{pt['step']:05d}"
+        accs = {m: per_problem(e, sub) for m, sub in (("avg_at_4", "samples"), ("greedy", "greedy"))}
+        tr = per_problem(d, "transfer/samples") if b == BUDGETS[-1] else None
+        row = {"method": f"{method}@{b}x", "seed": seed, "dir": f"{d.parent.name}/{d.name}", "flops": pt["flops"]}
+        row |= {"steps": pt["step"], "train_seconds": pt["train_seconds"]}
+        row |= {m: mean(a) for m, a in accs.items()}
+        row["base_avg_at_4"] = mean(base)
+        row["transfer_avg_at_4"] = mean(tr)
+        row["transfer_base_avg_at_4"] = mean(tb)
+        out.append((row, {k: v for k, v in accs.items() if v is not None}))
+    return out
+
+
+def aggregate(root: Path, regime: str, seeds, methods, baseline_seeds=(0,), budget_seeds=(0,)) -> tuple[dict, dict]:
+    """(results, per-problem accuracies): the cells finished here, plus the committed rows of
+    cells not present under ``root`` (kept from an earlier session, marked ``carried``). A row's
+    method is its cell's label ("rft@2x"); the 1x ReasonMaxxer of the same seed is the reference."""
+    from reasonmaxxer.core.stats import mean_ci95, paired_bootstrap
+
+    old_rows, probs = stored()
+    rows = {}
+    todo = cells(regime, seeds, methods, baseline_seeds, budget_seeds)
+    first = root / regime / todo[0]["name"]
+    for cell in todo:
+        key = (cell["label"], cell["seed"])
+        d = root / regime / cell["name"]
+        if cell["method"] in BASELINES and (d / "curve.jsonl").is_file():
+            for row, acc in baseline_rows(d, cell["method"], cell["seed"], first):
+                rows[(row["method"], row["seed"])], probs[f"{row['method']}-s{row['seed']}"] = row, acc
+        elif cell["method"] in BASELINES:
+            for b in BUDGETS:
+                k = (f"{cell['method']}@{b}x", cell["seed"])
+                if k in old_rows:
+                    rows[k] = {**old_rows[k], "carried": True}
+        elif (d / "summary.json").is_file():
+            rows[key], probs[cell["name"]] = cell_row(d, *key)
+        elif key in old_rows:
+            rows[key] = {**old_rows[key], "carried": True}
+    if (first / "eval" / "base" / "samples" / "manifest.json").is_file():
+        probs["base"] = {
+            m: per_problem(first, f"eval/base/{sub}") for m, sub in (("avg_at_4", "samples"), ("greedy", "greedy"))
+        }
+    for (method, seed), row in rows.items():
+        # the same seed's ReasonMaxxer; seed 0's where that one's per-problem values are not kept
+        ref_seed = seed if f"reasonmaxxer-s{seed}" in probs else 0
+        ref, base = probs.get(f"reasonmaxxer-s{ref_seed}", {}), probs.get("base", {})
+        mine = probs.get(f"{method}-s{seed}", {})
+        for metric in ("avg_at_4", "greedy"):
+            if method != "reasonmaxxer" and metric in mine and metric in ref:
+                row[f"{metric}_vs_reasonmaxxer"] = {
+                    **paired_bootstrap(mine[metric], ref[metric], seed=seed),
+                    "ref_seed": ref_seed,
+                }
+            if metric in mine and base.get(metric):
+                row[f"{metric}_vs_base"] = paired_bootstrap(mine[metric], base[metric], seed=seed)
+    rank = {m: i for i, m in enumerate(ORDER)}
+    rows = [rows[k] for k in sorted(rows, key=lambda k: (rank.get(k[0].split("@")[0], len(ORDER)), k))]
+    by_method = {}
+    for m in sorted({r["method"] for r in rows}):
+        vals = [r["avg_at_4"] for r in rows if r["method"] == m and r["avg_at_4"] is not None]
+        if vals:
+            by_method[m] = {"seeds": len(vals), "avg_at_4_mean_ci95": mean_ci95(vals) if len(vals) > 1 else None}
+    done = {f"{r['method']}-s{r['seed']}" for r in rows}
+    pending = [stored_name(c) for c in todo if stored_name(c) not in done]
+    res = {
+        "regime": regime,
+        "design": {k: str(Path(v).relative_to(ROOT)) if k == "extends" else v for k, v in REGIMES[regime].items()},
+        "rows": rows,
+        "by_method": by_method,
+        "cells_pending": pending,
+        "not_in_study_yet": PENDING,
+    }
+    return res, probs
+
+
+def markdown(res: dict) -> str:
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}"
+
+    def diff(d, seed=None):
+        if not d:
+            return "-"
+        other = f" (vs seed {d['ref_seed']})" if seed is not None and d.get("ref_seed", seed) != seed else ""
+        return f"{100 * d['mean_diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]{other}"
+
+    out = [
+        f"Regime `{res['regime']}`: test `{res['design']['test_problems']}`, transfer `{res['design']['transfer_problems']}`.",
+        "",
+        "| method | seed | avg@4 | greedy | avg@4 - base (95% paired bootstrap) | avg@4 - ReasonMaxxer (95% paired bootstrap) "
+        "| greedy - ReasonMaxxer | transfer avg@4 (base) | FLOPs |",
+        "|---|---:|---:|---:|---|---|---|---|---:|",
+    ]
+    for r in res["rows"]:
+        fl = "-" if r["flops"] is None else f"{r['flops']:.3g}"
+        out.append(
+            f"| {r['method']} | {r['seed']} | {pct(r['avg_at_4'])} (base {pct(r['base_avg_at_4'])}) | {pct(r['greedy'])} | "
+            f"{diff(r.get('avg_at_4_vs_base'))} | {diff(r.get('avg_at_4_vs_reasonmaxxer'), r['seed'])} | "
+            f"{diff(r.get('greedy_vs_reasonmaxxer'), r['seed'])} | "
+            f"{pct(r['transfer_avg_at_4'])} ({pct(r['transfer_base_avg_at_4'])}) | {fl} |"
+        )
+    if res["cells_pending"]:
+        out += ["", "Cells not run yet: " + ", ".join(res["cells_pending"]) + "."]
+    out += ["", "Not in the study yet: " + "; ".join(res["not_in_study_yet"]) + "."]
+    return "\n".join(out) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    # one colour per method; its budgets (rft, rft@2x, rft@4x; grpo@1x ...) joined on seed 0
+    for i, m in enumerate(sorted({r["method"].split("@")[0] for r in res["rows"]})):
+        pts = [
+            (r["flops"], 100 * r["avg_at_4"], r["seed"])
+            for r in res["rows"]
+            if r["method"].split("@")[0] == m and r["flops"] and r["avg_at_4"] is not None
+        ]
+        if pts:
+            c = f"C{i % 10}"
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=c, label=m, s=18)
+            line = sorted(p[:2] for p in pts if p[2] == 0)
+            if len(line) > 1:
+                ax.plot([p[0] for p in line], [p[1] for p in line], color=c, lw=1)
+    base = [r["base_avg_at_4"] for r in res["rows"] if r["base_avg_at_4"] is not None]
+    if base:
+        ax.axhline(100 * base[0], color="gray", ls="--", lw=1, label="base")
+    ax.set_xscale("log")
+    ax.set_xlabel("method FLOPs (as `compare` counts them)")
+    ax.set_ylabel("held-out avg@4 (%)")
+    ax.set_title(f"method study, regime {res['regime']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save(res: dict, probs: dict) -> None:
+    from reasonmaxxer.io import atomic_write_bytes, atomic_write_json
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(RESULTS / "method_study.json", res)
+    atomic_write_json(RESULTS / "method_study_problems.json", probs)
+    atomic_write_bytes(RESULTS / "method_study.md", markdown(res).encode())
+    if res["rows"]:
+        plot(res, RESULTS / "accuracy_vs_flops.png")
