@@ -284,6 +284,34 @@ def _make_clock(ctx: _EvalContext):
     return Clock()
 
 
+def _flops_progress(ctx: _EvalContext):
+    """The Trainer's progress bar (`ProgressCallback`, whose log printing it keeps) counted in
+    FLOPs of the ``max_train_flops`` cap instead of steps: a FLOPs-capped run's ``max_steps`` is
+    only a ceiling (the method study passes 100000), so a bar of steps would say nothing. Runs
+    after `_make_clock`'s callback, which updates the counters."""
+    from tqdm.auto import tqdm
+    from transformers.trainer_callback import ProgressCallback
+
+    cap = ctx.cfg.max_train_flops
+
+    def now() -> float:
+        return min(step_compute(ctx.counters, ctx.n_params, beta=ctx.beta)["flops"], cap)
+
+    class FlopsProgress(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                desc = f"{ctx.cfg.method} (FLOPs of the cap)"
+                self.training_bar = tqdm(total=cap, initial=now(), unit="FLOP", unit_scale=True, desc=desc)
+            self.current_step = 0
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                self.training_bar.update(now() - self.training_bar.n)
+                self.training_bar.set_postfix(step=state.global_step)
+
+    return FlopsProgress()
+
+
 def run_baseline(
     cfg: BaselineConfig, *, progress: bool = True, model=None, tokenizer=None, grade_fn: Callable | None = None
 ) -> dict:
@@ -339,6 +367,11 @@ def run_baseline(
         peft_config=None if cfg.full_finetune else LoraConfig(**lora, task_type="CAUSAL_LM"),
         callbacks=[_make_clock(ctx)],
     )
+    if cfg.max_train_flops is not None:  # the bar in FLOPs of the cap, not in steps
+        from transformers.trainer_callback import ProgressCallback
+
+        if trainer.pop_callback(ProgressCallback) is not None:
+            trainer.add_callback(_flops_progress(ctx))
     if args.deepspeed_plugin is None:
         fp32_trainable(trainer.model)  # before train(), which builds the optimizer
     trainer.train(resume_from_checkpoint=last)

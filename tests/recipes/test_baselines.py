@@ -173,21 +173,26 @@ def test_evaluations_at_flops_budgets_and_the_flops_cap(tmp_path):
     budgets 1000 and 2000 are first reached at steps 2 and 3; the 3000 cap stops at step 4."""
     from transformers import TrainerControl
 
-    from reasonmaxxer.recipes.baselines import _make_clock
+    from reasonmaxxer.recipes.baselines import _flops_progress, _make_clock
 
     ctx, calls = _clock_ctx(
         tmp_path, eval_every=0, eval_at_start=False, eval_at_flops=(1000.0, 2000.0), max_train_flops=3000.0
     )
-    clock = _make_clock(ctx)
+    clock, bar = _make_clock(ctx), _flops_progress(ctx)
     args = type("A", (), {"output_dir": str(tmp_path / "trl")})()
     clock.on_train_begin(args, _State(True, step=0, max_steps=100), TrainerControl(), model=None)
-    stops = []
+    bar.on_train_begin(args, _State(True, step=0, max_steps=100), TrainerControl())
+    stops, shown = [], []
     for step in range(1, 5):
         ctx.counters["generated_tokens"] = ctx.counters.get("generated_tokens", 0) + 10
         ctl = clock.on_step_end(args, _State(True, step=step, max_steps=100), TrainerControl(), model=None)
+        bar.on_step_end(args, _State(True, step=step, max_steps=100), TrainerControl())
         stops.append(ctl.should_training_stop)
+        shown.append(bar.training_bar.n)
     assert calls == [2, 3, 4]
     assert stops == [False, False, False, True]
+    # the progress bar counts FLOPs of the cap (not steps of max_steps = 100), capped at 100%
+    assert bar.training_bar.total == 3000.0 and shown == [800.0, 1600.0, 2400.0, 3000.0]
 
 
 def test_config_file_and_bad_keys(tmp_path):
