@@ -312,6 +312,14 @@ def _flops_progress(ctx: _EvalContext):
     return FlopsProgress()
 
 
+def _swap_progress_bar(trainer, ctx: _EvalContext) -> None:
+    """A FLOPs-capped run: replace TRL's step progress bar (when shown) by one in FLOPs of the cap."""
+    from transformers.trainer_callback import ProgressCallback
+
+    if ctx.cfg.max_train_flops is not None and trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(_flops_progress(ctx))
+
+
 def run_baseline(
     cfg: BaselineConfig, *, progress: bool = True, model=None, tokenizer=None, grade_fn: Callable | None = None
 ) -> dict:
@@ -367,11 +375,7 @@ def run_baseline(
         peft_config=None if cfg.full_finetune else LoraConfig(**lora, task_type="CAUSAL_LM"),
         callbacks=[_make_clock(ctx)],
     )
-    if cfg.max_train_flops is not None:  # the bar in FLOPs of the cap, not in steps
-        from transformers.trainer_callback import ProgressCallback
-
-        if trainer.pop_callback(ProgressCallback) is not None:
-            trainer.add_callback(_flops_progress(ctx))
+    _swap_progress_bar(trainer, ctx)
     if args.deepspeed_plugin is None:
         fp32_trainable(trainer.model)  # before train(), which builds the optimizer
     trainer.train(resume_from_checkpoint=last)

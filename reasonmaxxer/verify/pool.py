@@ -206,7 +206,8 @@ class _Pool:
             self.startup_failures += 1
             if self.startup_failures > 3:
                 raise ReasonMaxxerError(
-                    f"grade_many: grading workers die at start-up ({why}); run with workers=0 to see why"
+                    f"grade_many: grading workers die at start-up ({why}); run with workers=0 to see why "
+                    "(workers are spawned: a script that grades needs an `if __name__ == '__main__':` guard)"
                 )
         requeue = []
         for j, idx in enumerate(w.batch or []):
