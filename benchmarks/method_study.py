@@ -81,7 +81,7 @@ def finished(cell: dict, d: Path) -> bool:
 
 def transfer(cell: dict, d: Path) -> None:
     """The trained model (and, once, the base) on the transfer family: `reasonmaxxer eval`."""
-    reg = REGIMES[cell["regime"]]
+    reg, (template, max_new) = REGIMES[cell["regime"]], prompt_of(d)
     trained = d / "adapter" if cell["method"] in BASELINES else d / "train" / "merged"
     for name, model in (("transfer", trained), ("transfer_base", None)):
         if name == "transfer_base" and (d.parent / "transfer_base" / "eval.json").is_file():
@@ -91,8 +91,18 @@ def transfer(cell: dict, d: Path) -> None:
             continue
         spec = str(model) if model else model_of(d)
         cmd = [sys.executable, "-m", "reasonmaxxer", "eval", "--model", spec, "--problems", reg["transfer_problems"]]
-        cmd += ["--n", "4", "--temperature", "0.7", "--max-new-tokens", "96", "--greedy", "--out", str(out)]
+        cmd += ["--template", template, "--n", "4", "--temperature", "0.7", "--max-new-tokens", str(max_new)]
+        cmd += ["--greedy", "--out", str(out)]
         subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def prompt_of(d: Path) -> tuple[str, int]:
+    """(template, eval max_new_tokens) of a cell's regime, from its run config or, for a
+    baseline cell, from the regime's ReasonMaxxer seed-0 run."""
+    rc = d / "run_config.json"
+    rc = rc if rc.is_file() else d.parent / "reasonmaxxer-s0" / "run_config.json"
+    cfg = json.loads(rc.read_text())
+    return cfg["template"], cfg["eval"]["max_new_tokens"]
 
 
 def model_of(d: Path) -> str:
@@ -121,14 +131,14 @@ def main(argv=None) -> dict:
     todo = cells(*study)
     first = root / a.regime / todo[0]["name"]
     if a.plan:
-        carried = stored_cells()
+        carried = stored_cells(a.regime)
         for c in todo:
             done = finished(c, root / a.regime / c["name"])
             print(f"{'done' if done else 'stored' if stored_name(c) in carried else 'todo'}  {a.regime}/{c['name']}")
         print("not in the study yet:\n  " + "\n  ".join(PENDING))
         return {}
     n_new = 0
-    carried = stored_cells()  # finished in an earlier session
+    carried = stored_cells(a.regime)  # finished in an earlier session
     if not a.aggregate_only:
         for c in todo:
             d = root / a.regime / c["name"]

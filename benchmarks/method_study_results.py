@@ -29,30 +29,43 @@ def per_problem(d: Path, which: str) -> dict | None:
     return per_problem_accuracy(RolloutStore(p)) if (p / "manifest.json").is_file() else None
 
 
-def stored() -> tuple[dict, dict]:
+def result_paths(regime: str) -> dict[str, Path]:
+    """The committed files of one regime: ``method_study.json`` ... for ``short`` (the first
+    regime), ``method_study_long.json`` ... for ``long``."""
+    tag = "" if regime == "short" else f"_{regime}"
+    return {
+        "json": RESULTS / f"method_study{tag}.json",
+        "problems": RESULTS / f"method_study{tag}_problems.json",
+        "md": RESULTS / f"method_study{tag}.md",
+        "png": RESULTS / f"accuracy_vs_flops{tag}.png",
+    }
+
+
+def stored(regime: str) -> tuple[dict, dict]:
     """(rows by (method, seed), per-problem accuracies by "method-sSEED") of the committed results."""
-    rows, probs = {}, {}
-    if (RESULTS / "method_study.json").is_file():
-        for r in json.loads((RESULTS / "method_study.json").read_text()).get("rows", []):
+    rows, probs, paths = {}, {}, result_paths(regime)
+    if paths["json"].is_file():
+        for r in json.loads(paths["json"].read_text()).get("rows", []):
             rows[(r["method"], r["seed"])] = r
-    if (RESULTS / "method_study_problems.json").is_file():
-        probs = json.loads((RESULTS / "method_study_problems.json").read_text())
+    if paths["problems"].is_file():
+        probs = json.loads(paths["problems"].read_text())
     return rows, probs
 
 
-def stored_cells() -> set[str]:
+def stored_cells(regime: str) -> set[str]:
     """Names ("method-sSEED") of the cells whose results are committed."""
-    rows, probs = stored()
+    rows, probs = stored(regime)
     return set(probs) | {f"{m}-s{seed}" for m, seed in rows}
 
 
 def reference_flops(first: Path) -> float:
-    """The FLOPs of ReasonMaxxer seed 0 (the budget unit), as `compare` counts them."""
+    """The FLOPs of ReasonMaxxer seed 0 (the budget unit) of the regime `first` is in, as
+    `compare` counts them."""
     from reasonmaxxer.recipes.compare import read_reasonmaxxer_run
 
     if (first / "summary.json").is_file():
         return float(read_reasonmaxxer_run(first)["flops"])
-    rows, _ = stored()
+    rows, _ = stored(first.parent.name)
     if ("reasonmaxxer", 0) not in rows:
         raise SystemExit(f"method_study: {first} is not finished and no stored ReasonMaxxer seed-0 row")
     return float(rows[("reasonmaxxer", 0)]["flops"])
@@ -112,7 +125,7 @@ def aggregate(root: Path, regime: str, seeds, methods, baseline_seeds=(0,), budg
     method is its cell's label ("rft@2x"); the 1x ReasonMaxxer of the same seed is the reference."""
     from reasonmaxxer.core.stats import mean_ci95, paired_bootstrap
 
-    old_rows, probs = stored()
+    old_rows, probs = stored(regime)
     rows = {}
     todo = cells(regime, seeds, methods, baseline_seeds, budget_seeds)
     first = root / regime / todo[0]["name"]
@@ -195,7 +208,8 @@ def markdown(res: dict) -> str:
         )
     if res["cells_pending"]:
         out += ["", "Cells not run yet: " + ", ".join(res["cells_pending"]) + "."]
-    out += ["", "Not in the study yet: " + "; ".join(res["not_in_study_yet"]) + "."]
+    if res["not_in_study_yet"]:
+        out += ["", "Not in the study yet: " + "; ".join(res["not_in_study_yet"]) + "."]
     return "\n".join(out) + "\n"
 
 
@@ -235,9 +249,10 @@ def plot(res: dict, path: Path) -> None:
 def save(res: dict, probs: dict) -> None:
     from reasonmaxxer.io import atomic_write_bytes, atomic_write_json
 
+    paths = result_paths(res["regime"])
     RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RESULTS / "method_study.json", res)
-    atomic_write_json(RESULTS / "method_study_problems.json", probs)
-    atomic_write_bytes(RESULTS / "method_study.md", markdown(res).encode())
+    atomic_write_json(paths["json"], res)
+    atomic_write_json(paths["problems"], probs)
+    atomic_write_bytes(paths["md"], markdown(res).encode())
     if res["rows"]:
-        plot(res, RESULTS / "accuracy_vs_flops.png")
+        plot(res, paths["png"])

@@ -7,6 +7,7 @@ import argparse
 import hashlib
 import json
 
+from ..data.prompts import TEMPLATES
 from ..errors import ReasonMaxxerError
 
 
@@ -36,7 +37,7 @@ def add_problems(p, default="arith:test:100"):
     p.add_argument(
         "--template",
         default="fewshot",
-        help="prompt template: raw, chat, fewshot, mistral, a .txt file, or a literal string with {question}",
+        help=f"prompt template: {', '.join(TEMPLATES)}, a .txt file, or a literal string with {{question}}",
     )
 
 

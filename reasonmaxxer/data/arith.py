@@ -7,7 +7,11 @@ Tiers, easiest first (``TIERS``):
 - ``word1``: a one-step word problem (a change, equal groups, or a comparison);
 - ``expr``: a multi-step expression over single digits ("(4 + 3) * 2 - 5"), every
   intermediate value non-negative;
-- ``word2``: a two-step word problem.
+- ``word2``: a two-step word problem;
+- ``chain``: a running total over 6-10 single-digit steps ("Start with 7. Then add 5, then
+  take away 3, ... What number do you end with?"), never negative: the long-solution tier (a
+  worked solution is one line per step; see the ``chain`` prompt template). Not in the
+  default mix.
 Word problems draw names, objects, verbs (buys, finds, gives away, loses, eats, bakes,
 packs, ...) and sentence templates at random; all answers are integers >= 0.
 
@@ -51,7 +55,10 @@ __all__ = [
 ]
 
 
-TIERS: tuple[str, ...] = ("add1", "addsub2", "word1", "expr", "word2")
+TIERS: tuple[str, ...] = ("add1", "addsub2", "word1", "expr", "word2", "chain")
+
+
+CHAIN_STEPS: tuple[int, int] = (6, 10)  # fewest and most steps of a ``chain`` problem
 
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -182,6 +189,32 @@ def _addsub2(rng: random.Random) -> Draw:
     return Draw(_wrap(rng, rng.choice(_SUB_CORES).format(a=a, b=b)), f"{a} - {b}", {})
 
 
+_CHAIN_STARTS = ("Start with {a}.", "Begin with {a}.", "Take the number {a}.", "Think of the number {a}.")
+
+
+_CHAIN_ADDS = ("add {b}", "add {b} more", "plus {b}")
+
+
+_CHAIN_SUBS = ("take away {b}", "subtract {b}", "minus {b}")
+
+
+_CHAIN_ENDS = ("What number do you end with?", "What is the result?", "What number do you get?")
+
+
+def _chain(rng: random.Random) -> Draw:
+    """A running total over CHAIN_STEPS single-digit additions and subtractions, never negative."""
+    total = rng.randint(2, 9)
+    start, expression, steps = total, str(total), []
+    for _ in range(rng.randint(*CHAIN_STEPS)):
+        b = rng.randint(1, 9)
+        sub = total - b >= 0 and rng.random() < 0.5
+        total += -b if sub else b
+        expression += f" {'-' if sub else '+'} {b}"
+        steps.append(rng.choice(_CHAIN_SUBS if sub else _CHAIN_ADDS).format(b=b))
+    question = f"{rng.choice(_CHAIN_STARTS).format(a=start)} Then {', then '.join(steps)}. {rng.choice(_CHAIN_ENDS)}"
+    return Draw(question, expression, {"steps": len(steps)})
+
+
 def _expr(rng: random.Random) -> Draw:
     while True:
         shape = rng.choice(_EXPR_SHAPES)
@@ -196,6 +229,7 @@ _GENERATORS: dict[str, Callable[[random.Random], Draw]] = {
     "word1": word1,
     "expr": _expr,
     "word2": word2,
+    "chain": _chain,
 }
 
 

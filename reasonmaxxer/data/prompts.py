@@ -17,7 +17,9 @@ want a small instruct model (SmolLM2-135M-Instruct) to copy. Each shows one step
 two-step arithmetic example made SmolLM2-135M-Instruct append a spurious second step to
 one-step sums. The example names (Mia, Sam) are not used by `reasonmaxxer.arith` and it
 never writes a three-digit operand, so an example is never also a generated problem.
-``paper`` is the official code's base-model prompt (``qwen_boxed``), line breaks included.
+``verbose`` works the same three problems at length (restate, compute, check; ~95-120
+tokens each): SmolLM2-135M-Instruct's completions then average ~90 tokens instead of ~26
+(the method study's ``long`` regime). ``paper`` is the official code's base-model prompt (``qwen_boxed``), line breaks included.
 ``raw``, ``paper`` and ``mistral`` declare stop strings (``Problem:``/``Question:``, ``Human:``,
 ``Assistant:``); the chat kinds and custom templates declare none.
 """
@@ -94,6 +96,31 @@ FEWSHOT_EXAMPLES: tuple[tuple[str, str], ...] = (
 )
 
 
+# the same three problems worked verbosely (~95-120 tokens each: restate, compute, check): the
+# method study's `long` regime, whose base completions are ~3.5x the terse template's
+VERBOSE_EXAMPLES: tuple[tuple[str, str], ...] = (
+    (
+        FEWSHOT_EXAMPLES[0][0],
+        "Let's work through this step by step. Mia starts with 15 stickers. She gives 8 of them to her brother, "
+        "so she has fewer than before, and we subtract. We compute 15 - 8. Counting down 8 from 15 gives 7, "
+        "so 15 - 8 = 7. Let's check: 7 + 8 = 15, which is the number she started with. So Mia has 7 stickers "
+        "left. The answer is \\boxed{7}.",
+    ),
+    (
+        FEWSHOT_EXAMPLES[1][0],
+        "Let's work through this step by step. We need to add 125 and 14. We split 14 into 10 and 4. First, "
+        "125 + 10 = 135. Then, 135 + 4 = 139. So 125 + 14 = 139. Let's check: 139 - 14 = 125, which is the "
+        "number we started with. The answer is \\boxed{139}.",
+    ),
+    (
+        FEWSHOT_EXAMPLES[2][0],
+        "Let's work through this step by step. Sam packs 4 boxes, and each box holds 6 apples. To find the "
+        "total, we multiply the number of boxes by the apples in each box. We compute 4 * 6 = 24. Let's check: "
+        "6 + 6 + 6 + 6 = 24, which matches. So Sam packs 24 apples. The answer is \\boxed{24}.",
+    ),
+)
+
+
 # where a completion prompt's continuation starts a new problem or a dialogue turn
 RAW_STOP: tuple[str, ...] = ("Problem:", "Human:", "Assistant:")
 
@@ -110,6 +137,7 @@ TEMPLATES: dict[str, PromptTemplate] = {
     # `fewshot`; it must keep stop=() so the demo's completions (and figures) do not change.
     "chat": PromptTemplate("chat", "chat", _CHAT_INSTRUCTION),
     "fewshot": PromptTemplate("fewshot", "fewshot", _CHAT_INSTRUCTION, fewshot=FEWSHOT_EXAMPLES),
+    "verbose": PromptTemplate("verbose", "fewshot", _CHAT_INSTRUCTION, fewshot=VERBOSE_EXAMPLES),
     "mistral": PromptTemplate(
         "mistral", "raw", "Question: {question} Answer: Let's think step by step.", stop=("Question:",) + RAW_STOP[1:]
     ),

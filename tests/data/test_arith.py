@@ -20,7 +20,8 @@ def per_tier():
 
 
 def test_default_mix_constants():
-    assert TIERS == ("add1", "addsub2", "word1", "expr", "word2")
+    assert TIERS == ("add1", "addsub2", "word1", "expr", "word2", "chain")
+    assert "chain" not in DEFAULT_MIX  # the long-solution tier is asked for by name
     assert arith.DEFAULT_TIERS == tuple(DEFAULT_MIX) and arith.DEFAULT_WEIGHTS == tuple(DEFAULT_MIX.values())
     assert abs(sum(DEFAULT_MIX.values()) - 1) < 1e-9
     heavy = {"add1", "addsub2", "word1"}
@@ -89,10 +90,14 @@ def test_answers_are_correct(per_tier, tier):
             assert len(re.findall(r"[+\-*]", expr)) == 1
         elif tier == "word2":
             assert len(re.findall(r"[+\-*]", expr)) == 2
+        elif tier == "chain":
+            ops = re.findall(r"[+\-*]", expr)
+            assert arith.CHAIN_STEPS[0] <= len(ops) == p.metadata["steps"] <= arith.CHAIN_STEPS[1]
+            assert set(ops) <= {"+", "-"} and all(1 <= x <= 9 for x in _ints(expr))
 
 
 def test_intermediate_values_never_negative(per_tier):
-    for p in per_tier["expr"]["test"] + per_tier["word2"]["test"]:
+    for p in per_tier["expr"]["test"] + per_tier["word2"]["test"] + per_tier["chain"]["test"]:
         assert evaluate_expression(p.metadata["expression"], nonnegative=True) is not None
 
 
@@ -106,6 +111,18 @@ def test_word_problems_are_varied(per_tier):
     assert len({p.metadata["family"] for p in probs}) == 4
     starts = Counter(re.sub(r"\d+", "N", p.question.split(".")[0]).split(" ", 1)[1] for p in probs)
     assert len(starts) > 100
+
+
+def test_chain_steps_follow_the_question(per_tier):
+    """A chain's expression is its question's steps in order: the running total is the answer."""
+    words = {"add": "+", "plus": "+", "take away": "-", "subtract": "-", "minus": "-"}
+    pattern = r"(add|plus|take away|subtract|minus) (\d)"
+    for p in per_tier["chain"]["validation"][:300]:
+        start = re.search(r"\d+", p.question).group()
+        steps = " ".join(f"{words[w]} {b}" for w, b in re.findall(pattern, p.question))
+        assert p.metadata["expression"] == f"{start} {steps}"
+    lengths = Counter(p.metadata["steps"] for p in per_tier["chain"]["train"])
+    assert set(lengths) == set(range(arith.CHAIN_STEPS[0], arith.CHAIN_STEPS[1] + 1))
 
 
 def test_default_tier_mix_is_exact():
@@ -127,7 +144,7 @@ def test_custom_tiers_and_weights():
 def test_ids_unique_and_metadata_json():
     probs = generate("train", 3000, seed=11)
     assert len({p.id for p in probs}) == 3000
-    assert all(re.fullmatch(r"arith/train/(add1|addsub2|word1|expr|word2)/[0-9a-f]{12}", p.id) for p in probs)
+    assert all(re.fullmatch(r"arith/train/(add1|addsub2|word1|expr|word2|chain)/[0-9a-f]{12}", p.id) for p in probs)
     json.dumps([p.to_dict() for p in probs])
     assert all(p.metadata["source"] == "arith" for p in probs)
 

@@ -40,6 +40,7 @@ def test_builtin_names_and_kinds():
         "fewshot": "fewshot",
         "mistral": "raw",
         "paper": "raw",
+        "verbose": "fewshot",
     }
     assert all(t.name == n for n, t in TEMPLATES.items())
 
@@ -79,6 +80,16 @@ def test_fewshot_fallback_transcript(tiny_tokenizer):
         assert f"User: {q}\n{INSTR}\nAssistant: {a}\n" in text
     ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tiny_tokenizer.decode(ids) == text  # renders to text the tokenizer round-trips
+
+
+def test_verbose_works_the_fewshot_problems_at_length(tiny_tokenizer):
+    verbose = TEMPLATES["verbose"]
+    assert verbose.stop == () and [q for q, _ in verbose.fewshot] == [q for q, _ in FEWSHOT_EXAMPLES]
+    for (_, long), (_, short) in zip(verbose.fewshot, FEWSHOT_EXAMPLES, strict=True):
+        assert long.endswith(short.rsplit(" ", 2)[-1]) and "Let's check:" in long  # same boxed answer
+        assert len(long.split()) > 3 * len(short.split())
+    text = render_prompt(verbose, "What is 2 + 2?", tiny_tokenizer)
+    assert text.count("Let's work through this step by step.") == 3 and text.endswith(f"{INSTR}\nAssistant:")
 
 
 def test_chat_with_chat_template(chat_tokenizer):
@@ -155,7 +166,7 @@ def test_file_without_placeholder(tmp_path):
 @pytest.mark.parametrize(
     "spec,match",
     [
-        ("nonsense", r"^nonsense: unknown prompt template; use one of raw, chat, fewshot, mistral"),
+        ("nonsense", r"^nonsense: unknown prompt template; use one of raw, chat, fewshot, verbose, mistral, paper"),
         ("missing.txt", r"^missing\.txt: no such prompt template file"),
         ("dir/missing", r"^dir/missing: no such prompt template file"),
         ("Question: {problem}", r"unknown prompt template"),
