@@ -121,6 +121,9 @@ def test_eval_cli_on_a_tiny_model_pins_its_figures(tmp_path, tiny_ckpt):
     greedy = RolloutStore(out / "greedy").read_rows()
     assert len(samples) == 12 and len(greedy) == 6
     assert rep["truncation_rate"] == 1.0 == sum(x["truncated"] for x in samples) / 12
+    # the few-shot prompt (~750 tiny-tokenizer tokens) overflows the tiny model's 512 positions: one token each
+    assert rep["mean_tokens"] == 1.0 == sum(len(x["token_ids"]) for x in samples) / 12
+    assert "truncated 100.0%, 1.0 completion tokens on average" in (out / "eval.md").read_text()
     lenient_fail = sum(x["lenient_extracted"] is None for x in samples)
     assert lenient_fail == 11 and rep["lenient"]["parse_failure_rate"] == 11 / 12
     assert rep["strict"]["parse_failure_rate"] == 1.0

@@ -110,6 +110,7 @@ def build_summary(cfg: RunConfig, res, reports, paired, score_info, sel, fc, tab
             "greedy": rep.strict.greedy.value if rep.strict.greedy else None,
             "n_problems": rep.n_problems,
             "n_samples": cfg.eval.n,
+            "mean_tokens": None if rep.mean_tokens is None else round(rep.mean_tokens, 2),
         }
 
     key = "greedy" if "greedy" in paired else "avg_at_n"
@@ -203,6 +204,9 @@ def results_markdown(accuracy: dict, test_problems: str) -> str:
         diff = f"{p['mean_diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}]" if p else "-"
         name = f"avg@{accuracy['base']['n_samples']}" if metric == "avg_at_n" else metric
         rows.append(f"| {name} | {b:.3f} | {t:.3f} | {diff} |")
+    b, t = accuracy["base"].get("mean_tokens"), accuracy["trained"].get("mean_tokens")
+    if b is not None and t is not None:
+        rows.append(f"| completion tokens (mean) | {b:.1f} | {t:.1f} | - |")
     return "\n".join(rows) + "\n"
 
 
@@ -218,4 +222,6 @@ def print_result(small: dict, paired: dict, tau: float, gated_fraction: float, m
                 else ""
             )
             print(f"{metric:9s} base {b[metric]:.3f} -> trained {t[metric]:.3f}{ci}")
+    if b.get("mean_tokens") is not None and t.get("mean_tokens") is not None:
+        print(f"length    base {b['mean_tokens']:.1f} -> trained {t['mean_tokens']:.1f} completion tokens (mean)")
     print(f"tau {tau:.3f} nats, gated fraction {gated_fraction:.2%}; report: {md} , {html}")

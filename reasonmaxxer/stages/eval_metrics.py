@@ -22,7 +22,8 @@ What each number is:
   unit and ignores the sampling noise within a problem; with few problems (< ~30) or
   means near 0 or 1 it is rough. Greedy accuracy (one completion per problem) uses the
   Wilson score interval instead.
-- Parse-failure and truncation rates are pooled over samples (fraction of completions).
+- Parse-failure and truncation rates are pooled over samples (fraction of completions); the
+  mean completion length (tokens, over samples) is reported when the rows carry ``token_ids``.
 
 A k larger than some problem's number of samples is skipped for the whole report (with
 a note), so every reported pass@k / maj@k is over the same set of problems.
@@ -177,6 +178,7 @@ class EvalReport:
     breakdown: dict[str, tuple[GroupMetrics, ...]]  # metadata key -> groups
     notes: tuple[str, ...]
     weights: dict = field(default_factory=dict)  # what was evaluated: see `evaluate.weights_record`
+    mean_tokens: float | None = None  # completion tokens per sample, mean (None: rows without token_ids)
 
     def mode(self, name: str) -> ModeMetrics:
         if name not in MODES:
@@ -223,6 +225,8 @@ class EvalReport:
                 truncation_rate=float(d["truncation_rate"]),
                 breakdown={key: tuple(GroupMetrics(**g) for g in groups) for key, groups in d["breakdown"].items()},
                 notes=tuple(d["notes"]),
+                weights=dict(d.get("weights") or {}),
+                mean_tokens=None if d.get("mean_tokens") is None else float(d["mean_tokens"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ReasonMaxxerError(
@@ -304,6 +308,7 @@ def evaluate(
         truncation_rate=sum(bool(r["truncated"]) for r in rows) / len(rows),
         breakdown=_breakdown(metadata or {}, problems, accuracy),
         notes=tuple(notes),
+        mean_tokens=sum(len(r["token_ids"]) for r in rows) / len(rows) if all("token_ids" in r for r in rows) else None,
     )
 
 
@@ -410,7 +415,9 @@ def to_markdown(report: EvalReport) -> str:
         f"## Evaluation{': ' + report.label if report.label else ''}",
         "",
         f"{report.n_problems} problems, {report.n_samples} samples ({spp} per problem), "
-        f"truncated {report.truncation_rate:.1%}. Intervals: 95%, normal approx. over problems; greedy: Wilson.",
+        f"truncated {report.truncation_rate:.1%}"
+        + ("" if report.mean_tokens is None else f", {report.mean_tokens:.1f} completion tokens on average")
+        + ". Intervals: 95%, normal approx. over problems; greedy: Wilson.",
         *(
             [
                 f"Weights: {report.weights['kind']} `{report.weights['spec']}` in {report.weights['dtype']}, "

@@ -82,7 +82,7 @@ def evaluate_stores(
     label: str = "",
 ):
     """An `EvalReport` over a sampled store and/or a greedy store."""
-    cols = list(ROW_FIELDS)
+    cols = [*ROW_FIELDS, "token_ids"]  # token_ids: the mean completion length
     meta = {p.id: p.metadata for p in problems}
     rows = sampled.read_rows(cols) if sampled else None
     grows = greedy.read_rows(cols) if greedy else None

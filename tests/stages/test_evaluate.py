@@ -317,6 +317,15 @@ def test_markdown_contains_the_numbers(report):
     assert "pass@8" not in md and "k=8 skipped" in md
 
 
+def test_mean_completion_tokens_when_rows_carry_token_ids():
+    rows = [{**r, "token_ids": list(range(i % 3 + 1))} for i, r in enumerate(ROWS)]  # lengths 1, 2, 3, 1, ...
+    rep = evaluate(rows, META, ks=(1,), label="lengths")
+    assert rep.mean_tokens == approx(2.0)  # 12 rows: four each of 1, 2 and 3 tokens
+    assert "truncated 8.3%, 2.0 completion tokens on average." in to_markdown(rep)
+    assert EvalReport.from_dict(json.loads(json.dumps(rep.to_dict()))) == rep
+    assert evaluate(ROWS, META, ks=(1,)).mean_tokens is None  # rows without token_ids: not reported
+
+
 def test_report_round_trip_and_save(report, tmp_path):
     d = json.loads(json.dumps(report.to_dict()))
     assert d["strict"]["pass_at_k"]["2"]["value"] == approx(7 / 9)
