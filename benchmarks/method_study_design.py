@@ -3,7 +3,7 @@
 `method_study_results.py` aggregates them.
 
 - regime ``long``: the same problems and mix worked at length (``configs/arith_long.toml``, the
-  ``verbose`` template), 200 held-out and 100 transfer problems; run with ``--regime long``.
+  ``verbose`` template), 150 held-out and 60 transfer problems; run with ``--regime long``.
 - regime ``short``: the reference run's task (configs/arith.toml, the demo's until issue #13
   halved the demo: procedural arithmetic, 3-shot, <= 96 new tokens), but trained without the
   ``expr`` tier, so that ``arith:test:300:expr`` is a transfer column from a problem family no
@@ -47,13 +47,14 @@ REGIMES = {
     },
     # the same problems worked at length (configs/arith_long.toml: the `verbose` template, <= 192
     # new tokens): base completions average ~90 tokens instead of ~26, so the forks are a smaller
-    # share of each solution. 200 held-out problems and 100 transfer ones (each token costs 3.5x)
+    # share of each solution. 150 held-out problems and 60 transfer ones (each token costs 3.5x,
+    # and a session must finish a cell: ReasonMaxxer seed 0 took ~65 min on 2 threads)
     "long": {
         "extends": str(ROOT / "configs" / "arith_long.toml"),
         "train_problems": f"arith:train:80:{TRAIN_TIERS}",
         "validation_problems": f"arith:validation:32:{TRAIN_TIERS}",
-        "test_problems": f"arith:test:200:{TRAIN_TIERS}",
-        "transfer_problems": "arith:test:100:expr",
+        "test_problems": f"arith:test:150:{TRAIN_TIERS}",
+        "transfer_problems": "arith:test:60:expr",
     },
 }
 METHODS = {
