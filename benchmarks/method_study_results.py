@@ -41,6 +41,17 @@ def result_paths(regime: str) -> dict[str, Path]:
     }
 
 
+def mean_tokens(d: Path, which: str) -> float | None:
+    """The mean completion length (tokens) of a store's rows (None for a store that is not there)."""
+    from reasonmaxxer.store import RolloutStore
+
+    p = d / which
+    if not (p / "manifest.json").is_file():
+        return None
+    lengths = [len(r["token_ids"]) for r in RolloutStore(p).read_rows(["token_ids"])]
+    return sum(lengths) / len(lengths)
+
+
 def stored(regime: str) -> tuple[dict, dict]:
     """(rows by (method, seed), per-problem accuracies by "method-sSEED") of the committed results."""
     rows, probs, paths = {}, {}, result_paths(regime)
@@ -84,6 +95,8 @@ def cell_row(d: Path, method: str, seed: int) -> tuple[dict, dict]:
         row[metric] = mean(acc)
     base = per_problem(d, "eval/base/samples")
     row["base_avg_at_4"] = mean(base)
+    row["mean_tokens"] = mean_tokens(d, "eval/trained/samples")
+    row["base_mean_tokens"] = mean_tokens(d, "eval/base/samples")
     tr = per_problem(d, "transfer/samples")
     tb = per_problem(d.parent, "transfer_base/samples")
     row["transfer_avg_at_4"] = mean(tr)
@@ -198,13 +211,20 @@ def markdown(res: dict) -> str:
         "| greedy - ReasonMaxxer | transfer avg@4 (base) | FLOPs |",
         "|---|---:|---:|---:|---|---|---|---|---:|",
     ]
+    lengths = any(r.get("mean_tokens") is not None for r in res["rows"])
+    if lengths:  # the completion length, where the cells measured it
+        out[-2] += " tokens (base) |"
+        out[-1] += "---:|"
     for r in res["rows"]:
         fl = "-" if r["flops"] is None else f"{r['flops']:.3g}"
+        tok = r.get("mean_tokens"), r.get("base_mean_tokens")
+        tok = "-" if tok[0] is None else f"{tok[0]:.1f} ({'-' if tok[1] is None else f'{tok[1]:.1f}'})"
         out.append(
             f"| {r['method']} | {r['seed']} | {pct(r['avg_at_4'])} (base {pct(r['base_avg_at_4'])}) | {pct(r['greedy'])} | "
             f"{diff(r.get('avg_at_4_vs_base'))} | {diff(r.get('avg_at_4_vs_reasonmaxxer'), r['seed'])} | "
             f"{diff(r.get('greedy_vs_reasonmaxxer'), r['seed'])} | "
             f"{pct(r['transfer_avg_at_4'])} ({pct(r['transfer_base_avg_at_4'])}) | {fl} |"
+            + (f" {tok} |" if lengths else "")
         )
     if res["cells_pending"]:
         out += ["", "Cells not run yet: " + ", ".join(res["cells_pending"]) + "."]

@@ -102,3 +102,24 @@ def test_baseline_rows_take_the_first_evaluation_at_or_past_each_budget(study, t
     # a run stopped before its 4x evaluation gives the budgets it reached
     (d / "curve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve[1:]))
     assert [r["method"] for r, _ in study.baseline_rows(d, "grpo", 0, tmp_path)] == ["grpo@1x", "grpo@2x"]
+
+
+def test_results_are_kept_per_regime_and_the_length_column_appears_where_measured(study):
+    assert study.result_paths("short")["json"].name == "method_study.json"  # the first regime's names
+    long = study.result_paths("long")
+    assert (long["json"].name, long["md"].name, long["png"].name) == (
+        "method_study_long.json",
+        "method_study_long.md",
+        "accuracy_vs_flops_long.png",
+    )
+    row = {"seed": 0, "avg_at_4": 0.5, "base_avg_at_4": 0.25, "greedy": 0.5, "flops": 1e12}
+    row |= {"transfer_avg_at_4": None, "transfer_base_avg_at_4": None}
+    res = {"regime": "long", "design": {"test_problems": "t", "transfer_problems": "x"}}
+    res |= {"cells_pending": [], "not_in_study_yet": []}
+    md = study.markdown({**res, "rows": [{**row, "method": "reasonmaxxer"}]})
+    assert "tokens (base)" not in md and "Not in the study yet" not in md
+    rows = [{**row, "method": "reasonmaxxer", "mean_tokens": 81.25, "base_mean_tokens": 90.5}]
+    rows.append({**row, "method": "grpo@1x"})  # a baseline row: no length
+    lines = study.markdown({**res, "rows": rows}).splitlines()
+    assert lines[2].endswith("| FLOPs | tokens (base) |") and lines[3].endswith("---:|---:|")
+    assert lines[4].endswith("| 1e+12 | 81.2 (90.5) |") and lines[5].endswith("| 1e+12 | - |")
