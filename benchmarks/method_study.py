@@ -55,7 +55,7 @@ def run_cell(cell: dict, root: Path, first: Path, threads: int) -> float:
     t0 = time.time()
     cmd = [sys.executable, "-m", "reasonmaxxer", "run", str(cfg)] + (["--threads", str(threads)] if threads else [])
     subprocess.run(cmd, check=True, cwd=ROOT)
-    transfer(cell, d)
+    transfer(cell, d, first)
     return time.time() - t0
 
 
@@ -71,7 +71,7 @@ def run_baseline_cell(cell: dict, d: Path, first: Path, threads: int) -> float:
     cmd += ["--max-new-tokens", str(rc["sampling"]["max_new_tokens"]), "--max-steps", "100000", "--eval-every", "0"]
     cmd += ["--max-train-flops", repr(BUDGETS[-1] * ref), "--eval-at-flops"] + [repr(b * ref) for b in BUDGETS[:-1]]
     subprocess.run(cmd + (["--threads", str(threads)] if threads else []), check=True, cwd=ROOT)
-    transfer(cell, d)
+    transfer(cell, d, first)
     return time.time() - t0
 
 
@@ -79,9 +79,9 @@ def finished(cell: dict, d: Path) -> bool:
     return (d / ("result.json" if cell["method"] in BASELINES else "summary.json")).is_file()
 
 
-def transfer(cell: dict, d: Path) -> None:
+def transfer(cell: dict, d: Path, first: Path) -> None:
     """The trained model (and, once, the base) on the transfer family: `reasonmaxxer eval`."""
-    reg, (template, max_new) = REGIMES[cell["regime"]], prompt_of(d)
+    reg, (template, max_new) = REGIMES[cell["regime"]], prompt_of(d, first)
     trained = d / "adapter" if cell["method"] in BASELINES else d / "train" / "merged"
     for name, model in (("transfer", trained), ("transfer_base", None)):
         if name == "transfer_base" and (d.parent / "transfer_base" / "eval.json").is_file():
@@ -96,12 +96,11 @@ def transfer(cell: dict, d: Path) -> None:
         subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def prompt_of(d: Path) -> tuple[str, int]:
+def prompt_of(d: Path, first: Path) -> tuple[str, int]:
     """(template, eval max_new_tokens) of a cell's regime, from its run config or, for a
-    baseline cell, from the regime's ReasonMaxxer seed-0 run."""
+    baseline cell, from the regime's first cell (ReasonMaxxer seed 0)."""
     rc = d / "run_config.json"
-    rc = rc if rc.is_file() else d.parent / "reasonmaxxer-s0" / "run_config.json"
-    cfg = json.loads(rc.read_text())
+    cfg = json.loads((rc if rc.is_file() else first / "run_config.json").read_text())
     return cfg["template"], cfg["eval"]["max_new_tokens"]
 
 

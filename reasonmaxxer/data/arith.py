@@ -9,9 +9,9 @@ Tiers, easiest first (``TIERS``):
   intermediate value non-negative;
 - ``word2``: a two-step word problem;
 - ``chain``: a running total over 6-10 single-digit steps ("Start with 7. Then add 5, then
-  take away 3, ... What number do you end with?"), never negative: the long-solution tier (a
-  worked solution is one line per step; see the ``chain`` prompt template). Not in the
-  default mix.
+  take away 3, ... What number do you end with?"), never negative: a long-solution tier for
+  models larger than the embedded default (a worked solution is one line per step; no
+  built-in template shows one: see ``benchmarks/long_regime_pilot.py``). Not in the default mix.
 Word problems draw names, objects, verbs (buys, finds, gives away, loses, eats, bakes,
 packs, ...) and sentence templates at random; all answers are integers >= 0.
 

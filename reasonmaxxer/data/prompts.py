@@ -19,7 +19,8 @@ one-step sums. The example names (Mia, Sam) are not used by `reasonmaxxer.arith`
 never writes a three-digit operand, so an example is never also a generated problem.
 ``verbose`` works the same three problems at length (restate, compute, check; ~95-120
 tokens each): SmolLM2-135M-Instruct's completions then average ~90 tokens instead of ~26
-(the method study's ``long`` regime). ``paper`` is the official code's base-model prompt (``qwen_boxed``), line breaks included.
+(the method study's ``long`` regime). ``paper`` is the official code's base-model prompt
+(``qwen_boxed``), line breaks included.
 ``raw``, ``paper`` and ``mistral`` declare stop strings (``Problem:``/``Question:``, ``Human:``,
 ``Assistant:``); the chat kinds and custom templates declare none.
 """

@@ -82,10 +82,10 @@ def evaluate_stores(
     label: str = "",
 ):
     """An `EvalReport` over a sampled store and/or a greedy store."""
-    cols = [*ROW_FIELDS, "token_ids"]  # token_ids: the mean completion length
+    cols, lengths = list(ROW_FIELDS), ["token_ids"]  # token_ids: the samples' mean completion length
     meta = {p.id: p.metadata for p in problems}
-    rows = sampled.read_rows(cols) if sampled else None
-    grows = greedy.read_rows(cols) if greedy else None
+    rows = sampled.read_rows(cols + lengths) if sampled else None
+    grows = greedy.read_rows(cols + ([] if sampled else lengths)) if greedy else None
     if rows is None:
         rows = grows  # greedy-only evaluation: the greedy completions are the samples
     return evaluate(rows, meta, ks=ks, greedy_rows=grows, label=label)
