@@ -16,13 +16,16 @@ The design (regimes, methods, budgets, seeds; ``--plan`` prints the cells) is
 `method_study_design.py`; the aggregation, `method_study_results.py`. Cells whose results are
 committed are skipped in a later session (``runs/`` is not committed); only the first cell
 (ReasonMaxxer seed 0, whose base stores the others reuse) is re-run when its directory is
-missing, which also checks that it reproduces its stored figures.
+missing and the regime has no base pack yet; once it finishes, its base stores are copied to
+``benchmarks/results/method_study_base/<regime>/`` (commit it with the results), and later
+sessions' cells reuse that pack instead (`method_study_design.base_source`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -35,11 +38,15 @@ from method_study_design import (  # noqa: E402
     BASELINES,
     BUDGETS,
     METHODS,
+    PACK_FILES,
     PENDING,
     REGIMES,
     ROOT,
+    base_source,
     cell_config,
     cells,
+    finished,
+    pack_dir,
     stored_name,
 )
 from method_study_results import aggregate, markdown, reference_flops, save, stored_cells  # noqa: E402
@@ -62,7 +69,7 @@ def run_cell(cell: dict, root: Path, first: Path, threads: int) -> float:
 def run_baseline_cell(cell: dict, d: Path, first: Path, threads: int) -> float:
     """`reasonmaxxer baseline` on the regime's problems (the prompt, model and lengths of the
     ReasonMaxxer cells), capped at the largest budget and evaluated at the others."""
-    reg, ref = REGIMES[cell["regime"]], reference_flops(first)
+    reg, ref = REGIMES[cell["regime"]], reference_flops(first, cell["regime"])
     rc = json.loads((first / "run_config.json").read_text())
     t0 = time.time()
     cmd = [sys.executable, "-m", "reasonmaxxer", "baseline", BASELINES[cell["method"]], "--out", str(d)]
@@ -75,17 +82,12 @@ def run_baseline_cell(cell: dict, d: Path, first: Path, threads: int) -> float:
     return time.time() - t0
 
 
-def finished(cell: dict, d: Path) -> bool:
-    return (d / ("result.json" if cell["method"] in BASELINES else "summary.json")).is_file()
-
-
 def transfer(cell: dict, d: Path, first: Path) -> None:
     """The trained model (and, once, the base) on the transfer family: `reasonmaxxer eval`."""
     reg, (template, max_new) = REGIMES[cell["regime"]], prompt_of(d, first)
     trained = d / "adapter" if cell["method"] in BASELINES else d / "train" / "merged"
+    copy_tree(first / "transfer_base", d.parent / "transfer_base")  # from the base pack, if it is one
     for name, model in (("transfer", trained), ("transfer_base", None)):
-        if name == "transfer_base" and (d.parent / "transfer_base" / "eval.json").is_file():
-            continue
         out = d / name if name == "transfer" else d.parent / "transfer_base"
         if (out / "eval.json").is_file():
             continue
@@ -94,6 +96,38 @@ def transfer(cell: dict, d: Path, first: Path) -> None:
         cmd += ["--template", template, "--n", "4", "--temperature", "0.7", "--max-new-tokens", str(max_new)]
         cmd += ["--greedy", "--out", str(out)]
         subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def copy_tree(src: Path, dst: Path) -> bool:
+    """Copy the directory `src` to `dst` (through a temporary name) when `src` is there and `dst`
+    is not; returns whether it copied."""
+    if not src.is_dir() or dst.exists():
+        return False
+    tmp = dst.with_name(dst.name + ".copy-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.lock"))
+    tmp.rename(dst)
+    return True
+
+
+def export_pack(first: Path, regime: str) -> Path | None:
+    """Copy what the other cells read from the finished first cell `first` (`PACK_FILES`, and the
+    regime's transfer base evaluation) to the regime's base pack, once; returns the pack when it
+    wrote it. Commit it: a later session's cells reuse it instead of re-running the first cell."""
+    pack = pack_dir(regime)
+    if pack.exists() or not (first / "summary.json").is_file():
+        return None
+    tmp = pack.with_name(pack.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for rel in PACK_FILES:
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        if (first / rel).is_dir():
+            copy_tree(first / rel, tmp / rel)
+        else:
+            shutil.copy2(first / rel, tmp / rel)
+    copy_tree(first.parent / "transfer_base", tmp / "transfer_base")
+    tmp.rename(pack)
+    return pack
 
 
 def prompt_of(d: Path, first: Path) -> tuple[str, int]:
@@ -128,29 +162,32 @@ def main(argv=None) -> dict:
     root = Path(a.root)
     study = (a.regime, a.seeds, a.methods, a.baseline_seeds, a.budget_seeds)
     todo = cells(*study)
+    carried = stored_cells(a.regime)  # finished in an earlier session
     first = root / a.regime / todo[0]["name"]
+    src = base_source(a.regime, todo[0], first, carried)  # the first cell's stores: its dir or the pack
     if a.plan:
-        carried = stored_cells(a.regime)
+        print(f"base stores from {src}")
         for c in todo:
             done = finished(c, root / a.regime / c["name"])
             print(f"{'done' if done else 'stored' if stored_name(c) in carried else 'todo'}  {a.regime}/{c['name']}")
         print("not in the study yet:\n  " + "\n  ".join(PENDING))
         return {}
     n_new = 0
-    carried = stored_cells(a.regime)  # finished in an earlier session
     if not a.aggregate_only:
         for c in todo:
             d = root / a.regime / c["name"]
-            if finished(c, d) or (stored_name(c) in carried and d != first):
+            if finished(c, d) or (stored_name(c) in carried and d != src):
                 continue
             if a.max_cells and n_new >= a.max_cells:
                 break
             print(f"== cell {a.regime}/{c['name']} ==", flush=True)
-            dt = run_cell(c, root, first, a.threads)
+            dt = run_cell(c, root, src, a.threads)
             n_new += 1
             print(f"== cell {a.regime}/{c['name']} done in {dt:.0f} s ==", flush=True)
-            save(*aggregate(root, *study))
-    res, probs = aggregate(root, *study)
+            if export_pack(first, a.regime):
+                print(f"== base pack of {a.regime}: {pack_dir(a.regime)} (commit it) ==", flush=True)
+            save(*aggregate(root, *study, source=src))
+    res, probs = aggregate(root, *study, source=src)
     save(res, probs)
     print(markdown(res))
     return res

@@ -27,6 +27,13 @@
   budget the way an offline method can: the same recipe on 2x / 4x the training problems
   (``arith:train:160`` / ``:320``, which begin with the 1x problems), so sampling and training
   both scale; rows ``reasonmaxxer@2x`` ..., seed 0 (``--budget-seeds``), FLOPs as measured.
+
+Across sessions (``runs/`` is not committed): what the other cells take from the first cell (its
+base rollouts, base evaluation, transfer base evaluation, run config and timings) is copied, once
+it finishes, to ``benchmarks/results/method_study_base/<regime>/`` (the regime's *base pack*;
+commit it, ~1 MB). A later session's cells reuse the pack instead of re-running the first cell
+(45-60 min), so every cell of a regime, whatever the session or the CPU it ran on, is paired with
+the same base rollouts and the same base evaluation (`base_source`).
 """
 
 from __future__ import annotations
@@ -36,6 +43,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+# what the other cells read from the first cell (paths relative to its run dir; `transfer_base`
+# is the regime's shared transfer evaluation, beside the cells)
+PACK_FILES = ("run_config.json", "timings.json", "rollouts", "eval/base/samples", "eval/base/greedy")
 TRAIN_TIERS = "add1,addsub2,word1,word2"  # the default mix without expr (the transfer family)
 REGIMES = {
     "short": {
@@ -126,6 +136,25 @@ def _cell(regime: str, method: str, seed: int, budget: int, label: str) -> dict:
     }
 
 
+def finished(cell: dict, d: Path) -> bool:
+    """Whether the cell's run dir `d` holds a finished run (`run`'s summary, `baseline`'s result)."""
+    return (d / ("result.json" if cell["method"] in BASELINES else "summary.json")).is_file()
+
+
+def pack_dir(regime: str) -> Path:
+    """The regime's base pack (committed): what the other cells take from the first cell."""
+    return RESULTS / "method_study_base" / regime
+
+
+def base_source(regime: str, first_cell: dict, first: Path, carried: set[str]) -> Path:
+    """Where the cells of `regime` take the first cell's stores from: its run dir `first` when it
+    is there, finished or to be run; the base pack when the first cell's results are committed
+    (`carried`) and its dir is not here (a later session), so it is not re-run."""
+    if first.is_dir() or stored_name(first_cell) not in carried or not (pack_dir(regime) / "run_config.json").is_file():
+        return first
+    return pack_dir(regime)
+
+
 def stored_name(cell: dict) -> str:
     """The name under which a cell's (last) row is stored: "rft-s2", "rft@2x-s0", "grpo@4x-s0"."""
     return f"{cell['method']}@{cell['budget']}x-s{cell['seed']}" if cell["method"] in BASELINES else cell["name"]
@@ -143,7 +172,8 @@ def scaled_problems(spec: str, factor: int) -> str:
 def reuse_source(cell: dict, root: Path, first: Path) -> Path | None:
     """The run dir whose stores (rollouts, base evaluation) a cell copies where they were made
     with the same inputs: the first cell that samples as it does (faithful's seed 0, the
-    ReasonMaxxer cell of its budget), else the study's first cell; None for the first cell."""
+    ReasonMaxxer cell of its budget) while its dir is here, else the study's first cell (`first`:
+    its run dir or the regime's base pack); None for the first cell."""
     d = root / cell["regime"]
     if cell["budget"] > 1:
         src = d / f"reasonmaxxer@{cell['budget']}x-s0"
@@ -152,7 +182,9 @@ def reuse_source(cell: dict, root: Path, first: Path) -> Path | None:
     else:
         src = first
     out = d / cell["name"]
-    src = first if src == out else src  # the first of its sampling: the base evaluation only
+    # the first of its sampling, or one whose dir is gone (run in an earlier session): the first
+    # cell's base evaluation only (the rollouts are sampled again, with the same sampling seed)
+    src = first if src == out or not src.is_dir() else src
     return None if out == first else src
 
 

@@ -69,14 +69,14 @@ def stored_cells(regime: str) -> set[str]:
     return set(probs) | {f"{m}-s{seed}" for m, seed in rows}
 
 
-def reference_flops(first: Path) -> float:
-    """The FLOPs of ReasonMaxxer seed 0 (the budget unit) of the regime `first` is in, as
-    `compare` counts them."""
+def reference_flops(first: Path, regime: str) -> float:
+    """The FLOPs of ReasonMaxxer seed 0 (the budget unit) of `regime`, as `compare` counts them:
+    from its run dir `first` when finished there, else from the committed results."""
     from reasonmaxxer.recipes.compare import read_reasonmaxxer_run
 
     if (first / "summary.json").is_file():
         return float(read_reasonmaxxer_run(first)["flops"])
-    rows, _ = stored(first.parent.name)
+    rows, _ = stored(regime)
     if ("reasonmaxxer", 0) not in rows:
         raise SystemExit(f"method_study: {first} is not finished and no stored ReasonMaxxer seed-0 row")
     return float(rows[("reasonmaxxer", 0)]["flops"])
@@ -106,13 +106,15 @@ def cell_row(d: Path, method: str, seed: int) -> tuple[dict, dict]:
 
 def baseline_rows(d: Path, method: str, seed: int, first: Path) -> list[tuple[dict, dict]]:
     """[(row, per-problem accuracies)] of a baseline cell, one per budget evaluated so far: the
-    evaluation at the first step whose counted FLOPs reach the budget (`eval_at_flops`)."""
+    evaluation at the first step whose counted FLOPs reach the budget (`eval_at_flops`).
+    `first`: the regime's first cell (its run dir or base pack, `base_source`); `d`'s parent is
+    named after the regime."""
     from reasonmaxxer.io import read_jsonl
 
     path = d / "curve.jsonl"
     curve = [r for _, r in read_jsonl(path, allow_empty=True, torn_tail=True)] if path.is_file() else []
     curve.sort(key=lambda r: r["step"])
-    ref, out = reference_flops(first), []
+    ref, out = reference_flops(first, d.parent.name), []
     base = per_problem(first, "eval/base/samples")
     tb = per_problem(d.parent, "transfer_base/samples")
     for b in BUDGETS:
@@ -132,16 +134,19 @@ def baseline_rows(d: Path, method: str, seed: int, first: Path) -> list[tuple[di
     return out
 
 
-def aggregate(root: Path, regime: str, seeds, methods, baseline_seeds=(0,), budget_seeds=(0,)) -> tuple[dict, dict]:
+def aggregate(
+    root: Path, regime: str, seeds, methods, baseline_seeds=(0,), budget_seeds=(0,), source: Path | None = None
+) -> tuple[dict, dict]:
     """(results, per-problem accuracies): the cells finished here, plus the committed rows of
     cells not present under ``root`` (kept from an earlier session, marked ``carried``). A row's
-    method is its cell's label ("rft@2x"); the 1x ReasonMaxxer of the same seed is the reference."""
+    method is its cell's label ("rft@2x"); the 1x ReasonMaxxer of the same seed is the reference.
+    `source`: where the first cell's base stores are (`base_source`; default its dir under root)."""
     from reasonmaxxer.core.stats import mean_ci95, paired_bootstrap
 
     old_rows, probs = stored(regime)
     rows = {}
     todo = cells(regime, seeds, methods, baseline_seeds, budget_seeds)
-    first = root / regime / todo[0]["name"]
+    first = source or root / regime / todo[0]["name"]
     for cell in todo:
         key = (cell["label"], cell["seed"])
         d = root / regime / cell["name"]

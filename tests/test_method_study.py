@@ -59,6 +59,10 @@ def test_cell_configs_scale_the_problems_and_reuse_the_cell_that_samples_alike(d
         return load_run_config(p)
 
     assert cfg("reasonmaxxer-s0").reuse is None
+    # a source whose dir is gone (finished in an earlier session): the first cell's base eval only
+    assert cfg("rft@2x-s0").reuse == str(first) and cfg("faithful-s1").reuse == str(first)
+    for name in ("reasonmaxxer@2x-s0", "faithful-s0"):
+        (tmp_path / "short" / name).mkdir(parents=True)
     assert cfg("rft-s1").reuse == str(first) and cfg("rft-s1").train.seed == 1
     assert cfg("rft-s1").train_problems == design.REGIMES["short"]["train_problems"]
     two = cfg("rft@2x-s0")
@@ -89,7 +93,7 @@ def test_baseline_rows_take_the_first_evaluation_at_or_past_each_budget(study, t
         return {"a": step / 10, "b": 0.0}
 
     monkeypatch.setattr(study, "per_problem", fake_per_problem)
-    monkeypatch.setattr(study, "reference_flops", lambda first: 15.0)
+    monkeypatch.setattr(study, "reference_flops", lambda first, regime: 15.0)
     rows = study.baseline_rows(d, "grpo", 0, tmp_path / "short" / "reasonmaxxer-s0")
     assert [(r["method"], r["steps"], r["flops"]) for r, _ in rows] == [
         ("grpo@1x", 2, 20.0),
@@ -123,3 +127,40 @@ def test_results_are_kept_per_regime_and_the_length_column_appears_where_measure
     lines = study.markdown({**res, "rows": rows}).splitlines()
     assert lines[2].endswith("| FLOPs | tokens (base) |") and lines[3].endswith("---:|---:|")
     assert lines[4].endswith("| 1e+12 | 81.2 (90.5) |") and lines[5].endswith("| 1e+12 | - |")
+
+
+def test_a_later_session_takes_the_first_cells_stores_from_the_committed_base_pack(design, tmp_path, monkeypatch):
+    """The finished first cell's base stores are copied once to the regime's pack; a session
+    without the first cell's dir, whose results are committed, reads the pack (and its transfer
+    base evaluation) instead of re-running it; without committed results it runs it."""
+    study = importlib.import_module("method_study")
+    monkeypatch.setattr(design, "RESULTS", tmp_path / "results")
+    first_cell = design.cells("short", [0], ["reasonmaxxer", "rft"])[0]
+    first = tmp_path / "runs" / "short" / "reasonmaxxer-s0"
+    for rel in design.PACK_FILES + ("train/adapter",):
+        if rel.endswith(".json"):
+            (first / rel).parent.mkdir(parents=True, exist_ok=True)
+            (first / rel).write_text(json.dumps({"template": "fewshot", "eval": {"max_new_tokens": 7}}))
+        else:
+            (first / rel).mkdir(parents=True)
+            (first / rel / "manifest.json").write_text(rel)
+    (first / "rollouts" / "manifest.lock").write_text("")
+    (first.parent / "transfer_base" / "samples").mkdir(parents=True)
+    (first.parent / "transfer_base" / "eval.json").write_text("{}")
+    pack = design.pack_dir("short")
+    assert study.export_pack(first, "short") is None  # not finished: nothing copied
+    (first / "summary.json").write_text("{}")
+    assert study.export_pack(first, "short") == pack and study.export_pack(first, "short") is None
+    assert (pack / "eval/base/greedy/manifest.json").read_text() == "eval/base/greedy"
+    assert (pack / "transfer_base" / "eval.json").is_file() and (pack / "timings.json").is_file()
+    assert not (pack / "train").exists() and not (pack / "rollouts" / "manifest.lock").exists()
+    assert not list(pack.parent.glob("*.tmp"))
+
+    later = tmp_path / "later" / "short" / "reasonmaxxer-s0"  # a new session: no runs
+    assert design.base_source("short", first_cell, later, set()) == later  # nothing committed: run it
+    assert design.base_source("short", first_cell, later, {"reasonmaxxer-s0"}) == pack
+    assert design.base_source("short", first_cell, first, {"reasonmaxxer-s0"}) == first  # its dir is here
+    assert study.prompt_of(later.parent / "grpo-s0", pack) == ("fewshot", 7)
+    assert study.copy_tree(pack / "transfer_base", later.parent / "transfer_base")
+    assert (later.parent / "transfer_base" / "eval.json").is_file()
+    assert not study.copy_tree(pack / "transfer_base", later.parent / "transfer_base")  # there already
