@@ -51,6 +51,8 @@ from method_study_design import (  # noqa: E402
 )
 from method_study_results import aggregate, markdown, reference_flops, save, stored_cells  # noqa: E402
 
+from reasonmaxxer.io import atomic_dir  # noqa: E402
+
 
 def run_cell(cell: dict, root: Path, first: Path, threads: int) -> float:
     d = root / cell["regime"] / cell["name"]
@@ -98,15 +100,15 @@ def transfer(cell: dict, d: Path, first: Path) -> None:
         subprocess.run(cmd, check=True, cwd=ROOT)
 
 
+LOCKS = shutil.ignore_patterns("*.lock")  # a store's lock files stay behind
+
+
 def copy_tree(src: Path, dst: Path) -> bool:
-    """Copy the directory `src` to `dst` (through a temporary name) when `src` is there and `dst`
-    is not; returns whether it copied."""
+    """Copy the directory `src` to `dst` (`io.atomic_dir`) when `src` is there and `dst` is not;
+    returns whether it copied."""
     if not src.is_dir() or dst.exists():
         return False
-    tmp = dst.with_name(dst.name + ".copy-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.lock"))
-    tmp.rename(dst)
+    atomic_dir(dst, lambda tmp: shutil.copytree(src, tmp, ignore=LOCKS, dirs_exist_ok=True))
     return True
 
 
@@ -117,17 +119,18 @@ def export_pack(first: Path, regime: str) -> Path | None:
     pack = pack_dir(regime)
     if pack.exists() or not (first / "summary.json").is_file():
         return None
-    tmp = pack.with_name(pack.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for rel in PACK_FILES:
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        if (first / rel).is_dir():
-            copy_tree(first / rel, tmp / rel)
-        else:
-            shutil.copy2(first / rel, tmp / rel)
-    copy_tree(first.parent / "transfer_base", tmp / "transfer_base")
-    tmp.rename(pack)
-    return pack
+
+    def fill(tmp: Path) -> None:
+        for rel in PACK_FILES:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            if (first / rel).is_dir():
+                shutil.copytree(first / rel, tmp / rel, ignore=LOCKS)
+            else:
+                shutil.copy2(first / rel, tmp / rel)
+        if (first.parent / "transfer_base").is_dir():
+            shutil.copytree(first.parent / "transfer_base", tmp / "transfer_base", ignore=LOCKS)
+
+    return atomic_dir(pack, fill)
 
 
 def prompt_of(d: Path, first: Path) -> tuple[str, int]:

@@ -154,7 +154,7 @@ def test_a_later_session_takes_the_first_cells_stores_from_the_committed_base_pa
     assert (pack / "eval/base/greedy/manifest.json").read_text() == "eval/base/greedy"
     assert (pack / "transfer_base" / "eval.json").is_file() and (pack / "timings.json").is_file()
     assert not (pack / "train").exists() and not (pack / "rollouts" / "manifest.lock").exists()
-    assert not list(pack.parent.glob("*.tmp"))
+    assert not list(pack.parent.glob("*.tmp")) and [p.name for p in pack.parent.iterdir()] == ["short"]
 
     later = tmp_path / "later" / "short" / "reasonmaxxer-s0"  # a new session: no runs
     assert design.base_source("short", first_cell, later, set()) == later  # nothing committed: run it
