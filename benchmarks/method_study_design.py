@@ -101,10 +101,12 @@ PENDING = [
 
 
 def cells(regime: str, seeds, methods, baseline_seeds=(0,), budget_seeds=(0,)) -> list[dict]:
-    """The study's cells in run order: ReasonMaxxer seed 0 first (its base stores are reused).
+    """The study's cells in run order: ReasonMaxxer seed 0 first (its base stores are reused), in
+    every selection: `--methods positive_only` alone still starts from it (or from its base pack),
+    so no other cell ever becomes the one whose stores the others copy.
     A cell: regime, method, seed, budget (x the reference FLOPs; 1 for the 1x offline cells; a
     GRPO cell's largest), label (the row's method: "rft", "rft@2x") and name (its run dir)."""
-    out = []
+    out = [] if "reasonmaxxer" in methods and 0 in seeds else [_cell(regime, "reasonmaxxer", 0, 1, "reasonmaxxer")]
     for m in methods:
         if m in BASELINES:
             out += [_cell(regime, m, s, BUDGETS[-1], m) for s in baseline_seeds]
@@ -119,7 +121,7 @@ def cells(regime: str, seeds, methods, baseline_seeds=(0,), budget_seeds=(0,)) -
 
     def key(c):
         group = "budgets" if c["budget"] > 1 and c["method"] not in BASELINES else c["method"]
-        first = c["seed"] == seeds[0] and c["method"] == "reasonmaxxer" and c["budget"] == 1
+        first = c["seed"] == 0 and c["method"] == "reasonmaxxer" and c["budget"] == 1
         return (not first, rank.get(group, len(ORDER)), c["budget"], rank.get(c["method"], 0), c["seed"])
 
     return sorted(out, key=key)

@@ -44,6 +44,15 @@ def test_cells_run_reasonmaxxer_seed0_first_then_the_budgets_and_grpo_on_its_own
     assert design.stored_name(by["rft-s1"]) == "rft-s1" and design.stored_name(by["rft@4x-s0"]) == "rft@4x-s0"
 
 
+def test_every_selection_starts_from_reasonmaxxer_seed0_whose_stores_the_others_copy(design):
+    """`--methods positive_only random_gate --seeds 1` must not make positive_only-s1 the cell
+    whose base stores (and base pack) every other cell copies."""
+    todo = design.cells("short", [1], ["positive_only", "random_gate"], [0], [0])
+    assert [c["name"] for c in todo] == ["reasonmaxxer-s0", "positive_only-s1", "random_gate-s1"]
+    assert todo[0]["method"] == "reasonmaxxer" and todo[0]["budget"] == 1
+    assert [c["name"] for c in design.cells("short", [2, 0], ["reasonmaxxer"])][:1] == ["reasonmaxxer-s0"]
+
+
 def test_cell_configs_scale_the_problems_and_reuse_the_cell_that_samples_alike(design, tmp_path):
     """Each cell's TOML loads as a run config; a 2x cell trains on 160 problems (the 80 first),
     RFT's reuses ReasonMaxxer@2x's rollouts, ReasonMaxxer@2x only the first cell's base eval."""
