@@ -5,8 +5,9 @@
     python benchmarks/method_study.py --aggregate-only        # the table and plot from finished cells
 
 Resumable by construction: each cell is a `reasonmaxxer run` (or `reasonmaxxer baseline`)
-directory under ``--root`` (default ``runs/method_study``); a finished cell is skipped, a cell
-cut short resumes where its stages stopped (every stage of `run` is resumable; a GRPO run is
+directory under ``--root`` (default ``runs/method_study``); a done cell (run finished, transfer
+column evaluated) is skipped, a cell stopped between the two resumes at its transfer evaluation,
+a cell cut short resumes where its stages stopped (every stage of `run` is resumable; a GRPO run is
 checkpointed every 10 steps), so the study can be stopped at any point (Ctrl-C, end of a
 session) and continued later. After each cell the results are aggregated into
 ``benchmarks/results/method_study.json`` (commit it), with a markdown table
@@ -45,6 +46,7 @@ from method_study_design import (  # noqa: E402
     base_source,
     cell_config,
     cells,
+    done,
     finished,
     pack_dir,
     stored_name,
@@ -63,7 +65,8 @@ def run_cell(cell: dict, root: Path, first: Path, threads: int) -> float:
     cfg.write_text(cell_config(cell, root, first))
     t0 = time.time()
     cmd = [sys.executable, "-m", "reasonmaxxer", "run", str(cfg)] + (["--threads", str(threads)] if threads else [])
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    if not finished(cell, d):  # else only its transfer evaluation is missing
+        subprocess.run(cmd, check=True, cwd=ROOT)
     transfer(cell, d, first)
     return time.time() - t0
 
@@ -79,7 +82,8 @@ def run_baseline_cell(cell: dict, d: Path, first: Path, threads: int) -> float:
     cmd += ["--train-problems", reg["train_problems"], "--test-problems", reg["test_problems"]]
     cmd += ["--max-new-tokens", str(rc["sampling"]["max_new_tokens"]), "--max-steps", "100000", "--eval-every", "0"]
     cmd += ["--max-train-flops", repr(BUDGETS[-1] * ref), "--eval-at-flops"] + [repr(b * ref) for b in BUDGETS[:-1]]
-    subprocess.run(cmd + (["--threads", str(threads)] if threads else []), check=True, cwd=ROOT)
+    if not finished(cell, d):  # else only its transfer evaluation is missing
+        subprocess.run(cmd + (["--threads", str(threads)] if threads else []), check=True, cwd=ROOT)
     transfer(cell, d, first)
     return time.time() - t0
 
@@ -117,8 +121,8 @@ def export_pack(first: Path, regime: str) -> Path | None:
     regime's transfer base evaluation) to the regime's base pack, once; returns the pack when it
     wrote it. Commit it: a later session's cells reuse it instead of re-running the first cell."""
     pack = pack_dir(regime)
-    if pack.exists() or not (first / "summary.json").is_file():
-        return None
+    if pack.exists() or not (first / "summary.json").is_file() or not (first / "transfer" / "eval.json").is_file():
+        return None  # there already, or the first cell (its run, its transfer evaluation) not complete
 
     def fill(tmp: Path) -> None:
         for rel in PACK_FILES:
@@ -148,6 +152,16 @@ def model_of(d: Path) -> str:
     return json.loads((d / "baseline_config.json").read_text())["baseline"]["model"]
 
 
+def cell_state(cell: dict, d: Path, carried: set[str], src: Path) -> str:
+    """ "done"; "transfer eval left" (its run finished, resumed there); "stored" (its row committed
+    by an earlier session, its dir not here: skipped); or "todo"."""
+    if done(cell, d):
+        return "done"
+    if finished(cell, d):
+        return "transfer eval left"
+    return "stored" if stored_name(cell) in carried and d != src else "todo"
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--regime", default="short", choices=tuple(REGIMES))
@@ -171,15 +185,14 @@ def main(argv=None) -> dict:
     if a.plan:
         print(f"base stores from {src}")
         for c in todo:
-            done = finished(c, root / a.regime / c["name"])
-            print(f"{'done' if done else 'stored' if stored_name(c) in carried else 'todo'}  {a.regime}/{c['name']}")
+            print(f"{cell_state(c, root / a.regime / c['name'], carried, src)}  {a.regime}/{c['name']}")
         print("not in the study yet:\n  " + "\n  ".join(PENDING))
         return {}
     n_new = 0
     if not a.aggregate_only:
         for c in todo:
             d = root / a.regime / c["name"]
-            if finished(c, d) or (stored_name(c) in carried and d != src):
+            if cell_state(c, d, carried, src) in ("done", "stored"):
                 continue
             if a.max_cells and n_new >= a.max_cells:
                 break

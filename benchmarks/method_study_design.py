@@ -143,6 +143,12 @@ def finished(cell: dict, d: Path) -> bool:
     return (d / ("result.json" if cell["method"] in BASELINES else "summary.json")).is_file()
 
 
+def done(cell: dict, d: Path) -> bool:
+    """Whether the cell is complete: its run finished and its transfer column evaluated (a cell
+    stopped between the two is resumed at the transfer evaluation, its run not repeated)."""
+    return finished(cell, d) and (d / "transfer" / "eval.json").is_file()
+
+
 def pack_dir(regime: str) -> Path:
     """The regime's base pack (committed): what the other cells take from the first cell."""
     return RESULTS / "method_study_base" / regime

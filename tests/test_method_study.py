@@ -159,6 +159,9 @@ def test_a_later_session_takes_the_first_cells_stores_from_the_committed_base_pa
     pack = design.pack_dir("short")
     assert study.export_pack(first, "short") is None  # not finished: nothing copied
     (first / "summary.json").write_text("{}")
+    assert study.export_pack(first, "short") is None  # its transfer evaluation not there yet
+    (first / "transfer").mkdir()
+    (first / "transfer" / "eval.json").write_text("{}")
     assert study.export_pack(first, "short") == pack and study.export_pack(first, "short") is None
     assert (pack / "eval/base/greedy/manifest.json").read_text() == "eval/base/greedy"
     assert (pack / "transfer_base" / "eval.json").is_file() and (pack / "timings.json").is_file()
@@ -173,3 +176,39 @@ def test_a_later_session_takes_the_first_cells_stores_from_the_committed_base_pa
     assert study.copy_tree(pack / "transfer_base", later.parent / "transfer_base")
     assert (later.parent / "transfer_base" / "eval.json").is_file()
     assert not study.copy_tree(pack / "transfer_base", later.parent / "transfer_base")  # there already
+
+
+def test_a_cell_stopped_before_its_transfer_eval_resumes_there_without_rerunning(design, tmp_path, monkeypatch):
+    """A cell whose `run` finished but whose transfer evaluation did not (a crash, a stop) is not
+    "done": the study runs only its transfer evaluation, and the base pack waits for it."""
+    study = importlib.import_module("method_study")
+    monkeypatch.setattr(design, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(study, "pack_dir", design.pack_dir)
+    cell = design.cells("short", [0], ["reasonmaxxer"])[0]
+    d = tmp_path / "runs" / "short" / "reasonmaxxer-s0"
+    d.mkdir(parents=True)
+    cfg = {"model": "base-model", "template": "fewshot", "eval": {"max_new_tokens": 7}}
+    (d / "run_config.json").write_text(json.dumps(cfg))
+    (d / "summary.json").write_text("{}")
+    (d / "timings.json").write_text("{}")
+    for rel in ("rollouts", "eval/base/samples", "eval/base/greedy"):
+        (d / rel).mkdir(parents=True)
+    assert design.finished(cell, d) and not design.done(cell, d)
+    assert study.cell_state(cell, d, {"reasonmaxxer-s0"}, d) == "transfer eval left"
+    assert study.export_pack(d, "short") is None  # its transfer evaluation is not there yet
+    calls = []
+
+    def fake_run(cmd, check, cwd):
+        calls.append(cmd[3])
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text("{}")
+
+    monkeypatch.setattr(study.subprocess, "run", fake_run)
+    study.run_cell(cell, tmp_path / "runs", d, 0)
+    assert calls == ["eval", "eval"]  # the trained model's and the base's, no second `run`
+    assert design.done(cell, d) and study.cell_state(cell, d, set(), d) == "done"
+    assert study.export_pack(d, "short") == design.pack_dir("short")
+    other = design.cells("short", [0], ["rft"])[1]
+    assert study.cell_state(other, d.parent / "rft-s0", {"rft-s0"}, d) == "stored"
+    assert study.cell_state(other, d.parent / "rft-s0", set(), d) == "todo"
