@@ -11,7 +11,7 @@
   greedy). All methods share the base evaluation, and the methods that sample alike share the
   rollouts and the selection (`reuse` of the first cell of their sampling: see `reuse_source`).
 - methods: ``reasonmaxxer`` (the reference run's recipe), ``rft`` (SFT on the correct rollouts),
-  ``positive_only``, ``random_gate`` (the entropy gate's count at random positions),
+  ``positive_only`` (the paper's: loss variant ``positive_only_paper``), ``random_gate`` (the entropy gate's count at random positions),
   ``all_tokens``, ``no_anchor``; seeds 0, 1, 2 (the training seed; data fixed).
 - ``random_reward``: the random-reward control, ReasonMaxxer on the same rollouts with their
   correctness labels permuted across the pool (``[selection] rewards = "shuffled"``).
@@ -70,7 +70,9 @@ REGIMES = {
 METHODS = {
     "reasonmaxxer": {},
     "rft": {"train": {"variant": "rft"}},
-    "positive_only": {"train": {"variant": "positive_only"}},
+    # the "positive-only (paper)": the official --positive_only (incorrect rollouts
+    # dropped, A = 1 on the correct ones), not our variant that keeps the A > 0 values
+    "positive_only": {"train": {"variant": "positive_only_paper"}},
     "random_gate": {"train": {"gate": "random"}},
     "all_tokens": {"train": {"variant": "all_tokens"}},
     "no_anchor": {"train": {"variant": "no_anchor"}},

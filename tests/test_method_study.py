@@ -58,7 +58,7 @@ def test_cell_configs_scale_the_problems_and_reuse_the_cell_that_samples_alike(d
     RFT's reuses ReasonMaxxer@2x's rollouts, ReasonMaxxer@2x only the first cell's base eval."""
     from reasonmaxxer.config import load_run_config
 
-    todo = design.cells("short", [0, 1], ["reasonmaxxer", "rft", "faithful"], [0], [0])
+    todo = design.cells("short", [0, 1], ["reasonmaxxer", "rft", "faithful", "positive_only"], [0], [0])
     by = {c["name"]: c for c in todo}
     first = tmp_path / "short" / "reasonmaxxer-s0"
 
@@ -81,6 +81,8 @@ def test_cell_configs_scale_the_problems_and_reuse_the_cell_that_samples_alike(d
     assert cfg("reasonmaxxer@4x-s0").train_problems.startswith("arith:train:320:")
     assert cfg("faithful-s0").reuse == str(first) and cfg("faithful-s0").sampling.n == 16
     assert cfg("faithful-s1").reuse == str(tmp_path / "short" / "faithful-s0")
+    assert cfg("positive_only-s1").train.variant == "positive_only_paper"  # the issue's "(paper)"
+    assert cfg("positive_only-s1").reuse == str(first)
     from reasonmaxxer.data.benchmarks import load_problems
 
     ids = [p.id for p in load_problems(two.train_problems)]
