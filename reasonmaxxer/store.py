@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 
 from .errors import ReasonMaxxerError
-from .io import atomic_write_json, atomic_write_table, config_hash, package_versions
+from .io import atomic_dir, atomic_write_json, atomic_write_table, config_hash, package_versions
 
 ROLLOUT_SCHEMA = pa.schema(
     [
@@ -98,17 +98,13 @@ class RolloutStore:
     def copy_from(self, src: str | Path, config: dict) -> bool:
         """Make this store a copy of the store at `src` when this one does not exist yet and `src`
         was made with the same inputs (its manifest's config hash is `config`'s): another run's
-        base rollouts or base evaluation, reused. Copied to a temporary name, then renamed into
-        place. Returns whether it copied (a mismatch or a missing `src` copies nothing)."""
+        base rollouts or base evaluation, reused. Copied through `io.atomic_dir` (a temp dir beside
+        it, renamed into place; an empty dir or stale lock of a store never opened is replaced).
+        Returns whether it copied (a mismatch or a missing `src` copies nothing)."""
         other = RolloutStore(src, self.schema)
         if self.exists() or not other.exists() or other.manifest().get("config_hash") != config_hash(config):
             return False
-        tmp = self.root.with_name(self.root.name + ".copy-tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(other.root, tmp)
-        if self.root.exists():  # an empty dir (or a stale lock) of a store never opened
-            shutil.rmtree(self.root)
-        tmp.rename(self.root)
+        atomic_dir(self.root, lambda tmp: shutil.copytree(other.root, tmp, dirs_exist_ok=True))
         return True
 
     def manifest(self) -> dict:
