@@ -43,6 +43,7 @@ from method_study_design import (  # noqa: E402
     PENDING,
     REGIMES,
     ROOT,
+    SEEDS,
     base_source,
     cell_config,
     cells,
@@ -167,7 +168,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--regime", default="short", choices=tuple(REGIMES))
     every = tuple(METHODS) + tuple(BASELINES)
     ap.add_argument("--methods", nargs="+", default=list(every), choices=every)
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     ap.add_argument("--baseline-seeds", nargs="+", type=int, default=[0], help="seeds of the GRPO cells")
     ap.add_argument("--budget-seeds", nargs="+", type=int, default=[0], help="seeds of the offline 2x/4x cells")
     ap.add_argument("--root", default=str(ROOT / "runs" / "method_study"))

@@ -91,6 +91,7 @@ METHODS = {
 }
 # RL through TRL: study method -> `reasonmaxxer baseline` method
 BASELINES = {"grpo": "grpo", "grpo_entropy": "grpo-entropy"}
+SEEDS = (0, 1, 2)  # the training seeds of the 1x cells (`--seeds` default)
 BUDGETS = (1, 2, 4)  # x the FLOPs of ReasonMaxxer seed 0
 BUDGET_METHODS = ("reasonmaxxer", "rft")  # the offline methods also run on 2x / 4x the problems
 # run first, in this order ("budgets": the offline methods' 2x and 4x cells)

@@ -13,7 +13,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from method_study_design import BASELINES, BUDGETS, ORDER, PENDING, REGIMES, RESULTS, ROOT, cells, stored_name
+from method_study_design import (
+    BASELINES,
+    BUDGETS,
+    METHODS,
+    ORDER,
+    PENDING,
+    REGIMES,
+    RESULTS,
+    ROOT,
+    SEEDS,
+    cells,
+    stored_name,
+)
 
 
 def mean(acc: dict | None) -> float | None:
@@ -138,7 +150,9 @@ def aggregate(
     root: Path, regime: str, seeds, methods, baseline_seeds=(0,), budget_seeds=(0,), source: Path | None = None
 ) -> tuple[dict, dict]:
     """(results, per-problem accuracies): the cells finished here, plus the committed rows of
-    cells not present under ``root`` (kept from an earlier session, marked ``carried``). A row's
+    cells not present under ``root`` or outside this selection (kept from an earlier session,
+    marked ``carried``: aggregating one method never drops the others' rows); pending: the cells
+    of the whole study (every method, `SEEDS`) with no row yet. A row's
     method is its cell's label ("rft@2x"); the 1x ReasonMaxxer of the same seed is the reference.
     `source`: where the first cell's base stores are (`base_source`; default its dir under root)."""
     from reasonmaxxer.core.stats import mean_ci95, paired_bootstrap
@@ -162,6 +176,8 @@ def aggregate(
             rows[key], probs[cell["name"]] = cell_row(d, *key)
         elif key in old_rows:
             rows[key] = {**old_rows[key], "carried": True}
+    for k, r in old_rows.items():  # committed cells outside this selection keep their rows
+        rows.setdefault(k, {**r, "carried": True})
     if (first / "eval" / "base" / "samples" / "manifest.json").is_file():
         probs["base"] = {
             m: per_problem(first, f"eval/base/{sub}") for m, sub in (("avg_at_4", "samples"), ("greedy", "greedy"))
@@ -187,7 +203,8 @@ def aggregate(
         if vals:
             by_method[m] = {"seeds": len(vals), "avg_at_4_mean_ci95": mean_ci95(vals) if len(vals) > 1 else None}
     done = {f"{r['method']}-s{r['seed']}" for r in rows}
-    pending = [stored_name(c) for c in todo if stored_name(c) not in done]
+    design = todo + cells(regime, SEEDS, tuple(METHODS) + tuple(BASELINES))  # this selection's, then the whole study's
+    pending = list(dict.fromkeys(stored_name(c) for c in design if stored_name(c) not in done))
     res = {
         "regime": regime,
         "design": {k: str(Path(v).relative_to(ROOT)) if k == "extends" else v for k, v in REGIMES[regime].items()},

@@ -214,3 +214,22 @@ def test_a_cell_stopped_before_its_transfer_eval_resumes_there_without_rerunning
     other = design.cells("short", [0], ["rft"])[1]
     assert study.cell_state(other, d.parent / "rft-s0", {"rft-s0"}, d) == "stored"
     assert study.cell_state(other, d.parent / "rft-s0", set(), d) == "todo"
+
+
+def test_aggregating_one_method_keeps_the_committed_rows_of_the_others(study, tmp_path, monkeypatch):
+    """`--methods positive_only` re-saves the results: the committed RFT row (outside the
+    selection) stays, paired again with ReasonMaxxer from the kept per-problem values, and the
+    pending list is the whole study's, not only the selection's."""
+    monkeypatch.setattr(study, "RESULTS", tmp_path)
+    row = {"avg_at_4": 0.5, "base_avg_at_4": 0.25, "greedy": 0.5, "flops": 1e12}
+    rows = [{**row, "method": "reasonmaxxer", "seed": 0}, {**row, "method": "rft", "seed": 0, "avg_at_4": 0.75}]
+    (tmp_path / "method_study.json").write_text(json.dumps({"rows": rows}))
+    acc = {"reasonmaxxer-s0": {"p1": 0.5, "p2": 0.5}, "rft-s0": {"p1": 1.0, "p2": 0.5}}
+    probs = {k: {"avg_at_4": v, "greedy": v} for k, v in acc.items()}
+    (tmp_path / "method_study_problems.json").write_text(json.dumps(probs))
+    res, _ = study.aggregate(tmp_path / "runs", "short", [0], ["positive_only"])
+    by = {(r["method"], r["seed"]): r for r in res["rows"]}
+    assert set(by) == {("reasonmaxxer", 0), ("rft", 0)} and by[("rft", 0)]["carried"]
+    assert by[("rft", 0)]["avg_at_4_vs_reasonmaxxer"]["mean_diff"] == pytest.approx(0.25)
+    assert {"positive_only-s0", "rft-s1", "faithful-s2", "grpo@4x-s0"} <= set(res["cells_pending"])
+    assert "rft-s0" not in res["cells_pending"] and res["cells_pending"][0] == "positive_only-s0"
