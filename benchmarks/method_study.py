@@ -122,8 +122,12 @@ def export_pack(first: Path, regime: str) -> Path | None:
     regime's transfer base evaluation) to the regime's base pack, once; returns the pack when it
     wrote it. Commit it: a later session's cells reuse it instead of re-running the first cell."""
     pack = pack_dir(regime)
-    if pack.exists() or not (first / "summary.json").is_file() or not (first / "transfer" / "eval.json").is_file():
-        return None  # there already, or the first cell (its run, its transfer evaluation) not complete
+    if (
+        pack.exists()
+        or not (first / "summary.json").is_file()
+        or not (first.parent / "transfer_base" / "eval.json").is_file()
+    ):
+        return None  # there already, or the first cell (its run, the transfer base evaluation) not complete
 
     def fill(tmp: Path) -> None:
         for rel in PACK_FILES:

@@ -147,9 +147,11 @@ def finished(cell: dict, d: Path) -> bool:
 
 
 def done(cell: dict, d: Path) -> bool:
-    """Whether the cell is complete: its run finished and its transfer column evaluated (a cell
-    stopped between the two is resumed at the transfer evaluation, its run not repeated)."""
-    return finished(cell, d) and (d / "transfer" / "eval.json").is_file()
+    """Whether the cell is complete: its run finished and its transfer column evaluated, the
+    trained model's and the base's (shared by the regime's cells, beside them); a cell stopped
+    before both are there is resumed at the transfer evaluation, its run not repeated."""
+    transfer = (d / "transfer" / "eval.json", d.parent / "transfer_base" / "eval.json")
+    return finished(cell, d) and all(p.is_file() for p in transfer)
 
 
 def pack_dir(regime: str) -> Path:

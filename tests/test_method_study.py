@@ -161,9 +161,9 @@ def test_a_later_session_takes_the_first_cells_stores_from_the_committed_base_pa
     pack = design.pack_dir("short")
     assert study.export_pack(first, "short") is None  # not finished: nothing copied
     (first / "summary.json").write_text("{}")
-    assert study.export_pack(first, "short") is None  # its transfer evaluation not there yet
-    (first / "transfer").mkdir()
-    (first / "transfer" / "eval.json").write_text("{}")
+    (first.parent / "transfer_base" / "eval.json").unlink()
+    assert study.export_pack(first, "short") is None  # the transfer base evaluation not there yet
+    (first.parent / "transfer_base" / "eval.json").write_text("{}")
     assert study.export_pack(first, "short") == pack and study.export_pack(first, "short") is None
     assert (pack / "eval/base/greedy/manifest.json").read_text() == "eval/base/greedy"
     assert (pack / "transfer_base" / "eval.json").is_file() and (pack / "timings.json").is_file()
@@ -233,3 +233,15 @@ def test_aggregating_one_method_keeps_the_committed_rows_of_the_others(study, tm
     assert by[("rft", 0)]["avg_at_4_vs_reasonmaxxer"]["mean_diff"] == pytest.approx(0.25)
     assert {"positive_only-s0", "rft-s1", "faithful-s2", "grpo@4x-s0"} <= set(res["cells_pending"])
     assert "rft-s0" not in res["cells_pending"] and res["cells_pending"][0] == "positive_only-s0"
+    # a GRPO run of the selection restarted here (its dir has a curve) that has reached only 1x:
+    # the committed 2x row of the earlier run is not mixed in beside the new run's 1x row
+    rows.append({**row, "method": "grpo@2x", "seed": 0})
+    (tmp_path / "method_study.json").write_text(json.dumps({"rows": rows}))
+    (tmp_path / "runs" / "short" / "grpo-s0").mkdir(parents=True)
+    (tmp_path / "runs" / "short" / "grpo-s0" / "curve.jsonl").write_text("")
+    new = {**row, "method": "grpo@1x", "seed": 0}
+    monkeypatch.setattr(study, "baseline_rows", lambda d, method, seed, first: [(new, {})])
+    res, _ = study.aggregate(tmp_path / "runs", "short", [0], ["grpo"])
+    assert sorted(r["method"] for r in res["rows"]) == ["grpo@1x", "reasonmaxxer", "rft"]
+    res, _ = study.aggregate(tmp_path / "runs", "short", [0], ["rft"])  # outside the selection: committed rows kept
+    assert sorted(r["method"] for r in res["rows"]) == ["grpo@2x", "reasonmaxxer", "rft"]

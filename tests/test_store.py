@@ -71,7 +71,11 @@ def test_copy_from_copies_only_a_store_made_with_the_same_inputs(tmp_path):
     mine = RolloutStore(tmp_path / "mine")
     assert mine.copy_from(src.root, {"a": 1})
     assert mine.open({"a": 1})["config_hash"] == config_hash({"a": 1}) and mine.done_shards() == {0}
-    assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "src"]  # no temp dir left
+    stale = RolloutStore(tmp_path / "stale")  # the dir (and lock) of a store never opened
+    (tmp_path / "stale").mkdir()
+    (tmp_path / "stale" / "manifest.lock").write_text("")
+    assert stale.copy_from(src.root, {"a": 1}) and stale.done_shards() == {0}
     mine.write_shard(1, [_row("y", 0)])
     assert not mine.copy_from(src.root, {"a": 1})  # an existing store is never replaced
     assert mine.done_shards() == {0, 1}
