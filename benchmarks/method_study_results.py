@@ -197,6 +197,7 @@ def aggregate(
                 }
             if metric in mine and base.get(metric):
                 row[f"{metric}_vs_base"] = paired_bootstrap(mine[metric], base[metric], seed=seed)
+    same_budget(rows.values(), probs)
     rank = {m: i for i, m in enumerate(ORDER)}
     rows = [rows[k] for k in sorted(rows, key=lambda k: (rank.get(k[0].split("@")[0], len(ORDER)), k))]
     by_method = {}
@@ -216,6 +217,24 @@ def aggregate(
         "not_in_study_yet": PENDING,
     }
     return res, probs
+
+
+def same_budget(rows, probs: dict) -> None:
+    """Pair each 2x / 4x row of another method ("grpo@2x", "rft@4x") with ReasonMaxxer at the same
+    budget ("reasonmaxxer@2x", seed 0), where both per-problem values are kept: sets
+    ``{metric}_vs_reasonmaxxer_same_budget`` (a 95% paired bootstrap over problems, fractions)."""
+    from reasonmaxxer.core.stats import paired_bootstrap
+
+    for row in rows:
+        method, _, budget = row["method"].partition("@")
+        if budget in ("", "1x") or method == "reasonmaxxer":
+            continue
+        ref, mine = probs.get(f"reasonmaxxer@{budget}-s0", {}), probs.get(f"{row['method']}-s{row['seed']}", {})
+        for metric in ("avg_at_4", "greedy"):
+            if metric in mine and metric in ref:
+                row[f"{metric}_vs_reasonmaxxer_same_budget"] = paired_bootstrap(
+                    mine[metric], ref[metric], seed=row["seed"]
+                )
 
 
 def markdown(res: dict) -> str:
@@ -250,6 +269,16 @@ def markdown(res: dict) -> str:
             f"{pct(r['transfer_avg_at_4'])} ({pct(r['transfer_base_avg_at_4'])}) | {fl} |"
             + (f" {tok} |" if lengths else "")
         )
+    same = [r for r in res["rows"] if r.get("avg_at_4_vs_reasonmaxxer_same_budget")]
+    if same:
+        out += ["", "At the same budget, against ReasonMaxxer at that budget (seed 0; 95% paired bootstrap):", ""]
+        out += ["| method | seed | avg@4 - ReasonMaxxer, same budget | greedy - ReasonMaxxer, same budget |"]
+        out += ["|---|---:|---|---|"]
+        for r in same:
+            out.append(
+                f"| {r['method']} | {r['seed']} | {diff(r['avg_at_4_vs_reasonmaxxer_same_budget'])} | "
+                f"{diff(r.get('greedy_vs_reasonmaxxer_same_budget'))} |"
+            )
     if res["cells_pending"]:
         out += ["", "Cells not run yet: " + ", ".join(res["cells_pending"]) + "."]
     if res["not_in_study_yet"]:

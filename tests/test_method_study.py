@@ -245,3 +245,21 @@ def test_aggregating_one_method_keeps_the_committed_rows_of_the_others(study, tm
     assert sorted(r["method"] for r in res["rows"]) == ["grpo@1x", "reasonmaxxer", "rft"]
     res, _ = study.aggregate(tmp_path / "runs", "short", [0], ["rft"])  # outside the selection: committed rows kept
     assert sorted(r["method"] for r in res["rows"]) == ["grpo@2x", "reasonmaxxer", "rft"]
+
+
+def test_larger_budgets_are_also_paired_with_reasonmaxxer_at_the_same_budget(study):
+    """grpo@2x against reasonmaxxer@2x (not only against ReasonMaxxer at 1x); 1x rows, the
+    ReasonMaxxer rows and rows without a same-budget ReasonMaxxer get no such pairing."""
+    acc = {"reasonmaxxer@2x-s0": [0.5, 0.5, 0.0, 0.0], "grpo@2x-s0": [1.0, 1.0, 0.0, 0.0], "rft@4x-s0": [1, 1, 1, 1]}
+    acc |= {"grpo@1x-s0": [1, 1, 1, 1]}
+    probs = {k: {m: dict(enumerate(v)) for m in ("avg_at_4", "greedy")} for k, v in acc.items()}
+    rows = [{"method": k.rsplit("-s", 1)[0], "seed": 0} for k in acc]
+    study.same_budget(rows, probs)
+    by = {r["method"]: r for r in rows}
+    assert by["grpo@2x"]["avg_at_4_vs_reasonmaxxer_same_budget"]["mean_diff"] == pytest.approx(0.25)
+    assert not any("avg_at_4_vs_reasonmaxxer_same_budget" in by[m] for m in ("reasonmaxxer@2x", "rft@4x", "grpo@1x"))
+    row = {"avg_at_4": 0.5, "base_avg_at_4": 0.25, "greedy": 0.5, "flops": 1e12, "transfer_avg_at_4": None}
+    res = {"regime": "short", "design": {"test_problems": "t", "transfer_problems": "x"}, "cells_pending": []}
+    res |= {"not_in_study_yet": [], "rows": [{**row, **r, "transfer_base_avg_at_4": None} for r in rows]}
+    md = study.markdown(res)
+    assert "| grpo@2x | 0 | +25.0 [" in md.split("At the same budget")[1]
