@@ -136,8 +136,7 @@ def export_pack(first: Path, regime: str) -> Path | None:
                 shutil.copytree(first / rel, tmp / rel, ignore=LOCKS)
             else:
                 shutil.copy2(first / rel, tmp / rel)
-        if (first.parent / "transfer_base").is_dir():
-            shutil.copytree(first.parent / "transfer_base", tmp / "transfer_base", ignore=LOCKS)
+        shutil.copytree(first.parent / "transfer_base", tmp / "transfer_base", ignore=LOCKS)  # checked above
 
     return atomic_dir(pack, fill)
 

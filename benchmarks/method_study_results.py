@@ -161,11 +161,13 @@ def aggregate(
     rows = {}
     todo = cells(regime, seeds, methods, baseline_seeds, budget_seeds)
     first = source or root / regime / todo[0]["name"]
-    mine = set()  # the row keys of this selection's cells (a GRPO cell: each budget's)
+    selected = set()  # the row keys of this selection's cells (a GRPO cell: each budget's)
     for cell in todo:
         key = (cell["label"], cell["seed"])
         d = root / regime / cell["name"]
-        mine |= {(f"{cell['method']}@{b}x", cell["seed"]) for b in BUDGETS} if cell["method"] in BASELINES else {key}
+        selected |= (
+            {(f"{cell['method']}@{b}x", cell["seed"]) for b in BUDGETS} if cell["method"] in BASELINES else {key}
+        )
         if cell["method"] in BASELINES and (d / "curve.jsonl").is_file():
             for row, acc in baseline_rows(d, cell["method"], cell["seed"], first):
                 rows[(row["method"], row["seed"])], probs[f"{row['method']}-s{row['seed']}"] = row, acc
@@ -178,7 +180,7 @@ def aggregate(
             rows[key], probs[cell["name"]] = cell_row(d, *key)
         elif key in old_rows:
             rows[key] = {**old_rows[key], "carried": True}
-    for k in old_rows.keys() - mine:  # committed cells outside this selection keep their rows
+    for k in old_rows.keys() - selected:  # committed cells outside this selection keep their rows
         rows[k] = {**old_rows[k], "carried": True}
     if (first / "eval" / "base" / "samples" / "manifest.json").is_file():
         probs["base"] = {
