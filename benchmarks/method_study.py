@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the study's sibling modules
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -156,6 +158,22 @@ def model_of(d: Path) -> str:
     return json.loads((d / "baseline_config.json").read_text())["baseline"]["model"]
 
 
+def study_lock(root: Path, regime: str) -> FileLock:
+    """Hold `root/.<regime>.lock`: a second study process on the same cells (another terminal, a
+    session resumed while the first still runs) stops with one line instead of running the same
+    cell twice into one run dir."""
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(root / f".{regime}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise SystemExit(
+            f"method_study: another process is running the {regime} cells under {root} "
+            f"(it holds {lock.lock_file}); wait for it, or stop it and run again to resume"
+        ) from None
+    return lock
+
+
 def cell_state(cell: dict, d: Path, carried: set[str], src: Path) -> str:
     """ "done"; "transfer eval left" (its run finished, resumed there); "stored" (its row committed
     by an earlier session, its dir not here: skipped); or "todo"."""
@@ -194,19 +212,20 @@ def main(argv=None) -> dict:
         return {}
     n_new = 0
     if not a.aggregate_only:
-        for c in todo:
-            d = root / a.regime / c["name"]
-            if cell_state(c, d, carried, src) in ("done", "stored"):
-                continue
-            if a.max_cells and n_new >= a.max_cells:
-                break
-            print(f"== cell {a.regime}/{c['name']} ==", flush=True)
-            dt = run_cell(c, root, src, a.threads)
-            n_new += 1
-            print(f"== cell {a.regime}/{c['name']} done in {dt:.0f} s ==", flush=True)
-            if export_pack(first, a.regime):
-                print(f"== base pack of {a.regime}: {pack_dir(a.regime)} (commit it) ==", flush=True)
-            save(*aggregate(root, *study, source=src))
+        with study_lock(root, a.regime):  # one process runs a regime's cells at a time
+            for c in todo:
+                d = root / a.regime / c["name"]
+                if cell_state(c, d, carried, src) in ("done", "stored"):
+                    continue
+                if a.max_cells and n_new >= a.max_cells:
+                    break
+                print(f"== cell {a.regime}/{c['name']} ==", flush=True)
+                dt = run_cell(c, root, src, a.threads)
+                n_new += 1
+                print(f"== cell {a.regime}/{c['name']} done in {dt:.0f} s ==", flush=True)
+                if export_pack(first, a.regime):
+                    print(f"== base pack of {a.regime}: {pack_dir(a.regime)} (commit it) ==", flush=True)
+                save(*aggregate(root, *study, source=src))
     res, probs = aggregate(root, *study, source=src)
     save(res, probs)
     print(markdown(res))

@@ -263,3 +263,22 @@ def test_larger_budgets_are_also_paired_with_reasonmaxxer_at_the_same_budget(stu
     res |= {"not_in_study_yet": [], "rows": [{**row, **r, "transfer_base_avg_at_4": None} for r in rows]}
     md = study.markdown(res)
     assert "| grpo@2x | 0 | +25.0 [" in md.split("At the same budget")[1]
+
+
+def test_a_second_study_process_on_the_same_cells_stops_with_one_line(design, tmp_path, monkeypatch):
+    """The cells of a regime are run by one process at a time: a second one (another terminal, a
+    resumed session) exits naming the lock instead of running a cell twice into one run dir."""
+    from filelock import FileLock
+
+    entry = importlib.import_module("method_study")
+    ran = []
+    monkeypatch.setattr(entry, "run_cell", lambda *a, **k: ran.append(a) or 0.0)
+    monkeypatch.setattr(entry, "save", lambda *a: None)  # the committed results stay as they are
+    held = FileLock(tmp_path / ".short.lock")
+    held.acquire()
+    try:
+        with pytest.raises(SystemExit, match=r"another process is running the short cells .*\.short\.lock"):
+            entry.main(["--root", str(tmp_path), "--methods", "random_gate", "--seeds", "1"])
+    finally:
+        held.release()
+    assert ran == []
