@@ -104,17 +104,29 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
 
 
-def atomic_dir(final: Path, fill) -> Path:
+def atomic_dir(final: Path, fill, *, replace: bool = True) -> Path:
     """Create directory `final` atomically: `fill(tmp_dir)` writes into a temp dir beside it,
-    which then replaces `final` (an existing `final` is removed first). On error nothing changes."""
+    which then takes the name `final`. An existing `final` is removed first, or with
+    `replace=False` kept (another process won the race) and the temp dir discarded. The
+    directory is made 0755 (mkdtemp creates 0700), as atomic files are 0644. On error nothing
+    changes."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
+        os.chmod(tmp, 0o755)
         fill(tmp)
+        if final.exists() and not replace:
+            shutil.rmtree(tmp)
+            return final
         if final.exists():
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if replace or not final.is_dir():
+                raise
+            shutil.rmtree(tmp)  # another process took the name since the check above
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -24,13 +24,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ReasonMaxxerError, first_line
+from .io import atomic_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -150,21 +149,14 @@ def convert_gguf(gguf: Path, progress: bool = True) -> Path:
     plain.load_state_dict(qmodel.state_dict(), strict=True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "reasonmaxxer_source.json").write_text(
-            json.dumps({"gguf": str(gguf.resolve()), "gguf_sha256": _file_digest(gguf)}, indent=1)
-        )
-        if out.exists():  # another process won the race
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        source = {"gguf": str(gguf.resolve()), "gguf_sha256": _file_digest(gguf)}
+        (tmp / "reasonmaxxer_source.json").write_text(json.dumps(source, indent=1))
+
+    atomic_dir(out, fill, replace=False)  # a process that converted first keeps its checkpoint
     if progress:
         print(f"[reasonmaxxer] converted in {time.time() - t0:.1f} s", flush=True)
     return out

@@ -1,9 +1,9 @@
-"""io.read_jsonl: the one JSONL reader, its one-line errors and its options."""
+"""io: read_jsonl (the one JSONL reader, its one-line errors and options) and atomic_dir."""
 
 import pytest
 
 from reasonmaxxer.errors import ReasonMaxxerError
-from reasonmaxxer.io import read_jsonl
+from reasonmaxxer.io import atomic_dir, read_jsonl
 
 
 def _err(path, **kw) -> str:
@@ -51,3 +51,23 @@ def test_torn_tail(tmp_path):
     assert _err(p) == f"{p}:3: invalid JSON: Expecting value"
     p.write_text('{"a": 1}\n{"a": \n{"a": 3}\n')  # a bad line in the middle is still an error
     assert _err(p, torn_tail=True) == f"{p}:2: invalid JSON: Expecting value"
+
+
+def test_atomic_dir_replaces_keeps_and_leaves_nothing_on_error(tmp_path):
+    final = tmp_path / "out"
+    atomic_dir(final, lambda d: (d / "a").write_text("1"))
+    assert (final / "a").read_text() == "1"
+    assert final.stat().st_mode & 0o777 == 0o755  # readable by the group, as atomic files are 0644
+    atomic_dir(final, lambda d: (d / "b").write_text("2"))
+    assert sorted(p.name for p in final.iterdir()) == ["b"]  # replaced, not merged
+    atomic_dir(final, lambda d: (d / "c").write_text("3"), replace=False)
+    assert sorted(p.name for p in final.iterdir()) == ["b"]  # the first writer's dir is kept
+
+    def boom(d):
+        (d / "half").write_text("x")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_dir(final, boom)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp dir left beside it
+    assert sorted(p.name for p in final.iterdir()) == ["b"]
