@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -104,15 +105,34 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
 
 
+def _remove_dead_temp_dirs(parent: Path, prefix: str) -> None:
+    """Remove `parent/<prefix><host>-<pid>-*` temp dirs of `atomic_dir` whose process, on this
+    host, is gone (killed mid-write: a merged 8B checkpoint's temp dir holds ~16 GB). A temp dir
+    of a live process, or of another host sharing the filesystem, is left alone."""
+    host = platform.node()
+    for p in parent.glob(f"{glob.escape(prefix)}*"):
+        owner, _, pid = p.name[len(prefix) :].rpartition("-")[0].rpartition("-")
+        if owner != host or not pid.isdigit() or not p.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (PermissionError, OverflowError):
+            pass  # alive (another user's process), or not a pid
+
+
 def atomic_dir(final: Path, fill, *, replace: bool = True) -> Path:
     """Create directory `final` atomically: `fill(tmp_dir)` writes into a temp dir beside it,
     which then takes the name `final`. An existing `final` is removed first, or with
     `replace=False` kept (another process won the race) and the temp dir discarded. The
     directory is made 0755 (mkdtemp creates 0700), as atomic files are 0644. On error nothing
-    changes."""
+    changes; a temp dir left by a killed process is removed by the next call for `final`."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    prefix = f".{final.name}.tmp-"
+    _remove_dead_temp_dirs(final.parent, prefix)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{platform.node()}-{os.getpid()}-", dir=final.parent))
     try:
         os.chmod(tmp, 0o755)
         fill(tmp)

@@ -1,5 +1,10 @@
 """io: read_jsonl (the one JSONL reader, its one-line errors and options) and atomic_dir."""
 
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 
 from reasonmaxxer.errors import ReasonMaxxerError
@@ -71,3 +76,21 @@ def test_atomic_dir_replaces_keeps_and_leaves_nothing_on_error(tmp_path):
         atomic_dir(final, boom)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp dir left beside it
     assert sorted(p.name for p in final.iterdir()) == ["b"]
+
+
+def test_atomic_dir_removes_the_temp_dir_a_killed_process_left(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = platform.node()
+    left = {
+        "dead": tmp_path / f".out.tmp-{host}-{dead.pid}-abc",  # killed mid-write: removed
+        "alive": tmp_path / f".out.tmp-{host}-{os.getpid()}-def",  # still writing: kept
+        "other host": tmp_path / f".out.tmp-{host}x-{dead.pid}-ghi",  # maybe alive there: kept
+        "other name": tmp_path / f".outer.tmp-{host}-{dead.pid}-jkl",  # another dir's: kept
+    }
+    for d in left.values():
+        d.mkdir()
+        (d / "model.safetensors").write_text("half")
+    atomic_dir(tmp_path / "out", lambda d: (d / "a").write_text("1"))
+    assert {k for k, d in left.items() if d.exists()} == {"alive", "other host", "other name"}
+    assert (tmp_path / "out" / "a").read_text() == "1"
