@@ -200,6 +200,7 @@ def aggregate(
             if metric in mine and base.get(metric):
                 row[f"{metric}_vs_base"] = paired_bootstrap(mine[metric], base[metric], seed=seed)
     same_budget(rows.values(), probs)
+    seeds_pooled = pooled(rows.values(), probs)
     rank = {m: i for i, m in enumerate(ORDER)}
     rows = [rows[k] for k in sorted(rows, key=lambda k: (rank.get(k[0].split("@")[0], len(ORDER)), k))]
     by_method = {}
@@ -215,6 +216,7 @@ def aggregate(
         "design": {k: str(Path(v).relative_to(ROOT)) if k == "extends" else v for k, v in REGIMES[regime].items()},
         "rows": rows,
         "by_method": by_method,
+        "pooled": seeds_pooled,
         "cells_pending": pending,
         "not_in_study_yet": PENDING,
     }
@@ -237,6 +239,46 @@ def same_budget(rows, probs: dict) -> None:
                 row[f"{metric}_vs_reasonmaxxer_same_budget"] = paired_bootstrap(
                     mine[metric], ref[metric], seed=row["seed"]
                 )
+
+
+def pooled(rows, probs: dict) -> dict:
+    """Each 1x method's seeds pooled: on the seeds whose per-problem values are kept for the
+    method and for ReasonMaxxer of the same seed (at least 2), every problem's accuracy is
+    averaged over those seeds, for the method and for ReasonMaxxer, and the averages are
+    compared with a 95% paired bootstrap over problems (fractions). The seeds are held fixed
+    (3 training runs are too few to resample); the per-seed rows show their spread.
+    {method: {"seeds": [0, 1, 2], "avg_at_4_vs_base": {...}, "avg_at_4_vs_reasonmaxxer": {...},
+    "greedy_vs_reasonmaxxer": {...}}} (ReasonMaxxer itself: only against the base)."""
+    from reasonmaxxer.core.stats import paired_bootstrap
+
+    def average(keys: list[str], metric: str) -> dict:
+        accs = [probs[k][metric] for k in keys]
+        common = set(accs[0]).intersection(*accs[1:])
+        return {p: sum(a[p] for a in accs) / len(accs) for p in common}
+
+    out = {}
+    for m in sorted({r["method"] for r in rows if "@" not in r["method"]}):
+        seeds = sorted(
+            r["seed"]
+            for r in rows
+            if r["method"] == m
+            and all(k in probs and "avg_at_4" in probs[k] for k in (f"{m}-s{r['seed']}", f"reasonmaxxer-s{r['seed']}"))
+        )
+        if len(seeds) < 2:
+            continue
+        mine = {metric: [f"{m}-s{s}" for s in seeds] for metric in ("avg_at_4", "greedy")}
+        ref = [f"reasonmaxxer-s{s}" for s in seeds]
+        out[m] = {"seeds": seeds}
+        if probs.get("base", {}).get("avg_at_4"):
+            out[m]["avg_at_4_vs_base"] = paired_bootstrap(
+                average(mine["avg_at_4"], "avg_at_4"), probs["base"]["avg_at_4"]
+            )
+        for metric in ("avg_at_4", "greedy") if m != "reasonmaxxer" else ():
+            if all(metric in probs[k] for k in mine[metric] + ref):
+                out[m][f"{metric}_vs_reasonmaxxer"] = paired_bootstrap(
+                    average(mine[metric], metric), average(ref, metric)
+                )
+    return out
 
 
 def markdown(res: dict) -> str:
@@ -280,6 +322,21 @@ def markdown(res: dict) -> str:
             out.append(
                 f"| {r['method']} | {r['seed']} | {diff(r['avg_at_4_vs_reasonmaxxer_same_budget'])} | "
                 f"{diff(r.get('greedy_vs_reasonmaxxer_same_budget'))} |"
+            )
+    if res.get("pooled"):
+        out += [
+            "",
+            "Seeds pooled (each problem's accuracy averaged over the seeds; 95% paired bootstrap over problems):",
+        ]
+        out += [
+            "",
+            "| method | seeds | avg@4 - base | avg@4 - ReasonMaxxer | greedy - ReasonMaxxer |",
+            "|---|---|---|---|---|",
+        ]
+        for m, p in res["pooled"].items():
+            out.append(
+                f"| {m} | {', '.join(map(str, p['seeds']))} | {diff(p.get('avg_at_4_vs_base'))} | "
+                f"{diff(p.get('avg_at_4_vs_reasonmaxxer'))} | {diff(p.get('greedy_vs_reasonmaxxer'))} |"
             )
     if res["cells_pending"]:
         out += ["", "Cells not run yet: " + ", ".join(res["cells_pending"]) + "."]

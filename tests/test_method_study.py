@@ -282,3 +282,32 @@ def test_a_second_study_process_on_the_same_cells_stops_with_one_line(design, tm
     finally:
         held.release()
     assert ran == []
+
+
+def test_seeds_are_pooled_per_problem_where_both_methods_kept_them(study):
+    """rft seeds 0-1 pooled against ReasonMaxxer seeds 0-1 (rft-s2 has no ReasonMaxxer seed 2;
+    random_reward one seed; a 2x row is not a seed of a 1x method): hand-computed averages."""
+    acc = {
+        "base": [0, 0, 0.5, 0.5],
+        "reasonmaxxer-s0": [0.5, 0, 0.5, 0.5],
+        "reasonmaxxer-s1": [0.25, 0.25, 0.5, 0.5],
+        "rft-s0": [1, 0.5, 0.5, 0.5],
+        "rft-s1": [0.75, 0.75, 0.5, 0.75],
+        "rft-s2": [0, 0, 0, 0],
+        "random_reward-s0": [1, 1, 1, 1],
+        "rft@2x-s1": [1, 1, 1, 1],
+    }
+    probs = {k: {m: dict(zip("abcd", v, strict=True)) for m in ("avg_at_4", "greedy")} for k, v in acc.items()}
+    rows = [{"method": k.rsplit("-s", 1)[0], "seed": int(k.rsplit("-s", 1)[1])} for k in acc if k != "base"]
+    rows.append({"method": "rft@2x", "seed": 0})
+    pooled = study.pooled(rows, probs)
+    assert set(pooled) == {"reasonmaxxer", "rft"} and pooled["rft"]["seeds"] == [0, 1]
+    # rft averaged over seeds 0-1: .875 .625 .5 .625 (mean .65625); ReasonMaxxer: .375 .125 .5 .5 (.375); base .25
+    assert pooled["rft"]["avg_at_4_vs_reasonmaxxer"]["mean_diff"] == pytest.approx(0.28125)
+    assert pooled["rft"]["greedy_vs_reasonmaxxer"]["mean_diff"] == pytest.approx(0.28125)
+    assert pooled["rft"]["avg_at_4_vs_base"]["mean_diff"] == pytest.approx(0.40625)
+    assert pooled["reasonmaxxer"]["avg_at_4_vs_base"]["mean_diff"] == pytest.approx(0.125)
+    assert "avg_at_4_vs_reasonmaxxer" not in pooled["reasonmaxxer"]
+    res = {"regime": "long", "design": {"test_problems": "t", "transfer_problems": "x"}, "rows": []}
+    md = study.markdown(res | {"cells_pending": [], "not_in_study_yet": [], "pooled": pooled})
+    assert "| rft | 0, 1 | +40.6 [" in md and "| +28.1 [" in md.split("| rft | 0, 1 |")[1]
