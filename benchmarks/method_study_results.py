@@ -242,41 +242,44 @@ def same_budget(rows, probs: dict) -> None:
 
 
 def pooled(rows, probs: dict) -> dict:
-    """Each 1x method's seeds pooled: on the seeds whose per-problem values are kept for the
-    method and for ReasonMaxxer of the same seed (at least 2), every problem's accuracy is
-    averaged over those seeds, for the method and for ReasonMaxxer, and the averages are
-    compared with a 95% paired bootstrap over problems (fractions). The seeds are held fixed
-    (3 training runs are too few to resample); the per-seed rows show their spread.
-    {method: {"seeds": [0, 1, 2], "avg_at_4_vs_base": {...}, "avg_at_4_vs_reasonmaxxer": {...},
-    "greedy_vs_reasonmaxxer": {...}}} (ReasonMaxxer itself: only against the base)."""
+    """Each 1x method's seeds pooled (GRPO's 1x row included): on the seeds whose per-problem
+    values are kept for the method and for ReasonMaxxer of the same seed (at least 2), every
+    problem's accuracy is averaged over those seeds, for the method and for ReasonMaxxer, and
+    the averages are compared with a 95% paired bootstrap over problems (fractions). Every
+    comparison of a metric uses the problems all its inputs share ("n": avg@4's count). The
+    seeds are held fixed (3 training runs are too few to resample); the per-seed rows show
+    their spread. {method: {"seeds": [0, 1, 2], "n": 150, "avg_at_4_vs_base": {...},
+    "avg_at_4_vs_reasonmaxxer": {...}, "greedy_vs_reasonmaxxer": {...}}} (ReasonMaxxer
+    itself: only against the base)."""
     from reasonmaxxer.core.stats import paired_bootstrap
 
-    def average(keys: list[str], metric: str) -> dict:
-        accs = [probs[k][metric] for k in keys]
-        common = set(accs[0]).intersection(*accs[1:])
-        return {p: sum(a[p] for a in accs) / len(accs) for p in common}
+    def average(keys: list[str], metric: str, problems: set) -> dict:
+        return {p: sum(probs[k][metric][p] for k in keys) / len(keys) for p in problems}
+
+    def has(key: str, metric: str = "avg_at_4") -> bool:
+        return bool(probs.get(key, {}).get(metric))
 
     out = {}
-    for m in sorted({r["method"] for r in rows if "@" not in r["method"]}):
-        seeds = sorted(
-            r["seed"]
-            for r in rows
-            if r["method"] == m
-            and all(k in probs and "avg_at_4" in probs[k] for k in (f"{m}-s{r['seed']}", f"reasonmaxxer-s{r['seed']}"))
-        )
+    for m in sorted({r["method"] for r in rows if "@" not in r["method"] or r["method"].endswith("@1x")}):
+        seeds = sorted(r["seed"] for r in rows if r["method"] == m and has(f"{m}-s{r['seed']}"))
+        seeds = [s for s in seeds if has(f"reasonmaxxer-s{s}")]
         if len(seeds) < 2:
             continue
-        mine = {metric: [f"{m}-s{s}" for s in seeds] for metric in ("avg_at_4", "greedy")}
-        ref = [f"reasonmaxxer-s{s}" for s in seeds]
+        mine, ref = [f"{m}-s{s}" for s in seeds], [f"reasonmaxxer-s{s}" for s in seeds]
         out[m] = {"seeds": seeds}
-        if probs.get("base", {}).get("avg_at_4"):
-            out[m]["avg_at_4_vs_base"] = paired_bootstrap(
-                average(mine["avg_at_4"], "avg_at_4"), probs["base"]["avg_at_4"]
-            )
-        for metric in ("avg_at_4", "greedy") if m != "reasonmaxxer" else ():
-            if all(metric in probs[k] for k in mine[metric] + ref):
+        for metric in ("avg_at_4", "greedy"):
+            keys = mine + ref + (["base"] if has("base", metric) else [])
+            if not all(has(k, metric) for k in keys):
+                continue
+            problems = set.intersection(*(set(probs[k][metric]) for k in keys))
+            if metric == "avg_at_4":
+                out[m]["n"] = len(problems)
+                if has("base"):
+                    base = {p: probs["base"][metric][p] for p in problems}
+                    out[m]["avg_at_4_vs_base"] = paired_bootstrap(average(mine, metric, problems), base)
+            if m != "reasonmaxxer":
                 out[m][f"{metric}_vs_reasonmaxxer"] = paired_bootstrap(
-                    average(mine[metric], metric), average(ref, metric)
+                    average(mine, metric, problems), average(ref, metric, problems)
                 )
     return out
 
@@ -330,12 +333,12 @@ def markdown(res: dict) -> str:
         ]
         out += [
             "",
-            "| method | seeds | avg@4 - base | avg@4 - ReasonMaxxer | greedy - ReasonMaxxer |",
-            "|---|---|---|---|---|",
+            "| method | seeds | problems | avg@4 - base | avg@4 - ReasonMaxxer | greedy - ReasonMaxxer |",
+            "|---|---|---:|---|---|---|",
         ]
         for m, p in res["pooled"].items():
             out.append(
-                f"| {m} | {', '.join(map(str, p['seeds']))} | {diff(p.get('avg_at_4_vs_base'))} | "
+                f"| {m} | {', '.join(map(str, p['seeds']))} | {p['n']} | {diff(p.get('avg_at_4_vs_base'))} | "
                 f"{diff(p.get('avg_at_4_vs_reasonmaxxer'))} | {diff(p.get('greedy_vs_reasonmaxxer'))} |"
             )
     if res["cells_pending"]:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import platform
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -105,14 +106,25 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
 
 
+def _temp_owner() -> str:
+    """This process's machine, as a temp dir name part: the host name and, on Linux, the pid
+    namespace (containers sharing a host name and a filesystem have separate pids)."""
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        ns = 0
+    return f"{platform.node()}~{ns}"
+
+
 def _remove_dead_temp_dirs(parent: Path, prefix: str) -> None:
-    """Remove `parent/<prefix><host>-<pid>-*` temp dirs of `atomic_dir` whose process, on this
-    host, is gone (killed mid-write: a merged 8B checkpoint's temp dir holds ~16 GB). A temp dir
-    of a live process, or of another host sharing the filesystem, is left alone."""
-    host = platform.node()
+    """Remove `parent/<prefix><owner>-<pid>-*` temp dirs of `atomic_dir` whose process, on this
+    machine (`_temp_owner`), is gone (killed mid-write: a merged 8B checkpoint's temp dir holds
+    ~16 GB). A temp dir of a live process, or of another machine sharing the filesystem, is
+    left alone (a reused pid only keeps a dead one's)."""
+    owner = _temp_owner()
     for p in parent.glob(f"{glob.escape(prefix)}*"):
-        owner, _, pid = p.name[len(prefix) :].rpartition("-")[0].rpartition("-")
-        if owner != host or not pid.isdigit() or not p.is_dir():
+        who, _, pid = p.name[len(prefix) :].rpartition("-")[0].rpartition("-")
+        if who != owner or not pid.isdigit() or not p.is_dir():
             continue
         try:
             os.kill(int(pid), 0)
@@ -126,15 +138,21 @@ def atomic_dir(final: Path, fill, *, replace: bool = True) -> Path:
     """Create directory `final` atomically: `fill(tmp_dir)` writes into a temp dir beside it,
     which then takes the name `final`. An existing `final` is removed first, or with
     `replace=False` kept (another process won the race) and the temp dir discarded. The
-    directory is made 0755 (mkdtemp creates 0700), as atomic files are 0644. On error nothing
-    changes; a temp dir left by a killed process is removed by the next call for `final`."""
+    directory gets the umask's mode, as `mkdir` does (mkdtemp would make it 0700). On error
+    nothing changes; a temp dir that a killed process left is removed by the next call for
+    `final` on the same machine."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{final.name}.tmp-"
     _remove_dead_temp_dirs(final.parent, prefix)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{platform.node()}-{os.getpid()}-", dir=final.parent))
+    while True:
+        tmp = final.parent / f"{prefix}{_temp_owner()}-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir()
+            break
+        except FileExistsError:
+            continue
     try:
-        os.chmod(tmp, 0o755)
         fill(tmp)
         if final.exists() and not replace:
             shutil.rmtree(tmp)

@@ -1,9 +1,10 @@
 """io: read_jsonl (the one JSONL reader, its one-line errors and options) and atomic_dir."""
 
 import os
-import platform
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -62,7 +63,9 @@ def test_atomic_dir_replaces_keeps_and_leaves_nothing_on_error(tmp_path):
     final = tmp_path / "out"
     atomic_dir(final, lambda d: (d / "a").write_text("1"))
     assert (final / "a").read_text() == "1"
-    assert final.stat().st_mode & 0o777 == 0o755  # readable by the group, as atomic files are 0644
+    umask = os.umask(0)
+    os.umask(umask)
+    assert final.stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir makes it (mkdtemp: 0700)
     atomic_dir(final, lambda d: (d / "b").write_text("2"))
     assert sorted(p.name for p in final.iterdir()) == ["b"]  # replaced, not merged
     atomic_dir(final, lambda d: (d / "c").write_text("3"), replace=False)
@@ -78,19 +81,47 @@ def test_atomic_dir_replaces_keeps_and_leaves_nothing_on_error(tmp_path):
     assert sorted(p.name for p in final.iterdir()) == ["b"]
 
 
+def _writer(out, then: str) -> subprocess.Popen:
+    """A process that starts `atomic_dir(out)`, writes one file, then runs `then` (mid-fill)."""
+    code = "import os, sys, time\nfrom pathlib import Path\nfrom reasonmaxxer.io import atomic_dir\n"
+    code += f"def fill(d):\n    (d / 'half').write_text('x')\n    {then}\n"
+    code += f"atomic_dir(Path({str(out)!r}), fill)\n"
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
 def test_atomic_dir_removes_the_temp_dir_a_killed_process_left(tmp_path):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    host = platform.node()
-    left = {
-        "dead": tmp_path / f".out.tmp-{host}-{dead.pid}-abc",  # killed mid-write: removed
-        "alive": tmp_path / f".out.tmp-{host}-{os.getpid()}-def",  # still writing: kept
-        "other host": tmp_path / f".out.tmp-{host}x-{dead.pid}-ghi",  # maybe alive there: kept
-        "other name": tmp_path / f".outer.tmp-{host}-{dead.pid}-jkl",  # another dir's: kept
-    }
-    for d in left.values():
-        d.mkdir()
-        (d / "model.safetensors").write_text("half")
-    atomic_dir(tmp_path / "out", lambda d: (d / "a").write_text("1"))
-    assert {k for k, d in left.items() if d.exists()} == {"alive", "other host", "other name"}
-    assert (tmp_path / "out" / "a").read_text() == "1"
+    out = tmp_path / "out"
+    live = _writer(out, "time.sleep(120)")  # still writing
+    try:
+        for _ in range(300):
+            if list(tmp_path.glob(".out.tmp-*")):
+                break
+            time.sleep(0.1)
+        (alive,) = tmp_path.glob(".out.tmp-*")
+        killed = _writer(out, "os._exit(9)")  # dies mid-fill without cleaning up, as on SIGKILL
+        assert killed.wait() == 9
+        (dead,) = set(tmp_path.glob(".out.tmp-*")) - {alive}
+        elsewhere = tmp_path / f".out.tmp-otherhost~1-{killed.pid}-abcd"  # another machine's
+        elsewhere.mkdir()
+        atomic_dir(out, lambda d: (d / "a").write_text("1"))
+        assert not dead.exists() and alive.exists() and elsewhere.exists()
+        assert (out / "a").read_text() == "1"
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_atomic_dir_without_replace_keeps_the_dir_another_process_renamed_in_first(tmp_path, monkeypatch):
+    real = os.replace
+
+    def another_process_first(src, dst):  # the other writer's rename lands between check and rename
+        Path(dst).mkdir()
+        (Path(dst) / "theirs").write_text("1")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", another_process_first)
+    atomic_dir(tmp_path / "kept", lambda d: (d / "mine").write_text("2"), replace=False)
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["theirs"]
+    with pytest.raises(OSError):  # replacing: the race is an error, not a silent loss
+        atomic_dir(tmp_path / "raced", lambda d: (d / "mine").write_text("2"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "raced"]  # no temp dir left

@@ -286,28 +286,47 @@ def test_a_second_study_process_on_the_same_cells_stops_with_one_line(design, tm
 
 def test_seeds_are_pooled_per_problem_where_both_methods_kept_them(study):
     """rft seeds 0-1 pooled against ReasonMaxxer seeds 0-1 (rft-s2 has no ReasonMaxxer seed 2;
-    random_reward one seed; a 2x row is not a seed of a 1x method): hand-computed averages."""
-    acc = {
-        "base": [0, 0, 0.5, 0.5],
-        "reasonmaxxer-s0": [0.5, 0, 0.5, 0.5],
-        "reasonmaxxer-s1": [0.25, 0.25, 0.5, 0.5],
-        "rft-s0": [1, 0.5, 0.5, 0.5],
-        "rft-s1": [0.75, 0.75, 0.5, 0.75],
-        "rft-s2": [0, 0, 0, 0],
-        "random_reward-s0": [1, 1, 1, 1],
-        "rft@2x-s1": [1, 1, 1, 1],
+    random_reward one seed; a 2x row is not a seed of a 1x method; GRPO's 1x row is), each
+    metric on the problems all its inputs share: hand-computed averages."""
+    from reasonmaxxer.core.stats import paired_bootstrap
+
+    def parse(values: str) -> dict:
+        return {k: float(v) for k, v in (kv.split("=") for kv in values.split())}
+
+    def acc(avg: str, greedy: str | None = None) -> dict:
+        return {"avg_at_4": parse(avg)} | ({"greedy": parse(greedy)} if greedy else {})
+
+    probs = {
+        "base": acc("a=0 b=0 c=.5 d=.5 e=.5"),  # e: only the base has it
+        "reasonmaxxer-s0": acc("a=.5 b=0 c=.5 d=.5", "a=1 b=0 c=1 d=0"),
+        "reasonmaxxer-s1": acc("a=.25 b=.25 c=.5 d=.5", "a=0 b=0 c=1 d=1"),
+        "rft-s0": acc("a=1 b=.5 c=.5 d=.5", "a=1 b=1 c=1 d=0"),
+        "rft-s1": acc("a=.75 b=.75 c=.5", "a=1 b=1 c=0 d=1"),  # d's avg@4 missing
+        "rft-s2": acc("a=0 b=0 c=0 d=0"),
+        "random_reward-s0": acc("a=1 b=1 c=1 d=1"),
+        "rft@2x-s1": acc("a=1 b=1 c=1 d=1"),
+        "grpo@1x-s0": acc("a=1 b=1 c=1 d=1"),
+        "grpo@1x-s1": acc("a=1 b=1 c=1 d=1"),
     }
-    probs = {k: {m: dict(zip("abcd", v, strict=True)) for m in ("avg_at_4", "greedy")} for k, v in acc.items()}
-    rows = [{"method": k.rsplit("-s", 1)[0], "seed": int(k.rsplit("-s", 1)[1])} for k in acc if k != "base"]
+    rows = [{"method": k.rsplit("-s", 1)[0], "seed": int(k.rsplit("-s", 1)[1])} for k in probs if k != "base"]
     rows.append({"method": "rft@2x", "seed": 0})
     pooled = study.pooled(rows, probs)
-    assert set(pooled) == {"reasonmaxxer", "rft"} and pooled["rft"]["seeds"] == [0, 1]
-    # rft averaged over seeds 0-1: .875 .625 .5 .625 (mean .65625); ReasonMaxxer: .375 .125 .5 .5 (.375); base .25
-    assert pooled["rft"]["avg_at_4_vs_reasonmaxxer"]["mean_diff"] == pytest.approx(0.28125)
-    assert pooled["rft"]["greedy_vs_reasonmaxxer"]["mean_diff"] == pytest.approx(0.28125)
-    assert pooled["rft"]["avg_at_4_vs_base"]["mean_diff"] == pytest.approx(0.40625)
-    assert pooled["reasonmaxxer"]["avg_at_4_vs_base"]["mean_diff"] == pytest.approx(0.125)
-    assert "avg_at_4_vs_reasonmaxxer" not in pooled["reasonmaxxer"]
+    assert set(pooled) == {"reasonmaxxer", "rft", "grpo@1x"} and pooled["rft"]["seeds"] == [0, 1]
+    # avg@4 on a, b, c: rft .875 .625 .5 (mean 2/3); ReasonMaxxer .375 .125 .5 (1/3); base 0 0 .5 (1/6)
+    rft = pooled["rft"]
+    assert rft["n"] == 3 and rft["avg_at_4_vs_reasonmaxxer"]["n"] == 3
+    assert rft["avg_at_4_vs_reasonmaxxer"]["mean_diff"] == pytest.approx(1 / 3)
+    by_hand = paired_bootstrap({"a": 0.875, "b": 0.625, "c": 0.5}, {"a": 0.375, "b": 0.125, "c": 0.5})
+    assert (rft["avg_at_4_vs_reasonmaxxer"]["low"], rft["avg_at_4_vs_reasonmaxxer"]["high"]) == (
+        by_hand["low"],
+        by_hand["high"],
+    )
+    assert rft["avg_at_4_vs_base"]["mean_diff"] == pytest.approx(0.5)
+    # greedy on a-d: rft 1 1 .5 .5 (.75); ReasonMaxxer .5 0 1 .5 (.5)
+    assert rft["greedy_vs_reasonmaxxer"]["mean_diff"] == pytest.approx(0.25) and rft["greedy_vs_reasonmaxxer"]["n"] == 4
+    rmx = pooled["reasonmaxxer"]  # a-d: .375 .125 .5 .5 against the base's 0 0 .5 .5
+    assert rmx["n"] == 4 and rmx["avg_at_4_vs_base"]["mean_diff"] == pytest.approx(0.125)
+    assert "avg_at_4_vs_reasonmaxxer" not in rmx and "greedy_vs_reasonmaxxer" not in pooled["grpo@1x"]
     res = {"regime": "long", "design": {"test_problems": "t", "transfer_problems": "x"}, "rows": []}
     md = study.markdown(res | {"cells_pending": [], "not_in_study_yet": [], "pooled": pooled})
-    assert "| rft | 0, 1 | +40.6 [" in md and "| +28.1 [" in md.split("| rft | 0, 1 |")[1]
+    assert "| rft | 0, 1 | 3 | +50.0 [" in md and "| +33.3 [" in md.split("| rft | 0, 1 |")[1]
