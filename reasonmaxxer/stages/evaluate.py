@@ -63,6 +63,9 @@ __all__ = [
 class EvalConfig:
     n: int = field(default=4, metadata={"help": "samples per test problem for avg@n (0 = greedy only)", "ge": 0})
     temperature: float = field(default=0.7, metadata={"help": "temperature of the avg@n samples", "ge": 0})
+    top_p: float = field(
+        default=1.0, metadata={"help": "nucleus sampling mass of the avg@n samples (1 = off)", "gt": 0, "le": 1}
+    )
     greedy: bool = field(default=True, metadata={"help": "also decode greedily"})
     max_new_tokens: int = field(default=256, metadata={"help": "completion length cap, tokens", "ge": 1})
     batch_size: int = field(default=32, metadata={"help": "rows decoded together", "ge": 1})
@@ -153,6 +156,7 @@ def evaluate_model(
     scfg = SamplingConfig(
         n=max(ecfg.n, 1),
         temperature=ecfg.temperature,
+        top_p=ecfg.top_p,
         max_new_tokens=ecfg.max_new_tokens,
         batch_size=ecfg.batch_size,
         seed=ecfg.seed,

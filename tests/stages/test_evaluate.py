@@ -364,3 +364,24 @@ def test_eval_json_records_what_was_evaluated(tmp_path, tiny_tokenizer):
     evaluate_model(pm, tiny_tokenizer, str(adapter), *args, tmp_path / "e2", progress=False)
     rec = json.loads((tmp_path / "e2" / "eval.json").read_text())["weights"]
     assert rec["kind"] == "adapter (unmerged, on its base)" and rec["dtype"] == "bfloat16"
+
+
+def test_the_eval_configs_top_p_reaches_the_samplers_config(tmp_path, tiny_tokenizer):
+    """[eval] top_p (the paper's 0.95) is the avg@n samples' nucleus mass, recorded in their
+    store's manifest; the greedy store is decoded without it (and hashed without it)."""
+    from conftest import make_tiny_model
+
+    from reasonmaxxer.data.problems import Problem
+    from reasonmaxxer.data.prompts import get_template
+    from reasonmaxxer.stages.evaluate import EvalConfig, evaluate_model
+
+    model = make_tiny_model(len(tiny_tokenizer), seed=3)
+    probs = [Problem(id="p0", question="1+1?", answer="2")]
+    ecfg = EvalConfig(n=2, top_p=0.95, greedy=True, max_new_tokens=3, batch_size=2)
+    evaluate_model(model, tiny_tokenizer, "tiny", probs, get_template("raw"), ecfg, tmp_path, progress=False)
+    sampled = json.loads((tmp_path / "samples" / "manifest.json").read_text())["config"]["sampling"]
+    assert (sampled["top_p"], sampled["temperature"], sampled["n"]) == (0.95, 0.7, 2)
+    greedy = json.loads((tmp_path / "greedy" / "manifest.json").read_text())["config"]["sampling"]
+    assert (greedy["temperature"], greedy["top_p"]) == (0.0, 1.0)  # argmax: the same store as at top_p 1
+    with pytest.raises(ReasonMaxxerError, match="top_p"):
+        EvalConfig(top_p=0.0)
