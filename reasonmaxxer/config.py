@@ -58,6 +58,14 @@ class RunConfig:
     validation_problems: str = field(
         default="arith:validation:32", metadata={"help": "held-out problems for checkpoint selection ('' = none)"}
     )
+    validation_temperature: float = field(
+        default=0.0,
+        metadata={
+            "help": "the one validation completion per problem that picks the checkpoint: 0 = greedy, "
+            "> 0 = sampled at this temperature with [eval] top_p and seed (the official recipe: 0.6)",
+            "ge": 0,
+        },
+    )
     test_problems: str = field(default="arith:test:96", metadata={"help": "held-out test problems"})
     data_dir: str | None = field(default=None, metadata={"help": "local benchmark data dir"})
     sampling: SamplingConfig = field(

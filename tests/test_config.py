@@ -247,7 +247,7 @@ def test_paper_configs_load_through_the_typed_loader(path):
     assert cfg.train.micro_batch * cfg.train.grad_accum == 8
     assert (cfg.selection.max_problems, cfg.selection.keep_shortest) == (50, 0.8)
     assert cfg.validation_problems == "math500:test:n=60:seed=42" and cfg.test_problems == "math500"
-    assert (cfg.eval.n, cfg.eval.temperature, cfg.eval.top_p) == (4, 0.6, 0.95)
+    assert (cfg.eval.n, cfg.eval.temperature, cfg.eval.top_p, cfg.validation_temperature) == (4, 0.6, 0.95, 0.6)
     assert "{question}" in cfg.template and "\\boxed{}" in cfg.template
 
 

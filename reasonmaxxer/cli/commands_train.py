@@ -61,7 +61,7 @@ def cmd_train(a):
     from ..data.prompts import get_template
     from ..models import load_model
     from ..recipes.run import prepare_training_data
-    from ..stages.evaluate import greedy_accuracy_fn
+    from ..stages.evaluate import validation_accuracy_fn
     from ..stages.publish import check_push, push_adapter
     from ..stages.tracking import check_tracker, make_tracker
     from ..stages.train import examples_from_selection, train
@@ -87,7 +87,9 @@ def cmd_train(a):
     validate = None
     if a.validation:
         tmpl = get_template(_template_name(a, man))
-        validate = greedy_accuracy_fn(load_problems(a.validation, data_dir=a.data_dir), tmpl, tok, a.max_new_tokens, 32)
+        validate = validation_accuracy_fn(
+            load_problems(a.validation, data_dir=a.data_dir), tmpl, tok, a.max_new_tokens, 32
+        )
     # only the main process logs; the tracker's config is the run's, not part of TrainConfig (resume compares that)
     run_info = {"train": asdict(cfg), "selection": asdict(sel_cfg), "rollouts": a.rollouts, "model": spec}
     tracker = make_tracker(a.report_to, out, run_info, out.name) if main else None

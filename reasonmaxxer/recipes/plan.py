@@ -230,10 +230,10 @@ def _train_stages(cfg, shape, n, tr, va, ctx, g, warnings) -> list[dict]:
         vgen = _gen_cap(ec.max_new_tokens, va["mean_prompt"], ctx)
         vrows = _mul(n_val, va["count"])
         vtok = _mul(vrows, va["mean_prompt"] + vgen)
-        # HF greedy decoding in the training process (recipes/run.py greedy_accuracy_fn), even with vLLM
+        # HF decoding in the training process (stages/evaluate.py validation_accuracy_fn), even with vLLM
         vmem, vhow = _decode_memory("hf", shape, n, min(ec.batch_size, va["count"]), va["max_prompt"], vgen)
         vs = _stage(
-            "validate (greedy, per checkpoint)",
+            "validate (one completion a problem, per checkpoint)",
             vrows,
             {"prompt+generated": vtok},
             _mul(2, n, vtok),
@@ -252,7 +252,7 @@ _KNOBS = {
     "select + score": "lower [sampling] max_new_tokens",
     "train": "lower [train] micro_batch (raise grad_accum), set [train] gradient_checkpointing = true, "
     "or lower [sampling] max_new_tokens",
-    "validate (greedy, per checkpoint)": "lower [eval] batch_size or max_new_tokens",
+    "validate (one completion a problem, per checkpoint)": "lower [eval] batch_size or max_new_tokens",
     "eval base": "lower [eval] batch_size or max_new_tokens",
     "eval trained": "lower [eval] batch_size or max_new_tokens",
 }

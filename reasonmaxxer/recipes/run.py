@@ -31,7 +31,7 @@ from ..analysis.forks import fork_changes, report_examples
 from ..config import RunConfig
 from ..errors import ReasonMaxxerError, out_of_memory_error
 from ..io import atomic_write_json
-from ..stages.evaluate import evaluate_model, greedy_accuracy_fn
+from ..stages.evaluate import evaluate_model, validation_accuracy_fn
 from ..stages.score import attach_scores
 from ..stages.select import SelectionConfig
 from ..stages.train import TrainConfig, examples_from_selection
@@ -280,7 +280,12 @@ def calibrate_and_train(cfg: RunConfig, out: Path, examples, model, tok, tmpl, v
         cfg = replace(cfg, train=replace(cfg.train, tau=cal["best_tau"]))
         write_run_config(out, cfg)
     validate = (
-        greedy_accuracy_fn(val_p, tmpl, tok, cfg.eval.max_new_tokens, cfg.eval.batch_size, cfg.eval.stop)
+        validation_accuracy_fn(
+            *(val_p, tmpl, tok, cfg.eval.max_new_tokens, cfg.eval.batch_size, cfg.eval.stop),
+            temperature=cfg.validation_temperature,
+            top_p=cfg.eval.top_p,
+            seed=cfg.eval.seed,
+        )
         if val_p
         else None
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import ReasonMaxxerError
 from ..io import atomic_write_bytes, atomic_write_json
-from ..stages.evaluate import greedy_accuracy_fn
+from ..stages.evaluate import validation_accuracy_fn
 from ..stages.train import TrainConfig, TrainExample
 
 
@@ -43,7 +43,7 @@ def sweep_tau(
     out = Path(out)
     if not validation:
         raise ReasonMaxxerError("calibrate: tau is chosen on validation problems; none are given (validation_problems)")
-    validate = greedy_accuracy_fn(validation, template, tokenizer, max_new_tokens, 32)
+    validate = validation_accuracy_fn(validation, template, tokenizer, max_new_tokens, 32)
     base_acc = validate(model)
     rows = []
     for tau in taus:

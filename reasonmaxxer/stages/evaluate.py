@@ -2,8 +2,8 @@
 completion each, through `stages.sample.sample_stage`), grade them, and report.
 
 `evaluate_model` writes the rollout stores and eval.json / eval.md, `evaluate_stores` evaluates
-existing stores, `greedy_accuracy_fn` is the strict greedy accuracy used to pick a checkpoint, and
-`weights_record` says which weights a report is of. The metrics themselves (pass@1 as avg@n,
+existing stores, `validation_accuracy_fn` is the strict accuracy (greedy, or one sample) used
+to pick a checkpoint, and `weights_record` says which weights a report is of. The metrics themselves (pass@1 as avg@n,
 unbiased pass@k, maj@k, intervals, `EvalReport`, `to_markdown`, `save_report`) are in
 `stages.eval_metrics` and re-exported here.
 """
@@ -50,7 +50,7 @@ __all__ = [
     "evaluate",
     "evaluate_model",
     "evaluate_stores",
-    "greedy_accuracy_fn",
+    "validation_accuracy_fn",
     "maj_at_k",
     "normalize_answer",
     "save_report",
@@ -94,8 +94,22 @@ def evaluate_stores(
     return evaluate(rows, meta, ks=ks, greedy_rows=grows, label=label)
 
 
-def greedy_accuracy_fn(problems, template, tokenizer, max_new_tokens: int, batch_size: int, stop=()):
-    """validate(model) -> strict greedy accuracy on `problems` (used to pick the checkpoint).
+def validation_accuracy_fn(
+    problems,
+    template,
+    tokenizer,
+    max_new_tokens: int,
+    batch_size: int,
+    stop=(),
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+):
+    """validate(model) -> strict accuracy of one completion per problem of `problems` (used to
+    pick the checkpoint): greedy (temperature 0, the default), or sampled at `temperature` /
+    `top_p` (the official recipe: 0.6 / 0.95). A sample's random numbers depend only on
+    (seed, problem), so every checkpoint is validated with the same ones.
 
     `stop`: stop strings, default the template's (as in `stages.sample.resolve_stop`). Under
     `accelerate launch` every process calls it (the problems are split, the accuracy gathered)."""
@@ -107,7 +121,13 @@ def greedy_accuracy_fn(problems, template, tokenizer, max_new_tokens: int, batch
         for p in problems
     ]
     cfg = SamplingConfig(
-        n=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size, stop=resolve_stop(stop, template)
+        n=1,
+        temperature=temperature,
+        top_p=top_p if temperature > 0 else 1.0,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        stop=resolve_stop(stop, template),
     )
 
     def validate(model) -> float:

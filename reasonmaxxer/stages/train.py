@@ -113,7 +113,7 @@ def train(
     Under `accelerate launch` with N processes (see `distributed`), every process calls this with
     the same arguments; the step's micro-batches are split over the processes, and only the main
     process writes train_config.json, metrics, checkpoints and exports. Every process calls
-    `validate` (a collective, e.g. `greedy_accuracy_fn`'s, that splits the problems over them).
+    `validate` (a collective, e.g. `validation_accuracy_fn`'s, that splits the problems over them).
     `out_dir` must be on a filesystem every process sees (for resumption and result.json).
 
     tracker: a `tracking.make_tracker` object; the main process logs each step's metrics.jsonl
@@ -169,7 +169,7 @@ def run_steps(
     for step in range(start, plan.total_steps):
         rec, loss = optimizer_step(ctx, step)
         is_ck = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == plan.total_steps
-        # every process calls validate (a collective that splits the problems, e.g. greedy_accuracy_fn)
+        # every process calls validate (a collective that splits the problems, e.g. validation_accuracy_fn)
         if validate is not None and (is_ck or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
             rec["val_accuracy"] = validation_accuracy(model, dist, validate)
         log_step(ctx, rec, loss, metrics_path, tracker)

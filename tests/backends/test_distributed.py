@@ -186,7 +186,7 @@ st = RolloutStore(store)
 rows = [r for r in st.read_rows() if r["sample_index"] >= 0]
 rows, _ = S.attach_scores(st, rows, Path(out) / "scores.parquet", ckpt, model, tok, rescore=True, progress=False)
 problems = load_problems("arith:validation:10")
-acc = E.greedy_accuracy_fn(problems, get_template("raw"), tok, 6, 4)(model)
+acc = E.validation_accuracy_fn(problems, get_template("raw"), tok, 6, 4)(model)
 res = {"world": world, "scored": scored, "decoded": decoded, "acc": acc,
        "ents": [r["base_entropies"] for r in rows], "pids": [p.id for p in problems], **seen}
 if world > 1:

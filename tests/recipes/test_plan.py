@@ -77,7 +77,7 @@ def test_reference_plan_matches_hand_counts():
     assert (t["rows"], t["steps"]) == (512, 64)
     assert t["flops"] == pytest.approx(6 * N * 512 * (tr + 96) + 2 * N * 512 * (tr + 96))
     # validation: a greedy pass over 32 problems at 64 // 13 + 1 = 5 checkpoints
-    v = st["validate (greedy, per checkpoint)"]
+    v = st["validate (one completion a problem, per checkpoint)"]
     assert (v["checkpoints"], v["rows"]) == (5, 160)
     assert v["flops"] == pytest.approx(2 * N * 160 * (va + 96))
     # eval: 96 problems x (4 samples + greedy), base and trained
@@ -114,7 +114,7 @@ def test_paper_plan_matches_hand_counts():
     lora = 28 * 32 * 9728
     chunked = 4 * 1024 * 151936 * 4 + 151936 * 1536 * 4
     assert t["memory_bytes"] == pytest.approx(2 * N + 16 * lora + 4096 * 1536 * 28 * 34 + chunked)
-    v = st["validate (greedy, per checkpoint)"]
+    v = st["validate (one completion a problem, per checkpoint)"]
     assert (v["checkpoints"], v["rows"]) == (10, 600)  # 149 steps, every 15: 9 + the last
     assert st["eval base"]["rows"] == 500 * 4  # avg@4, no greedy
     assert any("[sampling] max_new_tokens" in w and "4096" in w for w in p["warnings"])

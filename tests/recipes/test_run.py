@@ -334,3 +334,38 @@ def test_report_to_and_push_to_hub_are_checked_up_front_and_the_tracker_reaches_
     with pytest.raises(RuntimeError, match="stop after"):
         run_pipeline(cfg, progress=False)
     assert made == [str(tmp_path / "run" / "train" / "tb")] and seen["tracker"].writer is writer
+
+
+def test_validation_temperature_samples_the_checkpoint_choice_with_evals_top_p_and_seed(
+    tmp_path, tiny_tokenizer, monkeypatch
+):
+    """validation_temperature > 0 (the paper's 0.6): the validation completions that pick the
+    checkpoint are sampled at it, with [eval] top_p and seed; train() gets that validate."""
+    from reasonmaxxer.recipes import run
+    from reasonmaxxer.stages import train as train_mod
+
+    ckpt = tmp_path / "tiny"
+    make_tiny_model(len(tiny_tokenizer), seed=3, init_std=0.2).save_pretrained(ckpt)
+    tiny_tokenizer.save_pretrained(ckpt)
+    p = tmp_path / "c.toml"
+    p.write_text(
+        f'model = "{ckpt}"\ntemplate = "raw"\nout = "{tmp_path / "run"}"\ntrain_problems = "arith:train:3"\n'
+        'validation_problems = "arith:validation:4"\ntest_problems = "arith:test:2"\nvalidation_temperature = 0.6\n'
+        "[sampling]\nn = 2\nmax_new_tokens = 4\n[eval]\ntop_p = 0.9\nseed = 7\n"
+    )
+    seen = {}
+
+    def validation_fn(problems, *args, **kw):
+        seen["problems"], seen["kw"] = len(problems), kw
+        return "the validate"
+
+    def train(examples, cfg, *a, validate=None, **k):
+        seen["validate"] = validate
+        raise RuntimeError("stop after training starts")
+
+    monkeypatch.setattr(run, "prepare_training_data", lambda *a, **k: (types.SimpleNamespace(stats={}), [], {}))
+    monkeypatch.setattr(run, "validation_accuracy_fn", validation_fn)
+    monkeypatch.setattr(train_mod, "train", train)
+    with pytest.raises(RuntimeError, match="stop after"):
+        run_pipeline(load_run_config(p), progress=False)
+    assert seen == {"problems": 4, "kw": {"temperature": 0.6, "top_p": 0.9, "seed": 7}, "validate": "the validate"}

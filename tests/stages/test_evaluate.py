@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import os
+import types
 
 import pytest
 import torch
@@ -385,3 +386,36 @@ def test_the_eval_configs_top_p_reaches_the_samplers_config(tmp_path, tiny_token
     assert (greedy["temperature"], greedy["top_p"]) == (0.0, 1.0)  # argmax: the same store as at top_p 1
     with pytest.raises(ReasonMaxxerError, match="top_p"):
         EvalConfig(top_p=0.0)
+
+
+def test_validation_is_greedy_by_default_or_one_seeded_sample(monkeypatch):
+    """validation_accuracy_fn decodes one completion a problem: greedy (top_p ignored), or
+    sampled at the given temperature / top_p / seed; the accuracy is the strict one."""
+    from reasonmaxxer.data.problems import Problem
+    from reasonmaxxer.data.prompts import get_template
+    from reasonmaxxer.stages import evaluate as ev
+
+    seen = []
+
+    class Sampler:
+        def __init__(self, model, tokenizer):
+            pass
+
+        def generate(self, requests, cfg):
+            seen.append(cfg)
+            texts = {"p0": "The answer is 2.", "p1": "The answer is 5.", "p2": "no idea"}
+            return [types.SimpleNamespace(text=texts[r.key[0]]) for r in requests]
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1, 2, 3]}
+
+    monkeypatch.setattr(ev, "HFSampler", Sampler)
+    probs = [Problem(id=f"p{i}", question="q?", answer=a) for i, a in enumerate(["2", "4", "1"])]
+    tmpl = get_template("raw")
+    assert ev.validation_accuracy_fn(probs, tmpl, Tok(), 8, 4, top_p=0.5)(None) == pytest.approx(1 / 3)
+    acc = ev.validation_accuracy_fn(probs, tmpl, Tok(), 8, 4, temperature=0.6, top_p=0.95, seed=42)(None)
+    assert acc == pytest.approx(1 / 3)
+    greedy, sampled = seen
+    assert (greedy.n, greedy.temperature, greedy.top_p) == (1, 0.0, 1.0)
+    assert (sampled.n, sampled.temperature, sampled.top_p, sampled.seed) == (1, 0.6, 0.95, 42)
