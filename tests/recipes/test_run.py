@@ -17,6 +17,23 @@ from reasonmaxxer.recipes.run import run_pipeline
 from reasonmaxxer.stages.select import SelectionConfig
 
 
+def _tiny_checkpoint(tmp_path, tiny_tokenizer) -> Path:
+    """A tiny random model and its tokenizer, saved as the checkpoint dir tmp_path/tiny."""
+    ckpt = tmp_path / "tiny"
+    make_tiny_model(len(tiny_tokenizer), seed=3, init_std=0.2).save_pretrained(ckpt)
+    tiny_tokenizer.save_pretrained(ckpt)
+    return ckpt
+
+
+def _tiny_run_toml(tmp_path, tiny_tokenizer, rest: str) -> Path:
+    """tmp_path/c.toml: a run of `_tiny_checkpoint` (raw template) on arith:train:3 into
+    tmp_path/run; `rest`: the config's other keys and tables."""
+    p = tmp_path / "c.toml"
+    head = f'model = "{_tiny_checkpoint(tmp_path, tiny_tokenizer)}"\ntemplate = "raw"\nout = "{tmp_path / "run"}"\n'
+    p.write_text(head + 'train_problems = "arith:train:3"\n' + rest)
+    return p
+
+
 def test_config_file_and_overrides(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text(
@@ -47,13 +64,10 @@ def test_bad_config_is_a_clear_error(tmp_path, text, msg):
 
 
 def test_pipeline_stops_with_advice_when_no_problem_has_mixed_success(tmp_path, tiny_tokenizer):
-    ckpt = tmp_path / "tiny"
-    make_tiny_model(len(tiny_tokenizer), seed=3, init_std=0.2).save_pretrained(ckpt)
-    tiny_tokenizer.save_pretrained(ckpt)
-    p = tmp_path / "c.toml"
-    p.write_text(
-        f'model = "{ckpt}"\ntemplate = "raw"\nout = "{tmp_path / "run"}"\ntrain_problems = "arith:train:3"\n'
-        'validation_problems = ""\ntest_problems = "arith:test:2"\n[sampling]\nn = 2\nmax_new_tokens = 8\n'
+    p = _tiny_run_toml(
+        tmp_path,
+        tiny_tokenizer,
+        'validation_problems = ""\ntest_problems = "arith:test:2"\n[sampling]\nn = 2\nmax_new_tokens = 8\n',
     )
     with pytest.raises(ReasonMaxxerError, match="(?s)mixed success.*--n.*temperature"):
         run_pipeline(load_run_config(p), progress=False)
@@ -65,9 +79,7 @@ def test_reuse_copies_the_rollouts_only_when_made_with_the_same_inputs(tmp_path,
     """`reuse` of a run whose rollouts match: copied, not sampled again (the manifest's creation
     time is the source's and it generated nothing); of a run with other training problems:
     sampled here, no error."""
-    ckpt = tmp_path / "tiny"
-    make_tiny_model(len(tiny_tokenizer), seed=3, init_std=0.2).save_pretrained(ckpt)
-    tiny_tokenizer.save_pretrained(ckpt)
+    ckpt = _tiny_checkpoint(tmp_path, tiny_tokenizer)
 
     def run_to_select(name, train, reuse=""):
         p = tmp_path / f"{name}.toml"
@@ -169,14 +181,11 @@ FakeLLM = _fakes.FakeLLM
 
 
 def _vllm_config(tmp_path, tiny_tokenizer, between="sleep"):
-    ckpt = tmp_path / "tiny"
-    make_tiny_model(len(tiny_tokenizer), seed=3, init_std=0.2).save_pretrained(ckpt)
-    tiny_tokenizer.save_pretrained(ckpt)
-    p = tmp_path / "c.toml"
-    p.write_text(
-        f'model = "{ckpt}"\ntemplate = "raw"\nout = "{tmp_path / "run"}"\ntrain_problems = "arith:train:3"\n'
+    p = _tiny_run_toml(
+        tmp_path,
+        tiny_tokenizer,
         'validation_problems = ""\ntest_problems = "arith:test:2"\nbackend = "vllm"\n'
-        f'[sampling]\nn = 2\nmax_new_tokens = 8\n[vllm]\nbetween_stages = "{between}"\n'
+        f'[sampling]\nn = 2\nmax_new_tokens = 8\n[vllm]\nbetween_stages = "{between}"\n',
     )
     return load_run_config(p)
 
@@ -259,14 +268,11 @@ def test_calibrate_table_chooses_tau_on_validation_before_training(tmp_path, tin
     from reasonmaxxer.recipes import run, tau_sweep
     from reasonmaxxer.stages import train as train_mod
 
-    ckpt = tmp_path / "tiny"
-    make_tiny_model(len(tiny_tokenizer), seed=3, init_std=0.2).save_pretrained(ckpt)
-    tiny_tokenizer.save_pretrained(ckpt)
-    p = tmp_path / "c.toml"
-    p.write_text(
-        f'model = "{ckpt}"\ntemplate = "raw"\nout = "{tmp_path / "run"}"\ntrain_problems = "arith:train:3"\n'
+    p = _tiny_run_toml(
+        tmp_path,
+        tiny_tokenizer,
         'validation_problems = "arith:validation:4"\ntest_problems = "arith:test:2"\n'
-        "[sampling]\nn = 2\nmax_new_tokens = 4\n[calibrate]\ntaus = [0.5, 1.5]\nmax_steps = 2\n"
+        "[sampling]\nn = 2\nmax_new_tokens = 4\n[calibrate]\ntaus = [0.5, 1.5]\nmax_steps = 2\n",
     )
     seen = {}
 
@@ -321,9 +327,7 @@ def test_report_to_and_push_to_hub_are_checked_up_front_and_the_tracker_reaches_
         seen["tracker"] = tracker
         raise RuntimeError("stop after training starts")
 
-    ckpt = tmp_path / "tiny"
-    make_tiny_model(len(tiny_tokenizer), seed=3, init_std=0.2).save_pretrained(ckpt)
-    tiny_tokenizer.save_pretrained(ckpt)
+    ckpt = _tiny_checkpoint(tmp_path, tiny_tokenizer)
     cfg = RunConfig(
         model=str(ckpt), template="raw", out=str(tmp_path / "run"), train_problems="arith:train:2",
         validation_problems="", test_problems="arith:test:2", report_to="tensorboard",
@@ -344,14 +348,11 @@ def test_validation_temperature_samples_the_checkpoint_choice_with_evals_top_p_a
     from reasonmaxxer.recipes import run
     from reasonmaxxer.stages import train as train_mod
 
-    ckpt = tmp_path / "tiny"
-    make_tiny_model(len(tiny_tokenizer), seed=3, init_std=0.2).save_pretrained(ckpt)
-    tiny_tokenizer.save_pretrained(ckpt)
-    p = tmp_path / "c.toml"
-    p.write_text(
-        f'model = "{ckpt}"\ntemplate = "raw"\nout = "{tmp_path / "run"}"\ntrain_problems = "arith:train:3"\n'
+    p = _tiny_run_toml(
+        tmp_path,
+        tiny_tokenizer,
         'validation_problems = "arith:validation:4"\ntest_problems = "arith:test:2"\nvalidation_temperature = 0.6\n'
-        "[sampling]\nn = 2\nmax_new_tokens = 4\n[eval]\ntop_p = 0.9\nseed = 7\n"
+        "[sampling]\nn = 2\nmax_new_tokens = 4\n[eval]\ntop_p = 0.9\nseed = 7\n",
     )
     seen = {}
 
