@@ -34,6 +34,25 @@ def _tiny_run_toml(tmp_path, tiny_tokenizer, rest: str) -> Path:
     return p
 
 
+def _train_call(monkeypatch, cfg) -> tuple[tuple, dict]:
+    """Run the pipeline of `cfg` up to `stages.train.train` (rollouts sampled, no training data
+    prepared) and stop there; returns train()'s (args, kwargs)."""
+    from reasonmaxxer.recipes import run
+    from reasonmaxxer.stages import train as train_mod
+
+    call = {}
+
+    def train(*args, **kwargs):
+        call["args"], call["kwargs"] = args, kwargs
+        raise RuntimeError("stop after training starts")
+
+    monkeypatch.setattr(run, "prepare_training_data", lambda *a, **k: (types.SimpleNamespace(stats={}), [], {}))
+    monkeypatch.setattr(train_mod, "train", train)
+    with pytest.raises(RuntimeError, match="stop after"):
+        run_pipeline(cfg, progress=False)
+    return call["args"], call["kwargs"]
+
+
 def test_config_file_and_overrides(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text(
@@ -265,8 +284,7 @@ def test_out_of_memory_in_a_stage_is_one_line_and_closes_the_engine(fake_vllm, t
 def test_calibrate_table_chooses_tau_on_validation_before_training(tmp_path, tiny_tokenizer, monkeypatch):
     """[calibrate] taus: the sweep sees the validation problems (never the test ones), its best
     tau is what training gets and what run_config.json records."""
-    from reasonmaxxer.recipes import run, tau_sweep
-    from reasonmaxxer.stages import train as train_mod
+    from reasonmaxxer.recipes import tau_sweep
 
     p = _tiny_run_toml(
         tmp_path,
@@ -281,16 +299,9 @@ def test_calibrate_table_chooses_tau_on_validation_before_training(tmp_path, tin
         seen["taus"] = kw["taus"]
         return {"best_tau": 1.5}
 
-    def train(examples, cfg, *a, **k):
-        seen["train_tau"] = cfg.tau
-        raise RuntimeError("stop after training starts")
-
-    monkeypatch.setattr(run, "prepare_training_data", lambda *a, **k: (types.SimpleNamespace(stats={}), [], {}))
     monkeypatch.setattr(tau_sweep, "sweep_tau", sweep)
-    monkeypatch.setattr(train_mod, "train", train)
-    with pytest.raises(RuntimeError, match="stop after"):
-        run_pipeline(load_run_config(p), progress=False)
-    assert seen["taus"] == (0.5, 1.5) and seen["train_tau"] == 1.5
+    (_, train_cfg, *_), _ = _train_call(monkeypatch, load_run_config(p))
+    assert seen["taus"] == (0.5, 1.5) and train_cfg.tau == 1.5
     assert len(seen["validation"]) == 4 and all("test" not in q for q in seen["validation"])
     assert json.loads((tmp_path / "run" / "run_config.json").read_text())["train"]["tau"] == 1.5
 
@@ -305,8 +316,6 @@ def test_report_to_and_push_to_hub_are_checked_up_front_and_the_tracker_reaches_
     from huggingface_hub import constants
 
     from reasonmaxxer.config import RunConfig
-    from reasonmaxxer.recipes import run
-    from reasonmaxxer.stages import train as train_mod
 
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(ReasonMaxxerError, match=r"pip install wandb"):
@@ -316,16 +325,12 @@ def test_report_to_and_push_to_hub_are_checked_up_front_and_the_tracker_reaches_
         run_pipeline(RunConfig(out=str(tmp_path / "b"), push_to_hub="me/x"), progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
-    made, seen = [], {}
+    made = []
     writer = types.SimpleNamespace(
         add_text=lambda *a, **k: None, add_scalar=lambda *a, **k: None, flush=lambda: None, close=lambda: None
     )
     fake_tb = types.SimpleNamespace(SummaryWriter=lambda log_dir=None, **k: made.append(log_dir) or writer)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake_tb)
-
-    def train(examples, cfg, *a, tracker=None, **k):
-        seen["tracker"] = tracker
-        raise RuntimeError("stop after training starts")
 
     ckpt = _tiny_checkpoint(tmp_path, tiny_tokenizer)
     cfg = RunConfig(
@@ -333,11 +338,8 @@ def test_report_to_and_push_to_hub_are_checked_up_front_and_the_tracker_reaches_
         validation_problems="", test_problems="arith:test:2", report_to="tensorboard",
         sampling=SamplingConfig(n=2, max_new_tokens=4),
     )  # fmt: skip
-    monkeypatch.setattr(run, "prepare_training_data", lambda *a, **k: (types.SimpleNamespace(stats={}), [], {}))
-    monkeypatch.setattr(train_mod, "train", train)
-    with pytest.raises(RuntimeError, match="stop after"):
-        run_pipeline(cfg, progress=False)
-    assert made == [str(tmp_path / "run" / "train" / "tb")] and seen["tracker"].writer is writer
+    _, kwargs = _train_call(monkeypatch, cfg)
+    assert made == [str(tmp_path / "run" / "train" / "tb")] and kwargs["tracker"].writer is writer
 
 
 def test_validation_temperature_samples_the_checkpoint_choice_with_evals_top_p_and_seed(
@@ -346,7 +348,6 @@ def test_validation_temperature_samples_the_checkpoint_choice_with_evals_top_p_a
     """validation_temperature > 0 (the paper's 0.6): the validation completions that pick the
     checkpoint are sampled at it, with [eval] top_p and seed; train() gets that validate."""
     from reasonmaxxer.recipes import run
-    from reasonmaxxer.stages import train as train_mod
 
     p = _tiny_run_toml(
         tmp_path,
@@ -360,13 +361,7 @@ def test_validation_temperature_samples_the_checkpoint_choice_with_evals_top_p_a
         seen["problems"], seen["kw"] = len(problems), kw
         return "the validate"
 
-    def train(examples, cfg, *a, validate=None, **k):
-        seen["validate"] = validate
-        raise RuntimeError("stop after training starts")
-
-    monkeypatch.setattr(run, "prepare_training_data", lambda *a, **k: (types.SimpleNamespace(stats={}), [], {}))
     monkeypatch.setattr(run, "validation_accuracy_fn", validation_fn)
-    monkeypatch.setattr(train_mod, "train", train)
-    with pytest.raises(RuntimeError, match="stop after"):
-        run_pipeline(load_run_config(p), progress=False)
-    assert seen == {"problems": 4, "kw": {"temperature": 0.6, "top_p": 0.9, "seed": 7}, "validate": "the validate"}
+    _, kwargs = _train_call(monkeypatch, load_run_config(p))
+    assert seen == {"problems": 4, "kw": {"temperature": 0.6, "top_p": 0.9, "seed": 7}}
+    assert kwargs["validate"] == "the validate"
