@@ -116,12 +116,11 @@ def _temp_owner() -> str:
     return f"{platform.node()}~{ns}"
 
 
-def _remove_dead_temp_dirs(parent: Path, prefix: str) -> None:
+def _remove_dead_temp_dirs(parent: Path, prefix: str, owner: str) -> None:
     """Remove `parent/<prefix><owner>-<pid>-*` temp dirs of `atomic_dir` whose process, on this
     machine (`_temp_owner`), is gone (killed mid-write: a merged 8B checkpoint's temp dir holds
     ~16 GB). A temp dir of a live process, or of another machine sharing the filesystem, is
     left alone (a reused pid only keeps a dead one's)."""
-    owner = _temp_owner()
     for p in parent.glob(f"{glob.escape(prefix)}*"):
         who, _, pid = p.name[len(prefix) :].rpartition("-")[0].rpartition("-")
         if who != owner or not pid.isdigit() or not p.is_dir():
@@ -143,10 +142,10 @@ def atomic_dir(final: Path, fill, *, replace: bool = True) -> Path:
     `final` on the same machine."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{final.name}.tmp-"
-    _remove_dead_temp_dirs(final.parent, prefix)
+    prefix, owner = f".{final.name}.tmp-", _temp_owner()
+    _remove_dead_temp_dirs(final.parent, prefix, owner)
     while True:
-        tmp = final.parent / f"{prefix}{_temp_owner()}-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp = final.parent / f"{prefix}{owner}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             tmp.mkdir()
             break
