@@ -3,6 +3,8 @@
     python benchmarks/method_study.py --plan                  # the cells, and which are done
     python benchmarks/method_study.py                         # run what is missing, then aggregate
     python benchmarks/method_study.py --aggregate-only        # the table and plot from finished cells
+    python benchmarks/method_study.py --methods rft --seeds 1 # one method's seed (its 2x/4x cells
+                                                              # run for --budget-seeds in --seeds)
 
 Resumable by construction: each cell is a `reasonmaxxer run` (or `reasonmaxxer baseline`)
 directory under ``--root`` (default ``runs/method_study``); a done cell (run finished, transfer
@@ -191,7 +193,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--methods", nargs="+", default=list(every), choices=every)
     ap.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     ap.add_argument("--baseline-seeds", nargs="+", type=int, default=[0], help="seeds of the GRPO cells")
-    ap.add_argument("--budget-seeds", nargs="+", type=int, default=[0], help="seeds of the offline 2x/4x cells")
+    ap.add_argument(
+        "--budget-seeds",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="seeds of the offline 2x/4x cells (those also in --seeds run)",
+    )
     ap.add_argument("--root", default=str(ROOT / "runs" / "method_study"))
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     ap.add_argument("--plan", action="store_true", help="print the cells and which are done; run nothing")

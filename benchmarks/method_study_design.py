@@ -107,6 +107,8 @@ def cells(regime: str, seeds, methods, baseline_seeds=(0,), budget_seeds=(0,)) -
     """The study's cells in run order: ReasonMaxxer seed 0 first (its base stores are reused), in
     every selection: `--methods positive_only` alone still starts from it (or from its base pack),
     so no other cell ever becomes the one whose stores the others copy.
+    The offline 2x/4x cells run for the `budget_seeds` that are in `seeds`; the GRPO cells for
+    `baseline_seeds` (GRPO has no 1x seeds to select).
     A cell: regime, method, seed, budget (x the reference FLOPs; 1 for the 1x offline cells; a
     GRPO cell's largest), label (the row's method: "rft", "rft@2x") and name (its run dir)."""
     out = [] if "reasonmaxxer" in methods and 0 in seeds else [_cell(regime, "reasonmaxxer", 0, 1, "reasonmaxxer")]
@@ -116,7 +118,9 @@ def cells(regime: str, seeds, methods, baseline_seeds=(0,), budget_seeds=(0,)) -
             continue
         out += [_cell(regime, m, s, 1, m) for s in seeds]
         if m in BUDGET_METHODS:
-            out += [_cell(regime, m, s, b, f"{m}@{b}x") for b in BUDGETS[1:] for s in budget_seeds]
+            # a budget cell runs for a budget seed that is also selected: `--seeds 1` is seed 1's
+            # cells only, not seed 0's 2x/4x cells besides
+            out += [_cell(regime, m, s, b, f"{m}@{b}x") for b in BUDGETS[1:] for s in budget_seeds if s in seeds]
     # ReasonMaxxer seed 0 first (the others reuse its base stores), then ReasonMaxxer and RFT
     # over the seeds (the comparison the study must decide), then the rest of ORDER, then the
     # ablations

@@ -53,6 +53,20 @@ def test_every_selection_starts_from_reasonmaxxer_seed0_whose_stores_the_others_
     assert [c["name"] for c in design.cells("short", [2, 0], ["reasonmaxxer"])][:1] == ["reasonmaxxer-s0"]
 
 
+def test_budget_cells_run_only_for_selected_seeds(design):
+    """`--methods rft --seeds 1` is RFT seed 1 (after the reference cell), not also RFT's seed-0
+    2x/4x cells; `--seeds 1 --budget-seeds 1` selects seed 1's budget cells."""
+    names = lambda todo: [c["name"] for c in todo]  # noqa: E731
+    assert names(design.cells("long", [1], ["rft"], [0], [0])) == ["reasonmaxxer-s0", "rft-s1"]
+    assert names(design.cells("long", [1], ["rft"], [0], [1])) == [
+        "reasonmaxxer-s0",
+        "rft-s1",
+        "rft@2x-s1",
+        "rft@4x-s1",
+    ]
+    assert "rft@2x-s0" in names(design.cells("long", [0, 1, 2], ["rft"]))  # the defaults: seed 0's
+
+
 def test_cell_configs_scale_the_problems_and_reuse_the_cell_that_samples_alike(design, tmp_path):
     """Each cell's TOML loads as a run config; a 2x cell trains on 160 problems (the 80 first),
     RFT's reuses ReasonMaxxer@2x's rollouts, ReasonMaxxer@2x only the first cell's base eval."""
