@@ -53,17 +53,6 @@ def result_paths(regime: str) -> dict[str, Path]:
     }
 
 
-def mean_tokens(d: Path, which: str) -> float | None:
-    """The mean completion length (tokens) of a store's rows (None for a store that is not there)."""
-    from reasonmaxxer.store import RolloutStore
-
-    p = d / which
-    if not (p / "manifest.json").is_file():
-        return None
-    lengths = [len(r["token_ids"]) for r in RolloutStore(p).read_rows(["token_ids"])]
-    return sum(lengths) / len(lengths)
-
-
 def stored(regime: str) -> tuple[dict, dict]:
     """(rows by (method, seed), per-problem accuracies by "method-sSEED") of the committed results."""
     rows, probs, paths = {}, {}, result_paths(regime)
@@ -107,8 +96,8 @@ def cell_row(d: Path, method: str, seed: int) -> tuple[dict, dict]:
         row[metric] = mean(acc)
     base = per_problem(d, "eval/base/samples")
     row["base_avg_at_4"] = mean(base)
-    row["mean_tokens"] = mean_tokens(d, "eval/trained/samples")
-    row["base_mean_tokens"] = mean_tokens(d, "eval/base/samples")
+    row["mean_tokens"] = info.get("mean_tokens")  # completion tokens per sample, from eval.json
+    row["base_mean_tokens"] = info.get("base", {}).get("mean_tokens")
     tr = per_problem(d, "transfer/samples")
     tb = per_problem(d.parent, "transfer_base/samples")
     row["transfer_avg_at_4"] = mean(tr)

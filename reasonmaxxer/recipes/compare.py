@@ -92,8 +92,10 @@ def _n_params_from_checkpoint(d: Path) -> int:
 
 
 def _eval_fields(path: Path) -> dict:
-    s = _json(path)["strict"]
-    out = {}
+    """An eval.json's strict avg@n and greedy (value, 95% CI) and its mean completion length."""
+    rep = _json(path)
+    s = rep["strict"]
+    out = {} if rep.get("mean_tokens") is None else {"mean_tokens": rep["mean_tokens"]}
     if s.get("avg_at_n"):
         out.update(
             avg_at_n=s["avg_at_n"]["value"], avg_at_n_low=s["avg_at_n"]["low"], avg_at_n_high=s["avg_at_n"]["high"]

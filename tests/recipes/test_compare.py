@@ -32,15 +32,16 @@ def test_compute_to_match_not_reached_is_a_lower_bound_at_the_curve_end():
     assert compute_to_match([], 0.6, "avg_at_n", 1e11, 50.0)["flops_ratio"] is None
 
 
-def _eval_json(path, avg, greedy):
+def _eval_json(path, avg, greedy, mean_tokens=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         json.dumps(
             {
+                "mean_tokens": mean_tokens,
                 "strict": {
                     "avg_at_n": {"value": avg, "low": avg - 0.1, "high": avg + 0.1, "n": 10},
                     "greedy": {"value": greedy, "low": greedy - 0.1, "high": greedy + 0.1, "n": 10},
-                }
+                },
             }
         )
     )
@@ -79,8 +80,8 @@ def make_rm_run(d, *, n_params=(10, 10), avg=0.45, greedy=0.5, variant="reasonma
         pa.table({"prompt_ids": [[1, 2, 3, 4], [1, 2, 3, 4]], "token_ids": [[5, 6], [7, 8, 9]]}),
         d / "rollouts" / "shards" / "shard-00000.parquet",
     )
-    _eval_json(d / "eval" / "trained" / "eval.json", avg, greedy)
-    _eval_json(d / "eval" / "base" / "eval.json", 0.3, 0.4)
+    _eval_json(d / "eval" / "trained" / "eval.json", avg, greedy, mean_tokens=2.5)
+    _eval_json(d / "eval" / "base" / "eval.json", 0.3, 0.4)  # an eval.json written without a length
     return d
 
 
@@ -115,6 +116,9 @@ def test_reasonmaxxer_run_compute_is_counted_by_hand(tmp_path):
     assert r["forward_tokens"] == 23 and r["trained_tokens"] == 10
     assert r["flops"] == 2 * 100 * 23 + 6 * 100 * 10
     assert r["method_seconds"] == 100.0 and r["eval_seconds"] == 45.0
+    # each evaluation's mean completion length, as its eval.json has it (absent: not there)
+    assert r["mean_tokens"] == 2.5 and "mean_tokens" not in r["base"]
+    assert r["avg_at_n"] == 0.45 and r["base"]["greedy"] == 0.4
 
 
 def test_compare_table_and_ratios(tmp_path):
