@@ -61,7 +61,8 @@ class RunConfig:
     validation_temperature: float = field(
         default=0.0,
         metadata={
-            "help": "the one validation completion per problem that picks the checkpoint: 0 = greedy, "
+            "help": "the one validation completion per problem that picks the checkpoint (and scores "
+            "the [calibrate] taus): 0 = greedy, "
             "> 0 = sampled at this temperature with [eval] top_p and seed (the official recipe: 0.6)",
             "ge": 0,
         },

@@ -57,11 +57,8 @@ def cmd_train(a):
     from dataclasses import asdict
 
     from ..backends.distributed import is_main_process, main_process_first, set_timeout_minutes
-    from ..data.benchmarks import load_problems
-    from ..data.prompts import get_template
     from ..models import load_model
     from ..recipes.run import prepare_training_data
-    from ..stages.evaluate import validation_accuracy_fn
     from ..stages.publish import check_push, push_adapter
     from ..stages.tracking import check_tracker, make_tracker
     from ..stages.train import examples_from_selection, train
@@ -84,12 +81,7 @@ def cmd_train(a):
         store, spec, model, tok, sel_cfg, cfg, out / "scores.parquet", rescore=a.rescore, progress=main
     )
     examples = examples_from_selection(rows, sel_cfg.truncated)
-    validate = None
-    if a.validation:
-        tmpl = get_template(_template_name(a, man))
-        validate = validation_accuracy_fn(
-            load_problems(a.validation, data_dir=a.data_dir), tmpl, tok, a.max_new_tokens, 32
-        )
+    validate, _ = validation_fn(a, man, tok)
     # only the main process logs; the tracker's config is the run's, not part of TrainConfig (resume compares that)
     run_info = {"train": asdict(cfg), "selection": asdict(sel_cfg), "rollouts": a.rollouts, "model": spec}
     tracker = make_tracker(a.report_to, out, run_info, out.name) if main else None
@@ -109,8 +101,6 @@ def cmd_train(a):
 
 def cmd_calibrate(a):
     """`calibrate`: short trainings per candidate tau, scored on a validation split."""
-    from ..data.benchmarks import load_problems
-    from ..data.prompts import get_template
     from ..models import load_model
     from ..recipes.calibrate import calibrate
     from ..store import RolloutStore
@@ -119,23 +109,44 @@ def cmd_calibrate(a):
     store = RolloutStore(a.rollouts)
     spec, man = store_model(a, store)
     model, tok = load_model(spec)
-    tmpl = get_template(_template_name(a, man))
+    validate, n_validation = validation_fn(a, man, tok)
     res = calibrate(
         store,
         spec,
         model,
         tok,
-        tmpl,
-        load_problems(a.validation, data_dir=a.data_dir),
+        validate,
+        n_validation=n_validation,
         taus=a.taus,
         selection=selection_config(a),
         train_cfg=train_config(a),
         out=Path(a.out),
         max_steps=a.steps,
-        max_new_tokens=a.max_new_tokens,
     )
     print(res["markdown"])
     print(f"best tau: {res['best_tau']:g} nats (written: {a.out}/calibrate.json, calibrate.md)")
+
+
+def validation_fn(a, man: dict, tok):
+    """(validate(model) -> accuracy, or None without --validation; the number of problems) from
+    `train`/`calibrate`'s validation flags: the template is --template or the rollouts'."""
+    from ..data.benchmarks import load_problems
+    from ..data.prompts import get_template
+    from ..stages.evaluate import validation_accuracy_fn
+
+    if not a.validation:
+        return None, 0
+    problems = load_problems(a.validation, data_dir=a.data_dir)
+    validate = validation_accuracy_fn(
+        problems,
+        get_template(_template_name(a, man)),
+        tok,
+        a.max_new_tokens,
+        32,
+        temperature=a.validation_temperature,
+        top_p=a.validation_top_p,
+    )
+    return validate, len(problems)
 
 
 def cmd_baseline(a):

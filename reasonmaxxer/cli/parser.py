@@ -148,6 +148,13 @@ def _add_training_inputs(p, validation):
     p.add_argument("--validation", default=validation, help="held-out problems for checkpoint selection / calibration")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--max-new-tokens", type=int, default=256, help="for validation decoding")
+    p.add_argument(
+        "--validation-temperature",
+        type=float,
+        default=0.0,
+        help="validation decoding: 0 = greedy; > 0 = one sample per problem at this temperature (official: 0.6)",
+    )
+    p.add_argument("--validation-top-p", type=float, default=1.0, help="top-p of sampled validation (official: 0.95)")
     p.add_argument("--threads", type=int, default=0)
 
 

@@ -17,21 +17,20 @@ def calibrate(
     model_spec: str,
     model,
     tokenizer,
-    template,
-    validation,
+    validate,
     *,
+    n_validation: int,
     taus: Sequence[float],
     selection: SelectionConfig,
     train_cfg: TrainConfig,
     out: Path,
     max_steps: int = 8,
-    max_new_tokens: int = 256,
     progress: bool = True,
 ) -> dict:
-    """Sweep tau (nats) with short trainings; pick the best held-out greedy accuracy.
+    """Sweep tau (nats) with short trainings; pick the best validation accuracy.
 
-    Each candidate trains `max_steps` optimizer steps from the same data and is scored on the
-    validation problems; tau=None rows are never produced (the gate must be non-empty).
+    Each candidate trains `max_steps` optimizer steps from the same data and is scored by
+    `validate(model)` on the `n_validation` validation problems; tau=None rows are never produced (the gate must be non-empty).
     Writes out/calibrate.json and out/calibrate.md; returns the dict.
     """
     out = Path(out)
@@ -44,12 +43,11 @@ def calibrate(
         model_spec,
         model,
         tokenizer,
-        template,
-        validation,
+        validate,
+        n_validation=n_validation,
         taus=taus,
         train_cfg=train_cfg,
         out=out,
         max_steps=max_steps,
-        max_new_tokens=max_new_tokens,
         progress=progress,
     )

@@ -259,26 +259,8 @@ def calibrate_and_train(cfg: RunConfig, out: Path, examples, model, tok, tmpl, v
     from ..stages.tracking import make_tracker
     from ..stages.train import train
 
-    if cfg.calibrate.taus:  # the test split is not touched
-        from .tau_sweep import sweep_tau
-
-        with clock("calibrate tau"):
-            cal = sweep_tau(
-                examples,
-                cfg.model,
-                model,
-                tok,
-                tmpl,
-                val_p,
-                taus=cfg.calibrate.taus,
-                train_cfg=cfg.train,
-                out=out / "calibrate",
-                max_steps=cfg.calibrate.max_steps,
-                max_new_tokens=cfg.eval.max_new_tokens,
-                progress=progress,
-            )
-        cfg = replace(cfg, train=replace(cfg.train, tau=cal["best_tau"]))
-        write_run_config(out, cfg)
+    # one validation for the tau sweep and the checkpoint choice: greedy, or sampled at
+    # validation_temperature with [eval] top_p and seed
     validate = (
         validation_accuracy_fn(
             *(val_p, tmpl, tok, cfg.eval.max_new_tokens, cfg.eval.batch_size, cfg.eval.stop),
@@ -289,6 +271,25 @@ def calibrate_and_train(cfg: RunConfig, out: Path, examples, model, tok, tmpl, v
         if val_p
         else None
     )
+    if cfg.calibrate.taus:  # the test split is not touched
+        from .tau_sweep import sweep_tau
+
+        with clock("calibrate tau"):
+            cal = sweep_tau(
+                examples,
+                cfg.model,
+                model,
+                tok,
+                validate,
+                n_validation=len(val_p or ()),
+                taus=cfg.calibrate.taus,
+                train_cfg=cfg.train,
+                out=out / "calibrate",
+                max_steps=cfg.calibrate.max_steps,
+                progress=progress,
+            )
+        cfg = replace(cfg, train=replace(cfg.train, tau=cal["best_tau"]))
+        write_run_config(out, cfg)
     with clock("train"):
         res = train(
             examples,

@@ -6,13 +6,12 @@ table (`recipes.run`): the validation split only; the test split is never touche
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from ..errors import ReasonMaxxerError
 from ..io import atomic_write_bytes, atomic_write_json
-from ..stages.evaluate import validation_accuracy_fn
 from ..stages.train import TrainConfig, TrainExample
 
 
@@ -21,29 +20,29 @@ def sweep_tau(
     model_spec: str,
     model,
     tokenizer,
-    template,
-    validation,
+    validate: Callable | None,
     *,
+    n_validation: int,
     taus: Sequence[float],
     train_cfg: TrainConfig,
     out: Path,
     max_steps: int = 8,
-    max_new_tokens: int = 256,
     progress: bool = True,
 ) -> dict:
-    """Sweep tau (nats) with short trainings; pick the best held-out greedy accuracy.
+    """Sweep tau (nats) with short trainings; pick the best validation accuracy.
 
     Each candidate trains `max_steps` optimizer steps from the same examples (in out/tau-X,
-    resumable) and is scored on `validation`; ties go to the gated fraction nearest 5%.
+    resumable) and is scored by `validate(model) -> accuracy` on the `n_validation` validation
+    problems (`stages.evaluate.validation_accuracy_fn`: the one that picks a run's checkpoint,
+    greedy or sampled); ties go to the gated fraction nearest 5%.
     Writes out/calibrate.json and out/calibrate.md; returns the dict (best_tau, candidates).
     """
     from ..models import load_model
     from ..stages.train import example_gates, train
 
     out = Path(out)
-    if not validation:
+    if validate is None or not n_validation:
         raise ReasonMaxxerError("calibrate: tau is chosen on validation problems; none are given (validation_problems)")
-    validate = validation_accuracy_fn(validation, template, tokenizer, max_new_tokens, 32)
     base_acc = validate(model)
     rows = []
     for tau in taus:
@@ -80,7 +79,7 @@ def sweep_tau(
     best = max(scored, key=lambda r: (r["val_accuracy"], -abs(r["gated_fraction"] - 0.05)))
     result = {
         "base_val_accuracy": base_acc,
-        "n_validation": len(validation),
+        "n_validation": n_validation,
         "candidates": rows,
         "best_tau": best["tau"],
         "max_steps": max_steps,
@@ -94,9 +93,9 @@ def sweep_tau(
 
 def calibrate_table(rows: list[dict], base_acc: float, best: dict) -> list[str]:
     """calibrate.md's lines: the base's validation accuracy, then each candidate tau's gated
-    fraction and validation greedy accuracy, the chosen one (`best`) marked."""
+    fraction and validation accuracy, the chosen one (`best`) marked."""
     md = [
-        "| tau (nats) | gated fraction | val greedy accuracy |",
+        "| tau (nats) | gated fraction | val accuracy |",
         "|---|---|---|",
         f"| (base, no training) | - | {base_acc:.3f} |",
     ]

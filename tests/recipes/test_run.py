@@ -282,27 +282,39 @@ def test_out_of_memory_in_a_stage_is_one_line_and_closes_the_engine(fake_vllm, t
 
 
 def test_calibrate_table_chooses_tau_on_validation_before_training(tmp_path, tiny_tokenizer, monkeypatch):
-    """[calibrate] taus: the sweep sees the validation problems (never the test ones), its best
-    tau is what training gets and what run_config.json records."""
+    """[calibrate] taus: the sweep scores with the validation that picks the checkpoint (built
+    from the validation problems, never the test ones, at validation_temperature); its best tau
+    is what training gets and what run_config.json records."""
+    from reasonmaxxer.recipes import run as run_mod
     from reasonmaxxer.recipes import tau_sweep
 
     p = _tiny_run_toml(
         tmp_path,
         tiny_tokenizer,
-        'validation_problems = "arith:validation:4"\ntest_problems = "arith:test:2"\n'
-        "[sampling]\nn = 2\nmax_new_tokens = 4\n[calibrate]\ntaus = [0.5, 1.5]\nmax_steps = 2\n",
+        'validation_problems = "arith:validation:4"\ntest_problems = "arith:test:2"\nvalidation_temperature = 0.6\n'
+        "[sampling]\nn = 2\nmax_new_tokens = 4\n[eval]\ntop_p = 0.95\n[calibrate]\ntaus = [0.5, 1.5]\nmax_steps = 2\n",
     )
     seen = {}
 
-    def sweep(examples, spec, model, tok, tmpl, validation, **kw):
-        seen["validation"] = [q.id for q in validation]
-        seen["taus"] = kw["taus"]
+    def validation_accuracy_fn(problems, *args, **kw):
+        seen["validation"], seen["validation_kw"] = [q.id for q in problems], kw
+
+        def validate(model):
+            raise AssertionError("not called in this test")
+
+        return validate
+
+    def sweep(examples, spec, model, tok, validate, **kw):
+        seen["sweep_validate"], seen["n_validation"], seen["taus"] = validate, kw["n_validation"], kw["taus"]
         return {"best_tau": 1.5}
 
+    monkeypatch.setattr(run_mod, "validation_accuracy_fn", validation_accuracy_fn)
     monkeypatch.setattr(tau_sweep, "sweep_tau", sweep)
-    (_, train_cfg, *_), _ = _train_call(monkeypatch, load_run_config(p))
+    (_, train_cfg, *_), train_kw = _train_call(monkeypatch, load_run_config(p))
     assert seen["taus"] == (0.5, 1.5) and train_cfg.tau == 1.5
     assert len(seen["validation"]) == 4 and all("test" not in q for q in seen["validation"])
+    assert seen["n_validation"] == 4 and seen["sweep_validate"] is train_kw["validate"]
+    assert seen["validation_kw"]["temperature"] == 0.6 and seen["validation_kw"]["top_p"] == 0.95
     assert json.loads((tmp_path / "run" / "run_config.json").read_text())["train"]["tau"] == 1.5
 
 

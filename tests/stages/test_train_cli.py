@@ -135,3 +135,28 @@ def test_train_cli_track_and_push(store_and_ckpt, monkeypatch, capsys):
     assert main([*args[:4], str(d / "run-x"), *args[5:]]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "pip install tensorboard" in err and not (d / "run-x").exists()
+
+
+def test_validation_flags_reach_the_validation_of_train_and_calibrate(monkeypatch):
+    """--validation-temperature / --validation-top-p: the one validation that picks `train`'s
+    checkpoint and scores `calibrate`'s taus; no --validation: none (calibrate then says so)."""
+    from reasonmaxxer.cli.commands_train import validation_fn
+    from reasonmaxxer.cli.parser import build_parser
+    from reasonmaxxer.stages import evaluate
+
+    seen = {}
+
+    def fake(problems, template, tok, max_new_tokens, batch_size, **kw):
+        seen.update(n=len(problems), template=template.name, max_new_tokens=max_new_tokens, **kw)
+        return "validate"
+
+    monkeypatch.setattr(evaluate, "validation_accuracy_fn", fake)
+    for cmd in ("train", "calibrate"):
+        a = build_parser().parse_args(
+            [cmd, "--rollouts", "r", "--out", "o", "--validation", "arith:validation:3", "--template", "raw"]
+            + ["--max-new-tokens", "7", "--validation-temperature", "0.6", "--validation-top-p", "0.95"]
+        )
+        assert validation_fn(a, {}, None) == ("validate", 3)
+        assert seen == {"n": 3, "template": "raw", "max_new_tokens": 7, "temperature": 0.6, "top_p": 0.95}
+        a = build_parser().parse_args([cmd, "--rollouts", "r", "--out", "o", "--validation", ""])
+        assert validation_fn(a, {}, None) == (None, 0)
