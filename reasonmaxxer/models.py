@@ -199,6 +199,55 @@ def default_device() -> str:
     return os.environ.get("REASONMAXXER_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def busy_cores(interval: float = 0.1) -> float | None:
+    """How many cores other processes keep busy: the non-idle share of all CPU time over
+    `interval` seconds (Linux /proc/stat; this process sleeps meanwhile) times the cores.
+    None where /proc/stat is not there (macOS, Windows)."""
+
+    def ticks() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+        return sum(vals[:8]), idle  # guest time is already in user
+
+    try:
+        total0, idle0 = ticks()
+        time.sleep(interval)
+        total1, idle1 = ticks()
+    except (OSError, ValueError, IndexError):
+        return None
+    dt = total1 - total0
+    return (dt - (idle1 - idle0)) / dt * (os.cpu_count() or 1) if dt > 0 else 0.0
+
+
+def set_torch_threads(threads: int = 0, *, busy: float | None = None, cores: int | None = None) -> int:
+    """Set torch's CPU threads to `threads` (0: leave torch's default, one per core) and return
+    the count in use. When other processes already keep `busy` cores busy (None: measured,
+    `busy_cores`) and that plus our threads exceeds 1.5x the `cores`, a RuntimeWarning: two jobs
+    that each use every core slow each other many-fold (2 cores, a 2-thread `eval` beside a
+    2-thread study cell: 1 token/s; with --threads 1: 9), so each should get cores / jobs."""
+    import warnings
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    n = torch.get_num_threads()
+    cores = cores or os.cpu_count() or 1
+    if n == 1 or default_device() != "cpu":
+        return n
+    busy = busy_cores() if busy is None else busy
+    if busy is not None and busy + n > 1.5 * cores:
+        warnings.warn(
+            f"the CPU is busy ({busy:.1f} of {cores} cores in use by other processes) and torch uses {n} "
+            f"threads; jobs that each use every core slow each other many-fold: give each --threads "
+            f"cores / jobs (here {max(1, cores // 2)} for two)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return n
+
+
 def cache_kwarg(model) -> str:
     """The forward() keyword for a KV cache: "cache" (transformers >= 5) or "past_key_values".
 

@@ -243,11 +243,10 @@ def slug(*parts) -> str:
 
 
 def set_threads(a):
-    """Apply --threads to torch (0 or absent: torch's default)."""
-    if getattr(a, "threads", 0):
-        import torch
+    """Apply --threads to torch (0 or absent: torch's default; `models.set_torch_threads` warns on a busy CPU)."""
+    from ..models import set_torch_threads
 
-        torch.set_num_threads(a.threads)
+    set_torch_threads(getattr(a, "threads", 0) or 0)
 
 
 def train_config(a):

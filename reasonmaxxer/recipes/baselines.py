@@ -330,18 +330,16 @@ def run_baseline(
     `model`/`tokenizer` may be passed in (tests); `grade_fn(golds, texts) -> list[bool]`
     replaces the grader (tests only).
     """
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from trl import GRPOTrainer, RLOOTrainer
 
     from ..data.benchmarks import load_problems
     from ..data.prompts import get_template
-    from ..models import load_model
+    from ..models import load_model, set_torch_threads
 
     require_vllm(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_torch_threads(cfg.threads)  # warns on a CPU that other jobs keep busy
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     train_p = load_problems(cfg.train_problems, data_dir=cfg.data_dir)

@@ -25,12 +25,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import torch
-
 from ..analysis.forks import fork_changes, report_examples
 from ..config import RunConfig
 from ..errors import ReasonMaxxerError, out_of_memory_error
 from ..io import atomic_write_json
+from ..models import set_torch_threads
 from ..stages.evaluate import evaluate_model, validation_accuracy_fn
 from ..stages.score import attach_scores
 from ..stages.select import SelectionConfig
@@ -171,8 +170,7 @@ def preflight(cfg: RunConfig) -> None:
     check_backend(cfg.backend, cfg.engine)
     check_tracker(cfg.report_to)
     check_push(cfg.push_to_hub, full_finetune=cfg.train.full_finetune)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_torch_threads(cfg.threads)  # warns on a CPU that other jobs keep busy
 
 
 def _pipeline(cfg: RunConfig, progress: bool, overwrite: bool, samplers: list) -> dict:
