@@ -58,7 +58,8 @@ from .kv_slab import SlabCache, filled_kv, repack, seed_with_prefix
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How completions are drawn. temperature 0 = greedy (then top_p/top_k are ignored)."""
+    """How completions are drawn. temperature 0 = greedy: top_p/top_k do not apply and are set to
+    1.0/0, so every greedy config (and a greedy store's hash) is the same whatever they were."""
 
     n: int = field(default=4, metadata={"help": "samples per problem", "ge": 1})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature (0 = greedy)", "ge": 0})
@@ -76,6 +77,9 @@ class SamplingConfig:
 
     def __post_init__(self):
         check_fields(self, "sampling")
+        if self.temperature == 0:
+            object.__setattr__(self, "top_p", 1.0)
+            object.__setattr__(self, "top_k", 0)
 
     @property
     def greedy(self) -> bool:

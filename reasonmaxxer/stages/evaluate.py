@@ -123,7 +123,7 @@ def validation_accuracy_fn(
     cfg = SamplingConfig(
         n=1,
         temperature=temperature,
-        top_p=top_p if temperature > 0 else 1.0,
+        top_p=top_p,  # ignored (reset) when greedy
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         seed=seed,

@@ -139,8 +139,7 @@ def sample_stage(
     check_backend(getattr(sampler, "name", "hf"), engine)
     stop = resolve_stop(cfg.stop, template)
     if greedy or stop != cfg.stop:
-        # greedy ignores top_p/top_k: reset, so a greedy store's hash does not depend on them
-        argmax = {"n": 1, "temperature": 0.0, "top_p": 1.0, "top_k": 0}
+        argmax = {"n": 1, "temperature": 0.0}  # (SamplingConfig resets top_p/top_k at temperature 0)
         cfg = SamplingConfig(**{**asdict(cfg), "stop": stop, **(argmax if greedy else {})})
     config, describe = store_config(model_spec, problems, template, cfg, greedy, shard_size, sampler)
     store = RolloutStore(out)

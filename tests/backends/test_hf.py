@@ -132,6 +132,15 @@ def test_bad_config_is_a_clear_error():
         SamplingConfig(top_p=0)
 
 
+def test_greedy_config_resets_top_p_and_top_k():
+    """temperature 0: top_p/top_k do not apply, so they are 1.0/0 whatever was asked (one
+    greedy config, one store hash); a sampled config keeps them."""
+    g = SamplingConfig(temperature=0, top_p=0.95, top_k=20)
+    assert (g.top_p, g.top_k) == (1.0, 0) and g == SamplingConfig(temperature=0)
+    s = SamplingConfig(temperature=0.6, top_p=0.95, top_k=20)
+    assert (s.top_p, s.top_k) == (0.95, 20)
+
+
 def test_stop_string_ends_a_row_and_is_cut_from_text_and_tokens(peaky_model, tiny_tokenizer):
     reqs = _requests(tiny_tokenizer)
     s = HFSampler(peaky_model, tiny_tokenizer)
