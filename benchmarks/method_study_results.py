@@ -257,7 +257,8 @@ def pooled(rows, probs: dict) -> dict:
         mine, ref = [f"{m}-s{s}" for s in seeds], [f"reasonmaxxer-s{s}" for s in seeds]
         out[m] = {"seeds": seeds}
         for metric in ("avg_at_4", "greedy"):
-            keys = mine + ref + (["base"] if has("base", metric) else [])
+            # the base enters only avg@4's comparison (there is no greedy one against it)
+            keys = mine + ref + (["base"] if metric == "avg_at_4" and has("base") else [])
             if not all(has(k, metric) for k in keys):
                 continue
             problems = set.intersection(*(set(probs[k][metric]) for k in keys))
