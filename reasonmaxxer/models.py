@@ -199,51 +199,68 @@ def default_device() -> str:
     return os.environ.get("REASONMAXXER_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def busy_cores(interval: float = 0.1) -> float | None:
-    """How many cores other processes keep busy: the non-idle share of all CPU time over
-    `interval` seconds (Linux /proc/stat; this process sleeps meanwhile) times the cores.
-    None where /proc/stat is not there (macOS, Windows)."""
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity: a Slurm/cgroup cpuset, `taskset`), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity API (macOS, Windows)
+        return os.cpu_count() or 1
 
-    def ticks() -> tuple[int, int]:
+
+def busy_cores(interval: float = 0.1) -> float | None:
+    """How many of this process's usable CPUs other processes keep busy: their non-idle time over
+    `interval` seconds (Linux /proc/stat, only the CPUs of this process's affinity), less this
+    process's own (/proc/self/stat: threads still spinning), in cores. None where /proc is not
+    there (macOS, Windows)."""
+    cpus = {f"cpu{i}" for i in os.sched_getaffinity(0)} if hasattr(os, "sched_getaffinity") else None
+
+    def ticks() -> tuple[int, int, int]:
+        total = idle = 0
         with open("/proc/stat") as f:
-            vals = [int(v) for v in f.readline().split()[1:]]
-        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
-        return sum(vals[:8]), idle  # guest time is already in user
+            for line in f:
+                name, *vals = line.split()
+                if not name.startswith("cpu") or name == "cpu" or (cpus is not None and name not in cpus):
+                    continue
+                v = [int(x) for x in vals[:8]]  # user nice system idle iowait irq softirq steal
+                total, idle = total + sum(v), idle + v[3] + v[4]
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        return total, idle, int(fields[11]) + int(fields[12])  # utime + stime, the same clock ticks
 
     try:
-        total0, idle0 = ticks()
+        t0, i0, own0 = ticks()
         time.sleep(interval)
-        total1, idle1 = ticks()
+        t1, i1, own1 = ticks()
     except (OSError, ValueError, IndexError):
         return None
-    dt = total1 - total0
-    return (dt - (idle1 - idle0)) / dt * (os.cpu_count() or 1) if dt > 0 else 0.0
+    n = len(cpus) if cpus else (os.cpu_count() or 1)
+    dt = t1 - t0
+    return max(0.0, (dt - (i1 - i0) - (own1 - own0)) / dt * n) if dt > 0 else 0.0
 
 
 def set_torch_threads(threads: int = 0, *, busy: float | None = None, cores: int | None = None) -> int:
     """Set torch's CPU threads to `threads` (0: leave torch's default, one per core) and return
-    the count in use. When other processes already keep `busy` cores busy (None: measured,
-    `busy_cores`) and that plus our threads exceeds 1.5x the `cores`, a RuntimeWarning: two jobs
-    that each use every core slow each other many-fold (2 cores, a 2-thread `eval` beside a
-    2-thread study cell: 1 token/s; with --threads 1: 9), so each should get cores / jobs."""
-    import warnings
+    the count in use. When other processes already keep `busy` of the `cores` busy (None:
+    measured, `busy_cores` / `usable_cores`) and that plus our threads exceeds 1.5x the cores,
+    one warning line (logger "reasonmaxxer"): two jobs that each use every core slow each other
+    many-fold (2 cores, a 2-thread `eval` beside a 2-thread study cell: 1 token/s; with
+    --threads 1: 9), so each should get cores / jobs."""
+    import logging
 
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     n = torch.get_num_threads()
-    cores = cores or os.cpu_count() or 1
     if n == 1 or default_device() != "cpu":
         return n
+    cores = cores or usable_cores()
     busy = busy_cores() if busy is None else busy
     if busy is not None and busy + n > 1.5 * cores:
-        warnings.warn(
-            f"the CPU is busy ({busy:.1f} of {cores} cores in use by other processes) and torch uses {n} "
-            f"threads; jobs that each use every core slow each other many-fold: give each --threads "
-            f"cores / jobs (here {max(1, cores // 2)} for two)",
-            RuntimeWarning,
-            stacklevel=2,
+        logging.getLogger("reasonmaxxer").warning(
+            f"reasonmaxxer: warning: the CPU is busy ({busy:.1f} of {cores} cores in use by other processes) "
+            f"and torch uses {n} threads; jobs that each use every core slow each other many-fold: give each "
+            f"--threads cores / jobs (here {max(1, cores // 2)} for two)"
         )
     return n
 

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args, cwd=None, module="reasonmaxxer.cli", **env_vars):
-    env = dict(os.environ, TQDM_DISABLE="1", **env_vars)
+    # one torch thread: a child sharing the test machine's cores (no busy-CPU warning line either)
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", **env_vars}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("REASONMAXXER_DEBUG", None)
     return subprocess.run(

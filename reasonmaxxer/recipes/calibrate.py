@@ -9,7 +9,7 @@ from ..stages.select import SelectionConfig
 from ..stages.train import TrainConfig, examples_from_selection
 from ..store import RolloutStore
 from .run import prepare_training_data
-from .tau_sweep import sweep_tau
+from .tau_sweep import require_validation, sweep_tau
 
 
 def calibrate(
@@ -34,6 +34,7 @@ def calibrate(
     Writes out/calibrate.json and out/calibrate.md; returns the dict.
     """
     out = Path(out)
+    require_validation(validate, n_validation)  # before the store is scored
     sel, srows, _ = prepare_training_data(
         store, model_spec, model, tokenizer, selection, train_cfg, out / "scores.parquet", progress=progress
     )

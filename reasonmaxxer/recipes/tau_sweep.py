@@ -41,8 +41,7 @@ def sweep_tau(
     from ..stages.train import example_gates, train
 
     out = Path(out)
-    if validate is None or not n_validation:
-        raise ReasonMaxxerError("calibrate: tau is chosen on validation problems; none are given (validation_problems)")
+    require_validation(validate, n_validation)
     base_acc = validate(model)
     rows = []
     for tau in taus:
@@ -89,6 +88,12 @@ def sweep_tau(
     atomic_write_bytes(out / "calibrate.md", ("\n".join(md) + "\n").encode())
     result["markdown"] = "\n".join(md)
     return result
+
+
+def require_validation(validate: Callable | None, n_validation: int) -> None:
+    """One line when there is nothing to choose tau on (before any scoring or training)."""
+    if validate is None or not n_validation:
+        raise ReasonMaxxerError("calibrate: tau is chosen on validation problems; none are given (validation_problems)")
 
 
 def calibrate_table(rows: list[dict], base_acc: float, best: dict) -> list[str]:
