@@ -18,6 +18,7 @@ from ..backends.distributed import rank_world, sharded_map
 from ..backends.hf import HFSampler, Request, SamplingConfig
 from ..data.problems import Problem
 from ..data.prompts import render_prompt
+from ..io import config_hash
 from ..schema import check_fields
 from ..store import RolloutStore
 from .eval_metrics import (
@@ -142,6 +143,15 @@ def validation_accuracy_fn(
         ok = correct(items) if rank_world()[1] == 1 else sharded_map(items, batch_size, correct)
         return sum(ok) / len(ok)
 
+    # what the accuracy depends on (train records it: a run resumed with another validation would
+    # mix accuracies, and a finished one would keep a checkpoint chosen by the old one)
+    validate.key = {
+        "problems": config_hash({"problems": [[p.id, p.question, p.answer] for p in problems]}),
+        "n": len(problems),
+        "template": template.name,
+        **{k: getattr(cfg, k) for k in ("temperature", "top_p", "max_new_tokens", "seed")},
+        "stop": list(cfg.stop),
+    }
     return validate
 
 

@@ -130,6 +130,8 @@ def train(
             "without --validation and evaluate the checkpoints afterwards"
         )
     plan = plan_run(examples, cfg, shuffle, base_spec)
+    # the validation that picks the checkpoint (`validation_accuracy_fn`'s key; None: none)
+    plan.resolved["validation"] = None if validate is None else getattr(validate, "key", None)
     claim_out_dir(out, plan.resolved, dist, overwrite)
     if (out / "result.json").is_file():
         if tracker is not None:

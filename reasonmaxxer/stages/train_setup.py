@@ -100,16 +100,20 @@ def plan_run(examples: Sequence[TrainExample], cfg: TrainConfig, shuffle: bool, 
 
 
 def claim_out_dir(out: Path, resolved: dict, dist: Dist, overwrite: bool) -> None:
-    """Write train_config.json, or check it matches the run already in `out` (resumption);
-    --overwrite clears a different run's checkpoints, metrics and exports first."""
+    """Write train_config.json, or check it matches the run already in `out` (resumption): the
+    config, the examples, tau and the validation (compared when the old run recorded one: runs
+    written before it was recorded resume as before); --overwrite clears a different run's
+    checkpoints, metrics and exports first."""
     cfg_path = out / "train_config.json"
     if cfg_path.is_file():
         old = json.loads(cfg_path.read_text())
-        keys = ("config", "n_examples", "tau")
-        if any(old.get(k) != resolved[k] for k in keys):
+        keys = ("config", "n_examples", "tau") + (("validation",) if "validation" in old else ())
+        changed = [k for k in keys if old.get(k) != resolved.get(k)]
+        if changed:
             if not overwrite:
                 raise ReasonMaxxerError(
-                    f"{out}: holds a training run with a different config; choose another --out or pass --overwrite"
+                    f"{out}: holds a training run with a different {' and '.join(changed)}; choose another "
+                    "--out or pass --overwrite"
                 )
             if dist.is_main:
                 for name in ("checkpoints", "adapter", "merged"):

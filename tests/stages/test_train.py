@@ -616,3 +616,35 @@ def test_tracker_gets_every_steps_metrics_jsonl_record(tmp_path, tiny_tokenizer)
     again = RecordingTracker()
     assert _train_once(tmp_path, tiny_tokenizer, cfg, random_train_examples(8), tracker=again) == res
     assert again.logged == [] and again.closed == 1
+
+
+def test_a_run_resumed_with_another_validation_is_refused(tmp_path, tiny_tokenizer):
+    """The validation that picks the checkpoint is part of the run: the same one resumes (a
+    finished run: a no-op), another one is refused naming it (--overwrite retrains), and a run
+    written before the validation was recorded resumes as before."""
+    from reasonmaxxer.data.problems import Problem
+    from reasonmaxxer.data.prompts import get_template
+    from reasonmaxxer.stages.evaluate import validation_accuracy_fn
+
+    probs = [Problem(id=f"v{i}", question=f"{i} + 1", answer=str(i + 1)) for i in range(2)]
+
+    def keyed(temperature=0.0, problems=probs):
+        fn = validation_accuracy_fn(problems, get_template("raw"), tiny_tokenizer, 4, 2, temperature=temperature)
+        out = lambda m: 0.5  # noqa: E731 (decoding is not what this test is about)
+        out.key = fn.key
+        return out
+
+    cfg = TrainConfig(tau=1.0, micro_batch=4, grad_accum=1, lora_rank=4, max_steps=1)
+    exs = random_train_examples(4)
+    first = _train_once(tmp_path, tiny_tokenizer, cfg, exs, validate=keyed())
+    assert json.loads((tmp_path / "train_config.json").read_text())["validation"]["temperature"] == 0.0
+    assert _train_once(tmp_path, tiny_tokenizer, cfg, exs, validate=keyed()) == first  # same: a no-op
+    for other in (keyed(temperature=0.6), keyed(problems=probs[:1]), None):
+        with pytest.raises(
+            ReasonMaxxerError, match=r"a different validation; choose another --out or pass --overwrite"
+        ):
+            _train_once(tmp_path, tiny_tokenizer, cfg, exs, validate=other)
+    assert _train_once(tmp_path, tiny_tokenizer, cfg, exs, validate=keyed(0.6), overwrite=True)["total_steps"] == 1
+    p = tmp_path / "train_config.json"  # an older run: no "validation" recorded
+    p.write_text(json.dumps({k: v for k, v in json.loads(p.read_text()).items() if k != "validation"}))
+    assert _train_once(tmp_path, tiny_tokenizer, cfg, exs, validate=keyed())["total_steps"] == 1
