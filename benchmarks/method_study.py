@@ -49,6 +49,7 @@ from method_study_design import (  # noqa: E402
     ROOT,
     SEEDS,
     base_source,
+    baseline_cell_config,
     cell_config,
     cells,
     done,
@@ -81,8 +82,11 @@ def run_baseline_cell(cell: dict, d: Path, first: Path, threads: int) -> float:
     ReasonMaxxer cells), capped at the largest budget and evaluated at the others."""
     reg, ref = REGIMES[cell["regime"]], reference_flops(first, cell["regime"])
     rc = json.loads((first / "run_config.json").read_text())
+    cfg = d.parent / f"{cell['name']}.toml"
+    cfg.write_text(baseline_cell_config(first))  # evaluated as the ReasonMaxxer cells are
     t0 = time.time()
     cmd = [sys.executable, "-m", "reasonmaxxer", "baseline", BASELINES[cell["method"]], "--out", str(d)]
+    cmd += ["--config", str(cfg)]
     cmd += ["--model", rc["model"], "--template", rc["template"], "--seed", str(cell["seed"])]
     cmd += ["--train-problems", reg["train_problems"], "--test-problems", reg["test_problems"]]
     cmd += ["--max-new-tokens", str(rc["sampling"]["max_new_tokens"]), "--max-steps", "100000", "--eval-every", "0"]

@@ -210,7 +210,17 @@ def toml_value(v) -> str:
         return "true" if v else "false"
     if isinstance(v, str):
         return json.dumps(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return repr(v)
+
+
+def baseline_cell_config(first: Path) -> str:
+    """The TOML of a GRPO cell's `--config`: the first cell's [eval] table (samples, temperature,
+    length, seed, ...), so GRPO is evaluated exactly as the ReasonMaxxer cells are (the rest
+    comes as flags: `run_baseline_cell`)."""
+    ev = json.loads((first / "run_config.json").read_text())["eval"]
+    return "\n".join(["[eval]"] + [f"{k} = {toml_value(v)}" for k, v in ev.items()]) + "\n"
 
 
 def cell_config(cell: dict, root: Path, first: Path) -> str:

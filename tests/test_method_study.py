@@ -344,3 +344,18 @@ def test_seeds_are_pooled_per_problem_where_both_methods_kept_them(study):
     res = {"regime": "long", "design": {"test_problems": "t", "transfer_problems": "x"}, "rows": []}
     md = study.markdown(res | {"cells_pending": [], "not_in_study_yet": [], "pooled": pooled})
     assert "| rft | 0, 1 | 3 | +50.0 [" in md and "| +33.3 [" in md.split("| rft | 0, 1 |")[1]
+
+
+def test_grpo_cells_are_evaluated_as_the_reasonmaxxer_cells(design, tmp_path):
+    """A GRPO cell's --config is the first cell's [eval] table: in `long`, 192 new tokens (the
+    baseline's own default, 96, would count every longer solution wrong), the same seed and n."""
+    from reasonmaxxer.recipes.baseline_config import load_baseline_config
+
+    for regime in ("short", "long"):
+        first = ROOT / "benchmarks" / "results" / "method_study_base" / regime
+        rc = json.loads((first / "run_config.json").read_text())
+        p = tmp_path / f"{regime}.toml"
+        p.write_text(design.baseline_cell_config(first))
+        ev = load_baseline_config(p, max_new_tokens=rc["sampling"]["max_new_tokens"], method="grpo").eval
+        assert {k: getattr(ev, k) for k in rc["eval"]} == {**rc["eval"], "stop": tuple(rc["eval"]["stop"])}
+    assert ev.max_new_tokens == 192 and ev.n == 4 and ev.seed == 1234

@@ -63,6 +63,7 @@ class BaselineConfig:
     )
     eval_every: int = 10  # steps; 0 = only at the end
     eval_at_start: bool = False  # also evaluate the untrained model (step 0)
+    # held-out evaluation (load_baseline_config: max_new_tokens follows the run's unless [eval] sets it)
     eval: EvalConfig = EvalConfig(n=4, temperature=0.7, greedy=True, max_new_tokens=96, batch_size=32)
     seed: int = 0
     threads: int = 0
@@ -80,11 +81,17 @@ class BaselineConfig:
 def load_baseline_config(path: str | Path | None = None, **overrides) -> BaselineConfig:
     """A `BaselineConfig` from a TOML file (top-level keys + an [eval] table); non-None overrides win.
     Keys, types and ranges are checked by `config.build_config` (an [eval] table fills in from
-    `EvalConfig`'s defaults, as before)."""
+    `EvalConfig`'s defaults, as before). The evaluation decodes as long as training generates
+    (`max_new_tokens`) unless the [eval] table says otherwise: `--max-new-tokens 192` alone must
+    not evaluate at the default 96 and count every longer solution wrong."""
     from ..config import build_config
 
     raw = read_toml(path)
     raw.update({k: v for k, v in overrides.items() if v is not None})
+    ev = raw.get("eval")
+    if ("max_new_tokens" in raw or ev is not None) and "max_new_tokens" not in (ev or {}):
+        length = raw.get("max_new_tokens", BaselineConfig.__dataclass_fields__["max_new_tokens"].default)
+        raw["eval"] = {**(ev or {}), "max_new_tokens": length}
     return build_config(BaselineConfig, raw, str(path or "baseline config"))
 
 

@@ -200,6 +200,13 @@ def test_config_file_and_bad_keys(tmp_path):
     p.write_text('method = "rloo"\nlr = 3e-5\n[eval]\nn = 2\n')
     cfg = load_baseline_config(p, out="x")
     assert cfg.method == "rloo" and cfg.lr == 3e-5 and cfg.eval.n == 2 and cfg.out == "x"
+    assert cfg.eval.max_new_tokens == 96 == cfg.max_new_tokens  # the defaults
+    # the evaluation decodes as long as training generates, unless [eval] says otherwise
+    assert load_baseline_config(p, max_new_tokens=192).eval.max_new_tokens == 192
+    p.write_text("max_new_tokens = 160\n[eval]\nn = 2\n")
+    assert load_baseline_config(p).eval.max_new_tokens == 160
+    p.write_text("max_new_tokens = 160\n[eval]\nmax_new_tokens = 64\n")
+    assert load_baseline_config(p, max_new_tokens=192).eval.max_new_tokens == 64
     p.write_text("lrr = 1\n")
     with pytest.raises(ReasonMaxxerError, match=r"unknown key\(s\) \['lrr'\]"):
         load_baseline_config(p)
