@@ -89,6 +89,14 @@ METHODS = {
         "train": {"normalisation": "per_sequence", "skip_ungated": False, "lr": 1e-4, "warmup_steps": 40},
     },
 }
+# a GRPO cell's keys beyond the regime's problems, prompt and lengths. `long`: the 16 completions
+# of a step (prompts ~540 tokens + up to 192 new) in 4 micro-batches of 4; in one batch of 16 the
+# first step's process grew past 23 GB and was OOM-killed on the 2-core dev machine. Gradient
+# accumulation changes the memory, not the update (up to float summation order): TRL generates
+# the step's 16 completions at once, its "dapo" loss divides every micro-batch by the whole
+# generation batch's token count (trl 1.16 grpo_trainer.py l. 3168-3172) and the Trainer does not
+# divide again (`loss_is_scaled_for_ga = True`, l. 285)
+BASELINE_KEYS = {"short": {}, "long": {"grad_accum": 4}}
 # RL through TRL: study method -> `reasonmaxxer baseline` method
 BASELINES = {"grpo": "grpo", "grpo_entropy": "grpo-entropy"}
 SEEDS = (0, 1, 2)  # the training seeds of the 1x cells (`--seeds` default)
@@ -215,12 +223,13 @@ def toml_value(v) -> str:
     return repr(v)
 
 
-def baseline_cell_config(first: Path) -> str:
-    """The TOML of a GRPO cell's `--config`: the first cell's [eval] table (samples, temperature,
-    length, seed, ...), so GRPO is evaluated exactly as the ReasonMaxxer cells are (the rest
-    comes as flags: `run_baseline_cell`)."""
+def baseline_cell_config(first: Path, regime: str) -> str:
+    """The TOML of a GRPO cell's `--config`: the regime's `BASELINE_KEYS` and the first cell's
+    [eval] table (samples, temperature, length, seed, ...), so GRPO is evaluated exactly as the
+    ReasonMaxxer cells are (the rest comes as flags: `run_baseline_cell`)."""
     ev = json.loads((first / "run_config.json").read_text())["eval"]
-    return "\n".join(["[eval]"] + [f"{k} = {toml_value(v)}" for k, v in ev.items()]) + "\n"
+    lines = [f"{k} = {toml_value(v)}" for k, v in BASELINE_KEYS[regime].items()]
+    return "\n".join(lines + ["[eval]"] + [f"{k} = {toml_value(v)}" for k, v in ev.items()]) + "\n"
 
 
 def cell_config(cell: dict, root: Path, first: Path) -> str:

@@ -355,7 +355,9 @@ def test_grpo_cells_are_evaluated_as_the_reasonmaxxer_cells(design, tmp_path):
         first = ROOT / "benchmarks" / "results" / "method_study_base" / regime
         rc = json.loads((first / "run_config.json").read_text())
         p = tmp_path / f"{regime}.toml"
-        p.write_text(design.baseline_cell_config(first))
-        ev = load_baseline_config(p, max_new_tokens=rc["sampling"]["max_new_tokens"], method="grpo").eval
+        p.write_text(design.baseline_cell_config(first, regime))
+        cfg = load_baseline_config(p, max_new_tokens=rc["sampling"]["max_new_tokens"], method="grpo")
+        ev = cfg.eval
         assert {k: getattr(ev, k) for k in rc["eval"]} == {**rc["eval"], "stop": tuple(rc["eval"]["stop"])}
     assert ev.max_new_tokens == 192 and ev.n == 4 and ev.seed == 1234
+    assert cfg.grad_accum == 4 and cfg.prompts_per_step * cfg.num_generations == 16  # 4 micro-batches of 4
