@@ -95,7 +95,9 @@ METHODS = {
 # accumulation changes the memory, not the update (up to float summation order): TRL generates
 # the step's 16 completions at once, its "dapo" loss divides every micro-batch by the whole
 # generation batch's token count (trl 1.16 grpo_trainer.py l. 3168-3172) and the Trainer does not
-# divide again (`loss_is_scaled_for_ga = True`, l. 285)
+# divide again (`loss_is_scaled_for_ga = True`, l. 285). Not so for `grpo_entropy`: TRL takes
+# its 80th-percentile entropy threshold over each micro-batch (`get_high_entropy_mask`,
+# l. 1380-1416), here 4 completions instead of the short regime's 16
 BASELINE_KEYS = {"short": {}, "long": {"grad_accum": 4}}
 # RL through TRL: study method -> `reasonmaxxer baseline` method
 BASELINES = {"grpo": "grpo", "grpo_entropy": "grpo-entropy"}

@@ -86,7 +86,17 @@ def cmd_train(a):
     run_info = {"train": asdict(cfg), "selection": asdict(sel_cfg), "rollouts": a.rollouts, "model": spec}
     tracker = make_tracker(a.report_to, out, run_info, out.name) if main else None
     res = train(
-        examples, cfg, out, model, tok, base_spec=spec, validate=validate, shuffle=False, progress=main, tracker=tracker
+        examples,
+        cfg,
+        out,
+        model,
+        tok,
+        base_spec=spec,
+        validate=validate,
+        shuffle=False,
+        progress=main,
+        tracker=tracker,
+        overwrite=a.overwrite,
     )
     if not main:
         return
@@ -122,6 +132,7 @@ def cmd_calibrate(a):
         train_cfg=train_config(a),
         out=Path(a.out),
         max_steps=a.steps,
+        overwrite=a.overwrite,
     )
     print(res["markdown"])
     print(f"best tau: {res['best_tau']:g} nats (written: {a.out}/calibrate.json, calibrate.md)")

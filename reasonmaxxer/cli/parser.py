@@ -149,6 +149,9 @@ def _add_training_inputs(p, validation):
     p.add_argument("--data-dir", default=None)
     p.add_argument("--max-new-tokens", type=int, default=256, help="for validation decoding")
     p.add_argument(
+        "--overwrite", action="store_true", help="retrain a training dir made with another config or validation"
+    )
+    p.add_argument(
         "--validation-temperature",
         type=float,
         default=0.0,

@@ -89,7 +89,8 @@ def load_baseline_config(path: str | Path | None = None, **overrides) -> Baselin
     raw = read_toml(path)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     ev = raw.get("eval")
-    if ("max_new_tokens" in raw or ev is not None) and "max_new_tokens" not in (ev or {}):
+    given = isinstance(ev, dict)  # an [eval] table (anything else: build_config's error)
+    if (given or (ev is None and "max_new_tokens" in raw)) and "max_new_tokens" not in (ev or {}):
         length = raw.get("max_new_tokens", BaselineConfig.__dataclass_fields__["max_new_tokens"].default)
         raw["eval"] = {**(ev or {}), "max_new_tokens": length}
     return build_config(BaselineConfig, raw, str(path or "baseline config"))

@@ -26,6 +26,7 @@ def calibrate(
     out: Path,
     max_steps: int = 8,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Sweep tau (nats) with short trainings; pick the best validation accuracy.
 
@@ -51,4 +52,5 @@ def calibrate(
         out=out,
         max_steps=max_steps,
         progress=progress,
+        overwrite=overwrite,
     )

@@ -285,6 +285,7 @@ def calibrate_and_train(cfg: RunConfig, out: Path, examples, model, tok, tmpl, v
                 out=out / "calibrate",
                 max_steps=cfg.calibrate.max_steps,
                 progress=progress,
+                overwrite=overwrite,
             )
         cfg = replace(cfg, train=replace(cfg.train, tau=cal["best_tau"]))
         write_run_config(out, cfg)

@@ -28,13 +28,15 @@ def sweep_tau(
     out: Path,
     max_steps: int = 8,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Sweep tau (nats) with short trainings; pick the best validation accuracy.
 
     Each candidate trains `max_steps` optimizer steps from the same examples (in out/tau-X,
     resumable) and is scored by `validate(model) -> accuracy` on the `n_validation` validation
     problems (`stages.evaluate.validation_accuracy_fn`: the one that picks a run's checkpoint,
-    greedy or sampled); ties go to the gated fraction nearest 5%.
+    greedy or sampled); ties go to the gated fraction nearest 5%. `overwrite`: retrain a
+    candidate's dir made with another config or validation (else refused).
     Writes out/calibrate.json and out/calibrate.md; returns the dict (best_tau, candidates).
     """
     from ..models import load_model
@@ -63,6 +65,7 @@ def sweep_tau(
             shuffle=False,
             progress=progress,
             export=False,
+            overwrite=overwrite,
         )
         rows.append(
             {

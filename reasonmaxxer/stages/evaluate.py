@@ -149,7 +149,8 @@ def validation_accuracy_fn(
         "problems": config_hash({"problems": [[p.id, p.question, p.answer] for p in problems]}),
         "n": len(problems),
         "template": template.name,
-        **{k: getattr(cfg, k) for k in ("temperature", "top_p", "max_new_tokens", "seed")},
+        **{k: getattr(cfg, k) for k in ("temperature", "top_p", "max_new_tokens")},
+        "seed": cfg.seed if cfg.temperature > 0 else None,  # greedy draws no random numbers
         "stop": list(cfg.stop),
     }
     return validate

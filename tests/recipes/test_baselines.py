@@ -343,3 +343,10 @@ def test_a_run_dir_from_before_the_scale_keys_still_resumes(tmp_path, monkeypatc
     check_run_dir(BaselineConfig(out=str(tmp_path), vllm_gpu_memory_utilization=0.5), tmp_path, tr, te)
     with pytest.raises(ReasonMaxxerError, match="different config"):
         check_run_dir(BaselineConfig(out=str(tmp_path), grad_accum=2), tmp_path, tr, te)
+
+
+def test_an_eval_key_that_is_not_a_table_is_one_clear_error(tmp_path):
+    p = tmp_path / "b.toml"
+    p.write_text("max_new_tokens = 160\neval = 3\n")
+    with pytest.raises(ReasonMaxxerError, match="eval"):
+        load_baseline_config(p)

@@ -634,6 +634,11 @@ def test_a_run_resumed_with_another_validation_is_refused(tmp_path, tiny_tokeniz
         out.key = fn.key
         return out
 
+    def key(**kw):
+        return validation_accuracy_fn(probs, get_template("raw"), tiny_tokenizer, 4, 2, **kw).key
+
+    # greedy draws no random numbers: its seed is not part of it; a sampled validation's is
+    assert key(seed=1) == key(seed=2) and key(temperature=0.6, seed=1) != key(temperature=0.6, seed=2)
     cfg = TrainConfig(tau=1.0, micro_batch=4, grad_accum=1, lora_rank=4, max_steps=1)
     exs = random_train_examples(4)
     first = _train_once(tmp_path, tiny_tokenizer, cfg, exs, validate=keyed())

@@ -160,6 +160,10 @@ def test_validation_flags_reach_the_validation_of_train_and_calibrate(monkeypatc
         assert seen == {"n": 3, "template": "raw", "max_new_tokens": 7, "temperature": 0.6, "top_p": 0.95}
         a = build_parser().parse_args([cmd, "--rollouts", "r", "--out", "o", "--validation", ""])
         assert validation_fn(a, {}, None) == (None, 0)
+        assert (
+            not a.overwrite
+            and build_parser().parse_args([cmd, "--rollouts", "r", "--out", "o", "--overwrite"]).overwrite
+        )
 
 
 def test_calibrate_without_validation_stops_before_scoring(store_and_ckpt):
