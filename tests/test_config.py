@@ -191,8 +191,9 @@ def test_baseline_config_is_checked_by_the_same_loader(tmp_path):
     p.write_text("[eval]\ngreedy = 1\n")
     with pytest.raises(ReasonMaxxerError, match=re.escape(f"{p} [eval] greedy: expected a boolean")):
         load_baseline_config(p)
-    p.write_text("[eval]\nn = 2\n")  # a partial [eval] table fills in from EvalConfig's defaults, as before
-    assert load_baseline_config(p).eval.max_new_tokens == 256
+    p.write_text("[eval]\nn = 2\n")  # a partial [eval] table fills in from EvalConfig's defaults,
+    cfg = load_baseline_config(p)  # but its length is the run's generation length (96), not EvalConfig's 256
+    assert cfg.eval.n == 2 and cfg.eval.seed == 1234 and cfg.eval.max_new_tokens == cfg.max_new_tokens == 96
     with pytest.raises(ReasonMaxxerError, match="method: expected one of grpo"):
         load_baseline_config(None, method="ppo")
 
