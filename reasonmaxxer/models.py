@@ -233,7 +233,7 @@ def busy_cores(interval: float = 0.1) -> float | None:
         t1, i1, own1 = ticks()
     except (OSError, ValueError, IndexError):
         return None
-    n = len(cpus) if cpus else (os.cpu_count() or 1)
+    n = usable_cores()  # the CPUs counted above
     dt = t1 - t0
     return max(0.0, (dt - (i1 - i0) - (own1 - own0)) / dt * n) if dt > 0 else 0.0
 
