@@ -16,9 +16,8 @@ from pathlib import Path
 
 from ..backends.distributed import rank_world, sharded_map
 from ..backends.hf import HFSampler, Request, SamplingConfig
-from ..data.problems import Problem
+from ..data.problems import Problem, problems_hash
 from ..data.prompts import render_prompt
-from ..io import config_hash
 from ..schema import check_fields
 from ..store import RolloutStore
 from .eval_metrics import (
@@ -146,7 +145,7 @@ def validation_accuracy_fn(
     # what the accuracy depends on (train records it: a run resumed with another validation would
     # mix accuracies, and a finished one would keep a checkpoint chosen by the old one)
     validate.key = {
-        "problems": config_hash({"problems": [[p.id, p.question, p.answer] for p in problems]}),
+        "problems": problems_hash(problems),
         "n": len(problems),
         "template": template.name,
         **{k: getattr(cfg, k) for k in ("temperature", "top_p", "max_new_tokens")},
