@@ -83,7 +83,7 @@ def run_baseline_cell(cell: dict, d: Path, first: Path, threads: int) -> float:
     reg, ref = REGIMES[cell["regime"]], reference_flops(first, cell["regime"])
     rc = json.loads((first / "run_config.json").read_text())
     cfg = d.parent / f"{cell['name']}.toml"
-    cfg.write_text(baseline_cell_config(first, cell["regime"]))  # evaluated as the ReasonMaxxer cells are
+    cfg.write_text(baseline_cell_config(rc["eval"], cell["regime"]))  # evaluated as the ReasonMaxxer cells are
     t0 = time.time()
     cmd = [sys.executable, "-m", "reasonmaxxer", "baseline", BASELINES[cell["method"]], "--out", str(d)]
     cmd += ["--config", str(cfg)]

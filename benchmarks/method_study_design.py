@@ -225,11 +225,10 @@ def toml_value(v) -> str:
     return repr(v)
 
 
-def baseline_cell_config(first: Path, regime: str) -> str:
-    """The TOML of a GRPO cell's `--config`: the regime's `BASELINE_KEYS` and the first cell's
-    [eval] table (samples, temperature, length, seed, ...), so GRPO is evaluated exactly as the
-    ReasonMaxxer cells are (the rest comes as flags: `run_baseline_cell`)."""
-    ev = json.loads((first / "run_config.json").read_text())["eval"]
+def baseline_cell_config(ev: dict, regime: str) -> str:
+    """The TOML of a GRPO cell's `--config`: the regime's `BASELINE_KEYS` and `ev`, the first
+    cell's [eval] table (samples, temperature, length, seed, ...: its run_config.json's), so GRPO
+    is evaluated exactly as the ReasonMaxxer cells are (the rest comes as flags: `run_baseline_cell`)."""
     lines = [f"{k} = {toml_value(v)}" for k, v in BASELINE_KEYS[regime].items()]
     return "\n".join(lines + ["[eval]"] + [f"{k} = {toml_value(v)}" for k, v in ev.items()]) + "\n"
 

@@ -355,7 +355,7 @@ def test_grpo_cells_are_evaluated_as_the_reasonmaxxer_cells(design, tmp_path):
         first = ROOT / "benchmarks" / "results" / "method_study_base" / regime
         rc = json.loads((first / "run_config.json").read_text())
         p = tmp_path / f"{regime}.toml"
-        p.write_text(design.baseline_cell_config(first, regime))
+        p.write_text(design.baseline_cell_config(rc["eval"], regime))
         cfg = load_baseline_config(p, max_new_tokens=rc["sampling"]["max_new_tokens"], method="grpo")
         ev = cfg.eval
         assert {k: getattr(ev, k) for k in rc["eval"]} == {**rc["eval"], "stop": tuple(rc["eval"]["stop"])}
