@@ -24,10 +24,9 @@ def _tok(text, h, tau=1.4, top5=None):
     return t
 
 
-def _data():
-    rng = np.random.default_rng(0)
-    # 100k entropies: most tokens near 0, a tail past tau (as in real rollouts)
-    values = np.concatenate([rng.exponential(0.15, 95_000), rng.uniform(1.0, 4.0, 5_000)]).tolist()
+def _examples():
+    """Two rollouts' tokens: a correct one (gated tokens with top-5s, HTML and markdown in the
+    text) and a wrong one."""
     ex_correct = [
         _tok("Let", 0.1),
         _tok(" x", 0.3),
@@ -50,7 +49,14 @@ def _data():
         _tok(" is", 0.1),
         _tok(" 5", 0.2),
     ]
-    curves = [
+    return [
+        {"problem_id": "math/algebra/17", "correct": True, "advantage": 1.22, "tokens": ex_correct},
+        {"problem_id": "math/geometry/<3>", "correct": False, "advantage": -0.81, "tokens": ex_wrong},
+    ]
+
+
+def _curves():
+    return [
         {
             "step": s,
             "loss": 1.0 / s - 0.1,
@@ -67,6 +73,12 @@ def _data():
         }
         for s in range(1, 21)
     ]
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    # 100k entropies: most tokens near 0, a tail past tau (as in real rollouts)
+    values = np.concatenate([rng.exponential(0.15, 95_000), rng.uniform(1.0, 4.0, 5_000)]).tolist()
     return {
         "title": "Qwen3-0.6B on MATH | <reasonmaxxer> run",
         "summary": {
@@ -96,11 +108,8 @@ def _data():
             },
         },
         "entropy": {"values": values, "tau": 1.4, "gated_fraction": 0.052},
-        "examples": [
-            {"problem_id": "math/algebra/17", "correct": True, "advantage": 1.22, "tokens": ex_correct},
-            {"problem_id": "math/geometry/<3>", "correct": False, "advantage": -0.81, "tokens": ex_wrong},
-        ],
-        "curves": curves,
+        "examples": _examples(),
+        "curves": _curves(),
         "timings": {"sample": 1234.5, "score": 321.0, "train": 3600.0, "evaluate": 444.4},
         "selection": {
             "problems_total": 300,
