@@ -81,7 +81,7 @@ def cmd_train(a):
         store, spec, model, tok, sel_cfg, cfg, out / "scores.parquet", rescore=a.rescore, progress=main
     )
     examples = examples_from_selection(rows, sel_cfg.truncated)
-    validate, _ = validation_fn(a, man, tok)
+    validate = validation_fn(a, man, tok)
     # only the main process logs; the tracker's config is the run's, not part of TrainConfig (resume compares that)
     run_info = {"train": asdict(cfg), "selection": asdict(sel_cfg), "rollouts": a.rollouts, "model": spec}
     tracker = make_tracker(a.report_to, out, run_info, out.name) if main else None
@@ -119,14 +119,13 @@ def cmd_calibrate(a):
     store = RolloutStore(a.rollouts)
     spec, man = store_model(a, store)
     model, tok = load_model(spec)
-    validate, n_validation = validation_fn(a, man, tok)
+    validate = validation_fn(a, man, tok)
     res = calibrate(
         store,
         spec,
         model,
         tok,
         validate,
-        n_validation=n_validation,
         taus=a.taus,
         selection=selection_config(a),
         train_cfg=train_config(a),
@@ -139,16 +138,16 @@ def cmd_calibrate(a):
 
 
 def validation_fn(a, man: dict, tok):
-    """(validate(model) -> accuracy, or None without --validation; the number of problems) from
-    `train`/`calibrate`'s validation flags: the template is --template or the rollouts'."""
+    """validate(model) -> accuracy (`stages.evaluate.validation_accuracy_fn`), or None without
+    --validation, from `train`/`calibrate`'s validation flags: the template is --template or the rollouts'."""
     from ..data.benchmarks import load_problems
     from ..data.prompts import get_template
     from ..stages.evaluate import validation_accuracy_fn
 
     if not a.validation:
-        return None, 0
+        return None
     problems = load_problems(a.validation, data_dir=a.data_dir)
-    validate = validation_accuracy_fn(
+    return validation_accuracy_fn(
         problems,
         get_template(_template_name(a, man)),
         tok,
@@ -157,7 +156,6 @@ def validation_fn(a, man: dict, tok):
         temperature=a.validation_temperature,
         top_p=a.validation_top_p,
     )
-    return validate, len(problems)
 
 
 def cmd_baseline(a):

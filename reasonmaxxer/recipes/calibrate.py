@@ -19,7 +19,6 @@ def calibrate(
     tokenizer,
     validate,
     *,
-    n_validation: int,
     taus: Sequence[float],
     selection: SelectionConfig,
     train_cfg: TrainConfig,
@@ -31,11 +30,11 @@ def calibrate(
     """Sweep tau (nats) with short trainings; pick the best validation accuracy.
 
     Each candidate trains `max_steps` optimizer steps from the same data and is scored by
-    `validate(model)` on the `n_validation` validation problems; tau=None rows are never produced (the gate must be non-empty).
+    `validate(model)` on its validation problems; tau=None rows are never produced (the gate must be non-empty).
     Writes out/calibrate.json and out/calibrate.md; returns the dict.
     """
     out = Path(out)
-    require_validation(validate, n_validation)  # before the store is scored
+    require_validation(validate)  # before the store is scored
     sel, srows, _ = prepare_training_data(
         store, model_spec, model, tokenizer, selection, train_cfg, out / "scores.parquet", progress=progress
     )
@@ -46,7 +45,6 @@ def calibrate(
         model,
         tokenizer,
         validate,
-        n_validation=n_validation,
         taus=taus,
         train_cfg=train_cfg,
         out=out,

@@ -279,7 +279,6 @@ def calibrate_and_train(cfg: RunConfig, out: Path, examples, model, tok, tmpl, v
                 model,
                 tok,
                 validate,
-                n_validation=len(val_p or ()),
                 taus=cfg.calibrate.taus,
                 train_cfg=cfg.train,
                 out=out / "calibrate",

@@ -22,7 +22,6 @@ def sweep_tau(
     tokenizer,
     validate: Callable | None,
     *,
-    n_validation: int,
     taus: Sequence[float],
     train_cfg: TrainConfig,
     out: Path,
@@ -33,8 +32,8 @@ def sweep_tau(
     """Sweep tau (nats) with short trainings; pick the best validation accuracy.
 
     Each candidate trains `max_steps` optimizer steps from the same examples (in out/tau-X,
-    resumable) and is scored by `validate(model) -> accuracy` on the `n_validation` validation
-    problems (`stages.evaluate.validation_accuracy_fn`: the one that picks a run's checkpoint,
+    resumable) and is scored by `validate(model) -> accuracy` on its validation problems
+    (their count: `validation_size`) (`stages.evaluate.validation_accuracy_fn`: the one that picks a run's checkpoint,
     greedy or sampled); ties go to the gated fraction nearest 5%. `overwrite`: retrain a
     candidate's dir made with another config or validation (else refused).
     Writes out/calibrate.json and out/calibrate.md; returns the dict (best_tau, candidates).
@@ -43,7 +42,7 @@ def sweep_tau(
     from ..stages.train import example_gates, train
 
     out = Path(out)
-    require_validation(validate, n_validation)
+    require_validation(validate)
     base_acc = validate(model)
     rows = []
     for tau in taus:
@@ -81,7 +80,7 @@ def sweep_tau(
     best = max(scored, key=lambda r: (r["val_accuracy"], -abs(r["gated_fraction"] - 0.05)))
     result = {
         "base_val_accuracy": base_acc,
-        "n_validation": n_validation,
+        "n_validation": validation_size(validate),
         "candidates": rows,
         "best_tau": best["tau"],
         "max_steps": max_steps,
@@ -93,9 +92,15 @@ def sweep_tau(
     return result
 
 
-def require_validation(validate: Callable | None, n_validation: int) -> None:
+def validation_size(validate: Callable | None) -> int:
+    """How many problems `validate` scores: the count its key records
+    (`stages.evaluate.validation_accuracy_fn`); 0 for None or a callable without one."""
+    return int((getattr(validate, "key", None) or {}).get("n", 0))
+
+
+def require_validation(validate: Callable | None) -> None:
     """One line when there is nothing to choose tau on (before any scoring or training)."""
-    if validate is None or not n_validation:
+    if not validation_size(validate):
         raise ReasonMaxxerError("calibrate: tau is chosen on validation problems; none are given (validation_problems)")
 
 

@@ -305,7 +305,7 @@ def test_calibrate_table_chooses_tau_on_validation_before_training(tmp_path, tin
         return validate
 
     def sweep(examples, spec, model, tok, validate, **kw):
-        seen["sweep_validate"], seen["n_validation"], seen["taus"] = validate, kw["n_validation"], kw["taus"]
+        seen["sweep_validate"], seen["taus"] = validate, kw["taus"]
         seen["overwrite"] = kw["overwrite"]  # run's --overwrite reaches the candidates' training dirs
         return {"best_tau": 1.5}
 
@@ -314,7 +314,7 @@ def test_calibrate_table_chooses_tau_on_validation_before_training(tmp_path, tin
     (_, train_cfg, *_), train_kw = _train_call(monkeypatch, load_run_config(p))
     assert seen["taus"] == (0.5, 1.5) and train_cfg.tau == 1.5
     assert len(seen["validation"]) == 4 and all("test" not in q for q in seen["validation"])
-    assert seen["n_validation"] == 4 and seen["sweep_validate"] is train_kw["validate"]
+    assert seen["sweep_validate"] is train_kw["validate"]
     assert seen["overwrite"] is False is train_kw["overwrite"]
     assert seen["validation_kw"]["temperature"] == 0.6 and seen["validation_kw"]["top_p"] == 0.95
     assert json.loads((tmp_path / "run" / "run_config.json").read_text())["train"]["tau"] == 1.5

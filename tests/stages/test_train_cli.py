@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -79,6 +81,24 @@ def test_calibrate_cli_reports_gated_fraction_vs_accuracy(store_and_ckpt):
     fr = {c["tau"]: c["gated_fraction"] for c in res["candidates"]}
     assert fr[0.5] == 1.0 and 0 < fr[3.6] < 1 and fr[99.0] == 0.0  # the tiny model: entropies 2.2-4.0 nats
     assert res["best_tau"] in (0.5, 3.6) and "| 99 | 0.00% | - |" in r.stdout
+    assert res["n_validation"] == 2  # the count the validation's key records
+
+
+def test_validation_size_reads_the_validation_key():
+    """The sweep's problem count comes from the validation's own key; no key or none: refused."""
+    from reasonmaxxer.errors import ReasonMaxxerError
+    from reasonmaxxer.recipes.tau_sweep import require_validation, validation_size
+
+    def validate(model):
+        return 0.5
+
+    assert validation_size(None) == 0 and validation_size(validate) == 0
+    validate.key = {"n": 3}
+    assert validation_size(validate) == 3
+    require_validation(validate)
+    for bad in (None, lambda m: 0.5):
+        with pytest.raises(ReasonMaxxerError, match="none are given"):
+            require_validation(bad)
 
 
 def test_train_cli_track_and_push(store_and_ckpt, monkeypatch, capsys):
@@ -156,10 +176,10 @@ def test_validation_flags_reach_the_validation_of_train_and_calibrate(monkeypatc
             [cmd, "--rollouts", "r", "--out", "o", "--validation", "arith:validation:3", "--template", "raw"]
             + ["--max-new-tokens", "7", "--validation-temperature", "0.6", "--validation-top-p", "0.95"]
         )
-        assert validation_fn(a, {}, None) == ("validate", 3)
+        assert validation_fn(a, {}, None) == "validate"
         assert seen == {"n": 3, "template": "raw", "max_new_tokens": 7, "temperature": 0.6, "top_p": 0.95}
         a = build_parser().parse_args([cmd, "--rollouts", "r", "--out", "o", "--validation", ""])
-        assert validation_fn(a, {}, None) == (None, 0)
+        assert validation_fn(a, {}, None) is None
         assert (
             not a.overwrite
             and build_parser().parse_args([cmd, "--rollouts", "r", "--out", "o", "--overwrite"]).overwrite
