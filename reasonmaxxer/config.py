@@ -203,8 +203,9 @@ def build_config(cls, d: dict, where: str, base=None):
     kw = {}
     for k, v in d.items():
         sub_base = getattr(base, k) if base is not None else None
-        if is_dataclass(hints[k]) and isinstance(v, dict):
-            kw[k] = build_config(hints[k], v, f"{where} [{k}]", base=sub_base)
+        table = _scalar(hints[k])  # a table may be optional (BaselineConfig.eval)
+        if is_dataclass(table) and isinstance(v, dict):
+            kw[k] = build_config(table, v, f"{where} [{k}]", base=sub_base)
             continue
         kw[k] = _check_value(hints[k], v, f"{where} {k}")
         check_value_meta(flds[k].metadata, kw[k], f"{where} {k}")

@@ -63,12 +63,15 @@ class BaselineConfig:
     )
     eval_every: int = 10  # steps; 0 = only at the end
     eval_at_start: bool = False  # also evaluate the untrained model (step 0)
-    # held-out evaluation (load_baseline_config: max_new_tokens follows the run's unless [eval] sets it)
-    eval: EvalConfig = EvalConfig(n=4, temperature=0.7, greedy=True, max_new_tokens=96, batch_size=32)
+    # held-out evaluation; None (the default): EvalConfig's defaults at this run's `max_new_tokens`,
+    # set by __post_init__ (an [eval] table without a length gets it too: `load_baseline_config`)
+    eval: EvalConfig | None = None
     seed: int = 0
     threads: int = 0
 
     def __post_init__(self):
+        if self.eval is None:  # decode as long as training generates: a longer solution is not a wrong one
+            object.__setattr__(self, "eval", EvalConfig(max_new_tokens=self.max_new_tokens))
         if self.method not in METHODS:
             raise ReasonMaxxerError(f"baseline: unknown method {self.method!r}; choose one of {sorted(METHODS)}")
         if self.num_generations < 2:
@@ -88,11 +91,10 @@ def load_baseline_config(path: str | Path | None = None, **overrides) -> Baselin
 
     raw = read_toml(path)
     raw.update({k: v for k, v in overrides.items() if v is not None})
-    ev = raw.get("eval")
-    given = isinstance(ev, dict)  # an [eval] table (anything else: build_config's error)
-    if (given or (ev is None and "max_new_tokens" in raw)) and "max_new_tokens" not in (ev or {}):
+    ev = raw.get("eval")  # no table: BaselineConfig's own default (the same rule); not a table: build_config's error
+    if isinstance(ev, dict) and "max_new_tokens" not in ev:
         length = raw.get("max_new_tokens", BaselineConfig.__dataclass_fields__["max_new_tokens"].default)
-        raw["eval"] = {**(ev or {}), "max_new_tokens": length}
+        raw["eval"] = {**ev, "max_new_tokens": length}
     return build_config(BaselineConfig, raw, str(path or "baseline config"))
 
 

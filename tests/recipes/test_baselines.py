@@ -207,6 +207,13 @@ def test_config_file_and_bad_keys(tmp_path):
     assert load_baseline_config(p).eval.max_new_tokens == 160
     p.write_text("max_new_tokens = 160\n[eval]\nmax_new_tokens = 64\n")
     assert load_baseline_config(p, max_new_tokens=192).eval.max_new_tokens == 64
+    # no [eval] table: the same rule, in the config itself (loaded or built in code)
+    p.write_text("max_new_tokens = 160\n")
+    assert load_baseline_config(p).eval.max_new_tokens == 160
+    assert load_baseline_config(None, max_new_tokens=192).eval.max_new_tokens == 192
+    assert BaselineConfig(max_new_tokens=192).eval == EvalConfig(max_new_tokens=192)
+    assert BaselineConfig().eval == EvalConfig(n=4, temperature=0.7, greedy=True, max_new_tokens=96, batch_size=32)
+    assert BaselineConfig(max_new_tokens=192, eval=EvalConfig(n=2)).eval.max_new_tokens == 256  # given: kept
     p.write_text("lrr = 1\n")
     with pytest.raises(ReasonMaxxerError, match=r"unknown key\(s\) \['lrr'\]"):
         load_baseline_config(p)
