@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -60,24 +61,30 @@ from method_study_design import (  # noqa: E402
 from method_study_results import aggregate, markdown, reference_flops, save, stored_cells  # noqa: E402
 
 from reasonmaxxer.io import atomic_dir  # noqa: E402
+from reasonmaxxer.models import usable_cores  # noqa: E402
 
 
-def run_cell(cell: dict, root: Path, first: Path, threads: int) -> float:
+def call(cmd: list[str], log) -> None:
+    """Run one `reasonmaxxer` command from the checkout; its output to `log` (a file) or ours."""
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT if log else None)
+
+
+def run_cell(cell: dict, root: Path, first: Path, threads: int, log=None) -> float:
     d = root / cell["regime"] / cell["name"]
     d.mkdir(parents=True, exist_ok=True)
     if cell["method"] in BASELINES:
-        return run_baseline_cell(cell, d, first, threads)
+        return run_baseline_cell(cell, d, first, threads, log)
     cfg = d.parent / f"{cell['name']}.toml"
     cfg.write_text(cell_config(cell, root, first))
     t0 = time.time()
     cmd = [sys.executable, "-m", "reasonmaxxer", "run", str(cfg)] + (["--threads", str(threads)] if threads else [])
     if not finished(cell, d):  # else only its transfer evaluation is missing
-        subprocess.run(cmd, check=True, cwd=ROOT)
-    transfer(cell, d, first)
+        call(cmd, log)
+    transfer(cell, d, first, log)
     return time.time() - t0
 
 
-def run_baseline_cell(cell: dict, d: Path, first: Path, threads: int) -> float:
+def run_baseline_cell(cell: dict, d: Path, first: Path, threads: int, log=None) -> float:
     """`reasonmaxxer baseline` on the regime's problems (the prompt, model and lengths of the
     ReasonMaxxer cells), capped at the largest budget and evaluated at the others."""
     reg, ref = REGIMES[cell["regime"]], reference_flops(first, cell["regime"])
@@ -92,12 +99,12 @@ def run_baseline_cell(cell: dict, d: Path, first: Path, threads: int) -> float:
     cmd += ["--max-new-tokens", str(rc["sampling"]["max_new_tokens"]), "--max-steps", "100000", "--eval-every", "0"]
     cmd += ["--max-train-flops", repr(BUDGETS[-1] * ref), "--eval-at-flops"] + [repr(b * ref) for b in BUDGETS[:-1]]
     if not finished(cell, d):  # else only its transfer evaluation is missing
-        subprocess.run(cmd + (["--threads", str(threads)] if threads else []), check=True, cwd=ROOT)
-    transfer(cell, d, first)
+        call(cmd + (["--threads", str(threads)] if threads else []), log)
+    transfer(cell, d, first, log)
     return time.time() - t0
 
 
-def transfer(cell: dict, d: Path, first: Path) -> None:
+def transfer(cell: dict, d: Path, first: Path, log=None) -> None:
     """The trained model (and, once, the base) on the transfer family: `reasonmaxxer eval`."""
     reg, (template, max_new) = REGIMES[cell["regime"]], prompt_of(d, first)
     trained = d / "adapter" if cell["method"] in BASELINES else d / "train" / "merged"
@@ -110,18 +117,19 @@ def transfer(cell: dict, d: Path, first: Path) -> None:
         cmd = [sys.executable, "-m", "reasonmaxxer", "eval", "--model", spec, "--problems", reg["transfer_problems"]]
         cmd += ["--template", template, "--n", "4", "--temperature", "0.7", "--max-new-tokens", str(max_new)]
         cmd += ["--greedy", "--out", str(out)]
-        subprocess.run(cmd, check=True, cwd=ROOT)
+        call(cmd, log)
 
 
 LOCKS = shutil.ignore_patterns("*.lock")  # a store's lock files stay behind
 
 
 def copy_tree(src: Path, dst: Path) -> bool:
-    """Copy the directory `src` to `dst` (`io.atomic_dir`) when `src` is there and `dst` is not;
-    returns whether it copied."""
+    """Copy the directory `src` to `dst` (`io.atomic_dir`) when `src` is there and `dst` is not
+    (a copy that another cell, running beside this one, finished first is kept); returns whether
+    it copied."""
     if not src.is_dir() or dst.exists():
         return False
-    atomic_dir(dst, lambda tmp: shutil.copytree(src, tmp, ignore=LOCKS, dirs_exist_ok=True))
+    atomic_dir(dst, lambda tmp: shutil.copytree(src, tmp, ignore=LOCKS, dirs_exist_ok=True), replace=False)
     return True
 
 
@@ -190,6 +198,41 @@ def cell_state(cell: dict, d: Path, carried: set[str], src: Path) -> str:
     return "stored" if stored_name(cell) in carried and d != src else "todo"
 
 
+def run_cells(pending: list[dict], root: Path, src: Path, threads: int, jobs: int):
+    """Run the `pending` cells, `jobs` at a time (each its own `reasonmaxxer` processes with
+    `threads` torch threads; beside another, a cell's output goes to ``<cell>.log`` next to its
+    dir), yielding (cell, seconds) as each finishes. A cell whose base stores are its own (the
+    regime's first cell when there is no base pack yet) runs alone before the others. A failed
+    cell raises once the cells running beside it have finished; none is started after it."""
+    queue = list(pending)
+    while queue and (jobs == 1 or root / queue[0]["regime"] / queue[0]["name"] == src):
+        c = queue.pop(0)
+        print(f"== cell {c['regime']}/{c['name']} ==", flush=True)
+        yield c, run_cell(c, root, src, threads)
+
+    def one(c: dict) -> float:
+        with open(root / c["regime"] / f"{c['name']}.log", "a") as log:
+            return run_cell(c, root, src, threads, log)
+
+    running, failed = {}, None
+    with ThreadPoolExecutor(jobs) as ex:
+        while queue or running:
+            while queue and len(running) < jobs:
+                c = queue.pop(0)
+                print(f"== cell {c['regime']}/{c['name']} started (log: {c['name']}.log) ==", flush=True)
+                running[ex.submit(one, c)] = c
+            for f in wait(running, return_when=FIRST_COMPLETED)[0]:
+                c = running.pop(f)
+                if f.exception() is None:
+                    yield c, f.result()
+                    continue
+                print(f"== cell {c['regime']}/{c['name']} failed: {f.exception()} ==", flush=True)
+                queue.clear()  # start nothing more; the running cells finish, then it raises
+                failed = failed or f
+    if failed is not None:
+        failed.result()
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--regime", default="short", choices=tuple(REGIMES))
@@ -205,7 +248,10 @@ def main(argv=None) -> dict:
         help="seeds of the offline 2x/4x cells (those also in --seeds run)",
     )
     ap.add_argument("--root", default=str(ROOT / "runs" / "method_study"))
-    ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch threads per run (0: torch's default, or cores / --jobs)"
+    )
+    ap.add_argument("--jobs", type=int, default=1, help="cells run at once (2 on 2 cores: ~1.5x the cells an hour)")
     ap.add_argument("--plan", action="store_true", help="print the cells and which are done; run nothing")
     ap.add_argument("--aggregate-only", action="store_true")
     ap.add_argument("--max-cells", type=int, default=0, help="stop after this many new cells (0: all)")
@@ -222,18 +268,12 @@ def main(argv=None) -> dict:
             print(f"{cell_state(c, root / a.regime / c['name'], carried, src)}  {a.regime}/{c['name']}")
         print("not in the study yet:\n  " + "\n  ".join(PENDING))
         return {}
-    n_new = 0
     if not a.aggregate_only:
-        with study_lock(root, a.regime):  # one process runs a regime's cells at a time
-            for c in todo:
-                d = root / a.regime / c["name"]
-                if cell_state(c, d, carried, src) in ("done", "stored"):
-                    continue
-                if a.max_cells and n_new >= a.max_cells:
-                    break
-                print(f"== cell {a.regime}/{c['name']} ==", flush=True)
-                dt = run_cell(c, root, src, a.threads)
-                n_new += 1
+        threads = a.threads or (max(1, usable_cores() // a.jobs) if a.jobs > 1 else 0)
+        with study_lock(root, a.regime):  # one process runs a regime's cells (`--jobs` of them at once)
+            states = {c["name"]: cell_state(c, root / a.regime / c["name"], carried, src) for c in todo}
+            pending = [c for c in todo if states[c["name"]] not in ("done", "stored")][: a.max_cells or None]
+            for c, dt in run_cells(pending, root, src, threads, max(1, a.jobs)):
                 print(f"== cell {a.regime}/{c['name']} done in {dt:.0f} s ==", flush=True)
                 if export_pack(first, a.regime):
                     print(f"== base pack of {a.regime}: {pack_dir(a.regime)} (commit it) ==", flush=True)

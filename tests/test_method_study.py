@@ -214,7 +214,7 @@ def test_a_cell_stopped_before_its_transfer_eval_resumes_there_without_rerunning
     assert study.export_pack(d, "short") is None  # its transfer evaluation is not there yet
     calls = []
 
-    def fake_run(cmd, check, cwd):
+    def fake_run(cmd, check, cwd, **kw):
         calls.append(cmd[3])
         out = Path(cmd[cmd.index("--out") + 1])
         out.mkdir(parents=True, exist_ok=True)
@@ -361,3 +361,49 @@ def test_grpo_cells_are_evaluated_as_the_reasonmaxxer_cells(design, tmp_path):
         assert {k: getattr(ev, k) for k in rc["eval"]} == {**rc["eval"], "stop": tuple(rc["eval"]["stop"])}
     assert ev.max_new_tokens == 192 and ev.n == 4 and ev.seed == 1234
     assert cfg.grad_accum == 4 and cfg.prompts_per_step * cfg.num_generations == 16  # 4 micro-batches of 4
+
+
+def test_cells_run_side_by_side_with_jobs_the_first_alone_and_a_failure_stops_new_ones(design, tmp_path, monkeypatch):
+    """--jobs 2: two cells run at once (each logging to <cell>.log), after the first cell when
+    the others read its stores; a failed cell lets the one beside it finish, starts no other,
+    then raises."""
+    import threading
+
+    entry = importlib.import_module("method_study")
+    todo = design.cells("long", [0, 1], ["reasonmaxxer", "rft", "random_gate"])
+    names = [c["name"] for c in todo]
+    root, events, both = tmp_path / "runs", [], threading.Barrier(2, timeout=10)
+    (root / "long").mkdir(parents=True)
+
+    def fake_run_cell(cell, root_, src, threads, log=None):
+        events.append(("start", cell["name"], threads, log is not None))
+        if cell["name"] in names[1:3]:
+            both.wait()  # returns only when the two run at the same time
+        if cell["name"] == "boom":
+            raise RuntimeError("cell failed")
+        events.append(("end", cell["name"]))
+        return 1.0
+
+    monkeypatch.setattr(entry, "run_cell", fake_run_cell)
+    src = root / "long" / names[0]  # no base pack: the first cell's own dir
+    done = [c["name"] for c, _ in entry.run_cells(todo[:3], root, src, 1, 2)]
+    assert events[:2] == [("start", names[0], 1, False), ("end", names[0])]  # alone, before the others
+    assert sorted(done) == sorted(names[:3]) and {e[3] for e in events[2:] if e[0] == "start"} == {True}
+    events.clear()
+    boom = {**todo[1], "name": "boom"}
+    slow = threading.Event()
+
+    def fake_slow(cell, root_, src, threads, log=None):
+        events.append(("start", cell["name"]))
+        if cell["name"] == "boom":
+            raise RuntimeError("cell failed")
+        slow.wait(0.2)  # still running when the other fails
+        events.append(("end", cell["name"]))
+        return 1.0
+
+    monkeypatch.setattr(entry, "run_cell", fake_slow)
+    got = []
+    with pytest.raises(RuntimeError, match="cell failed"):
+        for c, _ in entry.run_cells([todo[2], boom, todo[3]], root, root / "pack", 1, 2):
+            got.append(c["name"])
+    assert got == [names[2]] and ("start", names[3]) not in events  # finished beside it; nothing new started
