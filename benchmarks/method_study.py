@@ -29,8 +29,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -56,6 +58,7 @@ from method_study_design import (  # noqa: E402
     done,
     finished,
     pack_dir,
+    sampling_sibling,
     stored_name,
 )
 from method_study_results import aggregate, markdown, reference_flops, save, stored_cells  # noqa: E402
@@ -63,10 +66,49 @@ from method_study_results import aggregate, markdown, reference_flops, save, sto
 from reasonmaxxer.io import atomic_dir  # noqa: E402
 from reasonmaxxer.models import usable_cores  # noqa: E402
 
+CHILDREN: set[subprocess.Popen] = set()  # the commands running now (`stop_all`)
+STOPPING = threading.Event()  # set by `stop_all`: no command starts after it
+_CHILDREN_LOCK = threading.Lock()
 
-def call(cmd: list[str], log) -> None:
-    """Run one `reasonmaxxer` command from the checkout; its output to `log` (a file) or ours."""
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT if log else None)
+
+def call(cmd: list[str], threads: int = 0, log=None) -> None:
+    """Run one `reasonmaxxer` command from the checkout with `--threads threads` (0: torch's
+    default); its output to `log` (a file) or ours. Interrupted, it stops the command first."""
+    cmd = cmd + (["--threads", str(threads)] if threads else [])
+    with _CHILDREN_LOCK:
+        if STOPPING.is_set():
+            raise RuntimeError("method_study: stopping; not starting " + " ".join(cmd[2:4]))
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT if log else None)
+        CHILDREN.add(p)
+    try:
+        rc = p.wait()
+    except BaseException:
+        terminate([p])
+        raise
+    finally:
+        CHILDREN.discard(p)
+    if rc:
+        raise subprocess.CalledProcessError(rc, cmd)
+
+
+def terminate(procs) -> None:
+    """Terminate the commands `procs` (SIGTERM, then SIGKILL after 30 s) and wait for them."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def stop_all() -> None:
+    """Stop every running command, and start none after this (cells running in other threads)."""
+    with _CHILDREN_LOCK:
+        STOPPING.set()
+        procs = list(CHILDREN)
+    terminate(procs)
 
 
 def run_cell(cell: dict, root: Path, first: Path, threads: int, log=None) -> float:
@@ -77,10 +119,10 @@ def run_cell(cell: dict, root: Path, first: Path, threads: int, log=None) -> flo
     cfg = d.parent / f"{cell['name']}.toml"
     cfg.write_text(cell_config(cell, root, first))
     t0 = time.time()
-    cmd = [sys.executable, "-m", "reasonmaxxer", "run", str(cfg)] + (["--threads", str(threads)] if threads else [])
+    cmd = [sys.executable, "-m", "reasonmaxxer", "run", str(cfg)]
     if not finished(cell, d):  # else only its transfer evaluation is missing
-        call(cmd, log)
-    transfer(cell, d, first, log)
+        call(cmd, threads, log)
+    transfer(cell, d, first, threads, log)
     return time.time() - t0
 
 
@@ -99,12 +141,12 @@ def run_baseline_cell(cell: dict, d: Path, first: Path, threads: int, log=None) 
     cmd += ["--max-new-tokens", str(rc["sampling"]["max_new_tokens"]), "--max-steps", "100000", "--eval-every", "0"]
     cmd += ["--max-train-flops", repr(BUDGETS[-1] * ref), "--eval-at-flops"] + [repr(b * ref) for b in BUDGETS[:-1]]
     if not finished(cell, d):  # else only its transfer evaluation is missing
-        call(cmd + (["--threads", str(threads)] if threads else []), log)
-    transfer(cell, d, first, log)
+        call(cmd, threads, log)
+    transfer(cell, d, first, threads, log)
     return time.time() - t0
 
 
-def transfer(cell: dict, d: Path, first: Path, log=None) -> None:
+def transfer(cell: dict, d: Path, first: Path, threads: int = 0, log=None) -> None:
     """The trained model (and, once, the base) on the transfer family: `reasonmaxxer eval`."""
     reg, (template, max_new) = REGIMES[cell["regime"]], prompt_of(d, first)
     trained = d / "adapter" if cell["method"] in BASELINES else d / "train" / "merged"
@@ -117,7 +159,7 @@ def transfer(cell: dict, d: Path, first: Path, log=None) -> None:
         cmd = [sys.executable, "-m", "reasonmaxxer", "eval", "--model", spec, "--problems", reg["transfer_problems"]]
         cmd += ["--template", template, "--n", "4", "--temperature", "0.7", "--max-new-tokens", str(max_new)]
         cmd += ["--greedy", "--out", str(out)]
-        call(cmd, log)
+        call(cmd, threads, log)
 
 
 LOCKS = shutil.ignore_patterns("*.lock")  # a store's lock files stay behind
@@ -198,39 +240,69 @@ def cell_state(cell: dict, d: Path, carried: set[str], src: Path) -> str:
     return "stored" if stored_name(cell) in carried and d != src else "todo"
 
 
-def run_cells(pending: list[dict], root: Path, src: Path, threads: int, jobs: int):
-    """Run the `pending` cells, `jobs` at a time (each its own `reasonmaxxer` processes with
-    `threads` torch threads; beside another, a cell's output goes to ``<cell>.log`` next to its
-    dir), yielding (cell, seconds) as each finishes. A cell whose base stores are its own (the
-    regime's first cell when there is no base pack yet) runs alone before the others. A failed
-    cell raises once the cells running beside it have finished; none is started after it."""
-    queue = list(pending)
-    while queue and (jobs == 1 or root / queue[0]["regime"] / queue[0]["name"] == src):
-        c = queue.pop(0)
-        print(f"== cell {c['regime']}/{c['name']} ==", flush=True)
-        yield c, run_cell(c, root, src, threads)
+def waits_for(cell: dict, root: Path, src: Path) -> set[Path]:
+    """The dirs whose stores `cell` copies: `src` (the first cell's run dir, or the base pack,
+    which no cell is) and its `sampling_sibling`'s run dir."""
+    own = root / cell["regime"] / cell["name"]
+    return {src, sampling_sibling(cell, root)} - {None, own}
 
-    def one(c: dict) -> float:
-        with open(root / c["regime"] / f"{c['name']}.log", "a") as log:
-            return run_cell(c, root, src, threads, log)
 
-    running, failed = {}, None
+def run_cells(pending: list[dict], root: Path, src: Path, threads: int, jobs: int, alone_threads: int = 0):
+    """Run the `pending` cells (in order), yielding (cell, seconds) as each finishes. `jobs` > 1:
+    that many at once, each with `threads` torch threads and its output in ``<cell>.log`` beside
+    its dir; a cell starts only after the cells whose stores it copies (`waits_for`), and one
+    that runs alone (the others wait for it) gets `alone_threads` (0: torch's default). A failed
+    cell lets the ones beside it finish, starts no other, then raises; an interrupt (or the
+    caller stopping) stops the running commands."""
+    if jobs == 1:
+        for c in pending:
+            print(f"== cell {c['regime']}/{c['name']} ==", flush=True)
+            yield c, run_cell(c, root, src, alone_threads)
+        return
+    queue, running, failed = list(pending), {}, None
+
+    def startable(busy: list[dict]) -> list[dict]:
+        dirs = {root / c["regime"] / c["name"] for c in busy}
+        return [c for c in queue if not waits_for(c, root, src) & (dirs - {root / c["regime"] / c["name"]})]
+
+    def one(c: dict, n: int) -> float:
+        log_path = root / c["regime"] / f"{c['name']}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"== cell {c['regime']}/{c['name']} started, {n or 'all'} threads (log: {log_path}) ==", flush=True)
+        with open(log_path, "a") as log:
+            return run_cell(c, root, src, n, log)
+
     with ThreadPoolExecutor(jobs) as ex:
-        while queue or running:
-            while queue and len(running) < jobs:
-                c = queue.pop(0)
-                print(f"== cell {c['regime']}/{c['name']} started (log: {c['name']}.log) ==", flush=True)
-                running[ex.submit(one, c)] = c
-            for f in wait(running, return_when=FIRST_COMPLETED)[0]:
-                c = running.pop(f)
-                if f.exception() is None:
-                    yield c, f.result()
-                    continue
-                print(f"== cell {c['regime']}/{c['name']} failed: {f.exception()} ==", flush=True)
-                queue.clear()  # start nothing more; the running cells finish, then it raises
-                failed = failed or f
+        try:
+            while queue or running:
+                while len(running) < jobs and (ready := startable(queue + list(running.values()))):
+                    c = ready[0]
+                    queue.remove(c)
+                    alone = not running and not startable(queue + [c])
+                    running[ex.submit(one, c, alone_threads if alone else threads)] = c
+                for f in wait(running, return_when=FIRST_COMPLETED)[0]:
+                    c = running.pop(f)
+                    if f.exception() is None:
+                        yield c, f.result()
+                        continue
+                    log_path = root / c["regime"] / f"{c['name']}.log"
+                    print(f"== cell {c['regime']}/{c['name']} failed: {f.exception()} (log: {log_path}) ==", flush=True)
+                    queue.clear()  # start nothing more; the running cells finish, then it raises
+                    failed = failed or f
+        except BaseException:  # an interrupt, or the caller stopped (GeneratorExit): no cell keeps running
+            queue.clear()
+            stop_all()
+            raise
     if failed is not None:
         failed.result()
+
+
+def positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
 
 
 def main(argv=None) -> dict:
@@ -251,7 +323,7 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--threads", type=int, default=0, help="torch threads per run (0: torch's default, or cores / --jobs)"
     )
-    ap.add_argument("--jobs", type=int, default=1, help="cells run at once (2 on 2 cores: ~1.5x the cells an hour)")
+    ap.add_argument("--jobs", type=positive, default=1, help="cells run at once (on 2 cores, 2: see parallel_jobs.py)")
     ap.add_argument("--plan", action="store_true", help="print the cells and which are done; run nothing")
     ap.add_argument("--aggregate-only", action="store_true")
     ap.add_argument("--max-cells", type=int, default=0, help="stop after this many new cells (0: all)")
@@ -269,11 +341,12 @@ def main(argv=None) -> dict:
         print("not in the study yet:\n  " + "\n  ".join(PENDING))
         return {}
     if not a.aggregate_only:
-        threads = a.threads or (max(1, usable_cores() // a.jobs) if a.jobs > 1 else 0)
+        threads = a.threads or max(1, usable_cores() // a.jobs)  # a cell beside others
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill`: the running commands stop too
         with study_lock(root, a.regime):  # one process runs a regime's cells (`--jobs` of them at once)
             states = {c["name"]: cell_state(c, root / a.regime / c["name"], carried, src) for c in todo}
             pending = [c for c in todo if states[c["name"]] not in ("done", "stored")][: a.max_cells or None]
-            for c, dt in run_cells(pending, root, src, threads, max(1, a.jobs)):
+            for c, dt in run_cells(pending, root, src, threads, a.jobs, alone_threads=a.threads):
                 print(f"== cell {a.regime}/{c['name']} done in {dt:.0f} s ==", flush=True)
                 if export_pack(first, a.regime):
                     print(f"== base pack of {a.regime}: {pack_dir(a.regime)} (commit it) ==", flush=True)

@@ -196,23 +196,29 @@ def scaled_problems(spec: str, factor: int) -> str:
     return ":".join(parts)
 
 
-def reuse_source(cell: dict, root: Path, first: Path) -> Path | None:
-    """The run dir whose stores (rollouts, base evaluation) a cell copies where they were made
-    with the same inputs: the first cell that samples as it does (faithful's seed 0, the
-    ReasonMaxxer cell of its budget) while its dir is here, else the study's first cell (`first`:
-    its run dir or the regime's base pack); None for the first cell."""
+def sampling_sibling(cell: dict, root: Path) -> Path | None:
+    """The run dir of the first cell that samples as `cell` does (faithful's seed 0, the
+    ReasonMaxxer cell of its budget), whose stores it copies; None when that is the study's first
+    cell (or `cell` itself). `method_study.run_cells` starts no cell before its sibling is done."""
     d = root / cell["regime"]
     if cell["budget"] > 1:
         src = d / f"reasonmaxxer@{cell['budget']}x-s0"
     elif "sampling" in METHODS[cell["method"]]:
         src = d / f"{cell['method']}-s0"
     else:
-        src = first
-    out = d / cell["name"]
+        return None
+    return None if src == d / cell["name"] else src
+
+
+def reuse_source(cell: dict, root: Path, first: Path) -> Path | None:
+    """The run dir whose stores (rollouts, base evaluation) a cell copies where they were made
+    with the same inputs: its `sampling_sibling` while that dir is here, else the study's first
+    cell (`first`: its run dir or the regime's base pack); None for the first cell."""
+    src = sampling_sibling(cell, root)
     # the first of its sampling, or one whose dir is gone (run in an earlier session): the first
     # cell's base evaluation only (the rollouts are sampled again, with the same sampling seed)
-    src = first if src == out or not src.is_dir() else src
-    return None if out == first else src
+    src = first if src is None or not src.is_dir() else src
+    return None if root / cell["regime"] / cell["name"] == first else src
 
 
 def toml_value(v) -> str:

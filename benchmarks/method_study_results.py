@@ -41,6 +41,13 @@ def per_problem(d: Path, which: str) -> dict | None:
     return per_problem_accuracy(RolloutStore(p)) if (p / "manifest.json").is_file() else None
 
 
+def evaluation(d: Path, name: str) -> dict | None:
+    """The per-problem avg@4 of the `reasonmaxxer eval` dir ``d/name`` once it has finished
+    (its eval.json written), else None: a transfer evaluation still running beside the
+    aggregation (`--jobs`) is not read half-done."""
+    return per_problem(d, f"{name}/samples") if (d / name / "eval.json").is_file() else None
+
+
 def result_paths(regime: str) -> dict[str, Path]:
     """The committed files of one regime: ``method_study.json`` ... for ``short`` (the first
     regime), ``method_study_long.json`` ... for ``long``."""
@@ -98,8 +105,8 @@ def cell_row(d: Path, method: str, seed: int) -> tuple[dict, dict]:
     row["base_avg_at_4"] = mean(base)
     row["mean_tokens"] = info.get("mean_tokens")  # completion tokens per sample, from eval.json
     row["base_mean_tokens"] = info.get("base", {}).get("mean_tokens")
-    tr = per_problem(d, "transfer/samples")
-    tb = per_problem(d.parent, "transfer_base/samples")
+    tr = evaluation(d, "transfer")
+    tb = evaluation(d.parent, "transfer_base")
     row["transfer_avg_at_4"] = mean(tr)
     row["transfer_base_avg_at_4"] = mean(tb)
     return row, {k: v for k, v in accs.items() if v is not None}
@@ -117,14 +124,14 @@ def baseline_rows(d: Path, method: str, seed: int, first: Path) -> list[tuple[di
     curve.sort(key=lambda r: r["step"])
     ref, out = reference_flops(first, d.parent.name), []
     base = per_problem(first, "eval/base/samples")
-    tb = per_problem(d.parent, "transfer_base/samples")
+    tb = evaluation(d.parent, "transfer_base")
     for b in BUDGETS:
         pt = next((r for r in curve if r["flops"] >= b * ref * (1 - 1e-9)), None)
         if pt is None:
             continue
         e = d / "evals" / f"step-{pt['step']:05d}"
         accs = {m: per_problem(e, sub) for m, sub in (("avg_at_4", "samples"), ("greedy", "greedy"))}
-        tr = per_problem(d, "transfer/samples") if b == BUDGETS[-1] else None
+        tr = evaluation(d, "transfer") if b == BUDGETS[-1] else None
         row = {"method": f"{method}@{b}x", "seed": seed, "dir": f"{d.parent.name}/{d.name}", "flops": pt["flops"]}
         row |= {"steps": pt["step"], "train_seconds": pt["train_seconds"]}
         row |= {m: mean(a) for m, a in accs.items()}

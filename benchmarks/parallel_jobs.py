@@ -54,16 +54,27 @@ def eval_cmd(a, threads: int, out: Path) -> list[str]:
     ]
 
 
-def timed(cmds: list[list[str]]) -> float:
-    """Wall seconds until every command (started together) has finished; a failure stops the run."""
+def timed(cmds: list[list[str]], logs: Path) -> float:
+    """Wall seconds until every command (started together) has finished, each one's output in
+    its own file under `logs`; a failure stops the others and the run, printing its output's end."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    logs.mkdir(parents=True, exist_ok=True)
+    files = [open(logs / f"job{i}.log", "w") for i in range(len(cmds))]
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env) for c in cmds]
-    for p in procs:
-        _, err = p.communicate()
-        if p.returncode:
-            sys.exit(f"parallel_jobs: a job failed (rc {p.returncode}):\n{err.decode()[-2000:]}")
-    return time.perf_counter() - t0
+    procs = [subprocess.Popen(c, stdout=f, stderr=subprocess.STDOUT, env=env) for c, f in zip(cmds, files)]
+    try:
+        for p, f in zip(procs, files):
+            if p.wait():
+                f.close()
+                tail = Path(f.name).read_text()[-2000:]
+                sys.exit(f"parallel_jobs: a job failed (rc {p.returncode}):\n{tail}")
+        return time.perf_counter() - t0
+    finally:
+        for p, f in zip(procs, files):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            f.close()
 
 
 def main(argv=None) -> dict:
@@ -78,10 +89,10 @@ def main(argv=None) -> dict:
     cores = a.cores or usable_cores()
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        timed([eval_cmd(a, 1, d / "warm")])  # model conversion/cache and page cache, not timed
-        all_cores = timed([eval_cmd(a, cores, d / "all")])
-        one = timed([eval_cmd(a, 1, d / "one")])
-        split = timed([eval_cmd(a, 1, d / f"split{i}") for i in range(cores)])
+        timed([eval_cmd(a, 1, d / "warm")], d / "logs")  # model conversion/cache and page cache, not timed
+        all_cores = timed([eval_cmd(a, cores, d / "all")], d / "logs")
+        one = timed([eval_cmd(a, 1, d / "one")], d / "logs")
+        split = timed([eval_cmd(a, 1, d / f"split{i}") for i in range(cores)], d / "logs")
     res = {"cores": cores, "one_job_all_threads_s": all_cores, "one_job_1_thread_s": one, "jobs_1_thread_s": split}
     res["throughput_ratio"] = cores * all_cores / split
     print(f"one job, {cores} threads: {all_cores:.1f} s")

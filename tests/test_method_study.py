@@ -2,6 +2,8 @@
 
 import importlib
 import json
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,6 +129,10 @@ def test_baseline_rows_take_the_first_evaluation_at_or_past_each_budget(study, t
     ]
     assert [r["avg_at_4"] for r, _ in rows] == pytest.approx([0.1, 0.15, 0.35])
     assert rows[0][1]["greedy"] == {"a": 0.2, "b": 0.0}
+    assert [r["transfer_avg_at_4"] is not None for r, _ in rows] == [False, False, False]  # not finished
+    (d / "transfer").mkdir()
+    (d / "transfer" / "eval.json").write_text("{}")  # written last, when the transfer eval has finished
+    rows = study.baseline_rows(d, "grpo", 0, tmp_path / "short" / "reasonmaxxer-s0")
     assert [r["transfer_avg_at_4"] is not None for r, _ in rows] == [False, False, True]
     # a run stopped before its 4x evaluation gives the budgets it reached
     (d / "curve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve[1:]))
@@ -214,15 +220,20 @@ def test_a_cell_stopped_before_its_transfer_eval_resumes_there_without_rerunning
     assert study.export_pack(d, "short") is None  # its transfer evaluation is not there yet
     calls = []
 
-    def fake_run(cmd, check, cwd, **kw):
-        calls.append(cmd[3])
-        out = Path(cmd[cmd.index("--out") + 1])
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text("{}")
+    class FakePopen:
+        def __init__(self, cmd, cwd, stdout, stderr):
+            calls.append((cmd[3], cmd[cmd.index("--threads") + 1]))
+            out = Path(cmd[cmd.index("--out") + 1])
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "eval.json").write_text("{}")
 
-    monkeypatch.setattr(study.subprocess, "run", fake_run)
-    study.run_cell(cell, tmp_path / "runs", d, 0)
-    assert calls == ["eval", "eval"]  # the trained model's and the base's, no second `run`
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(study.subprocess, "Popen", FakePopen)
+    study.run_cell(cell, tmp_path / "runs", d, 3)
+    # the trained model's and the base's, no second `run`; with the cell's threads
+    assert calls == [("eval", "3"), ("eval", "3")] and not study.CHILDREN
     assert design.done(cell, d) and study.cell_state(cell, d, set(), d) == "done"
     assert study.export_pack(d, "short") == design.pack_dir("short")
     other = design.cells("short", [0], ["rft"])[1]
@@ -363,47 +374,99 @@ def test_grpo_cells_are_evaluated_as_the_reasonmaxxer_cells(design, tmp_path):
     assert cfg.grad_accum == 4 and cfg.prompts_per_step * cfg.num_generations == 16  # 4 micro-batches of 4
 
 
-def test_cells_run_side_by_side_with_jobs_the_first_alone_and_a_failure_stops_new_ones(design, tmp_path, monkeypatch):
-    """--jobs 2: two cells run at once (each logging to <cell>.log), after the first cell when
-    the others read its stores; a failed cell lets the one beside it finish, starts no other,
-    then raises."""
+def test_cells_run_side_by_side_with_jobs_after_the_cells_they_copy(design, tmp_path, monkeypatch):
+    """--jobs 2: two cells at once (each logging to <cell>.log, the regime dir made here), after
+    the cells whose stores they copy (the first cell, when there is no base pack: alone, with
+    every thread; rft@2x after reasonmaxxer@2x)."""
     import threading
 
     entry = importlib.import_module("method_study")
     todo = design.cells("long", [0, 1], ["reasonmaxxer", "rft", "random_gate"])
     names = [c["name"] for c in todo]
     root, events, both = tmp_path / "runs", [], threading.Barrier(2, timeout=10)
-    (root / "long").mkdir(parents=True)
 
     def fake_run_cell(cell, root_, src, threads, log=None):
-        events.append(("start", cell["name"], threads, log is not None))
+        events.append(("start", cell["name"], threads, Path(log.name).name))
         if cell["name"] in names[1:3]:
             both.wait()  # returns only when the two run at the same time
-        if cell["name"] == "boom":
-            raise RuntimeError("cell failed")
         events.append(("end", cell["name"]))
         return 1.0
 
     monkeypatch.setattr(entry, "run_cell", fake_run_cell)
     src = root / "long" / names[0]  # no base pack: the first cell's own dir
-    done = [c["name"] for c, _ in entry.run_cells(todo[:3], root, src, 1, 2)]
-    assert events[:2] == [("start", names[0], 1, False), ("end", names[0])]  # alone, before the others
-    assert sorted(done) == sorted(names[:3]) and {e[3] for e in events[2:] if e[0] == "start"} == {True}
+    done = [c["name"] for c, _ in entry.run_cells(todo[:3], root, src, 1, 2, alone_threads=0)]
+    assert events[:2] == [("start", names[0], 0, f"{names[0]}.log"), ("end", names[0])]  # alone, all threads
+    assert sorted(done) == sorted(names[:3]) and {e[2] for e in events[2:] if e[0] == "start"} == {1}
+    assert (root / "long" / f"{names[1]}.log").is_file()
+    # with a base pack: rft@2x-s0 waits for reasonmaxxer@2x-s0 (its rollouts), random_gate does not
     events.clear()
+    by = {c["name"]: c for c in design.cells("long", [0], ["reasonmaxxer", "rft", "random_gate"])}
+    order = [by["reasonmaxxer@2x-s0"], by["rft@2x-s0"], by["random_gate-s0"]]
+    assert entry.waits_for(by["rft@2x-s0"], root, root / "pack") == {
+        root / "pack",
+        root / "long" / "reasonmaxxer@2x-s0",
+    }
+    gate, beside = threading.Event(), threading.Event()
+
+    def fake_deps(cell, root_, src, threads, log=None):
+        events.append(("start", cell["name"]))
+        if cell["name"] == "reasonmaxxer@2x-s0":
+            beside.wait(10)  # random_gate starts beside it (it copies nothing of it)
+        if cell["name"] == "random_gate-s0":
+            beside.set()
+            gate.wait(10)  # reasonmaxxer@2x finishes, then rft@2x starts beside random_gate
+        if cell["name"] == "rft@2x-s0":
+            gate.set()
+        events.append(("end", cell["name"]))
+        return 1.0
+
+    monkeypatch.setattr(entry, "run_cell", fake_deps)
+    list(entry.run_cells(order, root, root / "pack", 1, 2))
+    assert events.index(("start", "rft@2x-s0")) > events.index(("end", "reasonmaxxer@2x-s0"))
+    assert events.index(("start", "random_gate-s0")) < events.index(("end", "reasonmaxxer@2x-s0"))
+    assert gate.is_set()
+
+
+def test_a_failed_cell_stops_new_ones_and_an_interrupt_stops_the_running_commands(design, tmp_path, monkeypatch):
+    """A failed cell lets the one beside it finish and starts no other, then raises; a caller
+    that stops iterating (an exception in its loop) terminates the commands still running."""
+    import threading
+
+    entry = importlib.import_module("method_study")
+    todo = design.cells("long", [0, 1], ["reasonmaxxer", "random_gate"])
+    root, events = tmp_path / "runs", []
     boom = {**todo[1], "name": "boom"}
-    slow = threading.Event()
 
     def fake_slow(cell, root_, src, threads, log=None):
         events.append(("start", cell["name"]))
         if cell["name"] == "boom":
             raise RuntimeError("cell failed")
-        slow.wait(0.2)  # still running when the other fails
+        threading.Event().wait(0.2)  # still running when the other fails
         events.append(("end", cell["name"]))
         return 1.0
 
     monkeypatch.setattr(entry, "run_cell", fake_slow)
     got = []
     with pytest.raises(RuntimeError, match="cell failed"):
-        for c, _ in entry.run_cells([todo[2], boom, todo[3]], root, root / "pack", 1, 2):
+        for c, _ in entry.run_cells([todo[1], boom, todo[2]], root, root / "pack", 1, 2):
             got.append(c["name"])
-    assert got == [names[2]] and ("start", names[3]) not in events  # finished beside it; nothing new started
+    assert got == [todo[1]["name"]] and ("start", todo[2]["name"]) not in events
+
+    events.clear()
+    monkeypatch.setattr(entry, "STOPPING", threading.Event())
+
+    def fake_cmd(cell, root_, src, threads, log=None):  # a real command, run as the cells' are
+        events.append(("start", cell["name"]))
+        if cell["name"] != todo[0]["name"]:
+            entry.call([sys.executable, "-c", "import time; time.sleep(60)"], 0, log)
+        return 1.0
+
+    monkeypatch.setattr(entry, "run_cell", fake_cmd)
+    t0, cells = time.time(), entry.run_cells(todo[:3], root, root / "pack", 1, 2)
+    assert next(cells)[0]["name"] == todo[0]["name"]  # the quick one; the next sleeps beside it
+    while not entry.CHILDREN:
+        time.sleep(0.05)
+    (proc,) = entry.CHILDREN
+    cells.close()  # the caller's loop stops here (an exception in it): GeneratorExit at the yield
+    assert proc.returncode is not None and time.time() - t0 < 30 and not entry.CHILDREN
+    assert ("start", todo[2]["name"]) not in events and entry.STOPPING.is_set()

@@ -101,7 +101,10 @@ def validation_size(validate: Callable | None) -> int:
 def require_validation(validate: Callable | None) -> None:
     """One line when there is nothing to choose tau on (before any scoring or training)."""
     if not validation_size(validate):
-        raise ReasonMaxxerError("calibrate: tau is chosen on validation problems; none are given (validation_problems)")
+        raise ReasonMaxxerError(
+            "calibrate: tau is chosen on validation problems; none are given (validation_problems; "
+            "in Python, a `validate` from stages.evaluate.validation_accuracy_fn, whose key counts them)"
+        )
 
 
 def calibrate_table(rows: list[dict], base_acc: float, best: dict) -> list[str]:
