@@ -280,6 +280,8 @@ def run_cells(pending: list[dict], root: Path, src: Path, threads: int, jobs: in
                     queue.remove(c)
                     alone = not running and not startable(queue + [c])
                     running[ex.submit(one, c, alone_threads if alone else threads)] = c
+                if not running:  # every queued cell waits for another queued one (a cycle: a design bug)
+                    raise RuntimeError(f"method_study: no cell can start: {[c['name'] for c in queue]}")
                 for f in wait(running, return_when=FIRST_COMPLETED)[0]:
                     c = running.pop(f)
                     if f.exception() is None:
