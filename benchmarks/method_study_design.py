@@ -12,9 +12,12 @@
   rollouts and the selection (`reuse` of the first cell of their sampling: see `reuse_source`).
 - methods: ``reasonmaxxer`` (the reference run's recipe), ``rft`` (SFT on the correct rollouts),
   ``positive_only`` (the paper's: loss variant ``positive_only_paper``), ``random_gate`` (the entropy gate's count at random positions),
-  ``all_tokens``, ``no_anchor``; seeds 0, 1, 2 (the training seed; data fixed).
+  ``all_tokens``, ``no_anchor``; seeds 0, 1, 2 (the training seed: under the reference run's
+  ``order = "clarity"`` only the LoRA initialisation, and the random gate's draws; rollouts,
+  selection and order fixed).
 - ``random_reward``: the random-reward control, ReasonMaxxer on the same rollouts with their
-  correctness labels permuted across the pool (``[selection] rewards = "shuffled"``).
+  correctness labels permuted across the pool (``[selection] rewards = "shuffled"``); its seed is
+  also the permutation's (``[selection] seed``: before 2026-12-07 every seed had permutation 0).
 - ``faithful``: the official recipe's choices at this scale (G = 16 rollouts per problem, 50
   problems, the 80% trim with truncated rollouts counted wrong, unmixed groups kept,
   per-sequence normalisation, lr 1e-4 with warmup); its seed-0 cell samples its own rollouts,
@@ -250,6 +253,8 @@ def cell_config(cell: dict, root: Path, first: Path) -> str:
     if src is not None:
         top["reuse"] = str(src)
     tables = {"eval": {"n": 4}, "train": {"seed": cell["seed"]}}
+    if cell["method"] == "random_reward":  # each seed its own permutation of the labels
+        tables["selection"] = {"seed": cell["seed"]}
     for t, kv in METHODS[cell["method"]].items():
         tables.setdefault(t, {}).update(kv)
     lines = [f"{k} = {toml_value(v)}" for k, v in top.items()]

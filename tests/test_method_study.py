@@ -74,7 +74,9 @@ def test_cell_configs_scale_the_problems_and_reuse_the_cell_that_samples_alike(d
     RFT's reuses ReasonMaxxer@2x's rollouts, ReasonMaxxer@2x only the first cell's base eval."""
     from reasonmaxxer.config import load_run_config
 
-    todo = design.cells("short", [0, 1], ["reasonmaxxer", "rft", "faithful", "positive_only"], [0], [0])
+    todo = design.cells(
+        "short", [0, 1], ["reasonmaxxer", "rft", "faithful", "positive_only", "random_reward"], [0], [0]
+    )
     by = {c["name"]: c for c in todo}
     first = tmp_path / "short" / "reasonmaxxer-s0"
 
@@ -99,6 +101,9 @@ def test_cell_configs_scale_the_problems_and_reuse_the_cell_that_samples_alike(d
     assert cfg("faithful-s1").reuse == str(tmp_path / "short" / "faithful-s0")
     assert cfg("positive_only-s1").train.variant == "positive_only_paper"  # the issue's "(paper)"
     assert cfg("positive_only-s1").reuse == str(first)
+    # the random-reward control: each seed its own permutation of the labels; others: selection seed 0
+    assert cfg("random_reward-s1").selection.seed == 1 and cfg("random_reward-s1").selection.rewards == "shuffled"
+    assert cfg("random_reward-s0").selection.seed == 0 and cfg("rft-s1").selection.seed == 0
     from reasonmaxxer.data.benchmarks import load_problems
 
     ids = [p.id for p in load_problems(two.train_problems)]
