@@ -5,6 +5,8 @@
     python benchmarks/method_study.py --aggregate-only        # the table and plot from finished cells
     python benchmarks/method_study.py --methods rft --seeds 1 # one method's seed (its 2x/4x cells
                                                               # run for --budget-seeds in --seeds)
+    python benchmarks/method_study.py --methods reasonmaxxer rft --seeds 0 --data-seeds 1 2 --jobs 2
+                                                              # the data replicates, two cells at once
 
 Resumable by construction: each cell is a `reasonmaxxer run` (or `reasonmaxxer baseline`)
 directory under ``--root`` (default ``runs/method_study``); a done cell (run finished, transfer
@@ -45,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from method_study_design import (  # noqa: E402
     BASELINES,
     BUDGETS,
+    DATA_SEEDS,
     METHODS,
     PACK_FILES,
     PENDING,
@@ -321,6 +324,13 @@ def main(argv=None) -> dict:
         default=[0],
         help="seeds of the offline 2x/4x cells (those also in --seeds run)",
     )
+    ap.add_argument(
+        "--data-seeds",
+        nargs="*",
+        type=int,
+        default=list(DATA_SEEDS),
+        help="data replicates k of ReasonMaxxer and RFT: rollouts sampled with seed + k (with seed 0 in --seeds)",
+    )
     ap.add_argument("--root", default=str(ROOT / "runs" / "method_study"))
     ap.add_argument(
         "--threads", type=int, default=0, help="torch threads per run (0: torch's default, or cores / --jobs)"
@@ -331,7 +341,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-cells", type=int, default=0, help="stop after this many new cells (0: all)")
     a = ap.parse_args(argv)
     root = Path(a.root)
-    study = (a.regime, a.seeds, a.methods, a.baseline_seeds, a.budget_seeds)
+    study = (a.regime, a.seeds, a.methods, a.baseline_seeds, a.budget_seeds, a.data_seeds)
     todo = cells(*study)
     carried = stored_cells(a.regime)  # finished in an earlier session
     first = root / a.regime / todo[0]["name"]

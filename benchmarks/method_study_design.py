@@ -18,6 +18,10 @@
 - ``random_reward``: the random-reward control, ReasonMaxxer on the same rollouts with their
   correctness labels permuted across the pool (``[selection] rewards = "shuffled"``); its seed is
   also the permutation's (``[selection] seed``: before 2026-12-07 every seed had permutation 0).
+- data replicates (``--data-seeds``, default 1 2, with seed 0 selected): ``reasonmaxxer`` and
+  ``rft`` at training seed 0 on rollouts sampled afresh (the regime's sampling seed + k; RFT on
+  ReasonMaxxer's of the same k), rows ``reasonmaxxer.d1`` ...: what a fresh sample of the data
+  moves, which a training seed (the LoRA initialisation) does not.
 - ``faithful``: the official recipe's choices at this scale (G = 16 rollouts per problem, 50
   problems, the 80% trim with truncated rollouts counted wrong, unmixed groups kept,
   per-sequence normalisation, lr 1e-4 with warmup); its seed-0 cell samples its own rollouts,
@@ -107,8 +111,13 @@ BASELINES = {"grpo": "grpo", "grpo_entropy": "grpo-entropy"}
 SEEDS = (0, 1, 2)  # the training seeds of the 1x cells (`--seeds` default)
 BUDGETS = (1, 2, 4)  # x the FLOPs of ReasonMaxxer seed 0
 BUDGET_METHODS = ("reasonmaxxer", "rft")  # the offline methods also run on 2x / 4x the problems
+# data replicates: ReasonMaxxer and RFT (training seed 0) on rollouts sampled afresh with sampling
+# seed (the regime's) + k, RFT on ReasonMaxxer's of the same k: cells "reasonmaxxer.d1-s0" ...
+# (a training seed changes only the LoRA initialisation; these change the data)
+DATA_METHODS = ("reasonmaxxer", "rft")
+DATA_SEEDS = (1, 2)  # `--data-seeds` default
 # run first, in this order ("budgets": the offline methods' 2x and 4x cells)
-ORDER = ("reasonmaxxer", "rft", "random_reward", "grpo", "budgets", "faithful", "grpo_entropy")
+ORDER = ("reasonmaxxer", "rft", "random_reward", "grpo", "budgets", "data", "faithful", "grpo_entropy")
 # what the design leaves out, said under each table
 PENDING = [
     "completions >= 100 tokens on average: the embedded default solves multi-step problems too rarely "
@@ -116,14 +125,16 @@ PENDING = [
 ]
 
 
-def cells(regime: str, seeds, methods, baseline_seeds=(0,), budget_seeds=(0,)) -> list[dict]:
+def cells(regime: str, seeds, methods, baseline_seeds=(0,), budget_seeds=(0,), data_seeds=()) -> list[dict]:
     """The study's cells in run order: ReasonMaxxer seed 0 first (its base stores are reused), in
     every selection: `--methods positive_only` alone still starts from it (or from its base pack),
     so no other cell ever becomes the one whose stores the others copy.
     The offline 2x/4x cells run for the `budget_seeds` that are in `seeds`; the GRPO cells for
-    `baseline_seeds` (GRPO has no 1x seeds to select).
+    `baseline_seeds` (GRPO has no 1x seeds to select); the data replicates (`DATA_METHODS`) for
+    `data_seeds` when seed 0 is selected.
     A cell: regime, method, seed, budget (x the reference FLOPs; 1 for the 1x offline cells; a
-    GRPO cell's largest), label (the row's method: "rft", "rft@2x") and name (its run dir)."""
+    GRPO cell's largest), data (0, or its data replicate k), label (the row's method: "rft",
+    "rft@2x", "rft.d1") and name (its run dir)."""
     out = [] if "reasonmaxxer" in methods and 0 in seeds else [_cell(regime, "reasonmaxxer", 0, 1, "reasonmaxxer")]
     for m in methods:
         if m in BASELINES:
@@ -134,25 +145,28 @@ def cells(regime: str, seeds, methods, baseline_seeds=(0,), budget_seeds=(0,)) -
             # a budget cell runs for a budget seed that is also selected: `--seeds 1` is seed 1's
             # cells only, not seed 0's 2x/4x cells besides
             out += [_cell(regime, m, s, b, f"{m}@{b}x") for b in BUDGETS[1:] for s in budget_seeds if s in seeds]
+        if m in DATA_METHODS and 0 in seeds:
+            out += [_cell(regime, m, 0, 1, f"{m}.d{k}", data=k) for k in data_seeds]
     # ReasonMaxxer seed 0 first (the others reuse its base stores), then ReasonMaxxer and RFT
     # over the seeds (the comparison the study must decide), then the rest of ORDER, then the
     # ablations
     rank = {m: i for i, m in enumerate(ORDER)}
 
     def key(c):
-        group = "budgets" if c["budget"] > 1 and c["method"] not in BASELINES else c["method"]
-        first = c["seed"] == 0 and c["method"] == "reasonmaxxer" and c["budget"] == 1
-        return (not first, rank.get(group, len(ORDER)), c["budget"], rank.get(c["method"], 0), c["seed"])
+        group = "budgets" if c["budget"] > 1 and c["method"] not in BASELINES else "data" if c["data"] else c["method"]
+        first = c["seed"] == 0 and c["method"] == "reasonmaxxer" and c["budget"] == 1 and not c["data"]
+        return (not first, rank.get(group, len(ORDER)), c["budget"], c["data"], rank.get(c["method"], 0), c["seed"])
 
     return sorted(out, key=key)
 
 
-def _cell(regime: str, method: str, seed: int, budget: int, label: str) -> dict:
+def _cell(regime: str, method: str, seed: int, budget: int, label: str, data: int = 0) -> dict:
     return {
         "regime": regime,
         "method": method,
         "seed": seed,
         "budget": budget,
+        "data": data,
         "label": label,
         "name": f"{label}-s{seed}",
     }
@@ -201,11 +215,13 @@ def scaled_problems(spec: str, factor: int) -> str:
 
 def sampling_sibling(cell: dict, root: Path) -> Path | None:
     """The run dir of the first cell that samples as `cell` does (faithful's seed 0, the
-    ReasonMaxxer cell of its budget), whose stores it copies; None when that is the study's first
+    ReasonMaxxer cell of its budget or data replicate), whose stores it copies; None when that is the study's first
     cell (or `cell` itself). `method_study.run_cells` starts no cell before its sibling is done."""
     d = root / cell["regime"]
     if cell["budget"] > 1:
         src = d / f"reasonmaxxer@{cell['budget']}x-s0"
+    elif cell["data"]:
+        src = d / f"reasonmaxxer.d{cell['data']}-s0"
     elif "sampling" in METHODS[cell["method"]]:
         src = d / f"{cell['method']}-s0"
     else:
@@ -255,6 +271,10 @@ def cell_config(cell: dict, root: Path, first: Path) -> str:
     tables = {"eval": {"n": 4}, "train": {"seed": cell["seed"]}}
     if cell["method"] == "random_reward":  # each seed its own permutation of the labels
         tables["selection"] = {"seed": cell["seed"]}
+    if cell["data"]:  # rollouts sampled afresh: the regime's sampling seed + k
+        from reasonmaxxer.config import load_run_config
+
+        tables["sampling"] = {"seed": load_run_config(reg["extends"]).sampling.seed + cell["data"]}
     for t, kv in METHODS[cell["method"]].items():
         tables.setdefault(t, {}).update(kv)
     lines = [f"{k} = {toml_value(v)}" for k, v in top.items()]

@@ -16,6 +16,7 @@ from pathlib import Path
 from method_study_design import (
     BASELINES,
     BUDGETS,
+    DATA_SEEDS,
     METHODS,
     ORDER,
     PENDING,
@@ -142,8 +143,25 @@ def baseline_rows(d: Path, method: str, seed: int, first: Path) -> list[tuple[di
     return out
 
 
+def family(label: str) -> str:
+    """The method of a row label: "rft" for "rft", "rft@2x" and the data replicate "rft.d1"."""
+    return label.split("@")[0].split(".")[0]
+
+
+def data_tag(label: str) -> str:
+    """A data replicate's suffix (".d1" of "rft.d1"), else ""."""
+    return label[len(label.split(".")[0]) :] if "@" not in label else ""
+
+
 def aggregate(
-    root: Path, regime: str, seeds, methods, baseline_seeds=(0,), budget_seeds=(0,), source: Path | None = None
+    root: Path,
+    regime: str,
+    seeds,
+    methods,
+    baseline_seeds=(0,),
+    budget_seeds=(0,),
+    data_seeds=(),
+    source: Path | None = None,
 ) -> tuple[dict, dict]:
     """(results, per-problem accuracies): the cells finished here, plus the committed rows of
     cells not present under ``root`` or outside this selection (kept from an earlier session,
@@ -155,7 +173,7 @@ def aggregate(
 
     old_rows, probs = stored(regime)
     rows = {}
-    todo = cells(regime, seeds, methods, baseline_seeds, budget_seeds)
+    todo = cells(regime, seeds, methods, baseline_seeds, budget_seeds, data_seeds)
     first = source or root / regime / todo[0]["name"]
     selected = set()  # the row keys of this selection's cells (a GRPO cell: each budget's)
     for cell in todo:
@@ -183,12 +201,14 @@ def aggregate(
             m: per_problem(first, f"eval/base/{sub}") for m, sub in (("avg_at_4", "samples"), ("greedy", "greedy"))
         }
     for (method, seed), row in rows.items():
-        # the same seed's ReasonMaxxer; seed 0's where that one's per-problem values are not kept
-        ref_seed = seed if f"reasonmaxxer-s{seed}" in probs else 0
-        ref, base = probs.get(f"reasonmaxxer-s{ref_seed}", {}), probs.get("base", {})
+        # the same seed's (and data replicate's) ReasonMaxxer; seed 0's where that one's
+        # per-problem values are not kept
+        ours = f"reasonmaxxer{data_tag(method)}"
+        ref_seed = seed if f"{ours}-s{seed}" in probs else 0
+        ref, base = probs.get(f"{ours}-s{ref_seed}", {}), probs.get("base", {})
         mine = probs.get(f"{method}-s{seed}", {})
         for metric in ("avg_at_4", "greedy"):
-            if method != "reasonmaxxer" and metric in mine and metric in ref:
+            if family(method) != "reasonmaxxer" and metric in mine and metric in ref:
                 row[f"{metric}_vs_reasonmaxxer"] = {
                     **paired_bootstrap(mine[metric], ref[metric], seed=seed),
                     "ref_seed": ref_seed,
@@ -196,16 +216,18 @@ def aggregate(
             if metric in mine and base.get(metric):
                 row[f"{metric}_vs_base"] = paired_bootstrap(mine[metric], base[metric], seed=seed)
     same_budget(rows.values(), probs)
-    seeds_pooled = pooled(rows.values(), probs)
+    seeds_pooled, data_pooled = pooled(rows.values(), probs), pooled_data(rows.values(), probs)
     rank = {m: i for i, m in enumerate(ORDER)}
-    rows = [rows[k] for k in sorted(rows, key=lambda k: (rank.get(k[0].split("@")[0], len(ORDER)), k))]
+    rows = [rows[k] for k in sorted(rows, key=lambda k: (rank.get(family(k[0]), len(ORDER)), k))]
     by_method = {}
     for m in sorted({r["method"] for r in rows}):
         vals = [r["avg_at_4"] for r in rows if r["method"] == m and r["avg_at_4"] is not None]
         if vals:
             by_method[m] = {"seeds": len(vals), "avg_at_4_mean_ci95": mean_ci95(vals) if len(vals) > 1 else None}
     done = {f"{r['method']}-s{r['seed']}" for r in rows}
-    design = todo + cells(regime, SEEDS, tuple(METHODS) + tuple(BASELINES))  # this selection's, then the whole study's
+    design = todo + cells(
+        regime, SEEDS, tuple(METHODS) + tuple(BASELINES), data_seeds=DATA_SEEDS
+    )  # this selection's, then the whole study's
     pending = list(dict.fromkeys(stored_name(c) for c in design if stored_name(c) not in done))
     res = {
         "regime": regime,
@@ -213,6 +235,7 @@ def aggregate(
         "rows": rows,
         "by_method": by_method,
         "pooled": seeds_pooled,
+        "pooled_data": data_pooled,
         "cells_pending": pending,
         "not_in_study_yet": PENDING,
     }
@@ -237,16 +260,10 @@ def same_budget(rows, probs: dict) -> None:
                 )
 
 
-def pooled(rows, probs: dict) -> dict:
-    """Each 1x method's seeds pooled (GRPO's 1x row included): on the seeds whose per-problem
-    values are kept for the method and for ReasonMaxxer of the same seed (at least 2), every
-    problem's accuracy is averaged over those seeds, for the method and for ReasonMaxxer, and
-    the averages are compared with a 95% paired bootstrap over problems (fractions). Every
-    comparison of a metric uses the problems all its inputs share ("n": avg@4's count). The
-    seeds are held fixed (3 training runs are too few to resample); the per-seed rows show
-    their spread. {method: {"seeds": [0, 1, 2], "n": 150, "avg_at_4_vs_base": {...},
-    "avg_at_4_vs_reasonmaxxer": {...}, "greedy_vs_reasonmaxxer": {...}}} (ReasonMaxxer
-    itself: only against the base)."""
+def pool(mine: list[str], ref: list[str], probs: dict, versus: bool = True) -> dict:
+    """The per-problem values of the cells `mine` averaged per problem, against the base and
+    (`versus`) against the same average over `ref`, each a 95% paired bootstrap over the problems
+    all its inputs share ("n": avg@4's count; fractions). {} when a metric's values are missing."""
     from reasonmaxxer.core.stats import paired_bootstrap
 
     def average(keys: list[str], metric: str, problems: set) -> dict:
@@ -256,28 +273,60 @@ def pooled(rows, probs: dict) -> dict:
         return bool(probs.get(key, {}).get(metric))
 
     out = {}
-    for m in sorted({r["method"] for r in rows if "@" not in r["method"] or r["method"].endswith("@1x")}):
-        seeds = sorted(r["seed"] for r in rows if r["method"] == m and has(f"{m}-s{r['seed']}"))
-        seeds = [s for s in seeds if has(f"reasonmaxxer-s{s}")]
-        if len(seeds) < 2:
+    for metric in ("avg_at_4", "greedy"):
+        # the base enters only avg@4's comparison (there is no greedy one against it)
+        keys = mine + ref + (["base"] if metric == "avg_at_4" and has("base") else [])
+        if not all(has(k, metric) for k in keys):
             continue
-        mine, ref = [f"{m}-s{s}" for s in seeds], [f"reasonmaxxer-s{s}" for s in seeds]
-        out[m] = {"seeds": seeds}
-        for metric in ("avg_at_4", "greedy"):
-            # the base enters only avg@4's comparison (there is no greedy one against it)
-            keys = mine + ref + (["base"] if metric == "avg_at_4" and has("base") else [])
-            if not all(has(k, metric) for k in keys):
-                continue
-            problems = set.intersection(*(set(probs[k][metric]) for k in keys))
-            if metric == "avg_at_4":
-                out[m]["n"] = len(problems)
-                if has("base"):
-                    base = {p: probs["base"][metric][p] for p in problems}
-                    out[m]["avg_at_4_vs_base"] = paired_bootstrap(average(mine, metric, problems), base)
-            if m != "reasonmaxxer":
-                out[m][f"{metric}_vs_reasonmaxxer"] = paired_bootstrap(
-                    average(mine, metric, problems), average(ref, metric, problems)
-                )
+        problems = set.intersection(*(set(probs[k][metric]) for k in keys))
+        if metric == "avg_at_4":
+            out["n"] = len(problems)
+            if has("base"):
+                base = {p: probs["base"][metric][p] for p in problems}
+                out["avg_at_4_vs_base"] = paired_bootstrap(average(mine, metric, problems), base)
+        if versus:
+            out[f"{metric}_vs_reasonmaxxer"] = paired_bootstrap(
+                average(mine, metric, problems), average(ref, metric, problems)
+            )
+    return out
+
+
+def pooled(rows, probs: dict) -> dict:
+    """Each 1x method's seeds pooled (GRPO's 1x row included): on the seeds whose per-problem
+    values are kept for the method and for ReasonMaxxer of the same seed (at least 2), every
+    problem's accuracy is averaged over those seeds, for the method and for ReasonMaxxer, and
+    the averages are compared (`pool`). The seeds are held fixed (3 training runs are too few to
+    resample); the per-seed rows show their spread. {method: {"seeds": [0, 1, 2], "n": 150,
+    "avg_at_4_vs_base": {...}, "avg_at_4_vs_reasonmaxxer": {...}, "greedy_vs_reasonmaxxer": {...}}}
+    (ReasonMaxxer itself: only against the base)."""
+    out = {}
+    for m in sorted({r["method"] for r in rows if "@" not in r["method"] or r["method"].endswith("@1x")}):
+        seeds = sorted(
+            r["seed"] for r in rows if r["method"] == m and probs.get(f"{m}-s{r['seed']}", {}).get("avg_at_4")
+        )
+        seeds = [s for s in seeds if probs.get(f"reasonmaxxer-s{s}", {}).get("avg_at_4")]
+        if len(seeds) >= 2:
+            mine, ref = [f"{m}-s{s}" for s in seeds], [f"reasonmaxxer-s{s}" for s in seeds]
+            out[m] = {"seeds": seeds, **pool(mine, ref, probs, versus=m != "reasonmaxxer")}
+    return out
+
+
+def pooled_data(rows, probs: dict) -> dict:
+    """ReasonMaxxer and RFT over their data replicates (seed 0 on the shared rollouts, "rft.d1"
+    ... on rollouts sampled afresh), each paired with ReasonMaxxer on the same rollouts, pooled
+    as `pooled` pools seeds (at least 2 replicates). {method: {"replicates": [0, 1, 2], ...}}."""
+    out = {}
+    for m in sorted({family(r["method"]) for r in rows if data_tag(r["method"])}):
+        reps = sorted(
+            int(r["method"].rsplit(".d", 1)[1]) if data_tag(r["method"]) else 0
+            for r in rows
+            if r["seed"] == 0 and family(r["method"]) == m and "@" not in r["method"]
+        )
+        tag = lambda k: f".d{k}" if k else ""  # noqa: E731
+        reps = [k for k in reps if all(probs.get(f"{x}{tag(k)}-s0", {}).get("avg_at_4") for x in (m, "reasonmaxxer"))]
+        if len(reps) >= 2:
+            mine, ref = [f"{m}{tag(k)}-s0" for k in reps], [f"reasonmaxxer{tag(k)}-s0" for k in reps]
+            out[m] = {"replicates": reps, **pool(mine, ref, probs, versus=m != "reasonmaxxer")}
     return out
 
 
@@ -338,6 +387,20 @@ def markdown(res: dict) -> str:
                 f"| {m} | {', '.join(map(str, p['seeds']))} | {p['n']} | {diff(p.get('avg_at_4_vs_base'))} | "
                 f"{diff(p.get('avg_at_4_vs_reasonmaxxer'))} | {diff(p.get('greedy_vs_reasonmaxxer'))} |"
             )
+    if res.get("pooled_data"):
+        out += [
+            "",
+            "Data replicates pooled (ReasonMaxxer and RFT, seed 0, on rollouts sampled afresh with the "
+            "sampling seed + k, each paired with ReasonMaxxer on the same rollouts; 0 = the shared rollouts):",
+            "",
+            "| method | replicates | problems | avg@4 - base | avg@4 - ReasonMaxxer | greedy - ReasonMaxxer |",
+            "|---|---|---:|---|---|---|",
+        ]
+        for m, p in res["pooled_data"].items():
+            out.append(
+                f"| {m} | {', '.join(map(str, p['replicates']))} | {p['n']} | {diff(p.get('avg_at_4_vs_base'))} | "
+                f"{diff(p.get('avg_at_4_vs_reasonmaxxer'))} | {diff(p.get('greedy_vs_reasonmaxxer'))} |"
+            )
     if res["cells_pending"]:
         out += ["", "Cells not run yet: " + ", ".join(res["cells_pending"]) + "."]
     if res["not_in_study_yet"]:
@@ -353,11 +416,11 @@ def plot(res: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     # one colour per method; its budgets (rft, rft@2x, rft@4x; grpo@1x ...) joined on seed 0
-    for i, m in enumerate(sorted({r["method"].split("@")[0] for r in res["rows"]})):
+    for i, m in enumerate(sorted({family(r["method"]) for r in res["rows"]})):
         pts = [
-            (r["flops"], 100 * r["avg_at_4"], r["seed"])
+            (r["flops"], 100 * r["avg_at_4"], -1 if data_tag(r["method"]) else r["seed"])
             for r in res["rows"]
-            if r["method"].split("@")[0] == m and r["flops"] and r["avg_at_4"] is not None
+            if family(r["method"]) == m and r["flops"] and r["avg_at_4"] is not None
         ]
         if pts:
             c = f"C{i % 10}"

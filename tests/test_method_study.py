@@ -25,6 +25,18 @@ def study(design):
     return mod
 
 
+def cell_configs(design, by: dict, root: Path, first: Path):
+    """name -> the loaded run config of that cell's TOML (written under `root`)."""
+    from reasonmaxxer.config import load_run_config
+
+    def cfg(name: str):
+        p = root / f"{name}.toml"
+        p.write_text(design.cell_config(by[name], root, first))
+        return load_run_config(p)
+
+    return cfg
+
+
 def test_cells_run_reasonmaxxer_seed0_first_then_the_budgets_and_grpo_on_its_own_seeds(design):
     todo = design.cells("short", [0, 1], ["rft", "grpo", "reasonmaxxer", "all_tokens"], [0], [0])
     assert [c["name"] for c in todo] == [
@@ -44,6 +56,38 @@ def test_cells_run_reasonmaxxer_seed0_first_then_the_budgets_and_grpo_on_its_own
     assert by["rft@2x-s0"]["label"] == "rft@2x" and by["rft@2x-s0"]["budget"] == 2
     assert design.stored_name(by["grpo-s0"]) == "grpo@4x-s0"
     assert design.stored_name(by["rft-s1"]) == "rft-s1" and design.stored_name(by["rft@4x-s0"]) == "rft@4x-s0"
+
+
+def test_data_replicates_sample_afresh_and_rft_reuses_reasonmaxxers_of_the_same_replicate(design, tmp_path):
+    """--data-seeds 1 2: ReasonMaxxer and RFT (training seed 0) on rollouts sampled with the
+    regime's sampling seed + k, after the budgets; RFT copies ReasonMaxxer's of the same k (not
+    the shared rollouts), only when seed 0 is selected."""
+    from reasonmaxxer.config import load_run_config
+
+    todo = design.cells("long", [0], ["reasonmaxxer", "rft", "positive_only"], [0], [], data_seeds=[1, 2])
+    names = [c["name"] for c in todo]
+    assert names == [
+        "reasonmaxxer-s0",
+        "rft-s0",
+        "reasonmaxxer.d1-s0",
+        "rft.d1-s0",
+        "reasonmaxxer.d2-s0",
+        "rft.d2-s0",
+        "positive_only-s0",
+    ]
+    assert [c["name"] for c in design.cells("long", [1], ["rft"], data_seeds=[1])] == ["reasonmaxxer-s0", "rft-s1"]
+    by = {c["name"]: c for c in todo}
+    first = tmp_path / "long" / "reasonmaxxer-s0"
+    cfg = cell_configs(design, by, tmp_path, first)
+
+    seed = load_run_config(design.REGIMES["long"]["extends"]).sampling.seed
+    assert cfg("reasonmaxxer.d2-s0").sampling.seed == seed + 2 and cfg("reasonmaxxer-s0").sampling.seed == seed
+    assert cfg("reasonmaxxer.d2-s0").reuse == str(first)  # the base evaluation only: other sampling inputs
+    assert design.sampling_sibling(by["rft.d1-s0"], tmp_path) == tmp_path / "long" / "reasonmaxxer.d1-s0"
+    (tmp_path / "long" / "reasonmaxxer.d1-s0").mkdir(parents=True)
+    assert cfg("rft.d1-s0").reuse == str(tmp_path / "long" / "reasonmaxxer.d1-s0")
+    assert cfg("rft.d1-s0").sampling.seed == seed + 1 and cfg("rft.d1-s0").train.variant == "rft"
+    assert design.stored_name(by["rft.d1-s0"]) == "rft.d1-s0" and by["rft.d1-s0"]["label"] == "rft.d1"
 
 
 def test_every_selection_starts_from_reasonmaxxer_seed0_whose_stores_the_others_copy(design):
@@ -72,18 +116,13 @@ def test_budget_cells_run_only_for_selected_seeds(design):
 def test_cell_configs_scale_the_problems_and_reuse_the_cell_that_samples_alike(design, tmp_path):
     """Each cell's TOML loads as a run config; a 2x cell trains on 160 problems (the 80 first),
     RFT's reuses ReasonMaxxer@2x's rollouts, ReasonMaxxer@2x only the first cell's base eval."""
-    from reasonmaxxer.config import load_run_config
 
     todo = design.cells(
         "short", [0, 1], ["reasonmaxxer", "rft", "faithful", "positive_only", "random_reward"], [0], [0]
     )
     by = {c["name"]: c for c in todo}
     first = tmp_path / "short" / "reasonmaxxer-s0"
-
-    def cfg(name):
-        p = tmp_path / f"{name}.toml"
-        p.write_text(design.cell_config(by[name], tmp_path, first))
-        return load_run_config(p)
+    cfg = cell_configs(design, by, tmp_path, first)
 
     assert cfg("reasonmaxxer-s0").reuse is None
     # a source whose dir is gone (finished in an earlier session): the first cell's base eval only
@@ -275,6 +314,40 @@ def test_aggregating_one_method_keeps_the_committed_rows_of_the_others(study, tm
     assert sorted(r["method"] for r in res["rows"]) == ["grpo@1x", "reasonmaxxer", "rft"]
     res, _ = study.aggregate(tmp_path / "runs", "short", [0], ["rft"])  # outside the selection: committed rows kept
     assert sorted(r["method"] for r in res["rows"]) == ["grpo@2x", "reasonmaxxer", "rft"]
+
+
+def test_a_data_replicate_is_paired_with_reasonmaxxer_on_the_same_rollouts_and_pooled(study, tmp_path, monkeypatch):
+    """rft.d1 against reasonmaxxer.d1 (not against seed 0's ReasonMaxxer); RFT's replicates 0 and
+    1 pooled against ReasonMaxxer's 0 and 1, problem by problem; the table says so."""
+    monkeypatch.setattr(study, "RESULTS", tmp_path)
+    acc = {
+        "reasonmaxxer-s0": [0.5, 0.5, 0.0, 0.0],
+        "rft-s0": [1.0, 0.5, 0.0, 0.0],
+        "reasonmaxxer.d1-s0": [0.0, 0.0, 0.0, 0.0],
+        "rft.d1-s0": [1.0, 1.0, 0.0, 0.0],
+    }
+    probs = {k: {m: {f"p{i}": x for i, x in enumerate(v)} for m in ("avg_at_4", "greedy")} for k, v in acc.items()}
+    row = {
+        "greedy": 0.5,
+        "base_avg_at_4": 0.25,
+        "flops": 1e12,
+        "transfer_avg_at_4": None,
+        "transfer_base_avg_at_4": None,
+    }
+    rows = [{**row, "method": k.rsplit("-s", 1)[0], "seed": 0, "avg_at_4": sum(v) / 4} for k, v in acc.items()]
+    (tmp_path / "method_study.json").write_text(json.dumps({"rows": rows}))
+    (tmp_path / "method_study_problems.json").write_text(json.dumps(probs))
+    res, _ = study.aggregate(tmp_path / "runs", "short", [0], ["positive_only"])
+    by = {r["method"]: r for r in res["rows"]}
+    assert by["rft.d1"]["avg_at_4_vs_reasonmaxxer"]["mean_diff"] == pytest.approx(0.5)  # 0.5 - 0.0
+    assert by["rft"]["avg_at_4_vs_reasonmaxxer"]["mean_diff"] == pytest.approx(0.125)
+    assert "avg_at_4_vs_reasonmaxxer" not in by["reasonmaxxer.d1"]
+    pd = res["pooled_data"]
+    assert pd["rft"]["replicates"] == [0, 1] and pd["reasonmaxxer"]["replicates"] == [0, 1]
+    assert pd["rft"]["avg_at_4_vs_reasonmaxxer"]["mean_diff"] == pytest.approx((0.125 + 0.5) / 2)
+    assert [r["method"] for r in res["rows"]] == ["reasonmaxxer", "reasonmaxxer.d1", "rft", "rft.d1"]
+    assert "| rft | 0, 1 | 4 |" in study.markdown(res).split("Data replicates pooled")[1]
+    assert study.family("rft.d1") == study.family("rft@2x") == "rft" and study.data_tag("rft@2x") == ""
 
 
 def test_larger_budgets_are_also_paired_with_reasonmaxxer_at_the_same_budget(study):
