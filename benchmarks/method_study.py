@@ -233,9 +233,34 @@ def study_lock(root: Path, regime: str) -> FileLock:
     return lock
 
 
+def stale(cell: dict, d: Path, src: Path) -> str | None:
+    """What the run in the cell's dir `d` was made with that the cell's config now sets otherwise
+    ("selection.seed 0, now 1"), or None: a dir of an earlier design (the random-reward seeds
+    before their permutations had their own seeds) is not taken for this cell's."""
+    import tomllib
+
+    rc = d / "run_config.json"
+    if cell["method"] in BASELINES or not rc.is_file():
+        return None
+    made, now = json.loads(rc.read_text()), tomllib.loads(cell_config(cell, d.parent.parent, src))
+    for key, want in now.items():  # (a key it does not record is not held against it)
+        if isinstance(want, dict):
+            table = made.get(key, {})
+            for k, v in want.items():
+                if k in table and table[k] != v:
+                    return f"{key}.{k} {table[k]!r}, now {v!r}"
+        elif key not in ("extends", "out", "reuse") and key in made and made[key] != want:
+            return f"{key} {made[key]!r}, now {want!r}"
+    return None
+
+
 def cell_state(cell: dict, d: Path, carried: set[str], src: Path) -> str:
     """ "done"; "transfer eval left" (its run finished, resumed there); "stored" (its row committed
-    by an earlier session, its dir not here: skipped); or "todo"."""
+    by an earlier session, its dir not here: skipped); "stale: ..." (its dir holds a run made with
+    another config: `stale`); or "todo"."""
+    why = stale(cell, d, src)
+    if why:
+        return f"stale: {why}"
     if done(cell, d):
         return "done"
     if finished(cell, d):
@@ -319,17 +344,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--baseline-seeds", nargs="+", type=int, default=[0], help="seeds of the GRPO cells")
     ap.add_argument(
         "--budget-seeds",
-        nargs="+",
+        nargs="*",
         type=int,
         default=[0],
-        help="seeds of the offline 2x/4x cells (those also in --seeds run)",
+        help="seeds of the offline 2x/4x cells (those also in --seeds run; none: the flag alone)",
     )
     ap.add_argument(
         "--data-seeds",
         nargs="*",
-        type=int,
+        type=positive,
         default=list(DATA_SEEDS),
-        help="data replicates k of ReasonMaxxer and RFT: rollouts sampled with seed + k (with seed 0 in --seeds)",
+        help="data replicates k >= 1 of ReasonMaxxer and RFT: rollouts sampled with seed + k (with seed 0 in "
+        "--seeds; none: the flag alone)",
     )
     ap.add_argument("--root", default=str(ROOT / "runs" / "method_study"))
     ap.add_argument(
@@ -352,6 +378,13 @@ def main(argv=None) -> dict:
             print(f"{cell_state(c, root / a.regime / c['name'], carried, src)}  {a.regime}/{c['name']}")
         print("not in the study yet:\n  " + "\n  ".join(PENDING))
         return {}
+    bad = [(c, cell_state(c, root / a.regime / c["name"], carried, src)) for c in todo]
+    bad = [f"{root / a.regime / c['name']}: {st}" for c, st in bad if st.startswith("stale")]
+    if bad:
+        raise SystemExit(
+            "method_study: run dirs made with another config than their cell's (move them aside to re-run "
+            "the cells):\n  " + "\n  ".join(bad)
+        )
     if not a.aggregate_only:
         threads = a.threads or max(1, usable_cores() // a.jobs)  # a cell beside others
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill`: the running commands stop too

@@ -157,7 +157,7 @@ def cells(regime: str, seeds, methods, baseline_seeds=(0,), budget_seeds=(0,), d
         first = c["seed"] == 0 and c["method"] == "reasonmaxxer" and c["budget"] == 1 and not c["data"]
         return (not first, rank.get(group, len(ORDER)), c["budget"], c["data"], rank.get(c["method"], 0), c["seed"])
 
-    return sorted(out, key=key)
+    return sorted({c["name"]: c for c in out}.values(), key=key)  # a seed given twice: its cells once
 
 
 def _cell(regime: str, method: str, seed: int, budget: int, label: str, data: int = 0) -> dict:

@@ -334,10 +334,11 @@ def markdown(res: dict) -> str:
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}"
 
-    def diff(d, seed=None):
+    def diff(d, seed=None, label=""):
         if not d:
             return "-"
         other = f" (vs seed {d['ref_seed']})" if seed is not None and d.get("ref_seed", seed) != seed else ""
+        other += f" (vs reasonmaxxer{data_tag(label)})" if data_tag(label) else ""  # the same rollouts'
         return f"{100 * d['mean_diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]{other}"
 
     out = [
@@ -357,8 +358,8 @@ def markdown(res: dict) -> str:
         tok = "-" if tok[0] is None else f"{tok[0]:.1f} ({'-' if tok[1] is None else f'{tok[1]:.1f}'})"
         out.append(
             f"| {r['method']} | {r['seed']} | {pct(r['avg_at_4'])} (base {pct(r['base_avg_at_4'])}) | {pct(r['greedy'])} | "
-            f"{diff(r.get('avg_at_4_vs_base'))} | {diff(r.get('avg_at_4_vs_reasonmaxxer'), r['seed'])} | "
-            f"{diff(r.get('greedy_vs_reasonmaxxer'), r['seed'])} | "
+            f"{diff(r.get('avg_at_4_vs_base'))} | {diff(r.get('avg_at_4_vs_reasonmaxxer'), r['seed'], r['method'])} | "
+            f"{diff(r.get('greedy_vs_reasonmaxxer'), r['seed'], r['method'])} | "
             f"{pct(r['transfer_avg_at_4'])} ({pct(r['transfer_base_avg_at_4'])}) | {fl} |"
             + (f" {tok} |" if lengths else "")
         )

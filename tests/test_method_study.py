@@ -90,6 +90,35 @@ def test_data_replicates_sample_afresh_and_rft_reuses_reasonmaxxers_of_the_same_
     assert design.stored_name(by["rft.d1-s0"]) == "rft.d1-s0" and by["rft.d1-s0"]["label"] == "rft.d1"
 
 
+def test_a_dir_made_with_another_config_is_stale_and_stops_the_study(design, tmp_path, monkeypatch):
+    """A cell's dir whose run_config.json differs from what the cell's config now sets (the
+    random-reward seeds made before their permutations had their own seeds) is "stale": the study
+    stops naming it, instead of taking its row for the cell's. Seeds and replicates given twice
+    give their cells once; a data replicate k < 1 is refused."""
+    entry = importlib.import_module("method_study")
+    cell = [c for c in design.cells("long", [1], ["random_reward"]) if c["name"] == "random_reward-s1"][0]
+    d = tmp_path / "long" / "random_reward-s1"
+    d.mkdir(parents=True)
+    made = {"selection": {"seed": 0, "rewards": "shuffled"}, "train": {"seed": 1}, "eval": {"n": 4}}
+    made |= {k: v for k, v in design.REGIMES["long"].items() if k not in ("extends", "transfer_problems")}
+    (d / "run_config.json").write_text(json.dumps(made))
+    src = tmp_path / "long" / "reasonmaxxer-s0"
+    assert entry.stale(cell, d, src) == "selection.seed 0, now 1"
+    assert entry.cell_state(cell, d, set(), src) == "stale: selection.seed 0, now 1"
+    made["selection"]["seed"] = 1
+    (d / "run_config.json").write_text(json.dumps(made))
+    assert entry.stale(cell, d, src) is None and entry.cell_state(cell, d, set(), src) == "todo"
+    made["selection"]["seed"] = 0
+    (d / "run_config.json").write_text(json.dumps(made))
+    monkeypatch.setattr(entry, "save", lambda *a: None)
+    with pytest.raises(SystemExit, match=r"(?s)another config .*random_reward-s1: stale: selection.seed 0, now 1"):
+        entry.main(["--root", str(tmp_path), "--regime", "long", "--methods", "random_reward", "--seeds", "1"])
+    names = [c["name"] for c in design.cells("long", [0, 0], ["rft"], [0], [], data_seeds=[1, 1])]
+    assert names == ["reasonmaxxer-s0", "rft-s0", "rft.d1-s0"]
+    with pytest.raises(SystemExit):
+        entry.main(["--plan", "--data-seeds", "0"])
+
+
 def test_every_selection_starts_from_reasonmaxxer_seed0_whose_stores_the_others_copy(design):
     """`--methods positive_only random_gate --seeds 1` must not make positive_only-s1 the cell
     whose base stores (and base pack) every other cell copies."""
@@ -346,7 +375,9 @@ def test_a_data_replicate_is_paired_with_reasonmaxxer_on_the_same_rollouts_and_p
     assert pd["rft"]["replicates"] == [0, 1] and pd["reasonmaxxer"]["replicates"] == [0, 1]
     assert pd["rft"]["avg_at_4_vs_reasonmaxxer"]["mean_diff"] == pytest.approx((0.125 + 0.5) / 2)
     assert [r["method"] for r in res["rows"]] == ["reasonmaxxer", "reasonmaxxer.d1", "rft", "rft.d1"]
-    assert "| rft | 0, 1 | 4 |" in study.markdown(res).split("Data replicates pooled")[1]
+    md = study.markdown(res)
+    assert "| rft | 0, 1 | 4 |" in md.split("Data replicates pooled")[1]
+    assert "| +50.0 [" in md and "(vs reasonmaxxer.d1) |" in md.split("| rft.d1 |")[1].split("\n")[0]
     assert study.family("rft.d1") == study.family("rft@2x") == "rft" and study.data_tag("rft@2x") == ""
 
 
