@@ -378,8 +378,9 @@ def main(argv=None) -> dict:
             print(f"{cell_state(c, root / a.regime / c['name'], carried, src)}  {a.regime}/{c['name']}")
         print("not in the study yet:\n  " + "\n  ".join(PENDING))
         return {}
-    bad = [(c, cell_state(c, root / a.regime / c["name"], carried, src)) for c in todo]
-    bad = [f"{root / a.regime / c['name']}: {st}" for c, st in bad if st.startswith("stale")]
+    # once, for the stale check and the run (a cell another process finishes meanwhile re-runs as a no-op)
+    states = {c["name"]: cell_state(c, root / a.regime / c["name"], carried, src) for c in todo}
+    bad = [f"{root / a.regime / name}: {st}" for name, st in states.items() if st.startswith("stale")]
     if bad:
         raise SystemExit(
             "method_study: run dirs made with another config than their cell's (move them aside to re-run "
@@ -389,7 +390,6 @@ def main(argv=None) -> dict:
         threads = a.threads or max(1, usable_cores() // a.jobs)  # a cell beside others
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill`: the running commands stop too
         with study_lock(root, a.regime):  # one process runs a regime's cells (`--jobs` of them at once)
-            states = {c["name"]: cell_state(c, root / a.regime / c["name"], carried, src) for c in todo}
             pending = [c for c in todo if states[c["name"]] not in ("done", "stored")][: a.max_cells or None]
             for c, dt in run_cells(pending, root, src, threads, a.jobs, alone_threads=a.threads):
                 print(f"== cell {a.regime}/{c['name']} done in {dt:.0f} s ==", flush=True)
