@@ -31,6 +31,12 @@ OOM_KNOBS = {
     "fork analysis": "analyse fewer/shorter rollouts (the train split's max_new_tokens)",
     "intervene": "lower --batch-size or intervene on fewer rollouts (--limit)",
     "calibrate": "lower --micro-batch (raise --grad-accum to keep the step size) or sample shorter rollouts",
+    "baseline": (
+        "raise --grad-accum (a step's prompts x num_generations completions are split into that many micro-batches; "
+        "the step size is kept), lower --max-new-tokens or [eval] batch_size, or with vLLM "
+        "--vllm-gpu-memory-utilization"
+    ),
+    "distill": "lower --micro-batch (raise --grad-accum to keep the step size) or --max-new-tokens",
 }
 
 

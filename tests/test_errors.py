@@ -29,6 +29,18 @@ def test_out_of_memory_becomes_one_line_naming_the_knob():
     assert out_of_memory_error("train", ValueError("bad")) is None
 
 
+def test_every_memory_hungry_command_names_its_own_knob():
+    """`baseline` and `distill` (CLI command names, as cli/__init__.py passes them) get their own
+    flags, not the generic fallback."""
+    from reasonmaxxer.errors import out_of_memory_error
+
+    e = _FakeOOM("CUDA out of memory. Tried to allocate 2.00 GiB.")
+    assert "--grad-accum" in str(out_of_memory_error("baseline", e))
+    assert "--vllm-gpu-memory-utilization" in str(out_of_memory_error("baseline", e))
+    assert "--micro-batch" in str(out_of_memory_error("distill", e))
+    assert "lower the batch size or the sequence length" in str(out_of_memory_error("compare", e))
+
+
 def test_torch_out_of_memory_is_recognised():
     import torch
 
