@@ -216,8 +216,10 @@ def scaled_problems(spec: str, factor: int) -> str:
 def sampling_sibling(cell: dict, root: Path) -> Path | None:
     """The run dir of the first cell that samples as `cell` does (faithful's seed 0, the
     ReasonMaxxer cell of its budget or data replicate), whose stores it copies; None when that is the study's first
-    cell (or `cell` itself). `method_study.run_cells` starts no cell before its sibling is done."""
+    cell (or `cell` itself), and for a GRPO cell (whose budget is its FLOPs cap, not 4x the problems). `method_study.run_cells` starts no cell before its sibling is done."""
     d = root / cell["regime"]
+    if cell["method"] in BASELINES:  # RL samples its own completions as it trains: it copies no store
+        return None
     if cell["budget"] > 1:
         src = d / f"reasonmaxxer@{cell['budget']}x-s0"
     elif cell["data"]:

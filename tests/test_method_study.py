@@ -531,6 +531,9 @@ def test_cells_run_side_by_side_with_jobs_after_the_cells_they_copy(design, tmp_
 
     monkeypatch.setattr(entry, "run_cell", fake_deps)
     list(entry.run_cells(order, root, root / "pack", 1, 2))
+    # a GRPO cell (budget 4: its FLOPs cap) copies nothing: it waits for no offline 4x cell
+    grpo = design.cells("long", [0], ["grpo", "reasonmaxxer"])
+    assert {c["name"]: entry.waits_for(c, root, root / "pack") for c in grpo}["grpo-s0"] == {root / "pack"}
     assert events.index(("start", "rft@2x-s0")) > events.index(("end", "reasonmaxxer@2x-s0"))
     assert events.index(("start", "random_gate-s0")) < events.index(("end", "reasonmaxxer@2x-s0"))
     assert gate.is_set()
