@@ -354,8 +354,8 @@ def main(argv=None) -> dict:
         nargs="*",
         type=positive,
         default=list(DATA_SEEDS),
-        help="data replicates k >= 1 of ReasonMaxxer and RFT: rollouts sampled with seed + k (with seed 0 in "
-        "--seeds; none: the flag alone)",
+        help="data replicates k >= 1 of ReasonMaxxer, RFT, positive_only and random_reward (those in --methods): "
+        "rollouts sampled with seed + k (with seed 0 in --seeds; none: the flag alone)",
     )
     ap.add_argument("--root", default=str(ROOT / "runs" / "method_study"))
     ap.add_argument(

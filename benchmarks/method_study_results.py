@@ -312,10 +312,13 @@ def pooled(rows, probs: dict) -> dict:
 
 
 def pooled_data(rows, probs: dict) -> dict:
-    """ReasonMaxxer and RFT over their data replicates (seed 0 on the shared rollouts, "rft.d1"
+    """The `DATA_METHODS` over their data replicates (seed 0 on the shared rollouts, "rft.d1"
     ... on rollouts sampled afresh), each paired with ReasonMaxxer on the same rollouts, pooled
-    as `pooled` pools seeds (at least 2 replicates). {method: {"replicates": [0, 1, 2], ...}}."""
-    out = {}
+    as `pooled` pools seeds (at least 2 replicates), with each replicate's own differences ("each":
+    the rows' mean differences to the base and to ReasonMaxxer, None where a row has none), since
+    the pooled bootstrap resamples problems, not replicates. {method: {"replicates": [0, 1, 2], ...}}."""
+    out, rows = {}, list(rows)
+    by = {r["method"]: r for r in rows if r["seed"] == 0}
     for m in sorted({family(r["method"]) for r in rows if data_tag(r["method"])}):
         reps = sorted(
             int(r["method"].rsplit(".d", 1)[1]) if data_tag(r["method"]) else 0
@@ -326,7 +329,12 @@ def pooled_data(rows, probs: dict) -> dict:
         reps = [k for k in reps if all(probs.get(f"{x}{tag(k)}-s0", {}).get("avg_at_4") for x in (m, "reasonmaxxer"))]
         if len(reps) >= 2:
             mine, ref = [f"{m}{tag(k)}-s0" for k in reps], [f"reasonmaxxer{tag(k)}-s0" for k in reps]
-            out[m] = {"replicates": reps, **pool(mine, ref, probs, versus=m != "reasonmaxxer")}
+            # the pooled interval holds the replicates fixed: their spread is shown beside it
+            each = {
+                key: [by.get(f"{m}{tag(k)}", {}).get(key, {}).get("mean_diff") for k in reps]
+                for key in ("avg_at_4_vs_base", "avg_at_4_vs_reasonmaxxer")
+            }
+            out[m] = {"replicates": reps, "each": each, **pool(mine, ref, probs, versus=m != "reasonmaxxer")}
     return out
 
 
@@ -391,16 +399,28 @@ def markdown(res: dict) -> str:
     if res.get("pooled_data"):
         out += [
             "",
-            "Data replicates pooled (ReasonMaxxer and RFT, seed 0, on rollouts sampled afresh with the "
-            "sampling seed + k, each paired with ReasonMaxxer on the same rollouts; 0 = the shared rollouts):",
+            "Data replicates pooled (seed 0, on rollouts sampled afresh with the sampling seed + k, each "
+            "paired with ReasonMaxxer on the same rollouts; 0 = the shared rollouts; the intervals resample "
+            'problems with the replicates held fixed, so the columns "each" give every replicate\'s own '
+            "difference, in the replicates' order):",
             "",
-            "| method | replicates | problems | avg@4 - base | avg@4 - ReasonMaxxer | greedy - ReasonMaxxer |",
-            "|---|---|---:|---|---|---|",
+            "| method | replicates | problems | avg@4 - base | each | avg@4 - ReasonMaxxer | each | greedy - ReasonMaxxer |",
+            "|---|---|---:|---|---|---|---|---|",
         ]
+
+        def each(xs) -> str:
+            return (
+                "-"
+                if xs is None or all(x is None for x in xs)
+                else " / ".join("-" if x is None else f"{100 * x:+.1f}" for x in xs)
+            )
+
         for m, p in res["pooled_data"].items():
+            e = p.get("each", {})
             out.append(
                 f"| {m} | {', '.join(map(str, p['replicates']))} | {p['n']} | {diff(p.get('avg_at_4_vs_base'))} | "
-                f"{diff(p.get('avg_at_4_vs_reasonmaxxer'))} | {diff(p.get('greedy_vs_reasonmaxxer'))} |"
+                f"{each(e.get('avg_at_4_vs_base'))} | {diff(p.get('avg_at_4_vs_reasonmaxxer'))} | "
+                f"{each(e.get('avg_at_4_vs_reasonmaxxer'))} | {diff(p.get('greedy_vs_reasonmaxxer'))} |"
             )
     if res["cells_pending"]:
         out += ["", "Cells not run yet: " + ", ".join(res["cells_pending"]) + "."]

@@ -71,10 +71,15 @@ def test_data_replicates_sample_afresh_and_rft_reuses_reasonmaxxers_of_the_same_
         "rft-s0",
         "reasonmaxxer.d1-s0",
         "rft.d1-s0",
+        "positive_only.d1-s0",
         "reasonmaxxer.d2-s0",
         "rft.d2-s0",
+        "positive_only.d2-s0",
         "positive_only-s0",
     ]
+    # given before ReasonMaxxer, an ablation's replicate still comes after ReasonMaxxer's of its k
+    first = design.cells("long", [0], ["positive_only", "reasonmaxxer"], [0], [], data_seeds=[1])
+    assert [c["name"] for c in first][1:3] == ["reasonmaxxer.d1-s0", "positive_only.d1-s0"]
     assert [c["name"] for c in design.cells("long", [1], ["rft"], data_seeds=[1])] == ["reasonmaxxer-s0", "rft-s1"]
     by = {c["name"]: c for c in todo}
     first = tmp_path / "long" / "reasonmaxxer-s0"
@@ -87,6 +92,9 @@ def test_data_replicates_sample_afresh_and_rft_reuses_reasonmaxxers_of_the_same_
     (tmp_path / "long" / "reasonmaxxer.d1-s0").mkdir(parents=True)
     assert cfg("rft.d1-s0").reuse == str(tmp_path / "long" / "reasonmaxxer.d1-s0")
     assert cfg("rft.d1-s0").sampling.seed == seed + 1 and cfg("rft.d1-s0").train.variant == "rft"
+    po = cfg("positive_only.d1-s0")
+    assert po.reuse == str(tmp_path / "long" / "reasonmaxxer.d1-s0") and po.sampling.seed == seed + 1
+    assert po.train.variant == cfg("positive_only-s0").train.variant != cfg("reasonmaxxer.d1-s0").train.variant
     assert design.stored_name(by["rft.d1-s0"]) == "rft.d1-s0" and by["rft.d1-s0"]["label"] == "rft.d1"
 
 
@@ -375,8 +383,10 @@ def test_a_data_replicate_is_paired_with_reasonmaxxer_on_the_same_rollouts_and_p
     assert pd["rft"]["replicates"] == [0, 1] and pd["reasonmaxxer"]["replicates"] == [0, 1]
     assert pd["rft"]["avg_at_4_vs_reasonmaxxer"]["mean_diff"] == pytest.approx((0.125 + 0.5) / 2)
     assert [r["method"] for r in res["rows"]] == ["reasonmaxxer", "reasonmaxxer.d1", "rft", "rft.d1"]
+    assert pd["rft"]["each"]["avg_at_4_vs_reasonmaxxer"] == [pytest.approx(0.125), pytest.approx(0.5)]
     md = study.markdown(res)
     assert "| rft | 0, 1 | 4 |" in md.split("Data replicates pooled")[1]
+    assert "| +12.5 / +50.0 |" in md.split("Data replicates pooled")[1].split("| rft |")[1].split("\n")[0]
     assert "| +50.0 [" in md and "(vs reasonmaxxer.d1) |" in md.split("| rft.d1 |")[1].split("\n")[0]
     assert study.family("rft.d1") == study.family("rft@2x") == "rft" and study.data_tag("rft@2x") == ""
 
