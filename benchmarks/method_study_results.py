@@ -342,12 +342,15 @@ def markdown(res: dict) -> str:
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}"
 
+    def signed(x):  # a difference of fractions, in points
+        return "-" if x is None else f"{100 * x:+.1f}"
+
     def diff(d, seed=None, label=""):
         if not d:
             return "-"
         other = f" (vs seed {d['ref_seed']})" if seed is not None and d.get("ref_seed", seed) != seed else ""
         other += f" (vs reasonmaxxer{data_tag(label)})" if data_tag(label) else ""  # the same rollouts'
-        return f"{100 * d['mean_diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]{other}"
+        return f"{signed(d['mean_diff'])} [{signed(d['low'])}, {signed(d['high'])}]{other}"
 
     out = [
         f"Regime `{res['regime']}`: test `{res['design']['test_problems']}`, transfer `{res['design']['transfer_problems']}`.",
@@ -409,11 +412,7 @@ def markdown(res: dict) -> str:
         ]
 
         def each(xs) -> str:
-            return (
-                "-"
-                if xs is None or all(x is None for x in xs)
-                else " / ".join("-" if x is None else f"{100 * x:+.1f}" for x in xs)
-            )
+            return "-" if xs is None or all(x is None for x in xs) else " / ".join(signed(x) for x in xs)
 
         for m, p in res["pooled_data"].items():
             e = p.get("each", {})
