@@ -136,13 +136,14 @@ def cells(regime: str, seeds, methods, baseline_seeds=(0,), budget_seeds=(0,), d
     The offline 2x/4x cells run for the `budget_seeds` that are in `seeds`; the GRPO cells for
     `baseline_seeds` (GRPO has no 1x seeds to select); the data replicates (`DATA_METHODS`) for
     `data_seeds` when seed 0 is selected.
-    A cell: regime, method, seed, budget (x the reference FLOPs; 1 for the 1x offline cells; a
-    GRPO cell's largest), data (0, or its data replicate k), label (the row's method: "rft",
+    A cell: regime, method, seed, budget (x the training problems, hence about x the reference
+    FLOPs: 2 and 4 for the offline 2x/4x cells, else 1; a GRPO cell is 1 and capped at
+    `BUDGETS[-1]` x the reference FLOPs, its rows evaluated at each of `BUDGETS`), data (0, or its data replicate k), label (the row's method: "rft",
     "rft@2x", "rft.d1") and name (its run dir)."""
     out = [] if "reasonmaxxer" in methods and 0 in seeds else [_cell(regime, "reasonmaxxer", 0, 1, "reasonmaxxer")]
     for m in methods:
         if m in BASELINES:
-            out += [_cell(regime, m, s, BUDGETS[-1], m) for s in baseline_seeds]
+            out += [_cell(regime, m, s, 1, m) for s in baseline_seeds]
             continue
         out += [_cell(regime, m, s, 1, m) for s in seeds]
         if m in BUDGET_METHODS:
@@ -157,7 +158,7 @@ def cells(regime: str, seeds, methods, baseline_seeds=(0,), budget_seeds=(0,), d
     rank = {m: i for i, m in enumerate(ORDER)}
 
     def key(c):
-        group = "budgets" if c["budget"] > 1 and c["method"] not in BASELINES else "data" if c["data"] else c["method"]
+        group = "budgets" if c["budget"] > 1 else "data" if c["data"] else c["method"]
         first = c["seed"] == 0 and c["method"] == "reasonmaxxer" and c["budget"] == 1 and not c["data"]
         method = rank.get(c["method"], len(ORDER))  # a replicate's ablation after ReasonMaxxer's of its k
         return (not first, rank.get(group, len(ORDER)), c["budget"], c["data"], method, c["seed"])
@@ -206,7 +207,7 @@ def base_source(regime: str, first_cell: dict, first: Path, carried: set[str]) -
 
 def stored_name(cell: dict) -> str:
     """The name under which a cell's (last) row is stored: "rft-s2", "rft@2x-s0", "grpo@4x-s0"."""
-    return f"{cell['method']}@{cell['budget']}x-s{cell['seed']}" if cell["method"] in BASELINES else cell["name"]
+    return f"{cell['method']}@{BUDGETS[-1]}x-s{cell['seed']}" if cell["method"] in BASELINES else cell["name"]
 
 
 def scaled_problems(spec: str, factor: int) -> str:
@@ -220,8 +221,9 @@ def scaled_problems(spec: str, factor: int) -> str:
 
 def sampling_sibling(cell: dict, root: Path) -> Path | None:
     """The run dir of the first cell that samples as `cell` does (faithful's seed 0, the
-    ReasonMaxxer cell of its budget or data replicate), whose stores it copies; None when that is the study's first
-    cell (or `cell` itself), and for a GRPO cell (whose budget is its FLOPs cap, not 4x the problems). `method_study.run_cells` starts no cell before its sibling is done."""
+    ReasonMaxxer cell of its budget or data replicate), whose stores it copies; None when that is
+    the study's first cell (or `cell` itself), and for a GRPO cell. `method_study.run_cells`
+    starts no cell before its sibling is done."""
     d = root / cell["regime"]
     if cell["method"] in BASELINES:  # RL samples its own completions as it trains: it copies no store
         return None

@@ -54,6 +54,7 @@ def test_cells_run_reasonmaxxer_seed0_first_then_the_budgets_and_grpo_on_its_own
     ]
     by = {c["name"]: c for c in todo}
     assert by["rft@2x-s0"]["label"] == "rft@2x" and by["rft@2x-s0"]["budget"] == 2
+    assert by["grpo-s0"]["budget"] == 1  # its 4x is a FLOPs cap (stored as grpo@4x), not 4x the problems
     assert design.stored_name(by["grpo-s0"]) == "grpo@4x-s0"
     assert design.stored_name(by["rft-s1"]) == "rft-s1" and design.stored_name(by["rft@4x-s0"]) == "rft@4x-s0"
 
@@ -541,7 +542,7 @@ def test_cells_run_side_by_side_with_jobs_after_the_cells_they_copy(design, tmp_
 
     monkeypatch.setattr(entry, "run_cell", fake_deps)
     list(entry.run_cells(order, root, root / "pack", 1, 2))
-    # a GRPO cell (budget 4: its FLOPs cap) copies nothing: it waits for no offline 4x cell
+    # a GRPO cell copies nothing: it waits for no offline 4x cell
     grpo = design.cells("long", [0], ["grpo", "reasonmaxxer"])
     assert {c["name"]: entry.waits_for(c, root, root / "pack") for c in grpo}["grpo-s0"] == {root / "pack"}
     assert events.index(("start", "rft@2x-s0")) > events.index(("end", "reasonmaxxer@2x-s0"))
