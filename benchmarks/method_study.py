@@ -278,7 +278,8 @@ def waits_for(cell: dict, root: Path, src: Path) -> set[Path]:
 def run_cells(pending: list[dict], root: Path, src: Path, threads: int, jobs: int, alone_threads: int = 0):
     """Run the `pending` cells (in order), yielding (cell, seconds) as each finishes. `jobs` > 1:
     that many at once, each with `threads` torch threads and its output in ``<cell>.log`` beside
-    its dir; a cell starts only after the cells whose stores it copies (`waits_for`), and one
+    its dir; a cell starts only after the cells whose stores it copies (`waits_for`), of the cells
+    ready the one most queued cells wait for first (no slot idles behind a cell started late), and one
     that runs alone (the others wait for it) gets `alone_threads` (0: torch's default). A failed
     cell lets the ones beside it finish, starts no other, then raises; an interrupt (or the
     caller stopping) stops the running commands."""
@@ -293,6 +294,10 @@ def run_cells(pending: list[dict], root: Path, src: Path, threads: int, jobs: in
         dirs = {root / c["regime"] / c["name"] for c in busy}
         return [c for c in queue if not waits_for(c, root, src) & (dirs - {root / c["regime"] / c["name"]})]
 
+    def waited_on(c: dict) -> int:
+        own = root / c["regime"] / c["name"]
+        return sum(own in waits_for(q, root, src) for q in queue)
+
     def one(c: dict, n: int) -> float:
         log_path = root / c["regime"] / f"{c['name']}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -304,7 +309,7 @@ def run_cells(pending: list[dict], root: Path, src: Path, threads: int, jobs: in
         try:
             while queue or running:
                 while len(running) < jobs and (ready := startable(queue + list(running.values()))):
-                    c = ready[0]
+                    c = max(ready, key=waited_on)  # the first of those most queued cells wait for
                     queue.remove(c)
                     alone = not running and not startable(queue + [c])
                     running[ex.submit(one, c, alone_threads if alone else threads)] = c

@@ -494,7 +494,7 @@ def test_grpo_cells_are_evaluated_as_the_reasonmaxxer_cells(design, tmp_path):
     assert cfg.grad_accum == 4 and cfg.prompts_per_step * cfg.num_generations == 16  # 4 micro-batches of 4
 
 
-def test_cells_run_side_by_side_with_jobs_after_the_cells_they_copy(design, tmp_path, monkeypatch):
+def test_cells_run_side_by_side_with_jobs_after_the_cells_they_copy(design, tmp_path, monkeypatch, capsys):
     """--jobs 2: two cells at once (each logging to <cell>.log, the regime dir made here), after
     the cells whose stores they copy (the first cell, when there is no base pack: alone, with
     every thread; rft@2x after reasonmaxxer@2x)."""
@@ -548,6 +548,12 @@ def test_cells_run_side_by_side_with_jobs_after_the_cells_they_copy(design, tmp_
     assert events.index(("start", "rft@2x-s0")) > events.index(("end", "reasonmaxxer@2x-s0"))
     assert events.index(("start", "random_gate-s0")) < events.index(("end", "reasonmaxxer@2x-s0"))
     assert gate.is_set()
+    # of the ready cells, the one the queued cells wait for starts first, whatever the order
+    capsys.readouterr()
+    monkeypatch.setattr(entry, "run_cell", lambda *a, **k: 1.0)
+    list(entry.run_cells([by["random_gate-s0"], by["rft@2x-s0"], by["reasonmaxxer@2x-s0"]], root, root / "pack", 1, 2))
+    started = [ln.split()[2] for ln in capsys.readouterr().out.splitlines() if "started" in ln]
+    assert started == ["long/reasonmaxxer@2x-s0", "long/random_gate-s0", "long/rft@2x-s0"]
 
 
 def test_a_failed_cell_stops_new_ones_and_an_interrupt_stops_the_running_commands(design, tmp_path, monkeypatch):
