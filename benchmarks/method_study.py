@@ -57,6 +57,8 @@ from method_study_design import (  # noqa: E402
     base_source,
     baseline_cell_config,
     cell_config,
+    cell_dir,
+    cell_log,
     cells,
     done,
     finished,
@@ -115,7 +117,7 @@ def stop_all() -> None:
 
 
 def run_cell(cell: dict, root: Path, first: Path, threads: int, log=None) -> float:
-    d = root / cell["regime"] / cell["name"]
+    d = cell_dir(cell, root)
     d.mkdir(parents=True, exist_ok=True)
     if cell["method"] in BASELINES:
         return run_baseline_cell(cell, d, first, threads, log)
@@ -271,8 +273,7 @@ def cell_state(cell: dict, d: Path, carried: set[str], src: Path) -> str:
 def waits_for(cell: dict, root: Path, src: Path) -> set[Path]:
     """The dirs whose stores `cell` copies: `src` (the first cell's run dir, or the base pack,
     which no cell is) and its `sampling_sibling`'s run dir."""
-    own = root / cell["regime"] / cell["name"]
-    return {src, sampling_sibling(cell, root)} - {None, own}
+    return {src, sampling_sibling(cell, root)} - {None, cell_dir(cell, root)}
 
 
 def run_cells(pending: list[dict], root: Path, src: Path, threads: int, jobs: int, alone_threads: int = 0):
@@ -291,18 +292,14 @@ def run_cells(pending: list[dict], root: Path, src: Path, threads: int, jobs: in
     queue, running, failed = list(pending), {}, None
 
     def startable(busy: list[dict]) -> list[dict]:
-        dirs = {root / c["regime"] / c["name"] for c in busy}
-        return [c for c in queue if not waits_for(c, root, src) & (dirs - {root / c["regime"] / c["name"]})]
+        dirs = {cell_dir(c, root) for c in busy}
+        return [c for c in queue if not waits_for(c, root, src) & (dirs - {cell_dir(c, root)})]
 
     def waited_on(c: dict) -> int:
-        own = root / c["regime"] / c["name"]
-        return sum(own in waits_for(q, root, src) for q in queue)
+        return sum(cell_dir(c, root) in waits_for(q, root, src) for q in queue)
 
     def one(c: dict, n: int) -> float:
-        log_path = root / c["regime"] / f"{c['name']}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        print(f"== cell {c['regime']}/{c['name']} started, {n or 'all'} threads (log: {log_path}) ==", flush=True)
-        with open(log_path, "a") as log:
+        with open(cell_log(c, root), "a") as log:
             return run_cell(c, root, src, n, log)
 
     with ThreadPoolExecutor(jobs) as ex:
@@ -311,8 +308,14 @@ def run_cells(pending: list[dict], root: Path, src: Path, threads: int, jobs: in
                 while len(running) < jobs and (ready := startable(queue + list(running.values()))):
                     c = max(ready, key=waited_on)  # the first of those most queued cells wait for
                     queue.remove(c)
-                    alone = not running and not startable(queue + [c])
-                    running[ex.submit(one, c, alone_threads if alone else threads)] = c
+                    n = alone_threads if not running and not startable(queue + [c]) else threads  # alone: all
+                    cell_log(c, root).parent.mkdir(parents=True, exist_ok=True)
+                    # printed here, not in the worker: the lines come in the order the cells start
+                    print(
+                        f"== cell {c['regime']}/{c['name']} started, {n or 'all'} threads (log: {cell_log(c, root)}) ==",
+                        flush=True,
+                    )
+                    running[ex.submit(one, c, n)] = c
                 if not running:  # every queued cell waits for another queued one (a cycle: a design bug)
                     raise RuntimeError(f"method_study: no cell can start: {[c['name'] for c in queue]}")
                 for f in wait(running, return_when=FIRST_COMPLETED)[0]:
@@ -320,7 +323,7 @@ def run_cells(pending: list[dict], root: Path, src: Path, threads: int, jobs: in
                     if f.exception() is None:
                         yield c, f.result()
                         continue
-                    log_path = root / c["regime"] / f"{c['name']}.log"
+                    log_path = cell_log(c, root)
                     print(f"== cell {c['regime']}/{c['name']} failed: {f.exception()} (log: {log_path}) ==", flush=True)
                     queue.clear()  # start nothing more; the running cells finish, then it raises
                     failed = failed or f
@@ -375,17 +378,17 @@ def main(argv=None) -> dict:
     study = (a.regime, a.seeds, a.methods, a.baseline_seeds, a.budget_seeds, a.data_seeds)
     todo = cells(*study)
     carried = stored_cells(a.regime)  # finished in an earlier session
-    first = root / a.regime / todo[0]["name"]
+    first = cell_dir(todo[0], root)
     src = base_source(a.regime, todo[0], first, carried)  # the first cell's stores: its dir or the pack
     if a.plan:
         print(f"base stores from {src}")
         for c in todo:
-            print(f"{cell_state(c, root / a.regime / c['name'], carried, src)}  {a.regime}/{c['name']}")
+            print(f"{cell_state(c, cell_dir(c, root), carried, src)}  {a.regime}/{c['name']}")
         print("not in the study yet:\n  " + "\n  ".join(PENDING))
         return {}
     # once, for the stale check and the run (a cell another process finishes meanwhile re-runs as a no-op)
-    states = {c["name"]: cell_state(c, root / a.regime / c["name"], carried, src) for c in todo}
-    bad = [f"{root / a.regime / name}: {st}" for name, st in states.items() if st.startswith("stale")]
+    states = {c["name"]: cell_state(c, cell_dir(c, root), carried, src) for c in todo}
+    bad = [f"{cell_dir(c, root)}: {states[c['name']]}" for c in todo if states[c["name"]].startswith("stale")]
     if bad:
         raise SystemExit(
             "method_study: run dirs made with another config than their cell's (move them aside to re-run "

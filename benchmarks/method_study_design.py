@@ -178,6 +178,16 @@ def _cell(regime: str, method: str, seed: int, budget: int, label: str, data: in
     }
 
 
+def cell_dir(cell: dict, root: Path) -> Path:
+    """A cell's run dir under the study's `root`: ``root/<regime>/<name>``."""
+    return root / cell["regime"] / cell["name"]
+
+
+def cell_log(cell: dict, root: Path) -> Path:
+    """A cell's log beside its run dir (cells run with `--jobs` > 1): ``root/<regime>/<name>.log``."""
+    return root / cell["regime"] / f"{cell['name']}.log"
+
+
 def finished(cell: dict, d: Path) -> bool:
     """Whether the cell's run dir `d` holds a finished run (`run`'s summary, `baseline`'s result)."""
     return (d / ("result.json" if cell["method"] in BASELINES else "summary.json")).is_file()
@@ -235,7 +245,7 @@ def sampling_sibling(cell: dict, root: Path) -> Path | None:
         src = d / f"{cell['method']}-s0"
     else:
         return None
-    return None if src == d / cell["name"] else src
+    return None if src == cell_dir(cell, root) else src
 
 
 def reuse_source(cell: dict, root: Path, first: Path) -> Path | None:
@@ -246,7 +256,7 @@ def reuse_source(cell: dict, root: Path, first: Path) -> Path | None:
     # the first of its sampling, or one whose dir is gone (run in an earlier session): the first
     # cell's base evaluation only (the rollouts are sampled again, with the same sampling seed)
     src = first if src is None or not src.is_dir() else src
-    return None if root / cell["regime"] / cell["name"] == first else src
+    return None if cell_dir(cell, root) == first else src
 
 
 def toml_value(v) -> str:
@@ -273,7 +283,7 @@ def cell_config(cell: dict, root: Path, first: Path) -> str:
     reg = REGIMES[cell["regime"]]
     top = {k: v for k, v in reg.items() if k != "transfer_problems"}
     top["train_problems"] = scaled_problems(reg["train_problems"], cell["budget"])
-    top["out"] = str(root / cell["regime"] / cell["name"])
+    top["out"] = str(cell_dir(cell, root))
     src = reuse_source(cell, root, first)
     if src is not None:
         top["reuse"] = str(src)

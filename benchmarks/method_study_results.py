@@ -24,6 +24,7 @@ from method_study_design import (
     RESULTS,
     ROOT,
     SEEDS,
+    cell_dir,
     cells,
     stored_name,
 )
@@ -174,11 +175,11 @@ def aggregate(
     old_rows, probs = stored(regime)
     rows = {}
     todo = cells(regime, seeds, methods, baseline_seeds, budget_seeds, data_seeds)
-    first = source or root / regime / todo[0]["name"]
+    first = source or cell_dir(todo[0], root)
     selected = set()  # the row keys of this selection's cells (a GRPO cell: each budget's)
     for cell in todo:
         key = (cell["label"], cell["seed"])
-        d = root / regime / cell["name"]
+        d = cell_dir(cell, root)
         selected |= (
             {(f"{cell['method']}@{b}x", cell["seed"]) for b in BUDGETS} if cell["method"] in BASELINES else {key}
         )
