@@ -317,7 +317,11 @@ def pooled_data(rows, probs: dict) -> dict:
     ... on rollouts sampled afresh), each paired with ReasonMaxxer on the same rollouts, pooled
     as `pooled` pools seeds (at least 2 replicates), with each replicate's own differences ("each":
     the rows' mean differences to the base and to ReasonMaxxer, None where a row has none), since
-    the pooled bootstrap resamples problems, not replicates. {method: {"replicates": [0, 1, 2], ...}}."""
+    the pooled bootstrap resamples problems, not replicates, and ("between") the 95% Student-t
+    interval [mean, low, high] over those differences (df = replicates - 1), which counts the
+    spread between samples of the data and not the problems'. {method: {"replicates": [0, 1, 2], ...}}."""
+    from reasonmaxxer.core.stats import t_mean_ci95
+
     out, rows = {}, list(rows)
     by = {r["method"]: r for r in rows if r["seed"] == 0}
     for m in sorted({family(r["method"]) for r in rows if data_tag(r["method"])}):
@@ -330,12 +334,19 @@ def pooled_data(rows, probs: dict) -> dict:
         reps = [k for k in reps if all(probs.get(f"{x}{tag(k)}-s0", {}).get("avg_at_4") for x in (m, "reasonmaxxer"))]
         if len(reps) >= 2:
             mine, ref = [f"{m}{tag(k)}-s0" for k in reps], [f"reasonmaxxer{tag(k)}-s0" for k in reps]
-            # the pooled interval holds the replicates fixed: their spread is shown beside it
+            # the pooled interval holds the replicates fixed: their spread is shown beside it, and
+            # a Student-t interval over the replicates' own differences says what it leaves out
             each = {
                 key: [by.get(f"{m}{tag(k)}", {}).get(key, {}).get("mean_diff") for k in reps]
                 for key in ("avg_at_4_vs_base", "avg_at_4_vs_reasonmaxxer")
             }
-            out[m] = {"replicates": reps, "each": each, **pool(mine, ref, probs, versus=m != "reasonmaxxer")}
+            between = {key: list(t_mean_ci95(xs)) for key, xs in each.items() if None not in xs}
+            out[m] = {
+                "replicates": reps,
+                "each": each,
+                "between": between,
+                **pool(mine, ref, probs, versus=m != "reasonmaxxer"),
+            }
     return out
 
 
@@ -406,21 +417,26 @@ def markdown(res: dict) -> str:
             "Data replicates pooled (seed 0, on rollouts sampled afresh with the sampling seed + k, each "
             "paired with ReasonMaxxer on the same rollouts; 0 = the shared rollouts; the intervals resample "
             'problems with the replicates held fixed, so the columns "each" give every replicate\'s own '
-            "difference, in the replicates' order):",
+            "difference, in the replicates' order, and t [...] the 95% Student-t interval over those "
+            "differences (df = replicates - 1; the replicates share the test problems, so it measures the "
+            "spread between samples of the training rollouts, which the bootstrap leaves out):",
             "",
             "| method | replicates | problems | avg@4 - base | each | avg@4 - ReasonMaxxer | each | greedy - ReasonMaxxer |",
             "|---|---|---:|---|---|---|---|---|",
         ]
 
-        def each(xs) -> str:
-            return "-" if xs is None or all(x is None for x in xs) else " / ".join(signed(x) for x in xs)
+        def each(p: dict, key: str) -> str:
+            xs, t = p.get("each", {}).get(key), p.get("between", {}).get(key)
+            if xs is None or all(x is None for x in xs):
+                return "-"
+            over = f"; t [{signed(t[1])}, {signed(t[2])}]" if t else ""
+            return " / ".join(signed(x) for x in xs) + over
 
         for m, p in res["pooled_data"].items():
-            e = p.get("each", {})
             out.append(
                 f"| {m} | {', '.join(map(str, p['replicates']))} | {p['n']} | {diff(p.get('avg_at_4_vs_base'))} | "
-                f"{each(e.get('avg_at_4_vs_base'))} | {diff(p.get('avg_at_4_vs_reasonmaxxer'))} | "
-                f"{each(e.get('avg_at_4_vs_reasonmaxxer'))} | {diff(p.get('greedy_vs_reasonmaxxer'))} |"
+                f"{each(p, 'avg_at_4_vs_base')} | {diff(p.get('avg_at_4_vs_reasonmaxxer'))} | "
+                f"{each(p, 'avg_at_4_vs_reasonmaxxer')} | {diff(p.get('greedy_vs_reasonmaxxer'))} |"
             )
     if res["cells_pending"]:
         out += ["", "Cells not run yet: " + ", ".join(res["cells_pending"]) + "."]

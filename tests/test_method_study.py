@@ -387,7 +387,10 @@ def test_a_data_replicate_is_paired_with_reasonmaxxer_on_the_same_rollouts_and_p
     assert pd["rft"]["each"]["avg_at_4_vs_reasonmaxxer"] == [pytest.approx(0.125), pytest.approx(0.5)]
     md = study.markdown(res)
     assert "| rft | 0, 1 | 4 |" in md.split("Data replicates pooled")[1]
-    assert "| +12.5 / +50.0 |" in md.split("Data replicates pooled")[1].split("| rft |")[1].split("\n")[0]
+    # the t interval over the two replicates' differences: 0.3125 +- t(1) 12.706 * 0.375 / 2
+    assert pd["rft"]["between"]["avg_at_4_vs_reasonmaxxer"] == pytest.approx([0.3125, -2.0699, 2.6949], abs=1e-4)
+    rft_line = md.split("Data replicates pooled")[1].split("| rft |")[1].split("\n")[0]
+    assert "| +12.5 / +50.0; t [-207.0, +269.5] |" in rft_line
     assert "| +50.0 [" in md and "(vs reasonmaxxer.d1) |" in md.split("| rft.d1 |")[1].split("\n")[0]
     assert study.family("rft.d1") == study.family("rft@2x") == "rft" and study.data_tag("rft@2x") == ""
 

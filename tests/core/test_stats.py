@@ -1,4 +1,4 @@
-"""core.stats.roc_curve / auroc: ties, NaN scores, empty classes, by hand."""
+"""core.stats: roc_curve / auroc (ties, NaN scores, empty classes), the paired bootstrap and the t interval, by hand."""
 
 import math
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from reasonmaxxer.core.stats import auroc, roc_curve
+from reasonmaxxer.errors import ReasonMaxxerError
 
 
 def test_auroc_with_ties_by_hand():
@@ -55,3 +56,19 @@ def test_paired_bootstrap_hand_values_and_interval():
     assert boot["low"] == pytest.approx(norm["low"], abs=0.006) and boot["high"] == pytest.approx(
         norm["high"], abs=0.006
     )
+
+
+def test_t_interval_of_few_replicates_by_hand():
+    from reasonmaxxer.core.stats import t_mean_ci95
+
+    # [1, 2, 3]: mean 2, s = 1, t_0.975(2) = 4.303: half-width 4.303 / sqrt(3) = 2.4843
+    m, lo, hi = t_mean_ci95([1.0, 2.0, 3.0])
+    assert m == 2.0 and abs(lo - (2 - 2.4843)) < 1e-4 and abs(hi - (2 + 2.4843)) < 1e-4
+    # two values 0 and 2: mean 1, s = sqrt(2), t(1) = 12.706: half 12.706 * sqrt(2) / sqrt(2)
+    assert t_mean_ci95([0.0, 2.0]) == pytest.approx((1.0, 1 - 12.706, 1 + 12.706))
+    # 41 values (df 40, past the table): t_0.975(40) = 2.021; -1 / +1 alternating around 0 plus one 0
+    v = [(-1.0) ** i for i in range(40)] + [0.0]
+    s = (40 / 40) ** 0.5  # sum of squares 40 over df 40
+    assert t_mean_ci95(v)[2] == pytest.approx(2.021 * s / 41**0.5, rel=1e-3)
+    with pytest.raises(ReasonMaxxerError, match="at least 2"):
+        t_mean_ci95([1.0])
