@@ -51,8 +51,9 @@ T95 += (2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.
 def t_mean_ci95(values: Sequence[float]) -> tuple[float, float, float]:
     """(mean, low, high): the 95% Student-t interval of the mean of a few replicates (k >= 2
     values, each one run's result, e.g. a difference in points): mean +- t_{0.975}(k-1) * s /
-    sqrt(k), s the sample standard deviation (ddof=1). For k > 31 the normal quantile's
-    Cornish-Fisher expansion to order 1/df^2 (within 1e-3 of the exact quantile). Fewer than 2 values: an error (no spread to measure)."""
+    sqrt(k), s the sample standard deviation (ddof=1); for k > 31 the quantile is the normal's
+    Cornish-Fisher expansion to order 1/df^2 (within 1e-3 of the exact one). Fewer than 2
+    values: an error (no spread to measure)."""
     v = [float(x) for x in values]
     if len(v) < 2:
         raise ReasonMaxxerError(f"a t interval needs at least 2 values, got {len(v)}")
