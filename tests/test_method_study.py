@@ -395,6 +395,25 @@ def test_a_data_replicate_is_paired_with_reasonmaxxer_on_the_same_rollouts_and_p
     assert study.family("rft.d1") == study.family("rft@2x") == "rft" and study.data_tag("rft@2x") == ""
 
 
+def test_reasonmaxxer_at_2x_is_paired_with_its_1x_run_and_a_replicate_with_none(study, tmp_path, monkeypatch):
+    """reasonmaxxer@2x against ReasonMaxxer at 1x (what doubling its budget buys); ReasonMaxxer's
+    own rows and its data replicates (which would be paired with themselves) get no such column."""
+    monkeypatch.setattr(study, "RESULTS", tmp_path)
+    acc = {
+        "reasonmaxxer-s0": [0.5, 0.5, 0.0, 0.0],
+        "reasonmaxxer@2x-s0": [1.0, 0.5, 0.5, 0.0],
+        "reasonmaxxer.d1-s0": [0.0, 0.0, 0.0, 0.0],
+    }
+    probs = {k: {m: {f"p{i}": x for i, x in enumerate(v)} for m in ("avg_at_4", "greedy")} for k, v in acc.items()}
+    row = {"greedy": 0.5, "base_avg_at_4": 0.25, "flops": 1e12, "transfer_avg_at_4": None}
+    rows = [{**row, "method": k.rsplit("-s", 1)[0], "seed": 0, "avg_at_4": sum(v) / 4} for k, v in acc.items()]
+    (tmp_path / "method_study.json").write_text(json.dumps({"rows": rows}))
+    (tmp_path / "method_study_problems.json").write_text(json.dumps(probs))
+    by = {r["method"]: r for r in study.aggregate(tmp_path / "runs", "short", [0], ["positive_only"])[0]["rows"]}
+    assert by["reasonmaxxer@2x"]["avg_at_4_vs_reasonmaxxer"]["mean_diff"] == pytest.approx(0.25)  # 0.5 - 0.25
+    assert not any("avg_at_4_vs_reasonmaxxer" in by[m] for m in ("reasonmaxxer", "reasonmaxxer.d1"))
+
+
 def test_larger_budgets_are_also_paired_with_reasonmaxxer_at_the_same_budget(study):
     """grpo@2x against reasonmaxxer@2x (not only against ReasonMaxxer at 1x); 1x rows, the
     ReasonMaxxer rows and rows without a same-budget ReasonMaxxer get no such pairing."""
