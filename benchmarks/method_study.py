@@ -309,11 +309,11 @@ def run_cells(pending: list[dict], root: Path, src: Path, threads: int, jobs: in
                     c = max(ready, key=waited_on)  # the first of those most queued cells wait for
                     queue.remove(c)
                     n = alone_threads if not running and not startable(queue + [c]) else threads  # alone: all
-                    cell_log(c, root).parent.mkdir(parents=True, exist_ok=True)
+                    log = cell_log(c, root)
+                    log.parent.mkdir(parents=True, exist_ok=True)
                     # printed here, not in the worker: the lines come in the order the cells start
                     print(
-                        f"== cell {c['regime']}/{c['name']} started, {n or 'all'} threads (log: {cell_log(c, root)}) ==",
-                        flush=True,
+                        f"== cell {c['regime']}/{c['name']} started, {n or 'all'} threads (log: {log}) ==", flush=True
                     )
                     running[ex.submit(one, c, n)] = c
                 if not running:  # every queued cell waits for another queued one (a cycle: a design bug)

@@ -54,13 +54,12 @@ def t_mean_ci95(values: Sequence[float]) -> tuple[float, float, float]:
     sqrt(k), s the sample standard deviation (ddof=1); for k > 31 the quantile is the normal's
     Cornish-Fisher expansion to order 1/df^2 (within 1e-3 of the exact one). Fewer than 2
     values: an error (no spread to measure)."""
-    v = [float(x) for x in values]
-    if len(v) < 2:
-        raise ReasonMaxxerError(f"a t interval needs at least 2 values, got {len(v)}")
-    df, m = len(v) - 1, math.fsum(v) / len(v)
-    z = Z95
+    if len(values) < 2:
+        raise ReasonMaxxerError(f"a t interval needs at least 2 values, got {len(values)}")
+    df, z = len(values) - 1, Z95
     t = T95[df - 1] if df <= len(T95) else z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-    half = t * math.sqrt(math.fsum((x - m) ** 2 for x in v) / df) / math.sqrt(len(v))
+    m, lo, _ = normal_mean_ci(values)  # the same mean and s / sqrt(k), with the normal quantile
+    half = (m - lo) * t / Z95
     return m, m - half, m + half
 
 
