@@ -30,17 +30,21 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def normal_mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
-    """Mean and unclipped normal-approximation 95% interval (sample std, ddof=1)."""
+def _mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, s / sqrt(k)) of k >= 1 values, s the sample standard deviation (ddof=1; 0 for one value)."""
     v = [float(x) for x in values]
     if not v:
         raise ReasonMaxxerError("cannot compute a mean over zero values")
     m = math.fsum(v) / len(v)
     if len(v) == 1:
-        return m, m, m
-    sd = math.sqrt(math.fsum((x - m) ** 2 for x in v) / (len(v) - 1))
-    half = Z95 * sd / math.sqrt(len(v))
-    return m, m - half, m + half
+        return m, 0.0
+    return m, math.sqrt(math.fsum((x - m) ** 2 for x in v) / (len(v) - 1)) / math.sqrt(len(v))
+
+
+def normal_mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean and unclipped normal-approximation 95% interval (sample std, ddof=1)."""
+    m, se = _mean_se(values)
+    return m, m - Z95 * se, m + Z95 * se
 
 
 # two-sided 95% quantiles of Student's t, t_{0.975}(df) for df = 1..30 (standard tables)
@@ -58,9 +62,8 @@ def t_mean_ci95(values: Sequence[float]) -> tuple[float, float, float]:
         raise ReasonMaxxerError(f"a t interval needs at least 2 values, got {len(values)}")
     df, z = len(values) - 1, Z95
     t = T95[df - 1] if df <= len(T95) else z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-    m, lo, _ = normal_mean_ci(values)  # the same mean and s / sqrt(k), with the normal quantile
-    half = (m - lo) * t / Z95
-    return m, m - half, m + half
+    m, se = _mean_se(values)
+    return m, m - t * se, m + t * se
 
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, float, float]:
