@@ -236,23 +236,39 @@ def study_lock(root: Path, regime: str) -> FileLock:
 
 
 def stale(cell: dict, d: Path, src: Path) -> str | None:
-    """What the run in the cell's dir `d` was made with that the cell's config now sets otherwise
-    ("selection.seed 0, now 1"), or None: a dir of an earlier design (the random-reward seeds
-    before their permutations had their own seeds) is not taken for this cell's."""
-    import tomllib
+    """What the run in the cell's dir `d` was made with that the cell's config, resolved as `run`
+    resolves it (the regime's config file it extends and the library's defaults included), now
+    sets otherwise ("selection.seed 0, now 1"), or None: a dir of an earlier design, or made before
+    a config file or default changed, is not taken for this cell's. A key the run did not record
+    (one added since) and a value `run` fills in (``tau = "calibrate"``) are not held against it."""
+    import tempfile
+
+    from reasonmaxxer.config import load_run_config
+    from reasonmaxxer.recipes.run import run_config_dict
 
     rc = d / "run_config.json"
     if cell["method"] in BASELINES or not rc.is_file():
         return None
-    made, now = json.loads(rc.read_text()), tomllib.loads(cell_config(cell, d.parent.parent, src))
-    for key, want in now.items():  # (a key it does not record is not held against it)
-        if isinstance(want, dict):
-            table = made.get(key, {})
-            for k, v in want.items():
-                if k in table and table[k] != v:
-                    return f"{key}.{k} {table[k]!r}, now {v!r}"
-        elif key not in ("extends", "out", "reuse") and key in made and made[key] != want:
-            return f"{key} {made[key]!r}, now {want!r}"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "cell.toml").write_text(cell_config(cell, d.parent.parent, src))
+        now = run_config_dict(load_run_config(Path(tmp) / "cell.toml"))
+    made = json.loads(rc.read_text())
+    return config_change(made, now)
+
+
+def config_change(made: dict, now: dict, prefix: str = "") -> str | None:
+    """The first key (dotted) whose value in `now` differs from `made`'s, as "key old, now new";
+    None when none does. Keys `made` lacks, what `run_cell` sets per call (the run's own paths
+    `out` and `reuse`, `--threads`) and values `run` fills in (``"calibrate"``) are skipped."""
+    for key, want in now.items():
+        if key not in made or key in ("out", "reuse", "threads") or want == "calibrate":
+            continue
+        if isinstance(want, dict) and isinstance(made[key], dict):
+            why = config_change(made[key], want, f"{prefix}{key}.")
+            if why:
+                return why
+        elif made[key] != want:
+            return f"{prefix}{key} {made[key]!r}, now {want!r}"
     return None
 
 

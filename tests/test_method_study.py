@@ -101,7 +101,8 @@ def test_data_replicates_sample_afresh_and_rft_reuses_reasonmaxxers_of_the_same_
 
 def test_a_dir_made_with_another_config_is_stale_and_stops_the_study(design, tmp_path, monkeypatch):
     """A cell's dir whose run_config.json differs from what the cell's config now sets (the
-    random-reward seeds made before their permutations had their own seeds) is "stale": the study
+    random-reward seeds made before their permutations had their own seeds, or a run made before the
+    regime's config file changed) is "stale": the study
     stops naming it, instead of taking its row for the cell's. Seeds and replicates given twice
     give their cells once; a data replicate k < 1 is refused."""
     entry = importlib.import_module("method_study")
@@ -117,6 +118,18 @@ def test_a_dir_made_with_another_config_is_stale_and_stops_the_study(design, tmp
     made["selection"]["seed"] = 1
     (d / "run_config.json").write_text(json.dumps(made))
     assert entry.stale(cell, d, src) is None and entry.cell_state(cell, d, set(), src) == "todo"
+    # the resolved config counts, not only the keys the cell's TOML sets: a value the regime's
+    # config file (or a default) gives otherwise is stale; what a run sets per call is not
+    from reasonmaxxer.config import load_run_config
+
+    lr = load_run_config(design.REGIMES["long"]["extends"]).train.lr
+    made["train"] |= {"lr": lr * 2}
+    made |= {"threads": 7, "out": "elsewhere"}
+    (d / "run_config.json").write_text(json.dumps(made))
+    assert entry.stale(cell, d, src) == f"train.lr {lr * 2!r}, now {lr!r}"
+    made["train"]["lr"] = lr
+    (d / "run_config.json").write_text(json.dumps(made))
+    assert entry.stale(cell, d, src) is None
     made["selection"]["seed"] = 0
     (d / "run_config.json").write_text(json.dumps(made))
     monkeypatch.setattr(entry, "save", lambda *a: None)
@@ -291,7 +304,10 @@ def test_a_cell_stopped_before_its_transfer_eval_resumes_there_without_rerunning
     cell = design.cells("short", [0], ["reasonmaxxer"])[0]
     d = tmp_path / "runs" / "short" / "reasonmaxxer-s0"
     d.mkdir(parents=True)
-    cfg = {"model": "base-model", "template": "fewshot", "eval": {"max_new_tokens": 7}}
+    from reasonmaxxer.config import load_run_config
+
+    made = load_run_config(design.REGIMES["short"]["extends"])  # as the cell's run recorded it
+    cfg = {"model": made.model, "template": made.template, "eval": {"max_new_tokens": made.eval.max_new_tokens}}
     (d / "run_config.json").write_text(json.dumps(cfg))
     (d / "summary.json").write_text("{}")
     (d / "timings.json").write_text("{}")

@@ -156,8 +156,13 @@ class StageClock:
         atomic_write_json(self.path, self.timings)
 
 
+def run_config_dict(cfg: RunConfig) -> dict:
+    """`cfg` as `run_config.json` records it (paths and other non-JSON values as strings)."""
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
 def write_run_config(out: Path, cfg: RunConfig) -> None:
-    atomic_write_json(out / "run_config.json", json.loads(json.dumps(asdict(cfg), default=str)))
+    atomic_write_json(out / "run_config.json", run_config_dict(cfg))
 
 
 def preflight(cfg: RunConfig) -> None:
