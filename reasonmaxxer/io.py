@@ -75,6 +75,11 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def json_ready(obj):
+    """`obj` as JSON writes it and reads it back: paths and other values JSON lacks as strings."""
+    return json.loads(json.dumps(obj, default=str))
+
+
 def config_hash(config: dict) -> str:
     """sha256 of the canonical JSON of a config dict (the identity of a stage's inputs)."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import ReasonMaxxerError
-from ..io import atomic_write_json, package_versions, read_toml
+from ..io import atomic_write_json, json_ready, package_versions, read_toml
 from ..stages.evaluate import EvalConfig
 from .trl_scale import per_device_batch, vllm_args, world_size
 
@@ -174,7 +174,7 @@ def check_run_dir(cfg: BaselineConfig, out: Path, train_p, test_p, write: bool =
     from ..data.problems import problems_hash
 
     config = {
-        "baseline": json.loads(json.dumps(asdict(cfg), default=str)),
+        "baseline": json_ready(asdict(cfg)),
         "train_data_hash": problems_hash(train_p),
         "test_data_hash": problems_hash(test_p),
     }

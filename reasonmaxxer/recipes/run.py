@@ -28,7 +28,7 @@ from pathlib import Path
 from ..analysis.forks import fork_changes, report_examples
 from ..config import RunConfig
 from ..errors import ReasonMaxxerError, out_of_memory_error
-from ..io import atomic_write_json
+from ..io import atomic_write_json, json_ready
 from ..models import set_torch_threads
 from ..stages.evaluate import evaluate_model, validation_accuracy_fn
 from ..stages.score import attach_scores
@@ -158,7 +158,7 @@ class StageClock:
 
 def run_config_dict(cfg: RunConfig) -> dict:
     """`cfg` as `run_config.json` records it (paths and other non-JSON values as strings)."""
-    return json.loads(json.dumps(asdict(cfg), default=str))
+    return json_ready(asdict(cfg))
 
 
 def write_run_config(out: Path, cfg: RunConfig) -> None:

@@ -13,11 +13,11 @@ before any model is loaded or step is taken.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from ..errors import ReasonMaxxerError
+from ..io import json_ready
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 _PIP = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}
@@ -107,4 +107,4 @@ def make_tracker(kind: str, out_dir: str | Path, config: dict, run_name: str):
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cls = TensorBoardTracker if kind == "tensorboard" else WandbTracker
-    return cls(out, json.loads(json.dumps(config, default=str)), run_name)
+    return cls(out, json_ready(config), run_name)
